@@ -1,0 +1,93 @@
+//! The command line, as clap sees it: raw values only. Validation and merging
+//! with the environment and `lb.toml` happen in [`crate::config`].
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "A pre-forking L4 TCP load balancer: accepts on one port and hands each \
+             connection (the fd itself) to one of N worker processes it supervises.",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  lb                                    # 1 worker per CPU running the bundled hello server\n  \
+                  lb --workers 4 --policy lc -- python3 examples/hello.py\n  \
+                  SCHED_POLICY=wrr lb --config lb.toml"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub start: StartArgs,
+}
+
+/// Starting a master. Every option is optional here: a missing one falls back
+/// to the environment, then `lb.toml`, then the default.
+#[derive(Debug, Default, Clone, Args)]
+pub struct StartArgs {
+    /// Address to accept connections on [env: LB_LISTEN] [default: 127.0.0.1:8000]
+    #[arg(short, long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+
+    /// Number of workers [env: LB_WORKERS] [default: the CPUs this process may use]
+    #[arg(short, long, value_name = "N")]
+    pub workers: Option<String>,
+
+    /// Scheduling policy: rr, wrr or lc [env: SCHED_POLICY] [default: rr]
+    #[arg(short, long, value_name = "POLICY")]
+    pub policy: Option<String>,
+
+    /// Configuration file (see lb.toml.example) [env: LB_CONFIG]
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Listen backlog [env: LB_BACKLOG] [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<String>,
+
+    /// How long workers get to finish on shutdown, e.g. 10s or 500ms
+    /// [env: LB_DRAIN_TIMEOUT] [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+
+    /// The worker command and its arguments [default: the bundled hello server]
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The bundled example worker: an HTTP/1.1 server speaking lb's protocol
+    /// on fd 3. Started by lb itself when no worker command is given.
+    #[command(hide = true)]
+    HelloWorker,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn command_follows_double_dash() {
+        let cli = Cli::try_parse_from(["lb", "-w", "2", "--", "python3", "-u", "app.py"]).unwrap();
+        assert_eq!(cli.start.workers.as_deref(), Some("2"));
+        assert_eq!(cli.start.command, ["python3", "-u", "app.py"]);
+        assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn hidden_worker_subcommand_parses() {
+        let cli = Cli::try_parse_from(["lb", "hello-worker"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::HelloWorker)));
+    }
+}

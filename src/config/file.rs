@@ -1,0 +1,115 @@
+//! `lb.toml` as written: every key optional, unknown keys refused. Turned
+//! into a validated [`super::Config`] by the merge in `mod.rs`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub listen: Option<String>,
+    pub backlog: Option<u32>,
+    pub policy: Option<String>,
+    pub workers: Option<usize>,
+    pub drain_timeout: Option<String>,
+    #[serde(default)]
+    pub pool: Vec<FilePool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    pub name: Option<String>,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub count: Option<usize>,
+    pub weight: Option<u32>,
+}
+
+/// Reads and parses `path`; errors name the file and line, on one line.
+pub fn load(path: &Path) -> Result<File, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse(&text).map_err(|(line, message)| ConfigError::Syntax {
+        path: path.display().to_string(),
+        line,
+        message,
+    })
+}
+
+/// Parses file text; on error gives the 1-based line and a one-line message.
+pub fn parse(text: &str) -> Result<File, (usize, String)> {
+    toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(1);
+        let message = e.message().lines().next().unwrap_or("").trim().to_string();
+        (line, message)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let f = parse(
+            r#"
+listen = "127.0.0.1:9000"
+policy = "wrr"
+backlog = 128
+drain_timeout = "5s"
+
+[[pool]]
+name = "main"
+command = "python3"
+args = ["app.py"]
+env = { MODE = "prod" }
+count = 3
+weight = 3
+
+[[pool]]
+name = "canary"
+command = "python3"
+args = ["app.py"]
+count = 1
+weight = 1
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.pool.len(), 2);
+        assert_eq!(f.pool[0].env["MODE"], "prod");
+        assert_eq!(f.pool[1].weight, Some(1));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let (line, msg) = parse("listen = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(msg.contains("lisen"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn unknown_pool_key_and_wrong_type_are_refused() {
+        let (line, msg) = parse("[[pool]]\ncommand = \"x\"\ncout = 2\n").unwrap_err();
+        assert_eq!(line, 3);
+        assert!(msg.contains("cout"), "{msg}");
+        let (_, msg) = parse("workers = \"four\"\n").unwrap_err();
+        assert!(
+            msg.contains("integer") || msg.contains("invalid type"),
+            "{msg}"
+        );
+    }
+}

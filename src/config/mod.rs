@@ -1,0 +1,554 @@
+//! One validated [`Config`] from the command line, the environment and
+//! `lb.toml`, merged with precedence CLI > env > file > default.
+//!
+//! Every refusal is one line naming the value, where it came from, and the
+//! fix. Does no I/O beyond reading the file and checking that worker
+//! commands exist.
+
+pub mod duration;
+mod file;
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::StartArgs;
+use crate::policy::PolicyKind;
+
+/// Defaults, in one place (documented in `lb.toml.example`).
+pub mod defaults {
+    pub const LISTEN: &str = "127.0.0.1:8000";
+    pub const BACKLOG: u32 = 4096;
+    pub const DRAIN_TIMEOUT: &str = "10s";
+    pub const WEIGHT: u32 = 1;
+    /// Most workers one master runs (the slot arrays are sized up front).
+    pub const MAX_WORKERS: usize = 1024;
+}
+
+/// Everything the master needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub backlog: u32,
+    pub policy: PolicyKind,
+    pub drain_timeout: Duration,
+    pub pools: Vec<Pool>,
+}
+
+/// A group of identical workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    /// The executable, resolved against `PATH`.
+    pub command: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, String)>,
+    pub count: usize,
+    pub weight: u32,
+}
+
+impl Config {
+    /// Total number of worker slots.
+    pub fn slots(&self) -> usize {
+        self.pools.iter().map(|p| p.count).sum()
+    }
+
+    /// The pool each slot belongs to, slot by slot.
+    pub fn slot_pools(&self) -> Vec<usize> {
+        self.pools
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| std::iter::repeat_n(i, p.count))
+            .collect()
+    }
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Flag(&'static str),
+    Env(&'static str),
+    File(String, &'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag(flag) => write!(f, "{flag}"),
+            Origin::Env(var) => write!(f, "{var}"),
+            Origin::File(path, key) => write!(f, "`{key}` in {path}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}; check --config / LB_CONFIG")]
+    Read { path: String, reason: String },
+    #[error("{path}:{line}: {message}; see lb.toml.example for every key")]
+    Syntax {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("invalid {origin} `{value}`: {expected}")]
+    Invalid {
+        origin: Origin,
+        value: String,
+        expected: String,
+    },
+    #[error(
+        "worker command `{command}` ({origin}) {reason}; give the path of an executable or fix PATH"
+    )]
+    Command {
+        origin: String,
+        command: String,
+        reason: &'static str,
+    },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Reads the environment through a function, so tests need not mutate the
+/// process's own.
+pub type EnvFn<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The first of CLI, env, file that is set, with its origin.
+fn layered(
+    cli: Option<&str>,
+    flag: &'static str,
+    env: EnvFn<'_>,
+    var: &'static str,
+    file: Option<String>,
+    file_origin: impl FnOnce() -> Origin,
+) -> Option<(String, Origin)> {
+    if let Some(v) = cli {
+        return Some((v.to_string(), Origin::Flag(flag)));
+    }
+    if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+        return Some((v, Origin::Env(var)));
+    }
+    file.map(|v| (v, file_origin()))
+}
+
+fn invalid(origin: Origin, value: &str, expected: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        origin,
+        value: value.to_string(),
+        expected: expected.into(),
+    }
+}
+
+fn parse_count(value: &str, origin: Origin) -> Result<usize, ConfigError> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=defaults::MAX_WORKERS).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            origin,
+            value,
+            format!("give a whole number from 1 to {}", defaults::MAX_WORKERS),
+        )),
+    }
+}
+
+/// The CPUs this process may run on: affinity mask and cgroup quota aware
+/// (that is what `available_parallelism` reads on Linux).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Merges and validates. `env` looks up environment variables.
+pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
+    let path = args.config.clone().or_else(|| {
+        env("LB_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    let file = match &path {
+        Some(p) => file::load(p)?,
+        None => file::File::default(),
+    };
+    let path_text = path
+        .as_ref()
+        .map_or_else(|| "lb.toml".to_string(), |p| p.display().to_string());
+    let in_file = |key: &'static str| Origin::File(path_text.clone(), key);
+
+    let (listen_text, listen_origin) = layered(
+        args.listen.as_deref(),
+        "--listen",
+        env,
+        "LB_LISTEN",
+        file.listen.clone(),
+        || in_file("listen"),
+    )
+    .unwrap_or((defaults::LISTEN.to_string(), Origin::Flag("--listen")));
+    let listen = listen_text
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            invalid(
+                listen_origin,
+                &listen_text,
+                "give HOST:PORT, e.g. 127.0.0.1:8000 or 0.0.0.0:80",
+            )
+        })?;
+
+    let backlog = match layered(
+        args.backlog.as_deref(),
+        "--backlog",
+        env,
+        "LB_BACKLOG",
+        file.backlog.map(|b| b.to_string()),
+        || in_file("backlog"),
+    ) {
+        None => defaults::BACKLOG,
+        Some((v, origin)) => match v.trim().parse::<u32>() {
+            Ok(n) if n >= 1 && n <= i32::MAX as u32 => n,
+            _ => return Err(invalid(origin, &v, "give a whole number of at least 1")),
+        },
+    };
+
+    let policy = match layered(
+        args.policy.as_deref(),
+        "--policy",
+        env,
+        "SCHED_POLICY",
+        file.policy.clone(),
+        || in_file("policy"),
+    ) {
+        None => PolicyKind::RoundRobin,
+        Some((v, origin)) => v.parse::<PolicyKind>().map_err(|_| {
+            invalid(
+                origin,
+                &v,
+                "use rr (round-robin), wrr (weighted) or lc (least-conn)",
+            )
+        })?,
+    };
+
+    let drain_timeout = {
+        let (v, origin) = layered(
+            args.drain_timeout.as_deref(),
+            "--drain-timeout",
+            env,
+            "LB_DRAIN_TIMEOUT",
+            file.drain_timeout.clone(),
+            || in_file("drain_timeout"),
+        )
+        .unwrap_or((
+            defaults::DRAIN_TIMEOUT.to_string(),
+            Origin::Flag("--drain-timeout"),
+        ));
+        duration::parse(&v)
+            .ok_or_else(|| invalid(origin, &v, "give a duration like 500ms, 10s or 2m"))?
+    };
+
+    // Worker count given outside the pools (CLI > env > file `workers`).
+    let workers = layered(
+        args.workers.as_deref(),
+        "--workers",
+        env,
+        "LB_WORKERS",
+        file.workers.map(|w| w.to_string()),
+        || in_file("workers"),
+    );
+    let workers = match workers {
+        Some((v, origin)) => Some((parse_count(&v, origin.clone())?, origin)),
+        None => None,
+    };
+    let path_var = env("PATH");
+
+    let pools = if !args.command.is_empty() {
+        // A command on the command line replaces the file's pools.
+        let (program, rest) = args.command.split_first().expect("non-empty");
+        let command =
+            resolve(program, path_var.as_deref()).map_err(|reason| ConfigError::Command {
+                origin: "after --".into(),
+                command: program.to_string_lossy().into_owned(),
+                reason,
+            })?;
+        vec![Pool {
+            name: "main".into(),
+            command,
+            args: rest.to_vec(),
+            env: Vec::new(),
+            count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
+            weight: defaults::WEIGHT,
+        }]
+    } else if file.pool.is_empty() {
+        let exe = std::env::current_exe().map_err(|e| ConfigError::Command {
+            origin: "bundled hello worker".into(),
+            command: "lb".into(),
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "was not found"
+            } else {
+                "cannot be located"
+            },
+        })?;
+        vec![Pool {
+            name: "hello".into(),
+            command: exe,
+            args: vec!["hello-worker".into()],
+            env: Vec::new(),
+            count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
+            weight: defaults::WEIGHT,
+        }]
+    } else {
+        let several = file.pool.len() > 1;
+        if let Some((_, origin @ (Origin::Flag(_) | Origin::Env(_)))) = &workers
+            && several
+        {
+            return Err(ConfigError::Conflict(format!(
+                "{origin} sets the size of a single pool, but {path_text} defines {} pools; \
+                 set `count` in each [[pool]] instead",
+                file.pool.len()
+            )));
+        }
+        let mut pools = Vec::with_capacity(file.pool.len());
+        for (i, p) in file.pool.iter().enumerate() {
+            let name = p.name.clone().unwrap_or_else(|| format!("pool{i}"));
+            let key = |k: &'static str| in_file(k);
+            let count = match (&workers, p.count) {
+                (Some((n, Origin::Flag(_) | Origin::Env(_))), _) => *n,
+                (_, Some(c)) => parse_count(&c.to_string(), key("count"))?,
+                (Some((n, _)), None) => *n,
+                (None, None) => available_cpus(),
+            };
+            let weight = p.weight.unwrap_or(defaults::WEIGHT);
+            if weight == 0 {
+                return Err(invalid(
+                    key("weight"),
+                    "0",
+                    "a pool's weight must be at least 1",
+                ));
+            }
+            let command =
+                resolve(OsStr::new(&p.command), path_var.as_deref()).map_err(|reason| {
+                    ConfigError::Command {
+                        origin: format!("pool `{name}` in {path_text}"),
+                        command: p.command.clone(),
+                        reason,
+                    }
+                })?;
+            pools.push(Pool {
+                name,
+                command,
+                args: p.args.iter().map(OsString::from).collect(),
+                env: p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                count,
+                weight,
+            });
+        }
+        pools
+    };
+
+    let config = Config {
+        listen,
+        backlog,
+        policy,
+        drain_timeout,
+        pools,
+    };
+    if config.slots() > defaults::MAX_WORKERS {
+        return Err(ConfigError::Conflict(format!(
+            "{} workers in all is more than the {} one master runs; lower the pools' `count`",
+            config.slots(),
+            defaults::MAX_WORKERS
+        )));
+    }
+    Ok(config)
+}
+
+/// Finds `program` the way `execvp` would: as given if it has a `/`, else in
+/// each `PATH` directory. The result must be an executable regular file.
+fn resolve(program: &OsStr, path_var: Option<&str>) -> Result<PathBuf, &'static str> {
+    fn executable(p: &Path) -> Option<bool> {
+        let meta = std::fs::metadata(p).ok()?;
+        Some(meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    }
+    if program.is_empty() {
+        return Err("is empty");
+    }
+    let as_path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return match executable(as_path) {
+            Some(true) => Ok(as_path.to_path_buf()),
+            Some(false) => Err("is not an executable file"),
+            None => Err("does not exist"),
+        };
+    }
+    let mut found_non_exec = false;
+    for dir in path_var
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin")
+        .split(':')
+    {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = Path::new(dir).join(program);
+        match executable(&candidate) {
+            Some(true) => return Ok(candidate),
+            Some(false) => found_non_exec = true,
+            None => {}
+        }
+    }
+    Err(if found_non_exec {
+        "is in PATH but not executable"
+    } else {
+        "was not found in PATH"
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn args(v: &[&str]) -> StartArgs {
+        use clap::Parser;
+        crate::cli::Cli::try_parse_from(std::iter::once("lb").chain(v.iter().copied()))
+            .unwrap()
+            .start
+    }
+
+    fn with_env(a: &StartArgs, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([(
+                "PATH".to_string(),
+                std::env::var("PATH").unwrap_or_default(),
+            )])
+            .collect();
+        load(a, &|k| map.get(k).cloned())
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_run_the_bundled_worker_on_every_cpu() {
+        let c = with_env(&args(&[]), &[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(c.policy, PolicyKind::RoundRobin);
+        assert_eq!(c.backlog, defaults::BACKLOG);
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].args, ["hello-worker"]);
+        assert_eq!(c.slots(), available_cpus());
+    }
+
+    #[test]
+    fn cli_beats_env_beats_file() {
+        let f = temp_file(
+            "prec.toml",
+            "policy = \"lc\"\nlisten = \"127.0.0.1:7000\"\nworkers = 3\n",
+        );
+        let f = f.to_str().unwrap();
+        let c = with_env(&args(&["-c", f]), &[]).unwrap();
+        assert_eq!(
+            (c.policy, c.listen.port(), c.slots()),
+            (PolicyKind::LeastConn, 7000, 3)
+        );
+        let c = with_env(
+            &args(&["-c", f]),
+            &[("SCHED_POLICY", "WRR"), ("LB_WORKERS", "2")],
+        )
+        .unwrap();
+        assert_eq!((c.policy, c.slots()), (PolicyKind::Weighted, 2));
+        let c = with_env(
+            &args(&["-c", f, "--policy", "rr", "-w", "5"]),
+            &[("SCHED_POLICY", "wrr"), ("LB_WORKERS", "2")],
+        )
+        .unwrap();
+        assert_eq!((c.policy, c.slots()), (PolicyKind::RoundRobin, 5));
+    }
+
+    #[test]
+    fn bad_values_name_their_origin_on_one_line() {
+        let e = with_env(&args(&[]), &[("SCHED_POLICY", "fastest")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SCHED_POLICY") && e.contains("fastest") && e.contains("rr"),
+            "{e}"
+        );
+        let e = with_env(&args(&["-w", "0"]), &[]).unwrap_err().to_string();
+        assert!(e.contains("--workers") && e.contains("`0`"), "{e}");
+        let e = with_env(&args(&["-l", "nonsense"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--listen") && e.contains("HOST:PORT"), "{e}");
+        let e = with_env(&args(&["--drain-timeout", "soon"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--drain-timeout") && !e.contains('\n'), "{e}");
+        let e = with_env(&args(&["--backlog", "many"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--backlog"), "{e}");
+    }
+
+    #[test]
+    fn missing_command_is_refused() {
+        let e = with_env(&args(&["--", "no-such-program-xyz"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no-such-program-xyz") && e.contains("not found in PATH"),
+            "{e}"
+        );
+        let e = with_env(&args(&["--", "/nonexistent/prog"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let c = with_env(&args(&["--", "sh", "-c", "true"]), &[]).unwrap();
+        assert!(c.pools[0].command.is_absolute());
+        assert_eq!(c.pools[0].args, ["-c", "true"]);
+    }
+
+    #[test]
+    fn pools_with_weights_and_env() {
+        let f = temp_file(
+            "pools.toml",
+            "[[pool]]\nname=\"main\"\ncommand=\"sh\"\ncount=3\nweight=3\nenv={A=\"1\"}\n\
+             [[pool]]\nname=\"canary\"\ncommand=\"sh\"\ncount=1\n",
+        );
+        let c = with_env(&args(&["-c", f.to_str().unwrap()]), &[]).unwrap();
+        assert_eq!(c.slots(), 4);
+        assert_eq!(c.slot_pools(), [0, 0, 0, 1]);
+        assert_eq!((c.pools[0].weight, c.pools[1].weight), (3, 1));
+        assert_eq!(c.pools[0].env, [("A".to_string(), "1".to_string())]);
+        let e = with_env(&args(&["-c", f.to_str().unwrap(), "-w", "2"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--workers") && e.contains("2 pools"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_name_file_and_line() {
+        let f = temp_file("bad.toml", "listen = \"127.0.0.1:1\"\npolcy = \"rr\"\n");
+        let e = with_env(&args(&["-c", f.to_str().unwrap()]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.toml:2:") && e.contains("polcy"), "{e}");
+        let f = temp_file("zero.toml", "[[pool]]\ncommand=\"sh\"\nweight=0\n");
+        let e = with_env(&args(&["-c", f.to_str().unwrap()]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("weight"), "{e}");
+        let e = with_env(&args(&["-c", "/nonexistent/lb.toml"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot read config file /nonexistent/lb.toml"),
+            "{e}"
+        );
+    }
+}

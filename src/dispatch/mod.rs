@@ -1,0 +1,616 @@
+//! The hot path: one mio loop, on its own thread, over the listener and the
+//! workers' channels. Per connection: `accept4` (until `EAGAIN`), one policy
+//! pick, one `sendmsg` carrying the fd, one `close`. Nothing on that path
+//! allocates, formats, locks or logs; per-worker state lives in arrays
+//! indexed by [`Slot`].
+//!
+//! Never spawns, waits for or signals processes: the supervisor does, and
+//! tells this loop about workers through [`Command`]s; this loop reports
+//! what workers say through [`Event`]s. See
+//! `docs/lifetime-of-a-connection.md` for one connection's path by symbol.
+
+mod worker;
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::policy::{Policy, PolicyKind, Slot, WorkerView};
+use crate::proto::{self, MAX_MESSAGE, Malformed, Message, Wait, kind, scm, wire};
+use crate::sys;
+use worker::{State, Worker};
+
+/// The listening socket.
+pub const LISTENER: Token = Token(0);
+/// Commands from the supervisor are waiting.
+pub const WAKER: Token = Token(1);
+/// Worker `slot`'s channel is `Token(WORKER_BASE + slot)`.
+pub const WORKER_BASE: usize = 2;
+
+/// Connections held while no worker can take one (rescued, or accepted
+/// while every channel is full). Preallocated: holding one never allocates.
+const PENDING_CAPACITY: usize = 4096;
+/// How long to stop accepting after the process ran out of fds or memory,
+/// or the kernel refused more fds in flight.
+const RESOURCE_RETRY: Duration = Duration::from_millis(10);
+/// Events the supervisor has not read yet; beyond this they are dropped
+/// (and counted) rather than ever blocking or allocating here.
+pub const EVENT_QUEUE: usize = 4096;
+
+/// Supervisor → dispatcher.
+#[derive(Debug)]
+pub enum Command {
+    /// A worker process was started in `slot`. `channel` is the master's
+    /// end; `peer` the master's copy of the worker's end, kept to rescue
+    /// connections the worker never read.
+    Attach {
+        slot: Slot,
+        pid: u32,
+        channel: OwnedFd,
+        peer: OwnedFd,
+        weight: u32,
+    },
+    /// The worker in `slot` exited: hand what is queued in its channel to
+    /// others, forget the slot.
+    Detach { slot: Slot, pid: u32 },
+    /// Stop sending to the worker in `slot` and tell it to DRAIN.
+    Drain { slot: Slot, pid: u32 },
+    /// Accept what is in the backlog, close the listener, DRAIN every worker
+    /// once nothing is left to hand out.
+    Shutdown,
+    /// Leave the loop.
+    Stop,
+}
+
+/// Dispatcher → supervisor. Never per connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Ready {
+        slot: Slot,
+        pid: u32,
+    },
+    Leaving {
+        slot: Slot,
+        pid: u32,
+    },
+    Message {
+        slot: Slot,
+        pid: u32,
+        payload: Vec<u8>,
+    },
+    Malformed {
+        slot: Slot,
+        pid: u32,
+        error: Malformed,
+    },
+    Rescued {
+        slot: Slot,
+        pid: u32,
+        count: u64,
+    },
+    /// `accept4` failed for lack of resources; accepting resumes shortly.
+    AcceptError {
+        errno: i32,
+    },
+    /// The listener is closed and every worker has been sent DRAIN.
+    Drained,
+}
+
+/// Counters of the loop. Plain integers: only the dispatch thread writes them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub accepted: u64,
+    pub dispatched: u64,
+    pub rescued: u64,
+    /// Times every worker was full (or none ready) and accepting paused.
+    pub paused: u64,
+    /// Events dropped because the supervisor fell behind.
+    pub events_dropped: u64,
+}
+
+/// How the supervisor (or a test) talks to a running dispatcher.
+#[derive(Clone)]
+pub struct Handle {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl Handle {
+    pub fn send(&self, command: Command) {
+        // Both fail only once the dispatcher is gone, when nothing is left to tell.
+        let _ = self.commands.send(command);
+        let _ = self.waker.wake();
+    }
+}
+
+/// Where events go, and how to wake their reader.
+pub struct Notifier {
+    pub events: Sender<Event>,
+    pub waker: Option<Arc<Waker>>,
+}
+
+/// The dispatch loop and all of its state.
+pub struct Dispatcher {
+    poll: Poll,
+    events: Events,
+    listener: Option<mio::net::TcpListener>,
+    /// The listener may hold connections: set by its readiness, cleared by `EAGAIN`.
+    backlog_waiting: bool,
+    workers: Vec<Worker>,
+    views: Vec<WorkerView>,
+    policy: Box<dyn Policy>,
+    pending: VecDeque<OwnedFd>,
+    commands: Receiver<Command>,
+    notify: Notifier,
+    seq: u64,
+    buf: Box<[u8]>,
+    stats: Stats,
+    shutting_down: bool,
+    drained: bool,
+    retry_at: Option<Instant>,
+    running: bool,
+}
+
+impl Dispatcher {
+    /// A dispatcher for `slots` workers (more can be attached later), with
+    /// the listener already bound and listening.
+    pub fn new(
+        listener: std::net::TcpListener,
+        policy: PolicyKind,
+        slots: usize,
+        notify: Notifier,
+    ) -> io::Result<(Dispatcher, Handle)> {
+        listener.set_nonblocking(true)?;
+        let mut listener = mio::net::TcpListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let dispatcher = Dispatcher {
+            poll,
+            events: Events::with_capacity(1024),
+            listener: Some(listener),
+            backlog_waiting: true,
+            workers: (0..slots).map(|_| Worker::empty()).collect(),
+            views: vec![WorkerView::default(); slots],
+            policy: policy.build(slots),
+            pending: VecDeque::with_capacity(PENDING_CAPACITY),
+            commands: rx,
+            notify,
+            seq: 0,
+            buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
+            stats: Stats::default(),
+            shutting_down: false,
+            drained: false,
+            retry_at: None,
+            running: true,
+        };
+        Ok((
+            dispatcher,
+            Handle {
+                commands: tx,
+                waker,
+            },
+        ))
+    }
+
+    /// Runs until [`Command::Stop`]; returns the final counters.
+    pub fn run(&mut self) -> io::Result<Stats> {
+        while self.running {
+            self.turn(None)?;
+        }
+        Ok(self.stats)
+    }
+
+    /// One poll and everything it made ready. `max_wait` bounds the wait
+    /// (tests drive the loop with it).
+    pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
+        let timeout = match (self.retry_at, max_wait) {
+            (Some(t), w) => {
+                let until = t.saturating_duration_since(Instant::now());
+                Some(w.map_or(until, |w| w.min(until)))
+            }
+            (None, w) => w,
+        };
+        if let Err(e) = self.poll.poll(&mut self.events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        // Worker messages first, the listener last: a CLOSED that arrived in
+        // the same batch as a new connection is counted before the pick.
+        // Out of `self` while handling, put back after (no allocation:
+        // an empty `Events` owns no buffer).
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        let mut commands = false;
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.backlog_waiting = true,
+                WAKER => commands = true,
+                Token(t) => {
+                    let slot = Slot(t - WORKER_BASE);
+                    if ev.is_readable() {
+                        self.read_worker(slot);
+                    }
+                    if ev.is_writable() {
+                        self.worker_writable(slot);
+                    }
+                }
+            }
+        }
+        self.events = events;
+        if commands {
+            self.commands();
+        }
+        if let Some(t) = self.retry_at
+            && Instant::now() >= t
+        {
+            self.retry_at = None;
+            self.backlog_waiting = true;
+            for slot in 0..self.workers.len() {
+                if self.workers[slot].full {
+                    self.workers[slot].full = false;
+                    self.sync_view(Slot(slot));
+                }
+            }
+        }
+        self.pump();
+        Ok(())
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Hands out held connections, then accepts until `EAGAIN` or until no
+    /// worker can take more (the kernel backlog then holds the rest).
+    fn pump(&mut self) {
+        while let Some(fd) = self.pending.pop_front() {
+            if let Err(fd) = self.hand_off(fd) {
+                self.pending.push_front(fd);
+                return;
+            }
+        }
+        if self.shutting_down {
+            self.send_drains();
+            return;
+        }
+        if !self.backlog_waiting || self.retry_at.is_some() {
+            return;
+        }
+        // Out of `self` for the batch so `hand_off` can borrow `self` mutably.
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        self.accept_batch(&listener);
+        self.listener = Some(listener);
+    }
+
+    fn accept_batch(&mut self, listener: &mio::net::TcpListener) {
+        loop {
+            match sys::accept4(listener.as_fd()) {
+                Ok(fd) => {
+                    self.stats.accepted += 1;
+                    if let Err(fd) = self.hand_off(fd) {
+                        self.pending.push_back(fd);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) => self.backlog_waiting = false,
+                        // The client gave up before we accepted: next one.
+                        Some(libc::ECONNABORTED | libc::EPROTO) => continue,
+                        // Out of fds or memory (or anything unexpected): retry
+                        // shortly instead of spinning on a readable listener.
+                        errno => {
+                            self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
+                            self.emit(Event::AcceptError {
+                                errno: errno.unwrap_or(0),
+                            });
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends `fd` to the worker the policy picks, trying others while
+    /// channels are full. Gives the fd back when no worker can take it.
+    #[inline]
+    fn hand_off(&mut self, fd: OwnedFd) -> Result<(), OwnedFd> {
+        loop {
+            let Some(slot) = self.policy.pick(&self.views) else {
+                self.stats.paused += 1;
+                return Err(fd);
+            };
+            let w = &mut self.workers[slot.0];
+            let Some(channel) = &w.channel else {
+                // Eligible implies attached; repair the view rather than spin.
+                self.views[slot.0].eligible = false;
+                continue;
+            };
+            self.seq += 1;
+            match proto::send_conn(channel.as_fd(), fd.as_fd(), self.seq) {
+                Ok(()) => {
+                    // Close our copy at once: until we do, the worker's close
+                    // does not release the socket (DESIGN.md, "The hot path").
+                    drop(fd);
+                    w.sent += 1;
+                    self.views[slot.0].active += 1;
+                    self.stats.dispatched += 1;
+                    return Ok(());
+                }
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::ETOOMANYREFS) {
+                        // Too many fds in flight for this user: no writable
+                        // edge will tell us when that passes, so retry on a timer.
+                        self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
+                    } else if e.kind() != io::ErrorKind::WouldBlock {
+                        // Cannot happen while we hold the peer end; treat the
+                        // worker as unusable until the supervisor detaches it.
+                        w.state = State::Draining;
+                    }
+                    w.full = true;
+                    self.views[slot.0].eligible = false;
+                }
+            }
+        }
+    }
+
+    fn sync_view(&mut self, slot: Slot) {
+        let w = &self.workers[slot.0];
+        self.views[slot.0].eligible = w.state == State::Ready && !w.full && w.channel.is_some();
+    }
+
+    fn emit(&mut self, event: Event) {
+        match self.notify.events.try_send(event) {
+            Ok(()) => {
+                if let Some(w) = &self.notify.waker {
+                    let _ = w.wake();
+                }
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.events_dropped += 1;
+            }
+        }
+    }
+
+    /// Reads everything the worker in `slot` sent (edge-triggered: until `EAGAIN`).
+    fn read_worker(&mut self, slot: Slot) {
+        loop {
+            let w = &self.workers[slot.0];
+            let Some(channel) = &w.channel else { return };
+            let pid = w.pid;
+            let got = match scm::recv(channel.as_fd(), &mut self.buf, Wait::DontWait) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => return,
+            };
+            if !got.fds.is_empty() || got.fds_truncated {
+                // Dropping `got` closes them.
+                self.emit(Event::Malformed {
+                    slot,
+                    pid,
+                    error: Malformed::UnexpectedFd,
+                });
+                continue;
+            }
+            match wire::parse(&self.buf[..got.len], got.truncated) {
+                Ok(Message::Closed { n }) => {
+                    let v = &mut self.views[slot.0];
+                    let fit = n.min(u64::from(v.active));
+                    v.active -= fit as u32;
+                    self.workers[slot.0].closed += fit;
+                    if fit < n {
+                        self.emit(Event::Malformed {
+                            slot,
+                            pid,
+                            error: Malformed::OverClosed(n - fit),
+                        });
+                    }
+                }
+                Ok(Message::Ready) => {
+                    if self.workers[slot.0].state == State::Starting {
+                        self.workers[slot.0].state = State::Ready;
+                        self.sync_view(slot);
+                        self.emit(Event::Ready { slot, pid });
+                        if self.shutting_down {
+                            self.drain_worker(slot);
+                        }
+                    }
+                }
+                Ok(Message::Leaving) => {
+                    self.workers[slot.0].state = State::Draining;
+                    self.sync_view(slot);
+                    self.emit(Event::Leaving { slot, pid });
+                }
+                Ok(Message::User(payload)) => {
+                    let payload = payload.to_vec();
+                    self.emit(Event::Message { slot, pid, payload });
+                }
+                Ok(Message::Unknown(_)) => {}
+                Ok(Message::Conn { .. }) => self.emit(Event::Malformed {
+                    slot,
+                    pid,
+                    error: Malformed::WrongDirection(kind::CONN),
+                }),
+                Ok(Message::Drain) => self.emit(Event::Malformed {
+                    slot,
+                    pid,
+                    error: Malformed::WrongDirection(kind::DRAIN),
+                }),
+                Err(error) => self.emit(Event::Malformed { slot, pid, error }),
+            }
+        }
+    }
+
+    fn worker_writable(&mut self, slot: Slot) {
+        let w = &mut self.workers[slot.0];
+        if w.drain_queued {
+            w.drain_queued = false;
+            self.send_drain(slot);
+        }
+        let w = &mut self.workers[slot.0];
+        if w.full {
+            w.full = false;
+            self.sync_view(slot);
+        }
+    }
+
+    fn commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Attach {
+                    slot,
+                    pid,
+                    channel,
+                    peer,
+                    weight,
+                } => self.attach(slot, pid, channel, peer, weight),
+                Command::Detach { slot, pid } => self.detach(slot, pid),
+                Command::Drain { slot, pid } => {
+                    if self.workers.get(slot.0).is_some_and(|w| w.pid == pid) {
+                        self.drain_worker(slot);
+                    }
+                }
+                Command::Shutdown => self.shutdown(),
+                Command::Stop => self.running = false,
+            }
+        }
+    }
+
+    fn attach(&mut self, slot: Slot, pid: u32, channel: OwnedFd, peer: OwnedFd, weight: u32) {
+        if slot.0 >= self.workers.len() {
+            self.workers.resize_with(slot.0 + 1, Worker::empty);
+            self.views.resize(slot.0 + 1, WorkerView::default());
+            self.policy.resize(slot.0 + 1);
+        }
+        if self.workers[slot.0].channel.is_some() {
+            let old = self.workers[slot.0].pid;
+            self.detach(slot, old);
+        }
+        let token = Token(WORKER_BASE + slot.0);
+        let registered = self.poll.registry().register(
+            &mut SourceFd(&channel.as_raw_fd()),
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        );
+        if registered.is_err() {
+            // Without readiness we would never hear READY: the worker then
+            // never gets a connection and the supervisor's timeout handles it.
+            return;
+        }
+        self.workers[slot.0] = Worker::attached(pid, channel, peer);
+        self.views[slot.0] = WorkerView {
+            eligible: false,
+            weight: weight.max(1),
+            active: 0,
+        };
+        // Messages sent before registration would not raise an edge.
+        self.read_worker(slot);
+    }
+
+    /// Forgets the worker in `slot` after its process exited, rescuing every
+    /// connection still queued (sent, never received) in its channel.
+    fn detach(&mut self, slot: Slot, pid: u32) {
+        let Some(w) = self.workers.get_mut(slot.0) else {
+            return;
+        };
+        if w.pid != pid || w.state == State::Empty {
+            return;
+        }
+        let mut w = std::mem::replace(w, Worker::empty());
+        self.views[slot.0] = WorkerView::default();
+        if let Some(channel) = &w.channel {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&channel.as_raw_fd()));
+        }
+        let mut count = 0;
+        if let Some(peer) = w.peer.take() {
+            // Read the worker's side of the queue from our own copy of its end.
+            while let Ok(mut got) = scm::recv(peer.as_fd(), &mut self.buf, Wait::DontWait) {
+                if got.len == 0 {
+                    break;
+                }
+                if let Ok(Message::Conn { .. }) = wire::parse(&self.buf[..got.len], got.truncated)
+                    && let Some(fd) = got.fds.take_first()
+                {
+                    self.pending.push_back(fd);
+                    count += 1;
+                }
+            }
+        }
+        self.stats.rescued += count;
+        if count > 0 {
+            self.emit(Event::Rescued { slot, pid, count });
+        }
+    }
+
+    fn drain_worker(&mut self, slot: Slot) {
+        let w = &mut self.workers[slot.0];
+        if w.channel.is_none() || w.drain_sent {
+            return;
+        }
+        w.state = State::Draining;
+        self.sync_view(slot);
+        self.send_drain(slot);
+    }
+
+    fn send_drain(&mut self, slot: Slot) {
+        let w = &mut self.workers[slot.0];
+        let Some(channel) = &w.channel else { return };
+        match proto::send_plain(channel.as_fd(), kind::DRAIN, 0, &[], Wait::DontWait) {
+            Ok(()) => w.drain_sent = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.drain_queued = true,
+            // The worker is gone; its exit will be reported by the supervisor.
+            Err(_) => w.drain_sent = true,
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        // Nothing already in the backlog is lost: take it all, then close.
+        if let Some(listener) = self.listener.take() {
+            while self.pending.len() < PENDING_CAPACITY {
+                match sys::accept4(listener.as_fd()) {
+                    Ok(fd) => {
+                        self.stats.accepted += 1;
+                        self.pending.push_back(fd);
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                    Err(_) => break,
+                }
+            }
+            drop(listener);
+        }
+        self.pump();
+    }
+
+    /// During shutdown, once every held connection has gone out: DRAIN all.
+    fn send_drains(&mut self) {
+        if self.drained || !self.pending.is_empty() {
+            return;
+        }
+        for slot in 0..self.workers.len() {
+            self.drain_worker(Slot(slot));
+        }
+        self.drained = true;
+        self.emit(Event::Drained);
+    }
+}

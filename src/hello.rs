@@ -1,0 +1,334 @@
+//! The bundled example worker (`lb hello-worker`, what `lb` runs when given
+//! no command): a single-threaded, event-driven HTTP/1.1 server that gets
+//! its connections from lb over the native protocol. Every response body is
+//! the one line `hello from worker <slot> (pid <pid>)`.
+//!
+//! Keep-alive aware; honours `Connection: close` and HTTP/1.0; answers
+//! pipelined requests in order. `GET /sleep/<ms>` answers after blocking
+//! that long (at most 60 s), like a slow handler in a single-threaded app.
+//! On DRAIN it closes idle connections, answers in-flight requests with
+//! `Connection: close`, and exits when none are left.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::proto::Wait;
+use crate::worker::{Incoming, Listener};
+
+const CHANNEL: Token = Token(0);
+/// Requests whose head does not fit are refused.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_SLEEP_MS: u64 = 60_000;
+
+pub fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb hello-worker: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+struct Client {
+    stream: TcpStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// Close once `output` is flushed.
+    close_after: bool,
+}
+
+fn run() -> anyhow::Result<()> {
+    let mut listener = Listener::from_env()?;
+    let body = format!(
+        "hello from worker {} (pid {})\n",
+        listener.slot(),
+        std::process::id()
+    );
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, CHANNEL, Interest::READABLE)?;
+    listener.ready()?;
+
+    let mut clients: HashMap<Token, Client> = HashMap::new();
+    let mut next_token = 1usize;
+    let mut draining = false;
+    let mut events = Events::with_capacity(256);
+    loop {
+        if draining && clients.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        for ev in events.iter() {
+            if ev.token() == CHANNEL {
+                loop {
+                    match listener.next(Wait::DontWait) {
+                        Ok(Incoming::Conn(stream)) => {
+                            let token = Token(next_token);
+                            next_token += 1;
+                            let _ = stream.set_nodelay(true);
+                            let mut stream = TcpStream::from_std(stream);
+                            poll.registry().register(
+                                &mut stream,
+                                token,
+                                Interest::READABLE | Interest::WRITABLE,
+                            )?;
+                            let client = Client {
+                                stream,
+                                input: Vec::new(),
+                                output: Vec::new(),
+                                close_after: false,
+                            };
+                            clients.insert(token, client);
+                            // Data may have arrived before registration.
+                            serve_or_close(
+                                &mut poll,
+                                &mut clients,
+                                token,
+                                &body,
+                                draining,
+                                &listener,
+                            );
+                        }
+                        Ok(Incoming::Drain) => {
+                            draining = true;
+                            let idle: Vec<Token> = clients
+                                .iter()
+                                .filter(|(_, c)| c.input.is_empty() && c.output.is_empty())
+                                .map(|(t, _)| *t)
+                                .collect();
+                            for t in idle {
+                                close(&mut poll, &mut clients, t, &listener);
+                            }
+                        }
+                        Ok(Incoming::Message(_)) => {}
+                        // The master is gone: nothing will supervise us.
+                        Ok(Incoming::Closed) => return Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            } else {
+                serve_or_close(
+                    &mut poll,
+                    &mut clients,
+                    ev.token(),
+                    &body,
+                    draining,
+                    &listener,
+                );
+            }
+        }
+    }
+}
+
+fn serve_or_close(
+    poll: &mut Poll,
+    clients: &mut HashMap<Token, Client>,
+    token: Token,
+    body: &str,
+    draining: bool,
+    listener: &Listener,
+) {
+    if let Some(c) = clients.get_mut(&token)
+        && serve(c, body, draining)
+    {
+        close(poll, clients, token, listener);
+    }
+}
+
+/// Reads what the client sent, answers every complete request, writes what
+/// fits. Returns whether the connection is finished.
+fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
+    let mut eof = false;
+    let mut chunk = [0u8; 8192];
+    loop {
+        match c.stream.read(&mut chunk) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => c.input.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+    while !c.close_after {
+        match next_request(&c.input) {
+            Parsed::Incomplete => {
+                if c.input.len() > MAX_HEAD {
+                    respond(
+                        c,
+                        "431 Request Header Fields Too Large",
+                        "request head too large\n",
+                        true,
+                    );
+                }
+                break;
+            }
+            Parsed::Bad => {
+                respond(c, "400 Bad Request", "bad request\n", true);
+                break;
+            }
+            Parsed::Request {
+                len,
+                close,
+                sleep_ms,
+            } => {
+                c.input.drain(..len);
+                if let Some(ms) = sleep_ms {
+                    std::thread::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS)));
+                }
+                respond(c, "200 OK", body, close || draining);
+            }
+        }
+    }
+    while !c.output.is_empty() {
+        match c.stream.write(&c.output) {
+            Ok(n) => {
+                c.output.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+    c.close_after || eof || (draining && c.input.is_empty())
+}
+
+fn respond(c: &mut Client, status: &str, body: &str, close: bool) {
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    let _ = write!(
+        c.output,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{body}",
+        body.len()
+    );
+    c.close_after = close;
+}
+
+/// Deregisters before closing (epoll registers open file descriptions, and
+/// the master may still hold this one for an instant), then reports.
+fn close(poll: &mut Poll, clients: &mut HashMap<Token, Client>, token: Token, listener: &Listener) {
+    if let Some(mut c) = clients.remove(&token) {
+        let _ = poll.registry().deregister(&mut c.stream);
+        drop(c);
+        let _ = listener.report_closed(1);
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    Incomplete,
+    Bad,
+    Request {
+        /// Bytes of head and body.
+        len: usize,
+        close: bool,
+        sleep_ms: Option<u64>,
+    },
+}
+
+/// Finds the first complete request in `buf` (head plus a `Content-Length`
+/// body, if any).
+fn next_request(buf: &[u8]) -> Parsed {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Parsed::Incomplete;
+    };
+    let Ok(head) = std::str::from_utf8(&buf[..end]) else {
+        return Parsed::Bad;
+    };
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let (Some(_method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Parsed::Bad;
+    };
+    let mut close = version.eq_ignore_ascii_case("HTTP/1.0");
+    let mut body_len = 0usize;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Parsed::Bad;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("connection") {
+            if value.to_ascii_lowercase().contains("close") {
+                close = true;
+            } else if value.to_ascii_lowercase().contains("keep-alive") {
+                close = false;
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            match value.parse() {
+                Ok(n) => body_len = n,
+                Err(_) => return Parsed::Bad,
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Bad; // chunked bodies are beyond this example
+        }
+    }
+    let len = end + 4 + body_len;
+    if buf.len() < len {
+        return Parsed::Incomplete;
+    }
+    let sleep_ms = target
+        .strip_prefix("/sleep/")
+        .and_then(|ms| ms.parse().ok());
+    Parsed::Request {
+        len,
+        close,
+        sleep_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_close_and_http10() {
+        let r = next_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            r,
+            Parsed::Request {
+                len: 27,
+                close: false,
+                sleep_ms: None
+            }
+        );
+        let r = next_request(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n");
+        assert!(matches!(r, Parsed::Request { close: true, .. }));
+        let r = next_request(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(matches!(r, Parsed::Request { close: true, .. }));
+        let r = next_request(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(matches!(r, Parsed::Request { close: false, .. }));
+    }
+
+    #[test]
+    fn bodies_pipelining_and_garbage() {
+        assert_eq!(next_request(b"GET / HTTP/1.1\r\n"), Parsed::Incomplete);
+        let post = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab";
+        assert_eq!(next_request(post), Parsed::Incomplete);
+        let two = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n";
+        assert!(matches!(next_request(two), Parsed::Request { len: 41, .. }));
+        assert_eq!(next_request(b"nonsense\r\n\r\n"), Parsed::Bad);
+        let r = next_request(b"GET /sleep/250 HTTP/1.1\r\n\r\n");
+        assert!(matches!(
+            r,
+            Parsed::Request {
+                sleep_ms: Some(250),
+                ..
+            }
+        ));
+    }
+}

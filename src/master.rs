@@ -1,0 +1,136 @@
+//! Wires a master together: binds the listener, starts the dispatch thread,
+//! runs the supervisor on this thread, and stops both in order.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use mio::{Poll, Waker};
+use socket2::{Domain, Socket, Type};
+
+use crate::config::Config;
+use crate::dispatch::{self, Dispatcher, Notifier};
+use crate::info;
+use crate::supervisor::{self, Supervisor, SupervisorError};
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How a master ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every worker drained in time.
+    Drained,
+    /// Some worker had to be killed (drain timeout, second signal, SIGQUIT).
+    Forced,
+}
+
+/// Binds `addr` the way a server should: CLOEXEC and non-blocking from
+/// birth, `SO_REUSEADDR` so a restart does not wait out TIME_WAIT.
+pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, MasterError> {
+    let fail = |e: io::Error| {
+        let reason = match e.raw_os_error() {
+            Some(libc::EADDRINUSE) => {
+                "address already in use; stop the other process or choose another --listen".into()
+            }
+            Some(libc::EACCES) => {
+                "permission denied; ports below 1024 need privileges, choose another --listen"
+                    .into()
+            }
+            Some(libc::EADDRNOTAVAIL) => {
+                "address not available on this machine; choose another --listen".into()
+            }
+            _ => e.to_string(),
+        };
+        MasterError::Listen { addr, reason }
+    };
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket
+        .listen(backlog.min(i32::MAX as u32) as i32)
+        .map_err(fail)?;
+    Ok(socket.into())
+}
+
+/// Runs a master until it is told to stop.
+pub fn run(config: Config) -> Result<Outcome, MasterError> {
+    // Blocked before any thread starts, so every thread inherits the mask
+    // and the supervisor's signalfd is the only reader.
+    supervisor::handled_signals()
+        .thread_block()
+        .map_err(|e| MasterError::Io(format!("cannot block signals: {e}")))?;
+    let _ = sys::raise_nofile_limit();
+
+    let listener = bind(config.listen, config.backlog)?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| MasterError::Io(format!("listener address: {e}")))?;
+    info!(
+        "listening on {local} (policy {}, {} workers: {})",
+        config.policy,
+        config.slots(),
+        config
+            .pools
+            .iter()
+            .map(|p| format!(
+                "{}×{} weight {} `{}`",
+                p.name,
+                p.count,
+                p.weight,
+                p.command.display()
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let poll = Poll::new().map_err(|e| MasterError::Io(format!("epoll: {e}")))?;
+    let waker = Arc::new(
+        Waker::new(poll.registry(), supervisor::WAKER)
+            .map_err(|e| MasterError::Io(format!("eventfd: {e}")))?,
+    );
+    let (events_tx, events_rx) = crossbeam_channel::bounded(dispatch::EVENT_QUEUE);
+    let (mut dispatcher, handle) = Dispatcher::new(
+        listener,
+        config.policy,
+        config.slots(),
+        Notifier {
+            events: events_tx,
+            waker: Some(waker),
+        },
+    )
+    .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+    let thread = std::thread::Builder::new()
+        .name("lb-dispatch".into())
+        .spawn(move || dispatcher.run())
+        .map_err(|e| MasterError::Io(format!("dispatch thread: {e}")))?;
+
+    let result = Supervisor::new(poll, config, handle.clone(), events_rx).and_then(|s| s.run());
+    handle.send(dispatch::Command::Stop);
+    let stats = thread.join();
+    let drained = result?;
+    if let Ok(Ok(stats)) = stats {
+        info!(
+            "stopped: {} connections accepted, {} dispatched, {} rescued",
+            stats.accepted, stats.dispatched, stats.rescued
+        );
+    }
+    Ok(if drained {
+        Outcome::Drained
+    } else {
+        Outcome::Forced
+    })
+}

@@ -1,0 +1,161 @@
+//! The master↔worker contract (protocol v1), shared by both sides: the
+//! environment a worker is started with, the message layout ([`wire`]) and
+//! fd passing ([`scm`]). Documented for other languages in `docs/protocol.md`.
+//!
+//! Imports nothing else from this crate, so it can become its own crate.
+
+pub mod scm;
+pub mod wire;
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+
+pub use scm::Wait;
+pub use wire::{HEADER_LEN, MAX_MESSAGE, MAX_PAYLOAD, Malformed, Message, VERSION, kind};
+
+/// The fd number at which a worker finds its end of the channel.
+pub const WORKER_FD: i32 = 3;
+
+/// Environment variables a worker is started with.
+pub mod env {
+    /// The channel's fd number (always 3).
+    pub const FD: &str = "LB_FD";
+    /// The worker's stable slot, 0..N-1.
+    pub const WORKER_ID: &str = "LB_WORKER_ID";
+    /// The configuration generation the worker belongs to (1 at start).
+    pub const GENERATION: &str = "LB_GENERATION";
+    /// The protocol version (1).
+    pub const PROTOCOL: &str = "LB_PROTOCOL";
+}
+
+/// Creates one channel: `(master end, worker end)`, both CLOEXEC. The master
+/// keeps a copy of the worker end too (see DESIGN.md, "Nothing lost").
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
+
+/// master → worker: hands over one connection. The caller closes its copy of
+/// `conn` right after this returns (see DESIGN.md, "The hot path").
+#[inline]
+pub fn send_conn(chan: BorrowedFd<'_>, conn: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+    let header = wire::header(kind::CONN, id);
+    scm::send(chan, &header, &[], Some(conn), Wait::DontWait)
+}
+
+/// Sends a message without an fd: DRAIN, READY, CLOSED, LEAVING or USER.
+pub fn send_plain(
+    chan: BorrowedFd<'_>,
+    kind: u8,
+    value: u64,
+    payload: &[u8],
+    wait: Wait,
+) -> io::Result<()> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "message payload of {} bytes exceeds {MAX_PAYLOAD}",
+                payload.len()
+            ),
+        ));
+    }
+    scm::send(chan, &wire::header(kind, value), payload, None, wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    /// A real socketpair, a real TCP connection: the fd that arrives is the
+    /// same socket (bytes written to it reach the original peer).
+    #[test]
+    fn conn_fd_round_trips_over_a_real_socketpair() {
+        let (master, worker) = pair().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+
+        send_conn(master.as_fd(), accepted.as_fd(), 42).unwrap();
+        drop(accepted); // the master's copy is closed at once
+
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut got = scm::recv(worker.as_fd(), &mut buf, Wait::Block).unwrap();
+        assert_eq!(
+            wire::parse(&buf[..got.len], got.truncated),
+            Ok(Message::Conn { id: 42 })
+        );
+        assert_eq!(got.fds.len(), 1);
+        let mut stream = TcpStream::from(got.fds.take_first().unwrap());
+        stream.write_all(b"via the passed fd").unwrap();
+        drop(stream);
+        let mut text = String::new();
+        client.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "via the passed fd");
+    }
+
+    #[test]
+    fn plain_messages_carry_no_fd_and_keep_their_payload() {
+        let (master, worker) = pair().unwrap();
+        send_plain(worker.as_fd(), kind::USER, 0, b"hello", Wait::Block).unwrap();
+        send_plain(worker.as_fd(), kind::CLOSED, 3, &[], Wait::Block).unwrap();
+        let mut buf = [0u8; MAX_MESSAGE];
+        let got = scm::recv(master.as_fd(), &mut buf, Wait::DontWait).unwrap();
+        assert!(got.fds.is_empty());
+        assert_eq!(
+            wire::parse(&buf[..got.len], false),
+            Ok(Message::User(b"hello"))
+        );
+        let got = scm::recv(master.as_fd(), &mut buf, Wait::DontWait).unwrap();
+        assert_eq!(
+            wire::parse(&buf[..got.len], false),
+            Ok(Message::Closed { n: 3 })
+        );
+        let empty = scm::recv(master.as_fd(), &mut buf, Wait::DontWait);
+        assert_eq!(
+            empty.err().map(|e| e.kind()),
+            Some(io::ErrorKind::WouldBlock)
+        );
+    }
+
+    #[test]
+    fn extra_fds_from_a_buggy_peer_are_received_and_counted() {
+        let (a, b) = pair().unwrap();
+        let (x, _y) = pair().unwrap();
+        // Two messages each carrying one fd; the receiver sees exactly one per message.
+        for _ in 0..2 {
+            scm::send(
+                a.as_fd(),
+                &wire::header(kind::READY, 0),
+                &[],
+                Some(x.as_fd()),
+                Wait::Block,
+            )
+            .unwrap();
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        for _ in 0..2 {
+            let got = scm::recv(b.as_fd(), &mut buf, Wait::DontWait).unwrap();
+            assert_eq!(got.fds.len(), 1);
+            assert!(!got.fds_truncated);
+        }
+    }
+
+    #[test]
+    fn oversized_payload_is_refused_before_sending() {
+        let (a, _b) = pair().unwrap();
+        let big = vec![0u8; MAX_PAYLOAD + 1];
+        let err = send_plain(a.as_fd(), kind::USER, 0, &big, Wait::Block).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+}

@@ -1,0 +1,232 @@
+//! `sendmsg`/`recvmsg` with `SCM_RIGHTS` on a `SOCK_SEQPACKET` socket: all of
+//! the fd-passing `unsafe` lives here and nowhere else.
+//!
+//! Buffers are the caller's or on the stack; nothing here allocates, so the
+//! dispatch hot path can call [`send`] once per connection.
+
+use std::io;
+use std::mem::{self, MaybeUninit};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Most fds one received message may carry. A protocol message carries at
+/// most one; the room for more exists so that a buggy peer's extra fds are
+/// received and closed here rather than leaking into `MSG_CTRUNC` limbo.
+pub const MAX_FDS: usize = 4;
+
+/// Room for one `SCM_RIGHTS` header with `MAX_FDS` ints, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64]);
+
+const _: () = assert!(mem::size_of::<libc::cmsghdr>() + MAX_FDS * mem::size_of::<RawFd>() <= 64);
+
+/// Whether a call may block. The master's sockets are non-blocking and always
+/// pass `DontWait`; a worker may block on its channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    Block,
+    DontWait,
+}
+
+impl Wait {
+    fn flag(self) -> libc::c_int {
+        match self {
+            Wait::Block => 0,
+            Wait::DontWait => libc::MSG_DONTWAIT,
+        }
+    }
+}
+
+/// Sends one datagram made of `header` then `payload`, with `fd` attached if
+/// given. `EAGAIN` comes back as `ErrorKind::WouldBlock`; a gone peer as
+/// `EPIPE`/`ECONNRESET` (never `SIGPIPE`).
+pub fn send(
+    sock: BorrowedFd<'_>,
+    header: &[u8],
+    payload: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    wait: Wait,
+) -> io::Result<()> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: header.len(),
+        },
+        libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: payload.len(),
+        },
+    ];
+    let mut cmsg = CmsgBuf([0; 64]);
+    // SAFETY: msghdr is a plain C struct for which all-zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = if payload.is_empty() { 1 } else { 2 };
+    if let Some(fd) = fd {
+        let raw = fd.as_raw_fd();
+        // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic. CMSG_FIRSTHDR reads
+        // only msg_control/msg_controllen, which point at `cmsg`, a live,
+        // aligned buffer at least CMSG_SPACE(4) bytes long (checked above), so
+        // the header and the one int written through CMSG_DATA stay inside it.
+        unsafe {
+            msg.msg_control = cmsg.0.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), raw);
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `iov` and `cmsg`, both alive for the call; the
+        // kernel only reads them. `sock` is a valid open fd for the call.
+        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | wait.flag()) };
+        if r >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// The fds one received message carried. Owned: any not taken are closed
+/// when this is dropped, so an unexpected fd can never leak.
+pub struct Fds {
+    fds: [Option<OwnedFd>; MAX_FDS],
+    len: usize,
+}
+
+impl Fds {
+    const fn new() -> Self {
+        Fds {
+            fds: [None, None, None, None],
+            len: 0,
+        }
+    }
+
+    /// How many fds arrived.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Takes the first fd, if one arrived.
+    pub fn take_first(&mut self) -> Option<OwnedFd> {
+        self.fds[0].take()
+    }
+}
+
+/// What one `recvmsg` delivered.
+pub struct Received {
+    /// Bytes of data written into the caller's buffer; 0 means the peer closed.
+    pub len: usize,
+    /// The datagram was longer than the buffer (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// Some fds were discarded by the kernel for lack of room (`MSG_CTRUNC`).
+    pub fds_truncated: bool,
+    pub fds: Fds,
+}
+
+/// Receives one datagram into `buf`, with any fds it carried (made CLOEXEC
+/// by the kernel). `EAGAIN` comes back as `ErrorKind::WouldBlock`.
+pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], wait: Wait) -> io::Result<Received> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg = MaybeUninit::<CmsgBuf>::uninit();
+    // SAFETY: msghdr is a plain C struct for which all-zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is pure arithmetic.
+    msg.msg_controllen =
+        unsafe { libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as u32) } as usize;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (covering `buf`) and `cmsg`, both alive
+        // and writable for the call and at least as long as the lengths given.
+        let r = unsafe {
+            libc::recvmsg(
+                sock.as_raw_fd(),
+                &mut msg,
+                libc::MSG_CMSG_CLOEXEC | wait.flag(),
+            )
+        };
+        if r >= 0 {
+            break r as usize;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    };
+    let mut fds = Fds::new();
+    // SAFETY: after a successful recvmsg the kernel has written msg_controllen
+    // valid bytes of control data into `cmsg`; CMSG_FIRSTHDR/CMSG_NXTHDR only
+    // walk inside that range. Each SCM_RIGHTS payload is an array of fds that
+    // the kernel just installed in this process and that nobody else owns, so
+    // wrapping each in an OwnedFd (exactly once) is sound.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    if fds.len < MAX_FDS {
+                        fds.fds[fds.len] = Some(fd);
+                        fds.len += 1;
+                    }
+                    // else: dropped here, i.e. closed.
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Received {
+        len: n.min(buf.len()),
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        fds,
+    })
+}
+
+/// Takes ownership of an inherited channel fd after checking that it is open
+/// and is an `AF_UNIX` `SOCK_SEQPACKET` socket, then marks it CLOEXEC so the
+/// worker's own children do not inherit it. Call once per fd number.
+pub fn adopt_inherited(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative fd"));
+    }
+    // SAFETY: F_GETFD on any integer is harmless; it only reports EBADF when
+    // nothing is open there.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (checked above), and it is inherited: nothing
+    // else in this process owns it (the caller adopts each number once).
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    let sock = socket2::SockRef::from(&fd);
+    let is_channel = sock.domain().ok() == Some(socket2::Domain::UNIX)
+        && sock.r#type().ok() == Some(socket2::Type::SEQPACKET);
+    if !is_channel {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} is not an AF_UNIX SOCK_SEQPACKET socket"),
+        ));
+    }
+    // SAFETY: as above; from here on this OwnedFd is the only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(owned)
+}

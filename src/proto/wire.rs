@@ -1,0 +1,164 @@
+//! Message layout of protocol v1: a fixed 16-byte header, then an optional
+//! payload, one message per `SOCK_SEQPACKET` datagram.
+//!
+//! Pure data: no I/O, no allocation. Everything read from the other end is
+//! untrusted and goes through [`parse`], which never panics.
+
+/// The protocol version this crate speaks; sent to workers as `LB_PROTOCOL`.
+pub const VERSION: u8 = 1;
+
+/// Every message starts with this many bytes.
+pub const HEADER_LEN: usize = 16;
+
+/// Largest message either side accepts (header + payload). Larger datagrams
+/// are truncated by the receiver and reported as malformed.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// Largest user-message payload.
+pub const MAX_PAYLOAD: usize = MAX_MESSAGE - HEADER_LEN;
+
+/// Message kinds. Master → worker kinds are below 16, worker → master kinds
+/// from 16 up; user messages travel both ways.
+pub mod kind {
+    /// master → worker: one accepted TCP connection (exactly one fd attached).
+    pub const CONN: u8 = 1;
+    /// master → worker: stop taking connections, finish the ones you have, exit.
+    pub const DRAIN: u8 = 2;
+    /// worker → master: ready for connections; none is sent before it.
+    pub const READY: u8 = 16;
+    /// worker → master: `value` connections have been closed.
+    pub const CLOSED: u8 = 17;
+    /// worker → master: I am about to exit; send me nothing more.
+    pub const LEAVING: u8 = 18;
+    /// either way: free-form payload for the application.
+    pub const USER: u8 = 32;
+}
+
+/// Encodes a header: version, kind, six reserved zero bytes, `value` (u64 LE).
+#[inline]
+pub const fn header(kind: u8, value: u64) -> [u8; HEADER_LEN] {
+    let v = value.to_le_bytes();
+    [
+        VERSION, kind, 0, 0, 0, 0, 0, 0, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
+    ]
+}
+
+/// One decoded message. `payload` borrows the receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// A connection; `id` is the master's sequence number for it.
+    Conn {
+        id: u64,
+    },
+    Drain,
+    Ready,
+    Closed {
+        n: u64,
+    },
+    Leaving,
+    User(&'a [u8]),
+    /// A kind this version does not know: ignored by design (forward compatibility).
+    Unknown(u8),
+}
+
+/// Why a datagram could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("message of {0} bytes is shorter than the {HEADER_LEN}-byte header")]
+    Short(usize),
+    #[error("protocol version {0} is not supported (this master speaks {VERSION})")]
+    Version(u8),
+    #[error("message is longer than {MAX_MESSAGE} bytes")]
+    Truncated,
+    #[error("message kind {0} must not carry a payload")]
+    UnexpectedPayload(u8),
+    #[error("message kind {0} is not sent in this direction")]
+    WrongDirection(u8),
+    #[error("message carried file descriptors (closed unused)")]
+    UnexpectedFd,
+    #[error("CLOSED reported {0} more connections than were open")]
+    OverClosed(u64),
+}
+
+/// Decodes one datagram (`truncated` = the kernel reported `MSG_TRUNC`).
+pub fn parse(buf: &[u8], truncated: bool) -> Result<Message<'_>, Malformed> {
+    if truncated {
+        return Err(Malformed::Truncated);
+    }
+    if buf.len() < HEADER_LEN {
+        return Err(Malformed::Short(buf.len()));
+    }
+    if buf[0] != VERSION {
+        return Err(Malformed::Version(buf[0]));
+    }
+    let kind = buf[1];
+    let mut value = [0u8; 8];
+    value.copy_from_slice(&buf[8..16]);
+    let value = u64::from_le_bytes(value);
+    let payload = &buf[HEADER_LEN..];
+    let msg = match kind {
+        kind::USER => return Ok(Message::User(payload)),
+        kind::CONN => Message::Conn { id: value },
+        kind::DRAIN => Message::Drain,
+        kind::READY => Message::Ready,
+        kind::CLOSED => Message::Closed { n: value },
+        kind::LEAVING => Message::Leaving,
+        other => return Ok(Message::Unknown(other)),
+    };
+    if !payload.is_empty() {
+        return Err(Malformed::UnexpectedPayload(kind));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = header(kind::CLOSED, 0x0102_0304_0506_0708);
+        assert_eq!(h[0], VERSION);
+        assert_eq!(
+            parse(&h, false),
+            Ok(Message::Closed {
+                n: 0x0102_0304_0506_0708
+            })
+        );
+        assert_eq!(
+            parse(&header(kind::CONN, 7), false),
+            Ok(Message::Conn { id: 7 })
+        );
+    }
+
+    #[test]
+    fn user_payload_is_borrowed() {
+        let mut buf = header(kind::USER, 0).to_vec();
+        buf.extend_from_slice(b"hi");
+        assert_eq!(parse(&buf, false), Ok(Message::User(b"hi")));
+    }
+
+    #[test]
+    fn untrusted_input_is_rejected_not_panicked_on() {
+        assert_eq!(parse(b"", false), Err(Malformed::Short(0)));
+        assert_eq!(parse(&[1; 15], false), Err(Malformed::Short(15)));
+        let mut bad = header(kind::READY, 0);
+        bad[0] = 9;
+        assert_eq!(parse(&bad, false), Err(Malformed::Version(9)));
+        assert_eq!(
+            parse(&header(kind::READY, 0), true),
+            Err(Malformed::Truncated)
+        );
+        let mut extra = header(kind::READY, 0).to_vec();
+        extra.push(0);
+        assert_eq!(
+            parse(&extra, false),
+            Err(Malformed::UnexpectedPayload(kind::READY))
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_are_ignorable() {
+        assert_eq!(parse(&header(200, 5), false), Ok(Message::Unknown(200)));
+    }
+}

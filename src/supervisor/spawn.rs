@@ -1,0 +1,73 @@
+//! Starting one worker process: its channel on fd 3, its environment, its
+//! own process group, death with the master.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+
+use crate::config::Pool;
+use crate::policy::Slot;
+use crate::proto::{self, VERSION, WORKER_FD, env};
+use crate::sys;
+
+/// A started worker and the master's handles on it.
+pub struct Spawned {
+    pub child: Child,
+    pub pidfd: OwnedFd,
+    /// The master's end of the channel (non-blocking).
+    pub channel: OwnedFd,
+    /// The master's copy of the worker's end (for rescue).
+    pub peer: OwnedFd,
+}
+
+/// Starts `pool`'s command as the worker in `slot`. `Command::spawn` returns
+/// only after exec succeeded (or with exec's error), so an `Ok` is "online".
+pub fn spawn(pool: &Pool, slot: Slot, generation: u64) -> io::Result<Spawned> {
+    let (channel, peer) = proto::pair()?;
+    let mut cmd = Command::new(&pool.command);
+    cmd.args(&pool.args)
+        .envs(pool.env.iter().map(|(k, v)| (k, v)))
+        .env(env::FD, WORKER_FD.to_string())
+        .env(env::WORKER_ID, slot.0.to_string())
+        .env(env::GENERATION, generation.to_string())
+        .env(env::PROTOCOL, VERSION.to_string())
+        .stdin(Stdio::null())
+        .process_group(0);
+    sys::prepare_child(&mut cmd, peer.as_raw_fd(), WORKER_FD);
+    let child = cmd.spawn()?;
+    let pidfd = match sys::pidfd_open(child.id()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    nix::fcntl::fcntl(
+        &channel,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    Ok(Spawned {
+        child,
+        pidfd,
+        channel,
+        peer,
+    })
+}
+
+/// "exit code 3", "killed by SIGKILL".
+pub fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exit code {code}")
+    } else if let Some(sig) = status.signal() {
+        match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        }
+    } else {
+        format!("{status}")
+    }
+}

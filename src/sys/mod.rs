@@ -1,0 +1,179 @@
+//! The master's remaining libc calls: `accept4`, `pidfd_open`, the child's
+//! set-up between fork and exec, and resource limits. Every `unsafe` block
+//! outside fd passing (`proto::scm`) lives here.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Turns a libc `-1` return into the `errno` it set.
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Accepts one connection, non-blocking and CLOEXEC from birth, without
+/// asking for the peer address (the worker can `getpeername` if it cares).
+/// Retries `EINTR`; `EAGAIN` comes back as `WouldBlock`.
+#[inline]
+pub fn accept4(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    loop {
+        // SAFETY: `listener` is a valid fd for the call; null address
+        // pointers are allowed and mean "don't report the peer".
+        let r = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        match cvt(r) {
+            // SAFETY: accept4 just returned a new fd that nothing else owns.
+            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A pidfd for a child we have not reaped yet (so the pid cannot have been
+/// reused): readable once the child exits. CLOEXEC.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = cvt(r as libc::c_int)?;
+    // SAFETY: the syscall just returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `signal` to a child through its pidfd (no pid-reuse race).
+pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a null siginfo and no flags is the
+    // equivalent of kill(2) on the process the pidfd refers to.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    cvt(r as libc::c_int).map(drop)
+}
+
+/// Arranges, for the child `cmd` will start, what must happen between fork
+/// and exec:
+///
+/// 1. the channel lands on fd 3 without CLOEXEC. If it already *is* fd 3,
+///    `dup2(3, 3)` would do nothing and leave CLOEXEC set, so clear it instead;
+/// 2. `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the parent is still the
+///    master (it may have died before the prctl, which would then never fire).
+///    The signal fires when the *thread* that forked exits: the supervisor
+///    thread spawns and lives as long as the master;
+/// 3. the signal mask the master blocked (for its signalfd) is emptied, since
+///    a mask survives exec.
+///
+/// The caller also sets a process group of the child's own (Command's
+/// `process_group(0)`), so a terminal's ^C reaches the master alone.
+pub fn prepare_child(cmd: &mut Command, channel: RawFd, target: RawFd) {
+    // SAFETY: getpid has no preconditions.
+    let master = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes only fcntl, dup2, prctl,
+    // getppid, sigemptyset and pthread_sigmask calls on fds and stack memory
+    // the child owns, and neither allocates nor locks (errors are raw errnos:
+    // another thread may have held the allocator's lock at fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            if channel == target {
+                let flags = cvt(libc::fcntl(target, libc::F_GETFD))?;
+                cvt(libc::fcntl(
+                    target,
+                    libc::F_SETFD,
+                    flags & !libc::FD_CLOEXEC,
+                ))?;
+            } else {
+                cvt(libc::dup2(channel, target))?;
+            }
+            cvt(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+            if libc::getppid() != master {
+                return Err(io::Error::other(
+                    "lb master exited before the worker started",
+                ));
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            cvt(libc::pthread_sigmask(
+                libc::SIG_SETMASK,
+                &none,
+                std::ptr::null_mut(),
+            ))?;
+            Ok(())
+        });
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit: each connection in
+/// flight costs the master an fd until the worker takes it, and the kernel
+/// caps fds in flight over unix sockets by the same limit. Returns the new
+/// soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is a plain C struct; getrlimit fills it in.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is valid writable memory of the right type.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit; raising soft up to hard is allowed.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn accept4_gives_nonblocking_cloexec_sockets() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        assert_eq!(
+            accept4(l.as_fd()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = loop {
+            match accept4(l.as_fd()) {
+                Ok(fd) => break fd,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let fl = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+        let fd_flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+    }
+
+    #[test]
+    fn pidfd_becomes_readable_when_the_child_exits() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pidfd = pidfd_open(child.id()).unwrap();
+        let mut pfd = [nix::poll::PollFd::new(
+            pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let n = nix::poll::poll(&mut pfd, 5000u16).unwrap();
+        assert_eq!(n, 1);
+        assert!(child.wait().unwrap().success());
+    }
+}

@@ -1,0 +1,355 @@
+//! The Rust worker-side adapter: turns the channel lb leaves at fd 3 into a
+//! listener of `std::net::TcpStream`s, sends READY, reports closes, and
+//! handles DRAIN.
+//!
+//! Two levels: [`Listener::accept`]/[`Listener::incoming`] for blocking
+//! servers (each [`Conn`] reports its own close when dropped), and
+//! [`Listener::next`] plus `mio::event::Source` for event loops, which
+//! report closes themselves with [`Listener::report_closed`].
+//!
+//! Depends on [`crate::proto`] only.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
+
+/// Why this process cannot act as a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0} is not set: this program must be started by lb (lb -- <this command>)")]
+    NotAWorker(&'static str),
+    #[error("{var}={value} is not valid")]
+    BadEnv { var: &'static str, value: String },
+    #[error("lb speaks protocol {0}, this worker speaks {VERSION}: use matching versions")]
+    Protocol(String),
+    #[error("inherited channel fd {fd} is unusable: {source}")]
+    Channel { fd: RawFd, source: io::Error },
+}
+
+/// What the master sent.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A connection, non-blocking (the master accepted it so).
+    Conn(TcpStream),
+    /// Stop accepting; finish what you have and exit.
+    Drain,
+    /// A user message.
+    Message(Vec<u8>),
+    /// The master is gone: exit.
+    Closed,
+}
+
+/// Reports closed connections to the master; cheap to clone (an `Arc`).
+#[derive(Debug, Clone)]
+pub struct Reporter(Arc<OwnedFd>);
+
+impl Reporter {
+    /// Tells the master `n` connections have finished (feeds least-connections).
+    pub fn closed(&self, n: u64) -> io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        ignore_gone(proto::send_plain(
+            self.0.as_fd(),
+            kind::CLOSED,
+            n,
+            &[],
+            Wait::Block,
+        ))
+    }
+}
+
+/// A master that has exited is not an error worth failing a close over.
+fn ignore_gone(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => Ok(()),
+        other => other,
+    }
+}
+
+/// The worker's end of the channel.
+#[derive(Debug)]
+pub struct Listener {
+    chan: Arc<OwnedFd>,
+    slot: usize,
+    generation: u64,
+    done: bool,
+    buf: Box<[u8]>,
+}
+
+impl Listener {
+    /// Adopts the channel lb started this process with (`LB_FD` etc.).
+    pub fn from_env() -> Result<Listener, WorkerError> {
+        fn var(name: &'static str) -> Result<String, WorkerError> {
+            std::env::var(name).map_err(|_| WorkerError::NotAWorker(name))
+        }
+        fn number<T: std::str::FromStr>(name: &'static str) -> Result<T, WorkerError> {
+            let value = var(name)?;
+            value
+                .parse()
+                .map_err(|_| WorkerError::BadEnv { var: name, value })
+        }
+        let protocol = var(env::PROTOCOL)?;
+        if protocol != VERSION.to_string() {
+            return Err(WorkerError::Protocol(protocol));
+        }
+        let fd: RawFd = number(env::FD)?;
+        let slot = number(env::WORKER_ID)?;
+        let generation = number(env::GENERATION)?;
+        let chan =
+            scm::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
+        Ok(Listener::from_fd(chan, slot, generation))
+    }
+
+    /// Wraps an already-open channel end (tests, embedding).
+    pub fn from_fd(chan: OwnedFd, slot: usize, generation: u64) -> Listener {
+        Listener {
+            chan: Arc::new(chan),
+            slot,
+            generation,
+            done: false,
+            buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
+        }
+    }
+
+    /// This worker's slot (`LB_WORKER_ID`).
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// This worker's generation (`LB_GENERATION`).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Tells the master this worker takes connections. None arrive before.
+    pub fn ready(&self) -> io::Result<()> {
+        proto::send_plain(self.chan.as_fd(), kind::READY, 0, &[], Wait::Block)
+    }
+
+    /// Tells the master this worker is about to exit on its own: it sends
+    /// nothing more and starts a replacement now.
+    pub fn leaving(&self) -> io::Result<()> {
+        ignore_gone(proto::send_plain(
+            self.chan.as_fd(),
+            kind::LEAVING,
+            0,
+            &[],
+            Wait::Block,
+        ))
+    }
+
+    /// Sends a user message (at most `proto::MAX_PAYLOAD` bytes) to the master.
+    pub fn send(&self, payload: &[u8]) -> io::Result<()> {
+        proto::send_plain(self.chan.as_fd(), kind::USER, 0, payload, Wait::Block)
+    }
+
+    /// Reports `n` closed connections (event-loop servers; [`Conn`] does it itself).
+    pub fn report_closed(&self, n: u64) -> io::Result<()> {
+        self.reporter().closed(n)
+    }
+
+    /// A handle for reporting closes from elsewhere (another thread).
+    pub fn reporter(&self) -> Reporter {
+        Reporter(Arc::clone(&self.chan))
+    }
+
+    /// The next thing the master sent. With `Wait::DontWait`, `WouldBlock`
+    /// means nothing is queued. Malformed or unknown messages are skipped.
+    pub fn next(&mut self, wait: Wait) -> io::Result<Incoming> {
+        if self.done {
+            return Ok(Incoming::Closed);
+        }
+        loop {
+            let mut got = scm::recv(self.chan.as_fd(), &mut self.buf, wait)?;
+            if got.len == 0 {
+                self.done = true;
+                return Ok(Incoming::Closed);
+            }
+            match wire::parse(&self.buf[..got.len], got.truncated) {
+                Ok(Message::Conn { .. }) if got.fds.len() == 1 => {
+                    let fd = got.fds.take_first().expect("one fd");
+                    return Ok(Incoming::Conn(TcpStream::from(fd)));
+                }
+                Ok(Message::Drain) => return Ok(Incoming::Drain),
+                Ok(Message::User(p)) => return Ok(Incoming::Message(p.to_vec())),
+                // Anything else (a CONN without exactly one fd included):
+                // skipped; any fds are closed as `got` drops.
+                _ => continue,
+            }
+        }
+    }
+
+    /// Blocks for the next connection, made blocking for `std::io` use.
+    /// `Ok(None)` after DRAIN or when the master is gone. User messages are
+    /// skipped here; use [`Listener::next`] to see them.
+    pub fn accept(&mut self) -> io::Result<Option<Conn>> {
+        loop {
+            match self.next(Wait::Block)? {
+                Incoming::Conn(stream) => {
+                    stream.set_nonblocking(false)?;
+                    return Ok(Some(Conn {
+                        stream: Some(stream),
+                        reporter: self.reporter(),
+                    }));
+                }
+                Incoming::Drain | Incoming::Closed => {
+                    self.done = true;
+                    return Ok(None);
+                }
+                Incoming::Message(_) => continue,
+            }
+        }
+    }
+
+    /// Connections until DRAIN or the master's exit.
+    pub fn incoming(&mut self) -> impl Iterator<Item = io::Result<Conn>> + '_ {
+        std::iter::from_fn(move || self.accept().transpose())
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.chan.as_raw_fd()
+    }
+}
+
+impl mio::event::Source for Listener {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&self.chan.as_raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&self.chan.as_raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        mio::unix::SourceFd(&self.chan.as_raw_fd()).deregister(registry)
+    }
+}
+
+/// A connection from the master that reports its own close when dropped.
+#[derive(Debug)]
+pub struct Conn {
+    stream: Option<TcpStream>,
+    reporter: Reporter,
+}
+
+impl Deref for Conn {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        self.stream.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        self.stream.as_mut().expect("present until drop")
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).read(buf)
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (**self).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (**self).flush()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        drop(self.stream.take()); // close first, then report
+        let _ = self.reporter.closed(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn conn_reports_its_close_and_drain_ends_incoming() {
+        let (master, worker) = proto::pair().unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        l.ready().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (accepted, _) = tcp.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        proto::send_conn(master.as_fd(), accepted.as_fd(), 1).unwrap();
+        drop(accepted);
+        proto::send_plain(master.as_fd(), kind::DRAIN, 0, &[], Wait::Block).unwrap();
+
+        let mut conns = l.incoming();
+        let mut c = conns.next().unwrap().unwrap();
+        assert!(!c.nonblocking_is_set());
+        c.write_all(b"x").unwrap();
+        drop(c);
+        assert!(conns.next().is_none(), "DRAIN ends the iterator");
+
+        let mut byte = [0u8; 1];
+        client.read_exact(&mut byte).unwrap();
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut seen = Vec::new();
+        while let Ok(got) = scm::recv(master.as_fd(), &mut buf, Wait::DontWait) {
+            seen.push(wire::parse(&buf[..got.len], false).unwrap().to_owned_kind());
+        }
+        assert_eq!(seen, [kind::READY, kind::CLOSED]);
+    }
+
+    trait NonBlocking {
+        fn nonblocking_is_set(&self) -> bool;
+    }
+    impl NonBlocking for Conn {
+        fn nonblocking_is_set(&self) -> bool {
+            let fl = nix::fcntl::fcntl(&**self, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+            fl & libc::O_NONBLOCK != 0
+        }
+    }
+    trait KindOf {
+        fn to_owned_kind(&self) -> u8;
+    }
+    impl KindOf for Message<'_> {
+        fn to_owned_kind(&self) -> u8 {
+            match self {
+                Message::Ready => kind::READY,
+                Message::Closed { .. } => kind::CLOSED,
+                _ => 0,
+            }
+        }
+    }
+
+    #[test]
+    fn from_env_explains_what_is_missing() {
+        // The test process was not started by lb.
+        if std::env::var(env::PROTOCOL).is_err() {
+            let e = Listener::from_env().unwrap_err().to_string();
+            assert!(
+                e.contains("LB_PROTOCOL") && e.contains("started by lb"),
+                "{e}"
+            );
+        }
+    }
+}
