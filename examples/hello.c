@@ -1,0 +1,125 @@
+/*
+ * hello.c - an lb worker in C: a single-threaded epoll HTTP/1.1 server that
+ * receives its connections from lb on fd 3 (protocol v1, docs/protocol.md).
+ * Keep-alive aware, honours "Connection: close"; reports every close to lb.
+ *
+ *   gcc -O2 -Wall -o hello-c examples/hello.c && lb --workers 2 -- ./hello-c
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+enum { CONN = 1, DRAIN = 2, READY = 16, CLOSED = 17, HDR = 16, BUF = 8192 };
+
+struct conn { int fd; size_t len; struct conn *prev, *next; char buf[BUF]; };
+
+static int chan, ep, live, draining;
+static struct conn *conns;   /* all open connections, to close idle ones on DRAIN */
+static char body[128];
+
+static void send_msg(int kind, uint64_t value) {
+    unsigned char h[HDR] = {1, (unsigned char)kind};
+    for (int i = 0; i < 8; i++) h[8 + i] = (unsigned char)(value >> (8 * i));
+    while (send(chan, h, HDR, MSG_NOSIGNAL) < 0 && errno == EINTR) {}
+}
+
+static void conn_close(struct conn *c) {
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);   /* before close: see docs/protocol.md */
+    close(c->fd);
+    if (c->prev) c->prev->next = c->next; else conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    free(c);
+    live--;
+    send_msg(CLOSED, 1);
+}
+
+/* Answers every complete request head in the buffer; returns -1 once closed. */
+static int on_readable(struct conn *c) {
+    for (;;) {
+        ssize_t n = read(c->fd, c->buf + c->len, BUF - c->len);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) { conn_close(c); return -1; }
+        if (n < 0) break;
+        c->len += (size_t)n;
+        char *end;
+        while ((end = memmem(c->buf, c->len, "\r\n\r\n", 4))) {
+            size_t head = (size_t)(end - c->buf) + 4;
+            c->buf[head - 1] = 0;
+            int close_after = draining || strcasestr(c->buf, "\nconnection: close") ||
+                              (strstr(c->buf, "HTTP/1.0") && !strcasestr(c->buf, "keep-alive"));
+            char out[512];
+            int m = snprintf(out, sizeof out,
+                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n%s",
+                             strlen(body), close_after ? "Connection: close\r\n" : "", body);
+            if (write(c->fd, out, (size_t)m) != m || close_after) { conn_close(c); return -1; }
+            memmove(c->buf, c->buf + head, c->len - head);
+            c->len -= head;
+        }
+        if (c->len == BUF) { conn_close(c); return -1; }   /* head too large */
+    }
+    return 0;
+}
+
+/* Takes every queued message; returns -1 when the master is gone. */
+static int on_channel(void) {
+    for (;;) {
+        unsigned char h[HDR + 64];
+        union { struct cmsghdr align; char b[CMSG_SPACE(4 * sizeof(int))]; } cm;
+        struct iovec iov = {h, sizeof h};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b, .msg_controllen = sizeof cm.b};
+        ssize_t n = recvmsg(chan, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (n == 0) return -1;
+        if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+        int fds[4], nfd = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && nfd < 4; i++)
+                    memcpy(&fds[nfd++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd == 1) {
+            struct conn *c = calloc(1, sizeof *c);
+            c->fd = fds[0];   /* already non-blocking: lb accepted it so */
+            struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = c};
+            epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+            c->next = conns;
+            if (conns) conns->prev = c;
+            conns = c;
+            live++;
+            on_readable(c);
+        } else {
+            for (int i = 0; i < nfd; i++) close(fds[i]);
+            if (n >= HDR && h[1] == DRAIN) {
+                draining = 1;
+                for (struct conn *c = conns, *next; c; c = next) {
+                    next = c->next;
+                    if (c->len == 0) conn_close(c);   /* idle keep-alive: done */
+                }
+            }
+        }
+    }
+}
+
+int main(void) {
+    const char *fd = getenv("LB_FD"), *slot = getenv("LB_WORKER_ID");
+    if (!fd || !slot) { fprintf(stderr, "hello-c: start me with lb: lb -- ./hello-c\n"); return 2; }
+    chan = atoi(fd);
+    snprintf(body, sizeof body, "hello from worker %s (pid %d)\n", slot, (int)getpid());
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = NULL};
+    epoll_ctl(ep, EPOLL_CTL_ADD, chan, &ev);
+    send_msg(READY, 0);
+    struct epoll_event evs[64];
+    while (!(draining && live == 0)) {
+        int n = epoll_wait(ep, evs, 64, -1);
+        for (int i = 0; i < n; i++) {
+            if (!evs[i].data.ptr) { if (on_channel() < 0) return 0; }
+            else on_readable(evs[i].data.ptr);
+        }
+    }
+    return 0;
+}

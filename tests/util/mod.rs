@@ -1,0 +1,321 @@
+//! Shared helpers for the integration tests: start the real `lb` binary,
+//! read its log, talk HTTP to it, and always end what was started, by pid.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Upper bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn lb_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lb")
+}
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lb-it-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The log lines a process wrote to stderr, as they arrive.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Log {
+    fn push(&self, line: String) {
+        let (lines, cv) = &*self.0;
+        lines.lock().unwrap().push(line);
+        cv.notify_all();
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.0.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until `pred` holds for the lines so far.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let (lines, cv) = &*self.0;
+        let deadline = Instant::now() + WAIT;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if pred(&guard) {
+                return guard.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what}; log:\n{}",
+                guard.join("\n")
+            );
+            guard = cv.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// A running `lb` master. Dropping it stops it (SIGTERM, then SIGKILL) and
+/// waits for it; its workers die with it.
+pub struct Lb {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub log: Log,
+}
+
+/// Builds the command with an environment free of the caller's LB_* and
+/// SCHED_POLICY, so the tests see only what they set.
+pub fn lb_command(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(lb_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LB_") || k == "SCHED_POLICY" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args).envs(env.iter().copied());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Collects a child's stderr lines into a `Log`, echoing them for failures.
+fn capture(child: &mut Child) -> Log {
+    let log = Log::default();
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("  | {line}");
+            sink.push(line);
+        }
+    });
+    log
+}
+
+impl Lb {
+    /// Starts `lb` on an ephemeral port and waits until `workers` workers
+    /// reported READY.
+    pub fn start(args: &[&str], env: &[(&str, &str)], workers: usize) -> Lb {
+        let mut full = vec!["--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        let mut child = lb_command(&full, env).spawn().expect("start lb");
+        let log = capture(&mut child);
+        let lines = log.wait_for("the listening line", |l| {
+            l.iter().any(|l| l.contains("listening on"))
+        });
+        let line = lines.iter().find(|l| l.contains("listening on")).unwrap();
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let lb = Lb {
+            child: Some(child),
+            addr,
+            log,
+        };
+        lb.wait_ready(workers);
+        lb
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until `n` READY lines have been logged in all.
+    pub fn wait_ready(&self, n: usize) {
+        self.log.wait_for(&format!("{n} workers ready"), |l| {
+            l.iter().filter(|l| l.ends_with(": ready")).count() >= n
+        });
+    }
+
+    pub fn signal(&self, sig: i32) {
+        send_signal(self.pid(), sig);
+    }
+
+    /// Waits (bounded) for the master to exit; returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "lb did not exit in {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn send_signal(pid: u32, sig: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::try_from(sig).unwrap(),
+    );
+}
+
+/// Runs `lb` to completion (for start-up failures); bounded.
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let mut child = lb_command(args, env).spawn().expect("start lb");
+    let log = capture(&mut child);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("lb did not exit; log:\n{}", log.lines().join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The reader thread may still be draining the pipe.
+    std::thread::sleep(Duration::from_millis(50));
+    (status, log.lines().join("\n"))
+}
+
+/// One HTTP/1.1 GET on a new connection with `Connection: close`; the body.
+pub fn get(addr: SocketAddr, path: &str) -> String {
+    try_get(addr, path).unwrap_or_else(|e| panic!("GET {path} via {addr}: {e}"))
+}
+
+pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(WAIT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    body_of(&resp)
+}
+
+fn body_of(resp: &str) -> std::io::Result<String> {
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(std::io::Error::other(format!("bad response {resp:?}"))),
+    }
+}
+
+/// A kept-alive connection for several requests.
+pub struct KeepAlive {
+    pub stream: TcpStream,
+}
+
+impl KeepAlive {
+    pub fn open(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        KeepAlive { stream }
+    }
+
+    /// One request; reads exactly one response (Content-Length framed).
+    pub fn get(&mut self, path: &str) -> String {
+        write!(self.stream, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                self.stream.read(&mut byte).unwrap(),
+                1,
+                "connection closed early"
+            );
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8(buf).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Content-Length");
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).unwrap();
+        String::from_utf8(body).unwrap()
+    }
+}
+
+/// The slot in a hello body: `hello from worker <slot> (pid <pid>)`.
+pub fn slot_of(body: &str) -> usize {
+    body.strip_prefix("hello from worker ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a hello body: {body:?}"))
+}
+
+/// The pid in a hello body.
+pub fn pid_of(body: &str) -> u32 {
+    body.split("(pid ")
+        .nth(1)
+        .and_then(|r| r.trim_end().strip_suffix(')'))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a hello body: {body:?}"))
+}
+
+/// Per-slot counts of `n` sequential requests.
+pub fn split(addr: SocketAddr, slots: usize, n: usize) -> Vec<usize> {
+    let mut count = vec![0; slots];
+    for _ in 0..n {
+        count[slot_of(&get(addr, "/"))] += 1;
+    }
+    count
+}
+
+/// Writes a config file into `dir`.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// Compiles the C example worker once per test binary.
+pub fn c_worker() -> String {
+    static BUILT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = scratch("c").join("hello-c");
+            let status = Command::new("gcc")
+                .args(["-O2", "-Wall", "-o"])
+                .arg(&out)
+                .arg(repo().join("examples/hello.c"))
+                .status()
+                .expect("gcc is needed to build examples/hello.c");
+            assert!(status.success(), "examples/hello.c did not compile");
+            out.to_str().unwrap().to_string()
+        })
+        .clone()
+}

@@ -1,0 +1,188 @@
+//! The hot path allocates nothing: a counting global allocator watches the
+//! dispatch thread while real TCP connections go through the real
+//! `Dispatcher` to workers on real socketpairs.
+//!
+//! Its own test target because a `#[global_allocator]` applies to the whole
+//! binary.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lb::dispatch::{Command, Dispatcher, Notifier};
+use lb::policy::{PolicyKind, Slot};
+use lb::proto::{self, Wait};
+use lb::worker::{Incoming, Listener};
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Set on the dispatch thread only: allocations elsewhere (clients,
+    /// workers, the test harness) are not the hot path's.
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+}
+
+struct Counting;
+
+// SAFETY: every method forwards to the system allocator with the caller's
+// arguments unchanged; counting touches only an atomic and a const-initialised
+// thread-local (which never allocates).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTED.with(Cell::get) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: forwarded as is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as is.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTED.with(Cell::get) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: forwarded as is.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const WORKERS: usize = 2;
+
+/// Connects, waits for the worker's one byte (so the connection really went
+/// through), and resets (linger 0: no TIME_WAIT across 100k connections).
+fn connections(addr: SocketAddr, n: usize) {
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..n / 2 {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).unwrap();
+                    socket2::SockRef::from(&s)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+fn run(policy: PolicyKind, warmup: usize, measured: usize) -> (u64, u64) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events, _events_rx) = crossbeam_channel::bounded(64);
+    let (mut dispatcher, handle) = Dispatcher::new(
+        listener,
+        policy,
+        WORKERS,
+        Notifier {
+            events,
+            waker: None,
+        },
+    )
+    .unwrap();
+    let received = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for slot in 0..WORKERS {
+        let (master, worker) = proto::pair().unwrap();
+        let peer = worker.try_clone().unwrap();
+        nix::fcntl::fcntl(
+            &master,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        handle.send(Command::Attach {
+            slot: Slot(slot),
+            pid: slot as u32 + 1,
+            channel: master,
+            peer,
+            weight: slot as u32 + 1,
+        });
+        let received = Arc::clone(&received);
+        workers.push(std::thread::spawn(move || {
+            let mut l = Listener::from_fd(worker, slot, 1);
+            l.ready().unwrap();
+            loop {
+                match l.next(Wait::Block).unwrap() {
+                    Incoming::Conn(mut s) => {
+                        s.set_nonblocking(false).unwrap();
+                        let _ = s.write_all(b"!");
+                        drop(s);
+                        l.report_closed(1).unwrap();
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Incoming::Drain | Incoming::Closed => return,
+                    Incoming::Message(_) => {}
+                }
+            }
+        }));
+    }
+    let dispatch = std::thread::spawn(move || {
+        COUNTED.with(|c| c.set(true));
+        dispatcher.run().unwrap()
+    });
+
+    connections(addr, warmup);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    connections(addr, measured);
+    let after = ALLOCATIONS.load(Ordering::Relaxed);
+
+    handle.send(Command::Shutdown);
+    let stats = {
+        // Workers exit on DRAIN; then stop the loop.
+        for w in workers {
+            w.join().unwrap();
+        }
+        handle.send(Command::Stop);
+        dispatch.join().unwrap()
+    };
+    assert_eq!(stats.dispatched as usize, warmup + measured);
+    assert_eq!(received.load(Ordering::Relaxed) as usize, warmup + measured);
+    (after - before, stats.dispatched)
+}
+
+#[test]
+fn dispatch_allocates_nothing_per_connection() {
+    // First, that the counter sees an allocation on a counted thread at all
+    // (in this test, not a parallel one: the counter is global).
+    let seen = std::thread::spawn(|| {
+        COUNTED.with(|c| c.set(true));
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        drop(std::hint::black_box(vec![1u8; 32]));
+        ALLOCATIONS.load(Ordering::Relaxed) - before
+    })
+    .join()
+    .unwrap();
+    assert!(seen >= 1, "the counting allocator is not counting");
+
+    for (policy, measured) in [
+        (PolicyKind::LeastConn, 100_000),
+        (PolicyKind::RoundRobin, 20_000),
+        (PolicyKind::Weighted, 20_000),
+    ] {
+        let (allocations, dispatched) = run(policy, 2_000, measured);
+        eprintln!(
+            "{policy}: {allocations} allocations on the dispatch thread over {measured} connections \
+             ({dispatched} dispatched in all)"
+        );
+        assert_eq!(
+            allocations, 0,
+            "{policy}: the hot path allocated {allocations} times over {measured} connections"
+        );
+    }
+}
