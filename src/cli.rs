@@ -54,6 +54,22 @@ pub struct StartArgs {
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<String>,
 
+    /// How long a worker may take to say READY before it is killed and
+    /// restarted [env: LB_READY_TIMEOUT] [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub ready_timeout: Option<String>,
+
+    /// A worker that exits sooner than this after starting counts as a failed
+    /// start (backoff grows; repeated ones are a crash loop)
+    /// [env: LB_MIN_UPTIME] [default: 1s]
+    #[arg(long, value_name = "DURATION")]
+    pub min_uptime: Option<String>,
+
+    /// Append the workers' prefixed output lines to this file instead of
+    /// lb's stderr [env: LB_WORKER_LOG]
+    #[arg(long, value_name = "FILE")]
+    pub worker_log: Option<PathBuf>,
+
     /// The worker command and its arguments [default: the bundled hello server]
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

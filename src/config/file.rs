@@ -16,6 +16,9 @@ pub struct File {
     pub policy: Option<String>,
     pub workers: Option<usize>,
     pub drain_timeout: Option<String>,
+    pub ready_timeout: Option<String>,
+    pub min_uptime: Option<String>,
+    pub worker_log: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

@@ -23,6 +23,8 @@ pub mod defaults {
     pub const LISTEN: &str = "127.0.0.1:8000";
     pub const BACKLOG: u32 = 4096;
     pub const DRAIN_TIMEOUT: &str = "10s";
+    pub const READY_TIMEOUT: &str = "30s";
+    pub const MIN_UPTIME: &str = "1s";
     pub const WEIGHT: u32 = 1;
     /// Most workers one master runs (the slot arrays are sized up front).
     pub const MAX_WORKERS: usize = 1024;
@@ -35,6 +37,10 @@ pub struct Config {
     pub backlog: u32,
     pub policy: PolicyKind,
     pub drain_timeout: Duration,
+    pub ready_timeout: Duration,
+    pub min_uptime: Duration,
+    /// Where workers' output lines go; `None` = lb's stderr.
+    pub worker_log: Option<PathBuf>,
     pub pools: Vec<Pool>,
 }
 
@@ -229,22 +235,51 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         })?,
     };
 
-    let drain_timeout = {
-        let (v, origin) = layered(
-            args.drain_timeout.as_deref(),
-            "--drain-timeout",
-            env,
-            "LB_DRAIN_TIMEOUT",
-            file.drain_timeout.clone(),
-            || in_file("drain_timeout"),
-        )
-        .unwrap_or((
-            defaults::DRAIN_TIMEOUT.to_string(),
-            Origin::Flag("--drain-timeout"),
-        ));
+    let duration = |cli: Option<&str>,
+                    flag: &'static str,
+                    var: &'static str,
+                    file: Option<String>,
+                    key: &'static str,
+                    default: &str|
+     -> Result<Duration, ConfigError> {
+        let (v, origin) = layered(cli, flag, env, var, file, || in_file(key))
+            .unwrap_or((default.to_string(), Origin::Flag(flag)));
         duration::parse(&v)
-            .ok_or_else(|| invalid(origin, &v, "give a duration like 500ms, 10s or 2m"))?
+            .ok_or_else(|| invalid(origin, &v, "give a duration like 500ms, 10s or 2m"))
     };
+    let drain_timeout = duration(
+        args.drain_timeout.as_deref(),
+        "--drain-timeout",
+        "LB_DRAIN_TIMEOUT",
+        file.drain_timeout.clone(),
+        "drain_timeout",
+        defaults::DRAIN_TIMEOUT,
+    )?;
+    let ready_timeout = duration(
+        args.ready_timeout.as_deref(),
+        "--ready-timeout",
+        "LB_READY_TIMEOUT",
+        file.ready_timeout.clone(),
+        "ready_timeout",
+        defaults::READY_TIMEOUT,
+    )?;
+    let min_uptime = duration(
+        args.min_uptime.as_deref(),
+        "--min-uptime",
+        "LB_MIN_UPTIME",
+        file.min_uptime.clone(),
+        "min_uptime",
+        defaults::MIN_UPTIME,
+    )?;
+    let worker_log = args
+        .worker_log
+        .clone()
+        .or_else(|| {
+            env("LB_WORKER_LOG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| file.worker_log.clone().map(PathBuf::from));
 
     // Worker count given outside the pools (CLI > env > file `workers`).
     let workers = layered(
@@ -350,6 +385,9 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         backlog,
         policy,
         drain_timeout,
+        ready_timeout,
+        min_uptime,
+        worker_log,
         pools,
     };
     if config.slots() > defaults::MAX_WORKERS {
@@ -439,6 +477,9 @@ mod tests {
         assert_eq!(c.policy, PolicyKind::RoundRobin);
         assert_eq!(c.backlog, defaults::BACKLOG);
         assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.ready_timeout, Duration::from_secs(30));
+        assert_eq!(c.min_uptime, Duration::from_secs(1));
+        assert_eq!(c.worker_log, None);
         assert_eq!(c.pools.len(), 1);
         assert_eq!(c.pools[0].args, ["hello-worker"]);
         assert_eq!(c.slots(), available_cpus());
@@ -489,6 +530,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--drain-timeout") && !e.contains('\n'), "{e}");
+        let e = with_env(&args(&[]), &[("LB_READY_TIMEOUT", "forever")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LB_READY_TIMEOUT"), "{e}");
         let e = with_env(&args(&["--backlog", "many"]), &[])
             .unwrap_err()
             .to_string();

@@ -1,7 +1,7 @@
 //! The hot path: one mio loop, on its own thread, over the listener and the
 //! workers' channels. Per connection: `accept4` (until `EAGAIN`), one policy
 //! pick, one `sendmsg` carrying the fd, one `close`. Nothing on that path
-//! allocates, formats, locks or logs; per-worker state lives in arrays
+//! allocates, formats, locks or logs; per-slot state lives in arrays
 //! indexed by [`Slot`].
 //!
 //! Never spawns, waits for or signals processes: the supervisor does, and
@@ -24,13 +24,13 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::policy::{Policy, PolicyKind, Slot, WorkerView};
 use crate::proto::{self, MAX_MESSAGE, Malformed, Message, Wait, kind, scm, wire};
 use crate::sys;
-use worker::{State, Worker};
+use worker::{State, Table, Worker};
 
 /// The listening socket.
 pub const LISTENER: Token = Token(0);
 /// Commands from the supervisor are waiting.
 pub const WAKER: Token = Token(1);
-/// Worker `slot`'s channel is `Token(WORKER_BASE + slot)`.
+/// A worker process's channel is `Token(WORKER_BASE + its table index)`.
 pub const WORKER_BASE: usize = 2;
 
 /// Connections held while no worker can take one (rescued, or accepted
@@ -46,9 +46,10 @@ pub const EVENT_QUEUE: usize = 4096;
 /// Supervisor → dispatcher.
 #[derive(Debug)]
 pub enum Command {
-    /// A worker process was started in `slot`. `channel` is the master's
-    /// end; `peer` the master's copy of the worker's end, kept to rescue
-    /// connections the worker never read.
+    /// A worker process was started in `slot`; it becomes the slot's current
+    /// process (a previous one stops getting connections). `channel` is the
+    /// master's end; `peer` the master's copy of the worker's end, kept to
+    /// rescue connections the worker never read.
     Attach {
         slot: Slot,
         pid: u32,
@@ -56,10 +57,9 @@ pub enum Command {
         peer: OwnedFd,
         weight: u32,
     },
-    /// The worker in `slot` exited: hand what is queued in its channel to
-    /// others, forget the slot.
+    /// The process exited: hand what is queued in its channel to others.
     Detach { slot: Slot, pid: u32 },
-    /// Stop sending to the worker in `slot` and tell it to DRAIN.
+    /// Stop sending to the process and tell it to DRAIN.
     Drain { slot: Slot, pid: u32 },
     /// Accept what is in the backlog, close the listener, DRAIN every worker
     /// once nothing is left to hand out.
@@ -72,6 +72,11 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Ready {
+        slot: Slot,
+        pid: u32,
+    },
+    /// DRAIN was sent to the process.
+    Draining {
         slot: Slot,
         pid: u32,
     },
@@ -142,7 +147,11 @@ pub struct Dispatcher {
     listener: Option<mio::net::TcpListener>,
     /// The listener may hold connections: set by its readiness, cleared by `EAGAIN`.
     backlog_waiting: bool,
-    workers: Vec<Worker>,
+    /// Every attached worker process.
+    workers: Table,
+    /// Per slot: the table index of the process that takes its connections.
+    current: Vec<Option<usize>>,
+    /// Per slot: what the policy sees.
     views: Vec<WorkerView>,
     policy: Box<dyn Policy>,
     pending: VecDeque<OwnedFd>,
@@ -178,7 +187,8 @@ impl Dispatcher {
             events: Events::with_capacity(1024),
             listener: Some(listener),
             backlog_waiting: true,
-            workers: (0..slots).map(|_| Worker::empty()).collect(),
+            workers: Table::with_capacity(slots * 2),
+            current: vec![None; slots],
             views: vec![WorkerView::default(); slots],
             policy: policy.build(slots),
             pending: VecDeque::with_capacity(PENDING_CAPACITY),
@@ -209,8 +219,7 @@ impl Dispatcher {
         Ok(self.stats)
     }
 
-    /// One poll and everything it made ready. `max_wait` bounds the wait
-    /// (tests drive the loop with it).
+    /// One poll and everything it made ready. `max_wait` bounds the wait.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
         let timeout = match (self.retry_at, max_wait) {
             (Some(t), w) => {
@@ -225,10 +234,10 @@ impl Dispatcher {
             }
             return Err(e);
         }
-        // Worker messages first, the listener last: a CLOSED that arrived in
-        // the same batch as a new connection is counted before the pick.
-        // Out of `self` while handling, put back after (no allocation:
-        // an empty `Events` owns no buffer).
+        // Out of `self` while handling, put back after (no allocation: an
+        // empty `Events` owns no buffer). Worker messages are handled before
+        // the listener: a CLOSED that arrived in the same batch as a new
+        // connection is counted before the pick.
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let mut commands = false;
         for ev in events.iter() {
@@ -236,12 +245,12 @@ impl Dispatcher {
                 LISTENER => self.backlog_waiting = true,
                 WAKER => commands = true,
                 Token(t) => {
-                    let slot = Slot(t - WORKER_BASE);
+                    let index = t - WORKER_BASE;
                     if ev.is_readable() {
-                        self.read_worker(slot);
+                        self.read_worker(index);
                     }
                     if ev.is_writable() {
-                        self.worker_writable(slot);
+                        self.worker_writable(index);
                     }
                 }
             }
@@ -255,11 +264,13 @@ impl Dispatcher {
         {
             self.retry_at = None;
             self.backlog_waiting = true;
-            for slot in 0..self.workers.len() {
-                if self.workers[slot].full {
-                    self.workers[slot].full = false;
-                    self.sync_view(Slot(slot));
-                }
+            let full: Vec<usize> = self
+                .workers
+                .indices()
+                .filter(|&i| self.workers.get(i).is_some_and(|w| w.full))
+                .collect();
+            for index in full {
+                self.worker_writable(index);
             }
         }
         self.pump();
@@ -334,14 +345,13 @@ impl Dispatcher {
                 self.stats.paused += 1;
                 return Err(fd);
             };
-            let w = &mut self.workers[slot.0];
-            let Some(channel) = &w.channel else {
-                // Eligible implies attached; repair the view rather than spin.
+            let Some(w) = self.current[slot.0].and_then(|i| self.workers.get_mut(i)) else {
+                // Eligible implies a current process; repair rather than spin.
                 self.views[slot.0].eligible = false;
                 continue;
             };
             self.seq += 1;
-            match proto::send_conn(channel.as_fd(), fd.as_fd(), self.seq) {
+            match proto::send_conn(w.channel.as_fd(), fd.as_fd(), self.seq) {
                 Ok(()) => {
                     // Close our copy at once: until we do, the worker's close
                     // does not release the socket (DESIGN.md, "The hot path").
@@ -368,9 +378,18 @@ impl Dispatcher {
         }
     }
 
+    /// Recomputes whether `slot` may be picked.
     fn sync_view(&mut self, slot: Slot) {
-        let w = &self.workers[slot.0];
-        self.views[slot.0].eligible = w.state == State::Ready && !w.full && w.channel.is_some();
+        let eligible = self.current[slot.0]
+            .and_then(|i| self.workers.get(i))
+            .is_some_and(|w| w.state == State::Ready && !w.full);
+        self.views[slot.0].eligible = eligible;
+    }
+
+    fn is_current(&self, index: usize) -> bool {
+        self.workers
+            .get(index)
+            .is_some_and(|w| self.current[w.slot.0] == Some(index))
     }
 
     fn emit(&mut self, event: Event) {
@@ -386,16 +405,16 @@ impl Dispatcher {
         }
     }
 
-    /// Reads everything the worker in `slot` sent (edge-triggered: until `EAGAIN`).
-    fn read_worker(&mut self, slot: Slot) {
+    /// Reads everything a worker sent (edge-triggered: until `EAGAIN`).
+    fn read_worker(&mut self, index: usize) {
         loop {
-            let w = &self.workers[slot.0];
-            let Some(channel) = &w.channel else { return };
-            let pid = w.pid;
-            let got = match scm::recv(channel.as_fd(), &mut self.buf, Wait::DontWait) {
+            let Some(w) = self.workers.get(index) else {
+                return;
+            };
+            let (slot, pid) = (w.slot, w.pid);
+            let got = match scm::recv(w.channel.as_fd(), &mut self.buf, Wait::DontWait) {
                 Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => return,
+                Err(_) => return, // WouldBlock: all read
             };
             if !got.fds.is_empty() || got.fds_truncated {
                 // Dropping `got` closes them.
@@ -406,32 +425,34 @@ impl Dispatcher {
                 });
                 continue;
             }
+            let complaint = |error| Event::Malformed { slot, pid, error };
             match wire::parse(&self.buf[..got.len], got.truncated) {
                 Ok(Message::Closed { n }) => {
-                    let v = &mut self.views[slot.0];
-                    let fit = n.min(u64::from(v.active));
-                    v.active -= fit as u32;
-                    self.workers[slot.0].closed += fit;
+                    let w = self.workers.get_mut(index).expect("read above");
+                    let open = w.sent - w.closed;
+                    let fit = n.min(open);
+                    w.closed += fit;
+                    if self.current[slot.0] == Some(index) {
+                        let v = &mut self.views[slot.0];
+                        v.active = v.active.saturating_sub(fit as u32);
+                    }
                     if fit < n {
-                        self.emit(Event::Malformed {
-                            slot,
-                            pid,
-                            error: Malformed::OverClosed(n - fit),
-                        });
+                        self.emit(complaint(Malformed::OverClosed(n - fit)));
                     }
                 }
                 Ok(Message::Ready) => {
-                    if self.workers[slot.0].state == State::Starting {
-                        self.workers[slot.0].state = State::Ready;
+                    let w = self.workers.get_mut(index).expect("read above");
+                    if w.state == State::Starting {
+                        w.state = State::Ready;
                         self.sync_view(slot);
                         self.emit(Event::Ready { slot, pid });
                         if self.shutting_down {
-                            self.drain_worker(slot);
+                            self.drain_worker(index);
                         }
                     }
                 }
                 Ok(Message::Leaving) => {
-                    self.workers[slot.0].state = State::Draining;
+                    self.workers.get_mut(index).expect("read above").state = State::Draining;
                     self.sync_view(slot);
                     self.emit(Event::Leaving { slot, pid });
                 }
@@ -440,28 +461,27 @@ impl Dispatcher {
                     self.emit(Event::Message { slot, pid, payload });
                 }
                 Ok(Message::Unknown(_)) => {}
-                Ok(Message::Conn { .. }) => self.emit(Event::Malformed {
-                    slot,
-                    pid,
-                    error: Malformed::WrongDirection(kind::CONN),
-                }),
-                Ok(Message::Drain) => self.emit(Event::Malformed {
-                    slot,
-                    pid,
-                    error: Malformed::WrongDirection(kind::DRAIN),
-                }),
-                Err(error) => self.emit(Event::Malformed { slot, pid, error }),
+                Ok(Message::Conn { .. }) => {
+                    self.emit(complaint(Malformed::WrongDirection(kind::CONN)))
+                }
+                Ok(Message::Drain) => self.emit(complaint(Malformed::WrongDirection(kind::DRAIN))),
+                Err(error) => self.emit(complaint(error)),
             }
         }
     }
 
-    fn worker_writable(&mut self, slot: Slot) {
-        let w = &mut self.workers[slot.0];
+    fn worker_writable(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let slot = w.slot;
         if w.drain_queued {
             w.drain_queued = false;
-            self.send_drain(slot);
+            self.send_drain(index);
         }
-        let w = &mut self.workers[slot.0];
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
         if w.full {
             w.full = false;
             self.sync_view(slot);
@@ -480,8 +500,8 @@ impl Dispatcher {
                 } => self.attach(slot, pid, channel, peer, weight),
                 Command::Detach { slot, pid } => self.detach(slot, pid),
                 Command::Drain { slot, pid } => {
-                    if self.workers.get(slot.0).is_some_and(|w| w.pid == pid) {
-                        self.drain_worker(slot);
+                    if let Some(index) = self.workers.find(slot, pid) {
+                        self.drain_worker(index);
                     }
                 }
                 Command::Shutdown => self.shutdown(),
@@ -491,66 +511,75 @@ impl Dispatcher {
     }
 
     fn attach(&mut self, slot: Slot, pid: u32, channel: OwnedFd, peer: OwnedFd, weight: u32) {
-        if slot.0 >= self.workers.len() {
-            self.workers.resize_with(slot.0 + 1, Worker::empty);
+        if slot.0 >= self.current.len() {
+            self.current.resize(slot.0 + 1, None);
             self.views.resize(slot.0 + 1, WorkerView::default());
             self.policy.resize(slot.0 + 1);
         }
-        if self.workers[slot.0].channel.is_some() {
-            let old = self.workers[slot.0].pid;
-            self.detach(slot, old);
+        // A previous process of the slot keeps its channel until it exits,
+        // but takes nothing new.
+        if let Some(old) = self.current[slot.0].and_then(|i| self.workers.get_mut(i)) {
+            old.state = State::Draining;
         }
-        let token = Token(WORKER_BASE + slot.0);
-        let registered = self.poll.registry().register(
-            &mut SourceFd(&channel.as_raw_fd()),
-            token,
-            Interest::READABLE | Interest::WRITABLE,
-        );
-        if registered.is_err() {
-            // Without readiness we would never hear READY: the worker then
-            // never gets a connection and the supervisor's timeout handles it.
-            return;
-        }
-        self.workers[slot.0] = Worker::attached(pid, channel, peer);
+        let raw = channel.as_raw_fd();
+        let index = self.workers.insert(Worker {
+            slot,
+            pid,
+            state: State::Starting,
+            channel,
+            peer,
+            full: false,
+            drain_queued: false,
+            drain_sent: false,
+            sent: 0,
+            closed: 0,
+        });
+        self.current[slot.0] = Some(index);
         self.views[slot.0] = WorkerView {
             eligible: false,
             weight: weight.max(1),
             active: 0,
         };
-        // Messages sent before registration would not raise an edge.
-        self.read_worker(slot);
+        let registered = self.poll.registry().register(
+            &mut SourceFd(&raw),
+            Token(WORKER_BASE + index),
+            Interest::READABLE | Interest::WRITABLE,
+        );
+        // Without readiness we would never hear READY: the worker then never
+        // gets a connection, and the supervisor's ready timeout replaces it.
+        if registered.is_ok() {
+            // Messages sent before registration raise no edge.
+            self.read_worker(index);
+        }
     }
 
-    /// Forgets the worker in `slot` after its process exited, rescuing every
-    /// connection still queued (sent, never received) in its channel.
+    /// Forgets a process after it exited, rescuing every connection still
+    /// queued (sent, never received) in its channel.
     fn detach(&mut self, slot: Slot, pid: u32) {
-        let Some(w) = self.workers.get_mut(slot.0) else {
+        let Some(index) = self.workers.find(slot, pid) else {
             return;
         };
-        if w.pid != pid || w.state == State::Empty {
-            return;
+        let was_current = self.is_current(index);
+        let w = self.workers.remove(index).expect("found above");
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&w.channel.as_raw_fd()));
+        if was_current {
+            self.current[slot.0] = None;
+            self.views[slot.0] = WorkerView::default();
         }
-        let mut w = std::mem::replace(w, Worker::empty());
-        self.views[slot.0] = WorkerView::default();
-        if let Some(channel) = &w.channel {
-            let _ = self
-                .poll
-                .registry()
-                .deregister(&mut SourceFd(&channel.as_raw_fd()));
-        }
+        // Read the worker's side of the queue from our own copy of its end.
         let mut count = 0;
-        if let Some(peer) = w.peer.take() {
-            // Read the worker's side of the queue from our own copy of its end.
-            while let Ok(mut got) = scm::recv(peer.as_fd(), &mut self.buf, Wait::DontWait) {
-                if got.len == 0 {
-                    break;
-                }
-                if let Ok(Message::Conn { .. }) = wire::parse(&self.buf[..got.len], got.truncated)
-                    && let Some(fd) = got.fds.take_first()
-                {
-                    self.pending.push_back(fd);
-                    count += 1;
-                }
+        while let Ok(mut got) = scm::recv(w.peer.as_fd(), &mut self.buf, Wait::DontWait) {
+            if got.len == 0 {
+                break;
+            }
+            if let Ok(Message::Conn { .. }) = wire::parse(&self.buf[..got.len], got.truncated)
+                && let Some(fd) = got.fds.take_first()
+            {
+                self.pending.push_back(fd);
+                count += 1;
             }
         }
         self.stats.rescued += count;
@@ -559,24 +588,31 @@ impl Dispatcher {
         }
     }
 
-    fn drain_worker(&mut self, slot: Slot) {
-        let w = &mut self.workers[slot.0];
-        if w.channel.is_none() || w.drain_sent {
+    fn drain_worker(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        if w.drain_sent || w.drain_queued {
             return;
         }
         w.state = State::Draining;
+        let slot = w.slot;
         self.sync_view(slot);
-        self.send_drain(slot);
+        self.send_drain(index);
     }
 
-    fn send_drain(&mut self, slot: Slot) {
-        let w = &mut self.workers[slot.0];
-        let Some(channel) = &w.channel else { return };
-        match proto::send_plain(channel.as_fd(), kind::DRAIN, 0, &[], Wait::DontWait) {
-            Ok(()) => w.drain_sent = true,
+    fn send_drain(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid);
+        match proto::send_plain(w.channel.as_fd(), kind::DRAIN, 0, &[], Wait::DontWait) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.drain_queued = true,
-            // The worker is gone; its exit will be reported by the supervisor.
-            Err(_) => w.drain_sent = true,
+            // Sent, or the worker is gone (its exit is the supervisor's news).
+            _ => {
+                w.drain_sent = true;
+                self.emit(Event::Draining { slot, pid });
+            }
         }
     }
 
@@ -607,8 +643,9 @@ impl Dispatcher {
         if self.drained || !self.pending.is_empty() {
             return;
         }
-        for slot in 0..self.workers.len() {
-            self.drain_worker(Slot(slot));
+        let all: Vec<usize> = self.workers.indices().collect();
+        for index in all {
+            self.drain_worker(index);
         }
         self.drained = true;
         self.emit(Event::Drained);

@@ -1,16 +1,16 @@
-//! What the dispatcher knows of one worker slot.
+//! What the dispatcher knows of one worker process, and the table of them.
 
 use std::os::fd::OwnedFd;
 
-/// A slot's life as the dispatcher sees it:
-/// 1. `Empty`: no process;
-/// 2. `Starting`: attached, waiting for READY (never sent a connection);
-/// 3. `Ready`: takes connections;
-/// 4. `Draining`: sent DRAIN or said LEAVING; takes nothing new; ends with
-///    the supervisor's Detach.
+use crate::policy::Slot;
+
+/// A worker process's life as the dispatcher sees it:
+/// 1. `Starting`: attached, waiting for READY (is never sent a connection);
+/// 2. `Ready`: takes connections while it is its slot's current process;
+/// 3. `Draining`: sent DRAIN, said LEAVING, or replaced; takes nothing new;
+///    ends with the supervisor's Detach once the process has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
-    Empty,
     Starting,
     Ready,
     Draining,
@@ -18,12 +18,13 @@ pub enum State {
 
 #[derive(Debug)]
 pub struct Worker {
+    pub slot: Slot,
     pub pid: u32,
     pub state: State,
     /// The master's end of the channel.
-    pub channel: Option<OwnedFd>,
+    pub channel: OwnedFd,
     /// The master's copy of the worker's end, read only after the worker died.
-    pub peer: Option<OwnedFd>,
+    pub peer: OwnedFd,
     /// The last send hit `EAGAIN`; cleared by the channel's writable edge.
     pub full: bool,
     /// DRAIN could not be sent yet (channel full); sent on writable.
@@ -34,28 +35,60 @@ pub struct Worker {
     pub closed: u64,
 }
 
-impl Worker {
-    pub fn empty() -> Self {
-        Worker {
-            pid: 0,
-            state: State::Empty,
-            channel: None,
-            peer: None,
-            full: false,
-            drain_queued: false,
-            drain_sent: false,
-            sent: 0,
-            closed: 0,
+/// Worker processes by index; an index is stable for a process's life and
+/// names its mio token. Old and new processes of one slot can coexist
+/// (a leaving worker finishing while its replacement runs).
+#[derive(Debug, Default)]
+pub struct Table {
+    entries: Vec<Option<Worker>>,
+}
+
+impl Table {
+    pub fn with_capacity(n: usize) -> Self {
+        Table {
+            entries: Vec::with_capacity(n),
         }
     }
 
-    pub fn attached(pid: u32, channel: OwnedFd, peer: OwnedFd) -> Self {
-        Worker {
-            pid,
-            state: State::Starting,
-            channel: Some(channel),
-            peer: Some(peer),
-            ..Worker::empty()
+    /// Stores `w` in a free entry; returns its index.
+    pub fn insert(&mut self, w: Worker) -> usize {
+        match self.entries.iter().position(Option::is_none) {
+            Some(i) => {
+                self.entries[i] = Some(w);
+                i
+            }
+            None => {
+                self.entries.push(Some(w));
+                self.entries.len() - 1
+            }
         }
+    }
+
+    pub fn remove(&mut self, index: usize) -> Option<Worker> {
+        self.entries.get_mut(index)?.take()
+    }
+
+    #[inline]
+    pub fn get(&self, index: usize) -> Option<&Worker> {
+        self.entries.get(index)?.as_ref()
+    }
+
+    #[inline]
+    pub fn get_mut(&mut self, index: usize) -> Option<&mut Worker> {
+        self.entries.get_mut(index)?.as_mut()
+    }
+
+    /// The index of the process `pid` in `slot`.
+    pub fn find(&self, slot: Slot, pid: u32) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|w| w.slot == slot && w.pid == pid))
+    }
+
+    pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|_| i))
     }
 }

@@ -1,17 +1,23 @@
-//! Restart delays: exponential, capped, and reset once a worker has stayed
-//! up long enough to count as healthy. Pure functions.
+//! Restart delays and crash-loop detection: exponential, capped, reset once
+//! a worker has been ready and stayed up long enough. Pure functions.
 
 use std::time::Duration;
 
 pub const FIRST: Duration = Duration::from_millis(100);
 pub const MAX: Duration = Duration::from_secs(30);
-/// A worker that lived at least this long did not crash-loop.
-pub const MIN_UPTIME: Duration = Duration::from_secs(1);
+/// Consecutive failed starts after which a slot is reported as crash-looping.
+pub const CRASH_LOOP: u32 = 5;
 
-/// Consecutive quick failures after a worker that lived `uptime` exited,
-/// given the count before.
-pub fn failures_after(previous: u32, uptime: Duration) -> u32 {
-    if uptime >= MIN_UPTIME {
+/// Consecutive failed starts after a worker exited, given the count before.
+/// A worker that said READY and lived at least `min_uptime` was healthy: the
+/// count restarts at 1. Anything else (never ready, or died young) adds one.
+pub fn failures_after(
+    previous: u32,
+    uptime: Duration,
+    min_uptime: Duration,
+    was_ready: bool,
+) -> u32 {
+    if was_ready && uptime >= min_uptime {
         1
     } else {
         previous.saturating_add(1)
@@ -25,9 +31,16 @@ pub fn delay(failures: u32) -> Duration {
     FIRST.saturating_mul(1 << doublings).min(MAX)
 }
 
+/// Whether this many consecutive failures is a crash loop.
+pub fn is_crash_loop(failures: u32) -> bool {
+    failures >= CRASH_LOOP
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIN: Duration = Duration::from_secs(1);
 
     #[test]
     fn doubles_then_caps() {
@@ -42,8 +55,24 @@ mod tests {
 
     #[test]
     fn a_healthy_run_resets_the_count() {
-        assert_eq!(failures_after(7, Duration::from_secs(5)), 1);
-        assert_eq!(failures_after(7, Duration::from_millis(10)), 8);
-        assert_eq!(failures_after(u32::MAX, Duration::ZERO), u32::MAX);
+        assert_eq!(failures_after(7, Duration::from_secs(5), MIN, true), 1);
+        assert_eq!(failures_after(7, Duration::from_millis(10), MIN, true), 8);
+        assert_eq!(
+            failures_after(u32::MAX, Duration::ZERO, MIN, true),
+            u32::MAX
+        );
+    }
+
+    #[test]
+    fn never_ready_is_a_failure_however_long_it_ran() {
+        assert_eq!(failures_after(2, Duration::from_secs(60), MIN, false), 3);
+    }
+
+    #[test]
+    fn crash_loop_threshold() {
+        assert!(!is_crash_loop(CRASH_LOOP - 1));
+        assert!(is_crash_loop(CRASH_LOOP));
+        // The delay by then is already well above the first one.
+        assert_eq!(delay(CRASH_LOOP), Duration::from_millis(1600));
     }
 }

@@ -1,12 +1,14 @@
 //! Worker processes: spawn (channel on fd 3), readiness, exit detection by
-//! pidfd, restart with backoff, drain and shutdown on signals. Runs on the
-//! main thread, in its own mio loop, so a slow fork/exec or a log write
-//! never stalls the dispatch thread.
+//! pidfd, restart with backoff, crash-loop reports, replacement of workers
+//! that leave or misbehave, drain and shutdown on signals. Runs on the main
+//! thread in its own mio loop, so a slow fork/exec or a log write never
+//! stalls the dispatch thread.
 //!
 //! Never touches client sockets: it tells the dispatcher about workers with
 //! [`dispatch::Command`]s and hears back [`dispatch::Event`]s.
 
 pub mod backoff;
+mod output;
 mod spawn;
 
 use std::io;
@@ -43,9 +45,14 @@ pub fn handled_signals() -> SigSet {
 
 const SIGNALS: Token = Token(0);
 pub const WAKER: Token = Token(1);
+/// A worker's pidfd is `Token(CHILD_BASE + pid)`: unique among live children.
 const CHILD_BASE: usize = 2;
+/// Protocol errors logged per worker before the rest are only counted.
+const MALFORMED_LOGGED: u32 = 3;
+/// Protocol errors after which a worker is replaced.
+const MALFORMED_LIMIT: u32 = 10;
 
-/// Why the master could not get going.
+/// Why the master could not go on.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error(
@@ -56,8 +63,14 @@ pub enum SupervisorError {
         command: String,
         source: io::Error,
     },
+    #[error(
+        "no worker became ready: every worker failed {0} starts in a row (last: {1}); run the worker command by hand to see why"
+    )]
+    NoneReady(u32, String),
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
+    #[error("cannot start the worker output thread: {0}")]
+    Output(io::Error),
     #[error("supervisor event loop failed: {0}")]
     Poll(io::Error),
 }
@@ -73,29 +86,43 @@ enum Phase {
     Killing,
 }
 
+/// A live worker process.
 struct Proc {
-    child: Child,
-    pidfd: OwnedFd,
+    slot: Slot,
     pid: u32,
     generation: u64,
+    child: Child,
+    pidfd: OwnedFd,
     started: Instant,
+    ready: bool,
+    /// On its way out (left, replaced, drained): its exit restarts nothing.
+    retiring: bool,
+    /// Killed for not saying READY in time.
+    ready_timed_out: bool,
+    /// SIGKILL at this time if still alive (a retiring worker's drain limit).
+    kill_at: Option<Instant>,
+    malformed: u32,
 }
 
+/// Per slot: what outlives its processes.
 #[derive(Default)]
 struct SlotState {
-    proc: Option<Proc>,
-    /// Consecutive quick failures (see `backoff`).
+    /// Consecutive failed starts (see `backoff`).
     failures: u32,
     restart_at: Option<Instant>,
     restarts: u64,
+    crash_loop_reported: bool,
+    last_exit: String,
 }
 
 pub struct Supervisor {
     poll: Poll,
     signals: SignalFd,
+    output: output::Output,
     config: Config,
     slot_pools: Vec<usize>,
     slots: Vec<SlotState>,
+    procs: Vec<Proc>,
     dispatch: dispatch::Handle,
     events: Receiver<Event>,
     phase: Phase,
@@ -103,6 +130,8 @@ pub struct Supervisor {
     interrupts: u32,
     /// Some worker was killed rather than drained.
     forced: bool,
+    /// Some worker has said READY since start-up.
+    any_ready: bool,
 }
 
 impl Supervisor {
@@ -127,6 +156,8 @@ impl Supervisor {
                 Interest::READABLE,
             )
             .map_err(SupervisorError::Signals)?;
+        let output =
+            output::Output::start(config.worker_log.as_deref()).map_err(SupervisorError::Output)?;
         let slot_pools = config.slot_pools();
         let slots = (0..slot_pools.len())
             .map(|_| SlotState::default())
@@ -134,15 +165,18 @@ impl Supervisor {
         Ok(Supervisor {
             poll,
             signals,
+            output,
             config,
             slot_pools,
             slots,
+            procs: Vec::new(),
             dispatch,
             events,
             phase: Phase::Running,
             generation: 1,
             interrupts: 0,
             forced: false,
+            any_ready: false,
         })
     }
 
@@ -158,7 +192,7 @@ impl Supervisor {
         }
         let mut events = Events::with_capacity(64);
         loop {
-            if self.phase != Phase::Running && self.live() == 0 {
+            if self.phase != Phase::Running && self.procs.is_empty() {
                 break;
             }
             let timeout = self
@@ -173,50 +207,86 @@ impl Supervisor {
                 match ev.token() {
                     SIGNALS => self.on_signals(),
                     WAKER => {}
-                    Token(t) => self.on_exit(Slot(t - CHILD_BASE)),
+                    Token(t) => self.on_exit((t - CHILD_BASE) as u32),
                 }
             }
             while let Ok(event) = self.events.try_recv() {
                 self.on_event(event);
             }
             self.on_timers();
+            if let Some(e) = self.none_can_start() {
+                self.kill_all();
+                self.reap_all();
+                return Err(e);
+            }
         }
         self.dispatch.send(Command::Stop);
         Ok(!self.forced)
     }
 
-    fn live(&self) -> usize {
-        self.slots.iter().filter(|s| s.proc.is_some()).count()
+    /// At start-up, before any worker was ever ready: if every slot is crash
+    /// looping, waiting longer will not help.
+    fn none_can_start(&self) -> Option<SupervisorError> {
+        if self.any_ready || self.phase != Phase::Running {
+            return None;
+        }
+        let all_looping = self
+            .slots
+            .iter()
+            .all(|s| backoff::is_crash_loop(s.failures));
+        all_looping.then(|| {
+            let s = &self.slots[0];
+            SupervisorError::NoneReady(s.failures, s.last_exit.clone())
+        })
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        let kills = self.procs.iter().filter_map(|p| p.kill_at);
+        let ready = self
+            .procs
+            .iter()
+            .filter(|p| !p.ready && !p.retiring && !p.ready_timed_out)
+            .map(|p| p.started + self.config.ready_timeout);
         let drain = match self.phase {
             Phase::Draining { deadline } => Some(deadline),
             _ => None,
         };
-        restarts.chain(drain).min()
+        restarts.chain(kills).chain(ready).chain(drain).min()
     }
 
     /// Starts the worker for `slot`; the error is fatal only at start-up.
     fn start(&mut self, slot: Slot) -> Result<(), SupervisorError> {
         let pool = &self.config.pools[self.slot_pools[slot.0]];
+        let generation = self.generation;
+        info!(
+            "worker {slot} gen {generation}: spawn `{}`",
+            spawn::describe_command(pool)
+        );
         let spawned =
-            spawn::spawn(pool, slot, self.generation).map_err(|source| SupervisorError::Spawn {
+            spawn::spawn(pool, slot, generation).map_err(|source| SupervisorError::Spawn {
                 pool: pool.name.clone(),
                 command: pool.command.display().to_string(),
                 source,
             })?;
         let pid = spawned.child.id();
-        info!("worker {slot} pid {pid} gen {}: online", self.generation);
+        info!("worker {slot} pid {pid} gen {generation}: online");
         self.poll
             .registry()
             .register(
                 &mut SourceFd(&spawned.pidfd.as_raw_fd()),
-                Token(CHILD_BASE + slot.0),
+                Token(CHILD_BASE + pid as usize),
                 Interest::READABLE,
             )
             .map_err(SupervisorError::Poll)?;
+        for (fd, stderr) in [(spawned.stdout, false), (spawned.stderr, true)] {
+            self.output.add(output::Pipe {
+                slot,
+                pid,
+                stderr,
+                fd,
+            });
+        }
         self.dispatch.send(Command::Attach {
             slot,
             pid,
@@ -224,57 +294,98 @@ impl Supervisor {
             peer: spawned.peer,
             weight: pool.weight,
         });
-        self.slots[slot.0].proc = Some(Proc {
+        self.procs.push(Proc {
+            slot,
+            pid,
+            generation,
             child: spawned.child,
             pidfd: spawned.pidfd,
-            pid,
-            generation: self.generation,
             started: Instant::now(),
+            ready: false,
+            retiring: false,
+            ready_timed_out: false,
+            kill_at: None,
+            malformed: 0,
         });
         Ok(())
     }
 
-    fn on_exit(&mut self, slot: Slot) {
-        let Some(state) = self.slots.get_mut(slot.0) else {
-            return;
-        };
-        let Some(proc) = state.proc.as_mut() else {
-            return;
-        };
-        let status = match proc.child.try_wait() {
+    /// Starts `slot` now, or schedules a retry with backoff if that fails.
+    fn start_or_retry(&mut self, slot: Slot) {
+        if let Err(e) = self.start(slot) {
+            let s = &mut self.slots[slot.0];
+            s.failures = s.failures.saturating_add(1);
+            s.last_exit = e.to_string();
+            let delay = backoff::delay(s.failures);
+            s.restart_at = Some(Instant::now() + delay);
+            info!("{e}; retrying in {} ms", delay.as_millis());
+        }
+    }
+
+    fn index_of(&self, pid: u32) -> Option<usize> {
+        self.procs.iter().position(|p| p.pid == pid)
+    }
+
+    fn on_exit(&mut self, pid: u32) {
+        let Some(i) = self.index_of(pid) else { return };
+        let status = match self.procs[i].child.try_wait() {
             Ok(Some(status)) => status,
-            // A pidfd is readable only once the process exited; anything
-            // else is spurious.
+            // A pidfd is readable only once the process exited; else spurious.
             Ok(None) | Err(_) => return,
         };
-        let mut proc = state.proc.take().expect("checked above");
+        let p = self.procs.swap_remove(i);
         let _ = self
             .poll
             .registry()
-            .deregister(&mut SourceFd(&proc.pidfd.as_raw_fd()));
-        let uptime = proc.started.elapsed();
-        let expected = self.phase != Phase::Running;
+            .deregister(&mut SourceFd(&p.pidfd.as_raw_fd()));
+        let uptime = p.started.elapsed();
+        let expected = p.retiring || self.phase != Phase::Running;
+        let how = spawn::describe(status);
         info!(
-            "worker {slot} pid {} gen {}: exit ({}, up {:.1}s, {})",
-            proc.pid,
-            proc.generation,
-            spawn::describe(status),
+            "worker {} pid {} gen {}: exit ({how}, up {:.1}s, {})",
+            p.slot,
+            p.pid,
+            p.generation,
             uptime.as_secs_f64(),
             if expected { "expected" } else { "unexpected" }
         );
         self.dispatch.send(Command::Detach {
-            slot,
-            pid: proc.pid,
+            slot: p.slot,
+            pid: p.pid,
         });
-        let _ = proc.child.wait();
-        if self.phase == Phase::Running {
-            state.failures = backoff::failures_after(state.failures, uptime);
-            let delay = backoff::delay(state.failures);
-            state.restart_at = Some(Instant::now() + delay);
+        if p.retiring || self.phase != Phase::Running {
+            return;
+        }
+        let s = &mut self.slots[p.slot.0];
+        s.failures = backoff::failures_after(s.failures, uptime, self.config.min_uptime, p.ready);
+        s.last_exit = if p.ready_timed_out {
+            format!(
+                "not ready within {:.1}s",
+                self.config.ready_timeout.as_secs_f64()
+            )
+        } else {
+            how
+        };
+        let delay = backoff::delay(s.failures);
+        s.restart_at = Some(Instant::now() + delay);
+        if !backoff::is_crash_loop(s.failures) {
+            s.crash_loop_reported = false;
             info!(
-                "worker {slot}: restart #{} in {} ms",
-                state.restarts + 1,
+                "worker {}: restart #{} in {} ms",
+                p.slot,
+                s.restarts + 1,
                 delay.as_millis()
+            );
+        } else if !s.crash_loop_reported {
+            s.crash_loop_reported = true;
+            info!(
+                "worker {} is crash-looping: {} failed starts in a row, each within {:.1}s or before READY \
+                 (last: {}); restarting with backoff up to {}s, reported once",
+                p.slot,
+                s.failures,
+                self.config.min_uptime.as_secs_f64(),
+                s.last_exit,
+                backoff::MAX.as_secs()
             );
         }
     }
@@ -282,12 +393,24 @@ impl Supervisor {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Ready { slot, pid } => {
-                if let Some(p) = self.proc(slot, pid) {
+                if let Some(i) = self.index_of(pid) {
+                    let p = &mut self.procs[i];
+                    p.ready = true;
+                    self.any_ready = true;
                     info!("worker {slot} pid {pid} gen {}: ready", p.generation);
                 }
             }
+            Event::Draining { slot, pid } => {
+                if let Some(i) = self.index_of(pid) {
+                    info!(
+                        "worker {slot} pid {pid} gen {}: draining",
+                        self.procs[i].generation
+                    );
+                }
+            }
             Event::Leaving { slot, pid } => {
-                info!("worker {slot} pid {pid}: leaving (sends it nothing more)");
+                info!("worker {slot} pid {pid}: leaving; starting its replacement first");
+                self.replace(slot, pid);
             }
             Event::Message { slot, pid, payload } => {
                 info!(
@@ -296,7 +419,23 @@ impl Supervisor {
                 );
             }
             Event::Malformed { slot, pid, error } => {
-                info!("worker {slot} pid {pid}: protocol error: {error}");
+                let Some(i) = self.index_of(pid) else { return };
+                let p = &mut self.procs[i];
+                p.malformed += 1;
+                let n = p.malformed;
+                if n <= MALFORMED_LOGGED {
+                    info!("worker {slot} pid {pid}: protocol error: {error}");
+                }
+                if n == MALFORMED_LOGGED {
+                    info!(
+                        "worker {slot} pid {pid}: further protocol errors are counted, not logged"
+                    );
+                }
+                if n == MALFORMED_LIMIT && !p.retiring {
+                    info!("worker {slot} pid {pid}: {n} protocol errors; replacing it");
+                    self.dispatch.send(Command::Drain { slot, pid });
+                    self.replace(slot, pid);
+                }
             }
             Event::Rescued { slot, pid, count } => {
                 info!(
@@ -315,12 +454,20 @@ impl Supervisor {
         }
     }
 
-    fn proc(&self, slot: Slot, pid: u32) -> Option<&Proc> {
-        self.slots
-            .get(slot.0)?
-            .proc
-            .as_ref()
-            .filter(|p| p.pid == pid)
+    /// Retires the process `pid` (it gets nothing new and is killed if it has
+    /// not exited within `drain_timeout`) and starts its slot's replacement.
+    fn replace(&mut self, slot: Slot, pid: u32) {
+        let Some(i) = self.index_of(pid) else { return };
+        let p = &mut self.procs[i];
+        if p.retiring {
+            return;
+        }
+        p.retiring = true;
+        p.kill_at = Some(Instant::now() + self.config.drain_timeout);
+        if self.phase == Phase::Running {
+            self.slots[slot.0].restarts += 1;
+            self.start_or_retry(slot);
+        }
     }
 
     fn on_signals(&mut self) {
@@ -351,7 +498,7 @@ impl Supervisor {
         let timeout = self.config.drain_timeout;
         info!(
             "{signal}: draining {} workers (up to {:.1}s); send it again to stop at once",
-            self.live(),
+            self.procs.len(),
             timeout.as_secs_f64()
         );
         for s in &mut self.slots {
@@ -368,21 +515,19 @@ impl Supervisor {
             self.dispatch.send(Command::Shutdown);
         }
         self.phase = Phase::Killing;
-        self.forced = true;
         for s in &mut self.slots {
             s.restart_at = None;
-            if let Some(p) = &s.proc {
-                let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
-            }
+        }
+        for p in &self.procs {
+            self.forced = true;
+            let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
         }
     }
 
-    /// Waits for every child after `kill_all` at start-up (no loop yet).
+    /// Waits for every child after `kill_all`, outside the loop.
     fn reap_all(&mut self) {
-        for s in &mut self.slots {
-            if let Some(mut p) = s.proc.take() {
-                let _ = p.child.wait();
-            }
+        for mut p in self.procs.drain(..) {
+            let _ = p.child.wait();
         }
     }
 
@@ -392,25 +537,42 @@ impl Supervisor {
             && now >= deadline
         {
             info!(
-                "drain timeout: killing {} workers still running",
-                self.live()
+                "drain timeout ({:.1}s): killing {} workers still running",
+                self.config.drain_timeout.as_secs_f64(),
+                self.procs.len()
             );
             self.kill_all();
         }
-        for slot in 0..self.slots.len() {
-            let due = self.slots[slot].restart_at.is_some_and(|t| now >= t);
-            if !due {
-                continue;
+        let ready_timeout = self.config.ready_timeout;
+        for p in &mut self.procs {
+            let late =
+                !p.ready && !p.retiring && !p.ready_timed_out && now >= p.started + ready_timeout;
+            if late {
+                info!(
+                    "worker {} pid {}: not ready within {:.1}s; killing it",
+                    p.slot,
+                    p.pid,
+                    ready_timeout.as_secs_f64()
+                );
+                p.ready_timed_out = true;
+                let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
             }
-            self.slots[slot].restart_at = None;
-            self.slots[slot].restarts += 1;
-            if let Err(e) = self.start(Slot(slot)) {
-                // Not fatal after start-up: try again later, backing off.
-                let s = &mut self.slots[slot];
-                s.failures = s.failures.saturating_add(1);
-                let delay = backoff::delay(s.failures);
-                s.restart_at = Some(now + delay);
-                info!("{e}; retrying in {} ms", delay.as_millis());
+            if p.kill_at.is_some_and(|t| now >= t) {
+                info!(
+                    "worker {} pid {}: still running after {:.1}s of draining; killing it",
+                    p.slot,
+                    p.pid,
+                    self.config.drain_timeout.as_secs_f64()
+                );
+                p.kill_at = None;
+                let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
+            }
+        }
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].restart_at.is_some_and(|t| now >= t) {
+                self.slots[slot].restart_at = None;
+                self.slots[slot].restarts += 1;
+                self.start_or_retry(Slot(slot));
             }
         }
     }

@@ -1,5 +1,5 @@
 //! Starting one worker process: its channel on fd 3, its environment, its
-//! own process group, death with the master.
+//! output piped to lb, its own process group, death with the master.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,6 +19,17 @@ pub struct Spawned {
     pub channel: OwnedFd,
     /// The master's copy of the worker's end (for rescue).
     pub peer: OwnedFd,
+    /// The read ends of the worker's stdout and stderr.
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// The command line, for logs.
+pub fn describe_command(pool: &Pool) -> String {
+    std::iter::once(pool.command.display().to_string())
+        .chain(pool.args.iter().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Starts `pool`'s command as the worker in `slot`. `Command::spawn` returns
@@ -33,13 +44,14 @@ pub fn spawn(pool: &Pool, slot: Slot, generation: u64) -> io::Result<Spawned> {
         .env(env::GENERATION, generation.to_string())
         .env(env::PROTOCOL, VERSION.to_string())
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0);
     sys::prepare_child(&mut cmd, peer.as_raw_fd(), WORKER_FD);
-    let child = cmd.spawn()?;
+    let mut child = cmd.spawn()?;
     let pidfd = match sys::pidfd_open(child.id()) {
         Ok(fd) => fd,
         Err(e) => {
-            let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
             return Err(e);
@@ -49,11 +61,15 @@ pub fn spawn(pool: &Pool, slot: Slot, generation: u64) -> io::Result<Spawned> {
         &channel,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )?;
+    let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
+    let stderr = OwnedFd::from(child.stderr.take().expect("piped"));
     Ok(Spawned {
         child,
         pidfd,
         channel,
         peer,
+        stdout,
+        stderr,
     })
 }
 
