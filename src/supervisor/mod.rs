@@ -55,13 +55,12 @@ const MALFORMED_LIMIT: u32 = 10;
 /// Why the master could not go on.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
-    #[error(
-        "cannot start worker `{command}` (pool `{pool}`): {source}; check that it is an executable program"
-    )]
+    #[error("cannot start worker `{command}` (pool `{pool}`): {source}; {hint}")]
     Spawn {
         pool: String,
         command: String,
         source: io::Error,
+        hint: &'static str,
     },
     #[error(
         "no worker became ready: every worker failed {0} starts in a row (last: {1}); run the worker command by hand to see why"
@@ -263,12 +262,20 @@ impl Supervisor {
             "worker {slot} gen {generation}: spawn `{}`",
             spawn::describe_command(pool)
         );
-        let spawned =
-            spawn::spawn(pool, slot, generation).map_err(|source| SupervisorError::Spawn {
+        let spawned = spawn::spawn(pool, slot, generation).map_err(|source| {
+            // ENOENT for a file that exists: exec could not find what the file needs.
+            let hint = if source.kind() == io::ErrorKind::NotFound && pool.command.exists() {
+                "the file exists, so its #! interpreter or its dynamic loader is missing"
+            } else {
+                "check that it is an executable program"
+            };
+            SupervisorError::Spawn {
                 pool: pool.name.clone(),
                 command: pool.command.display().to_string(),
                 source,
-            })?;
+                hint,
+            }
+        })?;
         let pid = spawned.child.id();
         info!("worker {slot} pid {pid} gen {generation}: online");
         self.poll
@@ -356,9 +363,13 @@ impl Supervisor {
         if p.retiring || self.phase != Phase::Running {
             return;
         }
-        let s = &mut self.slots[p.slot.0];
-        s.failures = backoff::failures_after(s.failures, uptime, self.config.min_uptime, p.ready);
-        s.last_exit = if p.ready_timed_out {
+        let failures = backoff::failures_after(
+            self.slots[p.slot.0].failures,
+            uptime,
+            self.config.min_uptime,
+            p.ready,
+        );
+        let reason = if p.ready_timed_out {
             format!(
                 "not ready within {:.1}s",
                 self.config.ready_timeout.as_secs_f64()
@@ -366,24 +377,31 @@ impl Supervisor {
         } else {
             how
         };
-        let delay = backoff::delay(s.failures);
+        self.schedule_restart(p.slot, failures, reason);
+    }
+
+    /// Restarts `slot` after the backoff for `failures` consecutive failed
+    /// starts; reports a crash loop once.
+    fn schedule_restart(&mut self, slot: Slot, failures: u32, reason: String) {
+        let min_uptime = self.config.min_uptime;
+        let s = &mut self.slots[slot.0];
+        s.failures = failures;
+        s.last_exit = reason;
+        let delay = backoff::delay(failures);
         s.restart_at = Some(Instant::now() + delay);
-        if !backoff::is_crash_loop(s.failures) {
+        if !backoff::is_crash_loop(failures) {
             s.crash_loop_reported = false;
             info!(
-                "worker {}: restart #{} in {} ms",
-                p.slot,
+                "worker {slot}: restart #{} in {} ms",
                 s.restarts + 1,
                 delay.as_millis()
             );
         } else if !s.crash_loop_reported {
             s.crash_loop_reported = true;
             info!(
-                "worker {} is crash-looping: {} failed starts in a row, each within {:.1}s or before READY \
-                 (last: {}); restarting with backoff up to {}s, reported once",
-                p.slot,
-                s.failures,
-                self.config.min_uptime.as_secs_f64(),
+                "worker {slot} is crash-looping: {failures} failed starts in a row, each within \
+                 {:.1}s or before READY (last: {}); restarting with backoff up to {}s, reported once",
+                min_uptime.as_secs_f64(),
                 s.last_exit,
                 backoff::MAX.as_secs()
             );
@@ -409,8 +427,11 @@ impl Supervisor {
                 }
             }
             Event::Leaving { slot, pid } => {
-                info!("worker {slot} pid {pid}: leaving; starting its replacement first");
-                self.replace(slot, pid);
+                if self.retire(pid) && self.phase == Phase::Running {
+                    info!("worker {slot} pid {pid}: leaving; starting its replacement first");
+                    self.slots[slot.0].restarts += 1;
+                    self.start_or_retry(slot);
+                }
             }
             Event::Message { slot, pid, payload } => {
                 info!(
@@ -431,10 +452,14 @@ impl Supervisor {
                         "worker {slot} pid {pid}: further protocol errors are counted, not logged"
                     );
                 }
-                if n == MALFORMED_LIMIT && !p.retiring {
+                if n == MALFORMED_LIMIT && self.retire(pid) {
                     info!("worker {slot} pid {pid}: {n} protocol errors; replacing it");
                     self.dispatch.send(Command::Drain { slot, pid });
-                    self.replace(slot, pid);
+                    // A failed start: a worker that keeps doing this backs off.
+                    if self.phase == Phase::Running {
+                        let failures = self.slots[slot.0].failures.saturating_add(1);
+                        self.schedule_restart(slot, failures, format!("{n} protocol errors"));
+                    }
                 }
             }
             Event::Rescued { slot, pid, count } => {
@@ -454,20 +479,20 @@ impl Supervisor {
         }
     }
 
-    /// Retires the process `pid` (it gets nothing new and is killed if it has
-    /// not exited within `drain_timeout`) and starts its slot's replacement.
-    fn replace(&mut self, slot: Slot, pid: u32) {
-        let Some(i) = self.index_of(pid) else { return };
+    /// Marks the process `pid` as on its way out: its exit restarts nothing,
+    /// and it is killed if still running after `drain_timeout`. False if it
+    /// already was (or is gone).
+    fn retire(&mut self, pid: u32) -> bool {
+        let Some(i) = self.index_of(pid) else {
+            return false;
+        };
         let p = &mut self.procs[i];
         if p.retiring {
-            return;
+            return false;
         }
         p.retiring = true;
         p.kill_at = Some(Instant::now() + self.config.drain_timeout);
-        if self.phase == Phase::Running {
-            self.slots[slot.0].restarts += 1;
-            self.start_or_retry(slot);
-        }
+        true
     }
 
     fn on_signals(&mut self) {

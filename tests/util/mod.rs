@@ -187,9 +187,15 @@ pub fn send_signal(pid: u32, sig: i32) {
     );
 }
 
-/// Runs `lb` to completion (for start-up failures); bounded.
+/// Runs `lb` to completion (for start-up failures); bounded. Listens on an
+/// ephemeral port unless the arguments say otherwise.
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
-    let mut child = lb_command(args, env).spawn().expect("start lb");
+    let mut full = Vec::new();
+    if !args.iter().any(|a| *a == "--listen" || *a == "-l") {
+        full.extend(["--listen", "127.0.0.1:0"]);
+    }
+    full.extend_from_slice(args);
+    let mut child = lb_command(&full, env).spawn().expect("start lb");
     let log = capture(&mut child);
     let deadline = Instant::now() + WAIT;
     let status = loop {
@@ -318,4 +324,95 @@ pub fn c_worker() -> String {
             out.to_str().unwrap().to_string()
         })
         .clone()
+}
+
+/// Writes a Python worker script into `dir`. `PRELUDE` gives it the
+/// protocol's basics: `chan`, `H` (the header struct), `send(kind, value)`,
+/// `serve_one(fds)` and `serve_forever()`.
+pub fn python_worker(dir: &Path, name: &str, body: &str) -> String {
+    const PRELUDE: &str = r#"
+import os, socket, struct, sys, time
+H = struct.Struct("<BBxxxxxxQ")
+chan = socket.socket(fileno=int(os.environ["LB_FD"]))
+BODY = b"hello from worker %s (pid %d)\n" % (os.environ["LB_WORKER_ID"].encode(), os.getpid())
+def send(kind, value=0, payload=b""):
+    chan.send(H.pack(1, kind, value) + payload)
+def serve_one(fd):
+    with socket.socket(fileno=fd) as c:
+        c.setblocking(True)
+        req = b""
+        while b"\r\n\r\n" not in req:
+            chunk = c.recv(4096)
+            if not chunk:
+                return
+            req += chunk
+        c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+    send(17, 1)
+def serve_forever():
+    while True:
+        msg, fds, _, _ = socket.recv_fds(chan, 4096, 4)
+        if not msg or msg[1] == 2:
+            return
+        if msg[1] == 1 and len(fds) == 1:
+            serve_one(fds[0])
+"#;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{PRELUDE}\n{body}\n")).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+impl Lb {
+    /// The pid of the latest process started in `slot` (from the log).
+    pub fn pid_of_slot(&self, slot: usize) -> u32 {
+        let prefix = format!("lb: worker {slot} pid ");
+        self.log
+            .lines()
+            .iter()
+            .rev()
+            .find_map(|l| {
+                l.strip_prefix(&prefix)?
+                    .strip_suffix(": online")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no online line for worker {slot}"))
+    }
+
+    /// Waits (bounded) until `needle` has been logged `n` times.
+    pub fn wait_log(&self, needle: &str, n: usize) -> Vec<String> {
+        self.log.wait_for(&format!("{n}× {needle:?}"), |l| {
+            l.iter().filter(|l| l.contains(needle)).count() >= n
+        })
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// CPU time (user + system) a process has used, in milliseconds.
+pub fn cpu_millis(pid: u32) -> u64 {
+    // /proc counts in USER_HZ, fixed at 100 by the Linux ABI on x86 and arm.
+    const USER_HZ: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // After the command: state is field 3, utime 14, stime 15 (1-based, whole line).
+    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks * 1000 / USER_HZ
 }

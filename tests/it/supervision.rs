@@ -1,0 +1,409 @@
+//! Supervision: workers that crash, hang, leave or misbehave never cost a
+//! connection they had not taken; shutdown drains; no orphans.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn hello_pool(name: &str, count: usize) -> String {
+    format!(
+        "[[pool]]\nname = \"{name}\"\ncommand = \"{}\"\nargs = [\"hello-worker\"]\ncount = {count}\n",
+        lb_bin()
+    )
+}
+
+fn python_pool(name: &str, script: &str, count: usize) -> String {
+    format!(
+        "[[pool]]\nname = \"{name}\"\ncommand = \"python3\"\nargs = [\"{script}\"]\ncount = {count}\n"
+    )
+}
+
+/// Sends a request on a new connection without reading the answer.
+fn send_request(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s
+}
+
+fn read_body(mut s: TcpStream) -> std::io::Result<String> {
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    resp.split_once("\r\n\r\n")
+        .filter(|(head, _)| head.starts_with("HTTP/1.1 200"))
+        .map(|(_, body)| body.to_string())
+        .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))
+}
+
+/// Sum of the counts in "rescued N queued connections" lines.
+fn rescued(lb: &Lb) -> u64 {
+    lb.log
+        .lines()
+        .iter()
+        .filter_map(|l| {
+            l.split("rescued ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// A worker that stops reading its channel and then dies: every connection
+/// queued in its channel is read back by the master and served by another.
+#[test]
+fn connections_queued_for_a_dead_worker_are_rescued() {
+    let dir = scratch("rescue");
+    let stuck = python_worker(&dir, "stuck.py", "send(16)\ntime.sleep(600)");
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "policy = \"rr\"\n{}{}",
+            python_pool("stuck", &stuck, 1),
+            hello_pool("hello", 1)
+        ),
+    );
+    let lb = Lb::start(&["--config", &config], &[], 2);
+    let stuck_pid = lb.pid_of_slot(0);
+
+    let answered = Arc::new(AtomicUsize::new(0));
+    let readers: Vec<_> = (0..40)
+        .map(|_| {
+            let s = send_request(lb.addr);
+            let answered = Arc::clone(&answered);
+            std::thread::spawn(move || {
+                let body = read_body(s);
+                answered.fetch_add(1, Ordering::SeqCst);
+                body
+            })
+        })
+        .collect();
+    // Round-robin alternates: once the live worker answered its 20, the
+    // stuck one holds the other 20 unread in its channel.
+    let deadline = Instant::now() + WAIT;
+    while answered.load(Ordering::SeqCst) < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the live worker did not answer its share"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    send_signal(stuck_pid, libc::SIGKILL);
+
+    let bodies: Vec<String> = readers
+        .into_iter()
+        .map(|r| r.join().unwrap().unwrap())
+        .collect();
+    assert!(
+        bodies.iter().all(|b| slot_of(b) == 1),
+        "all served by the live worker"
+    );
+    lb.wait_log("rescued", 1);
+    assert_eq!(rescued(&lb), 20, "every queued connection was read back");
+    lb.wait_log("worker 0 gen 1: spawn", 2); // and the slot is restarted
+}
+
+/// kill -9 a worker under continuous load: only what it had taken can fail;
+/// the slot comes back with a new process.
+#[test]
+fn kill_9_under_load_costs_only_the_connections_the_worker_held() {
+    let lb = Lb::start(&["--workers", "3"], &[], 3);
+    let victim = lb.pid_of_slot(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, stop) = (lb.addr, Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let (mut ok, mut failed, mut new_pid_seen) = (0u64, 0u64, false);
+                while !stop.load(Ordering::Relaxed) {
+                    match try_get(addr, "/") {
+                        Ok(body) => {
+                            ok += 1;
+                            new_pid_seen |= slot_of(&body) == 1 && pid_of(&body) != victim;
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed, new_pid_seen)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300)); // load is flowing
+    send_signal(victim, libc::SIGKILL);
+    lb.wait_log("worker 1 gen 1: spawn", 2);
+    lb.wait_log(": ready", 4);
+    std::thread::sleep(Duration::from_millis(300)); // load reaches the new worker
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed, mut replaced) = (0, 0, false);
+    for c in clients {
+        let (o, f, n) = c.join().unwrap();
+        ok += o;
+        failed += f;
+        replaced |= n;
+    }
+    eprintln!(
+        "kill -9 under load: {} requests, {failed} failed, {} rescued",
+        ok + failed,
+        rescued(&lb)
+    );
+    // Four clients, one request each in flight: the worker held at most 4.
+    assert!(failed <= 4, "{failed} failures");
+    assert!(ok > 100, "load kept flowing: {ok}");
+    assert!(replaced, "the restarted worker 1 served requests");
+    assert!(lb.log.count("exit (killed by SIGKILL") == 1);
+}
+
+#[test]
+fn a_crashing_worker_backs_off_and_the_master_stays_idle() {
+    let dir = scratch("crash");
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "{}[[pool]]\nname = \"crash\"\ncommand = \"sh\"\nargs = [\"-c\", \"exit 3\"]\ncount = 1\n",
+            hello_pool("hello", 1)
+        ),
+    );
+    let lb = Lb::start(&["--config", &config], &[], 1);
+    let before = cpu_millis(lb.pid());
+    let window = Duration::from_secs(3);
+    std::thread::sleep(window); // measuring what happens over a fixed window
+    let cpu = cpu_millis(lb.pid()) - before;
+    let spawns = lb.log.count("worker 1 gen 1: spawn");
+    // Backoff 100, 200, 400, 800, 1600 ms: about 5-6 starts in 3 s, not thousands.
+    assert!((3..=8).contains(&spawns), "{spawns} spawns in {window:?}");
+    assert_eq!(lb.log.count("is crash-looping"), 1, "reported once");
+    assert!(cpu < 300, "master used {cpu} ms of CPU in {window:?}");
+    // The healthy worker serves throughout.
+    assert_eq!(slot_of(&get(lb.addr, "/")), 0);
+}
+
+#[test]
+fn when_no_worker_can_start_lb_says_so_and_exits() {
+    // Every worker exits at once: after a few backed-off tries, one line.
+    let (status, log) = run_to_exit(&["--workers", "2", "--", "sh", "-c", "exit 7"], &[]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    let last = log.lines().last().unwrap();
+    assert!(
+        last.contains("no worker became ready") && last.contains("exit code 7"),
+        "{log}"
+    );
+
+    // A script whose interpreter does not exist: exec itself fails.
+    let dir = scratch("noexec");
+    let bogus = dir.join("bogus");
+    std::fs::write(&bogus, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&bogus, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (status, log) = run_to_exit(&["--", bogus.to_str().unwrap()], &[]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    let last = log.lines().last().unwrap();
+    assert!(
+        last.contains("cannot start worker") && last.contains("#! interpreter"),
+        "{log}"
+    );
+    assert_eq!(
+        log.lines().count(),
+        3,
+        "listening, spawn, and the error: {log}"
+    );
+}
+
+#[test]
+fn a_worker_that_never_says_ready_is_killed_and_gets_nothing() {
+    let dir = scratch("ready-timeout");
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "[[pool]]\nname = \"silent\"\ncommand = \"sleep\"\nargs = [\"60\"]\ncount = 1\n{}",
+            hello_pool("hello", 1)
+        ),
+    );
+    let lb = Lb::start(&["--config", &config, "--ready-timeout", "300ms"], &[], 1);
+    assert_eq!(split(lb.addr, 2, 20), [0, 20]);
+    lb.wait_log("worker 0 pid", 1);
+    lb.wait_log("not ready within 0.3s; killing it", 1);
+    lb.wait_log("exit (killed by SIGKILL", 1);
+    lb.wait_log("worker 0 gen 1: spawn", 2); // counted as a failed start, restarted
+    assert_eq!(split(lb.addr, 2, 20), [0, 20]);
+}
+
+#[test]
+fn garbage_on_the_channel_is_logged_and_a_persistent_offender_replaced() {
+    let dir = scratch("garbage");
+    let garbage = python_worker(
+        &dir,
+        "garbage.py",
+        "send(16)\nfor i in range(20):\n    chan.send(b'\\x09junk')\nserve_forever()",
+    );
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "{}{}",
+            python_pool("garbage", &garbage, 1),
+            hello_pool("hello", 1)
+        ),
+    );
+    let lb = Lb::start(&["--config", &config], &[], 2);
+    lb.wait_log("protocol errors; replacing it", 1);
+    let first = lb.log.lines();
+    let logged = first
+        .iter()
+        .filter(|l| l.contains("protocol error:"))
+        .count();
+    assert!(logged >= 3, "the first errors are logged");
+    assert!(
+        first
+            .iter()
+            .any(|l| l.contains("shorter than the 16-byte header"))
+    );
+    // The master kept serving all along, and the offender is replaced.
+    for _ in 0..10 {
+        get(lb.addr, "/");
+    }
+    lb.wait_log("worker 0 gen 1: spawn", 2);
+}
+
+#[test]
+fn an_announced_exit_gets_its_replacement_started_first() {
+    let dir = scratch("leaving");
+    let leaving = python_worker(
+        &dir,
+        "leaving.py",
+        "send(16)\ntime.sleep(0.3)\nsend(18)\ntime.sleep(1.0)\nsys.exit(0)",
+    );
+    let config = write_config(&dir, "lb.toml", &python_pool("leaving", &leaving, 1));
+    let lb = Lb::start(&["--config", &config], &[], 1);
+    let old = lb.pid_of_slot(0);
+    let lines = lb.wait_log(&format!("pid {old} gen 1: exit"), 1);
+    let pos = |needle: &str| lines.iter().position(|l| l.contains(needle));
+    let leaving_at = pos(&format!("pid {old}: leaving")).expect("leaving logged");
+    let replacement_online = lines
+        .iter()
+        .enumerate()
+        .position(|(i, l)| i > leaving_at && l.contains(": online"))
+        .expect("replacement started");
+    let exit_at = pos(&format!("pid {old} gen 1: exit")).unwrap();
+    assert!(
+        replacement_online < exit_at,
+        "replacement before exit:\n{}",
+        lines.join("\n")
+    );
+    assert!(lines[exit_at].contains("expected)"));
+}
+
+#[test]
+fn worker_output_is_prefixed_with_slot_and_pid() {
+    let dir = scratch("output");
+    let talk = python_worker(
+        &dir,
+        "talk.py",
+        "print('hello on stdout', flush=True)\nprint('oops on stderr', file=sys.stderr, flush=True)\n\
+         send(16)\nserve_forever()",
+    );
+    let lb = Lb::start(&["--workers", "1", "--", "python3", &talk], &[], 1);
+    let pid = lb.pid_of_slot(0);
+    lb.wait_log(&format!("[worker 0 pid {pid}] hello on stdout"), 1);
+    lb.wait_log(&format!("[worker 0 pid {pid} stderr] oops on stderr"), 1);
+    drop(lb);
+
+    let file = dir.join("workers.log");
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "1",
+            "--worker-log",
+            file.to_str().unwrap(),
+            "--",
+            "python3",
+            &talk,
+        ],
+        &[],
+        1,
+    );
+    let pid = lb.pid_of_slot(0);
+    let deadline = Instant::now() + WAIT;
+    let want = format!("[worker 0 pid {pid}] hello on stdout");
+    while !std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .contains(&want)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} in {}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        lb.log.count("hello on stdout"),
+        0,
+        "not on stderr when a file is given"
+    );
+}
+
+#[test]
+fn a_request_slower_than_drain_timeout_is_killed_at_the_deadline() {
+    let mut lb = Lb::start(&["--workers", "1", "--drain-timeout", "300ms"], &[], 1);
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET /sleep/10000 HTTP/1.1\r\nHost: lb\r\n\r\n")
+        .unwrap();
+    let start = Instant::now();
+    lb.signal(libc::SIGTERM);
+    let status = lb.wait_exit();
+    assert_eq!(status.code(), Some(1), "killed workers: not a clean drain");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "stopped at the deadline"
+    );
+    assert!(lb.log.count("drain timeout (0.3s): killing 1 workers") == 1);
+}
+
+#[test]
+fn a_second_sigint_or_a_sigquit_stops_at_once() {
+    for signals in [&[libc::SIGINT, libc::SIGINT][..], &[libc::SIGQUIT][..]] {
+        let mut lb = Lb::start(&["--workers", "1", "--drain-timeout", "30s"], &[], 1);
+        let mut s = TcpStream::connect(lb.addr).unwrap();
+        s.write_all(b"GET /sleep/10000 HTTP/1.1\r\nHost: lb\r\n\r\n")
+            .unwrap();
+        let start = Instant::now();
+        for &sig in signals {
+            lb.signal(sig);
+            if signals.len() > 1 {
+                lb.wait_log("draining 1 workers", 1);
+            }
+        }
+        assert_eq!(lb.wait_exit().code(), Some(1));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{signals:?} did not stop at once"
+        );
+    }
+}
+
+#[test]
+fn killing_the_master_takes_every_worker_with_it() {
+    let mut lb = Lb::start(&["--workers", "3"], &[], 3);
+    let pids: Vec<u32> = (0..3).map(|s| lb.pid_of_slot(s)).collect();
+    assert!(pids.iter().all(|&p| alive(p)));
+    lb.signal(libc::SIGKILL);
+    lb.wait_exit();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "workers outlived the master by 1s: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
