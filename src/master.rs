@@ -124,8 +124,9 @@ pub fn run(config: Config) -> Result<Outcome, MasterError> {
     let drained = result?;
     if let Ok(Ok(stats)) = stats {
         info!(
-            "stopped: {} connections accepted, {} dispatched, {} rescued",
-            stats.accepted, stats.dispatched, stats.rescued
+            "stopped: {} connections accepted, {} dispatched, {} rescued; \
+             paused {} times for want of a free worker",
+            stats.accepted, stats.dispatched, stats.rescued, stats.paused
         );
     }
     Ok(if drained {

@@ -113,7 +113,7 @@ pub struct Stats {
     pub accepted: u64,
     pub dispatched: u64,
     pub rescued: u64,
-    /// Times every worker was full (or none ready) and accepting paused.
+    /// Times accepting paused because every worker was full (or none ready).
     pub paused: u64,
     /// Events dropped because the supervisor fell behind.
     pub events_dropped: u64,
@@ -214,20 +214,16 @@ impl Dispatcher {
     /// Runs until [`Command::Stop`]; returns the final counters.
     pub fn run(&mut self) -> io::Result<Stats> {
         while self.running {
-            self.turn(None)?;
+            self.turn()?;
         }
         Ok(self.stats)
     }
 
-    /// One poll and everything it made ready. `max_wait` bounds the wait.
-    pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let timeout = match (self.retry_at, max_wait) {
-            (Some(t), w) => {
-                let until = t.saturating_duration_since(Instant::now());
-                Some(w.map_or(until, |w| w.min(until)))
-            }
-            (None, w) => w,
-        };
+    /// One poll and everything it made ready.
+    fn turn(&mut self) -> io::Result<()> {
+        let timeout = self
+            .retry_at
+            .map(|t| t.saturating_duration_since(Instant::now()));
         if let Err(e) = self.poll.poll(&mut self.events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 return Ok(());
@@ -277,11 +273,6 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// The counters so far.
-    pub fn stats(&self) -> Stats {
-        self.stats
-    }
-
     /// Hands out held connections, then accepts until `EAGAIN` or until no
     /// worker can take more (the kernel backlog then holds the rest).
     fn pump(&mut self) {
@@ -312,6 +303,8 @@ impl Dispatcher {
                 Ok(fd) => {
                     self.stats.accepted += 1;
                     if let Err(fd) = self.hand_off(fd) {
+                        // Accepting stops here until a worker has room.
+                        self.stats.paused += 1;
                         self.pending.push_back(fd);
                         return;
                     }
@@ -342,7 +335,6 @@ impl Dispatcher {
     fn hand_off(&mut self, fd: OwnedFd) -> Result<(), OwnedFd> {
         loop {
             let Some(slot) = self.policy.pick(&self.views) else {
-                self.stats.paused += 1;
                 return Err(fd);
             };
             let Some(w) = self.current[slot.0].and_then(|i| self.workers.get_mut(i)) else {

@@ -56,12 +56,13 @@ fn keep_alive_requests_stay_on_their_worker() {
 #[test]
 fn weighted_split_follows_pool_weights() {
     let dir = scratch("wrr");
-    let hello = format!("command = \"{}\"\nargs = [\"hello-worker\"]\n", lb_bin());
     let config = write_config(
         &dir,
         "lb.toml",
         &format!(
-            "policy = \"wrr\"\n[[pool]]\nname = \"main\"\n{hello}count = 3\nweight = 3\n\n[[pool]]\nname = \"canary\"\n{hello}count = 1\nweight = 1\n"
+            "policy = \"wrr\"\n{}weight = 3\n{}weight = 1\n",
+            hello_pool("main", 3),
+            hello_pool("canary", 1)
         ),
     );
     let lb = Lb::start(&["--config", &config], &[], 4);
@@ -113,12 +114,13 @@ fn round_robin_ignores_long_lived_connections() {
 #[test]
 fn sched_policy_env_takes_effect_and_the_flag_wins() {
     let dir = scratch("env");
-    let hello = format!("command = \"{}\"\nargs = [\"hello-worker\"]\n", lb_bin());
     let config = write_config(
         &dir,
         "lb.toml",
         &format!(
-            "[[pool]]\n{hello}count = 1\nweight = 3\n[[pool]]\n{hello}count = 1\nweight = 1\n"
+            "{}weight = 3\n{}weight = 1\n",
+            hello_pool("a", 1),
+            hello_pool("b", 1)
         ),
     );
     let lb = Lb::start(&["--config", &config], &[("SCHED_POLICY", "WRR")], 2);
@@ -164,9 +166,8 @@ fn no_connection_goes_to_a_worker_before_its_ready() {
         &dir,
         "lb.toml",
         &format!(
-            "[[pool]]\nname = \"silent\"\ncommand = \"sleep\"\nargs = [\"60\"]\ncount = 1\n\
-             [[pool]]\nname = \"hello\"\ncommand = \"{}\"\nargs = [\"hello-worker\"]\ncount = 1\n",
-            lb_bin()
+            "[[pool]]\nname = \"silent\"\ncommand = \"sleep\"\nargs = [\"60\"]\ncount = 1\n{}",
+            hello_pool("hello", 1)
         ),
     );
     let lb = Lb::start(&["--config", &config], &[], 1);
@@ -179,38 +180,14 @@ fn no_connection_goes_to_a_worker_before_its_ready() {
 #[test]
 fn a_slow_worker_costs_no_connection() {
     let dir = scratch("slow");
-    let slow = dir.join("slow.py");
-    std::fs::write(
-        &slow,
-        r#"
-import os, socket, struct, time
-H = struct.Struct("<BBxxxxxxQ")
-chan = socket.socket(fileno=int(os.environ["LB_FD"]))
-chan.send(H.pack(1, 16, 0))
-time.sleep(3)
-body = b"hello from worker %s (pid %d)\n" % (os.environ["LB_WORKER_ID"].encode(), os.getpid())
-while True:
-    msg, fds, _, _ = socket.recv_fds(chan, 4096, 4)
-    if not msg or msg[1] == 2:
-        break
-    with socket.socket(fileno=fds[0]) as c:
-        c.setblocking(True)
-        req = b""
-        while b"\r\n\r\n" not in req:
-            req += c.recv(4096)
-        c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    chan.send(H.pack(1, 17, 1))
-"#,
-    )
-    .unwrap();
+    let slow = python_worker(&dir, "slow.py", "send(16)\ntime.sleep(3)\nserve_forever()");
     let config = write_config(
         &dir,
         "lb.toml",
         &format!(
-            "[[pool]]\nname = \"slow\"\ncommand = \"python3\"\nargs = [\"{}\"]\ncount = 1\n\
-             [[pool]]\nname = \"hello\"\ncommand = \"{}\"\nargs = [\"hello-worker\"]\ncount = 1\n",
-            slow.display(),
-            lb_bin()
+            "{}{}",
+            python_pool("slow", &slow, 1),
+            hello_pool("hello", 1)
         ),
     );
     let lb = Lb::start(&["--config", &config, "--policy", "rr"], &[], 2);

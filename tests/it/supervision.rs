@@ -9,19 +9,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn hello_pool(name: &str, count: usize) -> String {
-    format!(
-        "[[pool]]\nname = \"{name}\"\ncommand = \"{}\"\nargs = [\"hello-worker\"]\ncount = {count}\n",
-        lb_bin()
-    )
-}
-
-fn python_pool(name: &str, script: &str, count: usize) -> String {
-    format!(
-        "[[pool]]\nname = \"{name}\"\ncommand = \"python3\"\nargs = [\"{script}\"]\ncount = {count}\n"
-    )
-}
-
 /// Sends a request on a new connection without reading the answer.
 fn send_request(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
