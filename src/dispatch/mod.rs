@@ -22,6 +22,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::policy::{Policy, PolicyKind, Slot, WorkerView};
+use crate::proto::scm::{Batch, RecvBatch};
 use crate::proto::{self, MAX_MESSAGE, Malformed, Message, Wait, kind, scm, wire};
 use crate::sys;
 use worker::{State, Table, Worker};
@@ -158,6 +159,9 @@ pub struct Dispatcher {
     commands: Receiver<Command>,
     notify: Notifier,
     seq: u64,
+    /// Worker messages, many per syscall.
+    batch: RecvBatch,
+    /// One datagram at a time: reading back a dead worker's queue.
     buf: Box<[u8]>,
     stats: Stats,
     shutting_down: bool,
@@ -195,6 +199,7 @@ impl Dispatcher {
             commands: rx,
             notify,
             seq: 0,
+            batch: RecvBatch::new(MAX_MESSAGE),
             buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
             stats: Stats::default(),
             shutting_down: false,
@@ -337,8 +342,12 @@ impl Dispatcher {
             let Some(slot) = self.policy.pick(&self.views) else {
                 return Err(fd);
             };
-            let Some(w) = self.current[slot.0].and_then(|i| self.workers.get_mut(i)) else {
+            let Some(index) = self.current[slot.0] else {
                 // Eligible implies a current process; repair rather than spin.
+                self.views[slot.0].eligible = false;
+                continue;
+            };
+            let Some(w) = self.workers.get_mut(index) else {
                 self.views[slot.0].eligible = false;
                 continue;
             };
@@ -365,9 +374,30 @@ impl Dispatcher {
                     }
                     w.full = true;
                     self.views[slot.0].eligible = false;
+                    self.want_writable(index, true);
                 }
             }
         }
+    }
+
+    /// Turns the writable interest of a worker's channel on (while it is
+    /// full, or DRAIN waits for room) or off. Off the steady-state path:
+    /// only when a channel fills up or frees again.
+    fn want_writable(&mut self, index: usize, on: bool) {
+        let Some(w) = self.workers.get(index) else {
+            return;
+        };
+        let interest = if on {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        // Re-arming reports readiness that is already there, so no edge is lost.
+        let _ = self.poll.registry().reregister(
+            &mut SourceFd(&w.channel.as_raw_fd()),
+            Token(WORKER_BASE + index),
+            interest,
+        );
     }
 
     /// Recomputes whether `slot` may be picked.
@@ -397,68 +427,84 @@ impl Dispatcher {
         }
     }
 
-    /// Reads everything a worker sent (edge-triggered: until `EAGAIN`).
+    /// Reads everything a worker sent (edge-triggered: until the queue is
+    /// empty, which a short `recvmmsg` count already proves).
     fn read_worker(&mut self, index: usize) {
-        loop {
-            let Some(w) = self.workers.get(index) else {
-                return;
-            };
+        let mut batch = std::mem::take(&mut self.batch);
+        while let Some(w) = self.workers.get(index) {
             let (slot, pid) = (w.slot, w.pid);
-            let got = match scm::recv(w.channel.as_fd(), &mut self.buf, Wait::DontWait) {
-                Ok(got) => got,
-                Err(_) => return, // WouldBlock: all read
+            let n = match batch.recv(w.channel.as_fd()) {
+                Ok(Batch::Got(n)) => n,
+                // Empty (WouldBlock); closed cannot happen while we hold the peer end.
+                Ok(Batch::Closed) | Err(_) => break,
             };
-            if !got.fds.is_empty() || got.fds_truncated {
-                // Dropping `got` closes them.
-                self.emit(Event::Malformed {
-                    slot,
-                    pid,
-                    error: Malformed::UnexpectedFd,
-                });
-                continue;
+            for i in 0..n {
+                let d = batch.get(i);
+                let message = if d.had_fds {
+                    Err(Malformed::UnexpectedFd)
+                } else {
+                    wire::parse(d.data, d.truncated)
+                };
+                self.on_message(index, slot, pid, message);
             }
-            let complaint = |error| Event::Malformed { slot, pid, error };
-            match wire::parse(&self.buf[..got.len], got.truncated) {
-                Ok(Message::Closed { n }) => {
-                    let w = self.workers.get_mut(index).expect("read above");
-                    let open = w.sent - w.closed;
-                    let fit = n.min(open);
-                    w.closed += fit;
-                    if self.current[slot.0] == Some(index) {
-                        let v = &mut self.views[slot.0];
-                        v.active = v.active.saturating_sub(fit as u32);
-                    }
-                    if fit < n {
-                        self.emit(complaint(Malformed::OverClosed(n - fit)));
-                    }
+            if n < scm::BATCH {
+                break;
+            }
+        }
+        self.batch = batch;
+    }
+
+    fn on_message(
+        &mut self,
+        index: usize,
+        slot: Slot,
+        pid: u32,
+        message: Result<Message<'_>, Malformed>,
+    ) {
+        let complaint = |error| Event::Malformed { slot, pid, error };
+        match message {
+            Ok(Message::Closed { n }) => {
+                let Some(w) = self.workers.get_mut(index) else {
+                    return;
+                };
+                let fit = n.min(w.sent - w.closed);
+                w.closed += fit;
+                if self.current[slot.0] == Some(index) {
+                    let v = &mut self.views[slot.0];
+                    v.active = v.active.saturating_sub(fit as u32);
                 }
-                Ok(Message::Ready) => {
-                    let w = self.workers.get_mut(index).expect("read above");
-                    if w.state == State::Starting {
-                        w.state = State::Ready;
-                        self.sync_view(slot);
-                        self.emit(Event::Ready { slot, pid });
-                        if self.shutting_down {
-                            self.drain_worker(index);
-                        }
-                    }
+                if fit < n {
+                    self.emit(complaint(Malformed::OverClosed(n - fit)));
                 }
-                Ok(Message::Leaving) => {
-                    self.workers.get_mut(index).expect("read above").state = State::Draining;
+            }
+            Ok(Message::Ready) => {
+                let Some(w) = self.workers.get_mut(index) else {
+                    return;
+                };
+                if w.state == State::Starting {
+                    w.state = State::Ready;
                     self.sync_view(slot);
-                    self.emit(Event::Leaving { slot, pid });
+                    self.emit(Event::Ready { slot, pid });
+                    if self.shutting_down {
+                        self.drain_worker(index);
+                    }
                 }
-                Ok(Message::User(payload)) => {
-                    let payload = payload.to_vec();
-                    self.emit(Event::Message { slot, pid, payload });
-                }
-                Ok(Message::Unknown(_)) => {}
-                Ok(Message::Conn { .. }) => {
-                    self.emit(complaint(Malformed::WrongDirection(kind::CONN)))
-                }
-                Ok(Message::Drain) => self.emit(complaint(Malformed::WrongDirection(kind::DRAIN))),
-                Err(error) => self.emit(complaint(error)),
             }
+            Ok(Message::Leaving) => {
+                if let Some(w) = self.workers.get_mut(index) {
+                    w.state = State::Draining;
+                }
+                self.sync_view(slot);
+                self.emit(Event::Leaving { slot, pid });
+            }
+            Ok(Message::User(payload)) => {
+                let payload = payload.to_vec();
+                self.emit(Event::Message { slot, pid, payload });
+            }
+            Ok(Message::Unknown(_)) => {}
+            Ok(Message::Conn { .. }) => self.emit(complaint(Malformed::WrongDirection(kind::CONN))),
+            Ok(Message::Drain) => self.emit(complaint(Malformed::WrongDirection(kind::DRAIN))),
+            Err(error) => self.emit(complaint(error)),
         }
     }
 
@@ -532,10 +578,13 @@ impl Dispatcher {
             weight: weight.max(1),
             active: 0,
         };
+        // Readable only: a unix socket wakes its writer's EPOLLOUT waiters
+        // each time the reader takes a message, which would wake this loop
+        // once per connection. Writability is asked for only while full.
         let registered = self.poll.registry().register(
             &mut SourceFd(&raw),
             Token(WORKER_BASE + index),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE,
         );
         // Without readiness we would never hear READY: the worker then never
         // gets a connection, and the supervisor's ready timeout replaces it.
@@ -599,7 +648,10 @@ impl Dispatcher {
         };
         let (slot, pid) = (w.slot, w.pid);
         match proto::send_plain(w.channel.as_fd(), kind::DRAIN, 0, &[], Wait::DontWait) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.drain_queued = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                w.drain_queued = true;
+                self.want_writable(index, true);
+            }
             // Sent, or the worker is gone (its exit is the supervisor's news).
             _ => {
                 w.drain_sent = true;

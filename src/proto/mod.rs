@@ -159,3 +159,54 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 }
+
+#[cfg(test)]
+mod batch_tests {
+    use super::scm::{BATCH, Batch, RecvBatch};
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn recv_batch_takes_many_and_a_short_count_means_drained() {
+        let (a, b) = pair().unwrap();
+        for n in 0..(BATCH as u64 + 3) {
+            send_plain(a.as_fd(), kind::CLOSED, n, &[], Wait::Block).unwrap();
+        }
+        send_plain(a.as_fd(), kind::USER, 0, b"payload", Wait::Block).unwrap();
+        let mut batch = RecvBatch::new(MAX_MESSAGE);
+        assert_eq!(batch.recv(b.as_fd()).unwrap(), Batch::Got(BATCH));
+        for i in 0..BATCH {
+            let d = batch.get(i);
+            assert_eq!(
+                wire::parse(d.data, d.truncated),
+                Ok(Message::Closed { n: i as u64 })
+            );
+        }
+        assert_eq!(batch.recv(b.as_fd()).unwrap(), Batch::Got(4));
+        assert_eq!(
+            wire::parse(batch.get(3).data, false),
+            Ok(Message::User(b"payload"))
+        );
+        let empty = batch.recv(b.as_fd()).unwrap_err();
+        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
+        drop(a);
+        assert_eq!(batch.recv(b.as_fd()).unwrap(), Batch::Closed);
+    }
+
+    #[test]
+    fn recv_batch_closes_unexpected_fds_and_marks_them() {
+        let (a, b) = pair().unwrap();
+        let (x, _y) = pair().unwrap();
+        scm::send(
+            a.as_fd(),
+            &wire::header(kind::READY, 0),
+            &[],
+            Some(x.as_fd()),
+            Wait::Block,
+        )
+        .unwrap();
+        let mut batch = RecvBatch::new(MAX_MESSAGE);
+        assert_eq!(batch.recv(b.as_fd()).unwrap(), Batch::Got(1));
+        assert!(batch.get(0).had_fds);
+    }
+}

@@ -230,3 +230,153 @@ pub fn adopt_inherited(raw: RawFd) -> io::Result<OwnedFd> {
     )?;
     Ok(owned)
 }
+
+/// Datagrams one [`RecvBatch::recv`] takes at most.
+pub const BATCH: usize = 16;
+
+/// Receives several datagrams with one `recvmmsg`, into buffers allocated
+/// once. For a reader that expects no fds (the master reading its workers):
+/// any fd that arrives is closed at once and the message marked.
+pub struct RecvBatch {
+    data: Box<[u8]>,
+    cmsg: Box<[CmsgBuf]>,
+    len: [usize; BATCH],
+    flags: [libc::c_int; BATCH],
+    had_fds: [bool; BATCH],
+}
+
+/// One datagram of a batch.
+pub struct Datagram<'a> {
+    pub data: &'a [u8],
+    /// Longer than `MAX_MESSAGE` (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// It carried fds (closed already), or some were lost (`MSG_CTRUNC`).
+    pub had_fds: bool,
+}
+
+/// What one `recvmmsg` gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// `n` datagrams; fewer than [`BATCH`] means the queue is now empty.
+    Got(usize),
+    /// The peer closed.
+    Closed,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch {
+            data: Box::default(),
+            cmsg: Box::default(),
+            len: [0; BATCH],
+            flags: [0; BATCH],
+            had_fds: [false; BATCH],
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Buffers for [`BATCH`] datagrams of up to `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        RecvBatch {
+            data: vec![0u8; BATCH * max_message].into_boxed_slice(),
+            cmsg: (0..BATCH).map(|_| CmsgBuf([0; 64])).collect(),
+            ..RecvBatch::default()
+        }
+    }
+
+    fn max_message(&self) -> usize {
+        self.data.len() / BATCH
+    }
+
+    /// Receives what is queued, up to [`BATCH`] datagrams, without blocking.
+    /// An empty queue is `ErrorKind::WouldBlock`.
+    pub fn recv(&mut self, sock: BorrowedFd<'_>) -> io::Result<Batch> {
+        if self.data.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "RecvBatch without buffers",
+            ));
+        }
+        let max = self.max_message();
+        let base = self.data.as_mut_ptr();
+        let mut iov: [MaybeUninit<libc::iovec>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
+        // SAFETY: mmsghdr is a plain C struct for which all-zeroes is valid.
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        for i in 0..BATCH {
+            // SAFETY: `i * max` is inside `data` (BATCH * max bytes long).
+            let iov_base = unsafe { base.add(i * max) }.cast();
+            let v = iov[i].write(libc::iovec {
+                iov_base,
+                iov_len: max,
+            });
+            hdrs[i].msg_hdr.msg_iov = v;
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+            hdrs[i].msg_hdr.msg_control = self.cmsg[i].0.as_mut_ptr().cast();
+            hdrs[i].msg_hdr.msg_controllen = 64;
+        }
+        let n = loop {
+            // SAFETY: every header points at a live iovec covering its own
+            // `max`-byte region of `data` and at its own 64-byte control
+            // buffer; all outlive the call, and the kernel writes only there.
+            let r = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                break r as usize;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        };
+        // At EOF every slot comes back as an empty datagram; the protocol
+        // never sends empty ones, so an empty first one means closed.
+        if n == 0 || hdrs[0].msg_len == 0 {
+            return Ok(Batch::Closed);
+        }
+        for (i, h) in hdrs.iter().enumerate().take(n) {
+            self.len[i] = h.msg_len as usize;
+            self.flags[i] = h.msg_hdr.msg_flags;
+            let mut fds = false;
+            // SAFETY: the kernel wrote msg_controllen bytes of control data
+            // into this header's own buffer; CMSG_FIRSTHDR/NXTHDR stay inside
+            // it. Each SCM_RIGHTS fd was just installed here and is owned by
+            // nobody else, so wrapping it in an OwnedFd (to close it) is sound.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                        let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                        let count =
+                            ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / mem::size_of::<RawFd>();
+                        for k in 0..count {
+                            drop(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(k))));
+                            fds = true;
+                        }
+                    }
+                    c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+                }
+            }
+            self.had_fds[i] = fds || h.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0;
+        }
+        Ok(Batch::Got(n))
+    }
+
+    /// Datagram `i` of the last `recv` (i < n).
+    pub fn get(&self, i: usize) -> Datagram<'_> {
+        let max = self.max_message();
+        let start = i * max;
+        Datagram {
+            data: &self.data[start..start + self.len[i].min(max)],
+            truncated: self.flags[i] & libc::MSG_TRUNC != 0,
+            had_fds: self.had_fds[i],
+        }
+    }
+}
