@@ -156,6 +156,10 @@ pub struct Dispatcher {
     views: Vec<WorkerView>,
     policy: Box<dyn Policy>,
     pending: VecDeque<OwnedFd>,
+    /// The batch being accepted and sent, and what its sends refused
+    /// (both preallocated, reused for every batch).
+    accepted: Vec<OwnedFd>,
+    refused: Vec<OwnedFd>,
     commands: Receiver<Command>,
     notify: Notifier,
     seq: u64,
@@ -196,6 +200,8 @@ impl Dispatcher {
             views: vec![WorkerView::default(); slots],
             policy: policy.build(slots),
             pending: VecDeque::with_capacity(PENDING_CAPACITY),
+            accepted: Vec::with_capacity(scm::SEND_BATCH),
+            refused: Vec::with_capacity(scm::SEND_BATCH),
             commands: rx,
             notify,
             seq: 0,
@@ -302,36 +308,143 @@ impl Dispatcher {
         self.listener = Some(listener);
     }
 
+    /// Accepts up to `SEND_BATCH` connections at a time and sends them, until
+    /// the backlog is empty or no worker has room.
     fn accept_batch(&mut self, listener: &mio::net::TcpListener) {
         loop {
-            match sys::accept4(listener.as_fd()) {
-                Ok(fd) => {
-                    self.stats.accepted += 1;
-                    if let Err(fd) = self.hand_off(fd) {
-                        // Accepting stops here until a worker has room.
-                        self.stats.paused += 1;
-                        self.pending.push_back(fd);
-                        return;
+            let mut more = true;
+            while self.accepted.len() < scm::SEND_BATCH {
+                match sys::accept4(listener.as_fd()) {
+                    Ok(fd) => {
+                        self.stats.accepted += 1;
+                        self.accepted.push(fd);
                     }
-                }
-                Err(e) => {
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) => self.backlog_waiting = false,
-                        // The client gave up before we accepted: next one.
-                        Some(libc::ECONNABORTED | libc::EPROTO) => continue,
-                        // Out of fds or memory (or anything unexpected): retry
-                        // shortly instead of spinning on a readable listener.
-                        errno => {
-                            self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
-                            self.emit(Event::AcceptError {
-                                errno: errno.unwrap_or(0),
-                            });
+                    Err(e) => {
+                        match e.raw_os_error() {
+                            Some(libc::EAGAIN) => self.backlog_waiting = false,
+                            // The client gave up before we accepted: next one.
+                            Some(libc::ECONNABORTED | libc::EPROTO) => continue,
+                            // Out of fds or memory (or anything unexpected):
+                            // retry shortly instead of spinning.
+                            errno => {
+                                self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
+                                self.emit(Event::AcceptError {
+                                    errno: errno.unwrap_or(0),
+                                });
+                            }
                         }
+                        more = false;
+                        break;
                     }
-                    return;
                 }
             }
+            if self.accepted.is_empty() {
+                return;
+            }
+            self.send_accepted();
+            if !more || !self.pending.is_empty() {
+                return;
+            }
         }
+    }
+
+    /// Sends the accepted batch: one pick per connection (each counted
+    /// active at once, so least-conn sees the batch's own picks), then one
+    /// `sendmmsg` per worker, its connections in accept order, each closed
+    /// right after the call that carried it. What a full channel refused
+    /// goes through `hand_off` again.
+    fn send_accepted(&mut self) {
+        let mut batch = std::mem::take(&mut self.accepted);
+        let n = batch.len();
+        let mut slots = [usize::MAX; scm::SEND_BATCH];
+        for slot in slots.iter_mut().take(n) {
+            match self.policy.pick(&self.views) {
+                Some(s) => {
+                    *slot = s.0;
+                    self.views[s.0].active += 1;
+                }
+                None => break,
+            }
+        }
+        // Group by worker, keeping accept order within a group (insertion
+        // sort: n <= SEND_BATCH, and it moves nothing when already grouped).
+        for i in 1..n {
+            let mut j = i;
+            while j > 0 && slots[j - 1] > slots[j] {
+                slots.swap(j - 1, j);
+                batch.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        let mut refused = std::mem::take(&mut self.refused);
+        let mut start = 0;
+        while start < n {
+            let slot = slots[start];
+            let end = (start..n).find(|&k| slots[k] != slot).unwrap_or(n);
+            let len = end - start;
+            let sent = if slot == usize::MAX {
+                0
+            } else {
+                self.send_group(slot, &batch[..len])
+            };
+            // Close what went out (the first `sent`), keep what did not.
+            for (k, fd) in batch.drain(..len).enumerate() {
+                if k >= sent {
+                    refused.push(fd);
+                }
+            }
+            start = end;
+        }
+        self.accepted = batch;
+        for fd in refused.drain(..) {
+            if let Err(fd) = self.hand_off(fd) {
+                self.stats.paused += u64::from(self.pending.is_empty());
+                self.pending.push_back(fd);
+            }
+        }
+        self.refused = refused;
+    }
+
+    /// Sends `fds` to `slot`'s worker; returns how many went out. Undoes the
+    /// picks of the rest and marks the worker full (or unusable).
+    fn send_group(&mut self, slot: usize, fds: &[OwnedFd]) -> usize {
+        let Some(index) = self.current[slot] else {
+            self.views[slot].active -= fds.len() as u32;
+            self.views[slot].eligible = false;
+            return 0;
+        };
+        let Some(w) = self.workers.get_mut(index) else {
+            return 0;
+        };
+        let result = proto::send_conns(w.channel.as_fd(), fds, self.seq + 1);
+        let sent = *result.as_ref().unwrap_or(&0);
+        self.seq += sent as u64;
+        w.sent += sent as u64;
+        self.stats.dispatched += sent as u64;
+        if sent < fds.len() {
+            self.views[slot].active -= (fds.len() - sent) as u32;
+            self.channel_refused(index, slot, result.err());
+        }
+        sent
+    }
+
+    /// A send to worker `index` (in `slot`) stopped short: full, too many
+    /// fds in flight, or (cannot happen while we hold its peer) broken.
+    fn channel_refused(&mut self, index: usize, slot: usize, error: Option<io::Error>) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        match error.as_ref().and_then(io::Error::raw_os_error) {
+            // Too many fds in flight for this user: no writable edge will
+            // tell us when that passes, so retry on a timer.
+            Some(libc::ETOOMANYREFS) => self.retry_at = Some(Instant::now() + RESOURCE_RETRY),
+            // A short sendmmsg (None) or EAGAIN: full; the writable edge says when not.
+            None | Some(libc::EAGAIN) => {}
+            Some(_) => w.state = State::Draining,
+        }
+        w.full = true;
+        self.views[slot].eligible = false;
+        self.want_writable(index, true);
     }
 
     /// Sends `fd` to the worker the policy picks, trying others while
@@ -362,20 +475,7 @@ impl Dispatcher {
                     self.stats.dispatched += 1;
                     return Ok(());
                 }
-                Err(e) => {
-                    if e.raw_os_error() == Some(libc::ETOOMANYREFS) {
-                        // Too many fds in flight for this user: no writable
-                        // edge will tell us when that passes, so retry on a timer.
-                        self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
-                    } else if e.kind() != io::ErrorKind::WouldBlock {
-                        // Cannot happen while we hold the peer end; treat the
-                        // worker as unusable until the supervisor detaches it.
-                        w.state = State::Draining;
-                    }
-                    w.full = true;
-                    self.views[slot.0].eligible = false;
-                    self.want_writable(index, true);
-                }
+                Err(e) => self.channel_refused(index, slot.0, Some(e)),
             }
         }
     }

@@ -50,6 +50,23 @@ pub fn send_conn(chan: BorrowedFd<'_>, conn: BorrowedFd<'_>, id: u64) -> io::Res
     scm::send(chan, &header, &[], Some(conn), Wait::DontWait)
 }
 
+/// master → worker: hands over several connections to one worker with one
+/// `sendmmsg`, one CONN datagram each, ids `first_id`, `first_id + 1`, ….
+/// Returns how many went out (in order); the caller closes those at once.
+#[inline]
+pub fn send_conns<F: std::os::fd::AsFd>(
+    chan: BorrowedFd<'_>,
+    conns: &[F],
+    first_id: u64,
+) -> io::Result<usize> {
+    let mut headers = [[0u8; HEADER_LEN]; scm::SEND_BATCH];
+    let n = conns.len().min(scm::SEND_BATCH);
+    for (i, h) in headers.iter_mut().take(n).enumerate() {
+        *h = wire::header(kind::CONN, first_id + i as u64);
+    }
+    scm::send_each(chan, &headers[..n], &conns[..n])
+}
+
 /// Sends a message without an fd: DRAIN, READY, CLOSED, LEAVING or USER.
 pub fn send_plain(
     chan: BorrowedFd<'_>,
@@ -191,6 +208,30 @@ mod batch_tests {
         assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
         drop(a);
         assert_eq!(batch.recv(b.as_fd()).unwrap(), Batch::Closed);
+    }
+
+    #[test]
+    fn send_conns_sends_one_datagram_per_fd_in_order() {
+        use std::net::{TcpListener, TcpStream};
+        let (master, worker) = pair().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(l.local_addr().unwrap()).unwrap())
+            .collect();
+        let accepted: Vec<_> = (0..3).map(|_| l.accept().unwrap().0).collect();
+        assert_eq!(send_conns(master.as_fd(), &accepted, 10).unwrap(), 3);
+        drop(accepted);
+        let mut buf = [0u8; MAX_MESSAGE];
+        for (i, client) in clients.iter().enumerate() {
+            let mut got = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait).unwrap();
+            assert_eq!(
+                wire::parse(&buf[..got.len], false),
+                Ok(Message::Conn { id: 10 + i as u64 })
+            );
+            let stream = TcpStream::from(got.fds.take_first().unwrap());
+            // The i-th fd is the i-th client's connection.
+            assert_eq!(stream.peer_addr().unwrap(), client.local_addr().unwrap());
+        }
     }
 
     #[test]

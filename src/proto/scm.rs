@@ -6,7 +6,7 @@
 
 use std::io;
 use std::mem::{self, MaybeUninit};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Most fds one received message may carry. A protocol message carries at
 /// most one; the room for more exists so that a buggy peer's extra fds are
@@ -377,6 +377,70 @@ impl RecvBatch {
             data: &self.data[start..start + self.len[i].min(max)],
             truncated: self.flags[i] & libc::MSG_TRUNC != 0,
             had_fds: self.had_fds[i],
+        }
+    }
+}
+
+/// Most datagrams one [`send_each`] sends.
+pub const SEND_BATCH: usize = 16;
+
+/// Sends `headers[i]` with `fds[i]` attached, one datagram each, with one
+/// `sendmmsg` (at most [`SEND_BATCH`]). Returns how many went out, in
+/// order; `EAGAIN` before the first is `ErrorKind::WouldBlock`.
+pub fn send_each<F: AsFd>(
+    sock: BorrowedFd<'_>,
+    headers: &[[u8; crate::proto::HEADER_LEN]],
+    fds: &[F],
+) -> io::Result<usize> {
+    let n = headers.len().min(fds.len()).min(SEND_BATCH);
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut iov: [MaybeUninit<libc::iovec>; SEND_BATCH] =
+        [const { MaybeUninit::uninit() }; SEND_BATCH];
+    let mut cmsg: [CmsgBuf; SEND_BATCH] = [const { CmsgBuf([0; 64]) }; SEND_BATCH];
+    // SAFETY: mmsghdr is a plain C struct for which all-zeroes is valid.
+    let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
+    for i in 0..n {
+        let v = iov[i].write(libc::iovec {
+            iov_base: headers[i].as_ptr() as *mut libc::c_void,
+            iov_len: headers[i].len(),
+        });
+        let m = &mut hdrs[i].msg_hdr;
+        m.msg_iov = v;
+        m.msg_iovlen = 1;
+        // SAFETY: as in `send`: CMSG_* arithmetic within this message's own
+        // aligned 64-byte buffer, which holds one header and one int.
+        unsafe {
+            m.msg_control = cmsg[i].0.as_mut_ptr().cast();
+            m.msg_controllen = libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(m);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(
+                libc::CMSG_DATA(c).cast::<RawFd>(),
+                fds[i].as_fd().as_raw_fd(),
+            );
+        }
+    }
+    loop {
+        // SAFETY: the first `n` headers point at live iovecs (over `headers`)
+        // and control buffers that outlive the call; the kernel only reads them.
+        let r = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
 }
