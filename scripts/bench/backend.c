@@ -141,11 +141,18 @@ static int on_channel(void) {
 
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
+    /* The handled signals are blocked except inside epoll_pwait: one that
+     * arrived between checking the flags and going to sleep would otherwise
+     * be noticed only at the next event, which an idle backend never gets. */
+    sigset_t handled, during_wait;
+    sigemptyset(&handled);
     struct sigaction sa = {.sa_handler = on_sig};
-    sigaction(SIGUSR1, &sa, NULL);
-    sigaction(SIGUSR2, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    int sigs[] = {SIGUSR1, SIGUSR2, SIGTERM, SIGINT};
+    for (int i = 0; i < 4; i++) {
+        sigaction(sigs[i], &sa, NULL);
+        sigaddset(&handled, sigs[i]);
+    }
+    sigprocmask(SIG_BLOCK, &handled, &during_wait);
     if (getenv("SLOW_MS")) slow_ms = atol(getenv("SLOW_MS"));
     ep = epoll_create1(EPOLL_CLOEXEC);
     int lfd = -1;
@@ -170,7 +177,7 @@ int main(void) {
     struct epoll_event evs[256];
     while (!want_exit) {
         if (lb_protocol && unreported) { send_msg(CLOSED, unreported); unreported = 0; }
-        int n = epoll_wait(ep, evs, 256, -1);
+        int n = epoll_pwait(ep, evs, 256, -1, &during_wait);
         if (want_report) { want_report = 0; report(); }
         for (int i = 0; i < n; i++) {
             if (evs[i].data.ptr != &tag) { on_readable(evs[i].data.ptr); continue; }

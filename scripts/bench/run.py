@@ -13,6 +13,7 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,7 +220,7 @@ def start_haproxy(balance):
         cfg = os.path.join(ctx.workdir, f"haproxy-{balance}.cfg")
         with open(cfg, "w") as f:
             f.write(f"""global
-    maxconn 200000
+    maxconn 8000
     nbthread 1
 defaults
     mode tcp
@@ -247,7 +248,7 @@ worker_processes 1;
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
-events {{ worker_connections 65536; }}
+events {{ worker_connections 8000; }}
 stream {{
     upstream backends {{
 """ + "".join(f"        server 127.0.0.1:{bp};\n" for bp in ports) + f"""    }}
@@ -311,6 +312,21 @@ class Ctx:
     pass
 
 
+def median_of(runs):
+    """One result from several rounds of the same front and workload: the
+    median of each rate, latency and CPU figure; errors and splits summed."""
+    def med(key):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+    out = {k: med(k) for k in ("rps", "p50", "p99", "cpu_us_per_conn", "cpu_us_per_req")}
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["split"] = [sum(col) for col in zip(*(r["split"] for r in runs))] if runs[0].get("split") else []
+    out["rounds"] = len(runs)
+    out["rps_all"] = [r["rps"] for r in runs]
+    return out
+
+
 def run_front(ctx, front, workloads):
     """Starts `front`, runs each workload, returns {workload: result}."""
     port = free_port()
@@ -329,13 +345,16 @@ def run_front(ctx, front, workloads):
             counts = [(after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in sorted(after)]
             conns = sum(c for _, c in counts)
             r["split"] = [c if close else q for q, c in counts]
+            r["conns_split"] = [c for _, c in counts]
             r["conns"] = conns
             r["cpu_us_per_conn"] = (cpu1 - cpu0) / 1000 / conns if front_pids and conns else None
             r["cpu_us_per_req"] = (cpu1 - cpu0) / 1000 / r["requests"] if front_pids and r["requests"] else None
             results[name] = r
+            per = r["cpu_us_per_conn"] if close else r["cpu_us_per_req"]
             log(f"  {front.name:18} {name:10} {r['rps']:10.0f} req/s  p50 {r['p50']:.2f} ms  "
-                f"p99 {r['p99']:.2f} ms  errors {r['errors']}  split {r['split']}  "
-                + (f"front {r['cpu_us_per_conn']:.1f} us/conn" if r['cpu_us_per_conn'] else ""))
+                f"p99 {r['p99']:.2f} ms  errors {r['errors']}  requests {[q for q, _ in counts]}  "
+                f"conns {r['conns_split']}  "
+                + (f"front {per:.2f} us/{'conn' if close else 'req'}" if per is not None else ""))
     finally:
         ctx.procs.stop_all()
     return results
@@ -401,6 +420,8 @@ def render(ctx, results, skew, alloc, started):
         f"- Machine: {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}",
         f"- Load: `wrk -t{ctx.threads} -c{ctx.conns} -d{ctx.duration}s --latency` on 127.0.0.1, "
         f"after a 1 s warm-up; {ctx.workers} backends behind every front",
+        f"- {ctx.rounds} rounds, interleaved (every front once per round); each figure is the median over "
+        "the rounds, errors and splits are summed. `req/s per round` shows the spread.",
         f"- Backend: `scripts/bench/backend.c` (single-threaded epoll, replies `ok`) behind every front "
         "except the node-cluster rows, whose workers are `scripts/bench/node-app.js`",
         f"- Versions: {version(['wrk', '-v'])}; {version(['haproxy', '-v'])}; "
@@ -416,8 +437,8 @@ def render(ctx, results, skew, alloc, started):
     for workload, title, unit in (("close", "New connection per request (`Connection: close`)", "µs/conn"),
                                   ("keep-alive", "Keep-alive", "µs/req")):
         lines += [f"## {title}", "",
-                  f"| front | req/s | × reuseport | × node-cluster rr | p50 ms | p99 ms | errors | split per backend | front CPU {unit} |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+                  f"| front | req/s | × reuseport | × node-cluster rr | p50 ms | p99 ms | errors | split per backend | front CPU {unit} | req/s per round |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
         for front in FRONTS:
             r = results.get(front.name, {}).get(workload)
             if not r:
@@ -429,19 +450,22 @@ def render(ctx, results, skew, alloc, started):
             lines.append(
                 f"| {front.name} | {r['rps']:,.0f} | {fmt(ref[workload] and r['rps'] / ref[workload], '.2f')} | "
                 f"{fmt(node[workload] and r['rps'] / node[workload], '.2f')} | {r['p50']:.2f} | {r['p99']:.2f} | "
-                f"{r['errors']} | {split_text} | {fmt(per, '.1f')} |")
+                f"{r['errors']} | {split_text} | {fmt(per, '.1f')} | "
+                + " ".join(f"{v / 1000:.1f}k" for v in r["rps_all"]) + " |")
         lines.append("")
     if skew:
         lines += ["## Skewed load", "",
                   f"`Connection: close`; every 10th request is `GET /slow`, which burns {ctx.slow_ms} ms of CPU "
                   "in the backend, so a worker's queue builds up behind it under round-robin.", "",
-                  "| front | req/s | p50 ms | p99 ms | errors | p99 × node-cluster rr |", "|---|---:|---:|---:|---:|---:|"]
+                  "| front | req/s | p50 ms | p99 ms | errors | p99 × node-cluster rr | p99 × lb rr |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         base = skew.get("node-cluster rr", {}).get("p99")
+        lb_rr = skew.get("lb rr", {}).get("p99")
         for name in SKEW_FRONTS:
             r = skew.get(name)
             if r:
                 lines.append(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} | "
-                             f"{fmt(base and r['p99'] / base, '.2f')} |")
+                             f"{fmt(base and r['p99'] / base, '.2f')} | {fmt(lb_rr and r['p99'] / lb_rr, '.2f')} |")
         lines.append("")
     if alloc:
         per = alloc["allocations"] / alloc["connections"] if alloc["connections"] else float("nan")
@@ -459,6 +483,8 @@ def main():
     ap.add_argument("--fdpass")
     ap.add_argument("--alloccount")
     ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="every front runs once per round, rounds interleaved; medians are reported")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
@@ -470,22 +496,29 @@ def main():
     ctx = Ctx()
     ctx.lb, ctx.backend, ctx.fdpass, ctx.alloccount = args.lb, args.backend, args.fdpass, args.alloccount
     ctx.duration, ctx.workers, ctx.conns, ctx.threads = args.duration, args.workers, args.conns, args.threads
+    ctx.rounds = args.rounds
     ctx.slow_ms, ctx.alloc_conns = args.slow_ms, args.alloc_conns
     ctx.workdir = tempfile.mkdtemp(prefix="lb-bench-")
     started = datetime.datetime.now(datetime.timezone.utc)
     only = set(args.only.split(",")) if args.only else None
     fronts = [f for f in FRONTS if (not only or f.name in only)
               and (f.group != "C floor" or ctx.fdpass) and (f.group != "node" or version(["node", "--version"]) != "not installed")]
-    results, skew = {}, {}
+    runs, skew_runs = {}, {}
     log(f"work directory: {ctx.workdir}")
-    for front in fronts:
-        log(f"{front.name}:")
-        results[front.name] = run_front(ctx, front, [("close", True, None), ("keep-alive", False, None)])
     skew_script = os.path.join(BENCH, "skew.lua")
-    for front in fronts:
-        if front.name in SKEW_FRONTS:
-            log(f"{front.name} (skewed):")
-            skew[front.name] = run_front(ctx, front, [("skew", True, skew_script)])["skew"]
+    for round_no in range(1, ctx.rounds + 1):
+        for front in fronts:
+            log(f"round {round_no}/{ctx.rounds}, {front.name}:")
+            got = run_front(ctx, front, [("close", True, None), ("keep-alive", False, None)])
+            for workload, r in got.items():
+                runs.setdefault(front.name, {}).setdefault(workload, []).append(r)
+        for front in fronts:
+            if front.name in SKEW_FRONTS:
+                log(f"round {round_no}/{ctx.rounds}, {front.name} (skewed):")
+                r = run_front(ctx, front, [("skew", True, skew_script)])["skew"]
+                skew_runs.setdefault(front.name, []).append(r)
+    results = {f: {w: median_of(rs) for w, rs in ws.items()} for f, ws in runs.items()}
+    skew = {f: median_of(rs) for f, rs in skew_runs.items()}
     alloc = alloc_check(ctx) if ctx.alloccount and (not only or "alloc" in only) else None
     if alloc:
         log(f"allocations: {alloc}")

@@ -225,16 +225,21 @@ impl Dispatcher {
     /// Runs until [`Command::Stop`]; returns the final counters.
     pub fn run(&mut self) -> io::Result<Stats> {
         while self.running {
-            self.turn()?;
+            self.turn(None)?;
         }
         Ok(self.stats)
     }
 
-    /// One poll and everything it made ready.
-    fn turn(&mut self) -> io::Result<()> {
-        let timeout = self
+    /// One poll (waiting at most `max_wait`, if given) and everything it
+    /// made ready. `run` loops on it; a benchmark can drive it directly.
+    pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
+        let retry = self
             .retry_at
             .map(|t| t.saturating_duration_since(Instant::now()));
+        let timeout = match (retry, max_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if let Err(e) = self.poll.poll(&mut self.events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 return Ok(());
@@ -282,6 +287,11 @@ impl Dispatcher {
         }
         self.pump();
         Ok(())
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
     }
 
     /// Hands out held connections, then accepts until `EAGAIN` or until no

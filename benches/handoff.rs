@@ -1,0 +1,115 @@
+//! The in-process hand-off: connections waiting in the listener's backlog go
+//! through the real `Dispatcher` (accept4 → pick → sendmmsg → close) to two
+//! workers on real socketpairs, which take and close them on threads of
+//! their own and report closes. Criterion's throughput is connections/s.
+//!
+//! The dispatcher is driven on the bench thread: each batch first fills the
+//! backlog (not timed; nothing accepts meanwhile), then `Dispatcher::turn`
+//! is timed until every connection of the batch has been dispatched.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lb::dispatch::{Command, Dispatcher, Notifier};
+use lb::policy::{PolicyKind, Slot};
+use lb::proto::{self, Wait};
+use lb::worker::{Incoming, Listener};
+
+/// Connections per timed batch (below the listen backlog).
+const BATCH: u64 = 256;
+const WORKERS: usize = 2;
+
+fn dispatcher(policy: PolicyKind) -> (Dispatcher, lb::dispatch::Handle, SocketAddr) {
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let listener = lb::master::bind(addr, 4096).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events, _) = crossbeam_channel::bounded(64);
+    let (d, handle) = Dispatcher::new(
+        listener,
+        policy,
+        WORKERS,
+        Notifier {
+            events,
+            waker: None,
+        },
+    )
+    .unwrap();
+    for slot in 0..WORKERS {
+        let (master, worker) = proto::pair().unwrap();
+        let peer = worker.try_clone().unwrap();
+        nix::fcntl::fcntl(
+            &master,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        handle.send(Command::Attach {
+            slot: Slot(slot),
+            pid: slot as u32 + 1,
+            channel: master,
+            peer,
+            weight: 1,
+        });
+        std::thread::spawn(move || {
+            let mut l = Listener::from_fd(worker, slot, 1);
+            l.ready().unwrap();
+            loop {
+                match l.next(Wait::Block) {
+                    Ok(Incoming::Conn(s)) => {
+                        drop(s);
+                        let _ = l.report_closed(1);
+                    }
+                    Ok(Incoming::Message(_)) => {}
+                    _ => return,
+                }
+            }
+        });
+    }
+    (d, handle, addr)
+}
+
+fn handoff(c: &mut Criterion) {
+    let mut group = c.benchmark_group("handoff");
+    group.throughput(Throughput::Elements(1));
+    for policy in [
+        PolicyKind::RoundRobin,
+        PolicyKind::Weighted,
+        PolicyKind::LeastConn,
+    ] {
+        let (mut d, handle, addr) = dispatcher(policy);
+        // Until both workers are ready and one connection went through.
+        let first = TcpStream::connect(addr).unwrap();
+        while d.stats().dispatched < 1 {
+            d.turn(Some(Duration::from_millis(10))).unwrap();
+        }
+        drop(first);
+        group.bench_function(policy.name(), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let n = BATCH.min(iters - done);
+                    let clients: Vec<TcpStream> =
+                        (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect();
+                    let target = d.stats().dispatched + n;
+                    let start = Instant::now();
+                    while d.stats().dispatched < target {
+                        d.turn(Some(Duration::from_millis(100))).unwrap();
+                    }
+                    total += start.elapsed();
+                    drop(clients);
+                    done += n;
+                }
+                total
+            })
+        });
+        handle.send(Command::Shutdown);
+        for _ in 0..10 {
+            d.turn(Some(Duration::from_millis(10))).unwrap();
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, handoff);
+criterion_main!(benches);
