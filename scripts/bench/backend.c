@@ -6,7 +6,8 @@
  * burns SLOW_MS (default 5) ms of CPU first: the skewed-load scenario.
  *
  * Where it gets connections from:
- *   LB_FD=3        lb's protocol v1 (READY; CLOSED reports batched per loop)
+ *   LB_FD=3        lb's protocol v1 (READY; CLOSED reports batched per loop,
+ *                  unless LB_REPORT_CLOSED=0 says nothing reads them)
  *   FD_SOCK_FD=3   bare fds over a unix socket (the reference fdpass-master)
  *   PORT=N         its own listener on 127.0.0.1:N (REUSEPORT=1 to share it)
  *
@@ -42,7 +43,7 @@ static const char OK_CLOSE[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnecti
 struct conn { int fd; size_t len; char buf[BUF]; };
 
 static volatile sig_atomic_t want_report, want_exit;
-static int ep, chan = -1, lb_protocol, draining;
+static int ep, chan = -1, lb_protocol, report_closed, draining;
 static unsigned long long requests, conns, unreported;
 static long slow_ms = 5;
 static char tag;   /* epoll data.ptr for the channel / listener */
@@ -158,6 +159,8 @@ int main(void) {
     int lfd = -1;
     if (getenv("LB_FD") || getenv("FD_SOCK_FD")) {
         lb_protocol = getenv("LB_FD") != NULL;
+        const char *rc = getenv("LB_REPORT_CLOSED");
+        report_closed = lb_protocol && !(rc && strcmp(rc, "0") == 0);
         chan = atoi(lb_protocol ? getenv("LB_FD") : getenv("FD_SOCK_FD"));
     } else {
         const char *p = getenv("PORT");
@@ -176,7 +179,7 @@ int main(void) {
     if (lb_protocol) send_msg(READY, 0);
     struct epoll_event evs[256];
     while (!want_exit) {
-        if (lb_protocol && unreported) { send_msg(CLOSED, unreported); unreported = 0; }
+        if (report_closed && unreported) { send_msg(CLOSED, unreported); unreported = 0; }
         int n = epoll_pwait(ep, evs, 256, -1, &during_wait);
         if (want_report) { want_report = 0; report(); }
         for (int i = 0; i < n; i++) {

@@ -65,6 +65,12 @@ impl PolicyKind {
         }
     }
 
+    /// Whether the policy reads the workers' CLOSED reports (workers are
+    /// told, and may skip them otherwise).
+    pub fn uses_close_reports(self) -> bool {
+        matches!(self, PolicyKind::LeastConn)
+    }
+
     /// Builds the strategy, sized for `slots` workers.
     pub fn build(self, slots: usize) -> Box<dyn Policy> {
         let mut policy: Box<dyn Policy> = match self {
@@ -134,6 +140,13 @@ mod tests {
         let err = "fastest".parse::<PolicyKind>().unwrap_err();
         assert!(err.to_string().contains("`fastest`"));
         assert!(err.to_string().contains("rr"));
+    }
+
+    #[test]
+    fn only_least_conn_reads_close_reports() {
+        assert!(PolicyKind::LeastConn.uses_close_reports());
+        assert!(!PolicyKind::RoundRobin.uses_close_reports());
+        assert!(!PolicyKind::Weighted.uses_close_reports());
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub mod env {
     pub const GENERATION: &str = "LB_GENERATION";
     /// The protocol version (1).
     pub const PROTOCOL: &str = "LB_PROTOCOL";
+    /// `1` when the policy uses CLOSED reports (least-connections), `0`
+    /// when nothing reads them: a worker may then skip them. Reading them
+    /// costs the master about 15% of its CPU per connection.
+    pub const REPORT_CLOSED: &str = "LB_REPORT_CLOSED";
 }
 
 /// Creates one channel: `(master end, worker end)`, both CLOEXEC. The master

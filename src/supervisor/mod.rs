@@ -262,7 +262,8 @@ impl Supervisor {
             "worker {slot} gen {generation}: spawn `{}`",
             spawn::describe_command(pool)
         );
-        let spawned = spawn::spawn(pool, slot, generation).map_err(|source| {
+        let report_closed = self.config.policy.uses_close_reports();
+        let spawned = spawn::spawn(pool, slot, generation, report_closed).map_err(|source| {
             // ENOENT for a file that exists: exec could not find what the file needs.
             let hint = if source.kind() == io::ErrorKind::NotFound && pool.command.exists() {
                 "the file exists, so its #! interpreter or its dynamic loader is missing"

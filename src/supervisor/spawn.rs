@@ -34,7 +34,7 @@ pub fn describe_command(pool: &Pool) -> String {
 
 /// Starts `pool`'s command as the worker in `slot`. `Command::spawn` returns
 /// only after exec succeeded (or with exec's error), so an `Ok` is "online".
-pub fn spawn(pool: &Pool, slot: Slot, generation: u64) -> io::Result<Spawned> {
+pub fn spawn(pool: &Pool, slot: Slot, generation: u64, report_closed: bool) -> io::Result<Spawned> {
     let (channel, peer) = proto::pair()?;
     let mut cmd = Command::new(&pool.command);
     cmd.args(&pool.args)
@@ -43,6 +43,7 @@ pub fn spawn(pool: &Pool, slot: Slot, generation: u64) -> io::Result<Spawned> {
         .env(env::WORKER_ID, slot.0.to_string())
         .env(env::GENERATION, generation.to_string())
         .env(env::PROTOCOL, VERSION.to_string())
+        .env(env::REPORT_CLOSED, if report_closed { "1" } else { "0" })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

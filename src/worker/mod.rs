@@ -44,17 +44,22 @@ pub enum Incoming {
 }
 
 /// Reports closed connections to the master; cheap to clone (an `Arc`).
+/// Does nothing when the master said it does not read them
+/// (`LB_REPORT_CLOSED=0`).
 #[derive(Debug, Clone)]
-pub struct Reporter(Arc<OwnedFd>);
+pub struct Reporter {
+    chan: Arc<OwnedFd>,
+    enabled: bool,
+}
 
 impl Reporter {
     /// Tells the master `n` connections have finished (feeds least-connections).
     pub fn closed(&self, n: u64) -> io::Result<()> {
-        if n == 0 {
+        if n == 0 || !self.enabled {
             return Ok(());
         }
         ignore_gone(proto::send_plain(
-            self.0.as_fd(),
+            self.chan.as_fd(),
             kind::CLOSED,
             n,
             &[],
@@ -75,6 +80,7 @@ fn ignore_gone(r: io::Result<()>) -> io::Result<()> {
 #[derive(Debug)]
 pub struct Listener {
     chan: Arc<OwnedFd>,
+    report_closed: bool,
     slot: usize,
     generation: u64,
     done: bool,
@@ -109,6 +115,7 @@ impl Listener {
     pub fn from_fd(chan: OwnedFd, slot: usize, generation: u64) -> Listener {
         Listener {
             chan: Arc::new(chan),
+            report_closed: true,
             slot,
             generation,
             done: false,
@@ -155,7 +162,10 @@ impl Listener {
 
     /// A handle for reporting closes from elsewhere (another thread).
     pub fn reporter(&self) -> Reporter {
-        Reporter(Arc::clone(&self.chan))
+        Reporter {
+            chan: Arc::clone(&self.chan),
+            enabled: self.report_closed,
+        }
     }
 
     /// The next thing the master sent. With `Wait::DontWait`, `WouldBlock`

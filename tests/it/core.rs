@@ -243,6 +243,10 @@ fn workers_get_their_environment_and_distinct_slots() {
         assert_eq!(vars["LB_FD"], "3");
         assert_eq!(vars["LB_PROTOCOL"], "1");
         assert_eq!(vars["LB_GENERATION"], "1");
+        assert_eq!(
+            vars["LB_REPORT_CLOSED"], "0",
+            "round-robin reads no close reports"
+        );
         // Their own process group: a terminal's ^C reaches only the master.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let pgrp: u32 = stat
