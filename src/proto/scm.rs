@@ -19,6 +19,39 @@ struct CmsgBuf([u8; 64]);
 
 const _: () = assert!(mem::size_of::<libc::cmsghdr>() + MAX_FDS * mem::size_of::<RawFd>() <= 64);
 
+/// Points `msg`'s control data at `buf` and writes one `SCM_RIGHTS` header
+/// carrying `fd` there. `buf` must outlive every use of `msg`.
+fn attach_fd(msg: &mut libc::msghdr, buf: &mut CmsgBuf, fd: RawFd) {
+    msg.msg_control = buf.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic. CMSG_FIRSTHDR reads
+    // only msg_control/msg_controllen, which now describe `buf`, a live,
+    // aligned 64-byte buffer (at least CMSG_SPACE(4), checked above), so the
+    // header and the one int written through CMSG_DATA stay inside it.
+    unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) as usize;
+        let c = libc::CMSG_FIRSTHDR(msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+    }
+}
+
+/// Runs a libc call until it is not interrupted; a negative result becomes
+/// the `errno` it set.
+fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let r = call();
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// Whether a call may block. The master's sockets are non-blocking and always
 /// pass `DontWait`; a worker may block on its channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,33 +95,12 @@ pub fn send(
     msg.msg_iov = iov.as_mut_ptr();
     msg.msg_iovlen = if payload.is_empty() { 1 } else { 2 };
     if let Some(fd) = fd {
-        let raw = fd.as_raw_fd();
-        // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic. CMSG_FIRSTHDR reads
-        // only msg_control/msg_controllen, which point at `cmsg`, a live,
-        // aligned buffer at least CMSG_SPACE(4) bytes long (checked above), so
-        // the header and the one int written through CMSG_DATA stay inside it.
-        unsafe {
-            msg.msg_control = cmsg.0.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), raw);
-        }
+        attach_fd(&mut msg, &mut cmsg, fd.as_raw_fd());
     }
-    loop {
-        // SAFETY: `msg` points at `iov` and `cmsg`, both alive for the call; the
-        // kernel only reads them. `sock` is a valid open fd for the call.
-        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | wait.flag()) };
-        if r >= 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `msg` points at `iov` and `cmsg`, both alive for the call; the
+    // kernel only reads them. `sock` is a valid open fd for the call.
+    retry(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | wait.flag()) })
+        .map(drop)
 }
 
 /// The fds one received message carried. Owned: any not taken are closed
@@ -148,24 +160,15 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], wait: Wait) -> io::Result<Rece
     // SAFETY: CMSG_SPACE is pure arithmetic.
     msg.msg_controllen =
         unsafe { libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as u32) } as usize;
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (covering `buf`) and `cmsg`, both alive
-        // and writable for the call and at least as long as the lengths given.
-        let r = unsafe {
-            libc::recvmsg(
-                sock.as_raw_fd(),
-                &mut msg,
-                libc::MSG_CMSG_CLOEXEC | wait.flag(),
-            )
-        };
-        if r >= 0 {
-            break r as usize;
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    };
+    // SAFETY: `msg` points at `iov` (covering `buf`) and `cmsg`, both alive
+    // and writable for the call and at least as long as the lengths given.
+    let n = retry(|| unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_CMSG_CLOEXEC | wait.flag(),
+        )
+    })?;
     let mut fds = Fds::new();
     // SAFETY: after a successful recvmsg the kernel has written msg_controllen
     // valid bytes of control data into `cmsg`; CMSG_FIRSTHDR/CMSG_NXTHDR only
@@ -315,27 +318,18 @@ impl RecvBatch {
             hdrs[i].msg_hdr.msg_control = self.cmsg[i].0.as_mut_ptr().cast();
             hdrs[i].msg_hdr.msg_controllen = 64;
         }
-        let n = loop {
-            // SAFETY: every header points at a live iovec covering its own
-            // `max`-byte region of `data` and at its own 64-byte control
-            // buffer; all outlive the call, and the kernel writes only there.
-            let r = unsafe {
-                libc::recvmmsg(
-                    sock.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
-                    libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-                    std::ptr::null_mut(),
-                )
-            };
-            if r >= 0 {
-                break r as usize;
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        };
+        // SAFETY: every header points at a live iovec covering its own
+        // `max`-byte region of `data` and at its own 64-byte control buffer;
+        // all outlive the call, and the kernel writes only there.
+        let n = retry(|| unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                std::ptr::null_mut(),
+            ) as isize
+        })?;
         // At EOF every slot comes back as an empty datagram; the protocol
         // never sends empty ones, so an empty first one means closed.
         if n == 0 || hdrs[0].msg_len == 0 {
@@ -409,38 +403,16 @@ pub fn send_each<F: AsFd>(
         let m = &mut hdrs[i].msg_hdr;
         m.msg_iov = v;
         m.msg_iovlen = 1;
-        // SAFETY: as in `send`: CMSG_* arithmetic within this message's own
-        // aligned 64-byte buffer, which holds one header and one int.
-        unsafe {
-            m.msg_control = cmsg[i].0.as_mut_ptr().cast();
-            m.msg_controllen = libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) as usize;
-            let c = libc::CMSG_FIRSTHDR(m);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(
-                libc::CMSG_DATA(c).cast::<RawFd>(),
-                fds[i].as_fd().as_raw_fd(),
-            );
-        }
+        attach_fd(m, &mut cmsg[i], fds[i].as_fd().as_raw_fd());
     }
-    loop {
-        // SAFETY: the first `n` headers point at live iovecs (over `headers`)
-        // and control buffers that outlive the call; the kernel only reads them.
-        let r = unsafe {
-            libc::sendmmsg(
-                sock.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                n as libc::c_uint,
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: the first `n` headers point at live iovecs (over `headers`) and
+    // control buffers that outlive the call; the kernel only reads them.
+    retry(|| unsafe {
+        libc::sendmmsg(
+            sock.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        ) as isize
+    })
 }
