@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lb::dispatch::{Command, Dispatcher, Notifier};
-use lb::policy::{PolicyKind, Slot};
-use lb::proto::{self, Wait};
-use lb::worker::{Incoming, Listener};
+use lb::policy::PolicyKind;
+
+#[path = "../tests/support/inproc.rs"]
+mod inproc;
 
 /// Connections per timed batch (below the listen backlog).
 const BATCH: u64 = 256;
@@ -35,36 +36,7 @@ fn dispatcher(policy: PolicyKind) -> (Dispatcher, lb::dispatch::Handle, SocketAd
         },
     )
     .unwrap();
-    for slot in 0..WORKERS {
-        let (master, worker) = proto::pair().unwrap();
-        let peer = worker.try_clone().unwrap();
-        nix::fcntl::fcntl(
-            &master,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .unwrap();
-        handle.send(Command::Attach {
-            slot: Slot(slot),
-            pid: slot as u32 + 1,
-            channel: master,
-            peer,
-            weight: 1,
-        });
-        std::thread::spawn(move || {
-            let mut l = Listener::from_fd(worker, slot, 1);
-            l.ready().unwrap();
-            loop {
-                match l.next(Wait::Block) {
-                    Ok(Incoming::Conn(s)) => {
-                        drop(s);
-                        let _ = l.report_closed(1);
-                    }
-                    Ok(Incoming::Message(_)) => {}
-                    _ => return,
-                }
-            }
-        });
-    }
+    inproc::workers(&handle, WORKERS, drop);
     (d, handle, addr)
 }
 

@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lb::dispatch::{Command, Dispatcher, Notifier};
-use lb::policy::{PolicyKind, Slot};
-use lb::proto::{self, Wait};
-use lb::worker::{Incoming, Listener};
+use lb::policy::PolicyKind;
+
+#[path = "support/inproc.rs"]
+mod inproc;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
@@ -97,41 +98,12 @@ fn run(policy: PolicyKind, warmup: usize, measured: usize) -> (u64, u64) {
     )
     .unwrap();
     let received = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for slot in 0..WORKERS {
-        let (master, worker) = proto::pair().unwrap();
-        let peer = worker.try_clone().unwrap();
-        nix::fcntl::fcntl(
-            &master,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .unwrap();
-        handle.send(Command::Attach {
-            slot: Slot(slot),
-            pid: slot as u32 + 1,
-            channel: master,
-            peer,
-            weight: slot as u32 + 1,
-        });
-        let received = Arc::clone(&received);
-        workers.push(std::thread::spawn(move || {
-            let mut l = Listener::from_fd(worker, slot, 1);
-            l.ready().unwrap();
-            loop {
-                match l.next(Wait::Block).unwrap() {
-                    Incoming::Conn(mut s) => {
-                        s.set_nonblocking(false).unwrap();
-                        let _ = s.write_all(b"!");
-                        drop(s);
-                        l.report_closed(1).unwrap();
-                        received.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Incoming::Drain | Incoming::Closed => return,
-                    Incoming::Message(_) => {}
-                }
-            }
-        }));
-    }
+    let counter = Arc::clone(&received);
+    let workers = inproc::workers(&handle, WORKERS, move |mut s| {
+        s.set_nonblocking(false).unwrap();
+        let _ = s.write_all(b"!");
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
     let dispatch = std::thread::spawn(move || {
         COUNTED.with(|c| c.set(true));
         dispatcher.run().unwrap()
