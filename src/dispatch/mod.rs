@@ -776,8 +776,10 @@ impl Dispatcher {
         }
         self.shutting_down = true;
         // Nothing already in the backlog is lost: take it all, then close.
+        // (Off the hot path: `pending` may grow past its capacity here when
+        // the backlog is configured larger.)
         if let Some(listener) = self.listener.take() {
-            while self.pending.len() < PENDING_CAPACITY {
+            loop {
                 match sys::accept4(listener.as_fd()) {
                     Ok(fd) => {
                         self.stats.accepted += 1;

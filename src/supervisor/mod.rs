@@ -202,15 +202,16 @@ impl Supervisor {
             {
                 return Err(SupervisorError::Poll(e));
             }
+            // What a worker said before it died is handled before its death.
+            while let Ok(event) = self.events.try_recv() {
+                self.on_event(event);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     SIGNALS => self.on_signals(),
                     WAKER => {}
                     Token(t) => self.on_exit((t - CHILD_BASE) as u32),
                 }
-            }
-            while let Ok(event) = self.events.try_recv() {
-                self.on_event(event);
             }
             self.on_timers();
             if let Some(e) = self.none_can_start() {
@@ -514,6 +515,9 @@ impl Supervisor {
                 Signal::SIGQUIT => {
                     info!("SIGQUIT: stopping now");
                     self.kill_all();
+                }
+                Signal::SIGHUP => {
+                    info!("SIGHUP: reload is not supported yet; nothing changed");
                 }
                 _ => {}
             }
