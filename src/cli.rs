@@ -70,13 +70,53 @@ pub struct StartArgs {
     #[arg(long, value_name = "FILE")]
     pub worker_log: Option<PathBuf>,
 
+    /// The control socket for `lb status/stop/send` [env: LB_CONTROL]
+    /// [default: $XDG_RUNTIME_DIR or /tmp, lb-<port>.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// The worker command and its arguments [default: the bundled hello server]
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
 }
 
+/// Which running master a control subcommand talks to.
+#[derive(Debug, Default, Clone, Args)]
+pub struct Target {
+    /// The master's control socket [env: LB_CONTROL]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Or the address it listens on, to find its default control socket
+    /// [env: LB_LISTEN] [default: 127.0.0.1:8000]
+    #[arg(short, long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show the master and its workers (like `pm2 ls`)
+    Status {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Drain every worker and stop the master (as SIGTERM does)
+    Stop {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Send a message to one worker (by slot) or to all of them
+    Send {
+        /// A slot number, or `all`
+        slot: String,
+        /// The message (at most 4080 bytes)
+        message: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The bundled example worker: an HTTP/1.1 server speaking lb's protocol
     /// on fd 3. Started by lb itself when no worker command is given.
     #[command(hide = true)]

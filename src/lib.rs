@@ -18,6 +18,7 @@
 //! - [`dispatch`]: the hot path (the mio loop on its own thread);
 //! - [`proto`]: the master↔worker contract; all fd-passing `unsafe`;
 //! - [`supervisor`]: worker processes and their lifecycles;
+//! - [`control`]: the control socket behind `lb status/stop/send`;
 //! - [`master`]: wires the above together;
 //! - [`worker`]: the Rust worker-side adapter (depends on `proto` only);
 //! - [`sys`]: the remaining libc (accept4, pidfd, child set-up).
@@ -26,6 +27,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod hello;
 mod log;

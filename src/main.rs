@@ -3,13 +3,83 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use lb::cli::{Cli, Command};
+use lb::cli::{Cli, Command, Target};
+use lb::control::{Request, client};
 use lb::master::Outcome;
+
+/// The control socket a subcommand talks to: --control, LB_CONTROL, or the
+/// default for --listen / LB_LISTEN / 127.0.0.1:8000.
+fn control_path(target: &Target) -> Result<std::path::PathBuf, String> {
+    if let Some(p) = target
+        .control
+        .clone()
+        .or_else(|| std::env::var_os("LB_CONTROL").map(Into::into))
+    {
+        return Ok(p);
+    }
+    let listen = target
+        .listen
+        .clone()
+        .or_else(|| std::env::var("LB_LISTEN").ok())
+        .unwrap_or_else(|| lb::config::defaults::LISTEN.to_string());
+    let port = listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| {
+            format!("invalid --listen `{listen}`: give HOST:PORT, or pass --control PATH")
+        })?;
+    Ok(lb::control::default_path(port))
+}
+
+/// Runs a control subcommand: prints the answer, exit 0; or one line, exit 1.
+fn control(target: &Target, request: Request, json: bool) -> ExitCode {
+    let answer = control_path(target).and_then(|path| client::call(&path, &request));
+    match answer {
+        Ok(r) if r.ok => {
+            match (&r.status, json) {
+                (Some(s), true) => {
+                    println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())
+                }
+                (Some(s), false) => print!("{}", client::render(s)),
+                (None, _) => println!("{}", r.message.unwrap_or_else(|| "ok".into())),
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("lb: error: {}", r.error.unwrap_or_else(|| "refused".into()));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("lb: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::HelloWorker) => lb::hello::main(),
+        Some(Command::Status { json, target }) => control(&target, Request::Status, json),
+        Some(Command::Stop { target }) => control(&target, Request::Stop, false),
+        Some(Command::Send {
+            slot,
+            message,
+            target,
+        }) => {
+            let slot = match slot.as_str() {
+                "all" => None,
+                s => match s.parse() {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        eprintln!("lb: error: invalid slot `{s}`: give a slot number or `all`");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            control(&target, Request::Send { slot, message }, false)
+        }
         None => {
             let config = match lb::config::load(&cli.start, &|k| std::env::var(k).ok()) {
                 Ok(c) => c,

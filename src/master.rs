@@ -9,6 +9,7 @@ use mio::{Poll, Waker};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::Config;
+use crate::control;
 use crate::dispatch::{self, Dispatcher, Notifier};
 use crate::info;
 use crate::supervisor::{self, Supervisor, SupervisorError};
@@ -20,6 +21,8 @@ pub enum MasterError {
     Listen { addr: SocketAddr, reason: String },
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("{0}")]
     Io(String),
 }
@@ -102,6 +105,13 @@ pub fn run(config: Config) -> Result<Outcome, MasterError> {
         Waker::new(poll.registry(), supervisor::WAKER)
             .map_err(|e| MasterError::Io(format!("eventfd: {e}")))?,
     );
+    let control_path = config
+        .control
+        .clone()
+        .unwrap_or_else(|| control::default_path(local.port()));
+    let (control_tx, control_rx) = crossbeam_channel::unbounded();
+    let control = control::Server::start(&control_path, control_tx, Arc::clone(&waker))?;
+    info!("control socket {}", control.path().display());
     let (events_tx, events_rx) = crossbeam_channel::bounded(dispatch::EVENT_QUEUE);
     let (mut dispatcher, handle) = Dispatcher::new(
         listener,
@@ -118,7 +128,9 @@ pub fn run(config: Config) -> Result<Outcome, MasterError> {
         .spawn(move || dispatcher.run())
         .map_err(|e| MasterError::Io(format!("dispatch thread: {e}")))?;
 
-    let result = Supervisor::new(poll, config, handle.clone(), events_rx).and_then(|s| s.run());
+    let result = Supervisor::new(poll, config, local, handle.clone(), events_rx, control_rx)
+        .and_then(|s| s.run());
+    drop(control);
     handle.send(dispatch::Command::Stop);
     let stats = thread.join();
     let drained = result?;

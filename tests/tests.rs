@@ -3,6 +3,8 @@
 
 mod util;
 
+#[path = "it/control.rs"]
+mod control;
 #[path = "it/core.rs"]
 mod core;
 #[path = "it/supervision.rs"]

@@ -19,6 +19,7 @@ pub struct File {
     pub ready_timeout: Option<String>,
     pub min_uptime: Option<String>,
     pub worker_log: Option<String>,
+    pub control: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

@@ -41,6 +41,8 @@ pub struct Config {
     pub min_uptime: Duration,
     /// Where workers' output lines go; `None` = lb's stderr.
     pub worker_log: Option<PathBuf>,
+    /// The control socket; `None` = `control::default_path(port)`.
+    pub control: Option<PathBuf>,
     pub pools: Vec<Pool>,
 }
 
@@ -280,6 +282,15 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 .map(PathBuf::from)
         })
         .or_else(|| file.worker_log.clone().map(PathBuf::from));
+    let control = args
+        .control
+        .clone()
+        .or_else(|| {
+            env("LB_CONTROL")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| file.control.clone().map(PathBuf::from));
 
     // Worker count given outside the pools (CLI > env > file `workers`).
     let workers = layered(
@@ -388,6 +399,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         ready_timeout,
         min_uptime,
         worker_log,
+        control,
         pools,
     };
     if config.slots() > defaults::MAX_WORKERS {

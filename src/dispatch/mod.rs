@@ -65,6 +65,15 @@ pub enum Command {
     /// Accept what is in the backlog, close the listener, DRAIN every worker
     /// once nothing is left to hand out.
     Shutdown,
+    /// Report the counters and every worker's connections (for status).
+    Snapshot(Sender<Snapshot>),
+    /// Send a user message to the ready workers of `target` (all when
+    /// `None`); replies with how many took it.
+    Message {
+        target: Option<Slot>,
+        payload: Vec<u8>,
+        reply: Sender<usize>,
+    },
     /// Leave the loop.
     Stop,
 }
@@ -118,6 +127,26 @@ pub struct Stats {
     pub paused: u64,
     /// Events dropped because the supervisor fell behind.
     pub events_dropped: u64,
+}
+
+/// One worker process as the dispatcher sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub slot: Slot,
+    pub pid: u32,
+    /// Takes new connections (ready, not draining, its slot's current process).
+    pub taking: bool,
+    /// Sent and not reported closed (0 for workers that skip reports).
+    pub active: u64,
+    /// Sent over the process's life.
+    pub total: u64,
+}
+
+/// The dispatcher's counters and workers at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub stats: Stats,
+    pub workers: Vec<WorkerStats>,
 }
 
 /// How the supervisor (or a test) talks to a running dispatcher.
@@ -653,9 +682,57 @@ impl Dispatcher {
                     }
                 }
                 Command::Shutdown => self.shutdown(),
+                Command::Snapshot(reply) => {
+                    let _ = reply.send(self.snapshot());
+                }
+                Command::Message {
+                    target,
+                    payload,
+                    reply,
+                } => {
+                    let _ = reply.send(self.message(target, &payload));
+                }
                 Command::Stop => self.running = false,
             }
         }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let workers = self
+            .workers
+            .indices()
+            .filter_map(|i| {
+                let w = self.workers.get(i)?;
+                Some(WorkerStats {
+                    slot: w.slot,
+                    pid: w.pid,
+                    taking: self.is_current(i) && w.state == State::Ready,
+                    active: w.sent - w.closed,
+                    total: w.sent,
+                })
+            })
+            .collect();
+        Snapshot {
+            stats: self.stats,
+            workers,
+        }
+    }
+
+    /// Sends a USER message to the ready workers of `target`; how many took it.
+    fn message(&mut self, target: Option<Slot>, payload: &[u8]) -> usize {
+        let indices: Vec<usize> = self.workers.indices().collect();
+        let mut delivered = 0;
+        for i in indices {
+            let Some(w) = self.workers.get(i) else {
+                continue;
+            };
+            if w.state != State::Ready || target.is_some_and(|t| t != w.slot) {
+                continue;
+            }
+            let sent = proto::send_plain(w.channel.as_fd(), kind::USER, 0, payload, Wait::DontWait);
+            delivered += usize::from(sent.is_ok());
+        }
+        delivered
     }
 
     fn attach(&mut self, slot: Slot, pid: u32, channel: OwnedFd, peer: OwnedFd, weight: u32) {

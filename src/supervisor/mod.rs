@@ -23,6 +23,7 @@ use nix::sys::signal::Signal;
 use nix::sys::signalfd::{SfdFlags, SigSet, SignalFd};
 
 use crate::config::Config;
+use crate::control::{self, Request, Response, Status, WorkerStatus};
 use crate::dispatch::{self, Command, Event};
 use crate::info;
 use crate::policy::Slot;
@@ -124,6 +125,10 @@ pub struct Supervisor {
     procs: Vec<Proc>,
     dispatch: dispatch::Handle,
     events: Receiver<Event>,
+    control: Receiver<control::Incoming>,
+    /// For status: where the master listens, and since when.
+    listen: String,
+    started: Instant,
     phase: Phase,
     generation: u64,
     interrupts: u32,
@@ -140,8 +145,10 @@ impl Supervisor {
     pub fn new(
         poll: Poll,
         config: Config,
+        listen: std::net::SocketAddr,
         dispatch: dispatch::Handle,
         events: Receiver<Event>,
+        control: Receiver<control::Incoming>,
     ) -> Result<Supervisor, SupervisorError> {
         let signals = SignalFd::with_flags(
             &handled_signals(),
@@ -171,6 +178,9 @@ impl Supervisor {
             procs: Vec::new(),
             dispatch,
             events,
+            control,
+            listen: listen.to_string(),
+            started: Instant::now(),
             phase: Phase::Running,
             generation: 1,
             interrupts: 0,
@@ -205,6 +215,10 @@ impl Supervisor {
             // What a worker said before it died is handled before its death.
             while let Ok(event) = self.events.try_recv() {
                 self.on_event(event);
+            }
+            while let Ok(incoming) = self.control.try_recv() {
+                let answer = self.on_control(incoming.request);
+                let _ = incoming.reply.send(answer);
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -481,6 +495,117 @@ impl Supervisor {
         }
     }
 
+    fn on_control(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => match self.status() {
+                Some(status) => Response {
+                    ok: true,
+                    status: Some(status),
+                    ..Response::default()
+                },
+                None => Response::error("the dispatcher did not answer".into()),
+            },
+            Request::Stop => {
+                if self.phase == Phase::Running {
+                    info!("stop requested on the control socket");
+                    self.begin_drain("lb stop");
+                }
+                Response::done(format!("draining {} workers", self.procs.len()))
+            }
+            Request::Send { slot, message } => {
+                if message.len() > crate::proto::MAX_PAYLOAD {
+                    return Response::error(format!(
+                        "message of {} bytes is longer than {}",
+                        message.len(),
+                        crate::proto::MAX_PAYLOAD
+                    ));
+                }
+                if slot.is_some_and(|s| s >= self.slots.len()) {
+                    return Response::error(format!(
+                        "no slot {}; slots are 0 to {}",
+                        slot.unwrap_or(0),
+                        self.slots.len() - 1
+                    ));
+                }
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                self.dispatch.send(Command::Message {
+                    target: slot.map(Slot),
+                    payload: message.into_bytes(),
+                    reply,
+                });
+                match answer.recv_timeout(std::time::Duration::from_secs(2)) {
+                    Ok(0) => Response::error("no ready worker took the message".into()),
+                    Ok(n) => Response::done(format!("sent to {n} workers")),
+                    Err(_) => Response::error("the dispatcher did not answer".into()),
+                }
+            }
+        }
+    }
+
+    /// Every process and every waiting slot, with the dispatcher's counts.
+    fn status(&self) -> Option<Status> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.dispatch.send(Command::Snapshot(reply));
+        let snap = answer
+            .recv_timeout(std::time::Duration::from_secs(2))
+            .ok()?;
+        let mut workers: Vec<WorkerStatus> = self
+            .procs
+            .iter()
+            .map(|p| {
+                let seen = snap.workers.iter().find(|w| w.pid == p.pid);
+                let uptime = p.started.elapsed().as_secs_f64();
+                let (cpu_s, rss) = sys::proc_usage(p.pid).unwrap_or_default();
+                WorkerStatus {
+                    slot: p.slot.0,
+                    pid: Some(p.pid),
+                    generation: p.generation,
+                    state: if p.retiring {
+                        "draining"
+                    } else if p.ready {
+                        "ready"
+                    } else {
+                        "starting"
+                    }
+                    .into(),
+                    uptime_s: uptime,
+                    restarts: self.slots[p.slot.0].restarts,
+                    active: seen.map_or(0, |w| w.active),
+                    total: seen.map_or(0, |w| w.total),
+                    cpu_percent: if uptime > 0.0 {
+                        100.0 * cpu_s / uptime
+                    } else {
+                        0.0
+                    },
+                    rss_bytes: rss,
+                }
+            })
+            .collect();
+        for (slot, s) in self.slots.iter().enumerate() {
+            if s.restart_at.is_some() && !self.procs.iter().any(|p| p.slot.0 == slot && !p.retiring)
+            {
+                workers.push(WorkerStatus {
+                    slot,
+                    generation: self.generation,
+                    state: "restarting".into(),
+                    restarts: s.restarts,
+                    ..WorkerStatus::default()
+                });
+            }
+        }
+        workers.sort_by_key(|w| (w.slot, w.pid));
+        Some(Status {
+            pid: std::process::id(),
+            listen: self.listen.clone(),
+            policy: self.config.policy.name().into(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            accepted: snap.stats.accepted,
+            dispatched: snap.stats.dispatched,
+            rescued: snap.stats.rescued,
+            workers,
+        })
+    }
+
     /// Marks the process `pid` as on its way out: its exit restarts nothing,
     /// and it is killed if still running after `drain_timeout`. False if it
     /// already was (or is gone).
@@ -506,7 +631,7 @@ impl Supervisor {
                 Signal::SIGINT | Signal::SIGTERM => {
                     self.interrupts += 1;
                     if self.interrupts == 1 {
-                        self.begin_drain(signal);
+                        self.begin_drain(signal.as_str());
                     } else {
                         info!("{signal} again: stopping now");
                         self.kill_all();
@@ -524,10 +649,10 @@ impl Supervisor {
         }
     }
 
-    fn begin_drain(&mut self, signal: Signal) {
+    fn begin_drain(&mut self, why: &str) {
         let timeout = self.config.drain_timeout;
         info!(
-            "{signal}: draining {} workers (up to {:.1}s); send it again to stop at once",
+            "{why}: draining {} workers (up to {:.1}s); send it again to stop at once",
             self.procs.len(),
             timeout.as_secs_f64()
         );

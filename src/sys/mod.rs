@@ -136,6 +136,23 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// CPU seconds used so far and resident memory in bytes of `pid`, from
+/// `/proc` (no libc needed; here beside the other process helpers).
+pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    // /proc counts CPU in USER_HZ, fixed at 100 by the Linux ABI on x86 and arm.
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    Some((ticks / USER_HZ, rss_kb * 1024))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +179,14 @@ mod tests {
         assert_ne!(fl & libc::O_NONBLOCK, 0);
         let fd_flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+    }
+
+    #[test]
+    fn proc_usage_reads_this_process() {
+        let (cpu, rss) = proc_usage(std::process::id()).unwrap();
+        assert!(cpu >= 0.0);
+        assert!(rss > 0);
+        assert!(proc_usage(u32::MAX).is_none());
     }
 
     #[test]

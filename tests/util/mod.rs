@@ -21,6 +21,18 @@ pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A control socket path of the test's own unless the arguments name one,
+/// so that masters the tests kill leave nothing in /tmp.
+fn private_control(args: &[&str]) -> Option<String> {
+    if args.contains(&"--control") {
+        return None;
+    }
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = scratch("control").join(format!("lb-{n}.sock"));
+    Some(path.to_str().unwrap().to_string())
+}
+
 /// A scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lb-it-{}-{name}", std::process::id()));
@@ -110,7 +122,11 @@ impl Lb {
     /// Starts `lb` on an ephemeral port and waits until `workers` workers
     /// reported READY.
     pub fn start(args: &[&str], env: &[(&str, &str)], workers: usize) -> Lb {
+        let control = private_control(args);
         let mut full = vec!["--listen", "127.0.0.1:0"];
+        if let Some(c) = &control {
+            full.extend(["--control", c.as_str()]);
+        }
         full.extend_from_slice(args);
         let mut child = lb_command(&full, env).spawn().expect("start lb");
         let log = capture(&mut child);
@@ -190,9 +206,13 @@ pub fn send_signal(pid: u32, sig: i32) {
 /// Runs `lb` to completion (for start-up failures); bounded. Listens on an
 /// ephemeral port unless the arguments say otherwise.
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let control = private_control(args);
     let mut full = Vec::new();
     if !args.iter().any(|a| *a == "--listen" || *a == "-l") {
         full.extend(["--listen", "127.0.0.1:0"]);
+    }
+    if let Some(c) = &control {
+        full.extend(["--control", c.as_str()]);
     }
     full.extend_from_slice(args);
     let mut child = lb_command(&full, env).spawn().expect("start lb");

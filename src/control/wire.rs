@@ -1,0 +1,76 @@
+//! What travels over the control socket: one JSON line each way.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    /// Drain every worker and exit, as SIGTERM does.
+    Stop,
+    /// A user message to one slot's worker, or to all when `slot` is absent.
+    Send {
+        slot: Option<usize>,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn done(message: String) -> Response {
+        Response {
+            ok: true,
+            message: Some(message),
+            ..Response::default()
+        }
+    }
+
+    pub fn error(error: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(error),
+            ..Response::default()
+        }
+    }
+}
+
+/// The master and every worker (what `lb status` shows).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub listen: String,
+    pub policy: String,
+    pub uptime_s: f64,
+    pub accepted: u64,
+    pub dispatched: u64,
+    pub rescued: u64,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub slot: usize,
+    /// None while the slot waits to restart.
+    pub pid: Option<u32>,
+    pub generation: u64,
+    /// starting, ready, draining, restarting
+    pub state: String,
+    pub uptime_s: f64,
+    pub restarts: u64,
+    /// Open connections (known for workers that report closes).
+    pub active: u64,
+    pub total: u64,
+    /// Average CPU use since start, percent of one core.
+    pub cpu_percent: f64,
+    pub rss_bytes: u64,
+}
