@@ -18,7 +18,7 @@
 
 enum { CONN = 1, DRAIN = 2, READY = 16, CLOSED = 17, HDR = 16, BUF = 8192 };
 
-struct conn { int fd; size_t len; struct conn *prev, *next; char buf[BUF]; };
+struct conn { int fd; size_t len, served; struct conn *prev, *next; char buf[BUF]; };
 
 static int chan, ep, live, draining;
 static struct conn *conns;   /* all open connections, to close idle ones on DRAIN */
@@ -57,6 +57,7 @@ static int on_readable(struct conn *c) {
             int m = snprintf(out, sizeof out,
                              "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n%s",
                              strlen(body), close_after ? "Connection: close\r\n" : "", body);
+            c->served++;
             if (write(c->fd, out, (size_t)m) != m || close_after) { conn_close(c); return -1; }
             memmove(c->buf, c->buf + head, c->len - head);
             c->len -= head;
@@ -97,7 +98,9 @@ static int on_channel(void) {
                 draining = 1;
                 for (struct conn *c = conns, *next; c; c = next) {
                     next = c->next;
-                    if (c->len == 0) conn_close(c);   /* idle keep-alive: done */
+                    /* Idle keep-alive: done. One that has served nothing yet
+                     * is waiting for its first request, not idle. */
+                    if (c->served > 0 && c->len == 0) conn_close(c);
                 }
             }
         }

@@ -39,6 +39,9 @@ struct Client {
     stream: TcpStream,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// Requests answered. A connection that has answered none is not idle:
+    /// its first request may simply not have arrived yet.
+    served: u64,
     /// Close once `output` is flushed.
     close_after: bool,
 }
@@ -87,6 +90,7 @@ fn run() -> anyhow::Result<()> {
                                 stream,
                                 input: Vec::new(),
                                 output: Vec::new(),
+                                served: 0,
                                 close_after: false,
                             };
                             clients.insert(token, client);
@@ -104,7 +108,7 @@ fn run() -> anyhow::Result<()> {
                             draining = true;
                             let idle: Vec<Token> = clients
                                 .iter()
-                                .filter(|(_, c)| c.input.is_empty() && c.output.is_empty())
+                                .filter(|(_, c)| c.is_idle())
                                 .map(|(t, _)| *t)
                                 .collect();
                             for t in idle {
@@ -191,6 +195,7 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
                     std::thread::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS)));
                 }
                 respond(c, "200 OK", body, close || draining);
+                c.served += 1;
             }
         }
     }
@@ -204,7 +209,14 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
             Err(_) => return true,
         }
     }
-    c.close_after || eof || (draining && c.input.is_empty())
+    c.close_after || eof || (draining && c.is_idle())
+}
+
+impl Client {
+    /// A kept-alive connection between requests: closing it loses nothing.
+    fn is_idle(&self) -> bool {
+        self.served > 0 && self.input.is_empty() && self.output.is_empty()
+    }
 }
 
 fn respond(c: &mut Client, status: &str, body: &str, close: bool) {
