@@ -103,6 +103,13 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Re-read the configuration and replace every worker without dropping a
+    /// connection: each new worker takes over only once it is ready (as
+    /// SIGHUP does). Waits until done; exit 1 if it failed
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Drain every worker and stop the master (as SIGTERM does)
     Stop {
         #[command(flatten)]

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
         Some(Command::HelloWorker) => lb::hello::main(),
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
+        Some(Command::Reload { target }) => control(&target, Request::Reload, false),
         Some(Command::Send {
             slot,
             message,
@@ -88,7 +89,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match lb::master::run(config) {
+            let args = cli.start.clone();
+            let reconfigure = Box::new(move || lb::config::load(&args, &|k| std::env::var(k).ok()));
+            match lb::master::run(config, reconfigure) {
                 Ok(Outcome::Drained) => ExitCode::SUCCESS,
                 Ok(Outcome::Forced) => ExitCode::from(1),
                 Err(e) => {

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::control;
 use crate::dispatch::{self, Dispatcher, Notifier};
 use crate::info;
-use crate::supervisor::{self, Supervisor, SupervisorError};
+use crate::supervisor::{self, Reconfigure, Supervisor, SupervisorError};
 use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +69,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, MasterError> 
     Ok(socket.into())
 }
 
-/// Runs a master until it is told to stop.
-pub fn run(config: Config) -> Result<Outcome, MasterError> {
+/// Runs a master until it is told to stop. `reconfigure` loads the
+/// configuration again for a reload (SIGHUP, `lb reload`).
+pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterError> {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the supervisor's signalfd is the only reader.
     supervisor::handled_signals()
@@ -128,8 +129,16 @@ pub fn run(config: Config) -> Result<Outcome, MasterError> {
         .spawn(move || dispatcher.run())
         .map_err(|e| MasterError::Io(format!("dispatch thread: {e}")))?;
 
-    let result = Supervisor::new(poll, config, local, handle.clone(), events_rx, control_rx)
-        .and_then(|s| s.run());
+    let result = Supervisor::new(
+        poll,
+        config,
+        reconfigure,
+        local,
+        handle.clone(),
+        events_rx,
+        control_rx,
+    )
+    .and_then(|s| s.run());
     drop(control);
     handle.send(dispatch::Command::Stop);
     let stats = thread.join();

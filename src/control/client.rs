@@ -15,9 +15,14 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, String> {
             path.display()
         )
     })?;
-    let timeout = Some(Duration::from_secs(10));
-    let _ = stream.set_read_timeout(timeout);
-    let _ = stream.set_write_timeout(timeout);
+    let timeout = Duration::from_secs(10);
+    let read_timeout = if *request == Request::Reload {
+        super::RELOAD_TIMEOUT + timeout
+    } else {
+        timeout
+    };
+    let _ = stream.set_read_timeout(Some(read_timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
     let mut text = serde_json::to_string(request).map_err(|e| e.to_string())?;
     text.push('\n');
     (&stream)

@@ -28,6 +28,9 @@ const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a client may take to send its request or read the answer, and
 /// how long the supervisor may take to answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reload may take before its client stops waiting (the reload
+/// itself goes on).
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Where a master listening on `port` keeps its control socket unless told
 /// otherwise: `$XDG_RUNTIME_DIR/lb-<port>.sock`, else `/tmp/lb-<port>.sock`.
@@ -147,11 +150,16 @@ fn serve(
         match serde_json::from_str::<Request>(line.trim()) {
             Err(e) => Response::error(format!("bad request: {e}")),
             Ok(request) => {
+                let wait = if request == Request::Reload {
+                    RELOAD_TIMEOUT
+                } else {
+                    IO_TIMEOUT
+                };
                 let (reply, answer) = crossbeam_channel::bounded(1);
                 let _ = requests.send(Incoming { request, reply });
                 let _ = waker.wake();
                 answer
-                    .recv_timeout(IO_TIMEOUT)
+                    .recv_timeout(wait)
                     .unwrap_or_else(|_| Response::error("the master did not answer in time".into()))
             }
         }

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
+    /// Re-read the configuration and replace every worker, one at a time,
+    /// each only once its successor is ready (as SIGHUP does). Answered when
+    /// it ends.
+    Reload,
     /// Drain every worker and exit, as SIGTERM does.
     Stop,
     /// A user message to one slot's worker, or to all when `slot` is absent.

@@ -47,8 +47,9 @@ pub const EVENT_QUEUE: usize = 4096;
 /// Supervisor → dispatcher.
 #[derive(Debug)]
 pub enum Command {
-    /// A worker process was started in `slot`; it becomes the slot's current
-    /// process (a previous one stops getting connections). `channel` is the
+    /// A worker process was started in `slot`. When it says READY it becomes
+    /// the slot's current process, and the one before it (if any) is sent
+    /// DRAIN: until then the old one keeps serving. `channel` is the
     /// master's end; `peer` the master's copy of the worker's end, kept to
     /// rescue connections the worker never read.
     Attach {
@@ -622,8 +623,21 @@ impl Dispatcher {
                 };
                 if w.state == State::Starting {
                     w.state = State::Ready;
+                    let weight = w.weight;
+                    // The switch: the slot's connections go to this process
+                    // now, and the one it replaces (if any) drains.
+                    let previous = self.current[slot.0].filter(|&i| i != index);
+                    self.current[slot.0] = Some(index);
+                    self.views[slot.0] = WorkerView {
+                        eligible: false,
+                        weight,
+                        active: 0,
+                    };
                     self.sync_view(slot);
                     self.emit(Event::Ready { slot, pid });
+                    if let Some(previous) = previous {
+                        self.drain_worker(previous);
+                    }
                     if self.shutting_down {
                         self.drain_worker(index);
                     }
@@ -741,15 +755,13 @@ impl Dispatcher {
             self.views.resize(slot.0 + 1, WorkerView::default());
             self.policy.resize(slot.0 + 1);
         }
-        // A previous process of the slot keeps its channel until it exits,
-        // but takes nothing new.
-        if let Some(old) = self.current[slot.0].and_then(|i| self.workers.get_mut(i)) {
-            old.state = State::Draining;
-        }
+        // The new process is its slot's candidate: the current one (if any)
+        // keeps taking connections until the new one says READY.
         let raw = channel.as_raw_fd();
         let index = self.workers.insert(Worker {
             slot,
             pid,
+            weight: weight.max(1),
             state: State::Starting,
             channel,
             peer,
@@ -759,12 +771,6 @@ impl Dispatcher {
             sent: 0,
             closed: 0,
         });
-        self.current[slot.0] = Some(index);
-        self.views[slot.0] = WorkerView {
-            eligible: false,
-            weight: weight.max(1),
-            active: 0,
-        };
         // Readable only: a unix socket wakes its writer's EPOLLOUT waiters
         // each time the reader takes a message, which would wake this loop
         // once per connection. Writability is asked for only while full.

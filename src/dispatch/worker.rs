@@ -6,7 +6,9 @@ use crate::policy::Slot;
 
 /// A worker process's life as the dispatcher sees it:
 /// 1. `Starting`: attached, waiting for READY (is never sent a connection);
-/// 2. `Ready`: takes connections while it is its slot's current process;
+///    its slot's previous process, if any, still serves;
+/// 2. `Ready`: its slot's current process, taking connections (READY is the
+///    switch: the previous process is sent DRAIN);
 /// 3. `Draining`: sent DRAIN, said LEAVING, or replaced; takes nothing new;
 ///    ends with the supervisor's Detach once the process has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +22,8 @@ pub enum State {
 pub struct Worker {
     pub slot: Slot,
     pub pid: u32,
+    /// The slot's weight for the policy once this process is current.
+    pub weight: u32,
     pub state: State,
     /// The master's end of the channel.
     pub channel: OwnedFd,

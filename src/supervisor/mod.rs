@@ -136,6 +136,28 @@ pub struct Supervisor {
     forced: bool,
     /// Some worker has said READY since start-up.
     any_ready: bool,
+    /// Re-reads the configuration for a reload.
+    reconfigure: Reconfigure,
+    reload: Option<Reload>,
+}
+
+/// Loads the configuration again (the same sources as at start).
+pub type Reconfigure = Box<dyn Fn() -> Result<Config, crate::config::ConfigError>>;
+
+/// A rolling reload in progress:
+/// 1. the new configuration is loaded and the generation bumped;
+/// 2. for each slot in turn, a worker of the new generation is started;
+/// 3. its READY switches the slot to it and drains the old worker;
+/// 4. a candidate that exits or times out before READY aborts the reload:
+///    old workers keep serving, the previous configuration is restored for
+///    restarts.
+struct Reload {
+    queue: std::collections::VecDeque<Slot>,
+    candidate: Option<u32>,
+    replaced: usize,
+    previous: Config,
+    previous_generation: u64,
+    reply: Option<crossbeam_channel::Sender<Response>>,
 }
 
 impl Supervisor {
@@ -145,6 +167,7 @@ impl Supervisor {
     pub fn new(
         poll: Poll,
         config: Config,
+        reconfigure: Reconfigure,
         listen: std::net::SocketAddr,
         dispatch: dispatch::Handle,
         events: Receiver<Event>,
@@ -186,6 +209,8 @@ impl Supervisor {
             interrupts: 0,
             forced: false,
             any_ready: false,
+            reconfigure,
+            reload: None,
         })
     }
 
@@ -217,8 +242,13 @@ impl Supervisor {
                 self.on_event(event);
             }
             while let Ok(incoming) = self.control.try_recv() {
-                let answer = self.on_control(incoming.request);
-                let _ = incoming.reply.send(answer);
+                if incoming.request == Request::Reload {
+                    // Answered when the reload ends.
+                    self.begin_reload(Some(incoming.reply));
+                } else {
+                    let answer = self.on_control(incoming.request);
+                    let _ = incoming.reply.send(answer);
+                }
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -270,7 +300,7 @@ impl Supervisor {
     }
 
     /// Starts the worker for `slot`; the error is fatal only at start-up.
-    fn start(&mut self, slot: Slot) -> Result<(), SupervisorError> {
+    fn start(&mut self, slot: Slot) -> Result<u32, SupervisorError> {
         let pool = &self.config.pools[self.slot_pools[slot.0]];
         let generation = self.generation;
         info!(
@@ -330,7 +360,7 @@ impl Supervisor {
             kill_at: None,
             malformed: 0,
         });
-        Ok(())
+        Ok(pid)
     }
 
     /// Starts `slot` now, or schedules a retry with backoff if that fails.
@@ -377,6 +407,30 @@ impl Supervisor {
             pid: p.pid,
         });
         if p.retiring || self.phase != Phase::Running {
+            return;
+        }
+        let how_text = || how.clone();
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.candidate == Some(p.pid))
+        {
+            let why = if p.ready_timed_out {
+                format!(
+                    "not ready within {:.1}s",
+                    self.config.ready_timeout.as_secs_f64()
+                )
+            } else {
+                how_text()
+            };
+            self.abort_reload(format!(
+                "worker {} of generation {} exited before READY ({why})",
+                p.slot, p.generation
+            ));
+        }
+        // Another live process still covers the slot (the one a failed
+        // candidate was to replace, or the candidate replacing a dead one).
+        if self.procs.iter().any(|o| o.slot == p.slot && !o.retiring) {
             return;
         }
         let failures = backoff::failures_after(
@@ -432,6 +486,23 @@ impl Supervisor {
                     p.ready = true;
                     self.any_ready = true;
                     info!("worker {slot} pid {pid} gen {}: ready", p.generation);
+                    // READY was the switch: what ran in the slot before drains.
+                    let others: Vec<u32> = self
+                        .procs
+                        .iter()
+                        .filter(|o| o.slot == slot && o.pid != pid && !o.retiring)
+                        .map(|o| o.pid)
+                        .collect();
+                    for other in others {
+                        self.retire(other);
+                    }
+                    if self
+                        .reload
+                        .as_ref()
+                        .is_some_and(|r| r.candidate == Some(pid))
+                    {
+                        self.advance_reload();
+                    }
                 }
             }
             Event::Draining { slot, pid } => {
@@ -505,6 +576,7 @@ impl Supervisor {
                 },
                 None => Response::error("the dispatcher did not answer".into()),
             },
+            Request::Reload => Response::error("reload is answered elsewhere".into()),
             Request::Stop => {
                 if self.phase == Phase::Running {
                     info!("stop requested on the control socket");
@@ -606,6 +678,118 @@ impl Supervisor {
         })
     }
 
+    /// Starts a rolling reload, or answers why not.
+    fn begin_reload(&mut self, reply: Option<crossbeam_channel::Sender<Response>>) {
+        let refuse = |reply: Option<crossbeam_channel::Sender<Response>>, why: String| {
+            info!("reload refused: {why}");
+            if let Some(r) = reply {
+                let _ = r.send(Response::error(why));
+            }
+        };
+        if self.phase != Phase::Running {
+            return refuse(reply, "the master is stopping".into());
+        }
+        if self.reload.is_some() {
+            return refuse(reply, "a reload is already in progress".into());
+        }
+        let new = match (self.reconfigure)() {
+            Ok(c) => c,
+            Err(e) => {
+                return refuse(
+                    reply,
+                    format!("the configuration is invalid, nothing changed: {e}"),
+                );
+            }
+        };
+        if new.slots() != self.config.slots() {
+            return refuse(
+                reply,
+                format!(
+                    "the new configuration has {} workers, the running one {}; change the count \
+                     with a restart for now",
+                    new.slots(),
+                    self.config.slots()
+                ),
+            );
+        }
+        if new.listen != self.config.listen || new.policy != self.config.policy {
+            info!("reload: the listen address and policy stay as they are until a restart");
+        }
+        let mut new = new;
+        new.listen = self.config.listen;
+        new.policy = self.config.policy;
+        new.control = self.config.control.clone();
+        let previous = std::mem::replace(&mut self.config, new);
+        self.slot_pools = self.config.slot_pools();
+        let previous_generation = self.generation;
+        self.generation += 1;
+        info!(
+            "reloading {} workers to generation {}, one at a time",
+            self.slots.len(),
+            self.generation
+        );
+        self.reload = Some(Reload {
+            queue: (0..self.slots.len()).map(Slot).collect(),
+            candidate: None,
+            replaced: 0,
+            previous,
+            previous_generation,
+            reply,
+        });
+        self.advance_reload();
+    }
+
+    /// Starts the next slot's new worker, or finishes the reload.
+    fn advance_reload(&mut self) {
+        let Some(reload) = self.reload.as_mut() else {
+            return;
+        };
+        if reload.candidate.take().is_some() {
+            reload.replaced += 1;
+        }
+        let Some(slot) = reload.queue.pop_front() else {
+            let reload = self.reload.take().expect("checked above");
+            let msg = format!(
+                "reloaded {} workers to generation {}",
+                reload.replaced, self.generation
+            );
+            info!("{msg}");
+            if let Some(r) = reload.reply {
+                let _ = r.send(Response::done(msg));
+            }
+            return;
+        };
+        // A slot waiting to restart gets the new generation directly.
+        self.slots[slot.0].restart_at = None;
+        match self.start(slot) {
+            Ok(pid) => {
+                if let Some(r) = self.reload.as_mut() {
+                    r.candidate = Some(pid);
+                }
+            }
+            Err(e) => self.abort_reload(e.to_string()),
+        }
+    }
+
+    /// Ends a failed reload: what already switched stays; the rest keeps its
+    /// old workers, and restarts use the previous configuration again.
+    fn abort_reload(&mut self, why: String) {
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
+        self.config = reload.previous;
+        self.slot_pools = self.config.slot_pools();
+        self.generation = reload.previous_generation;
+        let msg = format!(
+            "reload failed: {why}; {} workers were replaced, the others keep running",
+            reload.replaced
+        );
+        info!("{msg}");
+        if let Some(r) = reload.reply {
+            let _ = r.send(Response::error(msg));
+        }
+    }
+
     /// Marks the process `pid` as on its way out: its exit restarts nothing,
     /// and it is killed if still running after `drain_timeout`. False if it
     /// already was (or is gone).
@@ -641,9 +825,7 @@ impl Supervisor {
                     info!("SIGQUIT: stopping now");
                     self.kill_all();
                 }
-                Signal::SIGHUP => {
-                    info!("SIGHUP: reload is not supported yet; nothing changed");
-                }
+                Signal::SIGHUP => self.begin_reload(None),
                 _ => {}
             }
         }
@@ -659,6 +841,7 @@ impl Supervisor {
         for s in &mut self.slots {
             s.restart_at = None;
         }
+        self.abort_reload("the master is stopping".into());
         self.phase = Phase::Draining {
             deadline: Instant::now() + timeout,
         };

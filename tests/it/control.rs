@@ -130,3 +130,132 @@ fn a_second_master_on_the_same_control_socket_is_refused() {
         "{log}"
     );
 }
+
+/// Requests in a loop on 4 threads until told to stop; (ok, failed).
+fn load(
+    addr: std::net::SocketAddr,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(u64, u64)>> {
+    (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match try_get(addr, "/") {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn reload_under_load_replaces_every_worker_without_a_failed_request() {
+    let dir = scratch("reload");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let config = write_config(&dir, "lb.toml", &hello_pool("hello", 3));
+    let lb = Lb::start(&["--config", &config, "--control", sock], &[], 3);
+    let old: Vec<u32> = (0..3).map(|s| lb.pid_of_slot(s)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(lb.addr, &stop);
+    std::thread::sleep(std::time::Duration::from_millis(200)); // load is flowing
+    for generation in [2, 3] {
+        let (code, out, err) = lb_cli(&["reload", "--control", sock]);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(
+            out.contains(&format!("reloaded 3 workers to generation {generation}")),
+            "{out}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for c in clients {
+        let (o, f) = c.join().unwrap();
+        ok += o;
+        failed += f;
+    }
+    eprintln!("reload x2 under load: {ok} requests served, {failed} failed");
+    assert_eq!(failed, 0, "no request fails during a reload");
+    assert!(ok > 100, "load kept flowing: {ok}");
+    let (_, json, _) = lb_cli(&["status", "--json", "--control", sock]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for w in status["workers"].as_array().unwrap() {
+        assert_eq!(w["generation"], 3);
+        assert_eq!(w["state"], "ready");
+        assert!(!old.contains(&(w["pid"].as_u64().unwrap() as u32)));
+    }
+    assert_eq!(
+        lb.log.count("gen 1: exit (exit code 0"),
+        3,
+        "old workers drained"
+    );
+}
+
+#[test]
+fn a_reload_whose_new_workers_never_get_ready_keeps_the_old_ones() {
+    let dir = scratch("reload-fail");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let config = write_config(&dir, "lb.toml", &hello_pool("hello", 2));
+    let lb = Lb::start(
+        &[
+            "--config",
+            &config,
+            "--control",
+            sock,
+            "--ready-timeout",
+            "300ms",
+        ],
+        &[],
+        2,
+    );
+    let old: Vec<u32> = (0..2).map(|s| lb.pid_of_slot(s)).collect();
+    // The new configuration's workers never say READY.
+    write_config(
+        &dir,
+        "lb.toml",
+        "[[pool]]\nname = \"silent\"\ncommand = \"sleep\"\nargs = [\"60\"]\ncount = 2\n",
+    );
+    let (code, _, err) = lb_cli(&["reload", "--control", sock]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("reload failed") && err.contains("not ready within 0.3s"),
+        "{err}"
+    );
+    // The old workers still serve, and are still what status shows.
+    let served: std::collections::HashSet<u32> =
+        (0..6).map(|_| pid_of(&get(lb.addr, "/"))).collect();
+    assert_eq!(served, old.iter().copied().collect());
+    let (_, json, _) = lb_cli(&["status", "--json", "--control", sock]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let pids: Vec<u64> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids, old.iter().map(|&p| u64::from(p)).collect::<Vec<_>>());
+    // A bad configuration is refused whole, with nothing changed.
+    write_config(&dir, "lb.toml", "[[pool]]\ncommand = \"sh\"\ncout = 1\n");
+    let (code, _, err) = lb_cli(&["reload", "--control", sock]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("cout") && err.contains("nothing changed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sighup_reloads_too() {
+    let lb = Lb::start(&["--workers", "1"], &[], 1);
+    let old = lb.pid_of_slot(0);
+    lb.signal(libc::SIGHUP);
+    lb.wait_log("reloaded 1 workers to generation 2", 1);
+    assert_ne!(pid_of(&get(lb.addr, "/")), old);
+}
