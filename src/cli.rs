@@ -110,6 +110,15 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Change the number of workers: N, +N or -N (SIGTTIN/SIGTTOU add or
+    /// remove one). New workers join once ready; removed ones drain
+    Scale {
+        /// N, +N or -N
+        #[arg(allow_hyphen_values = true)]
+        count: String,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Drain every worker and stop the master (as SIGTERM does)
     Stop {
         #[command(flatten)]

@@ -64,6 +64,16 @@ fn main() -> ExitCode {
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
         Some(Command::Reload { target }) => control(&target, Request::Reload, false),
+        Some(Command::Scale { count, target }) => {
+            let relative = count.starts_with(['+', '-']);
+            match count.parse::<i64>() {
+                Ok(count) => control(&target, Request::Scale { count, relative }, false),
+                Err(_) => {
+                    eprintln!("lb: error: invalid count `{count}`: give N, +N or -N");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Some(Command::Send {
             slot,
             message,

@@ -12,6 +12,12 @@ pub enum Request {
     Reload,
     /// Drain every worker and exit, as SIGTERM does.
     Stop,
+    /// Run `count` workers, or `count` more (fewer, if negative) when
+    /// `relative`.
+    Scale {
+        count: i64,
+        relative: bool,
+    },
     /// A user message to one slot's worker, or to all when `slot` is absent.
     Send {
         slot: Option<usize>,

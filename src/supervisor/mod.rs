@@ -33,11 +33,15 @@ use crate::sys;
 /// signalfd here; unblocked again in each worker before exec).
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
+    // SIGTTIN and SIGTTOU would stop the process by default: blocked here,
+    // they only ever reach the signalfd.
     for s in [
         Signal::SIGINT,
         Signal::SIGTERM,
         Signal::SIGQUIT,
         Signal::SIGHUP,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
     ] {
         set.add(s);
     }
@@ -577,6 +581,18 @@ impl Supervisor {
                 None => Response::error("the dispatcher did not answer".into()),
             },
             Request::Reload => Response::error("reload is answered elsewhere".into()),
+            Request::Scale { count, relative } => {
+                let n = self.slots.len() as i64;
+                let target = if relative { n + count } else { count };
+                let target = usize::try_from(target).unwrap_or(0);
+                match self.scale(target) {
+                    Ok(msg) => {
+                        info!("{msg}");
+                        Response::done(msg)
+                    }
+                    Err(why) => Response::error(why),
+                }
+            }
             Request::Stop => {
                 if self.phase == Phase::Running {
                     info!("stop requested on the control socket");
@@ -641,7 +657,7 @@ impl Supervisor {
                     }
                     .into(),
                     uptime_s: uptime,
-                    restarts: self.slots[p.slot.0].restarts,
+                    restarts: self.slots.get(p.slot.0).map_or(0, |s| s.restarts),
                     active: seen.map_or(0, |w| w.active),
                     total: seen.map_or(0, |w| w.total),
                     cpu_percent: if uptime > 0.0 {
@@ -676,6 +692,56 @@ impl Supervisor {
             rescued: snap.stats.rescued,
             workers,
         })
+    }
+
+    /// Runs `target` workers: new slots start (and take connections once
+    /// ready); removed slots' workers are drained. Single-pool masters only.
+    fn scale(&mut self, target: usize) -> Result<String, String> {
+        if self.phase != Phase::Running {
+            return Err("the master is stopping".into());
+        }
+        if self.reload.is_some() {
+            return Err("a reload is in progress".into());
+        }
+        if self.config.pools.len() != 1 {
+            return Err(format!(
+                "this master runs {} pools; set each pool's count in the configuration and reload",
+                self.config.pools.len()
+            ));
+        }
+        let max = crate::config::defaults::MAX_WORKERS;
+        if !(1..=max).contains(&target) {
+            return Err(format!("{target} workers: give a count from 1 to {max}"));
+        }
+        let n = self.slots.len();
+        self.config.pools[0].count = target;
+        self.slot_pools = self.config.slot_pools();
+        if target > n {
+            for slot in n..target {
+                self.slots.push(SlotState::default());
+                self.start_or_retry(Slot(slot));
+            }
+            Ok(format!(
+                "scaled from {n} to {target} workers ({} starting)",
+                target - n
+            ))
+        } else {
+            let leaving: Vec<(Slot, u32)> = self
+                .procs
+                .iter()
+                .filter(|p| p.slot.0 >= target)
+                .map(|p| (p.slot, p.pid))
+                .collect();
+            for (slot, pid) in leaving {
+                self.dispatch.send(Command::Drain { slot, pid });
+                self.retire(pid);
+            }
+            self.slots.truncate(target);
+            Ok(format!(
+                "scaled from {n} to {target} workers ({} draining)",
+                n - target
+            ))
+        }
     }
 
     /// Starts a rolling reload, or answers why not.
@@ -826,6 +892,19 @@ impl Supervisor {
                     self.kill_all();
                 }
                 Signal::SIGHUP => self.begin_reload(None),
+                // One more or one fewer worker, as gunicorn does.
+                Signal::SIGTTIN | Signal::SIGTTOU => {
+                    let n = self.slots.len();
+                    let target = if signal == Signal::SIGTTIN {
+                        n + 1
+                    } else {
+                        n.saturating_sub(1)
+                    };
+                    match self.scale(target) {
+                        Ok(msg) => info!("{signal}: {msg}"),
+                        Err(why) => info!("{signal}: not scaled: {why}"),
+                    }
+                }
                 _ => {}
             }
         }

@@ -259,3 +259,71 @@ fn sighup_reloads_too() {
     lb.wait_log("reloaded 1 workers to generation 2", 1);
     assert_ne!(pid_of(&get(lb.addr, "/")), old);
 }
+
+#[test]
+fn scaling_up_and_down_under_load_fails_no_request() {
+    let dir = scratch("scale");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let lb = Lb::start(&["--workers", "2", "--control", sock], &[], 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(lb.addr, &stop);
+    let (code, out, err) = lb_cli(&["scale", "+2", "--control", sock]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("scaled from 2 to 4 workers"), "{out}");
+    lb.wait_ready(4);
+    // The new workers take connections.
+    let served: std::collections::HashSet<usize> =
+        (0..40).map(|_| slot_of(&get(lb.addr, "/"))).collect();
+    assert_eq!(served, (0..4).collect());
+    let (code, out, err) = lb_cli(&["scale", "-3", "--control", sock]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("scaled from 4 to 1 workers (3 draining)"),
+        "{out}"
+    );
+    lb.wait_log("exit (exit code 0", 3);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed: u64 = clients.into_iter().map(|c| c.join().unwrap().1).sum();
+    assert_eq!(failed, 0, "no request fails while scaling");
+    assert!((0..10).all(|_| slot_of(&get(lb.addr, "/")) == 0));
+    let (_, json, _) = lb_cli(&["status", "--json", "--control", sock]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["workers"].as_array().unwrap().len(), 1);
+
+    let (code, _, err) = lb_cli(&["scale", "0", "--control", sock]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("from 1 to"), "{err}");
+    let (code, _, err) = lb_cli(&["scale", "many", "--control", sock]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("give N, +N or -N"), "{err}");
+}
+
+#[test]
+fn sigttin_and_sigttou_add_and_remove_a_worker() {
+    let lb = Lb::start(&["--workers", "1"], &[], 1);
+    lb.signal(libc::SIGTTIN);
+    lb.wait_log("SIGTTIN: scaled from 1 to 2 workers", 1);
+    lb.wait_ready(2);
+    lb.signal(libc::SIGTTOU);
+    lb.wait_log("SIGTTOU: scaled from 2 to 1 workers", 1);
+    lb.wait_log("exit (exit code 0", 1);
+    // Still running, not stopped by the job-control signals' default action.
+    assert_eq!(slot_of(&get(lb.addr, "/")), 0);
+}
+
+#[test]
+fn scaling_a_multi_pool_master_is_refused_with_the_reason() {
+    let dir = scratch("scale-pools");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!("{}{}", hello_pool("a", 1), hello_pool("b", 1)),
+    );
+    let _lb = Lb::start(&["--config", &config, "--control", sock], &[], 2);
+    let (code, _, err) = lb_cli(&["scale", "+1", "--control", sock]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("2 pools"), "{err}");
+}
