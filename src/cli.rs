@@ -70,6 +70,17 @@ pub struct StartArgs {
     #[arg(long, value_name = "FILE")]
     pub worker_log: Option<PathBuf>,
 
+    /// Replace a worker after this many connections, its successor ready
+    /// first [env: LB_MAX_CONNS_PER_WORKER] [default: 0, no limit]
+    #[arg(long, value_name = "N")]
+    pub max_conns_per_worker: Option<String>,
+
+    /// Replace a worker whose resident memory exceeds this (checked once a
+    /// second), its successor ready first, e.g. 512MB [env: LB_MAX_RSS]
+    /// [default: no limit]
+    #[arg(long, value_name = "SIZE")]
+    pub max_rss: Option<String>,
+
     /// The control socket for `lb status/stop/send` [env: LB_CONTROL]
     /// [default: $XDG_RUNTIME_DIR or /tmp, lb-<port>.sock]
     #[arg(long, value_name = "PATH")]

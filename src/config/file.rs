@@ -20,6 +20,8 @@ pub struct File {
     pub min_uptime: Option<String>,
     pub worker_log: Option<String>,
     pub control: Option<String>,
+    pub max_conns_per_worker: Option<u64>,
+    pub max_rss: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

@@ -7,6 +7,7 @@
 
 pub mod duration;
 mod file;
+pub mod size;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -43,6 +44,10 @@ pub struct Config {
     pub worker_log: Option<PathBuf>,
     /// The control socket; `None` = `control::default_path(port)`.
     pub control: Option<PathBuf>,
+    /// Replace a worker (new one ready first) after this many connections.
+    pub max_conns_per_worker: Option<u64>,
+    /// Replace a worker (new one ready first) whose RSS exceeds this.
+    pub max_rss: Option<u64>,
     pub pools: Vec<Pool>,
 }
 
@@ -282,6 +287,42 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 .map(PathBuf::from)
         })
         .or_else(|| file.worker_log.clone().map(PathBuf::from));
+    let max_conns_per_worker = match layered(
+        args.max_conns_per_worker.as_deref(),
+        "--max-conns-per-worker",
+        env,
+        "LB_MAX_CONNS_PER_WORKER",
+        file.max_conns_per_worker.map(|n| n.to_string()),
+        || in_file("max_conns_per_worker"),
+    ) {
+        None => None,
+        Some((v, origin)) => match v.trim().parse::<u64>() {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(_) => return Err(invalid(origin, &v, "give a whole number (0 = no limit)")),
+        },
+    };
+    let max_rss = match layered(
+        args.max_rss.as_deref(),
+        "--max-rss",
+        env,
+        "LB_MAX_RSS",
+        file.max_rss.clone(),
+        || in_file("max_rss"),
+    ) {
+        None => None,
+        Some((v, origin)) => match size::parse(&v) {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    "give a size like 512MB or 1G (0 = no limit)",
+                ));
+            }
+        },
+    };
     let control = args
         .control
         .clone()
@@ -400,6 +441,8 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         min_uptime,
         worker_log,
         control,
+        max_conns_per_worker,
+        max_rss,
         pools,
     };
     if config.slots() > defaults::MAX_WORKERS {
@@ -546,6 +589,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("LB_READY_TIMEOUT"), "{e}");
+        let e = with_env(&args(&["--max-rss", "huge"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--max-rss") && e.contains("512MB"), "{e}");
+        let c = with_env(
+            &args(&[]),
+            &[("LB_MAX_RSS", "64M"), ("LB_MAX_CONNS_PER_WORKER", "1000")],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.max_rss, c.max_conns_per_worker),
+            (Some(64 << 20), Some(1000))
+        );
         let e = with_env(&args(&["--backlog", "many"]), &[])
             .unwrap_err()
             .to_string();

@@ -56,6 +56,8 @@ const CHILD_BASE: usize = 2;
 const MALFORMED_LOGGED: u32 = 3;
 /// Protocol errors after which a worker is replaced.
 const MALFORMED_LIMIT: u32 = 10;
+/// How often the recycling limits are checked.
+const RECYCLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the master could not go on.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +108,8 @@ struct Proc {
     /// SIGKILL at this time if still alive (a retiring worker's drain limit).
     kill_at: Option<Instant>,
     malformed: u32,
+    /// Over a recycling limit; its successor has been started.
+    recycling: bool,
 }
 
 /// Per slot: what outlives its processes.
@@ -143,6 +147,8 @@ pub struct Supervisor {
     /// Re-reads the configuration for a reload.
     reconfigure: Reconfigure,
     reload: Option<Reload>,
+    /// Next check of the recycling limits (when any is set).
+    next_check: Option<Instant>,
 }
 
 /// Loads the configuration again (the same sources as at start).
@@ -215,6 +221,7 @@ impl Supervisor {
             any_ready: false,
             reconfigure,
             reload: None,
+            next_check: None,
         })
     }
 
@@ -300,7 +307,12 @@ impl Supervisor {
             Phase::Draining { deadline } => Some(deadline),
             _ => None,
         };
-        restarts.chain(kills).chain(ready).chain(drain).min()
+        restarts
+            .chain(kills)
+            .chain(ready)
+            .chain(drain)
+            .chain(self.next_check)
+            .min()
     }
 
     /// Starts the worker for `slot`; the error is fatal only at start-up.
@@ -363,6 +375,7 @@ impl Supervisor {
             ready_timed_out: false,
             kill_at: None,
             malformed: 0,
+            recycling: false,
         });
         Ok(pid)
     }
@@ -694,6 +707,71 @@ impl Supervisor {
         })
     }
 
+    /// Replaces, successor first, every ready worker over a recycling limit:
+    /// the new process takes the slot at its READY and the old one drains,
+    /// so no request is cut short.
+    fn recycle(&mut self) {
+        if self.reload.is_some() {
+            return;
+        }
+        let totals = match self.config.max_conns_per_worker {
+            Some(_) => {
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                self.dispatch.send(Command::Snapshot(reply));
+                answer
+                    .recv_timeout(std::time::Duration::from_secs(2))
+                    .map(|s| s.workers)
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let mut over = Vec::new();
+        for p in self
+            .procs
+            .iter()
+            .filter(|p| p.ready && !p.retiring && !p.recycling)
+        {
+            // Only when nothing else (a successor already) is in the slot.
+            if self
+                .procs
+                .iter()
+                .any(|o| o.slot == p.slot && o.pid != p.pid && !o.retiring)
+            {
+                continue;
+            }
+            let served = totals
+                .iter()
+                .find(|w| w.pid == p.pid)
+                .map_or(0, |w| w.total);
+            if let Some(limit) = self.config.max_conns_per_worker.filter(|&l| served >= l) {
+                over.push((
+                    p.slot,
+                    p.pid,
+                    format!("served {served} connections (limit {limit})"),
+                ));
+                continue;
+            }
+            if let Some(limit) = self.config.max_rss {
+                let rss = sys::proc_usage(p.pid).map_or(0, |u| u.1);
+                if rss > limit {
+                    over.push((
+                        p.slot,
+                        p.pid,
+                        format!("uses {rss} bytes of memory (limit {limit})"),
+                    ));
+                }
+            }
+        }
+        for (slot, pid, why) in over {
+            info!("worker {slot} pid {pid} {why}; replacing it, its successor ready first");
+            if let Some(i) = self.index_of(pid) {
+                self.procs[i].recycling = true;
+            }
+            self.slots[slot.0].restarts += 1;
+            self.start_or_retry(slot);
+        }
+    }
+
     /// Runs `target` workers: new slots start (and take connections once
     /// ready); removed slots' workers are drained. Single-pool masters only.
     fn scale(&mut self, target: usize) -> Result<String, String> {
@@ -984,6 +1062,15 @@ impl Supervisor {
                 p.kill_at = None;
                 let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
             }
+        }
+        let limits = self.config.max_conns_per_worker.is_some() || self.config.max_rss.is_some();
+        if limits && self.phase == Phase::Running {
+            if self.next_check.is_none_or(|t| now >= t) {
+                self.next_check = Some(now + RECYCLE_CHECK);
+                self.recycle();
+            }
+        } else {
+            self.next_check = None;
         }
         for slot in 0..self.slots.len() {
             if self.slots[slot].restart_at.is_some_and(|t| now >= t) {

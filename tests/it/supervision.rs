@@ -391,3 +391,55 @@ fn killing_the_master_takes_every_worker_with_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Requests in a loop on 4 threads until `stop`; returns (ok, failed).
+fn looping_clients(
+    addr: std::net::SocketAddr,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(u64, u64)>> {
+    (0..4)
+        .map(|_| {
+            let stop = Arc::clone(stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    match try_get(addr, "/") {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn workers_over_max_conns_are_recycled_successor_first_without_a_failed_request() {
+    let lb = Lb::start(&["--workers", "2", "--max-conns-per-worker", "200"], &[], 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = looping_clients(lb.addr, &stop);
+    // Each slot passes 200 connections within a second or two: both recycle.
+    lb.wait_log("connections (limit 200); replacing it", 2);
+    lb.wait_ready(4);
+    lb.wait_log("gen 1: exit (exit code 0", 2);
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for c in clients {
+        let (o, f) = c.join().unwrap();
+        ok += o;
+        failed += f;
+    }
+    eprintln!("recycling under load: {ok} requests served, {failed} failed");
+    assert_eq!(failed, 0);
+}
+
+#[test]
+fn a_worker_over_max_rss_is_recycled() {
+    // The hello worker's RSS is a few MB: 1 MB is always exceeded.
+    let lb = Lb::start(&["--workers", "1", "--max-rss", "1MB"], &[], 1);
+    let old = lb.pid_of_slot(0);
+    lb.wait_log(&format!("worker 0 pid {old} uses "), 1);
+    lb.wait_log(&format!("pid {old} gen 1: exit (exit code 0"), 1);
+    assert_ne!(pid_of(&get(lb.addr, "/")), old);
+}
