@@ -21,7 +21,8 @@
 //! - [`control`]: the control socket behind `lb status/stop/send`;
 //! - [`master`]: wires the above together;
 //! - [`worker`]: the Rust worker-side adapter (depends on `proto` only);
-//! - [`sys`]: the remaining libc (accept4, pidfd, child set-up).
+//! - [`sys`]: the remaining libc (accept4, pidfd, child set-up);
+//! - [`systemd`]: sd_notify and socket activation.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -36,4 +37,5 @@ pub mod policy;
 pub mod proto;
 pub mod supervisor;
 pub mod sys;
+pub mod systemd;
 pub mod worker;

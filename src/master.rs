@@ -79,7 +79,11 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         .map_err(|e| MasterError::Io(format!("cannot block signals: {e}")))?;
     let _ = sys::raise_nofile_limit();
 
-    let listener = bind(config.listen, config.backlog)?;
+    let listener = match crate::systemd::activated_listener() {
+        Ok(Some(l)) => l,
+        Ok(None) => bind(config.listen, config.backlog)?,
+        Err(e) => return Err(MasterError::Io(format!("socket activation: {e}"))),
+    };
     let local = listener
         .local_addr()
         .map_err(|e| MasterError::Io(format!("listener address: {e}")))?;

@@ -9,3 +9,5 @@ mod control;
 mod core;
 #[path = "it/supervision.rs"]
 mod supervision;
+#[path = "it/systemd.rs"]
+mod systemd;

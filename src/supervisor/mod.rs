@@ -149,6 +149,8 @@ pub struct Supervisor {
     reload: Option<Reload>,
     /// Next check of the recycling limits (when any is set).
     next_check: Option<Instant>,
+    /// systemd was told READY=1 (once every first worker was ready).
+    notified_ready: bool,
 }
 
 /// Loads the configuration again (the same sources as at start).
@@ -222,6 +224,7 @@ impl Supervisor {
             reconfigure,
             reload: None,
             next_check: None,
+            notified_ready: false,
         })
     }
 
@@ -503,6 +506,12 @@ impl Supervisor {
                     p.ready = true;
                     self.any_ready = true;
                     info!("worker {slot} pid {pid} gen {}: ready", p.generation);
+                    if !self.notified_ready
+                        && self.procs.iter().filter(|p| p.ready).count() >= self.slots.len()
+                    {
+                        self.notified_ready = true;
+                        crate::systemd::notify("READY=1");
+                    }
                     // READY was the switch: what ran in the slot before drains.
                     let others: Vec<u32> = self
                         .procs
@@ -872,6 +881,7 @@ impl Supervisor {
             self.slots.len(),
             self.generation
         );
+        crate::systemd::notify(&crate::systemd::reloading());
         self.reload = Some(Reload {
             queue: (0..self.slots.len()).map(Slot).collect(),
             candidate: None,
@@ -898,6 +908,7 @@ impl Supervisor {
                 reload.replaced, self.generation
             );
             info!("{msg}");
+            crate::systemd::notify("READY=1");
             if let Some(r) = reload.reply {
                 let _ = r.send(Response::done(msg));
             }
@@ -929,6 +940,9 @@ impl Supervisor {
             reload.replaced
         );
         info!("{msg}");
+        if self.phase == Phase::Running {
+            crate::systemd::notify("READY=1");
+        }
         if let Some(r) = reload.reply {
             let _ = r.send(Response::error(msg));
         }
@@ -999,6 +1013,7 @@ impl Supervisor {
             s.restart_at = None;
         }
         self.abort_reload("the master is stopping".into());
+        crate::systemd::notify("STOPPING=1");
         self.phase = Phase::Draining {
             deadline: Instant::now() + timeout,
         };

@@ -45,6 +45,11 @@ pub fn spawn(pool: &Pool, slot: Slot, generation: u64, report_closed: bool) -> i
         .env(env::PROTOCOL, VERSION.to_string())
         .env(env::REPORT_CLOSED, if report_closed { "1" } else { "0" })
         .stdin(Stdio::null())
+        // The master's systemd variables are not the worker's.
+        .env_remove(crate::systemd::VARS[0])
+        .env_remove(crate::systemd::VARS[1])
+        .env_remove(crate::systemd::VARS[2])
+        .env_remove(crate::systemd::VARS[3])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);

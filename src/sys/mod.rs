@@ -136,6 +136,36 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Takes an inherited listening socket (socket activation) after checking
+/// that `raw` is open, a TCP stream socket and listening; marks it CLOEXEC
+/// and non-blocking. Call once per fd number.
+pub fn inherited_listener(raw: RawFd) -> io::Result<std::net::TcpListener> {
+    // SAFETY: F_GETFD on any integer is harmless; it reports EBADF when
+    // nothing is open there.
+    cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+    // SAFETY: the fd is open (checked above) and inherited: nothing else in
+    // this process owns it; it is borrowed only for the checks below.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    let sock = socket2::SockRef::from(&fd);
+    let tcp = matches!(sock.domain(), Ok(d) if d == socket2::Domain::IPV4 || d == socket2::Domain::IPV6)
+        && sock.r#type().ok() == Some(socket2::Type::STREAM);
+    if !tcp || !sock.is_listener().unwrap_or(false) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} from LISTEN_FDS is not a listening TCP socket"),
+        ));
+    }
+    // SAFETY: as above; from here on this OwnedFd is the only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    let listener = std::net::TcpListener::from(owned);
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 /// CPU seconds used so far and resident memory in bytes of `pid`, from
 /// `/proc` (no libc needed; here beside the other process helpers).
 pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {

@@ -149,6 +149,33 @@ impl Lb {
         lb
     }
 
+    /// Runs `cmd` (which must start lb with its stderr piped) and waits
+    /// until `workers` workers are ready.
+    pub fn start_command(mut cmd: Command, workers: usize) -> Lb {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start lb");
+        let log = capture(&mut child);
+        let lines = log.wait_for("the listening line", |l| {
+            l.iter().any(|l| l.contains("listening on"))
+        });
+        let line = lines.iter().find(|l| l.contains("listening on")).unwrap();
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let lb = Lb {
+            child: Some(child),
+            addr,
+            log,
+        };
+        lb.wait_ready(workers);
+        lb
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
