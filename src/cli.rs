@@ -81,6 +81,10 @@ pub struct StartArgs {
     #[arg(long, value_name = "SIZE")]
     pub max_rss: Option<String>,
 
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics [env: LB_METRICS]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+
     /// The control socket for `lb status/stop/send` [env: LB_CONTROL]
     /// [default: $XDG_RUNTIME_DIR or /tmp, lb-<port>.sock]
     #[arg(long, value_name = "PATH")]

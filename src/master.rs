@@ -115,8 +115,18 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         .clone()
         .unwrap_or_else(|| control::default_path(local.port()));
     let (control_tx, control_rx) = crossbeam_channel::unbounded();
-    let control = control::Server::start(&control_path, control_tx, Arc::clone(&waker))?;
+    let control = control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?;
     info!("control socket {}", control.path().display());
+    if let Some(addr) = config.metrics {
+        let bound =
+            control::metrics::serve(addr, control_tx.clone(), Arc::clone(&waker)).map_err(|e| {
+                MasterError::Listen {
+                    addr,
+                    reason: format!("{e} (for --metrics)"),
+                }
+            })?;
+        info!("metrics on http://{bound}/metrics");
+    }
     let (events_tx, events_rx) = crossbeam_channel::bounded(dispatch::EVENT_QUEUE);
     let (mut dispatcher, handle) = Dispatcher::new(
         listener,

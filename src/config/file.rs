@@ -22,6 +22,7 @@ pub struct File {
     pub control: Option<String>,
     pub max_conns_per_worker: Option<u64>,
     pub max_rss: Option<String>,
+    pub metrics: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

@@ -48,6 +48,8 @@ pub struct Config {
     pub max_conns_per_worker: Option<u64>,
     /// Replace a worker (new one ready first) whose RSS exceeds this.
     pub max_rss: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    pub metrics: Option<SocketAddr>,
     pub pools: Vec<Pool>,
 }
 
@@ -323,6 +325,22 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             }
         },
     };
+    let metrics = match layered(
+        args.metrics.as_deref(),
+        "--metrics",
+        env,
+        "LB_METRICS",
+        file.metrics.clone(),
+        || in_file("metrics"),
+    ) {
+        None => None,
+        Some((v, origin)) => Some(
+            v.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| invalid(origin, &v, "give HOST:PORT, e.g. 127.0.0.1:9090"))?,
+        ),
+    };
     let control = args
         .control
         .clone()
@@ -443,6 +461,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         control,
         max_conns_per_worker,
         max_rss,
+        metrics,
         pools,
     };
     if config.slots() > defaults::MAX_WORKERS {

@@ -8,6 +8,7 @@
 //! does not expose.
 
 pub mod client;
+pub mod metrics;
 mod wire;
 
 pub use wire::{Request, Response, Status, WorkerStatus};

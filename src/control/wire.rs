@@ -64,6 +64,12 @@ pub struct Status {
     pub accepted: u64,
     pub dispatched: u64,
     pub rescued: u64,
+    /// Times accepting paused because no worker had room.
+    pub paused: u64,
+    /// Hand-off latency: (upper bound in seconds, connections at or under it).
+    pub latency_buckets: Vec<(f64, u64)>,
+    pub latency_count: u64,
+    pub latency_sum_s: f64,
     pub workers: Vec<WorkerStatus>,
 }
 

@@ -712,6 +712,13 @@ impl Supervisor {
             accepted: snap.stats.accepted,
             dispatched: snap.stats.dispatched,
             rescued: snap.stats.rescued,
+            paused: snap.stats.paused,
+            latency_buckets: control::metrics::BUCKETS
+                .iter()
+                .map(|&le| (le, snap.latency.count_between(0, (le * 1e9) as u64)))
+                .collect(),
+            latency_count: snap.latency.len(),
+            latency_sum_s: snap.latency.mean() * snap.latency.len() as f64 / 1e9,
             workers,
         })
     }

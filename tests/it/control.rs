@@ -327,3 +327,62 @@ fn scaling_a_multi_pool_master_is_refused_with_the_reason() {
     assert_eq!(code, Some(1));
     assert!(err.contains("2 pools"), "{err}");
 }
+
+/// GET `path` from `addr`; (status line, body).
+fn http(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: m\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_text_format() {
+    let lb = Lb::start(&["--workers", "2", "--metrics", "127.0.0.1:0"], &[], 2);
+    for _ in 0..10 {
+        get(lb.addr, "/");
+    }
+    let line = lb.wait_log("metrics on http://", 1);
+    let addr = line
+        .iter()
+        .find_map(|l| l.split("http://").nth(1))
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .unwrap()
+        .to_string();
+    let (status, body) = http(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let samples: std::collections::HashMap<String, f64> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_string(), value.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(samples["lb_connections_accepted_total"], 10.0);
+    assert_eq!(samples["lb_connections_dispatched_total"], 10.0);
+    assert_eq!(samples["lb_workers"], 2.0);
+    for slot in 0..2 {
+        let pid = lb.pid_of_slot(slot);
+        let key = format!("lb_worker_connections_total{{slot=\"{slot}\",pid=\"{pid}\"}}");
+        assert_eq!(samples[&key], 5.0, "{key}");
+        let state = format!("lb_worker_state{{slot=\"{slot}\",pid=\"{pid}\",state=\"ready\"}}");
+        assert_eq!(samples[&state], 1.0);
+    }
+    // A proper histogram: cumulative buckets, +Inf = count = connections.
+    let buckets: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("lb_dispatch_latency_seconds_bucket"))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    assert_eq!(*buckets.last().unwrap(), 10.0);
+    assert_eq!(samples["lb_dispatch_latency_seconds_count"], 10.0);
+    assert!(samples["lb_dispatch_latency_seconds_sum"] > 0.0);
+    let (status, _) = http(&addr, "/elsewhere");
+    assert!(status.contains("404"), "{status}");
+}
