@@ -81,6 +81,11 @@ pub struct StartArgs {
     #[arg(long, value_name = "SIZE")]
     pub max_rss: Option<String>,
 
+    /// How many workers a rolling reload replaces at once
+    /// [env: LB_RELOAD_PARALLEL] [default: 1]
+    #[arg(long, value_name = "N")]
+    pub reload_parallel: Option<String>,
+
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [env: LB_METRICS]
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,

@@ -23,6 +23,7 @@ pub struct File {
     pub max_conns_per_worker: Option<u64>,
     pub max_rss: Option<String>,
     pub metrics: Option<String>,
+    pub reload_parallel: Option<usize>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

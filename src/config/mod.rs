@@ -50,6 +50,8 @@ pub struct Config {
     pub max_rss: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     pub metrics: Option<SocketAddr>,
+    /// How many slots a rolling reload replaces at once.
+    pub reload_parallel: usize,
     pub pools: Vec<Pool>,
 }
 
@@ -325,6 +327,17 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             }
         },
     };
+    let reload_parallel = match layered(
+        args.reload_parallel.as_deref(),
+        "--reload-parallel",
+        env,
+        "LB_RELOAD_PARALLEL",
+        file.reload_parallel.map(|n| n.to_string()),
+        || in_file("reload_parallel"),
+    ) {
+        None => 1,
+        Some((v, origin)) => parse_count(&v, origin)?,
+    };
     let metrics = match layered(
         args.metrics.as_deref(),
         "--metrics",
@@ -462,6 +475,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_conns_per_worker,
         max_rss,
         metrics,
+        reload_parallel,
         pools,
     };
     if config.slots() > defaults::MAX_WORKERS {

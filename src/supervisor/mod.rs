@@ -165,7 +165,8 @@ pub type Reconfigure = Box<dyn Fn() -> Result<Config, crate::config::ConfigError
 ///    restarts.
 struct Reload {
     queue: std::collections::VecDeque<Slot>,
-    candidate: Option<u32>,
+    /// New workers started and not yet ready (at most `reload_parallel`).
+    candidates: Vec<u32>,
     replaced: usize,
     previous: Config,
     previous_generation: u64,
@@ -433,7 +434,7 @@ impl Supervisor {
         if self
             .reload
             .as_ref()
-            .is_some_and(|r| r.candidate == Some(p.pid))
+            .is_some_and(|r| r.candidates.contains(&p.pid))
         {
             let why = if p.ready_timed_out {
                 format!(
@@ -522,11 +523,11 @@ impl Supervisor {
                     for other in others {
                         self.retire(other);
                     }
-                    if self
-                        .reload
-                        .as_ref()
-                        .is_some_and(|r| r.candidate == Some(pid))
+                    if let Some(r) = self.reload.as_mut()
+                        && let Some(k) = r.candidates.iter().position(|&c| c == pid)
                     {
+                        r.candidates.swap_remove(k);
+                        r.replaced += 1;
                         self.advance_reload();
                     }
                 }
@@ -884,14 +885,15 @@ impl Supervisor {
         let previous_generation = self.generation;
         self.generation += 1;
         info!(
-            "reloading {} workers to generation {}, one at a time",
+            "reloading {} workers to generation {}, {} at a time",
             self.slots.len(),
-            self.generation
+            self.generation,
+            self.config.reload_parallel.max(1)
         );
         crate::systemd::notify(&crate::systemd::reloading());
         self.reload = Some(Reload {
             queue: (0..self.slots.len()).map(Slot).collect(),
-            candidate: None,
+            candidates: Vec::new(),
             replaced: 0,
             previous,
             previous_generation,
@@ -900,36 +902,43 @@ impl Supervisor {
         self.advance_reload();
     }
 
-    /// Starts the next slot's new worker, or finishes the reload.
+    /// Starts new workers up to `reload_parallel` at once, or finishes the
+    /// reload when every slot has switched.
     fn advance_reload(&mut self) {
-        let Some(reload) = self.reload.as_mut() else {
-            return;
-        };
-        if reload.candidate.take().is_some() {
-            reload.replaced += 1;
-        }
-        let Some(slot) = reload.queue.pop_front() else {
-            let reload = self.reload.take().expect("checked above");
-            let msg = format!(
-                "reloaded {} workers to generation {}",
-                reload.replaced, self.generation
-            );
-            info!("{msg}");
-            crate::systemd::notify("READY=1");
-            if let Some(r) = reload.reply {
-                let _ = r.send(Response::done(msg));
+        let parallel = self.config.reload_parallel.max(1);
+        loop {
+            let Some(reload) = self.reload.as_mut() else {
+                return;
+            };
+            if reload.candidates.len() >= parallel {
+                return;
             }
-            return;
-        };
-        // A slot waiting to restart gets the new generation directly.
-        self.slots[slot.0].restart_at = None;
-        match self.start(slot) {
-            Ok(pid) => {
-                if let Some(r) = self.reload.as_mut() {
-                    r.candidate = Some(pid);
+            let Some(slot) = reload.queue.pop_front() else {
+                if !reload.candidates.is_empty() {
+                    return; // the last ones are still starting
                 }
+                let reload = self.reload.take().expect("checked above");
+                let msg = format!(
+                    "reloaded {} workers to generation {}",
+                    reload.replaced, self.generation
+                );
+                info!("{msg}");
+                crate::systemd::notify("READY=1");
+                if let Some(r) = reload.reply {
+                    let _ = r.send(Response::done(msg));
+                }
+                return;
+            };
+            // A slot waiting to restart gets the new generation directly.
+            self.slots[slot.0].restart_at = None;
+            match self.start(slot) {
+                Ok(pid) => {
+                    if let Some(r) = self.reload.as_mut() {
+                        r.candidates.push(pid);
+                    }
+                }
+                Err(e) => return self.abort_reload(e.to_string()),
             }
-            Err(e) => self.abort_reload(e.to_string()),
         }
     }
 

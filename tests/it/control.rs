@@ -386,3 +386,46 @@ fn metrics_are_served_in_prometheus_text_format() {
     let (status, _) = http(&addr, "/elsewhere");
     assert!(status.contains("404"), "{status}");
 }
+
+#[test]
+fn a_parallel_reload_replaces_two_at_a_time_without_a_failed_request() {
+    let dir = scratch("reload-parallel");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "4",
+            "--reload-parallel",
+            "2",
+            "--control",
+            sock,
+        ],
+        &[],
+        4,
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(lb.addr, &stop);
+    let (code, out, err) = lb_cli(&["reload", "--control", sock]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("reloaded 4 workers to generation 2"), "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed: u64 = clients.into_iter().map(|c| c.join().unwrap().1).sum();
+    assert_eq!(failed, 0);
+    let lines = lb.log.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("reloading 4 workers to generation 2, 2 at a time"))
+    );
+    // Two new workers were started before the first of them was ready.
+    let first_ready = lines
+        .iter()
+        .position(|l| l.contains("gen 2: ready"))
+        .unwrap();
+    let spawned_before = lines[..first_ready]
+        .iter()
+        .filter(|l| l.contains("gen 2: spawn"))
+        .count();
+    assert_eq!(spawned_before, 2, "{}", lines.join("\n"));
+}
