@@ -13,7 +13,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use mio::Waker;
 
-use super::{Incoming, Request, Status};
+use super::{Incoming, Request, Status, WorkerStatus};
 
 /// Histogram bucket bounds for the hand-off latency, in seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -111,58 +111,43 @@ pub fn render(s: &Status) -> String {
         "# HELP lb_workers Worker processes.\n# TYPE lb_workers gauge\nlb_workers {}",
         s.workers.len()
     );
-    let _ = writeln!(
-        o,
-        "# HELP lb_worker_state 1 for the state each worker is in.\n# TYPE lb_worker_state gauge"
+    let mut per_worker =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(&WorkerStatus) -> (String, u64)| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for w in &s.workers {
+                let (extra, v) = value(w);
+                let _ = writeln!(
+                    o,
+                    "{name}{{slot=\"{}\",pid=\"{}\"{extra}}} {v}",
+                    w.slot,
+                    pid(w.pid)
+                );
+            }
+        };
+    per_worker(
+        "lb_worker_state",
+        "gauge",
+        "1 for the state each worker is in.",
+        &|w| (format!(",state=\"{}\"", w.state), 1),
     );
-    for w in &s.workers {
-        let _ = writeln!(
-            o,
-            "lb_worker_state{{slot=\"{}\",pid=\"{}\",state=\"{}\"}} 1",
-            w.slot,
-            pid(w.pid),
-            w.state
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP lb_worker_active_connections Connections sent and not reported closed.\n# TYPE lb_worker_active_connections gauge"
+    per_worker(
+        "lb_worker_active_connections",
+        "gauge",
+        "Connections sent and not reported closed.",
+        &|w| (String::new(), w.active),
     );
-    for w in &s.workers {
-        let _ = writeln!(
-            o,
-            "lb_worker_active_connections{{slot=\"{}\",pid=\"{}\"}} {}",
-            w.slot,
-            pid(w.pid),
-            w.active
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP lb_worker_connections_total Connections sent to the worker process.\n# TYPE lb_worker_connections_total counter"
+    per_worker(
+        "lb_worker_connections_total",
+        "counter",
+        "Connections sent to the worker process.",
+        &|w| (String::new(), w.total),
     );
-    for w in &s.workers {
-        let _ = writeln!(
-            o,
-            "lb_worker_connections_total{{slot=\"{}\",pid=\"{}\"}} {}",
-            w.slot,
-            pid(w.pid),
-            w.total
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP lb_worker_restarts_total Restarts and replacements of the slot.\n# TYPE lb_worker_restarts_total counter"
+    per_worker(
+        "lb_worker_restarts_total",
+        "counter",
+        "Restarts and replacements of the slot.",
+        &|w| (String::new(), w.restarts),
     );
-    for w in &s.workers {
-        let _ = writeln!(
-            o,
-            "lb_worker_restarts_total{{slot=\"{}\",pid=\"{}\"}} {}",
-            w.slot,
-            pid(w.pid),
-            w.restarts
-        );
-    }
     let name = "lb_dispatch_latency_seconds";
     let _ = writeln!(
         o,

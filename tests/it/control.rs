@@ -131,28 +131,6 @@ fn a_second_master_on_the_same_control_socket_is_refused() {
     );
 }
 
-/// Requests in a loop on 4 threads until told to stop; (ok, failed).
-fn load(
-    addr: std::net::SocketAddr,
-    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<std::thread::JoinHandle<(u64, u64)>> {
-    (0..4)
-        .map(|_| {
-            let stop = std::sync::Arc::clone(stop);
-            std::thread::spawn(move || {
-                let (mut ok, mut failed) = (0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match try_get(addr, "/") {
-                        Ok(_) => ok += 1,
-                        Err(_) => failed += 1,
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect()
-}
-
 #[test]
 fn reload_under_load_replaces_every_worker_without_a_failed_request() {
     let dir = scratch("reload");
@@ -162,7 +140,7 @@ fn reload_under_load_replaces_every_worker_without_a_failed_request() {
     let lb = Lb::start(&["--config", &config, "--control", sock], &[], 3);
     let old: Vec<u32> = (0..3).map(|s| lb.pid_of_slot(s)).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients = load(lb.addr, &stop);
+    let clients = looping_clients(lb.addr, &stop);
     std::thread::sleep(std::time::Duration::from_millis(200)); // load is flowing
     for generation in [2, 3] {
         let (code, out, err) = lb_cli(&["reload", "--control", sock]);
@@ -267,7 +245,7 @@ fn scaling_up_and_down_under_load_fails_no_request() {
     let sock = sock.to_str().unwrap();
     let lb = Lb::start(&["--workers", "2", "--control", sock], &[], 2);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients = load(lb.addr, &stop);
+    let clients = looping_clients(lb.addr, &stop);
     let (code, out, err) = lb_cli(&["scale", "+2", "--control", sock]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("scaled from 2 to 4 workers"), "{out}");
@@ -405,7 +383,7 @@ fn a_parallel_reload_replaces_two_at_a_time_without_a_failed_request() {
         4,
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients = load(lb.addr, &stop);
+    let clients = looping_clients(lb.addr, &stop);
     let (code, out, err) = lb_cli(&["reload", "--control", sock]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("reloaded 4 workers to generation 2"), "{out}");

@@ -392,28 +392,6 @@ fn killing_the_master_takes_every_worker_with_it() {
     }
 }
 
-/// Requests in a loop on 4 threads until `stop`; returns (ok, failed).
-fn looping_clients(
-    addr: std::net::SocketAddr,
-    stop: &Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<(u64, u64)>> {
-    (0..4)
-        .map(|_| {
-            let stop = Arc::clone(stop);
-            std::thread::spawn(move || {
-                let (mut ok, mut failed) = (0, 0);
-                while !stop.load(Ordering::Relaxed) {
-                    match try_get(addr, "/") {
-                        Ok(_) => ok += 1,
-                        Err(_) => failed += 1,
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect()
-}
-
 #[test]
 fn workers_over_max_conns_are_recycled_successor_first_without_a_failed_request() {
     let lb = Lb::start(&["--workers", "2", "--max-conns-per-worker", "200"], &[], 2);

@@ -128,25 +128,7 @@ impl Lb {
             full.extend(["--control", c.as_str()]);
         }
         full.extend_from_slice(args);
-        let mut child = lb_command(&full, env).spawn().expect("start lb");
-        let log = capture(&mut child);
-        let lines = log.wait_for("the listening line", |l| {
-            l.iter().any(|l| l.contains("listening on"))
-        });
-        let line = lines.iter().find(|l| l.contains("listening on")).unwrap();
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        let lb = Lb {
-            child: Some(child),
-            addr,
-            log,
-        };
-        lb.wait_ready(workers);
-        lb
+        Lb::start_command(lb_command(&full, env), workers)
     }
 
     /// Runs `cmd` (which must start lb with its stderr piped) and waits
@@ -361,6 +343,29 @@ pub fn python_pool(name: &str, script: &str, count: usize) -> String {
     format!(
         "[[pool]]\nname = \"{name}\"\ncommand = \"python3\"\nargs = [\"{script}\"]\ncount = {count}\n"
     )
+}
+
+/// Requests (new connection each) in a loop on 4 threads until `stop`;
+/// each thread returns (ok, failed).
+pub fn looping_clients(
+    addr: SocketAddr,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(u64, u64)>> {
+    (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match try_get(addr, "/") {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect()
 }
 
 /// Writes a config file into `dir`.
