@@ -194,24 +194,10 @@ fn a_slow_worker_costs_no_connection() {
     // Far more connections than one channel holds, all opened before any
     // answer is read.
     let n = 1500;
-    let mut conns: Vec<TcpStream> = (0..n)
-        .map(|_| {
-            let mut s = TcpStream::connect(lb.addr).unwrap();
-            s.set_read_timeout(Some(WAIT)).unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            s
-        })
-        .collect();
+    let conns: Vec<TcpStream> = (0..n).map(|_| send_request(lb.addr)).collect();
     let mut count = [0usize; 2];
-    for s in &mut conns {
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-        count[slot_of(body)] += 1;
+    for s in conns {
+        count[slot_of(&read_body(s).unwrap())] += 1;
     }
     assert_eq!(count[0] + count[1], n);
     assert!(count[0] < n / 2, "the full worker was skipped: {count:?}");

@@ -1,31 +1,13 @@
 //! Supervision: workers that crash, hang, leave or misbehave never cost a
 //! connection they had not taken; shutdown drains; no orphans.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-/// Sends a request on a new connection without reading the answer.
-fn send_request(addr: std::net::SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    s
-}
-
-fn read_body(mut s: TcpStream) -> std::io::Result<String> {
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    resp.split_once("\r\n\r\n")
-        .filter(|(head, _)| head.starts_with("HTTP/1.1 200"))
-        .map(|(_, body)| body.to_string())
-        .ok_or_else(|| std::io::Error::other(format!("bad response {resp:?}")))
-}
 
 /// Sum of the counts in "rescued N queued connections" lines.
 fn rescued(lb: &Lb) -> u64 {

@@ -255,12 +255,23 @@ pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
         s,
         "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
     )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    body_of(&resp)
+    read_body(s)
 }
 
-fn body_of(resp: &str) -> std::io::Result<String> {
+/// Opens a connection and sends `GET /` with `Connection: close`, without
+/// reading the answer (to hold many requests in flight at once).
+pub fn send_request(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s
+}
+
+/// Reads a whole `Connection: close` response; the body of a 200.
+pub fn read_body(mut s: TcpStream) -> std::io::Result<String> {
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
     match resp.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
         _ => Err(std::io::Error::other(format!("bad response {resp:?}"))),
