@@ -1,9 +1,11 @@
-//! The master↔worker contract (protocol v1), shared by both sides: the
-//! environment a worker is started with, the message layout ([`wire`]) and
-//! fd passing ([`scm`]). Documented for other languages in `docs/protocol.md`.
+//! The master↔worker contracts, shared by both sides: lb's own protocol v1
+//! (the environment a worker is started with, the message layout ([`wire`])
+//! and fd passing ([`scm`]), documented for other languages in
+//! `docs/protocol.md`), and Node.js's cluster IPC ([`node`], `docs/node.md`).
 //!
 //! Imports nothing else from this crate, so it can become its own crate.
 
+pub mod node;
 pub mod scm;
 pub mod wire;
 
@@ -46,12 +48,24 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     .map_err(io::Error::from)
 }
 
+/// Creates one Node.js IPC channel (`SOCK_STREAM`, what libuv makes for
+/// `stdio: 'ipc'`): `(master end, worker end)`, both CLOEXEC.
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
+
 /// master → worker: hands over one connection. The caller closes its copy of
 /// `conn` right after this returns (see DESIGN.md, "The hot path").
 #[inline]
 pub fn send_conn(chan: BorrowedFd<'_>, conn: BorrowedFd<'_>, id: u64) -> io::Result<()> {
     let header = wire::header(kind::CONN, id);
-    scm::send(chan, &header, &[], Some(conn), Wait::DontWait)
+    scm::send(chan, &header, &[], Some(conn), Wait::DontWait).map(drop)
 }
 
 /// master → worker: hands over several connections to one worker with one
@@ -88,7 +102,7 @@ pub fn send_plain(
             ),
         ));
     }
-    scm::send(chan, &wire::header(kind, value), payload, None, wait)
+    scm::send(chan, &wire::header(kind, value), payload, None, wait).map(drop)
 }
 
 #[cfg(test)]

@@ -70,15 +70,16 @@ impl Wait {
 }
 
 /// Sends one datagram made of `header` then `payload`, with `fd` attached if
-/// given. `EAGAIN` comes back as `ErrorKind::WouldBlock`; a gone peer as
-/// `EPIPE`/`ECONNRESET` (never `SIGPIPE`).
+/// given; returns the bytes sent (all of them but on a stream socket, where
+/// the fd goes with the first byte). `EAGAIN` comes back as
+/// `ErrorKind::WouldBlock`; a gone peer as `EPIPE`/`ECONNRESET` (never `SIGPIPE`).
 pub fn send(
     sock: BorrowedFd<'_>,
     header: &[u8],
     payload: &[u8],
     fd: Option<BorrowedFd<'_>>,
     wait: Wait,
-) -> io::Result<()> {
+) -> io::Result<usize> {
     let mut iov = [
         libc::iovec {
             iov_base: header.as_ptr() as *mut libc::c_void,
@@ -100,7 +101,6 @@ pub fn send(
     // SAFETY: `msg` points at `iov` and `cmsg`, both alive for the call; the
     // kernel only reads them. `sock` is a valid open fd for the call.
     retry(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | wait.flag()) })
-        .map(drop)
 }
 
 /// The fds one received message carried. Owned: any not taken are closed

@@ -78,6 +78,8 @@ pub enum Malformed {
     UnexpectedFd,
     #[error("CLOSED reported {0} more connections than were open")]
     OverClosed(u64),
+    #[error("Node.js cluster message: {0}")]
+    Node(super::node::Bad),
 }
 
 /// Decodes one datagram (`truncated` = the kernel reported `MSG_TRUNC`).
