@@ -41,6 +41,12 @@ pub struct StartArgs {
     #[arg(short, long, value_name = "POLICY")]
     pub policy: Option<String>,
 
+    /// How workers get connections: native (lb's protocol) or node (an
+    /// unmodified Node.js app as a cluster worker) [env: LB_MODE]
+    /// [default: node when the command is `node`, else native]
+    #[arg(short, long, value_name = "MODE")]
+    pub mode: Option<String>,
+
     /// Configuration file (see lb.toml.example) [env: LB_CONFIG]
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -24,6 +24,7 @@ pub struct File {
     pub max_rss: Option<String>,
     pub metrics: Option<String>,
     pub reload_parallel: Option<usize>,
+    pub mode: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }
@@ -39,6 +40,7 @@ pub struct FilePool {
     pub env: BTreeMap<String, String>,
     pub count: Option<usize>,
     pub weight: Option<u32>,
+    pub mode: Option<String>,
 }
 
 /// Reads and parses `path`; errors name the file and line, on one line.

@@ -7,7 +7,10 @@
 
 pub mod duration;
 mod file;
+mod mode;
 pub mod size;
+
+pub use mode::Mode;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -65,6 +68,7 @@ pub struct Pool {
     pub env: Vec<(String, String)>,
     pub count: usize,
     pub weight: u32,
+    pub mode: Mode,
 }
 
 impl Config {
@@ -121,6 +125,14 @@ pub enum ConfigError {
         "worker command `{command}` ({origin}) {reason}; give the path of an executable or fix PATH"
     )]
     Command {
+        origin: String,
+        command: String,
+        reason: &'static str,
+    },
+    #[error(
+        "worker command `{command}` ({origin}) {reason}; a Node.js cluster worker runs a script: node app.js"
+    )]
+    Script {
         origin: String,
         command: String,
         reason: &'static str,
@@ -244,6 +256,23 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 "use rr (round-robin), wrr (weighted) or lc (least-conn)",
             )
         })?,
+    };
+
+    // Set on the command line or in the environment, the mode applies to
+    // every pool; in the file, `mode` is the default for pools without one.
+    let mode = match layered(
+        args.mode.as_deref(),
+        "--mode",
+        env,
+        "LB_MODE",
+        file.mode.clone(),
+        || in_file("mode"),
+    ) {
+        None => None,
+        Some((v, origin)) => Some((
+            Mode::parse(&v).ok_or_else(|| invalid(origin.clone(), &v, Mode::CHOICES))?,
+            origin,
+        )),
     };
 
     let duration = |cli: Option<&str>,
@@ -388,6 +417,15 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 command: program.to_string_lossy().into_owned(),
                 reason,
             })?;
+        let mode = mode
+            .as_ref()
+            .map_or_else(|| Mode::detect(&command), |m| m.0);
+        mode.check_args(rest)
+            .map_err(|reason| ConfigError::Script {
+                origin: "after --".into(),
+                command: describe(program, rest),
+                reason,
+            })?;
         vec![Pool {
             name: "main".into(),
             command,
@@ -395,6 +433,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             env: Vec::new(),
             count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
             weight: defaults::WEIGHT,
+            mode,
         }]
     } else if file.pool.is_empty() {
         let exe = std::env::current_exe().map_err(|e| ConfigError::Command {
@@ -413,6 +452,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             env: Vec::new(),
             count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
             weight: defaults::WEIGHT,
+            mode: Mode::Native,
         }]
     } else {
         let several = file.pool.len() > 1;
@@ -451,13 +491,29 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                         reason,
                     }
                 })?;
+            let args: Vec<OsString> = p.args.iter().map(OsString::from).collect();
+            let mode = match (&mode, &p.mode) {
+                (Some((m, Origin::Flag(_) | Origin::Env(_))), _) => *m,
+                (_, Some(text)) => {
+                    Mode::parse(text).ok_or_else(|| invalid(key("mode"), text, Mode::CHOICES))?
+                }
+                (Some((m, _)), None) => *m,
+                (None, None) => Mode::detect(&command),
+            };
+            mode.check_args(&args)
+                .map_err(|reason| ConfigError::Script {
+                    origin: format!("pool `{name}` in {path_text}"),
+                    command: describe(OsStr::new(&p.command), &args),
+                    reason,
+                })?;
             pools.push(Pool {
                 name,
                 command,
-                args: p.args.iter().map(OsString::from).collect(),
+                args,
                 env: p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 count,
                 weight,
+                mode,
             });
         }
         pools
@@ -486,6 +542,15 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         )));
     }
     Ok(config)
+}
+
+/// `program args…`, for messages.
+fn describe(program: &OsStr, args: &[OsString]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Finds `program` the way `execvp` would: as given if it has a `/`, else in

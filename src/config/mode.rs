@@ -1,0 +1,97 @@
+//! How a pool's workers get their connections.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+/// A pool's worker mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// lb's own protocol on fd 3 (`docs/protocol.md`).
+    #[default]
+    Native,
+    /// An unmodified Node.js app as a cluster worker, lb its primary
+    /// (`docs/node.md`).
+    Node,
+}
+
+impl Mode {
+    pub const CHOICES: &'static str =
+        "use native (lb's protocol) or node (Node.js cluster workers)";
+
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "native" | "lb" => Some(Mode::Native),
+            "node" | "nodejs" | "node-cluster" => Some(Mode::Node),
+            _ => None,
+        }
+    }
+
+    /// The mode a command gets when none is configured: `node` for Node.js.
+    pub fn detect(command: &Path) -> Mode {
+        match command.file_name().and_then(|n| n.to_str()) {
+            Some("node" | "nodejs") => Mode::Node,
+            _ => Mode::Native,
+        }
+    }
+
+    /// Why `args` cannot run as this mode's worker, if they cannot.
+    pub fn check_args(self, args: &[OsString]) -> Result<(), &'static str> {
+        if self != Mode::Node {
+            return Ok(());
+        }
+        // Node sets up the cluster channel only when `process.argv[1]` (the
+        // script) exists: `node -e`, `-p` and the REPL are never workers.
+        let mut script = false;
+        for a in args {
+            let a = a.to_string_lossy();
+            if matches!(
+                a.as_ref(),
+                "-e" | "--eval" | "-p" | "--print" | "-i" | "--interactive"
+            ) {
+                return Err("evaluates code instead of running a script");
+            }
+            if !a.starts_with('-') {
+                script = true;
+                break;
+            }
+        }
+        if script {
+            Ok(())
+        } else {
+            Err("names no script to run")
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Native => "native",
+            Mode::Node => "node",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_is_detected_and_needs_a_script() {
+        assert_eq!(Mode::detect(Path::new("/usr/bin/node")), Mode::Node);
+        assert_eq!(Mode::detect(Path::new("nodejs")), Mode::Node);
+        assert_eq!(Mode::detect(Path::new("/usr/bin/python3")), Mode::Native);
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(Mode::Node.check_args(&args(&["app.js"])).is_ok());
+        assert!(
+            Mode::Node
+                .check_args(&args(&["--inspect", "app.js", "-e"]))
+                .is_ok()
+        );
+        assert!(Mode::Node.check_args(&args(&["-e", "x"])).is_err());
+        assert!(Mode::Node.check_args(&args(&[])).is_err());
+        assert!(Mode::Native.check_args(&args(&[])).is_ok());
+        assert_eq!(Mode::parse(" Node "), Some(Mode::Node));
+        assert_eq!(Mode::parse("shim"), None);
+    }
+}
