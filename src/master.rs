@@ -84,6 +84,11 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         Ok(None) => bind(config.listen, config.backlog)?,
         Err(e) => return Err(MasterError::Io(format!("socket activation: {e}"))),
     };
+    // (Reloads may bring Node pools too; the stop line then counts from 0.)
+    let any_node = config
+        .pools
+        .iter()
+        .any(|p| p.mode == crate::config::Mode::Node);
     let local = listener
         .local_addr()
         .map_err(|e| MasterError::Io(format!("listener address: {e}")))?;
@@ -95,10 +100,11 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             .pools
             .iter()
             .map(|p| format!(
-                "{}×{} weight {} `{}`",
+                "{}×{} weight {} mode {} `{}`",
                 p.name,
                 p.count,
                 p.weight,
+                p.mode,
                 p.command.display()
             ))
             .collect::<Vec<_>>()
@@ -160,8 +166,16 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     if let Ok(Ok(stats)) = stats {
         info!(
             "stopped: {} connections accepted, {} dispatched, {} rescued; \
-             paused {} times for want of a free worker",
-            stats.accepted, stats.dispatched, stats.rescued, stats.paused
+             paused {} times for want of a free worker{}",
+            stats.accepted,
+            stats.dispatched,
+            stats.rescued,
+            stats.paused,
+            if any_node {
+                format!("; {} refused by Node workers", stats.refused)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(if drained {

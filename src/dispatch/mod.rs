@@ -9,10 +9,12 @@
 //! what workers say through [`Event`]s. See
 //! `docs/lifetime-of-a-connection.md` for one connection's path by symbol.
 
+mod node;
 mod worker;
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,11 +23,12 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::config::Mode;
 use crate::policy::{Policy, PolicyKind, Slot, WorkerView};
 use crate::proto::scm::{Batch, RecvBatch};
 use crate::proto::{self, MAX_MESSAGE, Malformed, Message, Wait, kind, scm, wire};
 use crate::sys;
-use worker::{State, Table, Worker};
+use worker::{Link, State, Table, Worker};
 
 /// The listening socket.
 pub const LISTENER: Token = Token(0);
@@ -50,14 +53,15 @@ pub enum Command {
     /// A worker process was started in `slot`. When it says READY it becomes
     /// the slot's current process, and the one before it (if any) is sent
     /// DRAIN: until then the old one keeps serving. `channel` is the
-    /// master's end; `peer` the master's copy of the worker's end, kept to
-    /// rescue connections the worker never read.
+    /// master's end; `peer` (native mode) the master's copy of the worker's
+    /// end, kept to rescue connections the worker never read.
     Attach {
         slot: Slot,
         pid: u32,
         channel: OwnedFd,
-        peer: OwnedFd,
+        peer: Option<OwnedFd>,
         weight: u32,
+        mode: Mode,
     },
     /// The process exited: hand what is queued in its channel to others.
     Detach { slot: Slot, pid: u32 },
@@ -110,6 +114,13 @@ pub enum Event {
         pid: u32,
         count: u64,
     },
+    /// Something about a worker worth a log line (Node workers' refused
+    /// `listen()`s, a closed server).
+    Note {
+        slot: Slot,
+        pid: u32,
+        text: String,
+    },
     /// `accept4` failed for lack of resources; accepting resumes shortly.
     AcceptError {
         errno: i32,
@@ -128,6 +139,8 @@ pub struct Stats {
     pub paused: u64,
     /// Events dropped because the supervisor fell behind.
     pub events_dropped: u64,
+    /// Connections a Node worker refused (`accepted:false`), handed out again.
+    pub refused: u64,
 }
 
 /// One worker process as the dispatcher sees it.
@@ -206,6 +219,14 @@ pub struct Dispatcher {
     drained: bool,
     retry_at: Option<Instant>,
     running: bool,
+    /// Where the listener is (Node workers are told it).
+    front: SocketAddr,
+    /// Per slot: its current process takes one connection at a time (Node).
+    stepwise: Vec<bool>,
+    /// The first Node worker's `queryServer` data, echoed to every worker.
+    node_data: Option<String>,
+    /// The earliest end of a Node worker's refusal back-off.
+    node_wake: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -218,6 +239,7 @@ impl Dispatcher {
         notify: Notifier,
     ) -> io::Result<(Dispatcher, Handle)> {
         listener.set_nonblocking(true)?;
+        let front = listener.local_addr()?;
         let mut listener = mio::net::TcpListener::from_std(listener);
         let poll = Poll::new()?;
         poll.registry()
@@ -248,6 +270,10 @@ impl Dispatcher {
             drained: false,
             retry_at: None,
             running: true,
+            front,
+            stepwise: vec![false; slots],
+            node_data: None,
+            node_wake: None,
         };
         Ok((
             dispatcher,
@@ -269,9 +295,11 @@ impl Dispatcher {
     /// One poll (waiting at most `max_wait`, if given) and everything it
     /// made ready. `run` loops on it; a benchmark can drive it directly.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let retry = self
-            .retry_at
-            .map(|t| t.saturating_duration_since(Instant::now()));
+        let wake = match (self.retry_at, self.node_wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let retry = wake.map(|t| t.saturating_duration_since(Instant::now()));
         let timeout = match (retry, max_wait) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -294,7 +322,7 @@ impl Dispatcher {
                 WAKER => commands = true,
                 Token(t) => {
                     let index = t - WORKER_BASE;
-                    if ev.is_readable() {
+                    if ev.is_readable() || ev.is_read_closed() {
                         self.read_worker(index);
                     }
                     if ev.is_writable() {
@@ -321,6 +349,7 @@ impl Dispatcher {
                 self.worker_writable(index);
             }
         }
+        self.node_timers();
         self.pump();
         Ok(())
     }
@@ -415,6 +444,10 @@ impl Dispatcher {
                 Some(s) => {
                     *slot = s.0;
                     self.views[s.0].active += 1;
+                    // One connection at a time: not picked again this batch.
+                    if self.stepwise[s.0] {
+                        self.views[s.0].eligible = false;
+                    }
                 }
                 None => break,
             }
@@ -435,6 +468,15 @@ impl Dispatcher {
             let slot = slots[start];
             let end = (start..n).find(|&k| slots[k] != slot).unwrap_or(n);
             let len = end - start;
+            if slot != usize::MAX && self.stepwise[slot] {
+                for fd in batch.drain(..len) {
+                    if let Err(fd) = self.send_stepwise(slot, fd) {
+                        refused.push(fd);
+                    }
+                }
+                start = end;
+                continue;
+            }
             let sent = if slot == usize::MAX {
                 0
             } else {
@@ -456,6 +498,20 @@ impl Dispatcher {
             }
         }
         self.refused = refused;
+    }
+
+    /// Sends `fd` to `slot`'s one-at-a-time (Node) worker, already counted
+    /// active by its pick; undoes that when it cannot take it.
+    fn send_stepwise(&mut self, slot: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+        let sent = match self.current[slot] {
+            Some(index) => self.node_send(index, fd),
+            None => Err(fd),
+        };
+        if sent.is_err() {
+            let v = &mut self.views[slot];
+            v.active = v.active.saturating_sub(1);
+        }
+        sent
     }
 
     /// Sends `fds` to `slot`'s worker; returns how many went out. Undoes the
@@ -503,7 +559,7 @@ impl Dispatcher {
     /// Sends `fd` to the worker the policy picks, trying others while
     /// channels are full. Gives the fd back when no worker can take it.
     #[inline]
-    fn hand_off(&mut self, fd: OwnedFd) -> Result<(), OwnedFd> {
+    fn hand_off(&mut self, mut fd: OwnedFd) -> Result<(), OwnedFd> {
         loop {
             let Some(slot) = self.policy.pick(&self.views) else {
                 return Err(fd);
@@ -517,6 +573,19 @@ impl Dispatcher {
                 self.views[slot.0].eligible = false;
                 continue;
             };
+            if w.link.is_node() {
+                match self.node_send(index, fd) {
+                    Ok(()) => {
+                        self.views[slot.0].active += 1;
+                        return Ok(());
+                    }
+                    // `node_send` made the slot ineligible: pick again.
+                    Err(back) => {
+                        fd = back;
+                        continue;
+                    }
+                }
+            }
             self.seq += 1;
             match proto::send_conn(w.channel.as_fd(), fd.as_fd(), self.seq) {
                 Ok(()) => {
@@ -555,10 +624,10 @@ impl Dispatcher {
 
     /// Recomputes whether `slot` may be picked.
     fn sync_view(&mut self, slot: Slot) {
-        let eligible = self.current[slot.0]
-            .and_then(|i| self.workers.get(i))
-            .is_some_and(|w| w.state == State::Ready && !w.full);
-        self.views[slot.0].eligible = eligible;
+        let current = self.current[slot.0].and_then(|i| self.workers.get(i));
+        self.views[slot.0].eligible =
+            current.is_some_and(|w| w.state == State::Ready && !w.full && w.link.can_take());
+        self.stepwise[slot.0] = current.is_some_and(|w| w.link.is_node());
     }
 
     fn is_current(&self, index: usize) -> bool {
@@ -583,6 +652,9 @@ impl Dispatcher {
     /// Reads everything a worker sent (edge-triggered: until the queue is
     /// empty, which a short `recvmmsg` count already proves).
     fn read_worker(&mut self, index: usize) {
+        if self.workers.get(index).is_some_and(|w| w.link.is_node()) {
+            return self.node_read(index);
+        }
         let mut batch = std::mem::take(&mut self.batch);
         while let Some(w) = self.workers.get(index) {
             let (slot, pid) = (w.slot, w.pid);
@@ -616,53 +688,9 @@ impl Dispatcher {
     ) {
         let complaint = |error| Event::Malformed { slot, pid, error };
         match message {
-            Ok(Message::Closed { n }) => {
-                let Some(w) = self.workers.get_mut(index) else {
-                    return;
-                };
-                let fit = n.min(w.sent - w.closed);
-                w.closed += fit;
-                if self.current[slot.0] == Some(index) {
-                    let v = &mut self.views[slot.0];
-                    v.active = v.active.saturating_sub(fit as u32);
-                }
-                if fit < n {
-                    self.emit(complaint(Malformed::OverClosed(n - fit)));
-                }
-            }
-            Ok(Message::Ready) => {
-                let Some(w) = self.workers.get_mut(index) else {
-                    return;
-                };
-                if w.state == State::Starting {
-                    w.state = State::Ready;
-                    let weight = w.weight;
-                    // The switch: the slot's connections go to this process
-                    // now, and the one it replaces (if any) drains.
-                    let previous = self.current[slot.0].filter(|&i| i != index);
-                    self.current[slot.0] = Some(index);
-                    self.views[slot.0] = WorkerView {
-                        eligible: false,
-                        weight,
-                        active: 0,
-                    };
-                    self.sync_view(slot);
-                    self.emit(Event::Ready { slot, pid });
-                    if let Some(previous) = previous {
-                        self.drain_worker(previous);
-                    }
-                    if self.shutting_down {
-                        self.drain_worker(index);
-                    }
-                }
-            }
-            Ok(Message::Leaving) => {
-                if let Some(w) = self.workers.get_mut(index) {
-                    w.state = State::Draining;
-                }
-                self.sync_view(slot);
-                self.emit(Event::Leaving { slot, pid });
-            }
+            Ok(Message::Closed { n }) => self.closed(index, slot, n),
+            Ok(Message::Ready) => self.ready(index, slot, pid),
+            Ok(Message::Leaving) => self.leaving(index, slot, pid),
             Ok(Message::User(payload)) => {
                 let payload = payload.to_vec();
                 self.emit(Event::Message { slot, pid, payload });
@@ -674,7 +702,68 @@ impl Dispatcher {
         }
     }
 
+    /// The worker reports `n` of its connections closed.
+    fn closed(&mut self, index: usize, slot: Slot, n: u64) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let fit = n.min(w.sent - w.closed);
+        w.closed += fit;
+        let pid = w.pid;
+        if self.current[slot.0] == Some(index) {
+            let v = &mut self.views[slot.0];
+            v.active = v.active.saturating_sub(fit as u32);
+        }
+        if fit < n {
+            self.emit(Event::Malformed {
+                slot,
+                pid,
+                error: Malformed::OverClosed(n - fit),
+            });
+        }
+    }
+
+    /// READY (a Node worker's `listening`): the switch. The slot's
+    /// connections go to this process now; the one it replaces (if any) drains.
+    fn ready(&mut self, index: usize, slot: Slot, pid: u32) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        if w.state != State::Starting {
+            return;
+        }
+        w.state = State::Ready;
+        let weight = w.weight;
+        let previous = self.current[slot.0].filter(|&i| i != index);
+        self.current[slot.0] = Some(index);
+        self.views[slot.0] = WorkerView {
+            eligible: false,
+            weight,
+            active: 0,
+        };
+        self.sync_view(slot);
+        self.emit(Event::Ready { slot, pid });
+        if let Some(previous) = previous {
+            self.drain_worker(previous);
+        }
+        if self.shutting_down {
+            self.drain_worker(index);
+        }
+    }
+
+    /// The worker is leaving on its own: nothing new goes to it.
+    fn leaving(&mut self, index: usize, slot: Slot, pid: u32) {
+        if let Some(w) = self.workers.get_mut(index) {
+            w.state = State::Draining;
+        }
+        self.sync_view(slot);
+        self.emit(Event::Leaving { slot, pid });
+    }
+
     fn worker_writable(&mut self, index: usize) {
+        if self.workers.get(index).is_some_and(|w| w.link.is_node()) {
+            return self.node_flush(index);
+        }
         let Some(w) = self.workers.get_mut(index) else {
             return;
         };
@@ -701,7 +790,17 @@ impl Dispatcher {
                     channel,
                     peer,
                     weight,
-                } => self.attach(slot, pid, channel, peer, weight),
+                    mode,
+                } => {
+                    let link = match (mode, peer) {
+                        (Mode::Native, Some(peer)) => Link::Native { peer },
+                        // Native without a peer cannot be rescued: treat the
+                        // protocol mismatch as the caller's bug, loudly.
+                        (Mode::Native, None) => panic!("a native worker is attached with its peer"),
+                        (Mode::Node, _) => Link::Node(Box::default()),
+                    };
+                    self.attach(slot, pid, channel, link, weight)
+                }
                 Command::Detach { slot, pid } => self.detach(slot, pid),
                 Command::Drain { slot, pid } => {
                     if let Some(index) = self.workers.find(slot, pid) {
@@ -757,16 +856,21 @@ impl Dispatcher {
             if w.state != State::Ready || target.is_some_and(|t| t != w.slot) {
                 continue;
             }
+            if w.link.is_node() {
+                delivered += usize::from(self.node_message(i, payload));
+                continue;
+            }
             let sent = proto::send_plain(w.channel.as_fd(), kind::USER, 0, payload, Wait::DontWait);
             delivered += usize::from(sent.is_ok());
         }
         delivered
     }
 
-    fn attach(&mut self, slot: Slot, pid: u32, channel: OwnedFd, peer: OwnedFd, weight: u32) {
+    fn attach(&mut self, slot: Slot, pid: u32, channel: OwnedFd, link: Link, weight: u32) {
         if slot.0 >= self.current.len() {
             self.current.resize(slot.0 + 1, None);
             self.views.resize(slot.0 + 1, WorkerView::default());
+            self.stepwise.resize(slot.0 + 1, false);
             self.policy.resize(slot.0 + 1);
         }
         // The new process is its slot's candidate: the current one (if any)
@@ -778,7 +882,7 @@ impl Dispatcher {
             weight: weight.max(1),
             state: State::Starting,
             channel,
-            peer,
+            link,
             full: false,
             drain_queued: false,
             drain_sent: false,
@@ -808,7 +912,7 @@ impl Dispatcher {
             return;
         };
         let was_current = self.is_current(index);
-        let w = self.workers.remove(index).expect("found above");
+        let mut w = self.workers.remove(index).expect("found above");
         let _ = self
             .poll
             .registry()
@@ -817,9 +921,18 @@ impl Dispatcher {
             self.current[slot.0] = None;
             self.views[slot.0] = WorkerView::default();
         }
-        // Read the worker's side of the queue from our own copy of its end.
         let mut count = 0;
-        while let Ok(mut got) = scm::recv(w.peer.as_fd(), &mut self.buf, Wait::DontWait) {
+        // A Node worker's unanswered connection; lb's protocol: read the
+        // worker's side of the queue from our own copy of its end.
+        if let Some(fd) = Dispatcher::node_rescue(&mut w.link) {
+            self.pending.push_front(fd);
+            count += 1;
+        }
+        let peer = match &w.link {
+            Link::Native { peer } => Some(peer.as_fd()),
+            Link::Node(_) => None,
+        };
+        while let Some(Ok(mut got)) = peer.map(|p| scm::recv(p, &mut self.buf, Wait::DontWait)) {
             if got.len == 0 {
                 break;
             }
@@ -853,6 +966,9 @@ impl Dispatcher {
         let Some(w) = self.workers.get_mut(index) else {
             return;
         };
+        if w.link.is_node() {
+            return self.node_disconnect(index);
+        }
         let (slot, pid) = (w.slot, w.pid);
         match proto::send_plain(w.channel.as_fd(), kind::DRAIN, 0, &[], Wait::DontWait) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -2,6 +2,7 @@
 
 use std::os::fd::OwnedFd;
 
+use super::node::NodeLink;
 use crate::policy::Slot;
 
 /// A worker process's life as the dispatcher sees it:
@@ -27,8 +28,8 @@ pub struct Worker {
     pub state: State,
     /// The master's end of the channel.
     pub channel: OwnedFd,
-    /// The master's copy of the worker's end, read only after the worker died.
-    pub peer: OwnedFd,
+    /// The protocol spoken on it.
+    pub link: Link,
     /// The last send hit `EAGAIN`; cleared by the channel's writable edge.
     pub full: bool,
     /// DRAIN could not be sent yet (channel full); sent on writable.
@@ -37,6 +38,33 @@ pub struct Worker {
     /// Connections sent, and reported closed, over this process's life.
     pub sent: u64,
     pub closed: u64,
+}
+
+/// How the master talks to a worker process.
+#[derive(Debug)]
+pub enum Link {
+    /// lb's protocol on a `SOCK_SEQPACKET` channel. `peer` is the master's
+    /// copy of the worker's end, read only after the worker died (rescue).
+    Native { peer: OwnedFd },
+    /// Node.js's cluster IPC on a `SOCK_STREAM` channel.
+    Node(Box<NodeLink>),
+}
+
+impl Link {
+    /// Whether the protocol lets this worker take a connection now (lb's
+    /// protocol always does; Node's takes one at a time).
+    #[inline]
+    pub fn can_take(&self) -> bool {
+        match self {
+            Link::Native { .. } => true,
+            Link::Node(n) => n.can_take(),
+        }
+    }
+
+    #[inline]
+    pub fn is_node(&self) -> bool {
+        matches!(self, Link::Node(_))
+    }
 }
 
 /// Worker processes by index; an index is stable for a process's life and
@@ -87,6 +115,11 @@ impl Table {
         self.entries
             .iter()
             .position(|e| e.as_ref().is_some_and(|w| w.slot == slot && w.pid == pid))
+    }
+
+    /// One past the highest index in use (for index loops that mutate).
+    pub fn end(&self) -> usize {
+        self.entries.len()
     }
 
     pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {

@@ -22,7 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::{SfdFlags, SigSet, SignalFd};
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::control::{self, Request, Response, Status, WorkerStatus};
 use crate::dispatch::{self, Command, Event};
 use crate::info;
@@ -151,6 +151,10 @@ pub struct Supervisor {
     next_check: Option<Instant>,
     /// systemd was told READY=1 (once every first worker was ready).
     notified_ready: bool,
+    /// Node workers' `cluster.worker.id`s handed out so far.
+    node_ids: u64,
+    /// The close-report preload, written when a Node worker first needs it.
+    node_preload: Option<spawn::Preload>,
 }
 
 /// Loads the configuration again (the same sources as at start).
@@ -226,6 +230,8 @@ impl Supervisor {
             reload: None,
             next_check: None,
             notified_ready: false,
+            node_ids: 0,
+            node_preload: None,
         })
     }
 
@@ -328,7 +334,29 @@ impl Supervisor {
             spawn::describe_command(pool)
         );
         let report_closed = self.config.policy.uses_close_reports();
-        let spawned = spawn::spawn(pool, slot, generation, report_closed).map_err(|source| {
+        if pool.mode == Mode::Node && report_closed && self.node_preload.is_none() {
+            self.node_preload = Some(spawn::Preload::write().map_err(|source| {
+                SupervisorError::Spawn {
+                    pool: pool.name.clone(),
+                    command: "the Node.js close-report preload".into(),
+                    source,
+                    hint: "it is written to $XDG_RUNTIME_DIR or the temp directory; check that one is writable",
+                }
+            })?);
+        }
+        self.node_ids += 1;
+        let launch = spawn::Launch {
+            slot,
+            generation,
+            report_closed,
+            node_id: self.node_ids,
+            node_preload: self
+                .node_preload
+                .as_ref()
+                .filter(|_| report_closed)
+                .map(|p| p.file.as_path()),
+        };
+        let spawned = spawn::spawn(pool, &launch).map_err(|source| {
             // ENOENT for a file that exists: exec could not find what the file needs.
             let hint = if source.kind() == io::ErrorKind::NotFound && pool.command.exists() {
                 "the file exists, so its #! interpreter or its dynamic loader is missing"
@@ -366,6 +394,7 @@ impl Supervisor {
             channel: spawned.channel,
             peer: spawned.peer,
             weight: pool.weight,
+            mode: pool.mode,
         });
         self.procs.push(Proc {
             slot,
@@ -547,6 +576,7 @@ impl Supervisor {
                     self.start_or_retry(slot);
                 }
             }
+            Event::Note { slot, pid, text } => info!("worker {slot} pid {pid}: {text}"),
             Event::Message { slot, pid, payload } => {
                 info!(
                     "worker {slot} pid {pid}: message: {}",

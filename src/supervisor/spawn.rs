@@ -4,12 +4,25 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::config::Pool;
+use crate::config::{Mode, Pool};
 use crate::policy::Slot;
-use crate::proto::{self, VERSION, WORKER_FD, env};
+use crate::proto::{self, VERSION, WORKER_FD, env, node};
 use crate::sys;
+
+/// What a worker is told beyond its pool's own command and environment.
+pub struct Launch<'a> {
+    pub slot: Slot,
+    pub generation: u64,
+    /// The policy reads close reports (native: `LB_REPORT_CLOSED=1`; node:
+    /// the preload at `node_preload` is required).
+    pub report_closed: bool,
+    /// Node's `cluster.worker.id`: unique per process, from 1.
+    pub node_id: u64,
+    pub node_preload: Option<&'a Path>,
+}
 
 /// A started worker and the master's handles on it.
 pub struct Spawned {
@@ -17,8 +30,9 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
     /// The master's end of the channel (non-blocking).
     pub channel: OwnedFd,
-    /// The master's copy of the worker's end (for rescue).
-    pub peer: OwnedFd,
+    /// The master's copy of the worker's end (native: for rescue; none for
+    /// node, whose channel's EOF must reach the master).
+    pub peer: Option<OwnedFd>,
     /// The read ends of the worker's stdout and stderr.
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
@@ -32,18 +46,19 @@ pub fn describe_command(pool: &Pool) -> String {
         .join(" ")
 }
 
-/// Starts `pool`'s command as the worker in `slot`. `Command::spawn` returns
-/// only after exec succeeded (or with exec's error), so an `Ok` is "online".
-pub fn spawn(pool: &Pool, slot: Slot, generation: u64, report_closed: bool) -> io::Result<Spawned> {
-    let (channel, peer) = proto::pair()?;
+/// Starts `pool`'s command as the worker in `launch.slot`. `Command::spawn`
+/// returns only after exec succeeded (or with exec's error), so an `Ok` is
+/// "online".
+pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
+    let (channel, peer) = match pool.mode {
+        Mode::Native => proto::pair()?,
+        Mode::Node => proto::stream_pair()?,
+    };
     let mut cmd = Command::new(&pool.command);
     cmd.args(&pool.args)
         .envs(pool.env.iter().map(|(k, v)| (k, v)))
-        .env(env::FD, WORKER_FD.to_string())
-        .env(env::WORKER_ID, slot.0.to_string())
-        .env(env::GENERATION, generation.to_string())
-        .env(env::PROTOCOL, VERSION.to_string())
-        .env(env::REPORT_CLOSED, if report_closed { "1" } else { "0" })
+        .env(env::WORKER_ID, launch.slot.0.to_string())
+        .env(env::GENERATION, launch.generation.to_string())
         .stdin(Stdio::null())
         // The master's systemd variables are not the worker's.
         .env_remove(crate::systemd::VARS[0])
@@ -53,6 +68,34 @@ pub fn spawn(pool: &Pool, slot: Slot, generation: u64, report_closed: bool) -> i
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    match pool.mode {
+        Mode::Native => {
+            cmd.env(env::FD, WORKER_FD.to_string())
+                .env(env::PROTOCOL, VERSION.to_string())
+                .env(
+                    env::REPORT_CLOSED,
+                    if launch.report_closed { "1" } else { "0" },
+                );
+        }
+        Mode::Node => {
+            cmd.env(node::env::UNIQUE_ID, launch.node_id.to_string())
+                .env(node::env::CHANNEL_FD, WORKER_FD.to_string())
+                .env(node::env::SERIALIZATION, "json");
+            if let Some(preload) = launch.node_preload {
+                let mut options = format!("--require \"{}\"", preload.display());
+                let theirs = pool
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == node::env::OPTIONS)
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| std::env::var(node::env::OPTIONS).ok());
+                if let Some(theirs) = theirs.filter(|t| !t.trim().is_empty()) {
+                    options = format!("{theirs} {options}");
+                }
+                cmd.env(node::env::OPTIONS, options);
+            }
+        }
+    }
     sys::prepare_child(&mut cmd, peer.as_raw_fd(), WORKER_FD);
     let mut child = cmd.spawn()?;
     let pidfd = match sys::pidfd_open(child.id()) {
@@ -67,6 +110,8 @@ pub fn spawn(pool: &Pool, slot: Slot, generation: u64, report_closed: bool) -> i
         &channel,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )?;
+    // Node must see EOF when the worker closes its end: keep no copy.
+    let peer = (pool.mode == Mode::Native).then_some(peer);
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     let stderr = OwnedFd::from(child.stderr.take().expect("piped"));
     Ok(Spawned {
@@ -77,6 +122,36 @@ pub fn spawn(pool: &Pool, slot: Slot, generation: u64, report_closed: bool) -> i
         stdout,
         stderr,
     })
+}
+
+/// The close-report preload for Node workers, written once into a
+/// directory of the master's own (0700) and removed with it.
+pub struct Preload {
+    dir: PathBuf,
+    pub file: PathBuf,
+}
+
+impl Preload {
+    pub fn write() -> io::Result<Preload> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("lb-{}-node", std::process::id()));
+        // A directory left by a killed master of the same pid is ours to replace.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let file = dir.join("close-report.js");
+        std::fs::write(&file, node::PRELOAD)?;
+        Ok(Preload { dir, file })
+    }
+}
+
+impl Drop for Preload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// "exit code 3", "killed by SIGKILL".

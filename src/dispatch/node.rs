@@ -1,0 +1,581 @@
+//! The dispatcher's side of Node.js's cluster IPC: lb is the primary of
+//! unmodified Node workers (`docs/node.md`).
+//!
+//! Per connection: one preformatted `newconn` line + the fd in one
+//! `sendmsg`, then the worker's handle ACK and `{ack, accepted}` reply,
+//! parsed without allocating. Like Node's own primary, a worker has at most
+//! one connection in flight, and the master keeps its copy of the fd until
+//! the reply: a refused connection goes to another worker, one whose
+//! worker died before replying is handed out again. Everything else
+//! (`queryServer`, user messages, replies lb writes) is rare and may
+//! allocate.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use super::worker::{Link, State};
+use super::{Dispatcher, Event};
+use crate::policy::Slot;
+use crate::proto::node::{self, Answer, Bad, Line, Lines, NewConn, Query};
+use crate::proto::{Malformed, Wait, scm};
+
+/// A worker that refused a connection is offered none for this long,
+/// doubling while it keeps refusing (Node's own primary retries at once
+/// and can bounce one connection thousands of times a second).
+const REFUSED_FIRST: Duration = Duration::from_millis(1);
+const REFUSED_MAX: Duration = Duration::from_millis(100);
+
+/// A connection sent to a worker and not yet answered.
+#[derive(Debug)]
+struct Flight {
+    fd: OwnedFd,
+    seq: u64,
+    acked: bool,
+    nacks: u8,
+}
+
+/// One Node worker's channel state.
+#[derive(Debug)]
+pub struct NodeLink {
+    lines: Lines,
+    /// Bytes not yet written (replies, `disconnect`, the rest of a `newconn`
+    /// line a full socket cut short). Written before any new `newconn`.
+    out: Vec<u8>,
+    /// The worker's server: set by the answered `queryServer`.
+    server: Option<Server>,
+    flight: Option<Flight>,
+    /// This side's cluster-message counter.
+    seq: u64,
+    refused_for: Duration,
+    refused_until: Option<Instant>,
+    /// `disconnect` is due once the connection in flight is answered.
+    disconnect_due: bool,
+    /// The worker closed its end.
+    eof: bool,
+}
+
+#[derive(Debug)]
+struct Server {
+    port: u16,
+    newconn: NewConn,
+}
+
+impl std::fmt::Debug for NewConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NewConn")
+    }
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lines")
+    }
+}
+
+impl NodeLink {
+    pub fn new() -> NodeLink {
+        NodeLink {
+            lines: Lines::new(),
+            out: Vec::with_capacity(512),
+            server: None,
+            flight: None,
+            seq: 0,
+            refused_for: REFUSED_FIRST,
+            refused_until: None,
+            disconnect_due: false,
+            eof: false,
+        }
+    }
+
+    /// Has a server, nothing in flight, nothing unwritten, not backing off.
+    #[inline]
+    pub fn can_take(&self) -> bool {
+        self.server.is_some()
+            && self.flight.is_none()
+            && self.out.is_empty()
+            && self.refused_until.is_none()
+            && !self.eof
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+}
+
+impl Default for NodeLink {
+    fn default() -> Self {
+        NodeLink::new()
+    }
+}
+
+impl Dispatcher {
+    fn node(&mut self, index: usize) -> Option<&mut NodeLink> {
+        match &mut self.workers.get_mut(index)?.link {
+            Link::Node(n) => Some(n),
+            Link::Native { .. } => None,
+        }
+    }
+
+    /// Sends `fd` to Node worker `index` with a `newconn`; keeps our copy
+    /// until the reply. Gives `fd` back when the worker cannot take it now.
+    #[inline]
+    pub(super) fn node_send(&mut self, index: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+        let Some(w) = self.workers.get_mut(index) else {
+            return Err(fd);
+        };
+        let slot = w.slot;
+        let Link::Node(n) = &mut w.link else {
+            return Err(fd);
+        };
+        let free = n.can_take();
+        let result = match (&mut n.server, free) {
+            (Some(server), true) => {
+                n.seq += 1;
+                let seq = n.seq;
+                let line = server.newconn.line(seq);
+                match scm::send(
+                    w.channel.as_fd(),
+                    line,
+                    &[],
+                    Some(fd.as_fd()),
+                    Wait::DontWait,
+                ) {
+                    Ok(sent) => {
+                        // The fd went with the first byte; a full socket
+                        // may have cut the line short: the rest goes first.
+                        if sent < line.len() {
+                            n.out.extend_from_slice(&line[sent..]);
+                        }
+                        n.flight = Some(Flight {
+                            fd,
+                            seq,
+                            acked: false,
+                            nacks: 0,
+                        });
+                        Ok(!n.out.is_empty())
+                    }
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            w.full = true;
+                        } else {
+                            w.state = State::Draining;
+                        }
+                        Err((fd, w.full))
+                    }
+                }
+            }
+            _ => Err((fd, false)),
+        };
+        let outcome = match result {
+            Ok(partial) => {
+                if partial {
+                    self.want_writable(index, true);
+                }
+                Ok(())
+            }
+            Err((fd, full)) => {
+                if full {
+                    self.want_writable(index, true);
+                }
+                Err(fd)
+            }
+        };
+        self.sync_view(slot);
+        outcome
+    }
+
+    /// Reads everything a Node worker sent (edge-triggered: until `EAGAIN`).
+    pub(super) fn node_read(&mut self, index: usize) {
+        let Some(n) = self.node(index) else {
+            return;
+        };
+        // Out of the worker while its lines are handled (an empty `Lines`
+        // owns no memory: no allocation).
+        let mut lines = std::mem::take(&mut n.lines);
+        let mut eof = false;
+        while let Some(w) = self.workers.get(index) {
+            // Fds only come with a `NODE_HANDLE` line (the app's
+            // `process.send(msg, socket)`): acknowledged, never used,
+            // closed when `got` drops.
+            match scm::recv(w.channel.as_fd(), lines.spare(), Wait::DontWait) {
+                Ok(got) if got.len == 0 => {
+                    eof = true;
+                    break;
+                }
+                Ok(got) => lines.filled(got.len, |line| self.node_line(index, line)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        if let Some(n) = self.node(index) {
+            n.lines = lines;
+        }
+        if eof {
+            self.node_eof(index);
+        }
+    }
+
+    fn node_line(&mut self, index: usize, line: Result<&[u8], Bad>) {
+        let Some(w) = self.workers.get(index) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid);
+        let complain = |this: &mut Dispatcher, bad: Bad| {
+            this.emit(Event::Malformed {
+                slot,
+                pid,
+                error: Malformed::Node(bad),
+            });
+        };
+        let line = match line {
+            Ok(l) => l,
+            Err(bad) => return complain(self, bad),
+        };
+        if line.is_empty() {
+            return;
+        }
+        match node::parse(line) {
+            Ok(Line::HandleAck) => {
+                if let Some(f) = self.node(index).and_then(|n| n.flight.as_mut()) {
+                    f.acked = true;
+                }
+            }
+            Ok(Line::Reply { ack, accepted }) => {
+                let Some(n) = self.node(index) else { return };
+                match n.flight.take_if(|f| f.seq == ack) {
+                    // Only an explicit `false` is a refusal; the worker
+                    // took the fd otherwise.
+                    Some(f) => self.node_answered(index, slot, f.fd, accepted != Some(false)),
+                    None => complain(self, Bad::UnknownAck(ack)),
+                }
+            }
+            Ok(Line::HandleNack) => self.node_resend(index, slot),
+            Ok(Line::Closed { n }) => self.closed(index, slot, n),
+            Ok(Line::Listening) => self.ready(index, slot, pid),
+            Ok(Line::Online | Line::Ignored) => {}
+            Ok(Line::QueryServer { seq }) => self.node_query(index, slot, pid, line, seq),
+            Ok(Line::Close) => {
+                let Some(n) = self.node(index) else { return };
+                n.server = None;
+                let leaving = self.workers.get(index).map(|w| w.state) == Some(State::Ready);
+                self.sync_view(slot);
+                if leaving {
+                    self.emit(Event::Note {
+                        slot,
+                        pid,
+                        text: "closed its server: no new connections until it listens again".into(),
+                    });
+                }
+            }
+            Ok(Line::ExitedAfterDisconnect { seq }) => {
+                let Some(n) = self.node(index) else { return };
+                let reply = node::ack(seq, n.next_seq());
+                self.node_write(index, &reply);
+                self.leaving(index, slot, pid);
+            }
+            Ok(Line::Handle) => {
+                self.node_write(index, node::HANDLE_ACK);
+                let payload = serde_json::from_slice::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| serde_json::to_vec(&v["msg"]).ok())
+                    .unwrap_or_else(|| line.to_vec());
+                self.emit(Event::Message { slot, pid, payload });
+            }
+            Ok(Line::User) => {
+                let payload = line.to_vec();
+                self.emit(Event::Message { slot, pid, payload });
+            }
+            Err(bad) => complain(self, bad),
+        }
+    }
+
+    /// The worker answered the `newconn` in flight.
+    fn node_answered(&mut self, index: usize, slot: Slot, fd: OwnedFd, accepted: bool) {
+        let current = self.current[slot.0] == Some(index);
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let Link::Node(n) = &mut w.link else { return };
+        if accepted {
+            // Its copy is the connection now (closing ours is what Node's
+            // primary does too).
+            drop(fd);
+            n.refused_for = REFUSED_FIRST;
+            w.sent += 1;
+            self.stats.dispatched += 1;
+        } else {
+            let until = Instant::now() + n.refused_for;
+            n.refused_until = Some(until);
+            n.refused_for = (n.refused_for * 2).min(REFUSED_MAX);
+            self.node_wake = Some(self.node_wake.map_or(until, |t| t.min(until)));
+            self.stats.refused += 1;
+            if current {
+                let v = &mut self.views[slot.0];
+                v.active = v.active.saturating_sub(1);
+            }
+            self.pending.push_front(fd);
+        }
+        let disconnect = std::mem::take(&mut n.disconnect_due);
+        if disconnect {
+            self.node_disconnect(index);
+        }
+        self.sync_view(slot);
+    }
+
+    /// `NODE_HANDLE_NACK`: the line arrived without its fd; send both again
+    /// (as Node does, up to three times), then give the connection to
+    /// another worker.
+    fn node_resend(&mut self, index: usize, slot: Slot) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let Link::Node(n) = &mut w.link else { return };
+        let (Some(f), Some(server)) = (n.flight.as_mut(), n.server.as_mut()) else {
+            return;
+        };
+        if f.acked {
+            return;
+        }
+        f.nacks += 1;
+        let resent = f.nacks <= node::MAX_RETRANSMISSIONS && n.out.is_empty() && {
+            let line = server.newconn.line(f.seq);
+            scm::send(
+                w.channel.as_fd(),
+                line,
+                &[],
+                Some(f.fd.as_fd()),
+                Wait::DontWait,
+            )
+            .is_ok_and(|sent| sent == line.len())
+        };
+        if !resent {
+            let nacks = f.nacks;
+            let (slot, pid) = (w.slot, w.pid);
+            if let Some(f) = n.flight.take() {
+                self.node_answered(index, slot, f.fd, false);
+            }
+            self.emit(Event::Malformed {
+                slot,
+                pid,
+                error: Malformed::Node(Bad::HandleLost(nacks)),
+            });
+        }
+        self.sync_view(slot);
+    }
+
+    /// The worker's `listen()`: lb's listener is its server, whatever port
+    /// it asked for (reported back as asked, so Node's checks pass).
+    fn node_query(&mut self, index: usize, slot: Slot, pid: u32, line: &[u8], seq: u64) {
+        let Ok(query) = serde_json::from_slice::<Query<'_>>(line) else {
+            return self.emit(Event::Malformed {
+                slot,
+                pid,
+                error: Malformed::Node(Bad::NotJson),
+            });
+        };
+        let front = self.front;
+        let asked = query.port.unwrap_or(0);
+        let pipe = query.address_type.as_ref().and_then(|t| t.as_i64()) == Some(-1)
+            || query.address.as_deref().is_some_and(|a| a.starts_with('/'));
+        let udp = query.address_type.as_ref().is_some_and(|t| t.is_string());
+        let Some(n) = self.node(index) else { return };
+        let serving = n.server.as_ref().map(|s| s.port);
+        let refusal = if pipe {
+            Some((
+                libc::ENOTSUP,
+                format!(
+                    "listen() on the Unix socket {} refused: lb serves TCP on {front}; \
+                     listen on a TCP port instead",
+                    query.address.as_deref().unwrap_or("?")
+                ),
+            ))
+        } else if udp {
+            Some((
+                libc::ENOTSUP,
+                "a UDP bind() refused: lb balances TCP only".to_string(),
+            ))
+        } else if !(0..=i64::from(u16::MAX)).contains(&asked) {
+            Some((libc::EINVAL, format!("listen() on port {asked} refused")))
+        } else {
+            serving.map(|port| {
+                (
+                    if asked as u16 == port {
+                        libc::EADDRINUSE
+                    } else {
+                        libc::ENOTSUP
+                    },
+                    format!(
+                        "a second listen() (port {asked}) refused: lb gives each worker one \
+                         server, the one on port {port}"
+                    ),
+                )
+            })
+        };
+        let reply_seq = n.next_seq();
+        let key = format!("lb:{asked}");
+        let reply = match refusal {
+            Some((errno, text)) => {
+                self.emit(Event::Note { slot, pid, text });
+                node::answer(seq, reply_seq, &Answer::Refuse { key: &key, errno })
+            }
+            None => {
+                // The first worker's `data` goes to every worker (TLS
+                // workers share their session ticket keys through it).
+                let data = self
+                    .node_data
+                    .get_or_insert_with(|| {
+                        query
+                            .data
+                            .map_or_else(|| "null".to_string(), |d| d.get().to_string())
+                    })
+                    .clone();
+                let port = if asked > 0 {
+                    asked as u16
+                } else {
+                    front.port()
+                };
+                if let Some(n) = self.node(index) {
+                    n.server = Some(Server {
+                        port,
+                        newconn: NewConn::new(&key),
+                    });
+                }
+                node::answer(
+                    seq,
+                    reply_seq,
+                    &Answer::Serve {
+                        key: &key,
+                        data: &data,
+                        address: &front.ip().to_string(),
+                        ipv6: front.is_ipv6(),
+                        port,
+                    },
+                )
+            }
+        };
+        self.node_write(index, &reply);
+        self.sync_view(slot);
+    }
+
+    /// Queues `bytes` after anything unwritten and writes what the socket takes.
+    fn node_write(&mut self, index: usize, bytes: &[u8]) {
+        if let Some(n) = self.node(index) {
+            n.out.extend_from_slice(bytes);
+        }
+        self.node_flush(index);
+    }
+
+    /// Writes unwritten bytes; asks for writability while some remain.
+    pub(super) fn node_flush(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let slot = w.slot;
+        let Link::Node(n) = &mut w.link else { return };
+        let mut blocked = false;
+        while !n.out.is_empty() {
+            match scm::send(w.channel.as_fd(), &n.out, &[], None, Wait::DontWait) {
+                Ok(sent) => {
+                    n.out.drain(..sent);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    blocked = true;
+                    break;
+                }
+                // Gone: its exit is the supervisor's news.
+                Err(_) => {
+                    n.out.clear();
+                    n.eof = true;
+                }
+            }
+        }
+        self.want_writable(index, blocked);
+        self.sync_view(slot);
+    }
+
+    /// Graceful stop (the `drain` of lb's protocol): the worker closes its
+    /// server, finishes its connections, closes the channel. Deferred while
+    /// a `newconn` is in flight, so none crosses it and bounces.
+    pub(super) fn node_disconnect(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid);
+        let Link::Node(n) = &mut w.link else { return };
+        if n.flight.is_some() {
+            n.disconnect_due = true;
+            return;
+        }
+        let line = node::disconnect(n.next_seq());
+        w.drain_sent = true;
+        self.node_write(index, &line);
+        self.emit(Event::Draining { slot, pid });
+    }
+
+    /// The worker closed its end: it answers nothing more. A connection in
+    /// flight is handed out again; a worker that was serving is leaving.
+    fn node_eof(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let (slot, pid, state) = (w.slot, w.pid, w.state);
+        let Link::Node(n) = &mut w.link else { return };
+        n.eof = true;
+        n.out.clear();
+        if let Some(f) = n.flight.take() {
+            self.node_answered(index, slot, f.fd, false);
+        }
+        if state != State::Draining {
+            self.leaving(index, slot, pid);
+        } else {
+            self.sync_view(slot);
+        }
+    }
+
+    /// After the worker exited: the connection it never answered for.
+    pub(super) fn node_rescue(link: &mut Link) -> Option<OwnedFd> {
+        match link {
+            Link::Node(n) => n.flight.take().map(|f| f.fd),
+            Link::Native { .. } => None,
+        }
+    }
+
+    /// Ends the back-off of workers whose refusal period is over.
+    pub(super) fn node_timers(&mut self) {
+        let Some(at) = self.node_wake else { return };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        self.node_wake = None;
+        for index in 0..self.workers.end() {
+            let Some(w) = self.workers.get_mut(index) else {
+                continue;
+            };
+            let slot = w.slot;
+            let Link::Node(n) = &mut w.link else { continue };
+            match n.refused_until {
+                Some(t) if t <= now => {
+                    n.refused_until = None;
+                    self.sync_view(slot);
+                }
+                Some(t) => self.node_wake = Some(self.node_wake.map_or(t, |w| w.min(t))),
+                None => {}
+            }
+        }
+    }
+
+    /// A user message (`lb send`) for `process.on('message')`.
+    pub(super) fn node_message(&mut self, index: usize, payload: &[u8]) -> bool {
+        let eof = self.node(index).is_none_or(|n| n.eof);
+        if !eof {
+            self.node_write(index, &node::user(payload));
+        }
+        !eof
+    }
+}
