@@ -3,6 +3,10 @@
 //! workers on real socketpairs, which take and close them on threads of
 //! their own and report closes. Criterion's throughput is connections/s.
 //!
+//! `node/…` rows: the same through Node.js's cluster IPC to threads that
+//! answer as Node workers do (one connection in flight per worker, a JSON
+//! ACK and reply each).
+//!
 //! The dispatcher is driven on the bench thread: each batch first fills the
 //! backlog (not timed; nothing accepts meanwhile), then `Dispatcher::turn`
 //! is timed until every connection of the batch has been dispatched.
@@ -21,7 +25,7 @@ mod inproc;
 const BATCH: u64 = 256;
 const WORKERS: usize = 2;
 
-fn dispatcher(policy: PolicyKind) -> (Dispatcher, lb::dispatch::Handle, SocketAddr) {
+fn dispatcher(policy: PolicyKind, node: bool) -> (Dispatcher, lb::dispatch::Handle, SocketAddr) {
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let listener = lb::master::bind(addr, 4096).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -36,26 +40,37 @@ fn dispatcher(policy: PolicyKind) -> (Dispatcher, lb::dispatch::Handle, SocketAd
         },
     )
     .unwrap();
-    inproc::workers(&handle, WORKERS, drop);
+    if node {
+        inproc::node_workers(&handle, WORKERS, drop);
+    } else {
+        inproc::workers(&handle, WORKERS, drop);
+    }
     (d, handle, addr)
 }
 
 fn handoff(c: &mut Criterion) {
     let mut group = c.benchmark_group("handoff");
     group.throughput(Throughput::Elements(1));
-    for policy in [
-        PolicyKind::RoundRobin,
-        PolicyKind::Weighted,
-        PolicyKind::LeastConn,
+    for (policy, node) in [
+        (PolicyKind::RoundRobin, false),
+        (PolicyKind::Weighted, false),
+        (PolicyKind::LeastConn, false),
+        (PolicyKind::RoundRobin, true),
+        (PolicyKind::LeastConn, true),
     ] {
-        let (mut d, handle, addr) = dispatcher(policy);
+        let (mut d, handle, addr) = dispatcher(policy, node);
+        let name = if node {
+            format!("node/{}", policy.name())
+        } else {
+            policy.name().to_string()
+        };
         // Until both workers are ready and one connection went through.
         let first = TcpStream::connect(addr).unwrap();
         while d.stats().dispatched < 1 {
             d.turn(Some(Duration::from_millis(10))).unwrap();
         }
         drop(first);
-        group.bench_function(policy.name(), |b| {
+        group.bench_function(&name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 let mut done = 0;

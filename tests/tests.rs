@@ -7,6 +7,8 @@ mod util;
 mod control;
 #[path = "it/core.rs"]
 mod core;
+#[path = "it/node.rs"]
+mod node;
 #[path = "it/supervision.rs"]
 mod supervision;
 #[path = "it/systemd.rs"]

@@ -83,7 +83,7 @@ fn connections(addr: SocketAddr, n: usize) {
     }
 }
 
-fn run(policy: PolicyKind, warmup: usize, measured: usize) -> (u64, u64) {
+fn run(policy: PolicyKind, node: bool, warmup: usize, measured: usize) -> (u64, u64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (events, _events_rx) = crossbeam_channel::bounded(64);
@@ -99,11 +99,16 @@ fn run(policy: PolicyKind, warmup: usize, measured: usize) -> (u64, u64) {
     .unwrap();
     let received = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&received);
-    let workers = inproc::workers(&handle, WORKERS, move |mut s| {
+    let serve = move |mut s: TcpStream| {
         s.set_nonblocking(false).unwrap();
         let _ = s.write_all(b"!");
         counter.fetch_add(1, Ordering::Relaxed);
-    });
+    };
+    let workers = if node {
+        inproc::node_workers(&handle, WORKERS, serve)
+    } else {
+        inproc::workers(&handle, WORKERS, serve)
+    };
     let dispatch = std::thread::spawn(move || {
         COUNTED.with(|c| c.set(true));
         dispatcher.run().unwrap()
@@ -142,19 +147,23 @@ fn dispatch_allocates_nothing_per_connection() {
     .unwrap();
     assert!(seen >= 1, "the counting allocator is not counting");
 
-    for (policy, measured) in [
-        (PolicyKind::LeastConn, 100_000),
-        (PolicyKind::RoundRobin, 20_000),
-        (PolicyKind::Weighted, 20_000),
+    for (policy, node, measured) in [
+        (PolicyKind::LeastConn, false, 100_000),
+        (PolicyKind::RoundRobin, false, 20_000),
+        (PolicyKind::Weighted, false, 20_000),
+        // Node.js cluster workers: newconn out, ACK + reply + close report in.
+        (PolicyKind::LeastConn, true, 20_000),
+        (PolicyKind::RoundRobin, true, 20_000),
     ] {
-        let (allocations, dispatched) = run(policy, 2_000, measured);
+        let mode = if node { "node" } else { "native" };
+        let (allocations, dispatched) = run(policy, node, 2_000, measured);
         eprintln!(
-            "{policy}: {allocations} allocations on the dispatch thread over {measured} connections \
-             ({dispatched} dispatched in all)"
+            "{policy} ({mode}): {allocations} allocations on the dispatch thread over {measured} \
+             connections ({dispatched} dispatched in all)"
         );
         assert_eq!(
             allocations, 0,
-            "{policy}: the hot path allocated {allocations} times over {measured} connections"
+            "{policy} ({mode}): the hot path allocated {allocations} times over {measured} connections"
         );
     }
 }

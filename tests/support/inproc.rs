@@ -5,6 +5,7 @@
 use std::net::TcpStream;
 use std::thread::JoinHandle;
 
+use lb::config::Mode;
 use lb::dispatch::{Command, Handle};
 use lb::policy::Slot;
 use lb::proto::{self, Wait};
@@ -30,8 +31,9 @@ where
                 slot: Slot(slot),
                 pid: slot as u32 + 1,
                 channel: master,
-                peer,
+                peer: Some(peer),
                 weight: slot as u32 + 1,
+                mode: Mode::Native,
             });
             let serve = serve.clone();
             std::thread::spawn(move || {
@@ -45,6 +47,98 @@ where
                         }
                         Ok(Incoming::Message(_)) => {}
                         _ => return,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Attaches `n` threads that speak Node.js's cluster IPC the way a Node
+/// worker does (queryServer, listening, handle ACK + `accepted` reply per
+/// connection, the preload's `lb_closed` report), calling `serve` on each
+/// connection; they end on `disconnect`.
+pub fn node_workers<F>(handle: &Handle, n: usize, serve: F) -> Vec<JoinHandle<()>>
+where
+    F: Fn(TcpStream) + Clone + Send + 'static,
+{
+    use lb::proto::node::Lines;
+    use lb::proto::scm;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    (0..n)
+        .map(|slot| {
+            let (master, worker) = proto::stream_pair().unwrap();
+            nix::fcntl::fcntl(
+                &master,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap();
+            handle.send(Command::Attach {
+                slot: Slot(slot),
+                pid: slot as u32 + 1,
+                channel: master,
+                peer: None,
+                weight: slot as u32 + 1,
+                mode: Mode::Node,
+            });
+            let serve = serve.clone();
+            std::thread::spawn(move || {
+                let mut chan = std::os::unix::net::UnixStream::from(worker);
+                let mut seq = 0u64;
+                let mut next = || {
+                    seq += 1;
+                    seq
+                };
+                let query = format!(
+                    "{{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\",\"seq\":{}}}\n\
+                     {{\"cmd\":\"NODE_CLUSTER\",\"act\":\"queryServer\",\"index\":0,\"data\":null,\
+                     \"address\":null,\"port\":8000,\"addressType\":4,\"backlog\":0,\"seq\":{}}}\n",
+                    next(),
+                    next()
+                );
+                chan.write_all(query.as_bytes()).unwrap();
+                let mut lines = Lines::new();
+                let mut listening = false;
+                loop {
+                    let Ok(mut got) = scm::recv(chan.as_fd(), lines.spare(), proto::Wait::Block)
+                    else {
+                        return;
+                    };
+                    if got.len == 0 {
+                        return;
+                    }
+                    let mut fd = got.fds.take_first();
+                    let mut out = Vec::new();
+                    let mut stop = false;
+                    lines.filled(got.len, |line| {
+                        let v: serde_json::Value = serde_json::from_slice(line.unwrap()).unwrap();
+                        if v["ack"] == 2 && !listening {
+                            listening = true;
+                            out.extend_from_slice(
+                                b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"listening\",\"seq\":3}\n",
+                            );
+                        } else if v["cmd"] == "NODE_HANDLE" {
+                            let conn = TcpStream::from(fd.take().expect("newconn carries its fd"));
+                            out.extend_from_slice(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n");
+                            let reply = format!(
+                                "{{\"cmd\":\"NODE_CLUSTER\",\"ack\":{},\"accepted\":true,\"seq\":{}}}\n",
+                                v["msg"]["seq"],
+                                next()
+                            );
+                            out.extend_from_slice(reply.as_bytes());
+                            chan.write_all(&out).unwrap();
+                            out.clear();
+                            serve(conn);
+                            out.extend_from_slice(b"{\"lb_closed\":1}\n");
+                        } else if v["act"] == "disconnect" {
+                            stop = true;
+                        }
+                    });
+                    let _ = chan.write_all(&out);
+                    if stop {
+                        return;
                     }
                 }
             })

