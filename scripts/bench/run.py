@@ -203,6 +203,21 @@ def start_node(policy):
     return start
 
 
+def start_lb_node(policy):
+    """lb --mode node in front of the same node-app.js as Node's own primary."""
+    def start(ctx, port):
+        p = ctx.procs.start(f"lb-node-{policy}", [ctx.lb, "--listen", f"127.0.0.1:{port}",
+                                                  "--workers", str(ctx.workers), "--policy", policy,
+                                                  "--mode", "node", "--",
+                                                  "node", os.path.join(BENCH, "node-app.js")],
+                            backend_env(ctx, PORT=port))
+        ready = lambda: open(p.log_path).read().count(": ready") >= ctx.workers
+        wait_until("lb node workers ready", ready)
+        wait_until("node workers' reports", lambda: len(ctx.reports.pids()) == ctx.workers)
+        return [p.pid]
+    return start
+
+
 def own_port_backends(ctx):
     ports = []
     for i in range(ctx.workers):
@@ -274,11 +289,13 @@ FRONTS = [
     Front("lb lc", "lb", start_lb("lc")),
     Front("node-cluster rr", "node", start_node("rr")),
     Front("node-cluster none", "node", start_node("none")),
+    Front("lb node rr", "node", start_lb_node("rr")),
+    Front("lb node lc", "node", start_lb_node("lc")),
     Front("haproxy rr", "haproxy", start_haproxy("roundrobin")),
     Front("haproxy lc", "haproxy", start_haproxy("leastconn")),
     Front("nginx stream", "nginx", start_nginx),
 ]
-SKEW_FRONTS = ["lb rr", "lb lc", "node-cluster rr", "haproxy lc"]
+SKEW_FRONTS = ["lb rr", "lb lc", "node-cluster rr", "lb node rr", "lb node lc", "haproxy lc"]
 
 
 # ---------------------------------------------------------------- load
@@ -423,7 +440,8 @@ def render(ctx, results, skew, alloc, started):
         f"- {ctx.rounds} rounds, interleaved (every front once per round); each figure is the median over "
         "the rounds, errors and splits are summed. `req/s per round` shows the spread.",
         f"- Backend: `scripts/bench/backend.c` (single-threaded epoll, replies `ok`) behind every front "
-        "except the node-cluster rows, whose workers are `scripts/bench/node-app.js`",
+        "except the node-cluster and lb node rows, whose workers are the same unmodified "
+        "`scripts/bench/node-app.js` (lb node: `lb --mode node -- node node-app.js`)",
         f"- Versions: {version(['wrk', '-v'])}; {version(['haproxy', '-v'])}; "
         f"{version(['nginx', '-v'])}; node {version(['node', '--version'])}; {version(['rustc', '--version'])}",
         "- Front CPU: CPU time of the front process (all threads; for nginx master and worker) during the run, "
@@ -452,6 +470,21 @@ def render(ctx, results, skew, alloc, started):
                 f"{fmt(node[workload] and r['rps'] / node[workload], '.2f')} | {r['p50']:.2f} | {r['p99']:.2f} | "
                 f"{r['errors']} | {split_text} | {fmt(per, '.1f')} | "
                 + " ".join(f"{v / 1000:.1f}k" for v in r["rps_all"]) + " |")
+        lines.append("")
+    ours, theirs = results.get("lb node rr", {}).get("close"), results.get("node-cluster rr", {}).get("close")
+    if ours and theirs:
+        lines += ["## lb as the primary of unmodified Node.js workers", "",
+                  "The same app and worker count under Node's own cluster primary and under `lb --mode node` "
+                  "(new connection per request). Target: ≥ 2× the connection rate at ≤ 1/5 of the primary's "
+                  "CPU per connection.", "",
+                  "| primary | conn/s | CPU µs/conn | conn/s × Node's | CPU × Node's |",
+                  "|---|---:|---:|---:|---:|"]
+        for name in ("node-cluster rr", "lb node rr", "lb node lc"):
+            r = results.get(name, {}).get("close")
+            if r:
+                lines.append(f"| {name} | {r['rps']:,.0f} | {fmt(r['cpu_us_per_conn'], '.1f')} | "
+                             f"{r['rps'] / theirs['rps']:.2f} | "
+                             f"{fmt(r['cpu_us_per_conn'] and theirs['cpu_us_per_conn'] and r['cpu_us_per_conn'] / theirs['cpu_us_per_conn'], '.2f')} |")
         lines.append("")
     if skew:
         lines += ["## Skewed load", "",

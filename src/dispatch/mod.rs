@@ -227,6 +227,8 @@ pub struct Dispatcher {
     node_data: Option<String>,
     /// The earliest end of a Node worker's refusal back-off.
     node_wake: Option<Instant>,
+    /// The policy reads close reports (Node workers send them only then).
+    reports: bool,
 }
 
 impl Dispatcher {
@@ -274,6 +276,7 @@ impl Dispatcher {
             stepwise: vec![false; slots],
             node_data: None,
             node_wake: None,
+            reports: policy.uses_close_reports(),
         };
         Ok((
             dispatcher,
@@ -833,7 +836,12 @@ impl Dispatcher {
                     slot: w.slot,
                     pid: w.pid,
                     taking: self.is_current(i) && w.state == State::Ready,
-                    active: w.sent - w.closed,
+                    // Without the close-report preload a Node worker's
+                    // closes are unknown: only the connection in flight counts.
+                    active: match &w.link {
+                        Link::Node(n) if !self.reports => n.in_flight(),
+                        _ => w.sent - w.closed,
+                    },
                     total: w.sent,
                 })
             })

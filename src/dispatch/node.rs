@@ -98,6 +98,11 @@ impl NodeLink {
             && !self.eof
     }
 
+    /// 1 while a `newconn` awaits its reply.
+    pub fn in_flight(&self) -> u64 {
+        u64::from(self.flight.is_some())
+    }
+
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
@@ -199,12 +204,22 @@ impl Dispatcher {
             // Fds only come with a `NODE_HANDLE` line (the app's
             // `process.send(msg, socket)`): acknowledged, never used,
             // closed when `got` drops.
+            let room = lines.spare().len();
             match scm::recv(w.channel.as_fd(), lines.spare(), Wait::DontWait) {
                 Ok(got) if got.len == 0 => {
                     eof = true;
                     break;
                 }
-                Ok(got) => lines.filled(got.len, |line| self.node_line(index, line)),
+                Ok(got) => {
+                    lines.filled(got.len, |line| self.node_line(index, line));
+                    // A stream read stops short only when the queue is empty
+                    // or at a message carrying fds: without fds, a short read
+                    // drained it (a later write raises a new edge), so the
+                    // `EAGAIN` read is saved (one syscall per connection).
+                    if got.len < room && got.fds.is_empty() {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     eof = true;
