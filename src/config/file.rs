@@ -73,6 +73,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_file_parses() {
+        let f = parse(include_str!("../../lb.toml.example")).expect("lb.toml.example parses");
+        assert_eq!(f.pool.len(), 2);
+    }
+
+    #[test]
     fn full_file_parses() {
         let f = parse(
             r#"

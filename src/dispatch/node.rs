@@ -439,16 +439,14 @@ impl Dispatcher {
                 node::answer(seq, reply_seq, &Answer::Refuse { key: &key, errno })
             }
             None => {
-                // The first worker's `data` goes to every worker (TLS
-                // workers share their session ticket keys through it).
-                let data = self
-                    .node_data
-                    .get_or_insert_with(|| {
-                        query
-                            .data
-                            .map_or_else(|| "null".to_string(), |d| d.get().to_string())
-                    })
-                    .clone();
+                // The first `data` given goes to every worker, as Node's
+                // primary does (TLS workers share their session ticket keys
+                // through it; a TLS worker given `null` throws).
+                let own = query.data.map(|d| d.get()).filter(|d| *d != "null");
+                if self.node_data.is_none() {
+                    self.node_data = own.map(str::to_string);
+                }
+                let data = self.node_data.clone().unwrap_or_else(|| "null".to_string());
                 let port = if asked > 0 {
                     asked as u16
                 } else {
@@ -543,7 +541,18 @@ impl Dispatcher {
         n.eof = true;
         n.out.clear();
         if let Some(f) = n.flight.take() {
-            self.node_answered(index, slot, f.fd, false);
+            // Not a refusal: the worker is gone. Handed out again at once.
+            if self.current[slot.0] == Some(index) {
+                let v = &mut self.views[slot.0];
+                v.active = v.active.saturating_sub(1);
+            }
+            self.pending.push_front(f.fd);
+            self.stats.rescued += 1;
+            self.emit(Event::Rescued {
+                slot,
+                pid,
+                count: 1,
+            });
         }
         if state != State::Draining {
             self.leaving(index, slot, pid);

@@ -239,3 +239,51 @@ fn node_mode_needs_a_script() {
     );
     assert_eq!(log.lines().count(), 1, "{log}");
 }
+
+#[test]
+fn node_https_workers_get_the_shared_server_data_and_serve() {
+    each_node(|node| {
+        let dir = repo().join("tests/node");
+        let app = dir.join("tls-app.js");
+        let lb = Lb::start(
+            &["--workers", "2", "--", node, app.to_str().unwrap()],
+            &[],
+            2,
+        );
+        let out = std::process::Command::new(node)
+            .arg(dir.join("tls-client.js"))
+            .args([lb.addr.port().to_string(), "4".into()])
+            .output()
+            .expect("run the https client");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{body} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let slots: Vec<usize> = body.lines().map(slot_of).collect();
+        assert_eq!(slots, [0, 1, 0, 1], "TLS served by both workers in turn");
+    });
+}
+
+#[test]
+fn node_reload_under_load_fails_no_request() {
+    each_node(|node| {
+        let lb = start(node, 2, &[], &[]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = looping_clients(lb.addr, &stop);
+        std::thread::sleep(Duration::from_millis(200));
+        let out = lb.ctl(&["reload"]);
+        assert!(out.contains("reloaded 2 workers to generation 2"), "{out}");
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        eprintln!("node reload under load: {ok} requests served, {failed} failed");
+        assert_eq!(failed, 0, "no request fails during a reload");
+        // The old workers drained through `disconnect` and left on their own.
+        assert_eq!(lb.log.count("gen 1: exit (exit code 0"), 2);
+    });
+}
