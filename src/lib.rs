@@ -16,7 +16,9 @@
 //! - [`config`]: CLI + env + `lb.toml` → one validated [`config::Config`];
 //! - [`policy`]: the scheduling strategies behind one small trait;
 //! - [`dispatch`]: the hot path (the mio loop on its own thread);
-//! - [`proto`]: the master↔worker contract; all fd-passing `unsafe`;
+//! - [`proto`]: the master↔worker contracts (lb's own, Node's cluster IPC);
+//!   all fd-passing `unsafe`;
+//! - [`shim`]: the accept shim (C, `LD_PRELOAD`) for unmodified servers;
 //! - [`supervisor`]: worker processes and their lifecycles;
 //! - [`control`]: the control socket behind `lb status/stop/send`;
 //! - [`master`]: wires the above together;
@@ -35,6 +37,7 @@ mod log;
 pub mod master;
 pub mod policy;
 pub mod proto;
+pub mod shim;
 pub mod supervisor;
 pub mod sys;
 pub mod systemd;

@@ -134,16 +134,28 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         info!("metrics on http://{bound}/metrics");
     }
     let (events_tx, events_rx) = crossbeam_channel::bounded(dispatch::EVENT_QUEUE);
-    let (mut dispatcher, handle) = Dispatcher::new(
-        listener,
-        config.policy,
-        config.slots(),
-        Notifier {
-            events: events_tx,
-            waker: Some(waker),
-        },
-    )
-    .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+    let notifier = Notifier {
+        events: events_tx,
+        waker: Some(waker),
+    };
+    // Shared mode: the workers accept from the listener; lb only holds it
+    // (so its backlog outlives restarts) and never accepts itself.
+    let shared = config.pools.iter().all(|p| !p.mode.dispatched());
+    let (mut dispatcher, handle, shared_listener) = if shared {
+        if config.policy_explicit {
+            info!(
+                "policy {} has no effect in shared mode: the kernel balances accept() calls",
+                config.policy
+            );
+        }
+        let (d, h) = Dispatcher::without_listener(local, config.policy, config.slots(), notifier)
+            .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+        (d, h, Some(std::os::fd::OwnedFd::from(listener)))
+    } else {
+        let (d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
+            .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+        (d, h, None)
+    };
     let thread = std::thread::Builder::new()
         .name("lb-dispatch".into())
         .spawn(move || dispatcher.run())
@@ -153,7 +165,10 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         poll,
         config,
         reconfigure,
-        local,
+        supervisor::Front {
+            addr: local,
+            shared: shared_listener,
+        },
         handle.clone(),
         events_rx,
         control_rx,
@@ -163,7 +178,10 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     handle.send(dispatch::Command::Stop);
     let stats = thread.join();
     let drained = result?;
-    if let Ok(Ok(stats)) = stats {
+    // (In shared mode the workers accepted: lb has no counts to give.)
+    if let Ok(Ok(stats)) = stats
+        && !shared
+    {
         info!(
             "stopped: {} connections accepted, {} dispatched, {} rescued; \
              paused {} times for want of a free worker{}",

@@ -9,6 +9,10 @@ mod control;
 mod core;
 #[path = "it/node.rs"]
 mod node;
+#[path = "it/shared.rs"]
+mod shared;
+#[path = "it/shim.rs"]
+mod shim;
 #[path = "it/supervision.rs"]
 mod supervision;
 #[path = "it/systemd.rs"]

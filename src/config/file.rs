@@ -41,6 +41,7 @@ pub struct FilePool {
     pub count: Option<usize>,
     pub weight: Option<u32>,
     pub mode: Option<String>,
+    pub port: Option<u16>,
 }
 
 /// Reads and parses `path`; errors name the file and line, on one line.

@@ -56,6 +56,8 @@ pub struct Config {
     /// How many slots a rolling reload replaces at once.
     pub reload_parallel: usize,
     pub pools: Vec<Pool>,
+    /// The policy was chosen (flag, env or file) rather than defaulted.
+    pub policy_explicit: bool,
 }
 
 /// A group of identical workers.
@@ -69,6 +71,8 @@ pub struct Pool {
     pub count: usize,
     pub weight: u32,
     pub mode: Mode,
+    /// Shim mode: the port the server binds (taken over); `None` = lb's own.
+    pub port: Option<u16>,
 }
 
 impl Config {
@@ -240,14 +244,16 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         },
     };
 
-    let policy = match layered(
+    let policy_choice = layered(
         args.policy.as_deref(),
         "--policy",
         env,
         "SCHED_POLICY",
         file.policy.clone(),
         || in_file("policy"),
-    ) {
+    );
+    let policy_explicit = policy_choice.is_some();
+    let policy = match policy_choice {
         None => PolicyKind::RoundRobin,
         Some((v, origin)) => v.parse::<PolicyKind>().map_err(|_| {
             invalid(
@@ -434,6 +440,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
             weight: defaults::WEIGHT,
             mode,
+            port: None,
         }]
     } else if file.pool.is_empty() {
         let exe = std::env::current_exe().map_err(|e| ConfigError::Command {
@@ -453,6 +460,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
             weight: defaults::WEIGHT,
             mode: Mode::Native,
+            port: None,
         }]
     } else {
         let several = file.pool.len() > 1;
@@ -514,10 +522,33 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 count,
                 weight,
                 mode,
+                port: p.port,
             });
         }
         pools
     };
+
+    for p in &pools {
+        if p.mode == Mode::Shim
+            && let Some(reason) = crate::shim::unsupported(&p.command)
+        {
+            return Err(ConfigError::Conflict(format!(
+                "pool `{}`: `{}` {reason}; shim mode cannot work with it: use mode shared if \
+                 it can accept from an inherited listener (LISTEN_FDS), else give it lb's protocol",
+                p.name,
+                p.command.display()
+            )));
+        }
+    }
+    if pools.iter().any(|p| p.mode == Mode::Shared) && pools.iter().any(|p| p.mode != Mode::Shared)
+    {
+        return Err(ConfigError::Conflict(
+            "mode shared cannot be mixed with other modes: shared workers accept from lb's \
+             listener themselves, so lb could not also hand connections out; give every pool \
+             mode shared, or none"
+                .into(),
+        ));
+    }
 
     let config = Config {
         listen,
@@ -533,6 +564,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         metrics,
         reload_parallel,
         pools,
+        policy_explicit,
     };
     if config.slots() > defaults::MAX_WORKERS {
         return Err(ConfigError::Conflict(format!(

@@ -12,16 +12,24 @@ pub enum Mode {
     /// An unmodified Node.js app as a cluster worker, lb its primary
     /// (`docs/node.md`).
     Node,
+    /// Any dynamically linked server, unmodified: the accept shim
+    /// (`LD_PRELOAD`) turns its own listen/accept/close into lb's protocol.
+    Shim,
+    /// The kernel balances: every worker gets the listener itself (fd 3,
+    /// `LISTEN_FDS`, einhorn's variables) and accepts from it.
+    Shared,
 }
 
 impl Mode {
-    pub const CHOICES: &'static str =
-        "use native (lb's protocol) or node (Node.js cluster workers)";
+    pub const CHOICES: &'static str = "use native (lb's protocol), node (Node.js cluster workers), \
+         shim (any dynamically linked server) or shared (the workers accept from lb's listener)";
 
     pub fn parse(text: &str) -> Option<Mode> {
         match text.trim().to_ascii_lowercase().as_str() {
             "native" | "lb" => Some(Mode::Native),
             "node" | "nodejs" | "node-cluster" => Some(Mode::Node),
+            "shim" | "preload" => Some(Mode::Shim),
+            "shared" | "listen-fds" => Some(Mode::Shared),
             _ => None,
         }
     }
@@ -32,6 +40,12 @@ impl Mode {
             Some("node" | "nodejs") => Mode::Node,
             _ => Mode::Native,
         }
+    }
+
+    /// Whether lb hands this mode's workers connections itself (all but
+    /// shared, where they accept from the listener).
+    pub fn dispatched(self) -> bool {
+        self != Mode::Shared
     }
 
     /// Why `args` cannot run as this mode's worker, if they cannot.
@@ -68,6 +82,8 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Mode::Native => "native",
             Mode::Node => "node",
+            Mode::Shim => "shim",
+            Mode::Shared => "shared",
         })
     }
 }
@@ -92,6 +108,7 @@ mod tests {
         assert!(Mode::Node.check_args(&args(&[])).is_err());
         assert!(Mode::Native.check_args(&args(&[])).is_ok());
         assert_eq!(Mode::parse(" Node "), Some(Mode::Node));
-        assert_eq!(Mode::parse("shim"), None);
+        assert_eq!(Mode::parse("shim"), Some(Mode::Shim));
+        assert_eq!(Mode::parse("fast"), None);
     }
 }

@@ -242,17 +242,45 @@ impl Dispatcher {
     ) -> io::Result<(Dispatcher, Handle)> {
         listener.set_nonblocking(true)?;
         let front = listener.local_addr()?;
-        let mut listener = mio::net::TcpListener::from_std(listener);
+        Dispatcher::build(
+            Some(mio::net::TcpListener::from_std(listener)),
+            front,
+            policy,
+            slots,
+            notify,
+        )
+    }
+
+    /// A dispatcher that accepts nothing: shared-mode workers accept from
+    /// the listener at `front` themselves. It still tracks them (ready,
+    /// drain) for the supervisor.
+    pub fn without_listener(
+        front: SocketAddr,
+        policy: PolicyKind,
+        slots: usize,
+        notify: Notifier,
+    ) -> io::Result<(Dispatcher, Handle)> {
+        Dispatcher::build(None, front, policy, slots, notify)
+    }
+
+    fn build(
+        mut listener: Option<mio::net::TcpListener>,
+        front: SocketAddr,
+        policy: PolicyKind,
+        slots: usize,
+        notify: Notifier,
+    ) -> io::Result<(Dispatcher, Handle)> {
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(l) = listener.as_mut() {
+            poll.registry().register(l, LISTENER, Interest::READABLE)?;
+        }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
         let dispatcher = Dispatcher {
             poll,
             events: Events::with_capacity(1024),
-            listener: Some(listener),
-            backlog_waiting: true,
+            backlog_waiting: listener.is_some(),
+            listener,
             workers: Table::with_capacity(slots * 2),
             current: vec![None; slots],
             views: vec![WorkerView::default(); slots],
@@ -796,11 +824,15 @@ impl Dispatcher {
                     mode,
                 } => {
                     let link = match (mode, peer) {
-                        (Mode::Native, Some(peer)) => Link::Native { peer },
+                        // The shim speaks lb's protocol for the server.
+                        (Mode::Native | Mode::Shim, Some(peer)) => Link::Native { peer },
+                        (Mode::Node, _) => Link::Node(Box::default()),
+                        (Mode::Shared, peer) => Link::Shared { _placeholder: peer },
                         // Native without a peer cannot be rescued: treat the
                         // protocol mismatch as the caller's bug, loudly.
-                        (Mode::Native, None) => panic!("a native worker is attached with its peer"),
-                        (Mode::Node, _) => Link::Node(Box::default()),
+                        (Mode::Native | Mode::Shim, None) => {
+                            panic!("a native worker is attached with its peer")
+                        }
                     };
                     self.attach(slot, pid, channel, link, weight)
                 }
@@ -868,6 +900,9 @@ impl Dispatcher {
                 delivered += usize::from(self.node_message(i, payload));
                 continue;
             }
+            if matches!(w.link, Link::Shared { .. }) {
+                continue;
+            }
             let sent = proto::send_plain(w.channel.as_fd(), kind::USER, 0, payload, Wait::DontWait);
             delivered += usize::from(sent.is_ok());
         }
@@ -911,6 +946,15 @@ impl Dispatcher {
             // Messages sent before registration raise no edge.
             self.read_worker(index);
         }
+        // A shared-mode worker has the listener from its first instruction:
+        // it is ready as soon as it runs.
+        if self
+            .workers
+            .get(index)
+            .is_some_and(|w| matches!(w.link, Link::Shared { .. }))
+        {
+            self.ready(index, slot, pid);
+        }
     }
 
     /// Forgets a process after it exited, rescuing every connection still
@@ -938,7 +982,7 @@ impl Dispatcher {
         }
         let peer = match &w.link {
             Link::Native { peer } => Some(peer.as_fd()),
-            Link::Node(_) => None,
+            Link::Node(_) | Link::Shared { .. } => None,
         };
         while let Some(Ok(mut got)) = peer.map(|p| scm::recv(p, &mut self.buf, Wait::DontWait)) {
             if got.len == 0 {
@@ -976,6 +1020,13 @@ impl Dispatcher {
         };
         if w.link.is_node() {
             return self.node_disconnect(index);
+        }
+        if matches!(w.link, Link::Shared { .. }) {
+            // Nothing to send: the supervisor signals the process.
+            w.drain_sent = true;
+            let (slot, pid) = (w.slot, w.pid);
+            self.emit(Event::Draining { slot, pid });
+            return;
         }
         let (slot, pid) = (w.slot, w.pid);
         match proto::send_plain(w.channel.as_fd(), kind::DRAIN, 0, &[], Wait::DontWait) {

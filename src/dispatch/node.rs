@@ -119,7 +119,7 @@ impl Dispatcher {
     fn node(&mut self, index: usize) -> Option<&mut NodeLink> {
         match &mut self.workers.get_mut(index)?.link {
             Link::Node(n) => Some(n),
-            Link::Native { .. } => None,
+            _ => None,
         }
     }
 
@@ -565,7 +565,7 @@ impl Dispatcher {
     pub(super) fn node_rescue(link: &mut Link) -> Option<OwnedFd> {
         match link {
             Link::Node(n) => n.flight.take().map(|f| f.fd),
-            Link::Native { .. } => None,
+            _ => None,
         }
     }
 

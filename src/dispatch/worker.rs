@@ -48,6 +48,10 @@ pub enum Link {
     Native { peer: OwnedFd },
     /// Node.js's cluster IPC on a `SOCK_STREAM` channel.
     Node(Box<NodeLink>),
+    /// A shared-mode worker accepts from the listener itself: nothing is
+    /// ever sent. Its `channel` is one end of a pair nobody writes (the
+    /// other end held here), so the table stays uniform.
+    Shared { _placeholder: Option<OwnedFd> },
 }
 
 impl Link {
@@ -58,6 +62,7 @@ impl Link {
         match self {
             Link::Native { .. } => true,
             Link::Node(n) => n.can_take(),
+            Link::Shared { .. } => false,
         }
     }
 

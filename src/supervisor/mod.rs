@@ -110,6 +110,10 @@ struct Proc {
     malformed: u32,
     /// Over a recycling limit; its successor has been started.
     recycling: bool,
+    /// Draining it means this signal (a shared worker has no channel to
+    /// be told DRAIN on; the shim turns DRAIN into SIGTERM itself, once the
+    /// server has taken every connection sent before it).
+    stop_signal: Option<libc::c_int>,
 }
 
 /// Per slot: what outlives its processes.
@@ -155,6 +159,19 @@ pub struct Supervisor {
     node_ids: u64,
     /// The close-report preload, written when a Node worker first needs it.
     node_preload: Option<spawn::Preload>,
+    /// The accept shim's in-memory file, made when a shim worker first needs it.
+    shim: Option<crate::shim::Memfd>,
+    /// Shared mode: the listener every worker gets as fd 3.
+    shared_listener: Option<OwnedFd>,
+    /// lb's port.
+    port: u16,
+}
+
+/// Where the master listens; in shared mode, the listener itself (passed
+/// to every worker).
+pub struct Front {
+    pub addr: std::net::SocketAddr,
+    pub shared: Option<OwnedFd>,
 }
 
 /// Loads the configuration again (the same sources as at start).
@@ -185,11 +202,15 @@ impl Supervisor {
         poll: Poll,
         config: Config,
         reconfigure: Reconfigure,
-        listen: std::net::SocketAddr,
+        front: Front,
         dispatch: dispatch::Handle,
         events: Receiver<Event>,
         control: Receiver<control::Incoming>,
     ) -> Result<Supervisor, SupervisorError> {
+        let Front {
+            addr: listen,
+            shared: shared_listener,
+        } = front;
         let signals = SignalFd::with_flags(
             &handled_signals(),
             SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
@@ -220,6 +241,7 @@ impl Supervisor {
             events,
             control,
             listen: listen.to_string(),
+            port: listen.port(),
             started: Instant::now(),
             phase: Phase::Running,
             generation: 1,
@@ -232,6 +254,8 @@ impl Supervisor {
             notified_ready: false,
             node_ids: 0,
             node_preload: None,
+            shim: None,
+            shared_listener,
         })
     }
 
@@ -344,6 +368,17 @@ impl Supervisor {
                 }
             })?);
         }
+        if pool.mode == Mode::Shim && self.shim.is_none() {
+            self.shim =
+                Some(
+                    crate::shim::Memfd::create().map_err(|source| SupervisorError::Spawn {
+                        pool: pool.name.clone(),
+                        command: "the accept shim (an in-memory file)".into(),
+                        source,
+                        hint: "memfd_create failed; check the fd limit",
+                    })?,
+                );
+        }
         self.node_ids += 1;
         let launch = spawn::Launch {
             slot,
@@ -355,6 +390,9 @@ impl Supervisor {
                 .as_ref()
                 .filter(|_| report_closed)
                 .map(|p| p.file.as_path()),
+            port: self.port,
+            shim: self.shim.as_ref(),
+            listener: self.shared_listener.as_ref().map(|l| l.as_raw_fd()),
         };
         let spawned = spawn::spawn(pool, &launch).map_err(|source| {
             // ENOENT for a file that exists: exec could not find what the file needs.
@@ -409,6 +447,7 @@ impl Supervisor {
             kill_at: None,
             malformed: 0,
             recycling: false,
+            stop_signal: (pool.mode == Mode::Shared).then_some(libc::SIGTERM),
         });
         Ok(pid)
     }
@@ -563,10 +602,11 @@ impl Supervisor {
             }
             Event::Draining { slot, pid } => {
                 if let Some(i) = self.index_of(pid) {
-                    info!(
-                        "worker {slot} pid {pid} gen {}: draining",
-                        self.procs[i].generation
-                    );
+                    let p = &self.procs[i];
+                    info!("worker {slot} pid {pid} gen {}: draining", p.generation);
+                    if let Some(signal) = p.stop_signal {
+                        let _ = sys::pidfd_signal(p.pidfd.as_fd(), signal);
+                    }
                 }
             }
             Event::Leaving { slot, pid } => {

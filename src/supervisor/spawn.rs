@@ -22,6 +22,13 @@ pub struct Launch<'a> {
     /// Node's `cluster.worker.id`: unique per process, from 1.
     pub node_id: u64,
     pub node_preload: Option<&'a Path>,
+    /// lb's port (what `{port}` in the arguments becomes, and the port the
+    /// shim takes over unless the pool names another).
+    pub port: u16,
+    /// Shim mode: the in-memory shim.
+    pub shim: Option<&'a crate::shim::Memfd>,
+    /// Shared mode: the listener, passed as fd 3.
+    pub listener: Option<std::os::fd::RawFd>,
 }
 
 /// A started worker and the master's handles on it.
@@ -51,23 +58,32 @@ pub fn describe_command(pool: &Pool) -> String {
 /// "online".
 pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     let (channel, peer) = match pool.mode {
-        Mode::Native => proto::pair()?,
+        // A shared worker gets no channel: this pair is a placeholder.
+        Mode::Native | Mode::Shim | Mode::Shared => proto::pair()?,
         Mode::Node => proto::stream_pair()?,
     };
+    let port = pool
+        .port
+        .filter(|_| pool.mode == Mode::Shim)
+        .unwrap_or(launch.port);
+    let port_text = port.to_string();
     let mut cmd = Command::new(&pool.command);
-    cmd.args(&pool.args)
-        .envs(pool.env.iter().map(|(k, v)| (k, v)))
-        .env(env::WORKER_ID, launch.slot.0.to_string())
-        .env(env::GENERATION, launch.generation.to_string())
-        .stdin(Stdio::null())
-        // The master's systemd variables are not the worker's.
-        .env_remove(crate::systemd::VARS[0])
-        .env_remove(crate::systemd::VARS[1])
-        .env_remove(crate::systemd::VARS[2])
-        .env_remove(crate::systemd::VARS[3])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    cmd.args(pool.args.iter().map(|a| match a.to_str() {
+        Some(s) if s.contains("{port}") => s.replace("{port}", &port_text).into(),
+        _ => a.clone(),
+    }))
+    .envs(pool.env.iter().map(|(k, v)| (k, v)))
+    .env(env::WORKER_ID, launch.slot.0.to_string())
+    .env(env::GENERATION, launch.generation.to_string())
+    .stdin(Stdio::null())
+    // The master's systemd variables are not the worker's.
+    .env_remove(crate::systemd::VARS[0])
+    .env_remove(crate::systemd::VARS[1])
+    .env_remove(crate::systemd::VARS[2])
+    .env_remove(crate::systemd::VARS[3])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
     match pool.mode {
         Mode::Native => {
             cmd.env(env::FD, WORKER_FD.to_string())
@@ -76,6 +92,31 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
                     env::REPORT_CLOSED,
                     if launch.report_closed { "1" } else { "0" },
                 );
+        }
+        Mode::Shim => {
+            let shim = launch
+                .shim
+                .ok_or_else(|| io::Error::other("shim mode without the shim"))?;
+            let theirs = pool
+                .env
+                .iter()
+                .find(|(k, _)| k == crate::shim::env::PRELOAD)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(crate::shim::env::PRELOAD).ok());
+            cmd.env(env::FD, WORKER_FD.to_string())
+                .env(env::PROTOCOL, VERSION.to_string())
+                .env(crate::shim::env::PORT, &port_text)
+                .env(crate::shim::env::FD, shim.raw().to_string())
+                .env(crate::shim::env::PRELOAD, shim.preload(theirs.as_deref()));
+            sys::keep_fd(&mut cmd, shim.raw());
+        }
+        Mode::Shared => {
+            // systemd's socket activation and einhorn's variables; the
+            // child sets LISTEN_PID to its own pid before exec (below).
+            cmd.env("LISTEN_FDS", "1")
+                .env("LISTEN_FDNAMES", &pool.name)
+                .env("EINHORN_FD_COUNT", "1")
+                .env("EINHORN_FD_0", WORKER_FD.to_string());
         }
         Mode::Node => {
             cmd.env(node::env::UNIQUE_ID, launch.node_id.to_string())
@@ -96,7 +137,14 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
             }
         }
     }
-    sys::prepare_child(&mut cmd, peer.as_raw_fd(), WORKER_FD);
+    match (pool.mode, launch.listener) {
+        (Mode::Shared, Some(listener)) => {
+            sys::prepare_child(&mut cmd, listener, WORKER_FD);
+            sys::exec_with_own_pid(&mut cmd, "LISTEN_PID")?;
+        }
+        (Mode::Shared, None) => return Err(io::Error::other("shared mode without the listener")),
+        _ => sys::prepare_child(&mut cmd, peer.as_raw_fd(), WORKER_FD),
+    }
     let mut child = cmd.spawn()?;
     let pidfd = match sys::pidfd_open(child.id()) {
         Ok(fd) => fd,
@@ -111,7 +159,7 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )?;
     // Node must see EOF when the worker closes its end: keep no copy.
-    let peer = (pool.mode == Mode::Native).then_some(peer);
+    let peer = (pool.mode != Mode::Node).then_some(peer);
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     let stderr = OwnedFd::from(child.stderr.take().expect("piped"));
     Ok(Spawned {

@@ -301,7 +301,12 @@ pub fn read_body(mut s: TcpStream) -> std::io::Result<String> {
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     match resp.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        // HTTP/1.0 too: Python's http.server answers with it.
+        Some((head, body))
+            if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
+        {
+            Ok(body.to_string())
+        }
         _ => Err(std::io::Error::other(format!("bad response {resp:?}"))),
     }
 }
@@ -558,4 +563,82 @@ pub fn node_app() -> String {
         .to_str()
         .unwrap()
         .to_string()
+}
+
+/// Compiles `tests/servers/epoll-server.c` (a plain epoll HTTP server that
+/// knows nothing of lb) once per test binary.
+pub fn epoll_server() -> String {
+    static BUILT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = scratch("servers").join("epoll-server");
+            let status = Command::new("gcc")
+                .args(["-O2", "-Wall", "-o"])
+                .arg(&out)
+                .arg(repo().join("tests/servers/epoll-server.c"))
+                .status()
+                .expect("gcc is needed to build tests/servers/epoll-server.c");
+            assert!(
+                status.success(),
+                "tests/servers/epoll-server.c did not compile"
+            );
+            out.to_str().unwrap().to_string()
+        })
+        .clone()
+}
+
+/// Whether `program` runs (`--version`); says why a test is skipped if not.
+pub fn installed(program: &str, why: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipping {why}: `{program}` is not installed (.ci/run installs it)");
+    }
+    ok
+}
+
+impl Lb {
+    /// `lb status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.ctl(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status: {e}: {out}"))
+    }
+
+    /// Per slot: (total, active) connections from the status.
+    pub fn totals(&self) -> Vec<(u64, u64)> {
+        let mut w: Vec<(u64, u64, u64)> = self.status()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["slot"].as_u64().unwrap(),
+                    w["total"].as_u64().unwrap(),
+                    w["active"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        w.sort();
+        w.into_iter().map(|(_, t, a)| (t, a)).collect()
+    }
+
+    /// Waits (bounded) until every worker's connections are reported closed.
+    pub fn wait_all_closed(&self) -> Vec<(u64, u64)> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let t = self.totals();
+            if t.iter().all(|&(_, active)| active == 0) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "closes never all reported: {t:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

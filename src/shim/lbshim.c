@@ -1,0 +1,797 @@
+/*
+ * lb's accept shim: makes an unmodified, dynamically linked server an lb
+ * worker. lb loads it with LD_PRELOAD (an in-memory file) and starts the
+ * server with its channel at LB_FD (fd 3) and the port to take over in
+ * LB_SHIM_PORT. When the server listen()s on a TCP socket it bound to that
+ * port, the shim puts the channel in that socket's place (the real bind is
+ * skipped: lb owns the port) and says READY; the server's own accept() and
+ * accept4() then return the connections lb hands over, and its close() of
+ * one is reported as CLOSED, so least-connections works. Everything else
+ * passes straight through. Protocol: docs/protocol.md; design and limits:
+ * docs/modes.md.
+ *
+ * Rules kept throughout (see ../shared/specs/accept-shim.md):
+ *  - inert unless LB_FD names an AF_UNIX SOCK_SEQPACKET socket;
+ *  - lazy: nothing changes until this process listens on the port, so
+ *    wrapper scripts (sh, pyenv) pass fd 3 and the environment on intact;
+ *  - the connection path (accept, close) only uses atomics and
+ *    async-signal-safe calls, never allocates or locks, preserves errno;
+ *  - fork children report only their own closes; only the process that
+ *    claimed the channel says LEAVING; only the process that registered a
+ *    listener with epoll removes it (a child shares its parent's epoll).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Protocol v1 (src/proto/wire.rs). */
+#define LB_VERSION 1
+#define KIND_CONN 1
+#define KIND_DRAIN 2
+#define KIND_READY 16
+#define KIND_CLOSED 17
+#define KIND_LEAVING 18
+#define HEADER_LEN 16
+#define MAX_MESSAGE 4096
+
+/* Close reports are sent before the server blocks, once this many wait,
+   or when the last report is this old (a close on a thread while another
+   one sleeps in poll would otherwise wait for its timeout). */
+#define CLOSE_BATCH 16
+#define CLOSE_MAX_AGE_MS 5
+/* fds tracked by number; higher ones pass through untracked. */
+#define MAX_FDS 65536
+/* Listener registrations with epoll remembered (for DEL before close). */
+#define MAX_REGS 256
+/* Addresses of bound/listening sockets on the port. */
+#define MAX_LISTENERS 64
+
+enum kind { K_NONE = 0, K_BOUND = 1, K_LISTENER = 2, K_CONN = 3 };
+
+static _Atomic unsigned char kinds[MAX_FDS];
+
+struct listener {
+    _Atomic int fd; /* -1: free */
+    struct sockaddr_storage addr;
+    socklen_t len;
+};
+static struct listener listeners[MAX_LISTENERS];
+
+struct reg {
+    _Atomic int epfd; /* -1: free */
+    int fd;
+    pid_t pid;
+};
+static struct reg regs[MAX_REGS];
+
+static int active;                 /* LB_FD is a channel: the shim works */
+static _Atomic int chan = -1;      /* the channel's fd (3 until claimed) */
+static int shim_port;              /* the port taken over */
+static _Atomic int claimed;        /* this process (or its parent) claimed it */
+static _Atomic pid_t claimer;      /* the pid that claimed (says LEAVING) */
+static _Atomic pid_t self_pid;
+static _Atomic int open_listeners; /* listeners of the claiming process */
+static _Atomic unsigned long closes_pending;
+static _Atomic long last_flush_ms;
+static _Atomic int eof_seen;
+static _Atomic int drain_seen;
+
+/* Asks the server to stop as it would be asked without lb: SIGTERM to the
+   process that claimed the channel (a prefork server's master, not the
+   child that happened to read the message). */
+static void stop_server(void) {
+    pid_t p = atomic_load(&claimer);
+    kill(p > 0 ? p : getpid(), SIGTERM);
+}
+static int preload_fd = -1; /* the in-memory .so (LB_SHIM_FD), CLOEXEC'd at claim */
+
+/* The real functions. */
+static int (*real_bind)(int, const struct sockaddr *, socklen_t);
+static int (*real_listen)(int, int);
+static int (*real_accept)(int, struct sockaddr *, socklen_t *);
+static int (*real_accept4)(int, struct sockaddr *, socklen_t *, int);
+static int (*real_close)(int);
+static long (*real_syscall)(long, ...);
+static int (*real_dup)(int);
+static int (*real_dup2)(int, int);
+static int (*real_dup3)(int, int, int);
+static int (*real_fcntl)(int, int, ...);
+static int (*real_fcntl64)(int, int, ...);
+static int (*real_close_range)(unsigned, unsigned, int);
+static void (*real_closefrom)(int);
+static int (*real_getsockname)(int, struct sockaddr *, socklen_t *);
+static int (*real_getpeername)(int, struct sockaddr *, socklen_t *);
+static int (*real_setsockopt)(int, int, int, const void *, socklen_t);
+static int (*real_getsockopt)(int, int, int, void *, socklen_t *);
+static int (*real_shutdown)(int, int);
+static int (*real_epoll_ctl)(int, int, int, struct epoll_event *);
+static int (*real_epoll_wait)(int, struct epoll_event *, int, int);
+static int (*real_epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+static int (*real_epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *,
+                                const sigset_t *);
+static int (*real_poll)(struct pollfd *, nfds_t, int);
+static int (*real_ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+static int (*real_select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+static int (*real_pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *,
+                           const sigset_t *);
+
+#define RESOLVE(name) (real_##name = (__typeof__(real_##name))dlsym(RTLD_NEXT, #name))
+
+static void resolve_all(void) {
+    RESOLVE(bind);
+    RESOLVE(listen);
+    RESOLVE(accept);
+    RESOLVE(accept4);
+    RESOLVE(close);
+    RESOLVE(syscall);
+    RESOLVE(dup);
+    RESOLVE(dup2);
+    RESOLVE(dup3);
+    RESOLVE(fcntl);
+    RESOLVE(fcntl64);
+    RESOLVE(close_range);
+    RESOLVE(closefrom);
+    RESOLVE(getsockname);
+    RESOLVE(getpeername);
+    RESOLVE(setsockopt);
+    RESOLVE(getsockopt);
+    RESOLVE(shutdown);
+    RESOLVE(epoll_ctl);
+    RESOLVE(epoll_wait);
+    RESOLVE(epoll_pwait);
+    RESOLVE(epoll_pwait2);
+    RESOLVE(poll);
+    RESOLVE(ppoll);
+    RESOLVE(select);
+    RESOLVE(pselect);
+    if (!real_fcntl64)
+        real_fcntl64 = real_fcntl;
+}
+
+static int env_int(const char *name, int fallback) {
+    const char *v = getenv(name);
+    if (!v || !*v)
+        return fallback;
+    char *end;
+    long n = strtol(v, &end, 10);
+    return (*end || n < 0 || n > 1 << 30) ? fallback : (int)n;
+}
+
+static void child_after_fork(void) {
+    /* The parent reports its own connections' closes; this process
+       reports only the ones it accepts itself. */
+    atomic_store(&self_pid, getpid());
+    atomic_store(&closes_pending, 0);
+    for (int i = 0; i < MAX_FDS; i++)
+        if (atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_CONN)
+            atomic_store_explicit(&kinds[i], K_NONE, memory_order_relaxed);
+}
+
+__attribute__((constructor)) static void shim_init(void) {
+    resolve_all();
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        atomic_store(&listeners[i].fd, -1);
+    for (int i = 0; i < MAX_REGS; i++)
+        atomic_store(&regs[i].epfd, -1);
+    atomic_store(&self_pid, getpid());
+    int fd = env_int("LB_FD", -1);
+    shim_port = env_int("LB_SHIM_PORT", -1);
+    preload_fd = env_int("LB_SHIM_FD", -1);
+    if (fd < 0 || shim_port <= 0 || shim_port > 65535)
+        return;
+    int type = 0;
+    socklen_t len = sizeof type;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET ||
+        real_getsockname(fd, (struct sockaddr *)&ss, &sl) != 0 || ss.ss_family != AF_UNIX)
+        return; /* not an lb worker (or a child that lost fd 3): inert */
+    atomic_store(&chan, fd);
+    active = 1;
+    pthread_atfork(NULL, NULL, child_after_fork);
+}
+
+/* ------------------------------------------------------------ protocol */
+
+static void put_header(unsigned char *h, unsigned char kind, uint64_t value) {
+    memset(h, 0, HEADER_LEN);
+    h[0] = LB_VERSION;
+    h[1] = kind;
+    for (int i = 0; i < 8; i++)
+        h[8 + i] = (unsigned char)(value >> (8 * i));
+}
+
+/* Async-signal-safe, never blocks, keeps errno. */
+static int send_kind(unsigned char kind, uint64_t value) {
+    int saved = errno;
+    unsigned char h[HEADER_LEN];
+    put_header(h, kind, value);
+    int fd = atomic_load(&chan);
+    ssize_t n = fd >= 0 ? send(fd, h, HEADER_LEN, MSG_DONTWAIT | MSG_NOSIGNAL) : -1;
+    errno = saved;
+    return n == HEADER_LEN ? 0 : -1;
+}
+
+static long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts); /* async-signal-safe, no syscall (vDSO) */
+    return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void flush_closes(void) {
+    atomic_store_explicit(&last_flush_ms, now_ms(), memory_order_relaxed);
+    unsigned long n = atomic_exchange(&closes_pending, 0);
+    if (n && send_kind(KIND_CLOSED, n) != 0)
+        atomic_fetch_add(&closes_pending, n); /* channel full: next time */
+}
+
+static inline int kind_of(int fd) {
+    return (fd >= 0 && fd < MAX_FDS) ? atomic_load_explicit(&kinds[fd], memory_order_acquire)
+                                     : K_NONE;
+}
+
+static inline void set_kind(int fd, int k) {
+    if (fd >= 0 && fd < MAX_FDS)
+        atomic_store_explicit(&kinds[fd], (unsigned char)k, memory_order_release);
+}
+
+static struct listener *listener_of(int fd) {
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        if (atomic_load(&listeners[i].fd) == fd)
+            return &listeners[i];
+    return NULL;
+}
+
+static struct listener *listener_add(int fd, const struct sockaddr *addr, socklen_t len) {
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        int free_slot = -1;
+        if (atomic_compare_exchange_strong(&listeners[i].fd, &free_slot, fd)) {
+            if (len > sizeof listeners[i].addr)
+                len = sizeof listeners[i].addr;
+            memcpy(&listeners[i].addr, addr, len);
+            listeners[i].len = len;
+            return &listeners[i];
+        }
+    }
+    return NULL;
+}
+
+static void listener_forget(int fd) {
+    struct listener *l = listener_of(fd);
+    if (l)
+        atomic_store(&l->fd, -1);
+}
+
+/* ------------------------------------------------------------ claiming */
+
+/* The first listen() on the port: the channel moves to a high fd of its
+   own (CLOEXEC, so the server's children never see it) and the variables
+   that would make a child try to claim it are removed. */
+static void claim(void) {
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&claimed, &expected, 1))
+        return;
+    int old = atomic_load(&chan);
+    int high = real_fcntl(old, F_DUPFD_CLOEXEC, 1000);
+    if (high >= 0) {
+        atomic_store(&chan, high);
+        real_close(old);
+    }
+    atomic_store(&claimer, getpid());
+    if (preload_fd >= 0)
+        real_fcntl(preload_fd, F_SETFD, FD_CLOEXEC);
+    /* Rare race with getenv on other threads; claiming happens at startup. */
+    unsetenv("LB_FD");
+    unsetenv("LB_SHIM_PORT");
+    unsetenv("LB_SHIM_FD");
+    unsetenv("LD_PRELOAD");
+}
+
+static int port_of(const struct sockaddr *addr, socklen_t len) {
+    if (addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+        return ntohs(((const struct sockaddr_in *)addr)->sin_port);
+    if (addr->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6))
+        return ntohs(((const struct sockaddr_in6 *)addr)->sin6_port);
+    return -1;
+}
+
+int bind(int fd, const struct sockaddr *addr, socklen_t len) {
+    if (!real_bind)
+        resolve_all();
+    if (active && addr && port_of(addr, len) == shim_port) {
+        int type = 0;
+        socklen_t tl = sizeof type;
+        if (real_getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && type == SOCK_STREAM &&
+            listener_add(fd, addr, len)) {
+            /* lb owns the port: the socket is only recorded here. */
+            set_kind(fd, K_BOUND);
+            return 0;
+        }
+    }
+    return real_bind(fd, addr, len);
+}
+
+int listen(int fd, int backlog) {
+    if (!real_listen)
+        resolve_all();
+    int k = kind_of(fd);
+    if (k == K_LISTENER)
+        return 0; /* nginx listens twice to change the backlog */
+    if (k != K_BOUND)
+        return real_listen(fd, backlog);
+    int saved = errno;
+    int fl = real_fcntl(fd, F_GETFL);
+    int fdfl = real_fcntl(fd, F_GETFD);
+    claim();
+    int c = atomic_load(&chan);
+    /* The server's blocking mode goes to the channel's description. */
+    int cfl = real_fcntl(c, F_GETFL);
+    if (fl >= 0 && cfl >= 0)
+        real_fcntl(c, F_SETFL, (cfl & ~O_NONBLOCK) | (fl & O_NONBLOCK));
+    if (real_dup3(c, fd, (fdfl >= 0 && (fdfl & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0)
+        return -1;
+    set_kind(fd, K_LISTENER);
+    if (atomic_fetch_add(&open_listeners, 1) == 0)
+        send_kind(KIND_READY, 0);
+    errno = saved;
+    return 0;
+}
+
+/* ------------------------------------------------------------ accepting */
+
+/* One connection from the channel, with the caller's accept4 flags. */
+static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags) {
+    flush_closes();
+    for (;;) {
+        unsigned char buf[MAX_MESSAGE];
+        union {
+            struct cmsghdr h;
+            char space[CMSG_SPACE(4 * sizeof(int))];
+        } cm;
+        struct iovec iov = {buf, sizeof buf};
+        struct msghdr msg = {0};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cm.space;
+        msg.msg_controllen = sizeof cm.space;
+        ssize_t n = recvmsg(lfd, &msg, (flags & SOCK_CLOEXEC) ? MSG_CMSG_CLOEXEC : 0);
+        if (n < 0)
+            return -1; /* EAGAIN, EINTR, timeouts: the caller's flags decide */
+        if (n == 0) {
+            /* The master is gone: make the server stop, once, instead of
+               letting a level-triggered loop spin on EOF. */
+            if (!atomic_exchange(&eof_seen, 1))
+                stop_server();
+            errno = ECONNABORTED;
+            return -1;
+        }
+        int got[4], ngot = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                int cnt = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                for (int i = 0; i < cnt; i++) {
+                    int f;
+                    memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
+                    if (ngot < 4)
+                        got[ngot++] = f;
+                    else
+                        real_close(f);
+                }
+            }
+        int is_conn = n >= HEADER_LEN && buf[0] == LB_VERSION && buf[1] == KIND_CONN;
+        if (!is_conn || ngot != 1) {
+            for (int i = 0; i < ngot; i++)
+                real_close(got[i]);
+            if (is_conn && ngot == 0 && (msg.msg_flags & MSG_CTRUNC)) {
+                errno = EMFILE; /* the kernel could not give us the fd */
+                return -1;
+            }
+            /* DRAIN comes after every connection sent before it, so the
+               server has taken them all when it is asked to stop. */
+            if (n >= HEADER_LEN && buf[0] == LB_VERSION && buf[1] == KIND_DRAIN &&
+                !atomic_exchange(&drain_seen, 1))
+                stop_server();
+            continue; /* USER, anything else: not a connection */
+        }
+        int fd = got[0];
+        /* The master hands over non-blocking sockets: clear it for
+           callers that did not ask for it (plain accept()). */
+        if (!(flags & SOCK_NONBLOCK)) {
+            int off = 0;
+            ioctl(fd, FIONBIO, &off);
+        }
+        if (addr && alen)
+            real_getpeername(fd, addr, alen);
+        set_kind(fd, K_CONN);
+        return fd;
+    }
+}
+
+int accept4(int fd, struct sockaddr *addr, socklen_t *alen, int flags) {
+    if (!real_accept4)
+        resolve_all();
+    if (kind_of(fd) == K_LISTENER)
+        return take_conn(fd, addr, alen, flags);
+    return real_accept4(fd, addr, alen, flags);
+}
+
+int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
+    if (!real_accept)
+        resolve_all();
+    if (kind_of(fd) == K_LISTENER)
+        return take_conn(fd, addr, alen, 0);
+    return real_accept(fd, addr, alen);
+}
+
+/* ------------------------------------------------------------ closing */
+
+/* What closing `fd` means to the shim; called before the real close, with
+   the kind cleared first so a number reused by a concurrent accept is
+   never cleared by mistake. */
+static void forget(int fd) {
+    int k = kind_of(fd);
+    if (k == K_NONE)
+        return;
+    set_kind(fd, K_NONE);
+    if (k == K_CONN) {
+        if (atomic_fetch_add(&closes_pending, 1) + 1 >= CLOSE_BATCH ||
+            now_ms() - atomic_load_explicit(&last_flush_ms, memory_order_relaxed) >= CLOSE_MAX_AGE_MS)
+            flush_closes();
+    } else if (k == K_LISTENER || k == K_BOUND) {
+        pid_t me = atomic_load(&self_pid);
+        if (k == K_LISTENER) {
+            /* The channel outlives this fd: a registration left in an epoll
+               set would keep reporting it (stale events). Only the process
+               that registered removes it: a fork child shares the set. */
+            for (int i = 0; i < MAX_REGS; i++) {
+                int ep = atomic_load(&regs[i].epfd);
+                if (ep >= 0 && regs[i].fd == fd && regs[i].pid == me) {
+                    real_epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+                    atomic_store(&regs[i].epfd, -1);
+                }
+            }
+            if (me == atomic_load(&claimer) && atomic_fetch_sub(&open_listeners, 1) == 1) {
+                flush_closes();
+                send_kind(KIND_LEAVING, 0);
+            }
+        }
+        listener_forget(fd);
+    }
+}
+
+int close(int fd) {
+    if (!real_close)
+        resolve_all();
+    if (active && fd == atomic_load(&chan) && fd >= 0) {
+        errno = EBADF; /* the shim's own channel is not the server's to close */
+        return -1;
+    }
+    if (active)
+        forget(fd);
+    return real_close(fd);
+}
+
+/* A dup of a listener is a listener (and a dup onto a tracked fd closes it). */
+static int track_dup(int oldfd, int newfd) {
+    if (newfd < 0)
+        return newfd;
+    int k = kind_of(oldfd);
+    if (k == K_LISTENER || k == K_BOUND) {
+        struct listener *l = listener_of(oldfd);
+        if (l)
+            listener_add(newfd, (struct sockaddr *)&l->addr, l->len);
+        set_kind(newfd, k);
+        if (k == K_LISTENER && atomic_load(&self_pid) == atomic_load(&claimer))
+            atomic_fetch_add(&open_listeners, 1);
+    }
+    return newfd;
+}
+
+/* Moves the channel off `fd` before something is dup'ed onto it. */
+static void make_room(int fd) {
+    if (active && fd == atomic_load(&chan)) {
+        int high = real_fcntl(fd, F_DUPFD_CLOEXEC, 1000);
+        if (high >= 0)
+            atomic_store(&chan, high);
+    }
+}
+
+int dup(int fd) {
+    if (!real_dup)
+        resolve_all();
+    return track_dup(fd, real_dup(fd));
+}
+
+int dup2(int oldfd, int newfd) {
+    if (!real_dup2)
+        resolve_all();
+    if (active && oldfd != newfd) {
+        make_room(newfd);
+        forget(newfd);
+    }
+    return track_dup(oldfd, real_dup2(oldfd, newfd));
+}
+
+int dup3(int oldfd, int newfd, int flags) {
+    if (!real_dup3)
+        resolve_all();
+    if (active && oldfd != newfd) {
+        make_room(newfd);
+        forget(newfd);
+    }
+    return track_dup(oldfd, real_dup3(oldfd, newfd, flags));
+}
+
+static int fcntl_common(int (*real)(int, int, ...), int fd, int cmd, va_list ap) {
+    /* Every fcntl argument is an int or a pointer, passed as a long. */
+    long arg = va_arg(ap, long);
+    int r = real(fd, cmd, arg);
+    if (active && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC))
+        return track_dup(fd, r);
+    return r;
+}
+
+int fcntl(int fd, int cmd, ...) {
+    if (!real_fcntl)
+        resolve_all();
+    va_list ap;
+    va_start(ap, cmd);
+    int r = fcntl_common(real_fcntl, fd, cmd, ap);
+    va_end(ap);
+    return r;
+}
+
+int fcntl64(int fd, int cmd, ...) {
+    if (!real_fcntl64)
+        resolve_all();
+    va_list ap;
+    va_start(ap, cmd);
+    int r = fcntl_common(real_fcntl64, fd, cmd, ap);
+    va_end(ap);
+    return r;
+}
+
+static int do_close_range(unsigned first, unsigned last, int flags) {
+    if (real_close_range)
+        return real_close_range(first, last, flags);
+    return (int)real_syscall(SYS_close_range, first, last, flags);
+}
+
+/* Daemons sweep their fds at startup: the sweep goes around the channel. */
+static int sweep(unsigned first, unsigned last, int flags) {
+    unsigned top = last < MAX_FDS ? last : MAX_FDS - 1;
+    if (active && !(flags & CLOSE_RANGE_CLOEXEC))
+        for (unsigned f = first; f <= top; f++)
+            forget((int)f);
+    int c = atomic_load(&chan);
+    if (!active || c < 0 || (unsigned)c < first || (unsigned)c > last)
+        return do_close_range(first, last, flags);
+    int r = 0;
+    if ((unsigned)c > first)
+        r |= do_close_range(first, (unsigned)c - 1, flags);
+    if ((unsigned)c < last)
+        r |= do_close_range((unsigned)c + 1, last, flags);
+    return r;
+}
+
+int close_range(unsigned first, unsigned last, int flags) {
+    if (!real_close_range)
+        resolve_all();
+    return sweep(first, last, flags);
+}
+
+void closefrom(int lowfd) {
+    if (!real_closefrom)
+        resolve_all();
+    if (lowfd < 0)
+        lowfd = 0;
+    sweep((unsigned)lowfd, ~0U, 0);
+}
+
+/* libuv (Node) closes with syscall(SYS_close); accepts can come this way too. */
+long syscall(long number, ...) {
+    if (!real_syscall)
+        resolve_all();
+    va_list ap;
+    va_start(ap, number);
+    long a[6];
+    for (int i = 0; i < 6; i++)
+        a[i] = va_arg(ap, long);
+    va_end(ap);
+    if (active) {
+        if (number == SYS_close)
+            return close((int)a[0]);
+        if (number == SYS_accept4)
+            return accept4((int)a[0], (struct sockaddr *)a[1], (socklen_t *)a[2], (int)a[3]);
+        if (number == SYS_accept)
+            return accept((int)a[0], (struct sockaddr *)a[1], (socklen_t *)a[2]);
+        if (number == SYS_close_range)
+            return close_range((unsigned)a[0], (unsigned)a[1], (int)a[2]);
+    }
+    return real_syscall(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+
+/* ------------------------------------------------------------ looking like a TCP listener */
+
+int getsockname(int fd, struct sockaddr *addr, socklen_t *len) {
+    if (!real_getsockname)
+        resolve_all();
+    int k = kind_of(fd);
+    if ((k == K_LISTENER || k == K_BOUND) && addr && len) {
+        struct listener *l = listener_of(fd);
+        if (l) {
+            socklen_t n = *len < l->len ? *len : l->len;
+            memcpy(addr, &l->addr, n);
+            *len = l->len;
+            return 0;
+        }
+    }
+    return real_getsockname(fd, addr, len);
+}
+
+int getpeername(int fd, struct sockaddr *addr, socklen_t *len) {
+    if (!real_getpeername)
+        resolve_all();
+    if (kind_of(fd) == K_LISTENER) {
+        errno = ENOTCONN;
+        return -1;
+    }
+    return real_getpeername(fd, addr, len);
+}
+
+int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
+    if (!real_setsockopt)
+        resolve_all();
+    if (kind_of(fd) == K_LISTENER) {
+        /* A receive timeout means the same on the channel (timed accept);
+           every other option is the master's listener's business. */
+        if (level == SOL_SOCKET && name == SO_RCVTIMEO)
+            return real_setsockopt(fd, level, name, val, len);
+        return 0;
+    }
+    return real_setsockopt(fd, level, name, val, len);
+}
+
+int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {
+    if (!real_getsockopt)
+        resolve_all();
+    if (kind_of(fd) == K_LISTENER && val && len && *len >= sizeof(int)) {
+        int v = 0;
+        struct listener *l = listener_of(fd);
+        if (level == SOL_SOCKET) {
+            switch (name) {
+            case SO_TYPE: v = SOCK_STREAM; break;
+            case SO_DOMAIN: v = l ? l->addr.ss_family : AF_INET; break;
+            case SO_PROTOCOL: v = IPPROTO_TCP; break;
+            case SO_ACCEPTCONN: v = 1; break;
+            case SO_RCVTIMEO: return real_getsockopt(fd, level, name, val, len);
+            default: v = 0;
+            }
+        }
+        memcpy(val, &v, sizeof v);
+        *len = sizeof v;
+        return 0;
+    }
+    return real_getsockopt(fd, level, name, val, len);
+}
+
+int shutdown(int fd, int how) {
+    if (!real_shutdown)
+        resolve_all();
+    /* Threaded servers shut a listener down to wake their accept threads;
+       on the shared channel that would cut every worker off. */
+    if (kind_of(fd) == K_LISTENER)
+        return 0;
+    return real_shutdown(fd, how);
+}
+
+/* ------------------------------------------------------------ event loops */
+
+int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
+    if (!real_epoll_ctl)
+        resolve_all();
+    int r = real_epoll_ctl(epfd, op, fd, ev);
+    if (r == 0 && kind_of(fd) == K_LISTENER) {
+        pid_t me = atomic_load(&self_pid);
+        if (op == EPOLL_CTL_ADD) {
+            for (int i = 0; i < MAX_REGS; i++) {
+                int free_slot = -1;
+                if (atomic_compare_exchange_strong(&regs[i].epfd, &free_slot, -2)) {
+                    regs[i].fd = fd;
+                    regs[i].pid = me;
+                    atomic_store(&regs[i].epfd, epfd);
+                    break;
+                }
+            }
+        } else if (op == EPOLL_CTL_DEL) {
+            for (int i = 0; i < MAX_REGS; i++)
+                if (atomic_load(&regs[i].epfd) == epfd && regs[i].fd == fd && regs[i].pid == me)
+                    atomic_store(&regs[i].epfd, -1);
+        }
+    }
+    return r;
+}
+
+/* Close reports go out before the server sleeps, so they never wait for
+   the next connection. */
+#define BEFORE_BLOCKING() \
+    do {                                              \
+        if (atomic_load_explicit(&closes_pending, memory_order_relaxed)) \
+            flush_closes();                           \
+    } while (0)
+
+int epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout) {
+    if (!real_epoll_wait)
+        resolve_all();
+    BEFORE_BLOCKING();
+    return real_epoll_wait(epfd, evs, max, timeout);
+}
+
+int epoll_pwait(int epfd, struct epoll_event *evs, int max, int timeout, const sigset_t *mask) {
+    if (!real_epoll_pwait)
+        resolve_all();
+    BEFORE_BLOCKING();
+    return real_epoll_pwait(epfd, evs, max, timeout, mask);
+}
+
+int epoll_pwait2(int epfd, struct epoll_event *evs, int max, const struct timespec *timeout,
+                 const sigset_t *mask) {
+    if (!real_epoll_pwait2)
+        resolve_all();
+    BEFORE_BLOCKING();
+    return real_epoll_pwait2(epfd, evs, max, timeout, mask);
+}
+
+int poll(struct pollfd *fds, nfds_t n, int timeout) {
+    if (!real_poll)
+        resolve_all();
+    BEFORE_BLOCKING();
+    return real_poll(fds, n, timeout);
+}
+
+int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t len) {
+    (void)len;
+    return poll(fds, n, timeout);
+}
+
+int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *timeout, const sigset_t *mask) {
+    if (!real_ppoll)
+        resolve_all();
+    BEFORE_BLOCKING();
+    return real_ppoll(fds, n, timeout, mask);
+}
+
+int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *timeout) {
+    if (!real_select)
+        resolve_all();
+    BEFORE_BLOCKING();
+    return real_select(n, r, w, e, timeout);
+}
+
+int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *timeout,
+            const sigset_t *mask) {
+    if (!real_pselect)
+        resolve_all();
+    BEFORE_BLOCKING();
+    return real_pselect(n, r, w, e, timeout, mask);
+}

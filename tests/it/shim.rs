@@ -1,0 +1,214 @@
+//! `--mode shim`: servers that never heard of lb, made workers by the
+//! accept shim (`src/shim/lbshim.c`, `LD_PRELOAD`): Python's http.server,
+//! redis-server, and a plain C epoll server (`tests/servers/epoll-server.c`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn shim(workers: usize, policy: &str, command: &[&str]) -> Lb {
+    let n = workers.to_string();
+    let mut args = vec![
+        "--workers",
+        n.as_str(),
+        "--mode",
+        "shim",
+        "--policy",
+        policy,
+        "--",
+    ];
+    args.extend_from_slice(command);
+    Lb::start(&args, &[], workers)
+}
+
+#[test]
+fn shim_python_http_server_is_split_exactly_and_every_close_reported() {
+    let dir = scratch("shim-py");
+    std::fs::write(dir.join("index.html"), "hello\n").unwrap();
+    let d = dir.to_str().unwrap();
+    // `python3` here may be pyenv's bash wrapper: the shim stays inert in
+    // the wrapper and claims the channel in the real interpreter.
+    let lb = shim(
+        2,
+        "rr",
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "{port}",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            d,
+        ],
+    );
+    for _ in 0..40 {
+        assert_eq!(get(lb.addr, "/index.html"), "hello\n");
+    }
+    // Every connection's close came back through the shim's close hook.
+    assert_eq!(lb.wait_all_closed(), [(20, 0), (20, 0)]);
+    // getsockname answers with the address the server bound.
+    lb.wait_log(
+        &format!("Serving HTTP on 127.0.0.1 port {}", lb.addr.port()),
+        2,
+    );
+}
+
+#[test]
+fn shim_c_server_round_robin_is_exact_and_survives_kill_9() {
+    let server = epoll_server();
+    let lb = shim(3, "rr", &[&server, "{port}"]);
+    assert_eq!(split(lb.addr, 3, 150), [50, 50, 50]);
+    let victim = lb.pid_of_slot(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = looping_clients(lb.addr, &stop);
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(victim, libc::SIGKILL);
+    lb.wait_log("worker 1 gen 1: spawn", 2);
+    lb.wait_log(": ready", 4);
+    let replacement = lb.pid_of_slot(1);
+    let deadline = Instant::now() + WAIT;
+    while !(0..30).any(|_| try_get(lb.addr, "/").is_ok_and(|b| pid_of(&b) == replacement)) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted worker got nothing"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = clients
+        .into_iter()
+        .map(|c| c.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    eprintln!(
+        "shim kill -9 under load: {} requests, {failed} failed",
+        ok + failed
+    );
+    assert!(failed <= 4, "{failed} failures");
+    assert!(ok > 100, "load kept flowing: {ok}");
+}
+
+#[test]
+fn shim_graceful_stop_lets_a_slow_response_finish() {
+    let server = epoll_server();
+    let mut lb = shim(2, "rr", &[&server, "{port}"]);
+    let addr = lb.addr;
+    let slow = std::thread::spawn(move || try_get(addr, "/slow/800"));
+    std::thread::sleep(Duration::from_millis(200));
+    lb.signal(libc::SIGTERM);
+    let body = slow.join().unwrap().expect("the slow response arrives");
+    assert!(body.starts_with("hello from worker"), "{body}");
+    let status = lb.wait_exit();
+    assert!(status.success(), "{status:?}");
+    // The shim turned DRAIN into SIGTERM; the server finished and exited 0.
+    assert_eq!(lb.log.count("exit (exit code 0"), 2);
+}
+
+#[test]
+fn shim_least_conn_steers_away_from_long_lived_connections() {
+    let server = epoll_server();
+    let lb = shim(2, "lc", &[&server, "{port}"]);
+    let mut held: Vec<(usize, KeepAlive)> = (0..8)
+        .map(|_| {
+            let mut c = KeepAlive::open(lb.addr);
+            (slot_of(&c.get("/")), c)
+        })
+        .collect();
+    let per: Vec<usize> = (0..2)
+        .map(|s| held.iter().filter(|(w, _)| *w == s).count())
+        .collect();
+    assert_eq!(per, [4, 4]);
+    held.retain(|(w, _)| *w == 0);
+    let count = split(lb.addr, 2, 40);
+    assert!(
+        count[1] >= 36,
+        "least-conn should avoid the busy worker: {count:?}"
+    );
+}
+
+#[test]
+fn shim_redis_server_behind_lb() {
+    if !installed("redis-server", "the redis shim test") || !installed("redis-benchmark", "it") {
+        return;
+    }
+    let dir = scratch("shim-redis");
+    let d = dir.to_str().unwrap();
+    let lb = shim(
+        2,
+        "lc",
+        &[
+            "redis-server",
+            "--port",
+            "{port}",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            d,
+        ],
+    );
+    let port = lb.addr.port().to_string();
+    // A new connection per request (-k 0): 2,000 hand-offs.
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-p", &port, "-t", "ping", "-n", "2000", "-c", "10", "-k", "0", "-q",
+        ])
+        .output()
+        .expect("run redis-benchmark");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("requests per second"),
+        "{text}"
+    );
+    let totals = lb.wait_all_closed();
+    let sum: u64 = totals.iter().map(|t| t.0).sum();
+    assert!(
+        sum >= 2000,
+        "every benchmark connection went through lb: {totals:?}"
+    );
+    let (a, b) = (totals[0].0 as i64, totals[1].0 as i64);
+    assert!(
+        (a - b).abs() <= sum as i64 / 5,
+        "both workers served: {totals:?}"
+    );
+    let ping = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "PING"])
+        .output()
+        .expect("run redis-cli");
+    assert_eq!(String::from_utf8_lossy(&ping.stdout).trim(), "PONG");
+}
+
+#[test]
+fn shim_refuses_a_static_binary_in_one_line() {
+    let dir = scratch("shim-static");
+    let c = dir.join("s.c");
+    std::fs::write(&c, "int main(void){return 0;}\n").unwrap();
+    let bin = dir.join("static-server");
+    let built = std::process::Command::new("gcc")
+        .arg("-static")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&c)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        eprintln!("skipping: no static libc to build a static binary with");
+        return;
+    }
+    let (status, log) = run_to_exit(
+        &[
+            "--workers",
+            "1",
+            "--mode",
+            "shim",
+            "--",
+            bin.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("is statically linked"), "{log}");
+    assert_eq!(log.lines().count(), 1, "{log}");
+}
