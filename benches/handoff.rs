@@ -5,7 +5,8 @@
 //!
 //! `node/…` rows: the same through Node.js's cluster IPC to threads that
 //! answer as Node workers do (one connection in flight per worker, a JSON
-//! ACK and reply each).
+//! ACK and reply each). `proxy/…`: accept, connect to the worker's port,
+//! relay set-up (counted when the connect completes).
 //!
 //! The dispatcher is driven on the bench thread: each batch first fills the
 //! backlog (not timed; nothing accepts meanwhile), then `Dispatcher::turn`
@@ -25,12 +26,19 @@ mod inproc;
 const BATCH: u64 = 256;
 const WORKERS: usize = 2;
 
-fn dispatcher(policy: PolicyKind, node: bool) -> (Dispatcher, lb::dispatch::Handle, SocketAddr) {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Native,
+    Node,
+    Proxy,
+}
+
+fn dispatcher(policy: PolicyKind, kind: Kind) -> (Dispatcher, lb::dispatch::Handle, SocketAddr) {
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let listener = lb::master::bind(addr, 4096).unwrap();
     let addr = listener.local_addr().unwrap();
     let (events, _) = crossbeam_channel::bounded(64);
-    let (d, handle) = Dispatcher::new(
+    let (mut d, handle) = Dispatcher::new(
         listener,
         policy,
         WORKERS,
@@ -40,10 +48,13 @@ fn dispatcher(policy: PolicyKind, node: bool) -> (Dispatcher, lb::dispatch::Hand
         },
     )
     .unwrap();
-    if node {
-        inproc::node_workers(&handle, WORKERS, drop);
-    } else {
-        inproc::workers(&handle, WORKERS, drop);
+    match kind {
+        Kind::Native => drop(inproc::workers(&handle, WORKERS, drop)),
+        Kind::Node => drop(inproc::node_workers(&handle, WORKERS, drop)),
+        Kind::Proxy => {
+            d.enable_proxy(BATCH as usize * 2).unwrap();
+            drop(inproc::proxy_workers(&handle, WORKERS, drop));
+        }
     }
     (d, handle, addr)
 }
@@ -51,18 +62,19 @@ fn dispatcher(policy: PolicyKind, node: bool) -> (Dispatcher, lb::dispatch::Hand
 fn handoff(c: &mut Criterion) {
     let mut group = c.benchmark_group("handoff");
     group.throughput(Throughput::Elements(1));
-    for (policy, node) in [
-        (PolicyKind::RoundRobin, false),
-        (PolicyKind::Weighted, false),
-        (PolicyKind::LeastConn, false),
-        (PolicyKind::RoundRobin, true),
-        (PolicyKind::LeastConn, true),
+    for (policy, kind) in [
+        (PolicyKind::RoundRobin, Kind::Native),
+        (PolicyKind::Weighted, Kind::Native),
+        (PolicyKind::LeastConn, Kind::Native),
+        (PolicyKind::RoundRobin, Kind::Node),
+        (PolicyKind::LeastConn, Kind::Node),
+        (PolicyKind::RoundRobin, Kind::Proxy),
     ] {
-        let (mut d, handle, addr) = dispatcher(policy, node);
-        let name = if node {
-            format!("node/{}", policy.name())
-        } else {
-            policy.name().to_string()
+        let (mut d, handle, addr) = dispatcher(policy, kind);
+        let name = match kind {
+            Kind::Native => policy.name().to_string(),
+            Kind::Node => format!("node/{}", policy.name()),
+            Kind::Proxy => format!("proxy/{}", policy.name()),
         };
         // Until both workers are ready and one connection went through.
         let first = TcpStream::connect(addr).unwrap();

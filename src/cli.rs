@@ -92,6 +92,11 @@ pub struct StartArgs {
     #[arg(long, value_name = "N")]
     pub reload_parallel: Option<String>,
 
+    /// Proxy mode: connections relayed at once; beyond it lb stops
+    /// accepting until one ends [env: LB_MAX_CONNS] [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<String>,
+
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [env: LB_METRICS]
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,

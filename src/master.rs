@@ -152,8 +152,21 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
         (d, h, Some(std::os::fd::OwnedFd::from(listener)))
     } else {
-        let (d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
+        let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
             .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+        if config
+            .pools
+            .iter()
+            .any(|p| p.mode == crate::config::Mode::Proxy)
+        {
+            d.enable_proxy(config.max_conns).map_err(|e| {
+                MasterError::Io(format!(
+                    "cannot make {} relays for proxy mode: {e}; lower --max-conns or raise \
+                     the open-files limit (ulimit -n)",
+                    config.max_conns
+                ))
+            })?;
+        }
         (d, h, None)
     };
     let thread = std::thread::Builder::new()

@@ -9,6 +9,8 @@ mod control;
 mod core;
 #[path = "it/node.rs"]
 mod node;
+#[path = "it/proxy.rs"]
+mod proxy;
 #[path = "it/shared.rs"]
 mod shared;
 #[path = "it/shim.rs"]

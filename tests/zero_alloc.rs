@@ -83,7 +83,14 @@ fn connections(addr: SocketAddr, n: usize) {
     }
 }
 
-fn run(policy: PolicyKind, node: bool, warmup: usize, measured: usize) -> (u64, u64) {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Native,
+    Node,
+    Proxy,
+}
+
+fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, u64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (events, _events_rx) = crossbeam_channel::bounded(64);
@@ -104,10 +111,13 @@ fn run(policy: PolicyKind, node: bool, warmup: usize, measured: usize) -> (u64, 
         let _ = s.write_all(b"!");
         counter.fetch_add(1, Ordering::Relaxed);
     };
-    let workers = if node {
-        inproc::node_workers(&handle, WORKERS, serve)
-    } else {
-        inproc::workers(&handle, WORKERS, serve)
+    let workers = match kind {
+        Kind::Node => inproc::node_workers(&handle, WORKERS, serve),
+        Kind::Native => inproc::workers(&handle, WORKERS, serve),
+        Kind::Proxy => {
+            dispatcher.enable_proxy(64).unwrap();
+            inproc::proxy_workers(&handle, WORKERS, serve)
+        }
     };
     let dispatch = std::thread::spawn(move || {
         COUNTED.with(|c| c.set(true));
@@ -121,9 +131,12 @@ fn run(policy: PolicyKind, node: bool, warmup: usize, measured: usize) -> (u64, 
 
     handle.send(Command::Shutdown);
     let stats = {
-        // Workers exit on DRAIN; then stop the loop.
-        for w in workers {
-            w.join().unwrap();
+        // Workers exit on DRAIN (proxy workers are threads blocked in
+        // accept: left to end with the test); then stop the loop.
+        if kind != Kind::Proxy {
+            for w in workers {
+                w.join().unwrap();
+            }
         }
         handle.send(Command::Stop);
         dispatch.join().unwrap()
@@ -147,16 +160,18 @@ fn dispatch_allocates_nothing_per_connection() {
     .unwrap();
     assert!(seen >= 1, "the counting allocator is not counting");
 
-    for (policy, node, measured) in [
-        (PolicyKind::LeastConn, false, 100_000),
-        (PolicyKind::RoundRobin, false, 20_000),
-        (PolicyKind::Weighted, false, 20_000),
+    for (policy, kind, measured) in [
+        (PolicyKind::LeastConn, Kind::Native, 100_000),
+        (PolicyKind::RoundRobin, Kind::Native, 20_000),
+        (PolicyKind::Weighted, Kind::Native, 20_000),
         // Node.js cluster workers: newconn out, ACK + reply + close report in.
-        (PolicyKind::LeastConn, true, 20_000),
-        (PolicyKind::RoundRobin, true, 20_000),
+        (PolicyKind::LeastConn, Kind::Node, 20_000),
+        (PolicyKind::RoundRobin, Kind::Node, 20_000),
+        // Proxy mode: connect, relay with splice, close, from the slab.
+        (PolicyKind::LeastConn, Kind::Proxy, 20_000),
     ] {
-        let mode = if node { "node" } else { "native" };
-        let (allocations, dispatched) = run(policy, node, 2_000, measured);
+        let mode = format!("{kind:?}");
+        let (allocations, dispatched) = run(policy, kind, 2_000, measured);
         eprintln!(
             "{policy} ({mode}): {allocations} allocations on the dispatch thread over {measured} \
              connections ({dispatched} dispatched in all)"

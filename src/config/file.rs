@@ -24,6 +24,7 @@ pub struct File {
     pub max_rss: Option<String>,
     pub metrics: Option<String>,
     pub reload_parallel: Option<usize>,
+    pub max_conns: Option<usize>,
     pub mode: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,

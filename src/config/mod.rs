@@ -32,6 +32,8 @@ pub mod defaults {
     pub const WEIGHT: u32 = 1;
     /// Most workers one master runs (the slot arrays are sized up front).
     pub const MAX_WORKERS: usize = 1024;
+    /// Proxy mode: relays open at once (each holds two sockets and two pipes).
+    pub const MAX_CONNS: usize = 1024;
 }
 
 /// Everything the master needs, validated.
@@ -55,6 +57,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// How many slots a rolling reload replaces at once.
     pub reload_parallel: usize,
+    /// Proxy mode: connections relayed at once (the relay slab's size).
+    pub max_conns: usize,
     pub pools: Vec<Pool>,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,
@@ -373,6 +377,26 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         None => 1,
         Some((v, origin)) => parse_count(&v, origin)?,
     };
+    let max_conns = match layered(
+        args.max_conns.as_deref(),
+        "--max-conns",
+        env,
+        "LB_MAX_CONNS",
+        file.max_conns.map(|n| n.to_string()),
+        || in_file("max_conns"),
+    ) {
+        None => defaults::MAX_CONNS,
+        Some((v, origin)) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1 << 20).contains(&n) => n,
+            _ => {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    "give a whole number from 1 to 1048576 (each relay costs 6 fds)",
+                ));
+            }
+        },
+    };
     let metrics = match layered(
         args.metrics.as_deref(),
         "--metrics",
@@ -563,6 +587,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_rss,
         metrics,
         reload_parallel,
+        max_conns,
         pools,
         policy_explicit,
     };

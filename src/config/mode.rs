@@ -18,11 +18,15 @@ pub enum Mode {
     /// The kernel balances: every worker gets the listener itself (fd 3,
     /// `LISTEN_FDS`, einhorn's variables) and accepts from it.
     Shared,
+    /// The worker listens on a loopback port of its own (`PORT`, `{port}`);
+    /// lb relays each connection's bytes to it with `splice`.
+    Proxy,
 }
 
 impl Mode {
     pub const CHOICES: &'static str = "use native (lb's protocol), node (Node.js cluster workers), \
-         shim (any dynamically linked server) or shared (the workers accept from lb's listener)";
+         shim (any dynamically linked server), proxy (a server on a port of its own) or shared \
+         (the workers accept from lb's listener)";
 
     pub fn parse(text: &str) -> Option<Mode> {
         match text.trim().to_ascii_lowercase().as_str() {
@@ -30,6 +34,7 @@ impl Mode {
             "node" | "nodejs" | "node-cluster" => Some(Mode::Node),
             "shim" | "preload" => Some(Mode::Shim),
             "shared" | "listen-fds" => Some(Mode::Shared),
+            "proxy" | "port" => Some(Mode::Proxy),
             _ => None,
         }
     }
@@ -84,6 +89,7 @@ impl std::fmt::Display for Mode {
             Mode::Node => "node",
             Mode::Shim => "shim",
             Mode::Shared => "shared",
+            Mode::Proxy => "proxy",
         })
     }
 }

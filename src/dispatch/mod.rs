@@ -10,6 +10,7 @@
 //! `docs/lifetime-of-a-connection.md` for one connection's path by symbol.
 
 mod node;
+mod proxy;
 mod worker;
 
 use std::collections::VecDeque;
@@ -43,6 +44,8 @@ const PENDING_CAPACITY: usize = 4096;
 /// How long to stop accepting after the process ran out of fds or memory,
 /// or the kernel refused more fds in flight.
 const RESOURCE_RETRY: Duration = Duration::from_millis(10);
+/// How long a stopping dispatcher waits for open relays to finish.
+const STOP_LINGER: Duration = Duration::from_secs(5);
 /// Events the supervisor has not read yet; beyond this they are dropped
 /// (and counted) rather than ever blocking or allocating here.
 pub const EVENT_QUEUE: usize = 4096;
@@ -62,6 +65,8 @@ pub enum Command {
         peer: Option<OwnedFd>,
         weight: u32,
         mode: Mode,
+        /// Proxy mode: the loopback port the worker listens on.
+        port: u16,
     },
     /// The process exited: hand what is queued in its channel to others.
     Detach { slot: Slot, pid: u32 },
@@ -229,6 +234,14 @@ pub struct Dispatcher {
     node_wake: Option<Instant>,
     /// The policy reads close reports (Node workers send them only then).
     reports: bool,
+    /// Proxy mode's relay slab (made by `enable_proxy`).
+    relays: Option<proxy::Relays>,
+    /// The earliest proxy readiness probe retry.
+    proxy_wake: Option<Instant>,
+    /// Per slot: its current process is a proxy worker.
+    proxied: Vec<bool>,
+    /// Stop was asked for while relays were open: leave by this time.
+    stop_by: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -305,6 +318,10 @@ impl Dispatcher {
             node_data: None,
             node_wake: None,
             reports: policy.uses_close_reports(),
+            relays: None,
+            proxy_wake: None,
+            proxied: vec![false; slots],
+            stop_by: None,
         };
         Ok((
             dispatcher,
@@ -313,6 +330,13 @@ impl Dispatcher {
                 waker,
             },
         ))
+    }
+
+    /// Makes the relay slab for proxy-mode workers: `max_conns` relays,
+    /// their pipes created now.
+    pub fn enable_proxy(&mut self, max_conns: usize) -> io::Result<()> {
+        self.relays = Some(proxy::Relays::new(max_conns)?);
+        Ok(())
     }
 
     /// Runs until [`Command::Stop`]; returns the final counters.
@@ -326,10 +350,10 @@ impl Dispatcher {
     /// One poll (waiting at most `max_wait`, if given) and everything it
     /// made ready. `run` loops on it; a benchmark can drive it directly.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let wake = match (self.retry_at, self.node_wake) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let wake = [self.retry_at, self.node_wake, self.proxy_wake, self.stop_by]
+            .into_iter()
+            .flatten()
+            .min();
         let retry = wake.map(|t| t.saturating_duration_since(Instant::now()));
         let timeout = match (retry, max_wait) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -351,6 +375,10 @@ impl Dispatcher {
             match ev.token() {
                 LISTENER => self.backlog_waiting = true,
                 WAKER => commands = true,
+                Token(t) if t >= proxy::RELAY_BASE => {
+                    self.relay_event(t, ev.is_readable() || ev.is_read_closed(), ev.is_writable())
+                }
+                Token(t) if t >= proxy::PROBE_BASE => self.probe_event(t - proxy::PROBE_BASE),
                 Token(t) => {
                     let index = t - WORKER_BASE;
                     if ev.is_readable() || ev.is_read_closed() {
@@ -381,7 +409,13 @@ impl Dispatcher {
             }
         }
         self.node_timers();
+        self.proxy_timers();
         self.pump();
+        if self.stop_by.is_some_and(|t| Instant::now() >= t)
+            || self.stop_by.is_some() && self.relays_active() == 0
+        {
+            self.running = false;
+        }
         Ok(())
     }
 
@@ -499,6 +533,21 @@ impl Dispatcher {
             let slot = slots[start];
             let end = (start..n).find(|&k| slots[k] != slot).unwrap_or(n);
             let len = end - start;
+            if slot != usize::MAX && self.proxied[slot] {
+                for fd in batch.drain(..len) {
+                    let started = match self.current[slot] {
+                        Some(index) => self.proxy_start(index, fd),
+                        None => Err(fd),
+                    };
+                    if let Err(fd) = started {
+                        let v = &mut self.views[slot];
+                        v.active = v.active.saturating_sub(1);
+                        refused.push(fd);
+                    }
+                }
+                start = end;
+                continue;
+            }
             if slot != usize::MAX && self.stepwise[slot] {
                 for fd in batch.drain(..len) {
                     if let Err(fd) = self.send_stepwise(slot, fd) {
@@ -604,6 +653,19 @@ impl Dispatcher {
                 self.views[slot.0].eligible = false;
                 continue;
             };
+            if matches!(w.link, Link::Proxy(_)) {
+                match self.proxy_start(index, fd) {
+                    Ok(()) => {
+                        self.views[slot.0].active += 1;
+                        return Ok(());
+                    }
+                    Err(back) => {
+                        fd = back;
+                        self.views[slot.0].eligible = false;
+                        continue;
+                    }
+                }
+            }
             if w.link.is_node() {
                 match self.node_send(index, fd) {
                     Ok(()) => {
@@ -656,9 +718,12 @@ impl Dispatcher {
     /// Recomputes whether `slot` may be picked.
     fn sync_view(&mut self, slot: Slot) {
         let current = self.current[slot.0].and_then(|i| self.workers.get(i));
-        self.views[slot.0].eligible =
-            current.is_some_and(|w| w.state == State::Ready && !w.full && w.link.can_take());
+        let proxy = current.is_some_and(|w| matches!(w.link, Link::Proxy(_)));
+        self.views[slot.0].eligible = current
+            .is_some_and(|w| w.state == State::Ready && !w.full && w.link.can_take())
+            && (!proxy || self.relay_room());
         self.stepwise[slot.0] = current.is_some_and(|w| w.link.is_node());
+        self.proxied[slot.0] = proxy;
     }
 
     fn is_current(&self, index: usize) -> bool {
@@ -822,12 +887,14 @@ impl Dispatcher {
                     peer,
                     weight,
                     mode,
+                    port,
                 } => {
                     let link = match (mode, peer) {
                         // The shim speaks lb's protocol for the server.
                         (Mode::Native | Mode::Shim, Some(peer)) => Link::Native { peer },
                         (Mode::Node, _) => Link::Node(Box::default()),
                         (Mode::Shared, peer) => Link::Shared { _placeholder: peer },
+                        (Mode::Proxy, _) => Link::Proxy(Box::new(proxy::Probe::new(port))),
                         // Native without a peer cannot be rescued: treat the
                         // protocol mismatch as the caller's bug, loudly.
                         (Mode::Native | Mode::Shim, None) => {
@@ -852,6 +919,11 @@ impl Dispatcher {
                     reply,
                 } => {
                     let _ = reply.send(self.message(target, &payload));
+                }
+                // Relays still open get a few seconds to finish (their
+                // workers have exited; what is left is bytes in flight).
+                Command::Stop if self.relays_active() > 0 => {
+                    self.stop_by = Some(Instant::now() + STOP_LINGER);
                 }
                 Command::Stop => self.running = false,
             }
@@ -900,7 +972,7 @@ impl Dispatcher {
                 delivered += usize::from(self.node_message(i, payload));
                 continue;
             }
-            if matches!(w.link, Link::Shared { .. }) {
+            if matches!(w.link, Link::Shared { .. } | Link::Proxy(_)) {
                 continue;
             }
             let sent = proto::send_plain(w.channel.as_fd(), kind::USER, 0, payload, Wait::DontWait);
@@ -914,6 +986,7 @@ impl Dispatcher {
             self.current.resize(slot.0 + 1, None);
             self.views.resize(slot.0 + 1, WorkerView::default());
             self.stepwise.resize(slot.0 + 1, false);
+            self.proxied.resize(slot.0 + 1, false);
             self.policy.resize(slot.0 + 1);
         }
         // The new process is its slot's candidate: the current one (if any)
@@ -945,6 +1018,13 @@ impl Dispatcher {
         if registered.is_ok() {
             // Messages sent before registration raise no edge.
             self.read_worker(index);
+        }
+        if self
+            .workers
+            .get(index)
+            .is_some_and(|w| matches!(w.link, Link::Proxy(_)))
+        {
+            self.probe_start(index);
         }
         // A shared-mode worker has the listener from its first instruction:
         // it is ready as soon as it runs.
@@ -982,7 +1062,7 @@ impl Dispatcher {
         }
         let peer = match &w.link {
             Link::Native { peer } => Some(peer.as_fd()),
-            Link::Node(_) | Link::Shared { .. } => None,
+            Link::Node(_) | Link::Shared { .. } | Link::Proxy(_) => None,
         };
         while let Some(Ok(mut got)) = peer.map(|p| scm::recv(p, &mut self.buf, Wait::DontWait)) {
             if got.len == 0 {
@@ -1020,6 +1100,9 @@ impl Dispatcher {
         };
         if w.link.is_node() {
             return self.node_disconnect(index);
+        }
+        if matches!(w.link, Link::Proxy(_)) {
+            return self.proxy_drain(index);
         }
         if matches!(w.link, Link::Shared { .. }) {
             // Nothing to send: the supervisor signals the process.

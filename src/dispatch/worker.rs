@@ -3,6 +3,7 @@
 use std::os::fd::OwnedFd;
 
 use super::node::NodeLink;
+use super::proxy::Probe;
 use crate::policy::Slot;
 
 /// A worker process's life as the dispatcher sees it:
@@ -52,6 +53,8 @@ pub enum Link {
     /// ever sent. Its `channel` is one end of a pair nobody writes (the
     /// other end held here), so the table stays uniform.
     Shared { _placeholder: Option<OwnedFd> },
+    /// Proxy mode: the worker listens on its own loopback port; lb relays.
+    Proxy(Box<Probe>),
 }
 
 impl Link {
@@ -63,6 +66,7 @@ impl Link {
             Link::Native { .. } => true,
             Link::Node(n) => n.can_take(),
             Link::Shared { .. } => false,
+            Link::Proxy(_) => true,
         }
     }
 

@@ -380,6 +380,15 @@ impl Supervisor {
                 );
         }
         self.node_ids += 1;
+        let proxy_port = match pool.mode {
+            Mode::Proxy => Some(spawn::free_port().map_err(|source| SupervisorError::Spawn {
+                pool: pool.name.clone(),
+                command: pool.command.display().to_string(),
+                source,
+                hint: "no free loopback port for the worker to listen on",
+            })?),
+            _ => None,
+        };
         let launch = spawn::Launch {
             slot,
             generation,
@@ -391,6 +400,7 @@ impl Supervisor {
                 .filter(|_| report_closed)
                 .map(|p| p.file.as_path()),
             port: self.port,
+            proxy_port,
             shim: self.shim.as_ref(),
             listener: self.shared_listener.as_ref().map(|l| l.as_raw_fd()),
         };
@@ -433,6 +443,7 @@ impl Supervisor {
             peer: spawned.peer,
             weight: pool.weight,
             mode: pool.mode,
+            port: proxy_port.unwrap_or(0),
         });
         self.procs.push(Proc {
             slot,
@@ -447,7 +458,7 @@ impl Supervisor {
             kill_at: None,
             malformed: 0,
             recycling: false,
-            stop_signal: (pool.mode == Mode::Shared).then_some(libc::SIGTERM),
+            stop_signal: matches!(pool.mode, Mode::Shared | Mode::Proxy).then_some(libc::SIGTERM),
         });
         Ok(pid)
     }

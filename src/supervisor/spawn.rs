@@ -29,6 +29,8 @@ pub struct Launch<'a> {
     pub shim: Option<&'a crate::shim::Memfd>,
     /// Shared mode: the listener, passed as fd 3.
     pub listener: Option<std::os::fd::RawFd>,
+    /// Proxy mode: the loopback port the worker is to listen on.
+    pub proxy_port: Option<u16>,
 }
 
 /// A started worker and the master's handles on it.
@@ -58,14 +60,17 @@ pub fn describe_command(pool: &Pool) -> String {
 /// "online".
 pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     let (channel, peer) = match pool.mode {
-        // A shared worker gets no channel: this pair is a placeholder.
-        Mode::Native | Mode::Shim | Mode::Shared => proto::pair()?,
+        // Shared and proxy workers get no channel: this pair is a placeholder.
+        Mode::Native | Mode::Shim | Mode::Shared | Mode::Proxy => proto::pair()?,
         Mode::Node => proto::stream_pair()?,
     };
-    let port = pool
-        .port
-        .filter(|_| pool.mode == Mode::Shim)
-        .unwrap_or(launch.port);
+    let port = match pool.mode {
+        Mode::Shim => pool.port.unwrap_or(launch.port),
+        Mode::Proxy => launch
+            .proxy_port
+            .ok_or_else(|| io::Error::other("proxy mode without a port"))?,
+        _ => launch.port,
+    };
     let port_text = port.to_string();
     let mut cmd = Command::new(&pool.command);
     cmd.args(pool.args.iter().map(|a| match a.to_str() {
@@ -109,6 +114,9 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
                 .env(crate::shim::env::FD, shim.raw().to_string())
                 .env(crate::shim::env::PRELOAD, shim.preload(theirs.as_deref()));
             sys::keep_fd(&mut cmd, shim.raw());
+        }
+        Mode::Proxy => {
+            cmd.env("PORT", &port_text);
         }
         Mode::Shared => {
             // systemd's socket activation and einhorn's variables; the
@@ -200,6 +208,14 @@ impl Drop for Preload {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A loopback port free now, for a proxy-mode worker to listen on (the
+/// kernel's choice, so it does not collide with lb's own or another's).
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// "exit code 3", "killed by SIGKILL".

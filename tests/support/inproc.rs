@@ -34,6 +34,7 @@ where
                 peer: Some(peer),
                 weight: slot as u32 + 1,
                 mode: Mode::Native,
+                port: 0,
             });
             let serve = serve.clone();
             std::thread::spawn(move || {
@@ -82,6 +83,7 @@ where
                 peer: None,
                 weight: slot as u32 + 1,
                 mode: Mode::Node,
+                port: 0,
             });
             let serve = serve.clone();
             std::thread::spawn(move || {
@@ -139,6 +141,40 @@ where
                     let _ = chan.write_all(&out);
                     if stop {
                         return;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Attaches `n` proxy-mode workers: threads listening on loopback ports of
+/// their own, calling `serve` on each connection they accept.
+pub fn proxy_workers<F>(handle: &Handle, n: usize, serve: F) -> Vec<JoinHandle<()>>
+where
+    F: Fn(TcpStream) + Clone + Send + 'static,
+{
+    (0..n)
+        .map(|slot| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (master, peer) = proto::pair().unwrap();
+            handle.send(Command::Attach {
+                slot: Slot(slot),
+                pid: slot as u32 + 1,
+                channel: master,
+                peer: Some(peer),
+                weight: slot as u32 + 1,
+                mode: Mode::Proxy,
+                port,
+            });
+            let serve = serve.clone();
+            std::thread::spawn(move || {
+                // The first connection is lb's readiness probe.
+                for conn in listener.incoming().skip(1) {
+                    match conn {
+                        Ok(s) => serve(s),
+                        Err(_) => return,
                     }
                 }
             })

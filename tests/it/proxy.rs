@@ -1,0 +1,185 @@
+//! `--mode proxy`: each worker listens on a loopback port of its own
+//! (`PORT`, `{port}`) and lb relays bytes with splice: exact balancing,
+//! half-close, back-pressure from slow peers, resets that stay with the
+//! worker that died, least-connections from lb's own counts, `max_conns`.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn proxy(workers: usize, extra: &[&str], command: &[&str]) -> Lb {
+    let n = workers.to_string();
+    let mut args = vec!["--workers", n.as_str(), "--mode", "proxy"];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(command);
+    Lb::start(&args, &[], workers)
+}
+
+/// An echo server on $PORT: every byte back, then EOF after the client's.
+const ECHO: &str = r#"
+import os, socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["PORT"])))
+s.listen(64)
+def serve(c):
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn proxy_round_robin_is_exact_and_every_request_is_served() {
+    let server = epoll_server();
+    let lb = proxy(3, &[], &[&server, "{port}"]);
+    assert_eq!(split(lb.addr, 3, 150), [50, 50, 50]);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = lb.addr;
+            std::thread::spawn(move || (0..50).filter(|_| try_get(addr, "/").is_ok()).count())
+        })
+        .collect();
+    assert_eq!(
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum::<usize>(),
+        400
+    );
+    let totals = lb.wait_all_closed();
+    assert_eq!(totals.iter().map(|t| t.0).sum::<u64>(), 550);
+}
+
+#[test]
+fn proxy_relays_half_closes_and_slow_readers_exactly() {
+    let dir = scratch("proxy-echo");
+    let echo = dir.join("echo.py");
+    std::fs::write(&echo, ECHO).unwrap();
+    let lb = proxy(2, &[], &["python3", echo.to_str().unwrap()]);
+    // 4 MiB out, then half-close; read it all back only after sending:
+    // far more than the pipes and socket buffers hold, so lb must stop
+    // reading the client while the echo waits for it.
+    let payload: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let mut s = TcpStream::connect(lb.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = s.try_clone().unwrap();
+    let expected = payload.len();
+    let read = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300)); // a slow reader
+        let mut got = Vec::with_capacity(expected);
+        reader.read_to_end(&mut got).unwrap();
+        got
+    });
+    s.write_all(&payload).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let got = read.join().unwrap();
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "the bytes came back changed");
+}
+
+#[test]
+fn proxy_worker_death_resets_only_its_own_connections() {
+    let server = epoll_server();
+    let lb = proxy(2, &[], &[&server, "{port}"]);
+    let mut a = KeepAlive::open(lb.addr);
+    let mut b = KeepAlive::open(lb.addr);
+    let (sa, sb) = (slot_of(&a.get("/")), slot_of(&b.get("/")));
+    assert_ne!(sa, sb);
+    let (victim, survivor) = if sa == 0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    send_signal(lb.pid_of_slot(0), libc::SIGKILL);
+    // The dead worker's connection ends...
+    let mut buf = [0u8; 64];
+    write!(victim.stream, "GET / HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+    let n = victim.stream.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the killed worker's connection is closed");
+    // ...the other worker's goes on.
+    assert!(survivor.get("/").starts_with("hello from worker 1"));
+    lb.wait_log("worker 0 gen 1: spawn", 2);
+    lb.wait_log(": ready", 3);
+    let deadline = Instant::now() + WAIT;
+    while !(0..10).any(|_| try_get(lb.addr, "/").is_ok_and(|b| slot_of(&b) == 0)) {
+        assert!(Instant::now() < deadline, "slot 0 never served again");
+    }
+}
+
+#[test]
+fn proxy_least_conn_counts_its_own_relays() {
+    let server = epoll_server();
+    let lb = proxy(2, &["--policy", "lc"], &[&server, "{port}"]);
+    let mut held: Vec<(usize, KeepAlive)> = (0..8)
+        .map(|_| {
+            let mut c = KeepAlive::open(lb.addr);
+            (slot_of(&c.get("/")), c)
+        })
+        .collect();
+    let per: Vec<usize> = (0..2)
+        .map(|s| held.iter().filter(|(w, _)| *w == s).count())
+        .collect();
+    assert_eq!(per, [4, 4]);
+    held.retain(|(w, _)| *w == 0);
+    // lb counts relays itself; a released one ends once the worker has
+    // answered the client's FIN with its own, so the first new connection
+    // may still find worker 1 holding them.
+    let count = split(lb.addr, 2, 40);
+    assert!(
+        count[1] >= 38,
+        "least-conn should avoid the busy worker: {count:?}"
+    );
+}
+
+#[test]
+fn proxy_max_conns_holds_the_rest_in_the_backlog() {
+    let server = epoll_server();
+    let lb = proxy(1, &["--max-conns", "2"], &[&server, "{port}"]);
+    let mut held: Vec<KeepAlive> = (0..2)
+        .map(|_| {
+            let mut c = KeepAlive::open(lb.addr);
+            c.get("/");
+            c
+        })
+        .collect();
+    // A third connection waits: lb does not accept it while both relays are open.
+    let third = send_request(lb.addr);
+    third
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut probe = [0u8; 1];
+    assert!(
+        (&third).read(&mut probe).is_err(),
+        "served beyond max_conns"
+    );
+    held.pop();
+    third.set_read_timeout(Some(WAIT)).unwrap();
+    assert!(read_body(third).unwrap().starts_with("hello from worker 0"));
+}
+
+#[test]
+fn proxy_graceful_stop_lets_a_slow_response_finish() {
+    let server = epoll_server();
+    let mut lb = proxy(2, &[], &[&server, "{port}"]);
+    let addr = lb.addr;
+    let slow = std::thread::spawn(move || try_get(addr, "/slow/800"));
+    std::thread::sleep(Duration::from_millis(200));
+    lb.signal(libc::SIGTERM);
+    assert!(
+        slow.join()
+            .unwrap()
+            .expect("answered")
+            .starts_with("hello from worker")
+    );
+    assert!(lb.wait_exit().success());
+}
