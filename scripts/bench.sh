@@ -5,6 +5,7 @@
 #   scripts/bench.sh                       # everything (about 5 minutes)
 #   scripts/bench.sh --duration 3          # shorter runs
 #   scripts/bench.sh --only "reuseport,lb rr,fdpass-c"
+#   scripts/bench.sh --only "lb proxy,haproxy rr,nginx stream,redis"
 #
 # Options are passed to scripts/bench/run.py (see --help there). The C
 # floor (fdpass-master) is built from ../shared/reference when present.
@@ -16,6 +17,8 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v nginx >/dev/null || missing+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=(libnginx-mod-stream)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-benchmark >/dev/null || missing+=(redis-tools)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     apt-get update -qq

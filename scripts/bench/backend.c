@@ -9,7 +9,11 @@
  *   LB_FD=3        lb's protocol v1 (READY; CLOSED reports batched per loop,
  *                  unless LB_REPORT_CLOSED=0 says nothing reads them)
  *   FD_SOCK_FD=3   bare fds over a unix socket (the reference fdpass-master)
- *   PORT=N         its own listener on 127.0.0.1:N (REUSEPORT=1 to share it)
+ *   PORT=N         its own listener on 127.0.0.1:N (REUSEPORT=1 to share it);
+ *                  checked first, so lb's shim and proxy modes run it as any
+ *                  server that knows nothing of lb
+ *   LISTEN_FDS=1   an inherited listener at fd 3 (systemd socket activation,
+ *                  lb's shared mode), when LISTEN_PID is this process
  *
  * Counters: with REPORT_DIR set, "<requests> <conns>" is written to
  * $REPORT_DIR/<pid> at start and on SIGUSR1 or SIGUSR2 (so a benchmark can
@@ -21,6 +25,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
@@ -157,14 +162,18 @@ int main(void) {
     if (getenv("SLOW_MS")) slow_ms = atol(getenv("SLOW_MS"));
     ep = epoll_create1(EPOLL_CLOEXEC);
     int lfd = -1;
-    if (getenv("LB_FD") || getenv("FD_SOCK_FD")) {
+    const char *listen_pid = getenv("LISTEN_PID");
+    if (!getenv("PORT") && getenv("LISTEN_FDS") && listen_pid && atol(listen_pid) == (long)getpid()) {
+        lfd = 3;
+        fcntl(lfd, F_SETFL, fcntl(lfd, F_GETFL) | O_NONBLOCK);
+    } else if (!getenv("PORT") && (getenv("LB_FD") || getenv("FD_SOCK_FD"))) {
         lb_protocol = getenv("LB_FD") != NULL;
         const char *rc = getenv("LB_REPORT_CLOSED");
         report_closed = lb_protocol && !(rc && strcmp(rc, "0") == 0);
         chan = atoi(lb_protocol ? getenv("LB_FD") : getenv("FD_SOCK_FD"));
     } else {
         const char *p = getenv("PORT");
-        if (!p) { fprintf(stderr, "backend: set LB_FD, FD_SOCK_FD or PORT\n"); return 2; }
+        if (!p) { fprintf(stderr, "backend: set LB_FD, FD_SOCK_FD, LISTEN_FDS or PORT\n"); return 2; }
         lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         int one = 1;
         setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

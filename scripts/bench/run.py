@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -203,6 +204,23 @@ def start_node(policy):
     return start
 
 
+def start_lb_mode(mode, policy="rr"):
+    """lb in front of the same backend run as a server that knows nothing of
+    lb: it binds lb's port under the shim, a port lb gives it under proxy,
+    or accepts from lb's listener (LISTEN_FDS) in shared mode."""
+    def start(ctx, port):
+        env = backend_env(ctx, PORT=port) if mode == "shim" else backend_env(ctx)
+        p = ctx.procs.start(f"lb-{mode}", [ctx.lb, "--listen", f"127.0.0.1:{port}",
+                                           "--workers", str(ctx.workers), "--policy", policy,
+                                           "--mode", mode, "--", ctx.backend], env)
+        ready = lambda: open(p.log_path).read().count(": ready") >= ctx.workers
+        wait_until(f"lb {mode} workers ready", ready)
+        wait_until("backends' reports", lambda: len(ctx.reports.pids()) == ctx.workers)
+        wait_until(f"lb {mode} serving", lambda: http_ok(port))
+        return [p.pid]
+    return start
+
+
 def start_lb_node(policy):
     """lb --mode node in front of the same node-app.js as Node's own primary."""
     def start(ctx, port):
@@ -287,6 +305,9 @@ FRONTS = [
     Front("lb rr", "lb", start_lb("rr")),
     Front("lb wrr", "lb", start_lb("wrr")),
     Front("lb lc", "lb", start_lb("lc")),
+    Front("lb shim", "lb", start_lb_mode("shim")),
+    Front("lb proxy", "lb", start_lb_mode("proxy")),
+    Front("lb shared", "lb", start_lb_mode("shared")),
     Front("node-cluster rr", "node", start_node("rr")),
     Front("node-cluster none", "node", start_node("none")),
     Front("lb node rr", "node", start_lb_node("rr")),
@@ -377,6 +398,66 @@ def run_front(ctx, front, workloads):
     return results
 
 
+# ---------------------------------------------------------------- redis
+
+REDIS_RUNS = [
+    ("keep-alive", ["-t", "ping,set,get", "-n", "100000", "-c", "50"]),
+    ("new connection per request", ["-t", "ping", "-n", "20000", "-c", "50", "-k", "0"]),
+]
+
+
+def redis_up(port):
+    try:
+        out = subprocess.run(["redis-cli", "-p", str(port), "PING"], capture_output=True,
+                             text=True, timeout=2).stdout
+    except subprocess.TimeoutExpired:
+        return False
+    return out.strip() == "PONG"
+
+
+def redis_rps(port, args):
+    out = subprocess.run(["redis-benchmark", "-p", str(port), "-q", *args],
+                         capture_output=True, text=True, timeout=300).stdout
+    # "-q" prints "\r<progress>\r" before each final "NAME: N requests per second".
+    rps = {}
+    for line in out.replace("\r", "\n").splitlines():
+        m = re.match(r"\s*(\w+): ([\d.]+) requests per second", line)
+        if m:
+            rps[m.group(1)] = float(m.group(2))
+    return rps
+
+
+def redis_bench(ctx):
+    """redis-server (which knows nothing of lb) direct, behind the shim and
+    behind the proxy, with redis-benchmark; {front: {run: {test: rps}}}."""
+    if not shutil.which("redis-server") or not shutil.which("redis-benchmark"):
+        log("redis-server or redis-benchmark missing: redis rows skipped")
+        return None
+    results = {}
+    fronts = [("redis direct (1 server)", None), ("lb shim (2 redis)", "shim"),
+              ("lb proxy (2 redis)", "proxy")]
+    for name, mode in fronts:
+        port = free_port()
+        ctx.procs = Procs(ctx.workdir)
+        try:
+            redis = ["redis-server", "--port", "{port}" if mode else str(port), "--save", "",
+                     "--appendonly", "no", "--dir", ctx.workdir]
+            if mode:
+                p = ctx.procs.start(f"lb-redis-{mode}", [ctx.lb, "--listen", f"127.0.0.1:{port}",
+                                                         "--workers", str(ctx.workers), "--mode",
+                                                         mode, "--", *redis])
+                wait_until("lb redis ready",
+                           lambda: open(p.log_path).read().count(": ready") >= ctx.workers)
+            else:
+                ctx.procs.start("redis", redis)
+            wait_until("redis", lambda: redis_up(port))
+            results[name] = {run: redis_rps(port, args) for run, args in REDIS_RUNS}
+            log(f"  {name}: {results[name]}")
+        finally:
+            ctx.procs.stop_all()
+    return results
+
+
 # ---------------------------------------------------------------- allocations
 
 def alloc_check(ctx):
@@ -425,7 +506,7 @@ def fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
-def render(ctx, results, skew, alloc, started):
+def render(ctx, results, skew, alloc, started, redis=None):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
@@ -500,6 +581,21 @@ def render(ctx, results, skew, alloc, started):
                 lines.append(f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} | "
                              f"{fmt(base and r['p99'] / base, '.2f')} | {fmt(lb_rr and r['p99'] / lb_rr, '.2f')} |")
         lines.append("")
+    if redis:
+        lines += ["## redis-server behind lb", "",
+                  f"`redis-benchmark -q` (single-threaded client) against one redis-server on its own "
+                  f"port, and against {ctx.workers} redis-servers behind lb's shim (they bind lb's port; "
+                  "the shim hands them lb's connections) and behind lb's proxy (each on a port of its "
+                  "own). requests/s; the client is the bottleneck in keep-alive runs.", "",
+                  "| front | " + " | ".join(f"{t} ({run})" for run, _ in REDIS_RUNS
+                                           for t in (["PING_INLINE", "SET", "GET"] if run == "keep-alive"
+                                                     else ["PING_INLINE"])) + " |",
+                  "|---|" + "---:|" * 4]
+        for name, runs in redis.items():
+            cells = [runs["keep-alive"].get(t) for t in ("PING_INLINE", "SET", "GET")]
+            cells.append(runs["new connection per request"].get("PING_INLINE"))
+            lines.append(f"| {name} | " + " | ".join(fmt(c, ",.0f") for c in cells) + " |")
+        lines.append("")
     if alloc:
         per = alloc["allocations"] / alloc["connections"] if alloc["connections"] else float("nan")
         lines += ["## Allocations of the real binary", "",
@@ -553,9 +649,10 @@ def main():
     results = {f: {w: median_of(rs) for w, rs in ws.items()} for f, ws in runs.items()}
     skew = {f: median_of(rs) for f, rs in skew_runs.items()}
     alloc = alloc_check(ctx) if ctx.alloccount and (not only or "alloc" in only) else None
+    redis = redis_bench(ctx) if not only or "redis" in only else None
     if alloc:
         log(f"allocations: {alloc}")
-    text = render(ctx, results, skew, alloc, started)
+    text = render(ctx, results, skew, alloc, started, redis)
     with open(args.out, "w") as f:
         f.write(text + "\n")
     print(text)

@@ -557,8 +557,9 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             && let Some(reason) = crate::shim::unsupported(&p.command)
         {
             return Err(ConfigError::Conflict(format!(
-                "pool `{}`: `{}` {reason}; shim mode cannot work with it: use mode shared if \
-                 it can accept from an inherited listener (LISTEN_FDS), else give it lb's protocol",
+                "pool `{}`: `{}` {reason}; shim mode cannot work with it: use mode proxy (it \
+                 listens on a port of its own, given as {{port}} or PORT), or mode shared if it \
+                 can accept from an inherited listener (LISTEN_FDS)",
                 p.name,
                 p.command.display()
             )));

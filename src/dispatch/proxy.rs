@@ -48,7 +48,10 @@ struct Dir {
     eof: bool,
     /// EOF forwarded (`shutdown(SHUT_WR)` on the destination).
     done: bool,
-    /// Edge-triggered readiness, kept until `EAGAIN`.
+    /// Edge-triggered readiness: readable until a read finds nothing
+    /// (`EAGAIN`; a short splice into a pipe may only mean the pipe ran out
+    /// of slots), writable until a write falls short (the socket's buffer
+    /// is full).
     readable: bool,
     writable: bool,
 }
@@ -61,6 +64,9 @@ struct Relay {
     worker: usize,
     slot: Slot,
     connecting: bool,
+    /// The client socket is registered for writability too (only after a
+    /// write to it fell short: otherwise every ACK would wake the loop).
+    client_out: bool,
 }
 
 /// The slab, made at start.
@@ -95,6 +101,7 @@ impl Relays {
                 worker: 0,
                 slot: Slot(0),
                 connecting: false,
+                client_out: false,
             });
         }
         let free = (0..n as u32).rev().collect();
@@ -166,14 +173,19 @@ impl Dispatcher {
             d.readable = false;
             d.writable = false;
         }
+        // A new client socket has room to write to.
+        relay.dirs[UPSTREAM].writable = true;
         relay.worker = index;
         relay.slot = slot;
         relay.connecting = true;
+        relay.client_out = false;
         let registry = self.poll.registry();
-        let both = Interest::READABLE | Interest::WRITABLE;
+        // The upstream's writability says when the connect is done.
+        let interests = [Interest::READABLE, Interest::READABLE | Interest::WRITABLE];
         for side in [CLIENT, UPSTREAM] {
             if let Some(s) = relay.socks[side].as_mut() {
-                let _ = registry.register(s, Token(RELAY_BASE + 2 * r as usize + side), both);
+                let token = Token(RELAY_BASE + 2 * r as usize + side);
+                let _ = registry.register(s, token, interests[side]);
             }
         }
         if !relays.has_room() {
@@ -268,6 +280,7 @@ impl Dispatcher {
         };
         let relay = &mut relays.slots[r];
         let mut failed = false;
+        let mut wait_out = false;
         for d in [CLIENT, UPSTREAM] {
             let (src, dst) = (d, 1 - d);
             if d == CLIENT && relay.connecting {
@@ -291,10 +304,18 @@ impl Dispatcher {
                         SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE,
                     ) {
                         Ok(n) => {
+                            // Short: the socket's buffer is full.
+                            if n < dir.buffered {
+                                dir.writable = false;
+                                wait_out |= dst == CLIENT;
+                            }
                             dir.buffered -= n;
                             progressed = n > 0;
                         }
-                        Err(nix::errno::Errno::EAGAIN) => dir.writable = false,
+                        Err(nix::errno::Errno::EAGAIN) => {
+                            dir.writable = false;
+                            wait_out |= dst == CLIENT;
+                        }
                         Err(nix::errno::Errno::EINTR) => progressed = true,
                         Err(_) => {
                             failed = true;
@@ -345,6 +366,18 @@ impl Dispatcher {
                 break;
             }
         }
+        if wait_out
+            && !failed
+            && !relay.client_out
+            && let Some(c) = relay.socks[CLIENT].as_mut()
+        {
+            relay.client_out = true;
+            let token = Token(RELAY_BASE + 2 * r + CLIENT);
+            let both = Interest::READABLE | Interest::WRITABLE;
+            if self.poll.registry().reregister(c, token, both).is_err() {
+                failed = true;
+            }
+        }
         if failed {
             self.relay_end(r, true);
         } else if relay.dirs[CLIENT].done && relay.dirs[UPSTREAM].done {
@@ -360,13 +393,14 @@ impl Dispatcher {
         };
         let relay = &mut relays.slots[r];
         let was_connecting = relay.connecting;
+        // Closing a socket takes it out of the epoll set (no other copy of
+        // it exists), so no deregistration is needed.
         for side in [CLIENT, UPSTREAM] {
-            if let Some(mut s) = relay.socks[side].take() {
-                let _ = self.poll.registry().deregister(&mut s);
-                if abort {
-                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                }
+            let sock = relay.socks[side].take();
+            if abort && let Some(s) = &sock {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
             }
+            drop(sock);
         }
         // Bytes left in a pipe belong to no one now.
         for d in &mut relay.dirs {

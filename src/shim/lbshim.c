@@ -104,6 +104,7 @@ static void stop_server(void) {
     kill(p > 0 ? p : getpid(), SIGTERM);
 }
 static int preload_fd = -1; /* the in-memory .so (LB_SHIM_FD), CLOEXEC'd at claim */
+static int reports = 1;     /* LB_REPORT_CLOSED=0: the policy reads no close reports */
 
 /* The real functions. */
 static int (*real_bind)(int, const struct sockaddr *, socklen_t);
@@ -197,6 +198,7 @@ __attribute__((constructor)) static void shim_init(void) {
     int fd = env_int("LB_FD", -1);
     shim_port = env_int("LB_SHIM_PORT", -1);
     preload_fd = env_int("LB_SHIM_FD", -1);
+    reports = env_int("LB_REPORT_CLOSED", 1) != 0;
     if (fd < 0 || shim_port <= 0 || shim_port > 65535)
         return;
     int type = 0;
@@ -304,6 +306,8 @@ static void claim(void) {
     unsetenv("LB_FD");
     unsetenv("LB_SHIM_PORT");
     unsetenv("LB_SHIM_FD");
+    unsetenv("LB_PROTOCOL");
+    unsetenv("LB_REPORT_CLOSED");
     unsetenv("LD_PRELOAD");
 }
 
@@ -454,6 +458,8 @@ static void forget(int fd) {
         return;
     set_kind(fd, K_NONE);
     if (k == K_CONN) {
+        if (!reports)
+            return;
         if (atomic_fetch_add(&closes_pending, 1) + 1 >= CLOSE_BATCH ||
             now_ms() - atomic_load_explicit(&last_flush_ms, memory_order_relaxed) >= CLOSE_MAX_AGE_MS)
             flush_closes();

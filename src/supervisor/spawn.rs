@@ -110,6 +110,10 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
                 .or_else(|| std::env::var(crate::shim::env::PRELOAD).ok());
             cmd.env(env::FD, WORKER_FD.to_string())
                 .env(env::PROTOCOL, VERSION.to_string())
+                .env(
+                    env::REPORT_CLOSED,
+                    if launch.report_closed { "1" } else { "0" },
+                )
                 .env(crate::shim::env::PORT, &port_text)
                 .env(crate::shim::env::FD, shim.raw().to_string())
                 .env(crate::shim::env::PRELOAD, shim.preload(theirs.as_deref()));

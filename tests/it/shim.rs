@@ -24,15 +24,16 @@ fn shim(workers: usize, policy: &str, command: &[&str]) -> Lb {
 }
 
 #[test]
-fn shim_python_http_server_is_split_exactly_and_every_close_reported() {
+fn shim_python_http_server_is_balanced_and_every_close_reported() {
     let dir = scratch("shim-py");
     std::fs::write(dir.join("index.html"), "hello\n").unwrap();
     let d = dir.to_str().unwrap();
     // `python3` here may be pyenv's bash wrapper: the shim stays inert in
     // the wrapper and claims the channel in the real interpreter.
+    // Least-connections: the policy for which workers report closes.
     let lb = shim(
         2,
-        "rr",
+        "lc",
         &[
             "python3",
             "-m",
@@ -48,7 +49,9 @@ fn shim_python_http_server_is_split_exactly_and_every_close_reported() {
         assert_eq!(get(lb.addr, "/index.html"), "hello\n");
     }
     // Every connection's close came back through the shim's close hook.
-    assert_eq!(lb.wait_all_closed(), [(20, 0), (20, 0)]);
+    let totals = lb.wait_all_closed();
+    assert_eq!(totals.iter().map(|t| t.0).sum::<u64>(), 40, "{totals:?}");
+    assert!(totals.iter().all(|t| t.0 >= 10), "both served: {totals:?}");
     // getsockname answers with the address the server bound.
     lb.wait_log(
         &format!("Serving HTTP on 127.0.0.1 port {}", lb.addr.port()),
