@@ -522,7 +522,10 @@ def render(ctx, results, skew, alloc, started, redis=None):
         "the rounds, errors and splits are summed. `req/s per round` shows the spread.",
         f"- Backend: `scripts/bench/backend.c` (single-threaded epoll, replies `ok`) behind every front "
         "except the node-cluster and lb node rows, whose workers are the same unmodified "
-        "`scripts/bench/node-app.js` (lb node: `lb --mode node -- node node-app.js`)",
+        "`scripts/bench/node-app.js` (lb node: `lb --mode node -- node node-app.js`). Under `lb shim`, "
+        "`lb proxy` and `lb shared` the backend runs as a server that knows nothing of lb: it binds "
+        "lb's port (taken over by the accept shim), a loopback port of its own (lb relays with splice) "
+        "or accepts from lb's listener (LISTEN_FDS), respectively",
         f"- Versions: {version(['wrk', '-v'])}; {version(['haproxy', '-v'])}; "
         f"{version(['nginx', '-v'])}; node {version(['node', '--version'])}; {version(['rustc', '--version'])}",
         "- Front CPU: CPU time of the front process (all threads; for nginx master and worker) during the run, "

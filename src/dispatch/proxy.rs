@@ -284,8 +284,10 @@ impl Dispatcher {
         for d in [CLIENT, UPSTREAM] {
             let (src, dst) = (d, 1 - d);
             if d == CLIENT && relay.connecting {
-                // Read ahead into the pipe; written once connected.
-                relay.dirs[d].writable = false;
+                // Nothing is read from the client before the worker took
+                // the connection: if its port refuses, the client goes to
+                // another worker with every byte it sent still unread.
+                continue;
             }
             loop {
                 let dir = &mut relay.dirs[d];
