@@ -411,8 +411,9 @@ impl Dispatcher {
         self.node_timers();
         self.proxy_timers();
         self.pump();
-        if self.stop_by.is_some_and(|t| Instant::now() >= t)
-            || self.stop_by.is_some() && self.relays_active() == 0
+        // Stopping: leave once the relays are done, or at the deadline.
+        if let Some(by) = self.stop_by
+            && (self.relays_active() == 0 || Instant::now() >= by)
         {
             self.running = false;
         }
