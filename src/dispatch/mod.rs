@@ -44,6 +44,17 @@ const PENDING_CAPACITY: usize = 4096;
 /// How long to stop accepting after the process ran out of fds or memory,
 /// or the kernel refused more fds in flight.
 const RESOURCE_RETRY: Duration = Duration::from_millis(10);
+/// How a slot's current process takes connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// lb's protocol: many per `sendmmsg` (and the shim, which speaks it).
+    Batch,
+    /// Node's cluster IPC: one in flight, so not picked twice in a batch.
+    Stepwise,
+    /// Proxy mode: a relay each.
+    Relay,
+}
+
 /// How long a stopping dispatcher waits for open relays to finish.
 const STOP_LINGER: Duration = Duration::from_secs(5);
 /// Events the supervisor has not read yet; beyond this they are dropped
@@ -226,8 +237,8 @@ pub struct Dispatcher {
     running: bool,
     /// Where the listener is (Node workers are told it).
     front: SocketAddr,
-    /// Per slot: its current process takes one connection at a time (Node).
-    stepwise: Vec<bool>,
+    /// Per slot: how its current process takes connections.
+    delivery: Vec<Delivery>,
     /// The first Node worker's `queryServer` data, echoed to every worker.
     node_data: Option<String>,
     /// The earliest end of a Node worker's refusal back-off.
@@ -238,8 +249,6 @@ pub struct Dispatcher {
     relays: Option<proxy::Relays>,
     /// The earliest proxy readiness probe retry.
     proxy_wake: Option<Instant>,
-    /// Per slot: its current process is a proxy worker.
-    proxied: Vec<bool>,
     /// Stop was asked for while relays were open: leave by this time.
     stop_by: Option<Instant>,
 }
@@ -314,13 +323,12 @@ impl Dispatcher {
             retry_at: None,
             running: true,
             front,
-            stepwise: vec![false; slots],
+            delivery: vec![Delivery::Batch; slots],
             node_data: None,
             node_wake: None,
             reports: policy.uses_close_reports(),
             relays: None,
             proxy_wake: None,
-            proxied: vec![false; slots],
             stop_by: None,
         };
         Ok((
@@ -511,7 +519,7 @@ impl Dispatcher {
                     *slot = s.0;
                     self.views[s.0].active += 1;
                     // One connection at a time: not picked again this batch.
-                    if self.stepwise[s.0] {
+                    if self.delivery[s.0] == Delivery::Stepwise {
                         self.views[s.0].eligible = false;
                     }
                 }
@@ -534,24 +542,9 @@ impl Dispatcher {
             let slot = slots[start];
             let end = (start..n).find(|&k| slots[k] != slot).unwrap_or(n);
             let len = end - start;
-            if slot != usize::MAX && self.proxied[slot] {
+            if slot != usize::MAX && self.delivery[slot] != Delivery::Batch {
                 for fd in batch.drain(..len) {
-                    let started = match self.current[slot] {
-                        Some(index) => self.proxy_start(index, fd),
-                        None => Err(fd),
-                    };
-                    if let Err(fd) = started {
-                        let v = &mut self.views[slot];
-                        v.active = v.active.saturating_sub(1);
-                        refused.push(fd);
-                    }
-                }
-                start = end;
-                continue;
-            }
-            if slot != usize::MAX && self.stepwise[slot] {
-                for fd in batch.drain(..len) {
-                    if let Err(fd) = self.send_stepwise(slot, fd) {
+                    if let Err(fd) = self.deliver_picked(slot, fd) {
                         refused.push(fd);
                     }
                 }
@@ -581,11 +574,12 @@ impl Dispatcher {
         self.refused = refused;
     }
 
-    /// Sends `fd` to `slot`'s one-at-a-time (Node) worker, already counted
-    /// active by its pick; undoes that when it cannot take it.
-    fn send_stepwise(&mut self, slot: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+    /// Delivers `fd` to `slot`'s worker one connection at a time (Node,
+    /// proxy), already counted active by its pick; undoes that when it
+    /// cannot take it.
+    fn deliver_picked(&mut self, slot: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
         let sent = match self.current[slot] {
-            Some(index) => self.node_send(index, fd),
+            Some(index) => self.deliver(index, Slot(slot), fd),
             None => Err(fd),
         };
         if sent.is_err() {
@@ -650,48 +644,51 @@ impl Dispatcher {
                 self.views[slot.0].eligible = false;
                 continue;
             };
-            let Some(w) = self.workers.get_mut(index) else {
-                self.views[slot.0].eligible = false;
-                continue;
-            };
-            if matches!(w.link, Link::Proxy(_)) {
-                match self.proxy_start(index, fd) {
-                    Ok(()) => {
-                        self.views[slot.0].active += 1;
-                        return Ok(());
-                    }
-                    Err(back) => {
-                        fd = back;
-                        self.views[slot.0].eligible = false;
-                        continue;
-                    }
-                }
-            }
-            if w.link.is_node() {
-                match self.node_send(index, fd) {
-                    Ok(()) => {
-                        self.views[slot.0].active += 1;
-                        return Ok(());
-                    }
-                    // `node_send` made the slot ineligible: pick again.
-                    Err(back) => {
-                        fd = back;
-                        continue;
-                    }
-                }
-            }
-            self.seq += 1;
-            match proto::send_conn(w.channel.as_fd(), fd.as_fd(), self.seq) {
+            match self.deliver(index, slot, fd) {
                 Ok(()) => {
-                    // Close our copy at once: until we do, the worker's close
-                    // does not release the socket (DESIGN.md, "The hot path").
-                    drop(fd);
-                    w.sent += 1;
                     self.views[slot.0].active += 1;
-                    self.stats.dispatched += 1;
                     return Ok(());
                 }
-                Err(e) => self.channel_refused(index, slot.0, Some(e)),
+                // `deliver` made the slot ineligible: pick again.
+                Err(back) => fd = back,
+            }
+        }
+    }
+
+    /// Gives one connection to worker `index` (in `slot`) the way its link
+    /// takes them. On failure the fd comes back and the slot is no longer
+    /// eligible (full, busy, or gone), so a caller that picks again moves on.
+    #[inline]
+    fn deliver(&mut self, index: usize, slot: Slot, fd: OwnedFd) -> Result<(), OwnedFd> {
+        let Some(w) = self.workers.get_mut(index) else {
+            self.views[slot.0].eligible = false;
+            return Err(fd);
+        };
+        match &w.link {
+            Link::Native { .. } => {
+                self.seq += 1;
+                match proto::send_conn(w.channel.as_fd(), fd.as_fd(), self.seq) {
+                    Ok(()) => {
+                        // Close our copy at once: until we do, the worker's close
+                        // does not release the socket (DESIGN.md, "The hot path").
+                        drop(fd);
+                        w.sent += 1;
+                        self.stats.dispatched += 1;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.channel_refused(index, slot.0, Some(e));
+                        Err(fd)
+                    }
+                }
+            }
+            Link::Node(_) => self.node_send(index, fd),
+            Link::Proxy(_) => self.proxy_start(index, fd).inspect_err(|_| {
+                self.views[slot.0].eligible = false;
+            }),
+            Link::Shared { .. } => {
+                self.views[slot.0].eligible = false;
+                Err(fd)
             }
         }
     }
@@ -719,12 +716,15 @@ impl Dispatcher {
     /// Recomputes whether `slot` may be picked.
     fn sync_view(&mut self, slot: Slot) {
         let current = self.current[slot.0].and_then(|i| self.workers.get(i));
-        let proxy = current.is_some_and(|w| matches!(w.link, Link::Proxy(_)));
+        let delivery = match current.map(|w| &w.link) {
+            Some(Link::Node(_)) => Delivery::Stepwise,
+            Some(Link::Proxy(_)) => Delivery::Relay,
+            _ => Delivery::Batch,
+        };
         self.views[slot.0].eligible = current
             .is_some_and(|w| w.state == State::Ready && !w.full && w.link.can_take())
-            && (!proxy || self.relay_room());
-        self.stepwise[slot.0] = current.is_some_and(|w| w.link.is_node());
-        self.proxied[slot.0] = proxy;
+            && (delivery != Delivery::Relay || self.relay_room());
+        self.delivery[slot.0] = delivery;
     }
 
     fn is_current(&self, index: usize) -> bool {
@@ -986,8 +986,7 @@ impl Dispatcher {
         if slot.0 >= self.current.len() {
             self.current.resize(slot.0 + 1, None);
             self.views.resize(slot.0 + 1, WorkerView::default());
-            self.stepwise.resize(slot.0 + 1, false);
-            self.proxied.resize(slot.0 + 1, false);
+            self.delivery.resize(slot.0 + 1, Delivery::Batch);
             self.policy.resize(slot.0 + 1);
         }
         // The new process is its slot's candidate: the current one (if any)
