@@ -43,6 +43,7 @@ pub struct FilePool {
     pub weight: Option<u32>,
     pub mode: Option<String>,
     pub port: Option<u16>,
+    pub stop_signal: Option<String>,
 }
 
 /// Reads and parses `path`; errors name the file and line, on one line.

@@ -77,6 +77,10 @@ pub struct Pool {
     pub mode: Mode,
     /// Shim mode: the port the server binds (taken over); `None` = lb's own.
     pub port: Option<u16>,
+    /// How a server that does not know lb is asked to stop gracefully
+    /// (shim, proxy, shared): SIGTERM unless the pool says otherwise
+    /// (nginx: SIGQUIT).
+    pub stop_signal: i32,
 }
 
 impl Config {
@@ -465,6 +469,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             weight: defaults::WEIGHT,
             mode,
             port: None,
+            stop_signal: libc::SIGTERM,
         }]
     } else if file.pool.is_empty() {
         let exe = std::env::current_exe().map_err(|e| ConfigError::Command {
@@ -485,6 +490,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             weight: defaults::WEIGHT,
             mode: Mode::Native,
             port: None,
+            stop_signal: libc::SIGTERM,
         }]
     } else {
         let several = file.pool.len() > 1;
@@ -547,6 +553,16 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 weight,
                 mode,
                 port: p.port,
+                stop_signal: match &p.stop_signal {
+                    None => libc::SIGTERM,
+                    Some(name) => parse_signal(name).ok_or_else(|| {
+                        invalid(
+                            key("stop_signal"),
+                            name,
+                            "give a signal name like SIGTERM, SIGQUIT or SIGINT",
+                        )
+                    })?,
+                },
             });
         }
         pools
@@ -600,6 +616,25 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         )));
     }
     Ok(config)
+}
+
+/// `SIGQUIT`, `quit` or `3` → the signal's number (catchable ones only).
+fn parse_signal(text: &str) -> Option<i32> {
+    let t = text.trim();
+    let signal = match t.parse::<i32>() {
+        Ok(n) => nix::sys::signal::Signal::try_from(n).ok()?,
+        Err(_) => {
+            let upper = t.to_ascii_uppercase();
+            let name = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
+            name.parse::<nix::sys::signal::Signal>().ok()?
+        }
+    };
+    use nix::sys::signal::Signal::{SIGKILL, SIGSTOP};
+    (signal != SIGKILL && signal != SIGSTOP).then_some(signal as i32)
 }
 
 /// `program args…`, for messages.
@@ -762,6 +797,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--backlog"), "{e}");
+    }
+
+    #[test]
+    fn stop_signals_parse_by_name_or_number() {
+        assert_eq!(parse_signal("SIGQUIT"), Some(libc::SIGQUIT));
+        assert_eq!(parse_signal("quit"), Some(libc::SIGQUIT));
+        assert_eq!(parse_signal(" 15 "), Some(libc::SIGTERM));
+        assert_eq!(
+            parse_signal("SIGKILL"),
+            None,
+            "not catchable: no graceful stop"
+        );
+        assert_eq!(parse_signal("SIGNOPE"), None);
     }
 
     #[test]

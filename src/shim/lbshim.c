@@ -96,15 +96,18 @@ static _Atomic long last_flush_ms;
 static _Atomic int eof_seen;
 static _Atomic int drain_seen;
 
-/* Asks the server to stop as it would be asked without lb: SIGTERM to the
-   process that claimed the channel (a prefork server's master, not the
-   child that happened to read the message). */
-static void stop_server(void) {
-    pid_t p = atomic_load(&claimer);
-    kill(p > 0 ? p : getpid(), SIGTERM);
-}
 static int preload_fd = -1; /* the in-memory .so (LB_SHIM_FD), CLOEXEC'd at claim */
 static int reports = 1;     /* LB_REPORT_CLOSED=0: the policy reads no close reports */
+static int stop_signal = SIGTERM; /* LB_STOP_SIGNAL: what DRAIN becomes */
+
+/* Asks the server to stop as it would be asked without lb: the pool's stop
+   signal (SIGTERM unless configured) to the process that claimed the
+   channel (a prefork server's master, not the child that happened to read
+   the message). */
+static void stop_server(void) {
+    pid_t p = atomic_load(&claimer);
+    kill(p > 0 ? p : getpid(), stop_signal);
+}
 
 /* The real functions. */
 static int (*real_bind)(int, const struct sockaddr *, socklen_t);
@@ -199,6 +202,9 @@ __attribute__((constructor)) static void shim_init(void) {
     shim_port = env_int("LB_SHIM_PORT", -1);
     preload_fd = env_int("LB_SHIM_FD", -1);
     reports = env_int("LB_REPORT_CLOSED", 1) != 0;
+    stop_signal = env_int("LB_STOP_SIGNAL", SIGTERM);
+    if (stop_signal <= 0 || stop_signal >= 64)
+        stop_signal = SIGTERM;
     if (fd < 0 || shim_port <= 0 || shim_port > 65535)
         return;
     int type = 0;
@@ -306,6 +312,7 @@ static void claim(void) {
     unsetenv("LB_FD");
     unsetenv("LB_SHIM_PORT");
     unsetenv("LB_SHIM_FD");
+    unsetenv("LB_STOP_SIGNAL");
     unsetenv("LB_PROTOCOL");
     unsetenv("LB_REPORT_CLOSED");
     unsetenv("LD_PRELOAD");

@@ -16,6 +16,8 @@ pub mod env {
     pub const PORT: &str = "LB_SHIM_PORT";
     /// The fd of the in-memory shim (closed on exec once claimed).
     pub const FD: &str = "LB_SHIM_FD";
+    /// The signal DRAIN becomes (the pool's `stop_signal`, a number).
+    pub const STOP_SIGNAL: &str = "LB_STOP_SIGNAL";
     pub const PRELOAD: &str = "LD_PRELOAD";
 }
 

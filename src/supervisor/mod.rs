@@ -458,7 +458,8 @@ impl Supervisor {
             kill_at: None,
             malformed: 0,
             recycling: false,
-            stop_signal: matches!(pool.mode, Mode::Shared | Mode::Proxy).then_some(libc::SIGTERM),
+            stop_signal: matches!(pool.mode, Mode::Shared | Mode::Proxy)
+                .then_some(pool.stop_signal),
         });
         Ok(pid)
     }

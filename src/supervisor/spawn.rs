@@ -115,6 +115,7 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
                     if launch.report_closed { "1" } else { "0" },
                 )
                 .env(crate::shim::env::PORT, &port_text)
+                .env(crate::shim::env::STOP_SIGNAL, pool.stop_signal.to_string())
                 .env(crate::shim::env::FD, shim.raw().to_string())
                 .env(crate::shim::env::PRELOAD, shim.preload(theirs.as_deref()));
             sys::keep_fd(&mut cmd, shim.raw());

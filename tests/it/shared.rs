@@ -22,7 +22,8 @@ stopping = False
 def term(*_):
     global stopping
     stopping = True
-signal.signal(signal.SIGTERM, term)
+# The signal that means "finish and stop" (the pool's stop_signal).
+signal.signal(getattr(signal, os.environ.get("APP_STOP", "SIGTERM")), term)
 s.settimeout(0.05)
 print("serving", flush=True)
 body = ("hello from worker %s (pid %d)\n" % (os.environ["LB_WORKER_ID"], os.getpid())).encode()
@@ -54,6 +55,30 @@ fn shared_pool(script: &str, count: usize) -> String {
     format!(
         "mode = \"shared\"\n[[pool]]\nname = \"web\"\ncommand = \"python3\"\nargs = [\"{script}\"]\ncount = {count}\n"
     )
+}
+
+#[test]
+fn shared_workers_are_stopped_with_the_pools_stop_signal() {
+    let dir = scratch("shared-quit");
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "{}stop_signal = \"QUIT\"\nenv = {{ APP_STOP = \"SIGQUIT\" }}\n",
+            shared_pool(&checker(&dir), 1)
+        ),
+    );
+    let mut lb = Lb::start(&["--config", &config], &[], 1);
+    lb.wait_log("] serving", 1);
+    let addr = lb.addr;
+    let slow = std::thread::spawn(move || try_get(addr, "/slow"));
+    std::thread::sleep(Duration::from_millis(200));
+    lb.signal(libc::SIGTERM);
+    // SIGTERM would have killed it (Python's default); SIGQUIT is the one
+    // this server finishes on.
+    assert!(slow.join().unwrap().expect("answered").starts_with("hello"));
+    assert!(lb.wait_exit().success());
+    assert_eq!(lb.log.count("exit (exit code 0"), 1);
 }
 
 #[test]
