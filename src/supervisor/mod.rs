@@ -955,6 +955,22 @@ impl Supervisor {
                 ),
             );
         }
+        // What the dispatcher was built for at start: whether it accepts at
+        // all (not in shared mode) and whether it has proxy relays.
+        let shape = |c: &Config| {
+            (
+                c.pools.iter().all(|p| p.mode == Mode::Shared),
+                c.pools.iter().any(|p| p.mode == Mode::Proxy),
+            )
+        };
+        if shape(&new) != shape(&self.config) {
+            return refuse(
+                reply,
+                "the new configuration adds or removes shared or proxy mode, which lb sets up \
+                 at start (who accepts, the relays); restart lb for that"
+                    .into(),
+            );
+        }
         if new.listen != self.config.listen || new.policy != self.config.policy {
             info!("reload: the listen address and policy stay as they are until a restart");
         }

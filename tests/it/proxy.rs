@@ -213,3 +213,23 @@ fn proxy_kill_9_under_load_costs_only_the_dead_workers_connections() {
     assert!(failed <= 4, "{failed} failures");
     assert!(ok > 100, "load kept flowing: {ok}");
 }
+
+#[test]
+fn a_reload_cannot_switch_to_proxy_mode() {
+    let dir = scratch("proxy-reload");
+    let config = write_config(&dir, "lb.toml", &hello_pool("web", 1));
+    let lb = Lb::start(&["--config", &config], &[], 1);
+    let before = lb.pid_of_slot(0);
+    write_config(
+        &dir,
+        "lb.toml",
+        &format!("{}mode = \"proxy\"\n", hello_pool("web", 1)),
+    );
+    let out = lb.ctl(&["reload"]);
+    assert!(
+        out.contains("adds or removes shared or proxy mode"),
+        "{out}"
+    );
+    assert_eq!(lb.pid_of_slot(0), before, "nothing was replaced");
+    assert!(get(lb.addr, "/").starts_with("hello from worker 0"));
+}
