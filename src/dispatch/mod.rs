@@ -115,6 +115,11 @@ pub enum Event {
         slot: Slot,
         pid: u32,
     },
+    /// The worker asks to be sent its stop signal (the shim, on DRAIN).
+    Stop {
+        slot: Slot,
+        pid: u32,
+    },
     Message {
         slot: Slot,
         pid: u32,
@@ -788,6 +793,7 @@ impl Dispatcher {
             Ok(Message::Closed { n }) => self.closed(index, slot, n),
             Ok(Message::Ready) => self.ready(index, slot, pid),
             Ok(Message::Leaving) => self.leaving(index, slot, pid),
+            Ok(Message::Stop) => self.emit(Event::Stop { slot, pid }),
             Ok(Message::User(payload)) => {
                 let payload = payload.to_vec();
                 self.emit(Event::Message { slot, pid, payload });

@@ -30,6 +30,9 @@ pub mod kind {
     pub const CLOSED: u8 = 17;
     /// worker → master: I am about to exit; send me nothing more.
     pub const LEAVING: u8 = 18;
+    /// worker → master: send the process you started its stop signal (the
+    /// accept shim's answer to DRAIN for a server that knows only signals).
+    pub const STOP: u8 = 19;
     /// either way: free-form payload for the application.
     pub const USER: u8 = 32;
 }
@@ -56,6 +59,7 @@ pub enum Message<'a> {
         n: u64,
     },
     Leaving,
+    Stop,
     User(&'a [u8]),
     /// A kind this version does not know: ignored by design (forward compatibility).
     Unknown(u8),
@@ -105,6 +109,7 @@ pub fn parse(buf: &[u8], truncated: bool) -> Result<Message<'_>, Malformed> {
         kind::READY => Message::Ready,
         kind::CLOSED => Message::Closed { n: value },
         kind::LEAVING => Message::Leaving,
+        kind::STOP => Message::Stop,
         other => return Ok(Message::Unknown(other)),
     };
     if !payload.is_empty() {

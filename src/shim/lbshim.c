@@ -51,6 +51,7 @@
 #define KIND_READY 16
 #define KIND_CLOSED 17
 #define KIND_LEAVING 18
+#define KIND_STOP 19
 #define HEADER_LEN 16
 #define MAX_MESSAGE 4096
 
@@ -390,9 +391,14 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
             return -1; /* EAGAIN, EINTR, timeouts: the caller's flags decide */
         if (n == 0) {
             /* The master is gone: make the server stop, once, instead of
-               letting a level-triggered loop spin on EOF. */
-            if (!atomic_exchange(&eof_seen, 1))
+               letting a level-triggered loop spin on EOF. This process too,
+               when it is not the claimer: a prefork child that dropped its
+               privileges cannot signal its master, or outlived it. */
+            if (!atomic_exchange(&eof_seen, 1)) {
                 stop_server();
+                if (atomic_load(&claimer) != getpid())
+                    kill(getpid(), stop_signal);
+            }
             errno = ECONNABORTED;
             return -1;
         }
@@ -418,9 +424,12 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
                 return -1;
             }
             /* DRAIN comes after every connection sent before it, so the
-               server has taken them all when it is asked to stop. */
+               server has taken them all when it is asked to stop. The
+               master sends the signal (this may be a child that dropped
+               the privileges to signal its parent, as nginx's workers do);
+               only if it cannot be asked does the shim try itself. */
             if (n >= HEADER_LEN && buf[0] == LB_VERSION && buf[1] == KIND_DRAIN &&
-                !atomic_exchange(&drain_seen, 1))
+                !atomic_exchange(&drain_seen, 1) && send_kind(KIND_STOP, 0) != 0)
                 stop_server();
             continue; /* USER, anything else: not a connection */
         }

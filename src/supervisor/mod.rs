@@ -110,10 +110,12 @@ struct Proc {
     malformed: u32,
     /// Over a recycling limit; its successor has been started.
     recycling: bool,
-    /// Draining it means this signal (a shared worker has no channel to
-    /// be told DRAIN on; the shim turns DRAIN into SIGTERM itself, once the
-    /// server has taken every connection sent before it).
-    stop_signal: Option<libc::c_int>,
+    /// The signal that asks it to finish and exit (its pool's).
+    stop_signal: libc::c_int,
+    /// Draining it means that signal (shared and proxy workers have no
+    /// channel to be told DRAIN on; the shim asks for it with STOP once the
+    /// server has taken every connection sent before DRAIN).
+    signal_on_drain: bool,
 }
 
 /// Per slot: what outlives its processes.
@@ -458,8 +460,8 @@ impl Supervisor {
             kill_at: None,
             malformed: 0,
             recycling: false,
-            stop_signal: matches!(pool.mode, Mode::Shared | Mode::Proxy)
-                .then_some(pool.stop_signal),
+            stop_signal: pool.stop_signal,
+            signal_on_drain: matches!(pool.mode, Mode::Shared | Mode::Proxy),
         });
         Ok(pid)
     }
@@ -616,8 +618,8 @@ impl Supervisor {
                 if let Some(i) = self.index_of(pid) {
                     let p = &self.procs[i];
                     info!("worker {slot} pid {pid} gen {}: draining", p.generation);
-                    if let Some(signal) = p.stop_signal {
-                        let _ = sys::pidfd_signal(p.pidfd.as_fd(), signal);
+                    if p.signal_on_drain {
+                        let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
                     }
                 }
             }
@@ -629,6 +631,18 @@ impl Supervisor {
                 }
             }
             Event::Note { slot, pid, text } => info!("worker {slot} pid {pid}: {text}"),
+            Event::Stop { slot, pid } => {
+                if let Some(i) = self.index_of(pid) {
+                    let p = &self.procs[i];
+                    // Only one on its way out: STOP is the answer to DRAIN.
+                    if p.retiring || self.phase != Phase::Running {
+                        let signal = nix::sys::signal::Signal::try_from(p.stop_signal)
+                            .map_or_else(|_| p.stop_signal.to_string(), |s| s.to_string());
+                        info!("worker {slot} pid {pid}: stopping it with {signal}");
+                        let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
+                    }
+                }
+            }
             Event::Message { slot, pid, payload } => {
                 info!(
                     "worker {slot} pid {pid}: message: {}",

@@ -115,7 +115,16 @@ fn shared_kill_9_and_graceful_stop() {
     send_signal(victim, libc::SIGKILL);
     lb.wait_log("worker 0 gen 1: spawn", 2);
     lb.wait_log(": ready", 3);
-    std::thread::sleep(Duration::from_millis(300));
+    // The restarted worker takes connections from the shared listener.
+    let replacement = lb.pid_of_slot(0);
+    lb.wait_log(&format!("[worker 0 pid {replacement}] serving"), 1);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(0..20).any(|_| try_get(lb.addr, "/").is_ok_and(|b| pid_of(&b) == replacement)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted worker got nothing"
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = clients
         .into_iter()
@@ -126,7 +135,7 @@ fn shared_kill_9_and_graceful_stop() {
         ok + failed
     );
     assert!(failed <= 4, "{failed} failures");
-    assert!(ok > 50, "{ok}");
+    assert!(ok > 0, "load kept flowing");
     // Graceful stop: SIGTERM to each worker, which finishes its request.
     let addr = lb.addr;
     let slow = std::thread::spawn(move || try_get(addr, "/slow"));
