@@ -73,28 +73,14 @@ fn weighted_split_follows_pool_weights() {
 #[test]
 fn least_conn_steers_new_connections_away_from_long_lived_ones() {
     let lb = Lb::start(&["--workers", "2", "--policy", "lc"], &[], 2);
-    // Eight held connections: least-conn spreads them four and four.
-    let mut held: Vec<(usize, KeepAlive)> = (0..8)
-        .map(|_| {
-            let mut c = KeepAlive::open(lb.addr);
-            (slot_of(&c.get("/")), c)
-        })
-        .collect();
-    let per: Vec<usize> = (0..2)
-        .map(|s| held.iter().filter(|(w, _)| *w == s).count())
-        .collect();
-    assert_eq!(per, [4, 4]);
-    // Release worker 1's; worker 0 keeps four long-lived connections.
-    held.retain(|(w, _)| *w == 0);
-    // Short connections now go to worker 1: it has 0 active (at most 1 while
-    // a close report is in flight), worker 0 has 4. Round-robin would send
-    // half of them to worker 0.
-    let count = split(lb.addr, 2, 40);
+    // Short connections go to worker 1 once its four are released: it has
+    // 0 active (at most 1 while a close report is in flight), worker 0 has
+    // 4. Round-robin would send half of them to worker 0.
+    let count = split_after_worker_0_holds_four(lb.addr);
     assert!(
         count[1] >= 38,
         "least-conn should avoid the busy worker: {count:?}"
     );
-    drop(held);
 }
 
 #[test]

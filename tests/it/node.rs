@@ -52,34 +52,7 @@ fn node_app_round_robin_is_exact_and_every_request_is_served() {
 fn node_worker_killed_under_load_is_restarted() {
     each_node(|node| {
         let lb = start(node, 2, &[], &[]);
-        let victim = lb.pid_of_slot(0);
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients = looping_clients(lb.addr, &stop);
-        std::thread::sleep(Duration::from_millis(300));
-        send_signal(victim, libc::SIGKILL);
-        lb.wait_log("worker 0 gen 1: spawn", 2);
-        lb.wait_log(": ready", 3);
-        let replacement = lb.pid_of_slot(0);
-        // Load reaches the new worker.
-        let deadline = Instant::now() + WAIT;
-        while !(0..20).any(|_| try_get(lb.addr, "/").is_ok_and(|b| pid_of(&b) == replacement)) {
-            assert!(
-                Instant::now() < deadline,
-                "the restarted worker got nothing"
-            );
-        }
-        stop.store(true, Ordering::Relaxed);
-        let (ok, failed) = clients
-            .into_iter()
-            .map(|c| c.join().unwrap())
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-        eprintln!(
-            "node kill -9 under load: {} requests, {failed} failed",
-            ok + failed
-        );
-        // Four clients with one request each in flight.
-        assert!(failed <= 4, "{failed} failures");
-        assert!(ok > 0, "load kept flowing");
+        kill_under_load(&lb, 0, 2, "node");
         assert!(lb.log.count("exit (killed by SIGKILL") == 1);
     });
 }
@@ -118,25 +91,12 @@ fn node_graceful_stop_lets_a_slow_response_finish() {
 fn node_least_conn_steers_away_from_long_lived_connections() {
     each_node(|node| {
         let lb = start(node, 2, &["--policy", "lc"], &[]);
-        let mut held: Vec<(usize, KeepAlive)> = (0..8)
-            .map(|_| {
-                let mut c = KeepAlive::open(lb.addr);
-                (slot_of(&c.get("/")), c)
-            })
-            .collect();
-        let per: Vec<usize> = (0..2)
-            .map(|s| held.iter().filter(|(w, _)| *w == s).count())
-            .collect();
-        assert_eq!(per, [4, 4]);
-        held.retain(|(w, _)| *w == 0);
-        // Worker 1's closes reach lb through the preload's reports before
-        // the next picks (bounded wait on the status).
-        let count = split(lb.addr, 2, 40);
+        // Worker 1's closes reach lb through the preload's reports.
+        let count = split_after_worker_0_holds_four(lb.addr);
         assert!(
             count[1] >= 36,
             "least-conn should avoid the worker holding 4: {count:?}"
         );
-        drop(held);
     });
 }
 

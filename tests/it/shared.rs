@@ -3,8 +3,6 @@
 //! kernel balances; lb supervises. Tried with gunicorn (socket activation)
 //! and a Python server that checks every variable.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::util::*;
@@ -108,34 +106,8 @@ fn shared_kill_9_and_graceful_stop() {
     let dir = scratch("shared-kill");
     let config = write_config(&dir, "lb.toml", &shared_pool(&checker(&dir), 2));
     let mut lb = Lb::start(&["--config", &config], &[], 2);
-    let victim = lb.pid_of_slot(0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = looping_clients(lb.addr, &stop);
-    std::thread::sleep(Duration::from_millis(300));
-    send_signal(victim, libc::SIGKILL);
-    lb.wait_log("worker 0 gen 1: spawn", 2);
-    lb.wait_log(": ready", 3);
     // The restarted worker takes connections from the shared listener.
-    let replacement = lb.pid_of_slot(0);
-    lb.wait_log(&format!("[worker 0 pid {replacement}] serving"), 1);
-    let deadline = std::time::Instant::now() + WAIT;
-    while !(0..20).any(|_| try_get(lb.addr, "/").is_ok_and(|b| pid_of(&b) == replacement)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted worker got nothing"
-        );
-    }
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = clients
-        .into_iter()
-        .map(|c| c.join().unwrap())
-        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    eprintln!(
-        "shared kill -9 under load: {} requests, {failed} failed",
-        ok + failed
-    );
-    assert!(failed <= 4, "{failed} failures");
-    assert!(ok > 0, "load kept flowing");
+    kill_under_load(&lb, 0, 2, "shared");
     // Graceful stop: SIGTERM to each worker, which finishes its request.
     let addr = lb.addr;
     let slow = std::thread::spawn(move || try_get(addr, "/slow"));
