@@ -61,18 +61,6 @@ struct Server {
     newconn: NewConn,
 }
 
-impl std::fmt::Debug for NewConn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NewConn")
-    }
-}
-
-impl std::fmt::Debug for Lines {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Lines")
-    }
-}
-
 impl NodeLink {
     pub fn new() -> NodeLink {
         NodeLink {

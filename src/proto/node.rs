@@ -210,6 +210,19 @@ impl Lines {
     }
 }
 
+// Buffers, not worth printing: their sizes say enough.
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lines({} bytes held)", self.len)
+    }
+}
+
+impl std::fmt::Debug for NewConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NewConn({} bytes)", self.prefix)
+    }
+}
+
 /// The `newconn` line for one worker, formatted once per server key; each
 /// hand-off writes only its seq in (no allocation: capacity is reserved).
 pub struct NewConn {

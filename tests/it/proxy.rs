@@ -160,17 +160,7 @@ fn proxy_max_conns_holds_the_rest_in_the_backlog() {
 fn proxy_graceful_stop_lets_a_slow_response_finish() {
     let server = epoll_server();
     let mut lb = proxy(2, &[], &[&server, "{port}"]);
-    let addr = lb.addr;
-    let slow = std::thread::spawn(move || try_get(addr, "/slow/800"));
-    std::thread::sleep(Duration::from_millis(200));
-    lb.signal(libc::SIGTERM);
-    assert!(
-        slow.join()
-            .unwrap()
-            .expect("answered")
-            .starts_with("hello from worker")
-    );
-    assert!(lb.wait_exit().success());
+    assert!(lb.stop_during("/slow/800").starts_with("hello from worker"));
 }
 
 #[test]

@@ -3,8 +3,6 @@
 //! kernel balances; lb supervises. Tried with gunicorn (socket activation)
 //! and a Python server that checks every variable.
 
-use std::time::Duration;
-
 use crate::util::*;
 
 /// A server that refuses to start unless the inherited-listener variables
@@ -68,14 +66,9 @@ fn shared_workers_are_stopped_with_the_pools_stop_signal() {
     );
     let mut lb = Lb::start(&["--config", &config], &[], 1);
     lb.wait_log("] serving", 1);
-    let addr = lb.addr;
-    let slow = std::thread::spawn(move || try_get(addr, "/slow"));
-    std::thread::sleep(Duration::from_millis(200));
-    lb.signal(libc::SIGTERM);
     // SIGTERM would have killed it (Python's default); SIGQUIT is the one
     // this server finishes on.
-    assert!(slow.join().unwrap().expect("answered").starts_with("hello"));
-    assert!(lb.wait_exit().success());
+    assert!(lb.stop_during("/slow").starts_with("hello"));
     assert_eq!(lb.log.count("exit (exit code 0"), 1);
 }
 
@@ -109,12 +102,7 @@ fn shared_kill_9_and_graceful_stop() {
     // The restarted worker takes connections from the shared listener.
     kill_under_load(&lb, 0, 2, "shared");
     // Graceful stop: SIGTERM to each worker, which finishes its request.
-    let addr = lb.addr;
-    let slow = std::thread::spawn(move || try_get(addr, "/slow"));
-    std::thread::sleep(Duration::from_millis(200));
-    lb.signal(libc::SIGTERM);
-    assert!(slow.join().unwrap().expect("answered").starts_with("hello"));
-    assert!(lb.wait_exit().success());
+    assert!(lb.stop_during("/slow").starts_with("hello"));
 }
 
 #[test]

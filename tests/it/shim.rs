@@ -71,15 +71,10 @@ fn shim_c_server_round_robin_is_exact_and_survives_kill_9() {
 fn shim_graceful_stop_lets_a_slow_response_finish() {
     let server = epoll_server();
     let mut lb = shim(2, "rr", &[&server, "{port}"]);
-    let addr = lb.addr;
-    let slow = std::thread::spawn(move || try_get(addr, "/slow/800"));
-    std::thread::sleep(Duration::from_millis(200));
-    lb.signal(libc::SIGTERM);
-    let body = slow.join().unwrap().expect("the slow response arrives");
+    let body = lb.stop_during("/slow/800");
     assert!(body.starts_with("hello from worker"), "{body}");
-    let status = lb.wait_exit();
-    assert!(status.success(), "{status:?}");
-    // The shim turned DRAIN into SIGTERM; the server finished and exited 0.
+    // The shim answered DRAIN with STOP, lb sent SIGTERM; the server
+    // finished and exited 0.
     assert_eq!(lb.log.count("exit (exit code 0"), 2);
 }
 

@@ -3,6 +3,7 @@
 //! Shared by `tests/zero_alloc.rs` and `benches/handoff.rs` (`#[path]`).
 
 use std::net::TcpStream;
+use std::os::fd::OwnedFd;
 use std::thread::JoinHandle;
 
 use lb::config::Mode;
@@ -10,6 +11,32 @@ use lb::dispatch::{Command, Handle};
 use lb::policy::Slot;
 use lb::proto::{self, Wait};
 use lb::worker::{Incoming, Listener};
+
+/// Attaches the worker in `slot` (pid and weight `slot + 1`): `channel`
+/// is the master's end, made non-blocking here.
+fn attach(
+    handle: &Handle,
+    slot: usize,
+    channel: OwnedFd,
+    peer: Option<OwnedFd>,
+    mode: Mode,
+    port: u16,
+) {
+    nix::fcntl::fcntl(
+        &channel,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    handle.send(Command::Attach {
+        slot: Slot(slot),
+        pid: slot as u32 + 1,
+        channel,
+        peer,
+        weight: slot as u32 + 1,
+        mode,
+        port,
+    });
+}
 
 /// Attaches `n` workers (slot i has weight i + 1 and pid i + 1) whose
 /// threads say READY, call `serve` on every connection, report its close,
@@ -22,20 +49,7 @@ where
         .map(|slot| {
             let (master, worker) = proto::pair().unwrap();
             let peer = worker.try_clone().unwrap();
-            nix::fcntl::fcntl(
-                &master,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .unwrap();
-            handle.send(Command::Attach {
-                slot: Slot(slot),
-                pid: slot as u32 + 1,
-                channel: master,
-                peer: Some(peer),
-                weight: slot as u32 + 1,
-                mode: Mode::Native,
-                port: 0,
-            });
+            attach(handle, slot, master, Some(peer), Mode::Native, 0);
             let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut l = Listener::from_fd(worker, slot, 1);
@@ -71,20 +85,7 @@ where
     (0..n)
         .map(|slot| {
             let (master, worker) = proto::stream_pair().unwrap();
-            nix::fcntl::fcntl(
-                &master,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .unwrap();
-            handle.send(Command::Attach {
-                slot: Slot(slot),
-                pid: slot as u32 + 1,
-                channel: master,
-                peer: None,
-                weight: slot as u32 + 1,
-                mode: Mode::Node,
-                port: 0,
-            });
+            attach(handle, slot, master, None, Mode::Node, 0);
             let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut chan = std::os::unix::net::UnixStream::from(worker);
@@ -159,15 +160,7 @@ where
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let port = listener.local_addr().unwrap().port();
             let (master, peer) = proto::pair().unwrap();
-            handle.send(Command::Attach {
-                slot: Slot(slot),
-                pid: slot as u32 + 1,
-                channel: master,
-                peer: Some(peer),
-                weight: slot as u32 + 1,
-                mode: Mode::Proxy,
-                port,
-            });
+            attach(handle, slot, master, Some(peer), Mode::Proxy, port);
             let serve = serve.clone();
             std::thread::spawn(move || {
                 // The first connection is lb's readiness probe.

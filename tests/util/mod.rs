@@ -700,3 +700,21 @@ pub fn split_after_worker_0_holds_four(addr: SocketAddr) -> Vec<usize> {
     drop(held);
     count
 }
+
+impl Lb {
+    /// SIGTERM while a request for `path` is in flight (sent 200 ms before):
+    /// the response must arrive and the master exit 0. Returns its body.
+    pub fn stop_during(&mut self, path: &'static str) -> String {
+        let addr = self.addr;
+        let slow = std::thread::spawn(move || read_body(send_request_to(addr, path)));
+        std::thread::sleep(Duration::from_millis(200));
+        self.signal(libc::SIGTERM);
+        let body = slow
+            .join()
+            .unwrap()
+            .expect("the slow response arrives whole");
+        let status = self.wait_exit();
+        assert!(status.success(), "drained cleanly: {status:?}");
+        body
+    }
+}
