@@ -16,9 +16,13 @@
  *    wrapper scripts (sh, pyenv) pass fd 3 and the environment on intact;
  *  - the connection path (accept, close) only uses atomics and
  *    async-signal-safe calls, never allocates or locks, preserves errno;
+ *  - close() of a handed-over connection or a listener first removes it
+ *    from the epoll sets this process added it to: the server trusts
+ *    close() to end its registrations, which it does only when the last
+ *    reference goes, and lb (or the shim's channel) may still hold one;
  *  - fork children report only their own closes; only the process that
- *    claimed the channel says LEAVING; only the process that registered a
- *    listener with epoll removes it (a child shares its parent's epoll).
+ *    claimed the channel says LEAVING; only the process that registered an
+ *    fd with epoll removes it (a child shares its parent's epoll).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -62,7 +66,9 @@
 #define CLOSE_MAX_AGE_MS 5
 /* fds tracked by number; higher ones pass through untracked. */
 #define MAX_FDS 65536
-/* Listener registrations with epoll remembered (for DEL before close). */
+/* Registrations with epoll remembered (for DEL before close): every one of
+   a listener, and a connection's beyond the first (which has a slot of its
+   own per fd). */
 #define MAX_REGS 256
 /* Addresses of bound/listening sockets on the port. */
 #define MAX_LISTENERS 64
@@ -84,6 +90,13 @@ struct reg {
     pid_t pid;
 };
 static struct reg regs[MAX_REGS];
+/* Per handed-over connection: 1 + the epoll set this process added it to
+   first (0: none). Until the master has closed its copy, the server's close
+   does not end the socket, so a registration left behind would report
+   events for a connection the server has freed: the shim removes it. */
+static _Atomic int conn_ep[MAX_FDS];
+/* Connections registered in more than one set have the rest in `regs`. */
+static _Atomic int conn_extra_regs;
 
 static int active;                 /* LB_FD is a channel: the shim works */
 static _Atomic int chan = -1;      /* the channel's fd (3 until claimed) */
@@ -188,8 +201,10 @@ static void child_after_fork(void) {
     atomic_store(&self_pid, getpid());
     atomic_store(&closes_pending, 0);
     for (int i = 0; i < MAX_FDS; i++)
-        if (atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_CONN)
+        if (atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_CONN) {
             atomic_store_explicit(&kinds[i], K_NONE, memory_order_relaxed);
+            atomic_store_explicit(&conn_ep[i], 0, memory_order_relaxed);
+        }
 }
 
 __attribute__((constructor)) static void shim_init(void) {
@@ -442,6 +457,8 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
         }
         if (addr && alen)
             real_getpeername(fd, addr, alen);
+        if (fd < MAX_FDS) /* a number last closed behind the shim's back */
+            atomic_store(&conn_ep[fd], 0);
         set_kind(fd, K_CONN);
         return fd;
     }
@@ -465,33 +482,83 @@ int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
 
 /* ------------------------------------------------------------ closing */
 
+/* Registrations beyond the per-fd slots. Lock-free: a slot is taken by
+   swapping its epfd from -1 (free) to -2 (being filled). */
+static int reg_add(int epfd, int fd, pid_t pid) {
+    for (int i = 0; i < MAX_REGS; i++) {
+        int free_slot = -1;
+        if (atomic_compare_exchange_strong(&regs[i].epfd, &free_slot, -2)) {
+            regs[i].fd = fd;
+            regs[i].pid = pid;
+            atomic_store(&regs[i].epfd, epfd);
+            return 1;
+        }
+    }
+    return 0; /* full: that registration is not removed before close */
+}
+
+/* Forgets `fd`'s registration in `epfd` (every one of `fd`'s when epfd is
+   -1), removing it from its set first when `del`; how many there were. */
+static int reg_drop(int epfd, int fd, pid_t pid, int del) {
+    int n = 0;
+    for (int i = 0; i < MAX_REGS; i++) {
+        int ep = atomic_load(&regs[i].epfd);
+        if (ep >= 0 && (epfd < 0 || ep == epfd) && regs[i].fd == fd && regs[i].pid == pid) {
+            if (del)
+                real_epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+            atomic_store(&regs[i].epfd, -1);
+            n++;
+        }
+    }
+    return n;
+}
+
+/* Removes a handed-over connection from the epoll sets this process added
+   it to, as its close would if lb held no copy. Returns 0 in a vfork child
+   (it shares our memory and our sets, but not our fds: its close is its
+   own business, and the connection is still ours). */
+static int unregister_conn(int fd) {
+    int ep = fd < MAX_FDS ? atomic_load(&conn_ep[fd]) : 0;
+    int extra = atomic_load(&conn_extra_regs);
+    if (!ep && !extra)
+        return 1;
+    pid_t me = atomic_load(&self_pid);
+    if (getpid() != me)
+        return 0;
+    if (ep && atomic_exchange(&conn_ep[fd], 0) == ep)
+        real_epoll_ctl(ep - 1, EPOLL_CTL_DEL, fd, NULL);
+    if (extra)
+        atomic_fetch_sub(&conn_extra_regs, reg_drop(-1, fd, me, 1));
+    return 1;
+}
+
 /* What closing `fd` means to the shim; called before the real close, with
    the kind cleared first so a number reused by a concurrent accept is
-   never cleared by mistake. */
+   never cleared by mistake. Keeps errno. */
 static void forget(int fd) {
     int k = kind_of(fd);
     if (k == K_NONE)
         return;
-    set_kind(fd, K_NONE);
+    int saved = errno;
     if (k == K_CONN) {
-        if (!reports)
+        if (!unregister_conn(fd)) {
+            errno = saved;
             return;
-        if (atomic_fetch_add(&closes_pending, 1) + 1 >= CLOSE_BATCH ||
-            now_ms() - atomic_load_explicit(&last_flush_ms, memory_order_relaxed) >= CLOSE_MAX_AGE_MS)
+        }
+        set_kind(fd, K_NONE);
+        if (reports &&
+            (atomic_fetch_add(&closes_pending, 1) + 1 >= CLOSE_BATCH ||
+             now_ms() - atomic_load_explicit(&last_flush_ms, memory_order_relaxed) >=
+                 CLOSE_MAX_AGE_MS))
             flush_closes();
-    } else if (k == K_LISTENER || k == K_BOUND) {
+    } else {
+        set_kind(fd, K_NONE);
         pid_t me = atomic_load(&self_pid);
         if (k == K_LISTENER) {
             /* The channel outlives this fd: a registration left in an epoll
                set would keep reporting it (stale events). Only the process
                that registered removes it: a fork child shares the set. */
-            for (int i = 0; i < MAX_REGS; i++) {
-                int ep = atomic_load(&regs[i].epfd);
-                if (ep >= 0 && regs[i].fd == fd && regs[i].pid == me) {
-                    real_epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
-                    atomic_store(&regs[i].epfd, -1);
-                }
-            }
+            reg_drop(-1, fd, me, 1);
             if (me == atomic_load(&claimer) && atomic_fetch_sub(&open_listeners, 1) == 1) {
                 flush_closes();
                 send_kind(KIND_LEAVING, 0);
@@ -499,6 +566,7 @@ static void forget(int fd) {
         }
         listener_forget(fd);
     }
+    errno = saved;
 }
 
 int close(int fd) {
@@ -733,22 +801,27 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     if (!real_epoll_ctl)
         resolve_all();
     int r = real_epoll_ctl(epfd, op, fd, ev);
-    if (r == 0 && kind_of(fd) == K_LISTENER) {
-        pid_t me = atomic_load(&self_pid);
+    if (r != 0 || !active || (op != EPOLL_CTL_ADD && op != EPOLL_CTL_DEL))
+        return r;
+    int k = kind_of(fd);
+    pid_t me = atomic_load(&self_pid);
+    if (k == K_LISTENER) {
+        if (op == EPOLL_CTL_ADD)
+            reg_add(epfd, fd, me);
+        else
+            reg_drop(epfd, fd, me, 0);
+    } else if (k == K_CONN) {
+        /* A fork child forgot its parent's connections, so this process
+           handed `fd` over to itself: `me` is right for it. */
+        int mine = epfd + 1;
         if (op == EPOLL_CTL_ADD) {
-            for (int i = 0; i < MAX_REGS; i++) {
-                int free_slot = -1;
-                if (atomic_compare_exchange_strong(&regs[i].epfd, &free_slot, -2)) {
-                    regs[i].fd = fd;
-                    regs[i].pid = me;
-                    atomic_store(&regs[i].epfd, epfd);
-                    break;
-                }
-            }
-        } else if (op == EPOLL_CTL_DEL) {
-            for (int i = 0; i < MAX_REGS; i++)
-                if (atomic_load(&regs[i].epfd) == epfd && regs[i].fd == fd && regs[i].pid == me)
-                    atomic_store(&regs[i].epfd, -1);
+            int none = 0;
+            if (!atomic_compare_exchange_strong(&conn_ep[fd], &none, mine) &&
+                reg_add(epfd, fd, me))
+                atomic_fetch_add(&conn_extra_regs, 1);
+        } else if (!atomic_compare_exchange_strong(&conn_ep[fd], &mine, 0) &&
+                   atomic_load(&conn_extra_regs)) {
+            atomic_fetch_sub(&conn_extra_regs, reg_drop(epfd, fd, me, 0));
         }
     }
     return r;

@@ -1,9 +1,12 @@
 //! `--mode shim`: servers that never heard of lb, made workers by the
 //! accept shim (`src/shim/lbshim.c`, `LD_PRELOAD`): Python's http.server,
-//! redis-server, and a plain C epoll server (`tests/servers/epoll-server.c`).
+//! redis-server, nginx, a plain C epoll server (`tests/servers/epoll-server.c`)
+//! and the textbook one that trusts `close()` to end its epoll registration
+//! (`tests/servers/naive-epoll-server.c`).
 
 use std::time::Duration;
 
+use crate::util::load::{Load, Style};
 use crate::util::*;
 
 fn shim(workers: usize, policy: &str, command: &[&str]) -> Lb {
@@ -76,6 +79,36 @@ fn shim_graceful_stop_lets_a_slow_response_finish() {
     // The shim answered DRAIN with STOP, lb sent SIGTERM; the server
     // finished and exited 0.
     assert_eq!(lb.log.count("exit (exit code 0"), 2);
+}
+
+/// The textbook epoll server closes a connection with `close(fd);
+/// free(conn)`, trusting close() to end the registration. lb's master may
+/// still hold the socket for an instant, so without the shim's
+/// `EPOLL_CTL_DEL` before close the server gets events for freed
+/// connections: it aborts (its own check) or corrupts its heap.
+#[test]
+fn shim_textbook_epoll_server_never_sees_a_freed_connection() {
+    let server = naive_epoll_server();
+    for policy in ["rr", "lc"] {
+        let lb = shim(2, policy, &[&server, "{port}"]);
+        let tally = Load::start(lb.addr, 50, Style::Close, Some(100_000)).finish();
+        eprintln!("naive epoll server, {policy}: {tally:?}");
+        assert_eq!(tally.failed, 0, "{policy}: {:?}", tally.first);
+        assert_eq!(tally.ok, 100_000);
+        let log = lb.log.lines().join("\n");
+        assert_eq!(
+            lb.log.count(": exit ("),
+            0,
+            "{policy}: a worker died:\n{log}"
+        );
+        assert!(!log.contains("freed connection"), "{log}");
+        assert!(!log.contains("rescued"), "{log}");
+        if policy == "lc" {
+            let totals = lb.wait_all_closed();
+            let sum: u64 = totals.iter().map(|t| t.0).sum();
+            assert_eq!(sum, 100_000, "every close reported: {totals:?}");
+        }
+    }
 }
 
 #[test]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -569,22 +571,29 @@ pub fn node_app() -> String {
 /// knows nothing of lb) once per test binary.
 pub fn epoll_server() -> String {
     static BUILT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| build_server("epoll-server")).clone()
+}
+
+/// Compiles `tests/servers/naive-epoll-server.c` (the textbook epoll server:
+/// `close(fd); free(conn)` with no `EPOLL_CTL_DEL`) once per test binary.
+pub fn naive_epoll_server() -> String {
+    static BUILT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let out = scratch("servers").join("epoll-server");
-            let status = Command::new("gcc")
-                .args(["-O2", "-Wall", "-o"])
-                .arg(&out)
-                .arg(repo().join("tests/servers/epoll-server.c"))
-                .status()
-                .expect("gcc is needed to build tests/servers/epoll-server.c");
-            assert!(
-                status.success(),
-                "tests/servers/epoll-server.c did not compile"
-            );
-            out.to_str().unwrap().to_string()
-        })
+        .get_or_init(|| build_server("naive-epoll-server"))
         .clone()
+}
+
+fn build_server(name: &str) -> String {
+    let out = scratch("servers").join(name);
+    let src = repo().join(format!("tests/servers/{name}.c"));
+    let status = Command::new("gcc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("gcc is needed to build {}: {e}", src.display()));
+    assert!(status.success(), "{} did not compile", src.display());
+    out.to_str().unwrap().to_string()
 }
 
 /// Whether `program` is an executable on PATH; says why a test is
