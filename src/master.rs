@@ -78,6 +78,8 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         .thread_block()
         .map_err(|e| MasterError::Io(format!("cannot block signals: {e}")))?;
     let _ = sys::raise_nofile_limit();
+    // Socket activation's fds are taken below (and kept CLOEXEC there).
+    sys::cloexec_from(3).map_err(|e| MasterError::Io(format!("inherited fds: {e}")))?;
 
     let listener = match crate::systemd::activated_listener() {
         Ok(Some(l)) => l,

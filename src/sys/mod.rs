@@ -76,8 +76,10 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()
 ///    master (it may have died before the prctl, which would then never fire).
 ///    The signal fires when the *thread* that forked exits: the supervisor
 ///    thread spawns and lives as long as the master;
-/// 3. the signal mask the master blocked (for its signalfd) is emptied, since
-///    a mask survives exec.
+/// 3. every signal's disposition is the default and the mask is empty: exec
+///    keeps ignored signals ignored and the mask as it was, so a master
+///    started by `nohup` (SIGHUP ignored) or with signals blocked (its own,
+///    for its signalfd) would pass that on to servers that expect neither.
 ///
 /// The caller also sets a process group of the child's own (Command's
 /// `process_group(0)`), so a terminal's ^C reaches the master alone.
@@ -86,9 +88,10 @@ pub fn prepare_child(cmd: &mut Command, channel: RawFd, target: RawFd) {
     let master = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: it makes only fcntl, dup2, prctl,
-    // getppid, sigemptyset and pthread_sigmask calls on fds and stack memory
-    // the child owns, and neither allocates nor locks (errors are raw errnos:
-    // another thread may have held the allocator's lock at fork).
+    // getppid, signal, sigemptyset and pthread_sigmask calls on fds and
+    // stack memory the child owns, and neither allocates nor locks (errors
+    // are raw errnos: another thread may have held the allocator's lock at
+    // fork).
     unsafe {
         cmd.pre_exec(move || {
             if channel == target {
@@ -106,6 +109,11 @@ pub fn prepare_child(cmd: &mut Command, channel: RawFd, target: RawFd) {
                 return Err(io::Error::other(
                     "lb master exited before the worker started",
                 ));
+            }
+            // SIGKILL and SIGSTOP cannot be changed, and glibc keeps two
+            // real-time signals for itself: those calls fail, harmlessly.
+            for signal in 1..=64 {
+                libc::signal(signal, libc::SIG_DFL);
             }
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
@@ -234,6 +242,42 @@ pub fn exec_with_own_pid(cmd: &mut Command, var: &str) -> io::Result<()> {
             );
             Err(io::Error::last_os_error())
         });
+    }
+    Ok(())
+}
+
+/// Marks every fd from `first` up close-on-exec: what lb inherited without
+/// the flag (from a shell's redirections, a supervisor's leaked pipe) is not
+/// its workers' to inherit. Call before anything opens an fd that a child
+/// should get.
+pub fn cloexec_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it only
+    // sets a flag on the fds in the range that are open.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    // Before Linux 5.11: one by one, from the fds the process has open.
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd: &RawFd| fd >= first as RawFd)
+        .collect();
+    for fd in open {
+        // SAFETY: F_GETFD/F_SETFD on an fd number only read and set its
+        // flags; one closed meanwhile (the directory's own) reports EBADF.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
     }
     Ok(())
 }

@@ -403,3 +403,88 @@ fn a_worker_over_max_rss_is_recycled() {
     lb.wait_log(&format!("pid {old} gen 1: exit (exit code 0"), 1);
     assert_ne!(pid_of(&get(lb.addr, "/")), old);
 }
+
+/// Whatever lb was started with, a worker starts clean: fds 0-2 and the
+/// channel only (not one the launcher leaked to lb without CLOEXEC),
+/// default signal dispositions (not the SIG_IGN of `nohup` or a shell's
+/// `trap ''`) and an empty signal mask. lb still hears the SIGHUP its
+/// launcher ignored.
+#[test]
+fn workers_inherit_neither_stray_fds_nor_ignored_or_blocked_signals() {
+    let dir = scratch("inherit");
+    let script = python_worker(
+        &dir,
+        "inherit.py",
+        r#"
+import re
+status = open("/proc/self/status").read()
+mask = lambda name: int(re.search(name + r":\s*([0-9a-f]+)", status).group(1), 16)
+fds = []
+for name in os.listdir("/proc/self/fd"):
+    try:
+        fds.append("%s=%s" % (name, os.readlink("/proc/self/fd/" + name)))
+    except OSError:
+        pass  # the listing's own fd, closed by now
+print("inherited ignored=%x blocked=%x fds=%s" % (mask("SigIgn"), mask("SigBlk"), " ".join(sorted(fds))), flush=True)
+send(16)
+serve_forever()
+"#,
+    );
+    // The launcher ignores HUP, INT and QUIT, blocks USR1 and USR2, leaves
+    // an fd open without CLOEXEC, and execs lb.
+    let launcher = [
+        "python3",
+        "-c",
+        "import os, signal, sys\n\
+         for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT): signal.signal(s, signal.SIG_IGN)\n\
+         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})\n\
+         leak = os.open('/dev/null', os.O_RDONLY)\n\
+         os.set_inheritable(leak, True)\n\
+         os.execv(sys.argv[1], sys.argv[1:])",
+    ];
+    let control = dir.join("lb.sock");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        control.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--",
+        "python3",
+        &script,
+    ];
+    let lb = Lb::start_command(lb_command_through(&launcher, &args, &[]), 1);
+    let line = lb
+        .wait_log("inherited ignored=", 1)
+        .into_iter()
+        .find(|l| l.contains("inherited ignored="))
+        .unwrap();
+    let field = |name: &str| {
+        line.split(&format!("{name}="))
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(|v| u64::from_str_radix(v, 16).unwrap())
+            .unwrap()
+    };
+    // Bits are signal number - 1. Python itself ignores PIPE and XFSZ.
+    let (hup, int, quit, usr1, usr2) = (1 << 0, 1 << 1, 1 << 2, 1 << 9, 1 << 11);
+    assert_eq!(field("ignored") & (hup | int | quit), 0, "{line}");
+    assert_eq!(field("blocked") & (usr1 | usr2), 0, "{line}");
+    assert_eq!(field("blocked"), 0, "{line}");
+    let fds: Vec<&str> = line
+        .split("fds=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let numbers: Vec<&str> = fds.iter().map(|f| f.split('=').next().unwrap()).collect();
+    assert_eq!(numbers, ["0", "1", "2", "3"], "{line}");
+    assert!(
+        fds[3].starts_with("3=socket:"),
+        "fd 3 is the channel: {line}"
+    );
+    // SIGHUP, ignored by lb's launcher, still reloads.
+    lb.signal(libc::SIGHUP);
+    lb.wait_log("reloaded 1 workers to generation 2", 1);
+}

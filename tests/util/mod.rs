@@ -94,7 +94,20 @@ pub struct Lb {
 /// Builds the command with an environment free of the caller's LB_* and
 /// SCHED_POLICY, so the tests see only what they set.
 pub fn lb_command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(lb_bin());
+    lb_command_through(&[], args, env)
+}
+
+/// `lb_command` run by `launcher` (a program and its arguments, to which
+/// lb's path and `args` are appended; it is to exec lb).
+pub fn lb_command_through(launcher: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = match launcher.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(lb_bin());
+            c
+        }
+        None => Command::new(lb_bin()),
+    };
     for (k, _) in std::env::vars() {
         if k.starts_with("LB_") || k == "SCHED_POLICY" {
             cmd.env_remove(k);
