@@ -2,6 +2,9 @@
  * hello.c - an lb worker in C: a single-threaded epoll HTTP/1.1 server that
  * receives its connections from lb on fd 3 (protocol v1, docs/protocol.md).
  * Keep-alive aware, honours "Connection: close"; reports every close to lb.
+ * Drains so that keep-alive clients do not notice (docs/protocol.md §4):
+ * after DRAIN every response says "Connection: close" and is followed by a
+ * lingering close; a connection idle for the grace period is closed.
  *
  *   gcc -O2 -Wall -o hello-c examples/hello.c && lb --workers 2 -- ./hello-c
  */
@@ -14,15 +17,35 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { CONN = 1, DRAIN = 2, READY = 16, CLOSED = 17, HDR = 16, BUF = 8192 };
 
-struct conn { int fd; size_t len, served; struct conn *prev, *next; char buf[BUF]; };
+struct conn {
+    int fd, lingering;   /* lingering: our side is shut, waiting for the client's FIN */
+    size_t len;
+    long active_ms;      /* arrived or last answered */
+    struct conn *prev, *next;
+    char buf[BUF];
+};
 
 static int chan, ep, live, draining;
-static struct conn *conns;   /* all open connections, to close idle ones on DRAIN */
+static long drain_ms, grace_ms = 2000;
+static struct conn *conns;   /* all open connections, for the drain's timers */
 static char body[128];
+
+static long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* When a draining worker closes c for want of anything to do; -1: not yet. */
+static long expiry(const struct conn *c) {
+    if (c->len > 0 && !c->lingering) return -1;   /* a request is in progress */
+    return (c->active_ms > drain_ms ? c->active_ms : drain_ms) + grace_ms;
+}
 
 static void send_msg(int kind, uint64_t value) {
     unsigned char h[HDR] = {1, (unsigned char)kind};
@@ -46,19 +69,29 @@ static int on_readable(struct conn *c) {
         ssize_t n = read(c->fd, c->buf + c->len, BUF - c->len);
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) { conn_close(c); return -1; }
         if (n < 0) break;
+        if (c->lingering) continue;   /* after the last response: discarded */
         c->len += (size_t)n;
         char *end;
         while ((end = memmem(c->buf, c->len, "\r\n\r\n", 4))) {
             size_t head = (size_t)(end - c->buf) + 4;
             c->buf[head - 1] = 0;
-            int close_after = draining || strcasestr(c->buf, "\nconnection: close") ||
-                              (strstr(c->buf, "HTTP/1.0") && !strcasestr(c->buf, "keep-alive"));
+            int asked = strcasestr(c->buf, "\nconnection: close") ||
+                        (strstr(c->buf, "HTTP/1.0") && !strcasestr(c->buf, "keep-alive"));
             char out[512];
             int m = snprintf(out, sizeof out,
                              "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n%s",
-                             strlen(body), close_after ? "Connection: close\r\n" : "", body);
-            c->served++;
-            if (write(c->fd, out, (size_t)m) != m || close_after) { conn_close(c); return -1; }
+                             strlen(body), asked || draining ? "Connection: close\r\n" : "", body);
+            if (write(c->fd, out, (size_t)m) != m || asked) { conn_close(c); return -1; }
+            c->active_ms = now_ms();
+            if (draining) {
+                /* The client did not expect the close: shut our side and wait
+                 * for its FIN, so a request it sent meanwhile cannot turn the
+                 * close into a reset that destroys this response. */
+                shutdown(c->fd, SHUT_WR);
+                c->lingering = 1;
+                c->len = 0;
+                continue;
+            }
             memmove(c->buf, c->buf + head, c->len - head);
             c->len -= head;
         }
@@ -85,6 +118,7 @@ static int on_channel(void) {
         if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd == 1) {
             struct conn *c = calloc(1, sizeof *c);
             c->fd = fds[0];   /* already non-blocking: lb accepted it so */
+            c->active_ms = now_ms();
             struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = c};
             epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
             c->next = conns;
@@ -94,14 +128,11 @@ static int on_channel(void) {
             on_readable(c);
         } else {
             for (int i = 0; i < nfd; i++) close(fds[i]);
-            if (n >= HDR && h[1] == DRAIN) {
+            /* Nothing is closed yet: an idle connection's next request may
+             * be on its way. main() closes those idle for the grace. */
+            if (n >= HDR && h[1] == DRAIN && !draining) {
                 draining = 1;
-                for (struct conn *c = conns, *next; c; c = next) {
-                    next = c->next;
-                    /* Idle keep-alive: done. One that has served nothing yet
-                     * is waiting for its first request, not idle. */
-                    if (c->served > 0 && c->len == 0) conn_close(c);
-                }
+                drain_ms = now_ms();
             }
         }
     }
@@ -111,6 +142,9 @@ int main(void) {
     const char *fd = getenv("LB_FD"), *slot = getenv("LB_WORKER_ID");
     if (!fd || !slot) { fprintf(stderr, "hello-c: start me with lb: lb -- ./hello-c\n"); return 2; }
     chan = atoi(fd);
+    /* The idle grace: 2 s, at most half of lb's drain timeout. */
+    const char *drain = getenv("LB_DRAIN_TIMEOUT_MS");
+    if (drain && atol(drain) / 2 < grace_ms) grace_ms = atol(drain) / 2;
     snprintf(body, sizeof body, "hello from worker %s (pid %d)\n", slot, (int)getpid());
     ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = NULL};
@@ -118,10 +152,22 @@ int main(void) {
     send_msg(READY, 0);
     struct epoll_event evs[64];
     while (!(draining && live == 0)) {
-        int n = epoll_wait(ep, evs, 64, -1);
+        long next = -1;
+        for (struct conn *c = draining ? conns : NULL; c; c = c->next) {
+            long e = expiry(c);
+            if (e >= 0 && (next < 0 || e < next)) next = e;
+        }
+        long now = now_ms();
+        int n = epoll_wait(ep, evs, 64, next < 0 ? -1 : next > now ? (int)(next - now) : 0);
         for (int i = 0; i < n; i++) {
             if (!evs[i].data.ptr) { if (on_channel() < 0) return 0; }
             else on_readable(evs[i].data.ptr);
+        }
+        now = now_ms();
+        for (struct conn *c = draining ? conns : NULL, *after; c; c = after) {
+            after = c->next;
+            long e = expiry(c);
+            if (e >= 0 && e <= now) conn_close(c);
         }
     }
     return 0;

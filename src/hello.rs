@@ -6,13 +6,22 @@
 //! Keep-alive aware; honours `Connection: close` and HTTP/1.0; answers
 //! pipelined requests in order. `GET /sleep/<ms>` answers after blocking
 //! that long (at most 60 s), like a slow handler in a single-threaded app.
-//! On DRAIN it closes idle connections, answers in-flight requests with
-//! `Connection: close`, and exits when none are left.
+//!
+//! On DRAIN it drains so that keep-alive clients do not notice
+//! (`docs/protocol.md` §4): every further request is answered with
+//! `Connection: close`; after that response it shuts its side and waits
+//! (at most the idle grace) for the client's FIN before closing, so a
+//! request the client sent meanwhile cannot turn the close into a reset;
+//! a connection with no request in progress is closed once it has been
+//! idle for the grace since DRAIN or its last response (a keep-alive client
+//! between two requests sends its next one well within it). It exits when
+//! no connection is left.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -39,11 +48,24 @@ struct Client {
     stream: TcpStream,
     input: Vec<u8>,
     output: Vec<u8>,
-    /// Requests answered. A connection that has answered none is not idle:
-    /// its first request may simply not have arrived yet.
-    served: u64,
     /// Close once `output` is flushed.
-    close_after: bool,
+    close_after: Option<Closing>,
+    /// When it arrived or last answered: a drain's idle grace counts from
+    /// here (or from DRAIN, if later).
+    active_at: Instant,
+    /// Our side is shut after the last response; waiting for the client's
+    /// FIN (discarding what it sends) before closing.
+    lingering: bool,
+}
+
+/// Why a connection closes after its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// The client asked (`Connection: close`, HTTP/1.0), or sent garbage.
+    Asked,
+    /// The worker is draining: the client did not expect it, so close
+    /// lingering.
+    Draining,
 }
 
 fn run() -> anyhow::Result<()> {
@@ -58,15 +80,25 @@ fn run() -> anyhow::Result<()> {
         .register(&mut listener, CHANNEL, Interest::READABLE)?;
     listener.ready()?;
 
+    let grace = listener.idle_grace();
     let mut clients: HashMap<Token, Client> = HashMap::new();
     let mut next_token = 1usize;
-    let mut draining = false;
+    // When DRAIN came.
+    let mut drain_at: Option<Instant> = None;
     let mut events = Events::with_capacity(256);
     loop {
+        let draining = drain_at.is_some();
         if draining && clients.is_empty() {
             return Ok(());
         }
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = drain_at.and_then(|at| {
+            clients
+                .values()
+                .filter_map(|c| c.expires(at, grace))
+                .min()
+                .map(|t| t.saturating_duration_since(Instant::now()))
+        });
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -90,8 +122,9 @@ fn run() -> anyhow::Result<()> {
                                 stream,
                                 input: Vec::new(),
                                 output: Vec::new(),
-                                served: 0,
-                                close_after: false,
+                                close_after: None,
+                                active_at: Instant::now(),
+                                lingering: false,
                             };
                             clients.insert(token, client);
                             // Data may have arrived before registration.
@@ -104,17 +137,9 @@ fn run() -> anyhow::Result<()> {
                                 &listener,
                             );
                         }
-                        Ok(Incoming::Drain) => {
-                            draining = true;
-                            let idle: Vec<Token> = clients
-                                .iter()
-                                .filter(|(_, c)| c.is_idle())
-                                .map(|(t, _)| *t)
-                                .collect();
-                            for t in idle {
-                                close(&mut poll, &mut clients, t, &listener);
-                            }
-                        }
+                        // Nothing is closed yet: an idle connection's
+                        // next request may be on its way.
+                        Ok(Incoming::Drain) => drain_at = Some(Instant::now()),
                         Ok(Incoming::Message(_)) => {}
                         // The master is gone: nothing will supervise us.
                         Ok(Incoming::Closed) => return Ok(()),
@@ -128,9 +153,20 @@ fn run() -> anyhow::Result<()> {
                     &mut clients,
                     ev.token(),
                     &body,
-                    draining,
+                    drain_at.is_some(),
                     &listener,
                 );
+            }
+        }
+        if let Some(at) = drain_at {
+            let now = Instant::now();
+            let expired: Vec<Token> = clients
+                .iter()
+                .filter(|(_, c)| c.expires(at, grace).is_some_and(|t| t <= now))
+                .map(|(t, _)| *t)
+                .collect();
+            for t in expired {
+                close(&mut poll, &mut clients, t, &listener);
             }
         }
     }
@@ -162,13 +198,18 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
                 eof = true;
                 break;
             }
+            // Lingering: what comes after the last response is discarded.
+            Ok(_) if c.lingering => {}
             Ok(n) => c.input.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return true,
         }
     }
-    while !c.close_after {
+    if c.lingering {
+        return eof;
+    }
+    while c.close_after.is_none() {
         match next_request(&c.input) {
             Parsed::Incomplete => {
                 if c.input.len() > MAX_HEAD {
@@ -176,13 +217,13 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
                         c,
                         "431 Request Header Fields Too Large",
                         "request head too large\n",
-                        true,
+                        Some(Closing::Asked),
                     );
                 }
                 break;
             }
             Parsed::Bad => {
-                respond(c, "400 Bad Request", "bad request\n", true);
+                respond(c, "400 Bad Request", "bad request\n", Some(Closing::Asked));
                 break;
             }
             Parsed::Request {
@@ -194,8 +235,14 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
                 if let Some(ms) = sleep_ms {
                     std::thread::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS)));
                 }
-                respond(c, "200 OK", body, close || draining);
-                c.served += 1;
+                let closing = if close {
+                    Some(Closing::Asked)
+                } else if draining {
+                    Some(Closing::Draining)
+                } else {
+                    None
+                };
+                respond(c, "200 OK", body, closing);
             }
         }
     }
@@ -209,24 +256,40 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
             Err(_) => return true,
         }
     }
-    c.close_after || eof || (draining && c.is_idle())
-}
-
-impl Client {
-    /// A kept-alive connection between requests: closing it loses nothing.
-    fn is_idle(&self) -> bool {
-        self.served > 0 && self.input.is_empty() && self.output.is_empty()
+    match c.close_after {
+        Some(Closing::Draining) if !eof => {
+            c.lingering = true;
+            c.active_at = Instant::now();
+            c.stream.shutdown(Shutdown::Write).is_err()
+        }
+        Some(_) => true,
+        None => eof,
     }
 }
 
-fn respond(c: &mut Client, status: &str, body: &str, close: bool) {
-    let connection = if close { "Connection: close\r\n" } else { "" };
+impl Client {
+    /// When a draining worker closes this connection for want of anything
+    /// to do: `grace` after it was last active (or after DRAIN, `drain_at`),
+    /// if it is idle (no request in progress) or lingering.
+    fn expires(&self, drain_at: Instant, grace: Duration) -> Option<Instant> {
+        let idle = self.input.is_empty() && self.output.is_empty() && self.close_after.is_none();
+        (idle || self.lingering).then(|| self.active_at.max(drain_at) + grace)
+    }
+}
+
+fn respond(c: &mut Client, status: &str, body: &str, closing: Option<Closing>) {
+    let connection = if closing.is_some() {
+        "Connection: close\r\n"
+    } else {
+        ""
+    };
     let _ = write!(
         c.output,
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{body}",
         body.len()
     );
-    c.close_after = close;
+    c.close_after = closing;
+    c.active_at = Instant::now();
 }
 
 /// Deregisters before closing (epoll registers open file descriptions, and

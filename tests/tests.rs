@@ -7,6 +7,8 @@ mod util;
 mod control;
 #[path = "it/core.rs"]
 mod core;
+#[path = "it/drain.rs"]
+mod drain;
 #[path = "it/node.rs"]
 mod node;
 #[path = "it/proxy.rs"]

@@ -34,6 +34,21 @@ pub mod env {
     /// when nothing reads them: a worker may then skip them. Reading them
     /// costs the master about 15% of its CPU per connection.
     pub const REPORT_CLOSED: &str = "LB_REPORT_CLOSED";
+    /// How long the master lets a worker drain before it kills it, in
+    /// milliseconds (its `drain_timeout`).
+    pub const DRAIN_TIMEOUT_MS: &str = "LB_DRAIN_TIMEOUT_MS";
+}
+
+/// The longest a draining worker keeps an idle connection open (for a
+/// request that may already be on its way), and keeps a closing one half
+/// open (for the client's FIN): `docs/protocol.md` §4.
+pub const IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The idle grace for a worker given `drain_timeout`: [`IDLE_GRACE`], or
+/// less when twice it would not fit in the drain (an idle wait and a
+/// lingering close, back to back).
+pub fn idle_grace(drain_timeout: Option<std::time::Duration>) -> std::time::Duration {
+    drain_timeout.map_or(IDLE_GRACE, |d| IDLE_GRACE.min(d / 2))
 }
 
 /// Creates one channel: `(master end, worker end)`, both CLOEXEC. The master

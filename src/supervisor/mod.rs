@@ -405,6 +405,7 @@ impl Supervisor {
             proxy_port,
             shim: self.shim.as_ref(),
             listener: self.shared_listener.as_ref().map(|l| l.as_raw_fd()),
+            drain_timeout: self.config.drain_timeout,
         };
         let spawned = spawn::spawn(pool, &launch).map_err(|source| {
             // ENOENT for a file that exists: exec could not find what the file needs.

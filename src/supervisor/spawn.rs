@@ -31,6 +31,8 @@ pub struct Launch<'a> {
     pub listener: Option<std::os::fd::RawFd>,
     /// Proxy mode: the loopback port the worker is to listen on.
     pub proxy_port: Option<u16>,
+    /// How long the worker may take to drain (it is told, to fit in it).
+    pub drain_timeout: std::time::Duration,
 }
 
 /// A started worker and the master's handles on it.
@@ -80,6 +82,10 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     .envs(pool.env.iter().map(|(k, v)| (k, v)))
     .env(env::WORKER_ID, launch.slot.0.to_string())
     .env(env::GENERATION, launch.generation.to_string())
+    .env(
+        env::DRAIN_TIMEOUT_MS,
+        launch.drain_timeout.as_millis().to_string(),
+    )
     .stdin(Stdio::null())
     // The master's systemd variables are not the worker's.
     .env_remove(crate::systemd::VARS[0])

@@ -5,15 +5,25 @@
 //! Two levels: [`Listener::accept`]/[`Listener::incoming`] for blocking
 //! servers (each [`Conn`] reports its own close when dropped), and
 //! [`Listener::next`] plus `mio::event::Source` for event loops, which
-//! report closes themselves with [`Listener::report_closed`].
+//! report closes themselves with [`Listener::report_closed`] (after
+//! deregistering the stream from their poller: `docs/protocol.md` §3).
+//!
+//! Draining so that keep-alive clients do not notice (`docs/protocol.md`
+//! §4): once DRAIN has arrived ([`Listener::draining`], [`Conn::draining`]),
+//! answer each further request with `Connection: close`, close a
+//! connection once its response is written ([`Conn::close_gracefully`]),
+//! and close one that stays idle for [`Listener::idle_grace`] — a blocking
+//! server reads between requests with that as its timeout.
 //!
 //! Depends on [`crate::proto`] only.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
 
@@ -83,6 +93,10 @@ pub struct Listener {
     report_closed: bool,
     slot: usize,
     generation: u64,
+    /// The master's `drain_timeout` (`LB_DRAIN_TIMEOUT_MS`), if it said.
+    drain_timeout: Option<Duration>,
+    /// DRAIN has arrived (shared with every [`Conn`]).
+    draining: Arc<AtomicBool>,
     done: bool,
     buf: Box<[u8]>,
 }
@@ -106,9 +120,15 @@ impl Listener {
         let fd: RawFd = number(env::FD)?;
         let slot = number(env::WORKER_ID)?;
         let generation = number(env::GENERATION)?;
+        let drain_timeout = match std::env::var(env::DRAIN_TIMEOUT_MS) {
+            Ok(_) => Some(Duration::from_millis(number(env::DRAIN_TIMEOUT_MS)?)),
+            Err(_) => None,
+        };
         let chan =
             scm::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
-        Ok(Listener::from_fd(chan, slot, generation))
+        let mut listener = Listener::from_fd(chan, slot, generation);
+        listener.drain_timeout = drain_timeout;
+        Ok(listener)
     }
 
     /// Wraps an already-open channel end (tests, embedding).
@@ -118,9 +138,29 @@ impl Listener {
             report_closed: true,
             slot,
             generation,
+            drain_timeout: None,
+            draining: Arc::new(AtomicBool::new(false)),
             done: false,
             buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
         }
+    }
+
+    /// How long the master waits for this worker to drain before killing
+    /// it (`LB_DRAIN_TIMEOUT_MS`), if it said.
+    pub fn drain_timeout(&self) -> Option<Duration> {
+        self.drain_timeout
+    }
+
+    /// How long a draining worker keeps an idle connection open, and a
+    /// closing one half open: [`proto::IDLE_GRACE`] (2 s), at most half
+    /// the drain timeout.
+    pub fn idle_grace(&self) -> Duration {
+        proto::idle_grace(self.drain_timeout)
+    }
+
+    /// Whether DRAIN has arrived.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// This worker's slot (`LB_WORKER_ID`).
@@ -185,7 +225,10 @@ impl Listener {
                     let fd = got.fds.take_first().expect("one fd");
                     return Ok(Incoming::Conn(TcpStream::from(fd)));
                 }
-                Ok(Message::Drain) => return Ok(Incoming::Drain),
+                Ok(Message::Drain) => {
+                    self.draining.store(true, Ordering::Relaxed);
+                    return Ok(Incoming::Drain);
+                }
                 Ok(Message::User(p)) => return Ok(Incoming::Message(p.to_vec())),
                 // Anything else (a CONN without exactly one fd included):
                 // skipped; any fds are closed as `got` drops.
@@ -205,6 +248,7 @@ impl Listener {
                     return Ok(Some(Conn {
                         stream: Some(stream),
                         reporter: self.reporter(),
+                        draining: Arc::clone(&self.draining),
                     }));
                 }
                 Incoming::Drain | Incoming::Closed => {
@@ -257,6 +301,42 @@ impl mio::event::Source for Listener {
 pub struct Conn {
     stream: Option<TcpStream>,
     reporter: Reporter,
+    draining: Arc<AtomicBool>,
+}
+
+impl Conn {
+    /// Whether the worker has been told to DRAIN: answer with
+    /// `Connection: close` from now on.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Closes after the last response without turning anything the client
+    /// sent meanwhile (a pipelined request) into a reset that could destroy
+    /// that response in flight: shuts the sending side, reads and discards
+    /// until the client closes or `grace` passes, then closes (and reports).
+    pub fn close_gracefully(mut self, grace: Duration) {
+        let Some(stream) = self.stream.as_mut() else {
+            return;
+        };
+        if stream.shutdown(Shutdown::Write).is_err() {
+            return;
+        }
+        let until = Instant::now() + grace;
+        let mut sink = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            match stream.read(&mut sink) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 impl Deref for Conn {
@@ -327,6 +407,36 @@ mod tests {
             seen.push(wire::parse(&buf[..got.len], false).unwrap().to_owned_kind());
         }
         assert_eq!(seen, [kind::READY, kind::CLOSED]);
+    }
+
+    #[test]
+    fn a_conn_knows_of_drain_and_closes_gracefully() {
+        let (master, worker) = proto::pair().unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        assert_eq!(l.idle_grace(), proto::IDLE_GRACE);
+        l.drain_timeout = Some(Duration::from_secs(1));
+        assert_eq!(l.idle_grace(), Duration::from_millis(500));
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (accepted, _) = tcp.accept().unwrap();
+        proto::send_conn(master.as_fd(), accepted.as_fd(), 1).unwrap();
+        drop(accepted);
+        let mut c = l.accept().unwrap().unwrap();
+        assert!(!c.draining() && !l.draining());
+        proto::send_plain(master.as_fd(), kind::DRAIN, 0, &[], Wait::Block).unwrap();
+        assert!(l.accept().unwrap().is_none());
+        assert!(c.draining() && l.draining());
+        // The last response, then a request the client had already sent:
+        // the close must not reset the connection under the response.
+        c.write_all(b"last").unwrap();
+        client.write_all(b"pipelined request").unwrap();
+        let closer = std::thread::spawn(move || c.close_gracefully(Duration::from_secs(5)));
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"last");
+        assert_eq!(client.read(&mut got).unwrap(), 0, "a FIN, not a reset");
+        drop(client);
+        closer.join().unwrap();
     }
 
     trait NonBlocking {
