@@ -60,7 +60,7 @@ pub fn render(s: &Status) -> String {
             w.state,
             human(w.uptime_s),
             w.restarts,
-            w.active,
+            w.active.map_or("-".to_string(), |a| a.to_string()),
             w.total,
             w.cpu_percent,
             bytes(w.rss_bytes)

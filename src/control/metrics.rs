@@ -111,11 +111,15 @@ pub fn render(s: &Status) -> String {
         "# HELP lb_workers Worker processes.\n# TYPE lb_workers gauge\nlb_workers {}",
         s.workers.len()
     );
+    // A worker whose value is unknown has no sample (Prometheus' way).
     let mut per_worker =
-        |name: &str, kind: &str, help: &str, value: &dyn Fn(&WorkerStatus) -> (String, u64)| {
+        |name: &str,
+         kind: &str,
+         help: &str,
+         value: &dyn Fn(&WorkerStatus) -> (String, Option<u64>)| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for w in &s.workers {
-                let (extra, v) = value(w);
+                let (extra, Some(v)) = value(w) else { continue };
                 let _ = writeln!(
                     o,
                     "{name}{{slot=\"{}\",pid=\"{}\"{extra}}} {v}",
@@ -128,25 +132,25 @@ pub fn render(s: &Status) -> String {
         "lb_worker_state",
         "gauge",
         "1 for the state each worker is in.",
-        &|w| (format!(",state=\"{}\"", w.state), 1),
+        &|w| (format!(",state=\"{}\"", w.state), Some(1)),
     );
     per_worker(
         "lb_worker_active_connections",
         "gauge",
-        "Connections sent and not reported closed.",
+        "Connections sent and not reported closed (absent when unknown).",
         &|w| (String::new(), w.active),
     );
     per_worker(
         "lb_worker_connections_total",
         "counter",
         "Connections sent to the worker process.",
-        &|w| (String::new(), w.total),
+        &|w| (String::new(), Some(w.total)),
     );
     per_worker(
         "lb_worker_restarts_total",
         "counter",
         "Restarts and replacements of the slot.",
-        &|w| (String::new(), w.restarts),
+        &|w| (String::new(), Some(w.restarts)),
     );
     let name = "lb_dispatch_latency_seconds";
     let _ = writeln!(

@@ -83,8 +83,9 @@ pub struct WorkerStatus {
     pub state: String,
     pub uptime_s: f64,
     pub restarts: u64,
-    /// Open connections (known for workers that report closes).
-    pub active: u64,
+    /// Open connections; `None` (JSON `null`) when unknown: the policy
+    /// reads no close reports and the worker sent none, or shared mode.
+    pub active: Option<u64>,
     pub total: u64,
     /// Average CPU use since start, percent of one core.
     pub cpu_percent: f64,

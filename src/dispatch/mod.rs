@@ -171,8 +171,9 @@ pub struct WorkerStats {
     pub pid: u32,
     /// Takes new connections (ready, not draining, its slot's current process).
     pub taking: bool,
-    /// Sent and not reported closed (0 for workers that skip reports).
-    pub active: u64,
+    /// Sent and not reported closed; unknown (`None`) when neither the
+    /// policy asks for close reports nor the worker sent any.
+    pub active: Option<u64>,
     /// Sent over the process's life.
     pub total: u64,
 }
@@ -812,6 +813,7 @@ impl Dispatcher {
         };
         let fit = n.min(w.sent - w.closed);
         w.closed += fit;
+        w.reported = true;
         let pid = w.pid;
         if self.current[slot.0] == Some(index) {
             let v = &mut self.views[slot.0];
@@ -947,11 +949,12 @@ impl Dispatcher {
                     slot: w.slot,
                     pid: w.pid,
                     taking: self.is_current(i) && w.state == State::Ready,
-                    // Without the close-report preload a Node worker's
-                    // closes are unknown: only the connection in flight counts.
+                    // lb sees a proxy relay end itself; a shared worker's
+                    // connections it never sees at all.
                     active: match &w.link {
-                        Link::Node(n) if !self.reports => n.in_flight(),
-                        _ => w.sent - w.closed,
+                        Link::Proxy(_) => Some(w.sent - w.closed),
+                        Link::Shared { .. } => None,
+                        _ => (self.reports || w.reported).then(|| w.sent - w.closed),
                     },
                     total: w.sent,
                 })
@@ -1010,6 +1013,7 @@ impl Dispatcher {
             drain_sent: false,
             sent: 0,
             closed: 0,
+            reported: false,
         });
         // Readable only: a unix socket wakes its writer's EPOLLOUT waiters
         // each time the reader takes a message, which would wake this loop

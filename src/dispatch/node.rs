@@ -86,11 +86,6 @@ impl NodeLink {
             && !self.eof
     }
 
-    /// 1 while a `newconn` awaits its reply.
-    pub fn in_flight(&self) -> u64 {
-        u64::from(self.flight.is_some())
-    }
-
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq

@@ -39,6 +39,9 @@ pub struct Worker {
     /// Connections sent, and reported closed, over this process's life.
     pub sent: u64,
     pub closed: u64,
+    /// It has reported a close: its open connections are known even when
+    /// the policy does not ask for reports (`LB_REPORT_CLOSED=0`).
+    pub reported: bool,
 }
 
 /// How the master talks to a worker process.

@@ -778,7 +778,7 @@ impl Supervisor {
                     .into(),
                     uptime_s: uptime,
                     restarts: self.slots.get(p.slot.0).map_or(0, |s| s.restarts),
-                    active: seen.map_or(0, |w| w.active),
+                    active: seen.and_then(|w| w.active),
                     total: seen.map_or(0, |w| w.total),
                     cpu_percent: if uptime > 0.0 {
                         100.0 * cpu_s / uptime

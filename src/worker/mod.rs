@@ -128,6 +128,8 @@ impl Listener {
             scm::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
         let mut listener = Listener::from_fd(chan, slot, generation);
         listener.drain_timeout = drain_timeout;
+        // Nothing reads them: not sending them saves the master's CPU.
+        listener.report_closed = std::env::var(env::REPORT_CLOSED).as_deref() != Ok("0");
         Ok(listener)
     }
 

@@ -361,8 +361,43 @@ fn metrics_are_served_in_prometheus_text_format() {
     assert_eq!(*buckets.last().unwrap(), 10.0);
     assert_eq!(samples["lb_dispatch_latency_seconds_count"], 10.0);
     assert!(samples["lb_dispatch_latency_seconds_sum"] > 0.0);
+    // Round-robin reads no close reports and the bundled worker sends none
+    // then: the open connections are unknown, and have no sample.
+    assert!(
+        !samples
+            .keys()
+            .any(|k| k.starts_with("lb_worker_active_connections")),
+        "{body}"
+    );
     let (status, _) = http(&addr, "/elsewhere");
     assert!(status.contains("404"), "{status}");
+}
+
+/// `LB_REPORT_CLOSED=0` (rr, wrr) lets workers skip close reports, and the
+/// bundled worker does: status must not show sent − closed (= total) as
+/// open connections. Under lc the reports come and the count is exact.
+#[test]
+fn open_connections_are_unknown_when_no_close_reports_are_read() {
+    for policy in ["rr", "lc"] {
+        let lb = Lb::start(&["--workers", "2", "--policy", policy], &[], 2);
+        for _ in 0..6 {
+            get(lb.addr, "/");
+        }
+        if policy == "lc" {
+            assert_eq!(lb.wait_all_closed(), [(3, 0), (3, 0)]);
+            continue;
+        }
+        let status = lb.status();
+        for w in status["workers"].as_array().unwrap() {
+            assert_eq!(w["total"], 3, "{status}");
+            assert!(w["active"].is_null(), "unknown, not 3: {status}");
+        }
+        let table = lb.ctl(&["status"]);
+        for row in table.lines().filter(|l| l.contains(" ready ")) {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!((cols[6], cols[7]), ("-", "3"), "{table}");
+        }
+    }
 }
 
 #[test]
