@@ -52,7 +52,8 @@ fn dispatcher(policy: PolicyKind, kind: Kind) -> (Dispatcher, lb::dispatch::Hand
         Kind::Native => drop(inproc::workers(&handle, WORKERS, drop)),
         Kind::Node => drop(inproc::node_workers(&handle, WORKERS, drop)),
         Kind::Proxy => {
-            d.enable_proxy(BATCH as usize * 2).unwrap();
+            d.enable_proxy(BATCH as usize * 2, Duration::from_secs(5))
+                .unwrap();
             drop(inproc::proxy_workers(&handle, WORKERS, drop));
         }
     }

@@ -161,13 +161,14 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             .iter()
             .any(|p| p.mode == crate::config::Mode::Proxy)
         {
-            d.enable_proxy(config.max_conns).map_err(|e| {
-                MasterError::Io(format!(
-                    "cannot make {} relays for proxy mode: {e}; lower --max-conns or raise \
+            d.enable_proxy(config.max_conns, config.drain_timeout / 2)
+                .map_err(|e| {
+                    MasterError::Io(format!(
+                        "cannot make {} relays for proxy mode: {e}; lower --max-conns or raise \
                      the open-files limit (ulimit -n)",
-                    config.max_conns
-                ))
-            })?;
+                        config.max_conns
+                    ))
+                })?;
         }
         (d, h, None)
     };

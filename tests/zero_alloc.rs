@@ -115,7 +115,9 @@ fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, 
         Kind::Node => inproc::node_workers(&handle, WORKERS, serve),
         Kind::Native => inproc::workers(&handle, WORKERS, serve),
         Kind::Proxy => {
-            dispatcher.enable_proxy(64).unwrap();
+            dispatcher
+                .enable_proxy(64, std::time::Duration::from_secs(5))
+                .unwrap();
             inproc::proxy_workers(&handle, WORKERS, serve)
         }
     };

@@ -253,6 +253,9 @@ pub struct Dispatcher {
     reports: bool,
     /// Proxy mode's relay slab (made by `enable_proxy`).
     relays: Option<proxy::Relays>,
+    /// How long a drained proxy worker's relays may take before it is
+    /// signalled anyway.
+    proxy_linger: Duration,
     /// The earliest proxy readiness probe retry.
     proxy_wake: Option<Instant>,
     /// Stop was asked for while relays were open: leave by this time.
@@ -334,6 +337,7 @@ impl Dispatcher {
             node_wake: None,
             reports: policy.uses_close_reports(),
             relays: None,
+            proxy_linger: Duration::ZERO,
             proxy_wake: None,
             stop_by: None,
         };
@@ -347,9 +351,11 @@ impl Dispatcher {
     }
 
     /// Makes the relay slab for proxy-mode workers: `max_conns` relays,
-    /// their pipes created now.
-    pub fn enable_proxy(&mut self, max_conns: usize) -> io::Result<()> {
+    /// their pipes created now. A drained worker is signalled once its
+    /// relays are done, or after `linger`.
+    pub fn enable_proxy(&mut self, max_conns: usize, linger: Duration) -> io::Result<()> {
         self.relays = Some(proxy::Relays::new(max_conns)?);
+        self.proxy_linger = linger;
         Ok(())
     }
 

@@ -11,6 +11,14 @@
 //! resets the other, and a slow reader stops lb reading its peer once the
 //! pipe between them is full. A worker that dies takes only its own
 //! connections with it. Readiness is a successful connect to its port.
+//!
+//! Draining a worker (reload, scale-down, stop) first stops sending it new
+//! connections, then lets its relays finish, and only then has the
+//! supervisor send it its stop signal: a server that exits on SIGTERM at
+//! once (Python's `http.server`) would otherwise cut off the requests lb
+//! had relayed to it, and the connects still in flight. Relays that do not
+//! end by themselves (keep-alive clients) get half the drain timeout;
+//! then the server is signalled anyway, for its own graceful stop.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -117,12 +125,17 @@ impl Relays {
     }
 }
 
-/// A worker's readiness probe.
+/// A proxy worker: its port, its readiness probe, and its drain.
 #[derive(Debug)]
 pub struct Probe {
     pub port: u16,
     conn: Option<mio::net::TcpStream>,
     retry_at: Option<Instant>,
+    /// Relays to it, connecting or open.
+    relays: u32,
+    /// Drained, but not signalled yet: its relays are still open. Signalled
+    /// when the last ends, or at this time.
+    stop_at: Option<Instant>,
 }
 
 impl Probe {
@@ -131,6 +144,8 @@ impl Probe {
             port,
             conn: None,
             retry_at: None,
+            relays: 0,
+            stop_at: None,
         }
     }
 }
@@ -188,7 +203,10 @@ impl Dispatcher {
                 let _ = registry.register(s, token, interests[side]);
             }
         }
-        if !relays.has_room() {
+        if let Some(Link::Proxy(p)) = self.workers.get_mut(index).map(|w| &mut w.link) {
+            p.relays += 1;
+        }
+        if !self.relay_room() {
             self.sync_proxy_views();
         }
         Ok(())
@@ -248,6 +266,7 @@ impl Dispatcher {
             let v = &mut self.views[slot.0];
             v.active = v.active.saturating_sub(1);
         }
+        self.relay_gone(index);
         let Some(mut client) = client else { return };
         let _ = self.poll.registry().deregister(&mut client);
         let fd = OwnedFd::from(std::net::TcpStream::from(client));
@@ -422,8 +441,21 @@ impl Dispatcher {
             let v = &mut self.views[slot.0];
             v.active = v.active.saturating_sub(1);
         }
+        self.relay_gone(index);
         if was_full {
             self.sync_proxy_views();
+        }
+    }
+
+    /// One relay to worker `index` less; the last of a drained worker's
+    /// lets its stop signal go.
+    fn relay_gone(&mut self, index: usize) {
+        let Some(Link::Proxy(p)) = self.workers.get_mut(index).map(|w| &mut w.link) else {
+            return;
+        };
+        p.relays = p.relays.saturating_sub(1);
+        if p.relays == 0 && p.stop_at.is_some() {
+            self.proxy_stop(index);
         }
     }
 
@@ -508,6 +540,15 @@ impl Dispatcher {
         }
         self.proxy_wake = None;
         for index in 0..self.workers.end() {
+            let stop = match self.workers.get(index).map(|w| &w.link) {
+                Some(Link::Proxy(p)) => p.stop_at,
+                _ => None,
+            };
+            match stop {
+                Some(t) if t <= now => self.proxy_stop(index),
+                Some(t) => self.proxy_wake_at(t),
+                None => {}
+            }
             let due = match self.workers.get(index).map(|w| &w.link) {
                 Some(Link::Proxy(p)) => p.retry_at,
                 _ => None,
@@ -528,18 +569,41 @@ impl Dispatcher {
         }
     }
 
-    /// A proxy worker that leaves: nothing to send, the supervisor signals it.
+    /// A proxy worker that leaves (it already gets no new connection): its
+    /// stop signal waits for its relays, up to the linger.
     pub(super) fn proxy_drain(&mut self, index: usize) {
+        let linger = self.proxy_linger;
+        let Some(Link::Proxy(p)) = self.workers.get_mut(index).map(|w| &mut w.link) else {
+            return;
+        };
+        if p.stop_at.is_some() {
+            return;
+        }
+        if let Some(mut s) = p.conn.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        p.retry_at = None;
+        let at = Instant::now() + linger;
+        p.stop_at = Some(at);
+        if p.relays == 0 {
+            return self.proxy_stop(index);
+        }
+        self.proxy_wake_at(at);
+    }
+
+    /// The supervisor may signal worker `index` now (Draining).
+    fn proxy_stop(&mut self, index: usize) {
         let Some(w) = self.workers.get_mut(index) else {
             return;
         };
+        if let Link::Proxy(p) = &mut w.link {
+            p.stop_at = None;
+        }
+        if w.drain_sent {
+            return;
+        }
         w.drain_sent = true;
         let (slot, pid) = (w.slot, w.pid);
-        if let Link::Proxy(p) = &mut w.link
-            && let Some(mut s) = p.conn.take()
-        {
-            let _ = self.poll.registry().deregister(&mut s);
-        }
         self.emit(Event::Draining { slot, pid });
     }
 

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::util::load::{Load, Style};
 use crate::util::*;
 
 fn proxy(workers: usize, extra: &[&str], command: &[&str]) -> Lb {
@@ -189,4 +190,69 @@ fn a_reload_cannot_switch_to_proxy_mode() {
     );
     assert_eq!(lb.pid_of_slot(0), before, "nothing was replaced");
     assert!(get(lb.addr, "/").starts_with("hello from worker 0"));
+}
+
+/// Python's http.server, which exits at once on SIGTERM, as proxy workers.
+fn python_http_proxy(dir: &std::path::Path) -> Lb {
+    std::fs::write(dir.join("index.html"), "hello\n").unwrap();
+    let d = dir.to_str().unwrap();
+    proxy(
+        3,
+        &[],
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "{port}",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            d,
+        ],
+    )
+}
+
+/// A drained proxy worker is sent no new connection, its relays and the
+/// connects in flight finish, and only then is it signalled: 10 reloads in
+/// a row under 20 clients (`Connection: close`) fail nothing.
+#[test]
+fn proxy_ten_reloads_under_load_fail_nothing() {
+    let lb = python_http_proxy(&scratch("proxy-reload"));
+    let load = Load::start(lb.addr, 20, Style::Close, None);
+    load.wait_more(100);
+    for generation in 2..=11 {
+        let out = lb.ctl(&["reload"]);
+        assert!(
+            out.contains(&format!("reloaded 3 workers to generation {generation}")),
+            "{out}"
+        );
+    }
+    load.wait_more(100);
+    let tally = load.stop();
+    eprintln!("proxy, 10 reloads: {tally:?}");
+    assert_eq!(tally.failed, 0, "{:?}", tally.first);
+}
+
+/// On stop, every connection lb accepted is relayed and answered; the
+/// rest are refused (never accepted).
+#[test]
+fn proxy_stop_under_load_answers_every_accepted_connection() {
+    let mut lb = python_http_proxy(&scratch("proxy-stop"));
+    let load = Load::start(lb.addr, 20, Style::Close, None);
+    load.wait_more(300);
+    lb.signal(libc::SIGTERM);
+    assert!(lb.wait_exit().success(), "drained in time");
+    let tally = load.stop();
+    eprintln!("proxy, stop under load: {tally:?}");
+    assert_eq!(tally.failed, tally.refused, "{:?}", tally.first);
+    let stopped = lb.wait_log("stopped: ", 1);
+    let line = stopped.iter().find(|l| l.contains("stopped: ")).unwrap();
+    let count = |what: &str| {
+        line.split(&format!(" {what}"))
+            .next()
+            .and_then(|r| r.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {what} count in {line:?}"))
+    };
+    assert_eq!(count("connections accepted"), count("dispatched"), "{line}");
 }

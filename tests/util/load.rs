@@ -28,6 +28,9 @@ pub struct Tally {
     /// Requests answered with a whole `200`.
     pub ok: u64,
     pub failed: u64,
+    /// Of `failed`: connects refused (nothing was listening, so nothing
+    /// was accepted and lost).
+    pub refused: u64,
     /// Connections opened.
     pub connections: u64,
     /// The first few failures, for the assertion message.
@@ -38,6 +41,7 @@ impl Tally {
     fn add(&mut self, other: Tally) {
         self.ok += other.ok;
         self.failed += other.failed;
+        self.refused += other.refused;
         self.connections += other.connections;
         for f in other.first {
             if self.first.len() < DESCRIBED {
@@ -143,7 +147,12 @@ fn client(
                     s
                 }
                 Err(e) => {
+                    if e.kind() == ErrorKind::ConnectionRefused {
+                        tally.refused += 1;
+                    }
                     tally.fail(format!("connect: {e}"));
+                    // Nothing listens (yet, or any more): do not spin.
+                    std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
             },
