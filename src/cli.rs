@@ -37,12 +37,16 @@ pub struct StartArgs {
     #[arg(short, long, value_name = "N")]
     pub workers: Option<String>,
 
-    /// Scheduling policy: rr, wrr or lc [env: SCHED_POLICY] [default: rr]
+    /// Scheduling policy: rr (round-robin), wrr (weighted round-robin) or lc
+    /// (least-conn); the long names work too [env: SCHED_POLICY] [default: rr]
     #[arg(short, long, value_name = "POLICY")]
     pub policy: Option<String>,
 
-    /// How workers get connections: native (lb's protocol) or node (an
-    /// unmodified Node.js app as a cluster worker) [env: LB_MODE]
+    /// How workers get connections: native (lb's protocol on fd 3), node
+    /// (an unmodified Node.js app as a cluster worker), shim (an unmodified,
+    /// dynamically linked server; an LD_PRELOAD shim turns its accept() into
+    /// lb's hand-off), proxy (a server on a port of its own; lb relays) or
+    /// shared (the server accepts from lb's listener itself) [env: LB_MODE]
     /// [default: node when the command is `node`, else native]
     #[arg(short, long, value_name = "MODE")]
     pub mode: Option<String>,
@@ -136,8 +140,12 @@ pub enum Command {
     },
     /// Re-read the configuration and replace every worker without dropping a
     /// connection: each new worker takes over only once it is ready (as
-    /// SIGHUP does). Waits until done; exit 1 if it failed
+    /// SIGHUP does). Returns once every slot has switched (exit 1 if the
+    /// reload failed); the replaced workers may still be draining
     Reload {
+        /// Also wait until every replaced worker has drained and exited
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         target: Target,
     },

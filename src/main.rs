@@ -63,7 +63,22 @@ fn main() -> ExitCode {
         Some(Command::HelloWorker) => lb::hello::main(),
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
-        Some(Command::Reload { target }) => control(&target, Request::Reload, false),
+        Some(Command::Reload { wait, target }) => {
+            let code = control(&target, Request::Reload, false);
+            if !wait || code != ExitCode::SUCCESS {
+                return code;
+            }
+            match control_path(&target).and_then(|path| client::wait_drained(&path)) {
+                Ok(()) => {
+                    println!("every replaced worker has drained and exited");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lb: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Some(Command::Scale { count, target }) => {
             let relative = count.starts_with(['+', '-']);
             match count.parse::<i64>() {

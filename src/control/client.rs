@@ -35,6 +35,20 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("unreadable answer from the master: {e}"))
 }
 
+/// Waits until no worker is draining (`lb reload --wait`). The master
+/// kills a worker still draining at its `drain_timeout`, so this ends.
+pub fn wait_drained(path: &Path) -> Result<(), String> {
+    loop {
+        let status = call(path, &Request::Status)?
+            .status
+            .ok_or("the master sent no status")?;
+        if !status.workers.iter().any(|w| w.state == "draining") {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `lb status` as a table, like `pm2 ls`.
 pub fn render(s: &Status) -> String {
     let mut out = format!(

@@ -82,6 +82,8 @@ pub enum Malformed {
     UnexpectedFd,
     #[error("CLOSED reported {0} more connections than were open")]
     OverClosed(u64),
+    #[error("STOP before DRAIN (ignored: STOP answers DRAIN)")]
+    EarlyStop,
     #[error("Node.js cluster message: {0}")]
     Node(super::node::Bad),
 }

@@ -435,7 +435,11 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
             for (int i = 0; i < ngot; i++)
                 real_close(got[i]);
             if (is_conn && ngot == 0 && (msg.msg_flags & MSG_CTRUNC)) {
-                errno = EMFILE; /* the kernel could not give us the fd */
+                /* The kernel could not give us the fd and closed it: the
+                   client is gone, and least-conn must hear of it. */
+                if (reports)
+                    atomic_fetch_add(&closes_pending, 1);
+                errno = EMFILE;
                 return -1;
             }
             /* DRAIN comes after every connection sent before it, so the

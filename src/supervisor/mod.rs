@@ -633,15 +633,16 @@ impl Supervisor {
             }
             Event::Note { slot, pid, text } => info!("worker {slot} pid {pid}: {text}"),
             Event::Stop { slot, pid } => {
-                if let Some(i) = self.index_of(pid) {
-                    let p = &self.procs[i];
-                    // Only one on its way out: STOP is the answer to DRAIN.
-                    if p.retiring || self.phase != Phase::Running {
-                        let signal = nix::sys::signal::Signal::try_from(p.stop_signal)
-                            .map_or_else(|_| p.stop_signal.to_string(), |s| s.to_string());
-                        info!("worker {slot} pid {pid}: stopping it with {signal}");
-                        let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
-                    }
+                let Some(i) = self.index_of(pid) else { return };
+                let p = &self.procs[i];
+                // Only one on its way out: STOP is the answer to DRAIN.
+                if p.retiring || self.phase != Phase::Running {
+                    let signal = nix::sys::signal::Signal::try_from(p.stop_signal)
+                        .map_or_else(|_| p.stop_signal.to_string(), |s| s.to_string());
+                    info!("worker {slot} pid {pid}: stopping it with {signal}");
+                    let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
+                } else {
+                    self.protocol_error(slot, pid, crate::proto::Malformed::EarlyStop);
                 }
             }
             Event::Message { slot, pid, payload } => {
@@ -650,29 +651,7 @@ impl Supervisor {
                     String::from_utf8_lossy(&payload).trim_end()
                 );
             }
-            Event::Malformed { slot, pid, error } => {
-                let Some(i) = self.index_of(pid) else { return };
-                let p = &mut self.procs[i];
-                p.malformed += 1;
-                let n = p.malformed;
-                if n <= MALFORMED_LOGGED {
-                    info!("worker {slot} pid {pid}: protocol error: {error}");
-                }
-                if n == MALFORMED_LOGGED {
-                    info!(
-                        "worker {slot} pid {pid}: further protocol errors are counted, not logged"
-                    );
-                }
-                if n == MALFORMED_LIMIT && self.retire(pid) {
-                    info!("worker {slot} pid {pid}: {n} protocol errors; replacing it");
-                    self.dispatch.send(Command::Drain { slot, pid });
-                    // A failed start: a worker that keeps doing this backs off.
-                    if self.phase == Phase::Running {
-                        let failures = self.slots[slot.0].failures.saturating_add(1);
-                        self.schedule_restart(slot, failures, format!("{n} protocol errors"));
-                    }
-                }
-            }
+            Event::Malformed { slot, pid, error } => self.protocol_error(slot, pid, error),
             Event::Rescued { slot, pid, count } => {
                 info!(
                     "worker {slot} pid {pid}: rescued {count} queued connections for other workers"
@@ -688,6 +667,38 @@ impl Supervisor {
                 info!("listener closed; every worker was sent DRAIN");
             }
         }
+    }
+
+    /// A worker broke the protocol: logged (the first few), counted, and at
+    /// the limit replaced, its successor ready first. The successor starts
+    /// after the back-off of a failed start: a build that does this would
+    /// do it again, and must not churn.
+    fn protocol_error(&mut self, slot: Slot, pid: u32, error: crate::proto::Malformed) {
+        let Some(i) = self.index_of(pid) else { return };
+        let p = &mut self.procs[i];
+        p.malformed += 1;
+        let n = p.malformed;
+        if n <= MALFORMED_LOGGED {
+            info!("worker {slot} pid {pid}: protocol error: {error}");
+        }
+        if n == MALFORMED_LOGGED {
+            info!("worker {slot} pid {pid}: further protocol errors are counted, not logged");
+        }
+        if n != MALFORMED_LIMIT || p.retiring || p.recycling || self.phase != Phase::Running {
+            return;
+        }
+        p.recycling = true;
+        let failures = self.slots[slot.0].failures.saturating_add(1);
+        let delay = backoff::delay(failures);
+        info!(
+            "worker {slot} pid {pid}: {n} protocol errors; replacing it in {} ms, its \
+             successor ready first",
+            delay.as_millis()
+        );
+        let s = &mut self.slots[slot.0];
+        s.failures = failures;
+        s.last_exit = format!("{n} protocol errors");
+        s.restart_at = Some(Instant::now() + delay);
     }
 
     fn on_control(&mut self, request: Request) -> Response {

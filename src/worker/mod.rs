@@ -232,6 +232,11 @@ impl Listener {
                     return Ok(Incoming::Drain);
                 }
                 Ok(Message::User(p)) => return Ok(Incoming::Message(p.to_vec())),
+                // The kernel closed the fd for want of room (at the fd
+                // limit): the client is gone; least-conn must hear of it.
+                Ok(Message::Conn { .. }) if got.fds.is_empty() && got.fds_truncated => {
+                    let _ = self.report_closed(1);
+                }
                 // Anything else (a CONN without exactly one fd included):
                 // skipped; any fds are closed as `got` drops.
                 _ => continue,

@@ -442,3 +442,47 @@ fn a_parallel_reload_replaces_two_at_a_time_without_a_failed_request() {
         .count();
     assert_eq!(spawned_before, 2, "{}", lines.join("\n"));
 }
+
+/// `lb reload` returns once every slot has switched, while a replaced
+/// worker may still be finishing a request; `--wait` returns only once the
+/// replaced workers have exited.
+#[test]
+fn reload_returns_at_the_switch_and_reload_wait_once_the_old_are_gone() {
+    let lb = Lb::start(&["--workers", "1"], &[], 1);
+    for (generation, wait) in [(2, false), (3, true)] {
+        let old = lb.pid_of_slot(0);
+        let addr = lb.addr;
+        let slow = std::thread::spawn(move || read_body(send_request_to(addr, "/sleep/1500")));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let args: &[&str] = if wait {
+            &["reload", "--wait"]
+        } else {
+            &["reload"]
+        };
+        let out = lb.ctl(args);
+        assert!(
+            out.contains(&format!("reloaded 1 workers to generation {generation}")),
+            "{out}"
+        );
+        if wait {
+            assert!(out.contains("every replaced worker has drained"), "{out}");
+            assert!(!alive(old), "--wait returned before {old} exited");
+        } else {
+            assert!(alive(old), "the old worker is still finishing its request");
+            let status = lb.status();
+            let states: Vec<&str> = status["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["state"].as_str().unwrap())
+                .collect();
+            assert!(states.contains(&"draining"), "{status}");
+        }
+        assert!(
+            slow.join()
+                .unwrap()
+                .unwrap()
+                .starts_with("hello from worker 0")
+        );
+    }
+}

@@ -202,13 +202,16 @@ fn a_worker_that_never_says_ready_is_killed_and_gets_nothing() {
     assert_eq!(split(lb.addr, 2, 20), [0, 20]);
 }
 
+/// Protocol errors are logged (the first 3), counted, and at 10 the worker
+/// is replaced successor first: it keeps serving until its successor is
+/// ready, then drains. A STOP before DRAIN is one of them, and ignored.
 #[test]
 fn garbage_on_the_channel_is_logged_and_a_persistent_offender_replaced() {
     let dir = scratch("garbage");
     let garbage = python_worker(
         &dir,
         "garbage.py",
-        "send(16)\nfor i in range(20):\n    chan.send(b'\\x09junk')\nserve_forever()",
+        "send(16)\nsend(19)\nfor i in range(20):\n    chan.send(b'\\x09junk')\nserve_forever()",
     );
     let config = write_config(
         &dir,
@@ -220,6 +223,7 @@ fn garbage_on_the_channel_is_logged_and_a_persistent_offender_replaced() {
         ),
     );
     let lb = Lb::start(&["--config", &config], &[], 2);
+    let old = lb.pid_of_slot(0);
     lb.wait_log("protocol errors; replacing it", 1);
     let first = lb.log.lines();
     let logged = first
@@ -232,11 +236,23 @@ fn garbage_on_the_channel_is_logged_and_a_persistent_offender_replaced() {
             .iter()
             .any(|l| l.contains("shorter than the 16-byte header"))
     );
-    // The master kept serving all along, and the offender is replaced.
+    assert!(
+        first.iter().any(|l| l.contains("STOP before DRAIN")),
+        "{first:?}"
+    );
+    // The master kept serving all along, and the offender is replaced:
+    // its successor is ready before it exits, drained (exit code 0).
     for _ in 0..10 {
         get(lb.addr, "/");
     }
     lb.wait_log("worker 0 gen 1: spawn", 2);
+    let lines = lb.wait_log(&format!("pid {old} gen 1: exit (exit code 0"), 1);
+    let new = lb.pid_of_slot(0);
+    let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap();
+    assert!(
+        at(&format!("worker 0 pid {new} gen 1: ready")) < at(&format!("pid {old} gen 1: exit")),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -487,4 +503,40 @@ serve_forever()
     // SIGHUP, ignored by lb's launcher, still reloads.
     lb.signal(libc::SIGHUP);
     lb.wait_log("reloaded 1 workers to generation 2", 1);
+}
+
+/// A worker at its fd limit cannot receive a connection's fd: the kernel
+/// closes it (`MSG_CTRUNC`). `lb::worker` reports that connection closed,
+/// so least-connections does not count it open forever.
+#[test]
+fn a_connection_a_worker_has_no_fd_for_is_reported_closed() {
+    if !installed("prlimit", "the fd-limit test") {
+        return;
+    }
+    // fds 0-2, the channel, the poller, and one connection.
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "1",
+            "--policy",
+            "lc",
+            "--",
+            "prlimit",
+            "--nofile=6",
+            lb_bin(),
+            "hello-worker",
+        ],
+        &[],
+        1,
+    );
+    let mut held = KeepAlive::open(lb.addr);
+    assert!(held.get("/").starts_with("hello from worker 0"));
+    assert!(try_get(lb.addr, "/").is_err(), "no fd for it: lost");
+    let deadline = Instant::now() + WAIT;
+    while lb.totals() != [(2, 1)] {
+        assert!(Instant::now() < deadline, "{:?}", lb.totals());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
+    assert_eq!(lb.wait_all_closed(), [(2, 0)]);
 }
