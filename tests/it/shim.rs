@@ -301,3 +301,105 @@ fn shim_nginx_workers_do_not_outlive_a_killed_master() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// lighttpd, its config's port taken over by the shim (the pool's `port`),
+/// under keep-alive and `Connection: close` load from 20 clients each, then
+/// two reloads under `Connection: close` load with its graceful stop
+/// (SIGINT): 0 failed, every close reported.
+#[test]
+fn shim_lighttpd_under_keep_alive_and_close_load_and_reloads() {
+    if !installed("lighttpd", "the lighttpd shim test") {
+        return;
+    }
+    let dir = scratch("shim-lighttpd");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello\n").unwrap();
+    // Any port: the shim skips the real bind of this one.
+    let conf = write_config(
+        &dir,
+        "lighttpd.conf",
+        &format!(
+            "server.document-root = \"{}\"\nserver.bind = \"127.0.0.1\"\nserver.port = 28080\n\
+             server.errorlog = \"/dev/stderr\"\nindex-file.names = (\"index.html\")\n",
+            www.display()
+        ),
+    );
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "[[pool]]\nname = \"lighttpd\"\ncommand = \"lighttpd\"\nargs = [\"-D\", \"-f\", \"{conf}\"]\n\
+             count = 2\nmode = \"shim\"\nport = 28080\nstop_signal = \"SIGINT\"\n"
+        ),
+    );
+    let lb = Lb::start(&["--policy", "lc", "--config", &config], &[], 2);
+    for style in [Style::KeepAlive, Style::Close] {
+        let tally = Load::start(lb.addr, 20, style, Some(3000)).finish();
+        eprintln!("lighttpd {style:?}: {tally:?}");
+        assert_eq!((tally.ok, tally.failed), (3000, 0), "{:?}", tally.first);
+    }
+    let totals = lb.wait_all_closed();
+    assert!(totals.iter().all(|t| t.0 > 0), "both served: {totals:?}");
+    let load = Load::start(lb.addr, 20, Style::Close, None);
+    load.wait_more(200);
+    for generation in [2, 3] {
+        let out = lb.ctl(&["reload"]);
+        assert!(
+            out.contains(&format!("reloaded 2 workers to generation {generation}")),
+            "{out}"
+        );
+    }
+    load.wait_more(200);
+    let tally = load.stop();
+    eprintln!("lighttpd, 2 reloads: {tally:?}");
+    assert_eq!(tally.failed, 0, "{:?}", tally.first);
+}
+
+/// memcached accepts on its main thread and serves and closes each
+/// connection on one of 4 worker threads: the shim's close hook runs on
+/// threads that did not accept. 4,000 connections from 20 clients, each a
+/// set and a get: all answered, every close reported.
+#[test]
+fn shim_multithreaded_memcached_every_close_reported() {
+    if !installed("memcached", "the memcached shim test") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let lb = shim(
+        2,
+        "lc",
+        &[
+            "memcached", "-p", "{port}", "-l", "127.0.0.1", "-U", "0", "-t", "4", "-u", "nobody",
+        ],
+    );
+    let addr = lb.addr;
+    let clients: Vec<_> = (0..20)
+        .map(|c| {
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    let mut s = std::net::TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(WAIT)).unwrap();
+                    let key = format!("k{c}-{i}");
+                    write!(s, "set {key} 0 0 2\r\nv{}\r\nget {key}\r\n", i % 10).unwrap();
+                    let mut r = BufReader::new(s);
+                    let mut lines = Vec::new();
+                    for _ in 0..4 {
+                        let mut line = String::new();
+                        r.read_line(&mut line).unwrap();
+                        lines.push(line.trim_end().to_string());
+                    }
+                    let value = format!("v{}", i % 10);
+                    let expected = ["STORED", &format!("VALUE {key} 0 2"), &value, "END"];
+                    assert_eq!(lines, expected);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("every memcached request answered");
+    }
+    let totals = lb.wait_all_closed();
+    assert_eq!(totals.iter().map(|t| t.0).sum::<u64>(), 4000, "{totals:?}");
+    assert!(totals.iter().all(|t| t.0 > 0), "both served: {totals:?}");
+}
