@@ -197,6 +197,25 @@ mod tests {
     }
 
     #[test]
+    fn help_names_every_mode_and_policy() {
+        let help = Cli::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let named = [
+            "native (",
+            "node (",
+            "shim (",
+            "proxy (",
+            "shared (",
+            "rr (round-robin)",
+            "wrr (weighted round-robin)",
+            "lc (least-conn)",
+        ];
+        for name in named {
+            assert!(help.contains(name), "{name}: {help}");
+        }
+    }
+
+    #[test]
     fn hidden_worker_subcommand_parses() {
         let cli = Cli::try_parse_from(["lb", "hello-worker"]).unwrap();
         assert!(matches!(cli.command, Some(Command::HelloWorker)));

@@ -370,7 +370,17 @@ fn shim_multithreaded_memcached_every_close_reported() {
         2,
         "lc",
         &[
-            "memcached", "-p", "{port}", "-l", "127.0.0.1", "-U", "0", "-t", "4", "-u", "nobody",
+            "memcached",
+            "-p",
+            "{port}",
+            "-l",
+            "127.0.0.1",
+            "-U",
+            "0",
+            "-t",
+            "4",
+            "-u",
+            "nobody",
         ],
     );
     let addr = lb.addr;
