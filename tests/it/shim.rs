@@ -284,13 +284,24 @@ fn shim_nginx_workers_do_not_outlive_a_killed_master() {
     };
     assert!(get(lb.addr, "/").starts_with("hello from worker 0"));
     let master = lb.pid_of_slot(0);
-    let children: Vec<u32> =
-        std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
-            .unwrap()
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect();
-    assert_eq!(children.len(), 2, "nginx's two workers");
+    // nginx says READY (listens) before it forks its workers.
+    let deadline = std::time::Instant::now() + WAIT;
+    let children = loop {
+        let children: Vec<u32> =
+            std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+                .unwrap()
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect();
+        if children.len() == 2 {
+            break children;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nginx's two workers: {children:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     lb.signal(libc::SIGKILL);
     lb.wait_exit();
     // nginx's master dies with lb (PR_SET_PDEATHSIG); its workers see the
