@@ -130,7 +130,7 @@ static int on_channel(void) {
             for (int i = 0; i < nfd; i++) close(fds[i]);
             /* Nothing is closed yet: an idle connection's next request may
              * be on its way. main() closes those idle for the grace. */
-            if (n >= HDR && h[1] == DRAIN && !draining) {
+            if (n >= HDR && h[0] == 1 && h[1] == DRAIN && !draining) {
                 draining = 1;
                 drain_ms = now_ms();
             }

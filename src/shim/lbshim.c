@@ -200,6 +200,11 @@ static void child_after_fork(void) {
        reports only the ones it accepts itself. */
     atomic_store(&self_pid, getpid());
     atomic_store(&closes_pending, 0);
+    /* Every registration remembered so far is the parent's: this process
+       never removes those (it shares the sets), so it forgets them. */
+    for (int i = 0; i < MAX_REGS; i++)
+        atomic_store(&regs[i].epfd, -1);
+    atomic_store(&conn_extra_regs, 0);
     for (int i = 0; i < MAX_FDS; i++)
         if (atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_CONN) {
             atomic_store_explicit(&kinds[i], K_NONE, memory_order_relaxed);
@@ -507,48 +512,42 @@ static int reg_drop(int epfd, int fd, pid_t pid, int del) {
     int n = 0;
     for (int i = 0; i < MAX_REGS; i++) {
         int ep = atomic_load(&regs[i].epfd);
-        if (ep >= 0 && (epfd < 0 || ep == epfd) && regs[i].fd == fd && regs[i].pid == pid) {
+        if (ep >= 0 && (epfd < 0 || ep == epfd) && regs[i].fd == fd && regs[i].pid == pid &&
+            atomic_compare_exchange_strong(&regs[i].epfd, &ep, -1)) {
             if (del)
                 real_epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
-            atomic_store(&regs[i].epfd, -1);
             n++;
         }
     }
     return n;
 }
 
-/* Removes a handed-over connection from the epoll sets this process added
-   it to, as its close would if lb held no copy. Returns 0 in a vfork child
-   (it shares our memory and our sets, but not our fds: its close is its
-   own business, and the connection is still ours). */
-static int unregister_conn(int fd) {
-    int ep = fd < MAX_FDS ? atomic_load(&conn_ep[fd]) : 0;
-    int extra = atomic_load(&conn_extra_regs);
-    if (!ep && !extra)
-        return 1;
-    pid_t me = atomic_load(&self_pid);
-    if (getpid() != me)
-        return 0;
-    if (ep && atomic_exchange(&conn_ep[fd], 0) == ep)
-        real_epoll_ctl(ep - 1, EPOLL_CTL_DEL, fd, NULL);
-    if (extra)
-        atomic_fetch_sub(&conn_extra_regs, reg_drop(-1, fd, me, 1));
-    return 1;
+/* A vfork child (CPython's subprocess, say, which then sweeps its fds with
+   close_range) shares our memory and our epoll sets but has fds of its
+   own: what it closes or duplicates is not ours to account for. One
+   getpid per close or dup of a tracked fd. */
+static int foreign(void) {
+    return getpid() != atomic_load(&self_pid);
 }
 
-/* What closing `fd` means to the shim; called before the real close, with
-   the kind cleared first so a number reused by a concurrent accept is
-   never cleared by mistake. Keeps errno. */
-static void forget(int fd) {
-    int k = kind_of(fd);
-    if (k == K_NONE)
-        return;
+/* Removes a handed-over connection from the epoll sets this process added
+   it to, as its close would if lb held no copy. */
+static void unregister_conn(int fd) {
+    int ep = fd < MAX_FDS ? atomic_exchange(&conn_ep[fd], 0) : 0;
+    if (ep)
+        real_epoll_ctl(ep - 1, EPOLL_CTL_DEL, fd, NULL);
+    if (atomic_load(&conn_extra_regs))
+        atomic_fetch_sub(&conn_extra_regs, reg_drop(-1, fd, atomic_load(&self_pid), 1));
+}
+
+/* What closing the tracked `fd` (of kind `k`) means to the shim; called
+   before the real close, in this process (not a vfork child), so the
+   number is still ours until then and a concurrent accept cannot reuse
+   it. Keeps errno. */
+static void drop_tracked(int fd, int k) {
     int saved = errno;
     if (k == K_CONN) {
-        if (!unregister_conn(fd)) {
-            errno = saved;
-            return;
-        }
+        unregister_conn(fd);
         set_kind(fd, K_NONE);
         if (reports &&
             (atomic_fetch_add(&closes_pending, 1) + 1 >= CLOSE_BATCH ||
@@ -573,6 +572,12 @@ static void forget(int fd) {
     errno = saved;
 }
 
+static void forget(int fd) {
+    int k = kind_of(fd);
+    if (k != K_NONE && !foreign())
+        drop_tracked(fd, k);
+}
+
 int close(int fd) {
     if (!real_close)
         resolve_all();
@@ -590,7 +595,7 @@ static int track_dup(int oldfd, int newfd) {
     if (newfd < 0)
         return newfd;
     int k = kind_of(oldfd);
-    if (k == K_LISTENER || k == K_BOUND) {
+    if ((k == K_LISTENER || k == K_BOUND) && !foreign()) {
         struct listener *l = listener_of(oldfd);
         if (l)
             listener_add(newfd, (struct sockaddr *)&l->addr, l->len);
@@ -601,13 +606,23 @@ static int track_dup(int oldfd, int newfd) {
     return newfd;
 }
 
-/* Moves the channel off `fd` before something is dup'ed onto it. */
-static void make_room(int fd) {
-    if (active && fd == atomic_load(&chan)) {
-        int high = real_fcntl(fd, F_DUPFD_CLOEXEC, 1000);
+/* Before `oldfd` is dup'ed onto `newfd`: the channel moves off that
+   number, and a tracked fd there is closed. Only when the dup will work
+   (oldfd is open), and not in a vfork child (its fds are its own). */
+static void before_dup_onto(int oldfd, int newfd) {
+    if (!active || oldfd == newfd)
+        return;
+    int k = kind_of(newfd);
+    int is_chan = newfd == atomic_load(&chan);
+    if ((k == K_NONE && !is_chan) || real_fcntl(oldfd, F_GETFD) < 0 || foreign())
+        return;
+    if (is_chan) {
+        int high = real_fcntl(newfd, F_DUPFD_CLOEXEC, 1000);
         if (high >= 0)
             atomic_store(&chan, high);
     }
+    if (k != K_NONE)
+        drop_tracked(newfd, k);
 }
 
 int dup(int fd) {
@@ -619,20 +634,14 @@ int dup(int fd) {
 int dup2(int oldfd, int newfd) {
     if (!real_dup2)
         resolve_all();
-    if (active && oldfd != newfd) {
-        make_room(newfd);
-        forget(newfd);
-    }
+    before_dup_onto(oldfd, newfd);
     return track_dup(oldfd, real_dup2(oldfd, newfd));
 }
 
 int dup3(int oldfd, int newfd, int flags) {
     if (!real_dup3)
         resolve_all();
-    if (active && oldfd != newfd) {
-        make_room(newfd);
-        forget(newfd);
-    }
+    before_dup_onto(oldfd, newfd);
     return track_dup(oldfd, real_dup3(oldfd, newfd, flags));
 }
 
@@ -674,9 +683,12 @@ static int do_close_range(unsigned first, unsigned last, int flags) {
 /* Daemons sweep their fds at startup: the sweep goes around the channel. */
 static int sweep(unsigned first, unsigned last, int flags) {
     unsigned top = last < MAX_FDS ? last : MAX_FDS - 1;
-    if (active && !(flags & CLOSE_RANGE_CLOEXEC))
-        for (unsigned f = first; f <= top; f++)
-            forget((int)f);
+    if (active && !(flags & CLOSE_RANGE_CLOEXEC) && !foreign())
+        for (unsigned f = first; f <= top; f++) {
+            int k = kind_of((int)f);
+            if (k != K_NONE)
+                drop_tracked((int)f, k);
+        }
     int c = atomic_load(&chan);
     if (!active || c < 0 || (unsigned)c < first || (unsigned)c > last)
         return do_close_range(first, last, flags);

@@ -425,3 +425,42 @@ fn shim_multithreaded_memcached_every_close_reported() {
     assert_eq!(totals.iter().map(|t| t.0).sum::<u64>(), 4000, "{totals:?}");
     assert!(totals.iter().all(|t| t.0 > 0), "both served: {totals:?}");
 }
+
+/// CPython's subprocess starts children with vfork and sweeps their fds
+/// with close_range, in the child, through the shim: the child shares the
+/// server's memory and epoll sets, so the shim must leave them alone (it
+/// used to take the server's listener for closed: LEAVING, and a
+/// replacement, on every request).
+#[test]
+fn shim_server_that_runs_subprocesses_is_not_disturbed_by_vfork_children() {
+    let dir = scratch("shim-vfork");
+    let app = dir.join("app.py");
+    std::fs::write(
+        &app,
+        r#"
+import http.server, subprocess, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        out = subprocess.run(["echo", "hello from a child"], capture_output=True).stdout
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+    )
+    .unwrap();
+    let lb = shim(2, "lc", &["python3", app.to_str().unwrap(), "{port}"]);
+    for _ in 0..20 {
+        assert_eq!(get(lb.addr, "/"), "hello from a child\n");
+    }
+    let totals = lb.wait_all_closed();
+    assert_eq!(totals.iter().map(|t| t.0).sum::<u64>(), 20, "{totals:?}");
+    let log = lb.log.lines().join("\n");
+    assert!(!log.contains("leaving"), "{log}");
+    assert_eq!(lb.log.count(": spawn"), 2, "no worker was replaced:\n{log}");
+}
