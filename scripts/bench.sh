@@ -6,6 +6,7 @@
 #   scripts/bench.sh --duration 3          # shorter runs
 #   scripts/bench.sh --only "reuseport,lb rr,fdpass-c"
 #   scripts/bench.sh --only "lb proxy,haproxy rr,nginx stream,redis"
+#   scripts/bench.sh --baseline /path/to/old/lb --only "lb rr,baseline rr" --out /tmp/x.md
 #
 # Options are passed to scripts/bench/run.py (see --help there). The C
 # floor (fdpass-master) is built from ../shared/reference when present.

@@ -172,9 +172,9 @@ def start_reuseport(ctx, port):
     return []
 
 
-def start_lb(policy):
+def start_lb(policy, binary="lb"):
     def start(ctx, port):
-        p = ctx.procs.start(f"lb-{policy}", [ctx.lb, "--listen", f"127.0.0.1:{port}",
+        p = ctx.procs.start(f"{binary}-{policy}", [getattr(ctx, binary), "--listen", f"127.0.0.1:{port}",
                                              "--workers", str(ctx.workers), "--policy", policy,
                                              "--", ctx.backend], backend_env(ctx))
         ready = lambda: open(p.log_path).read().count(": ready") >= ctx.workers
@@ -204,13 +204,13 @@ def start_node(policy):
     return start
 
 
-def start_lb_mode(mode, policy="rr"):
+def start_lb_mode(mode, policy="rr", binary="lb"):
     """lb in front of the same backend run as a server that knows nothing of
     lb: it binds lb's port under the shim, a port lb gives it under proxy,
     or accepts from lb's listener (LISTEN_FDS) in shared mode."""
     def start(ctx, port):
         env = backend_env(ctx, PORT=port) if mode == "shim" else backend_env(ctx)
-        p = ctx.procs.start(f"lb-{mode}", [ctx.lb, "--listen", f"127.0.0.1:{port}",
+        p = ctx.procs.start(f"{binary}-{mode}", [getattr(ctx, binary), "--listen", f"127.0.0.1:{port}",
                                            "--workers", str(ctx.workers), "--policy", policy,
                                            "--mode", mode, "--", ctx.backend], env)
         ready = lambda: open(p.log_path).read().count(": ready") >= ctx.workers
@@ -315,6 +315,13 @@ FRONTS = [
     Front("haproxy rr", "haproxy", start_haproxy("roundrobin")),
     Front("haproxy lc", "haproxy", start_haproxy("leastconn")),
     Front("nginx stream", "nginx", start_nginx),
+]
+# Another lb build (--baseline), for a before/after comparison in one run.
+BASELINE_FRONTS = [
+    Front("baseline rr", "baseline", start_lb("rr", "baseline")),
+    Front("baseline lc", "baseline", start_lb("lc", "baseline")),
+    Front("baseline shim", "baseline", start_lb_mode("shim", binary="baseline")),
+    Front("baseline proxy", "baseline", start_lb_mode("proxy", binary="baseline")),
 ]
 SKEW_FRONTS = ["lb rr", "lb lc", "node-cluster rr", "lb node rr", "lb node lc", "haproxy lc"]
 
@@ -541,7 +548,7 @@ def render(ctx, results, skew, alloc, started, redis=None):
         lines += [f"## {title}", "",
                   f"| front | req/s | × reuseport | × node-cluster rr | p50 ms | p99 ms | errors | split per backend | front CPU {unit} | req/s per round |",
                   "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
-        for front in FRONTS:
+        for front in FRONTS + BASELINE_FRONTS:
             r = results.get(front.name, {}).get(workload)
             if not r:
                 continue
@@ -623,17 +630,20 @@ def main():
     ap.add_argument("--slow-ms", type=int, default=5)
     ap.add_argument("--alloc-conns", type=int, default=100_000)
     ap.add_argument("--only", help="comma-separated front names")
+    ap.add_argument("--baseline", help="another lb binary: adds the 'baseline rr/lc/shim/proxy' "
+                    "fronts, to compare two builds side by side (with --only)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     args = ap.parse_args()
     ctx = Ctx()
     ctx.lb, ctx.backend, ctx.fdpass, ctx.alloccount = args.lb, args.backend, args.fdpass, args.alloccount
+    ctx.baseline = args.baseline
     ctx.duration, ctx.workers, ctx.conns, ctx.threads = args.duration, args.workers, args.conns, args.threads
     ctx.rounds = args.rounds
     ctx.slow_ms, ctx.alloc_conns = args.slow_ms, args.alloc_conns
     ctx.workdir = tempfile.mkdtemp(prefix="lb-bench-")
     started = datetime.datetime.now(datetime.timezone.utc)
     only = set(args.only.split(",")) if args.only else None
-    fronts = [f for f in FRONTS if (not only or f.name in only)
+    fronts = [f for f in FRONTS + (BASELINE_FRONTS if ctx.baseline else []) if (not only or f.name in only)
               and (f.group != "C floor" or ctx.fdpass) and (f.group != "node" or version(["node", "--version"]) != "not installed")]
     runs, skew_runs = {}, {}
     log(f"work directory: {ctx.workdir}")
