@@ -68,8 +68,10 @@ struct Dir {
 struct Relay {
     socks: [Option<mio::net::TcpStream>; 2],
     dirs: [Dir; 2],
-    /// The worker (table index) and slot it was sent to.
+    /// The worker (table index, and its pid: the index may hold another
+    /// process by the time the relay ends) and slot it was sent to.
     worker: usize,
+    pid: u32,
     slot: Slot,
     connecting: bool,
     /// The client socket is registered for writability too (only after a
@@ -107,6 +109,7 @@ impl Relays {
                 socks: [None, None],
                 dirs: [dir()?, dir()?],
                 worker: 0,
+                pid: 0,
                 slot: Slot(0),
                 connecting: false,
                 client_out: false,
@@ -161,8 +164,8 @@ impl Dispatcher {
         let Some(w) = self.workers.get(index) else {
             return Err(fd);
         };
-        let (slot, port) = match &w.link {
-            Link::Proxy(p) => (w.slot, p.port),
+        let (slot, pid, port) = match &w.link {
+            Link::Proxy(p) => (w.slot, w.pid, p.port),
             _ => return Err(fd),
         };
         let Some(relays) = self.relays.as_mut() else {
@@ -191,6 +194,7 @@ impl Dispatcher {
         // A new client socket has room to write to.
         relay.dirs[UPSTREAM].writable = true;
         relay.worker = index;
+        relay.pid = pid;
         relay.slot = slot;
         relay.connecting = true;
         relay.client_out = false;
@@ -240,9 +244,9 @@ impl Dispatcher {
                 return self.relay_refused(r);
             }
             relay.connecting = false;
-            let index = relay.worker;
+            let (index, pid) = (relay.worker, relay.pid);
             self.stats.dispatched += 1;
-            if let Some(w) = self.workers.get_mut(index) {
+            if let Some(w) = self.relay_worker(index, pid) {
                 w.sent += 1;
             }
         }
@@ -256,22 +260,18 @@ impl Dispatcher {
             return;
         };
         let relay = &mut relays.slots[r];
-        let (index, slot) = (relay.worker, relay.slot);
+        let (index, pid, slot) = (relay.worker, relay.pid, relay.slot);
         let client = relay.socks[CLIENT].take();
         if let Some(mut up) = relay.socks[UPSTREAM].take() {
             let _ = self.poll.registry().deregister(&mut up);
         }
         relays.free.push(r as u32);
-        if self.current[slot.0] == Some(index) {
-            let v = &mut self.views[slot.0];
-            v.active = v.active.saturating_sub(1);
-        }
-        self.relay_gone(index);
+        self.relay_gone(index, pid, slot);
         let Some(mut client) = client else { return };
         let _ = self.poll.registry().deregister(&mut client);
         let fd = OwnedFd::from(std::net::TcpStream::from(client));
         // Probe the worker again before it gets more.
-        if let Some(w) = self.workers.get_mut(index)
+        if let Some(w) = self.relay_worker(index, pid)
             && w.state == State::Ready
             && let Link::Proxy(p) = &mut w.link
             && p.retry_at.is_none()
@@ -431,30 +431,39 @@ impl Dispatcher {
             }
         }
         relay.connecting = false;
-        let (index, slot) = (relay.worker, relay.slot);
+        let (index, pid, slot) = (relay.worker, relay.pid, relay.slot);
         let was_full = !relays.has_room();
         relays.free.push(r as u32);
-        if !was_connecting && let Some(w) = self.workers.get_mut(index) {
+        if !was_connecting && let Some(w) = self.relay_worker(index, pid) {
             w.closed = (w.closed + 1).min(w.sent);
         }
-        if self.current[slot.0] == Some(index) {
-            let v = &mut self.views[slot.0];
-            v.active = v.active.saturating_sub(1);
-        }
-        self.relay_gone(index);
+        self.relay_gone(index, pid, slot);
         if was_full {
             self.sync_proxy_views();
         }
     }
 
-    /// One relay to worker `index` less; the last of a drained worker's
-    /// lets its stop signal go.
-    fn relay_gone(&mut self, index: usize) {
-        let Some(Link::Proxy(p)) = self.workers.get_mut(index).map(|w| &mut w.link) else {
+    /// The process a relay was sent to, if it is still attached.
+    fn relay_worker(&mut self, index: usize, pid: u32) -> Option<&mut super::worker::Worker> {
+        self.workers.get_mut(index).filter(|w| w.pid == pid)
+    }
+
+    /// One relay to process `pid` (at `index`, in `slot`) less: its slot's
+    /// count for the policy, and its own; the last of a drained worker's
+    /// lets its stop signal go. Nothing, if that process has gone.
+    fn relay_gone(&mut self, index: usize, pid: u32, slot: Slot) {
+        let Some(w) = self.relay_worker(index, pid) else {
             return;
         };
+        let Link::Proxy(p) = &mut w.link else { return };
+        debug_assert!(p.relays > 0, "relay count of pid {pid} underflows");
         p.relays = p.relays.saturating_sub(1);
-        if p.relays == 0 && p.stop_at.is_some() {
+        let last_of_drained = p.relays == 0 && p.stop_at.is_some();
+        if self.current[slot.0] == Some(index) {
+            let v = &mut self.views[slot.0];
+            v.active = v.active.saturating_sub(1);
+        }
+        if last_of_drained {
             self.proxy_stop(index);
         }
     }

@@ -256,3 +256,57 @@ fn proxy_stop_under_load_answers_every_accepted_connection() {
     };
     assert_eq!(count("connections accepted"), count("dispatched"), "{line}");
 }
+
+/// A relay can outlive the worker it was sent to (the server closed its
+/// side, the client has not), and the worker's table entry can then hold
+/// a new process: the relay's end must not be counted against that one.
+#[test]
+fn a_relay_that_outlives_its_worker_is_not_counted_against_the_next() {
+    let dir = scratch("proxy-outlive");
+    let greeter = dir.join("greeter.py");
+    std::fs::write(
+        &greeter,
+        r#"
+import os, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["PORT"])))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"hi\n")
+    c.close()
+"#,
+    )
+    .unwrap();
+    let greeter = greeter.to_str().unwrap();
+    let lb = proxy(1, &["--drain-timeout", "2s"], &["python3", greeter]);
+    // Read the greeting and the server's EOF, keep our side open.
+    let held = |addr| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hi\n");
+        s
+    };
+    let first = held(lb.addr);
+    // Two reloads: the first worker drains (its relay still open), is
+    // signalled after the linger and leaves; the third takes its entry.
+    for generation in [2, 3] {
+        let out = lb.ctl(&["reload", "--wait"]);
+        assert!(
+            out.contains(&format!("reloaded 1 workers to generation {generation}")),
+            "{out}"
+        );
+    }
+    let _second = held(lb.addr);
+    assert_eq!(lb.totals(), [(1, 1)], "the newest worker holds one relay");
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lb.totals(),
+        [(1, 1)],
+        "the old relay's end is not the newest worker's"
+    );
+}
