@@ -108,8 +108,12 @@ struct Proc {
     /// SIGKILL at this time if still alive (a retiring worker's drain limit).
     kill_at: Option<Instant>,
     malformed: u32,
-    /// Over a recycling limit; its successor has been started.
+    /// Being replaced, successor first (over a recycling limit, or too many
+    /// protocol errors): its successor is starting, or due at `replace_at`.
     recycling: bool,
+    /// When its successor is to be started (the back-off after protocol
+    /// errors).
+    replace_at: Option<Instant>,
     /// The signal that asks it to finish and exit (its pool's).
     stop_signal: libc::c_int,
     /// Draining it means that signal (shared and proxy workers have no
@@ -333,7 +337,11 @@ impl Supervisor {
 
     fn next_deadline(&self) -> Option<Instant> {
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
-        let kills = self.procs.iter().filter_map(|p| p.kill_at);
+        let kills = self
+            .procs
+            .iter()
+            .flat_map(|p| [p.kill_at, p.replace_at])
+            .flatten();
         let ready = self
             .procs
             .iter()
@@ -461,6 +469,7 @@ impl Supervisor {
             kill_at: None,
             malformed: 0,
             recycling: false,
+            replace_at: None,
             stop_signal: pool.stop_signal,
             signal_on_drain: matches!(pool.mode, Mode::Shared | Mode::Proxy),
         });
@@ -534,7 +543,14 @@ impl Supervisor {
         }
         // Another live process still covers the slot (the one a failed
         // candidate was to replace, or the candidate replacing a dead one).
+        // A failed successor leaves the one it was to replace to be
+        // replaced again (recycling limits, protocol errors).
         if self.procs.iter().any(|o| o.slot == p.slot && !o.retiring) {
+            if !p.ready {
+                for o in self.procs.iter_mut().filter(|o| o.slot == p.slot) {
+                    o.recycling = false;
+                }
+            }
             return;
         }
         let failures = backoff::failures_after(
@@ -625,7 +641,13 @@ impl Supervisor {
                 }
             }
             Event::Leaving { slot, pid } => {
-                if self.retire(pid) && self.phase == Phase::Running {
+                // A successor already starting (a reload's, a recycle's)
+                // is its replacement.
+                let covered = self
+                    .procs
+                    .iter()
+                    .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
+                if self.retire(pid) && self.phase == Phase::Running && !covered {
                     info!("worker {slot} pid {pid}: leaving; starting its replacement first");
                     self.slots[slot.0].restarts += 1;
                     self.start_or_retry(slot);
@@ -684,12 +706,13 @@ impl Supervisor {
         if n == MALFORMED_LOGGED {
             info!("worker {slot} pid {pid}: further protocol errors are counted, not logged");
         }
-        if n != MALFORMED_LIMIT || p.retiring || p.recycling || self.phase != Phase::Running {
+        if n < MALFORMED_LIMIT || p.retiring || p.recycling || self.phase != Phase::Running {
             return;
         }
         p.recycling = true;
         let failures = self.slots[slot.0].failures.saturating_add(1);
         let delay = backoff::delay(failures);
+        p.replace_at = Some(Instant::now() + delay);
         info!(
             "worker {slot} pid {pid}: {n} protocol errors; replacing it in {} ms, its \
              successor ready first",
@@ -698,7 +721,38 @@ impl Supervisor {
         let s = &mut self.slots[slot.0];
         s.failures = failures;
         s.last_exit = format!("{n} protocol errors");
-        s.restart_at = Some(Instant::now() + delay);
+    }
+
+    /// Starts the successors whose back-off is over, unless something else
+    /// already replaces the worker: a reload (asked again after it), or
+    /// another process in the slot.
+    fn replace_due(&mut self, now: Instant) {
+        let due: Vec<(Slot, u32)> = self
+            .procs
+            .iter()
+            .filter(|p| p.replace_at.is_some_and(|t| now >= t))
+            .map(|p| (p.slot, p.pid))
+            .collect();
+        for (slot, pid) in due {
+            let Some(i) = self.index_of(pid) else {
+                continue;
+            };
+            if self.reload.is_some() {
+                self.procs[i].replace_at = Some(now + RECYCLE_CHECK);
+                continue;
+            }
+            self.procs[i].replace_at = None;
+            let covered = self
+                .procs
+                .iter()
+                .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
+            if self.procs[i].retiring || covered || self.phase != Phase::Running {
+                self.procs[i].recycling = false;
+                continue;
+            }
+            self.slots[slot.0].restarts += 1;
+            self.start_or_retry(slot);
+        }
     }
 
     fn on_control(&mut self, request: Request) -> Response {
@@ -1218,6 +1272,7 @@ impl Supervisor {
                 let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
             }
         }
+        self.replace_due(now);
         let limits = self.config.max_conns_per_worker.is_some() || self.config.max_rss.is_some();
         if limits && self.phase == Phase::Running {
             if self.next_check.is_none_or(|t| now >= t) {
