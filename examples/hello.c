@@ -25,7 +25,7 @@ enum { CONN = 1, DRAIN = 2, READY = 16, CLOSED = 17, HDR = 16, BUF = 8192 };
 struct conn {
     int fd, lingering;   /* lingering: our side is shut, waiting for the client's FIN */
     size_t len;
-    long active_ms;      /* arrived or last answered */
+    long active_ms;      /* arrived, or last read or answered */
     struct conn *prev, *next;
     char buf[BUF];
 };
@@ -41,9 +41,9 @@ static long now_ms(void) {
     return t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
-/* When a draining worker closes c for want of anything to do; -1: not yet. */
+/* When a draining worker closes c for want of progress: idle between
+ * requests, stalled in one, or lingering, for the grace. */
 static long expiry(const struct conn *c) {
-    if (c->len > 0 && !c->lingering) return -1;   /* a request is in progress */
     return (c->active_ms > drain_ms ? c->active_ms : drain_ms) + grace_ms;
 }
 
@@ -71,6 +71,7 @@ static int on_readable(struct conn *c) {
         if (n < 0) break;
         if (c->lingering) continue;   /* after the last response: discarded */
         c->len += (size_t)n;
+        c->active_ms = now_ms();
         char *end;
         while ((end = memmem(c->buf, c->len, "\r\n\r\n", 4))) {
             size_t head = (size_t)(end - c->buf) + 4;
@@ -142,9 +143,9 @@ int main(void) {
     const char *fd = getenv("LB_FD"), *slot = getenv("LB_WORKER_ID");
     if (!fd || !slot) { fprintf(stderr, "hello-c: start me with lb: lb -- ./hello-c\n"); return 2; }
     chan = atoi(fd);
-    /* The idle grace: 2 s, at most half of lb's drain timeout. */
+    /* The idle grace: 2 s, at most a quarter of lb's drain timeout. */
     const char *drain = getenv("LB_DRAIN_TIMEOUT_MS");
-    if (drain && atol(drain) / 2 < grace_ms) grace_ms = atol(drain) / 2;
+    if (drain && atol(drain) / 4 < grace_ms) grace_ms = atol(drain) / 4;
     snprintf(body, sizeof body, "hello from worker %s (pid %d)\n", slot, (int)getpid());
     ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = NULL};
@@ -153,10 +154,8 @@ int main(void) {
     struct epoll_event evs[64];
     while (!(draining && live == 0)) {
         long next = -1;
-        for (struct conn *c = draining ? conns : NULL; c; c = c->next) {
-            long e = expiry(c);
-            if (e >= 0 && (next < 0 || e < next)) next = e;
-        }
+        for (struct conn *c = draining ? conns : NULL; c; c = c->next)
+            if (next < 0 || expiry(c) < next) next = expiry(c);
         long now = now_ms();
         int n = epoll_wait(ep, evs, 64, next < 0 ? -1 : next > now ? (int)(next - now) : 0);
         for (int i = 0; i < n; i++) {
@@ -166,8 +165,7 @@ int main(void) {
         now = now_ms();
         for (struct conn *c = draining ? conns : NULL, *after; c; c = after) {
             after = c->next;
-            long e = expiry(c);
-            if (e >= 0 && e <= now) conn_close(c);
+            if (expiry(c) <= now) conn_close(c);
         }
     }
     return 0;

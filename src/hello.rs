@@ -12,10 +12,11 @@
 //! `Connection: close`; after that response it shuts its side and waits
 //! (at most the idle grace) for the client's FIN before closing, so a
 //! request the client sent meanwhile cannot turn the close into a reset;
-//! a connection with no request in progress is closed once it has been
-//! idle for the grace since DRAIN or its last response (a keep-alive client
-//! between two requests sends its next one well within it). It exits when
-//! no connection is left.
+//! a connection that makes no progress (no request, no bytes in or out) for
+//! the grace since DRAIN or its last activity is closed (a keep-alive
+//! client between two requests sends its next one well within it; a
+//! stalled client does not hold the drain up). It exits when no
+//! connection is left.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -50,8 +51,8 @@ struct Client {
     output: Vec<u8>,
     /// Close once `output` is flushed.
     close_after: Option<Closing>,
-    /// When it arrived or last answered: a drain's idle grace counts from
-    /// here (or from DRAIN, if later).
+    /// When it arrived or last moved bytes either way: a drain's idle
+    /// grace counts from here (or from DRAIN, if later).
     active_at: Instant,
     /// Our side is shut after the last response; waiting for the client's
     /// FIN (discarding what it sends) before closing.
@@ -94,7 +95,7 @@ fn run() -> anyhow::Result<()> {
         let timeout = drain_at.and_then(|at| {
             clients
                 .values()
-                .filter_map(|c| c.expires(at, grace))
+                .map(|c| c.expires(at, grace))
                 .min()
                 .map(|t| t.saturating_duration_since(Instant::now()))
         });
@@ -162,7 +163,7 @@ fn run() -> anyhow::Result<()> {
             let now = Instant::now();
             let expired: Vec<Token> = clients
                 .iter()
-                .filter(|(_, c)| c.expires(at, grace).is_some_and(|t| t <= now))
+                .filter(|(_, c)| c.expires(at, grace) <= now)
                 .map(|(t, _)| *t)
                 .collect();
             for t in expired {
@@ -200,7 +201,10 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
             }
             // Lingering: what comes after the last response is discarded.
             Ok(_) if c.lingering => {}
-            Ok(n) => c.input.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                c.input.extend_from_slice(&chunk[..n]);
+                c.active_at = Instant::now();
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return true,
@@ -250,6 +254,7 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
         match c.stream.write(&c.output) {
             Ok(n) => {
                 c.output.drain(..n);
+                c.active_at = Instant::now();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -268,12 +273,11 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
 }
 
 impl Client {
-    /// When a draining worker closes this connection for want of anything
-    /// to do: `grace` after it was last active (or after DRAIN, `drain_at`),
-    /// if it is idle (no request in progress) or lingering.
-    fn expires(&self, drain_at: Instant, grace: Duration) -> Option<Instant> {
-        let idle = self.input.is_empty() && self.output.is_empty() && self.close_after.is_none();
-        (idle || self.lingering).then(|| self.active_at.max(drain_at) + grace)
+    /// When a draining worker closes this connection for want of progress:
+    /// `grace` after it last moved bytes (or after DRAIN, `drain_at`):
+    /// idle between requests, stalled in one, or lingering.
+    fn expires(&self, drain_at: Instant, grace: Duration) -> Instant {
+        self.active_at.max(drain_at) + grace
     }
 }
 

@@ -64,11 +64,23 @@ fn main() -> ExitCode {
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
         Some(Command::Reload { wait, target }) => {
+            // What runs now is what the reload replaces.
+            let before = if wait {
+                match control_path(&target).and_then(|p| client::worker_pids(&p)) {
+                    Ok(pids) => pids,
+                    Err(e) => {
+                        eprintln!("lb: error: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            } else {
+                Vec::new()
+            };
             let code = control(&target, Request::Reload, false);
             if !wait || code != ExitCode::SUCCESS {
                 return code;
             }
-            match control_path(&target).and_then(|path| client::wait_drained(&path)) {
+            match control_path(&target).and_then(|path| client::wait_gone(&path, &before)) {
                 Ok(()) => {
                     println!("every replaced worker has drained and exited");
                     ExitCode::SUCCESS

@@ -35,15 +35,30 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("unreadable answer from the master: {e}"))
 }
 
-/// Waits until no worker is draining (`lb reload --wait`). The master
-/// kills a worker still draining at its `drain_timeout`, so this ends.
-pub fn wait_drained(path: &Path) -> Result<(), String> {
+/// The worker pids a master runs now.
+pub fn worker_pids(path: &Path) -> Result<Vec<u32>, String> {
+    let status = call(path, &Request::Status)?
+        .status
+        .ok_or("the master sent no status")?;
+    Ok(status.workers.iter().filter_map(|w| w.pid).collect())
+}
+
+/// Waits until none of `pids` (the workers a reload replaced) is running
+/// (`lb reload --wait`). The master kills a worker still draining at its
+/// `drain_timeout`, so this ends; a status the master is slow to answer is
+/// asked again.
+pub fn wait_gone(path: &Path, pids: &[u32]) -> Result<(), String> {
+    let mut failures = 0;
     loop {
-        let status = call(path, &Request::Status)?
-            .status
-            .ok_or("the master sent no status")?;
-        if !status.workers.iter().any(|w| w.state == "draining") {
-            return Ok(());
+        match worker_pids(path) {
+            Ok(now) if !now.iter().any(|p| pids.contains(p)) => return Ok(()),
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures >= 5 {
+                    return Err(e);
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }

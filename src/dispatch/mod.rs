@@ -819,7 +819,7 @@ impl Dispatcher {
         };
         let fit = n.min(w.sent - w.closed);
         w.closed += fit;
-        w.reported = true;
+        w.reported |= n > 0;
         let pid = w.pid;
         if self.current[slot.0] == Some(index) {
             let v = &mut self.views[slot.0];

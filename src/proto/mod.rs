@@ -45,10 +45,10 @@ pub mod env {
 pub const IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The idle grace for a worker given `drain_timeout`: [`IDLE_GRACE`], or
-/// less when twice it would not fit in the drain (an idle wait and a
-/// lingering close, back to back).
+/// a quarter of the drain if that is less, so that an idle wait and a
+/// lingering close back to back take at most half of it.
 pub fn idle_grace(drain_timeout: Option<std::time::Duration>) -> std::time::Duration {
-    drain_timeout.map_or(IDLE_GRACE, |d| IDLE_GRACE.min(d / 2))
+    drain_timeout.map_or(IDLE_GRACE, |d| IDLE_GRACE.min(d / 4))
 }
 
 /// Creates one channel: `(master end, worker end)`, both CLOEXEC. The master

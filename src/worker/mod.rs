@@ -12,8 +12,8 @@
 //! §4): once DRAIN has arrived ([`Listener::draining`], [`Conn::draining`]),
 //! answer each further request with `Connection: close`, close a
 //! connection once its response is written ([`Conn::close_gracefully`]),
-//! and close one that stays idle for [`Listener::idle_grace`] — a blocking
-//! server reads between requests with that as its timeout.
+//! and close one that stays idle for [`Listener::idle_grace`] (a blocking
+//! server waits between requests with [`Conn::wait_for_request`]).
 //!
 //! Depends on [`crate::proto`] only.
 
@@ -97,6 +97,8 @@ pub struct Listener {
     drain_timeout: Option<Duration>,
     /// DRAIN has arrived (shared with every [`Conn`]).
     draining: Arc<AtomicBool>,
+    /// When a lost connection was last reported on stderr.
+    lost_warned: Option<Instant>,
     done: bool,
     buf: Box<[u8]>,
 }
@@ -142,6 +144,7 @@ impl Listener {
             generation,
             drain_timeout: None,
             draining: Arc::new(AtomicBool::new(false)),
+            lost_warned: None,
             done: false,
             buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
         }
@@ -154,8 +157,8 @@ impl Listener {
     }
 
     /// How long a draining worker keeps an idle connection open, and a
-    /// closing one half open: [`proto::IDLE_GRACE`] (2 s), at most half
-    /// the drain timeout.
+    /// closing one half open: [`proto::IDLE_GRACE`] (2 s), at most a
+    /// quarter of the drain timeout.
     pub fn idle_grace(&self) -> Duration {
         proto::idle_grace(self.drain_timeout)
     }
@@ -233,9 +236,20 @@ impl Listener {
                 }
                 Ok(Message::User(p)) => return Ok(Incoming::Message(p.to_vec())),
                 // The kernel closed the fd for want of room (at the fd
-                // limit): the client is gone; least-conn must hear of it.
+                // limit): the client is gone; least-conn must hear of it,
+                // and the operator (in lb's log), at most once a second.
                 Ok(Message::Conn { .. }) if got.fds.is_empty() && got.fds_truncated => {
                     let _ = self.report_closed(1);
+                    if self
+                        .lost_warned
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                    {
+                        self.lost_warned = Some(Instant::now());
+                        eprintln!(
+                            "lb::worker: a connection was lost: no free fd to receive it \
+                             (the open-files limit); raise RLIMIT_NOFILE"
+                        );
+                    }
                 }
                 // Anything else (a CONN without exactly one fd included):
                 // skipped; any fds are closed as `got` drops.
@@ -316,6 +330,39 @@ impl Conn {
     /// `Connection: close` from now on.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// For a blocking server between two requests on a kept-alive
+    /// connection: waits until the client sends more or closes (`true`:
+    /// read it), or, once the worker drains, until the connection has been
+    /// idle for `grace` since this call (`false`: close it). DRAIN is
+    /// checked every 100 ms, so a thread waiting here notices it without
+    /// being told.
+    pub fn wait_for_request(&mut self, grace: Duration) -> io::Result<bool> {
+        const DRAIN_CHECK: Duration = Duration::from_millis(100);
+        let draining = Arc::clone(&self.draining);
+        let stream = self.stream.as_mut().expect("present until drop");
+        let previous = stream.read_timeout()?;
+        stream.set_read_timeout(Some(DRAIN_CHECK))?;
+        let called = Instant::now();
+        let result = loop {
+            if draining.load(Ordering::Relaxed) && called.elapsed() >= grace {
+                break Ok(false);
+            }
+            match stream.peek(&mut [0u8; 1]) {
+                Ok(_) => break Ok(true),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        stream.set_read_timeout(previous)?;
+        result
     }
 
     /// Closes after the last response without turning anything the client
@@ -422,7 +469,7 @@ mod tests {
         let mut l = Listener::from_fd(worker, 0, 1);
         assert_eq!(l.idle_grace(), proto::IDLE_GRACE);
         l.drain_timeout = Some(Duration::from_secs(1));
-        assert_eq!(l.idle_grace(), Duration::from_millis(500));
+        assert_eq!(l.idle_grace(), Duration::from_millis(250));
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
         let (accepted, _) = tcp.accept().unwrap();
@@ -433,10 +480,15 @@ mod tests {
         proto::send_plain(master.as_fd(), kind::DRAIN, 0, &[], Wait::Block).unwrap();
         assert!(l.accept().unwrap().is_none());
         assert!(c.draining() && l.draining());
+        // Between requests: none comes, so the idle grace ends the wait.
+        let waited = Instant::now();
+        assert!(!c.wait_for_request(Duration::from_millis(300)).unwrap());
+        assert!(waited.elapsed() >= Duration::from_millis(300));
         // The last response, then a request the client had already sent:
         // the close must not reset the connection under the response.
         c.write_all(b"last").unwrap();
         client.write_all(b"pipelined request").unwrap();
+        assert!(c.wait_for_request(Duration::from_secs(5)).unwrap());
         let closer = std::thread::spawn(move || c.close_gracefully(Duration::from_secs(5)));
         let mut got = [0u8; 4];
         client.read_exact(&mut got).unwrap();

@@ -120,3 +120,27 @@ fn wrk_sees_no_error_across_two_reloads() {
     assert!(!out.contains("Socket errors"), "{out}");
     assert!(!out.contains("Non-2xx"), "{out}");
 }
+
+/// A client stalled in the middle of a request (or not reading its
+/// response) does not hold a drain up until the kill: the worker closes a
+/// connection that makes no progress for the idle grace, and exits.
+#[test]
+fn a_stalled_client_does_not_hold_a_drain_until_the_kill() {
+    use std::io::Write;
+    let mut lb = Lb::start(&["--workers", "1", "--drain-timeout", "8s"], &[], 1);
+    let mut stalled = std::net::TcpStream::connect(lb.addr).unwrap();
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    lb.signal(libc::SIGTERM);
+    assert!(lb.wait_exit().success(), "drained, not killed");
+    // The grace is 2 s; the kill would come at 8 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+}

@@ -537,6 +537,7 @@ fn a_connection_a_worker_has_no_fd_for_is_reported_closed() {
         assert!(Instant::now() < deadline, "{:?}", lb.totals());
         std::thread::sleep(Duration::from_millis(20));
     }
+    lb.wait_log("a connection was lost: no free fd to receive it", 1);
     drop(held);
     assert_eq!(lb.wait_all_closed(), [(2, 0)]);
 }
