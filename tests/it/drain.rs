@@ -7,25 +7,13 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::load::{Load, Style};
+use crate::util::load::{Load, Style, Tally, reloads_under_load};
 use crate::util::*;
 
-/// `lb reload` (it returns once every slot has switched); checks the reply.
-fn reload(lb: &Lb, workers: usize, generation: u64) {
-    let out = lb.ctl(&["reload"]);
-    assert!(
-        out.contains(&format!(
-            "reloaded {workers} workers to generation {generation}"
-        )),
-        "{out}"
-    );
-}
-
-fn assert_no_failure(what: &str, load: Load) {
-    let tally = load.stop();
+fn assert_no_failure(what: &str, tally: Tally) {
     eprintln!("{what}: {tally:?}");
     assert_eq!(tally.failed, 0, "{what}: {:?}", tally.first);
-    assert!(tally.ok > 1000, "{what}: the load kept flowing: {tally:?}");
+    assert!(tally.ok > 500, "{what}: the load kept flowing: {tally:?}");
 }
 
 #[test]
@@ -41,9 +29,9 @@ fn keep_alive_clients_notice_no_reload_scale_down_or_recycling() {
     let lb = Lb::start(&["--config", &config], &[], 3);
     let load = Load::start(lb.addr, 20, Style::KeepAlive, None);
     load.wait_more(500);
-    reload(&lb, 3, 2);
+    lb.reload(3, 2);
     load.wait_more(500);
-    reload(&lb, 3, 3);
+    lb.reload(3, 3);
     load.wait_more(500);
     // Scale down: slot 2's worker drains with clients on it.
     let out = lb.ctl(&["scale", "2"]);
@@ -58,7 +46,7 @@ fn keep_alive_clients_notice_no_reload_scale_down_or_recycling() {
     lb.wait_log("connections (limit 40); replacing it", 2);
     lb.wait_log("gen 3: exit (exit code 0", 3);
     load.wait_more(500);
-    assert_no_failure("2 reloads, a scale-down and 2 recycles", load);
+    assert_no_failure("2 reloads, a scale-down and 2 recycles", load.stop());
 }
 
 #[test]
@@ -71,13 +59,8 @@ fn keep_alive_clients_notice_no_reload_of_the_c_and_python_examples() {
         let mut args = vec!["--workers", "2", "--"];
         args.extend(&command);
         let lb = Lb::start(&args, &[], 2);
-        let load = Load::start(lb.addr, 20, Style::KeepAlive, None);
-        load.wait_more(300);
-        reload(&lb, 2, 2);
-        load.wait_more(300);
-        reload(&lb, 2, 3);
-        load.wait_more(300);
-        assert_no_failure(&format!("2 reloads of {command:?}"), load);
+        let tally = reloads_under_load(&lb, 20, Style::KeepAlive, 2, 2..=3);
+        assert_no_failure(&format!("2 reloads of {command:?}"), tally);
     }
     drop(dir);
 }
@@ -97,9 +80,9 @@ fn wrk_sees_no_error_across_two_reloads() {
         .spawn()
         .expect("run wrk");
     std::thread::sleep(Duration::from_millis(1500));
-    reload(&lb, 2, 2);
+    lb.reload(2, 2);
     std::thread::sleep(Duration::from_millis(1500));
-    reload(&lb, 2, 3);
+    lb.reload(2, 3);
     let deadline = std::time::Instant::now() + WAIT;
     let status = loop {
         if let Some(s) = wrk.try_wait().unwrap() {

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::util::load::{Load, Style};
+use crate::util::load::{Load, Style, reloads_under_load};
 use crate::util::*;
 
 fn proxy(workers: usize, extra: &[&str], command: &[&str]) -> Lb {
@@ -194,22 +194,9 @@ fn a_reload_cannot_switch_to_proxy_mode() {
 
 /// Python's http.server, which exits at once on SIGTERM, as proxy workers.
 fn python_http_proxy(dir: &std::path::Path) -> Lb {
-    std::fs::write(dir.join("index.html"), "hello\n").unwrap();
-    let d = dir.to_str().unwrap();
-    proxy(
-        3,
-        &[],
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "{port}",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            d,
-        ],
-    )
+    let server = python_http_server(dir);
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    proxy(3, &[], &server)
 }
 
 /// A drained proxy worker is sent no new connection, its relays and the
@@ -218,17 +205,7 @@ fn python_http_proxy(dir: &std::path::Path) -> Lb {
 #[test]
 fn proxy_ten_reloads_under_load_fail_nothing() {
     let lb = python_http_proxy(&scratch("proxy-reload"));
-    let load = Load::start(lb.addr, 20, Style::Close, None);
-    load.wait_more(100);
-    for generation in 2..=11 {
-        let out = lb.ctl(&["reload"]);
-        assert!(
-            out.contains(&format!("reloaded 3 workers to generation {generation}")),
-            "{out}"
-        );
-    }
-    load.wait_more(100);
-    let tally = load.stop();
+    let tally = reloads_under_load(&lb, 20, Style::Close, 3, 2..=11);
     eprintln!("proxy, 10 reloads: {tally:?}");
     assert_eq!(tally.failed, 0, "{:?}", tally.first);
 }

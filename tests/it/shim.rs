@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::util::load::{Load, Style};
+use crate::util::load::{Load, Style, reloads_under_load};
 use crate::util::*;
 
 fn shim(workers: usize, policy: &str, command: &[&str]) -> Lb {
@@ -26,26 +26,12 @@ fn shim(workers: usize, policy: &str, command: &[&str]) -> Lb {
 
 #[test]
 fn shim_python_http_server_is_balanced_and_every_close_reported() {
-    let dir = scratch("shim-py");
-    std::fs::write(dir.join("index.html"), "hello\n").unwrap();
-    let d = dir.to_str().unwrap();
+    let server = python_http_server(&scratch("shim-py"));
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
     // `python3` here may be pyenv's bash wrapper: the shim stays inert in
     // the wrapper and claims the channel in the real interpreter.
     // Least-connections: the policy for which workers report closes.
-    let lb = shim(
-        2,
-        "lc",
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "{port}",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            d,
-        ],
-    );
+    let lb = shim(2, "lc", &server);
     for _ in 0..40 {
         assert_eq!(get(lb.addr, "/index.html"), "hello\n");
     }
@@ -353,17 +339,7 @@ fn shim_lighttpd_under_keep_alive_and_close_load_and_reloads() {
     }
     let totals = lb.wait_all_closed();
     assert!(totals.iter().all(|t| t.0 > 0), "both served: {totals:?}");
-    let load = Load::start(lb.addr, 20, Style::Close, None);
-    load.wait_more(200);
-    for generation in [2, 3] {
-        let out = lb.ctl(&["reload"]);
-        assert!(
-            out.contains(&format!("reloaded 2 workers to generation {generation}")),
-            "{out}"
-        );
-    }
-    load.wait_more(200);
-    let tally = load.stop();
+    let tally = reloads_under_load(&lb, 20, Style::Close, 2, 2..=3);
     eprintln!("lighttpd, 2 reloads: {tally:?}");
     assert_eq!(tally.failed, 0, "{:?}", tally.first);
 }

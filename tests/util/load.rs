@@ -122,6 +122,25 @@ impl Load {
     }
 }
 
+/// `clients` clients of `style` load `lb` (running `workers` at generation
+/// `reloads.start() - 1`) while it is reloaded to each generation in
+/// `reloads`; what they saw.
+pub fn reloads_under_load(
+    lb: &super::Lb,
+    clients: usize,
+    style: Style,
+    workers: usize,
+    reloads: std::ops::RangeInclusive<u64>,
+) -> Tally {
+    let load = Load::start(lb.addr, clients, style, None);
+    load.wait_more(200);
+    for generation in reloads {
+        lb.reload(workers, generation);
+        load.wait_more(100);
+    }
+    load.stop()
+}
+
 fn client(
     addr: SocketAddr,
     style: Style,

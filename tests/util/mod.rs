@@ -609,6 +609,25 @@ fn build_server(name: &str) -> String {
     out.to_str().unwrap().to_string()
 }
 
+/// Python's `http.server` on lb's port (`{port}`), serving `dir` with an
+/// `index.html` of "hello\n": a server nobody here wrote.
+pub fn python_http_server(dir: &Path) -> Vec<String> {
+    std::fs::write(dir.join("index.html"), "hello\n").unwrap();
+    [
+        "python3",
+        "-m",
+        "http.server",
+        "{port}",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.to_str().unwrap().to_string()])
+    .collect()
+}
+
 /// Whether `program` is an executable on PATH; says why a test is
 /// skipped if not.
 pub fn installed(program: &str, why: &str) -> bool {
@@ -625,6 +644,18 @@ pub fn installed(program: &str, why: &str) -> bool {
 }
 
 impl Lb {
+    /// `lb reload` (it returns once every slot has switched); checks that
+    /// `workers` were reloaded to `generation`.
+    pub fn reload(&self, workers: usize, generation: u64) {
+        let out = self.ctl(&["reload"]);
+        assert!(
+            out.contains(&format!(
+                "reloaded {workers} workers to generation {generation}"
+            )),
+            "{out}"
+        );
+    }
+
     /// `lb status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = self.ctl(&["status", "--json"]);
