@@ -33,7 +33,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod hello;
-mod log;
+pub mod log;
 pub mod master;
 pub mod policy;
 pub mod proto;

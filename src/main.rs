@@ -128,7 +128,10 @@ fn main() -> ExitCode {
             };
             let args = cli.start.clone();
             let reconfigure = Box::new(move || lb::config::load(&args, &|k| std::env::var(k).ok()));
-            match lb::master::run(config, reconfigure) {
+            let outcome = lb::master::run(config, reconfigure);
+            // The log's last lines first (bounded: a stuck stderr gets 2 s).
+            lb::log::flush(std::time::Duration::from_secs(2));
+            match outcome {
                 Ok(Outcome::Drained) => ExitCode::SUCCESS,
                 Ok(Outcome::Forced) => ExitCode::from(1),
                 Err(e) => {

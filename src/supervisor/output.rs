@@ -1,7 +1,8 @@
 //! Workers' stdout and stderr, line by line, prefixed with slot and pid
-//! (like PM2's merged logs), on a thread of its own: a slow terminal or
-//! disk can stall a worker's writes, never the dispatch loop or the
-//! supervisor.
+//! (like PM2's merged logs), on a thread of its own: a slow disk can stall
+//! a worker's writes, never the dispatch loop or the supervisor. Lines for
+//! lb's stderr go through the master's log queue (`crate::log`), so a full
+//! or vanished stderr drops (and counts) lines rather than blocking anyone.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -46,7 +47,7 @@ impl Output {
     pub fn start(file: Option<&Path>) -> io::Result<Output> {
         let sink: Box<dyn Write + Send> = match file {
             Some(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
-            None => Box::new(io::stderr()),
+            None => Box::new(crate::log::Lines),
         };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);

@@ -1,0 +1,154 @@
+//! Faults an operator meets, and the master keeps serving through them:
+//! stray signals, a stderr that is full or gone.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// Starts lb with its stderr a pipe the test controls (not read by a
+/// capture thread; `pipe_size` shrinks it at once); waits through the
+/// control socket until `workers` are ready. Returns the master, the read
+/// end of its stderr and its control socket.
+fn lb_with_raw_stderr(
+    dir: &std::path::Path,
+    args: &[&str],
+    workers: usize,
+    pipe_size: Option<i32>,
+) -> (std::process::Child, std::process::ChildStderr, String) {
+    let control = dir.join("lb.sock").to_str().unwrap().to_string();
+    let mut full = vec!["--listen", "127.0.0.1:0", "--control", &control];
+    full.extend_from_slice(args);
+    let mut cmd: Command = lb_command(&full, &[]);
+    cmd.stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start lb");
+    let stderr = child.stderr.take().unwrap();
+    if let Some(size) = pipe_size {
+        nix::fcntl::fcntl(&stderr, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size)).unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    while status_or_none(&control).is_none_or(|s| {
+        s["workers"]
+            .as_array()
+            .is_none_or(|w| w.iter().filter(|w| w["state"] == "ready").count() < workers)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "lb never had {workers} ready workers"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, stderr, control)
+}
+
+fn status_or_none(control: &str) -> Option<serde_json::Value> {
+    let out = Command::new(lb_bin())
+        .args(["status", "--json", "--control", control])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn status(control: &str) -> serde_json::Value {
+    let out = Command::new(lb_bin())
+        .args(["status", "--json", "--control", control])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn address(status: &serde_json::Value) -> std::net::SocketAddr {
+    status["listen"].as_str().unwrap().parse().unwrap()
+}
+
+/// Kills slot 0's worker with SIGKILL and waits (bounded, through the
+/// control socket) until a new one is ready in its place.
+fn kill_and_see_it_restarted(control: &str) {
+    let pid_of_0 = |s: &serde_json::Value| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["slot"] == 0 && w["state"] == "ready")
+            .and_then(|w| w["pid"].as_u64())
+    };
+    let victim = pid_of_0(&status(control)).expect("slot 0 ready") as u32;
+    send_signal(victim, libc::SIGKILL);
+    let deadline = Instant::now() + WAIT;
+    while pid_of_0(&status(control)).is_none_or(|p| p as u32 == victim) {
+        assert!(
+            Instant::now() < deadline,
+            "the killed worker was never restarted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
+    send_signal(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("lb did not act on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `lb … 2>&1 | head -1`, a log shipper that restarts: the reader of lb's
+/// stderr goes away. lb used to panic on the next line (exit 101) and take
+/// every worker with it.
+#[test]
+fn a_vanished_stderr_does_not_take_lb_down() {
+    let dir = scratch("faults-stderr-gone");
+    let (child, stderr, control) = lb_with_raw_stderr(&dir, &["--workers", "2"], 2, None);
+    drop(stderr);
+    // Each of these makes lb log lines nobody reads.
+    kill_and_see_it_restarted(&control);
+    let addr = address(&status(&control));
+    for _ in 0..20 {
+        assert!(get(addr, "/").starts_with("hello from worker"));
+    }
+    assert_eq!(stop(child).code(), Some(0), "drained and exited cleanly");
+}
+
+/// A stderr pipe that is full and not read (a stalled log shipper): lb
+/// used to block in its log write, so a killed worker was never restarted,
+/// `lb status` timed out and SIGTERM was not acted on. Now lines that do
+/// not fit are dropped and counted, and a line says so once the pipe is
+/// read again.
+#[test]
+fn a_full_stderr_blocks_neither_supervision_nor_serving() {
+    let dir = scratch("faults-stderr-full");
+    // A worker that writes far more than the pipe and the log queue hold.
+    let flood = python_worker(
+        &dir,
+        "flood.py",
+        "for i in range(30000):\n    print('flood line %d' % i)\nsys.stdout.flush()\nsend(16)\nserve_forever()",
+    );
+    // Shrunk at once, the pipe is full long before the workers are ready.
+    let args = ["--workers", "2", "--", "python3", flood.as_str()];
+    let (child, stderr, control) = lb_with_raw_stderr(&dir, &args, 2, Some(4096));
+    kill_and_see_it_restarted(&control);
+    let addr = address(&status(&control));
+    for _ in 0..40 {
+        assert!(get(addr, "/").starts_with("hello from worker"));
+    }
+    // Read the pipe again: the master says what it dropped.
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("log lines were dropped"))
+    });
+    assert_eq!(stop(child).code(), Some(0), "SIGTERM acted on, drained");
+    let said = reader.join().unwrap();
+    assert!(said.is_some(), "no line said how many were dropped");
+}
