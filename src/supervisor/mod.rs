@@ -30,11 +30,13 @@ use crate::policy::Slot;
 use crate::sys;
 
 /// Signals the master handles itself (blocked in every thread, read from a
-/// signalfd here; unblocked again in each worker before exec).
+/// signalfd here; unblocked again in each worker before exec): every one a
+/// user or a tool may send whose default would stop or kill lb. Those not
+/// meant to stop it are logged and ignored (`on_signals`). Fault signals
+/// (SEGV, BUS, FPE, ILL, ABRT) keep their default: the kernel delivers a
+/// real fault even when blocked, and one sent on purpose means "crash".
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
-    // SIGTTIN and SIGTTOU would stop the process by default: blocked here,
-    // they only ever reach the signalfd.
     for s in [
         Signal::SIGINT,
         Signal::SIGTERM,
@@ -42,6 +44,18 @@ pub fn handled_signals() -> SigSet {
         Signal::SIGHUP,
         Signal::SIGTTIN,
         Signal::SIGTTOU,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGPROF,
+        Signal::SIGVTALRM,
+        Signal::SIGXCPU,
+        Signal::SIGXFSZ,
+        Signal::SIGPWR,
+        Signal::SIGSYS,
+        Signal::SIGSTKFLT,
+        Signal::SIGTRAP,
+        Signal::SIGTSTP,
     ] {
         set.add(s);
     }
@@ -1191,7 +1205,16 @@ impl Supervisor {
                         Err(why) => info!("{signal}: not scaled: {why}"),
                     }
                 }
-                _ => {}
+                // What logrotate's postrotate sends.
+                Signal::SIGUSR1 => match self.output.reopen() {
+                    Some(Ok(path)) => info!("SIGUSR1: reopened {}", path.display()),
+                    Some(Err(e)) => info!("SIGUSR1: cannot reopen the worker log: {e}"),
+                    None => info!("SIGUSR1: no log file to reopen (lb logs to stderr)"),
+                },
+                Signal::SIGTSTP => {
+                    info!("SIGTSTP ignored: lb does not pause (SIGTERM stops it, SIGSTOP pauses)")
+                }
+                other => info!("{other} ignored (it has no meaning to lb)"),
             }
         }
     }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -32,6 +32,8 @@ pub struct Pipe {
 
 enum Msg {
     Pipe(Pipe),
+    /// Write to this from now on (the log file, reopened).
+    Sink(Box<dyn Write + Send>),
     Stop,
 }
 
@@ -40,13 +42,21 @@ pub struct Output {
     tx: Sender<Msg>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
+    /// The worker log file, if lines go to one.
+    file: Option<PathBuf>,
+}
+
+fn open_log(path: &Path) -> io::Result<Box<dyn Write + Send>> {
+    Ok(Box::new(
+        OpenOptions::new().create(true).append(true).open(path)?,
+    ))
 }
 
 impl Output {
     /// Starts the thread; lines go to `file` (appended) or else to stderr.
     pub fn start(file: Option<&Path>) -> io::Result<Output> {
         let sink: Box<dyn Write + Send> = match file {
-            Some(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+            Some(path) => open_log(path)?,
             None => Box::new(crate::log::Lines),
         };
         let poll = Poll::new()?;
@@ -59,7 +69,19 @@ impl Output {
             tx,
             waker,
             thread: Some(thread),
+            file: file.map(Path::to_path_buf),
         })
+    }
+
+    /// Opens the worker log file again (after logrotate moved it) and
+    /// writes there from now on; `None` when lines go to stderr.
+    pub fn reopen(&self) -> Option<io::Result<&Path>> {
+        let path = self.file.as_deref()?;
+        Some(open_log(path).map(|sink| {
+            let _ = self.tx.send(Msg::Sink(sink));
+            let _ = self.waker.wake();
+            path
+        }))
     }
 
     /// Hands a worker's pipe to the thread.
@@ -158,6 +180,10 @@ fn run(mut poll: Poll, rx: Receiver<Msg>, mut sink: Box<dyn Write + Send>) {
                                 sources.insert(token, Source::new(pipe));
                                 read_source(&mut poll, &mut sources, token, &mut *sink);
                             }
+                        }
+                        Msg::Sink(new) => {
+                            let _ = sink.flush();
+                            sink = new;
                         }
                         Msg::Stop => {
                             stopping = true;

@@ -152,3 +152,76 @@ fn a_full_stderr_blocks_neither_supervision_nor_serving() {
     let said = reader.join().unwrap();
     assert!(said.is_some(), "no line said how many were dropped");
 }
+
+/// Every signal a user or a tool may send has a defined effect, and none
+/// that is not meant to stop lb stops it: USR1 (logrotate's postrotate)
+/// reopens the worker log, the rest are logged and ignored. They used to
+/// kill the master and every worker (exit 138 for USR1), or stop it (TSTP).
+#[test]
+fn stray_signals_are_logged_and_ignored_and_usr1_reopens_the_worker_log() {
+    let dir = scratch("faults-signals");
+    let log = dir.join("workers.log");
+    let rotated = dir.join("workers.log.1");
+    let worker = python_worker(
+        &dir,
+        "chatty.py",
+        "send(16)\nwhile True:\n    msg, fds, _, _ = socket.recv_fds(chan, 4096, 4)\n    if not msg or msg[1] == 2:\n        break\n    if fds:\n        print('served one', flush=True)\n        serve_one(fds[0])",
+    );
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "1",
+            "--worker-log",
+            log.to_str().unwrap(),
+            "--",
+            "python3",
+            &worker,
+        ],
+        &[],
+        1,
+    );
+    let worker_pid = lb.pid_of_slot(0);
+    let ignored = [
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGPROF,
+        libc::SIGVTALRM,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGPWR,
+        libc::SIGSYS,
+        libc::SIGSTKFLT,
+        libc::SIGTRAP,
+        libc::SIGTSTP,
+    ];
+    for sig in ignored {
+        lb.signal(sig);
+        let name = nix::sys::signal::Signal::try_from(sig).unwrap().as_str();
+        lb.wait_log(&format!("{name} ignored"), 1);
+        assert!(
+            get(lb.addr, "/").starts_with("hello from worker 0"),
+            "{name}"
+        );
+    }
+    assert_eq!(lb.pid_of_slot(0), worker_pid, "no worker was touched");
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", lb.pid())).unwrap();
+    assert!(!state.contains(") T "), "lb is not stopped: {state}");
+    // logrotate's way: move the file, then SIGUSR1.
+    std::fs::rename(&log, &rotated).unwrap();
+    lb.signal(libc::SIGUSR1);
+    lb.wait_log(&format!("SIGUSR1: reopened {}", log.display()), 1);
+    get(lb.addr, "/");
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("served one")) {
+        assert!(
+            Instant::now() < deadline,
+            "nothing was written to the new log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("served one")
+    );
+}
