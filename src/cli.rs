@@ -176,6 +176,10 @@ pub enum Command {
     /// on fd 3. Started by lb itself when no worker command is given.
     #[command(hide = true)]
     HelloWorker,
+    /// Started by a master: kills its workers' process groups if it dies
+    /// (see `supervisor::reaper`).
+    #[command(hide = true)]
+    ReapGroups,
 }
 
 #[cfg(test)]

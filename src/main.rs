@@ -61,6 +61,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::HelloWorker) => lb::hello::main(),
+        Some(Command::ReapGroups) => lb::supervisor::reaper::main(),
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
         Some(Command::Reload { wait, target }) => {

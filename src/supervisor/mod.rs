@@ -9,6 +9,7 @@
 
 pub mod backoff;
 mod output;
+pub mod reaper;
 mod spawn;
 
 use std::io;
@@ -21,6 +22,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::{SfdFlags, SigSet, SignalFd};
+use nix::sys::wait::WaitPidFlag;
 
 use crate::config::{Config, Mode};
 use crate::control::{self, Request, Response, Status, WorkerStatus};
@@ -136,6 +138,24 @@ struct Proc {
     signal_on_drain: bool,
 }
 
+impl Proc {
+    /// SIGKILL to the worker and to the process group it leads (its own
+    /// children, which would otherwise outlive it).
+    fn kill(&self) {
+        let _ = sys::pidfd_signal(self.pidfd.as_fd(), libc::SIGKILL);
+        kill_group(self.pid);
+    }
+}
+
+/// SIGKILL to the process group `leader` leads (every worker leads its
+/// own); nothing if it is gone.
+fn kill_group(leader: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(leader as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 /// Per slot: what outlives its processes.
 #[derive(Default)]
 struct SlotState {
@@ -151,6 +171,8 @@ pub struct Supervisor {
     poll: Poll,
     signals: SignalFd,
     output: output::Output,
+    /// Kills what workers leave behind if this master is killed outright.
+    reaper: Option<reaper::Reaper>,
     config: Config,
     slot_pools: Vec<usize>,
     slots: Vec<SlotState>,
@@ -245,6 +267,14 @@ impl Supervisor {
             .map_err(SupervisorError::Signals)?;
         let output =
             output::Output::start(config.worker_log.as_deref()).map_err(SupervisorError::Output)?;
+        let reaper = reaper::Reaper::start()
+            .inspect_err(|e| {
+                info!(
+                    "cannot start the group reaper ({e}): if this master is killed with \
+                     SIGKILL, what its workers started may outlive them"
+                )
+            })
+            .ok();
         let slot_pools = config.slot_pools();
         let slots = (0..slot_pools.len())
             .map(|_| SlotState::default())
@@ -253,6 +283,7 @@ impl Supervisor {
             poll,
             signals,
             output,
+            reaper,
             config,
             slot_pools,
             slots,
@@ -444,6 +475,9 @@ impl Supervisor {
             }
         })?;
         let pid = spawned.child.id();
+        if let Some(r) = self.reaper.as_mut() {
+            r.add(pid);
+        }
         info!("worker {slot} pid {pid} gen {generation}: online");
         self.poll
             .registry()
@@ -508,12 +542,26 @@ impl Supervisor {
 
     fn on_exit(&mut self, pid: u32) {
         let Some(i) = self.index_of(pid) else { return };
+        // What the worker leaves behind in its process group (a shell's
+        // `sleep`, a server's own children) goes with it: while the exited
+        // leader is not reaped its pid, and so the group's id, cannot be
+        // reused by another process.
+        let exited = nix::sys::wait::waitid(
+            nix::sys::wait::Id::PIDFd(self.procs[i].pidfd.as_fd()),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        );
+        if matches!(exited, Ok(s) if s != nix::sys::wait::WaitStatus::StillAlive) {
+            kill_group(pid);
+        }
         let status = match self.procs[i].child.try_wait() {
             Ok(Some(status)) => status,
             // A pidfd is readable only once the process exited; else spurious.
             Ok(None) | Err(_) => return,
         };
         let p = self.procs.swap_remove(i);
+        if let Some(r) = self.reaper.as_mut() {
+            r.remove(pid);
+        }
         let _ = self
             .poll
             .registry()
@@ -1247,7 +1295,7 @@ impl Supervisor {
         }
         for p in &self.procs {
             self.forced = true;
-            let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
+            p.kill();
         }
     }
 
@@ -1255,6 +1303,9 @@ impl Supervisor {
     fn reap_all(&mut self) {
         for mut p in self.procs.drain(..) {
             let _ = p.child.wait();
+            if let Some(r) = self.reaper.as_mut() {
+                r.remove(p.pid);
+            }
         }
     }
 
@@ -1282,7 +1333,7 @@ impl Supervisor {
                     ready_timeout.as_secs_f64()
                 );
                 p.ready_timed_out = true;
-                let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
+                p.kill();
             }
             if p.kill_at.is_some_and(|t| now >= t) {
                 info!(
@@ -1292,7 +1343,7 @@ impl Supervisor {
                     self.config.drain_timeout.as_secs_f64()
                 );
                 p.kill_at = None;
-                let _ = sys::pidfd_signal(p.pidfd.as_fd(), libc::SIGKILL);
+                p.kill();
             }
         }
         self.replace_due(now);

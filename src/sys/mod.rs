@@ -127,6 +127,15 @@ pub fn prepare_child(cmd: &mut Command, channel: RawFd, target: RawFd) {
     }
 }
 
+/// Ignores `signals` in this process (and what it execs).
+pub fn ignore_signals(signals: &[nix::sys::signal::Signal]) {
+    for &s in signals {
+        // SAFETY: SIG_IGN installs no handler code that could run at an
+        // unsafe moment; it only changes the disposition.
+        let _ = unsafe { nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigIgn) };
+    }
+}
+
 /// Lets the child inherit `fd` (at the same number) across exec.
 pub fn keep_fd(cmd: &mut Command, fd: RawFd) {
     // SAFETY: runs in the forked child before exec; fcntl is

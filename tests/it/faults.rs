@@ -225,3 +225,110 @@ fn stray_signals_are_logged_and_ignored_and_usr1_reopens_the_worker_log() {
             .contains("served one")
     );
 }
+
+/// The pids of live processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+                && alive(*pid)
+        })
+        .collect()
+}
+
+/// Waits (bounded) until no live process has `marker` in its command line;
+/// ends (by pid) and complains about any that is left.
+fn wait_none_with(marker: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes_with(marker);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for pid in &left {
+                send_signal(*pid, libc::SIGKILL);
+            }
+            panic!("{what}: {left:?} outlived their worker");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A worker's children go with it, on every path lb ends it by: the ready
+/// timeout, the drain timeout, its own exit, and the master's death by
+/// SIGKILL (through the group reaper). lb used to kill the worker's pid
+/// only: the `sleep`s it had started lived on.
+#[test]
+fn a_workers_children_do_not_outlive_it() {
+    let dir = scratch("faults-children");
+    // Never ready: killed at the ready timeout, again and again, until lb
+    // gives up.
+    let (_, log) = run_to_exit(
+        &[
+            "--workers",
+            "1",
+            "--ready-timeout",
+            "300ms",
+            "--",
+            "sh",
+            "-c",
+            "sleep 77.4241; true",
+        ],
+        &[],
+    );
+    assert!(log.contains("not ready within"), "{log}");
+    wait_none_with("77.4241", "ready timeout");
+
+    // Ready, but deaf to DRAIN: killed at the drain timeout.
+    let deaf = python_worker(
+        &dir,
+        "deaf.py",
+        "import subprocess\nsubprocess.Popen(['sleep', '77.4242'])\nsend(16)\nwhile True:\n    time.sleep(1)",
+    );
+    let mut lb = Lb::start(
+        &[
+            "--workers",
+            "1",
+            "--drain-timeout",
+            "500ms",
+            "--",
+            "python3",
+            &deaf,
+        ],
+        &[],
+        1,
+    );
+    assert_eq!(processes_with("77.4242").len(), 1);
+    lb.signal(libc::SIGTERM);
+    lb.wait_exit();
+    wait_none_with("77.4242", "drain timeout");
+
+    // Drains and exits by itself, leaving its child behind.
+    let leaver = python_worker(
+        &dir,
+        "leaver.py",
+        "import subprocess\nsubprocess.Popen(['sleep', '77.4243'])\nsend(16)\nserve_forever()",
+    );
+    let mut lb = Lb::start(&["--workers", "1", "--", "python3", &leaver], &[], 1);
+    assert_eq!(processes_with("77.4243").len(), 1);
+    lb.signal(libc::SIGTERM);
+    assert!(lb.wait_exit().success());
+    wait_none_with("77.4243", "its own exit");
+
+    // The master is killed outright: its workers die with it, and the
+    // reaper ends what they started.
+    let starter = python_worker(
+        &dir,
+        "starter.py",
+        "import subprocess\nsubprocess.Popen(['sleep', '77.4244'])\nsend(16)\nserve_forever()",
+    );
+    let mut lb = Lb::start(&["--workers", "2", "--", "python3", &starter], &[], 2);
+    assert_eq!(processes_with("77.4244").len(), 2);
+    lb.signal(libc::SIGKILL);
+    lb.wait_exit();
+    wait_none_with("77.4244", "the master's SIGKILL");
+}

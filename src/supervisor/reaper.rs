@@ -1,0 +1,97 @@
+//! The group reaper: what a master killed with SIGKILL leaves behind.
+//!
+//! A worker dies with its master (parent-death signal), but the processes
+//! it started do not: nothing tells them. So the master starts one small
+//! process of its own, `lb reap-groups`, and tells it, over a pipe, the
+//! process group of every worker it starts (each worker leads its own) and
+//! of every worker whose group it has cleaned up itself. When the pipe
+//! ends — the master exited or was killed — the reaper sends SIGKILL to
+//! every group still listed, and exits.
+//!
+//! The reaper runs in a process group of its own and ignores the signals a
+//! terminal or a service manager sends the master's group, so it is still
+//! there when the master is not. Never touches a group it was not told of.
+
+use std::collections::BTreeSet;
+use std::io::{self, BufRead, Write};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+/// The master's handle on its reaper.
+pub struct Reaper {
+    child: Child,
+    to: Option<ChildStdin>,
+}
+
+impl Reaper {
+    /// Starts `lb reap-groups` (this same binary).
+    pub fn start() -> io::Result<Reaper> {
+        // This binary, even if its file was replaced or deleted since.
+        let mut child = Command::new("/proc/self/exe")
+            .arg("reap-groups")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        let to = child.stdin.take();
+        Ok(Reaper { child, to })
+    }
+
+    /// A worker leading process group `pgid` was started.
+    pub fn add(&mut self, pgid: u32) {
+        self.say(format_args!("+{pgid}\n"));
+    }
+
+    /// The group `pgid` was cleaned up (its leader reaped, the rest killed).
+    pub fn remove(&mut self, pgid: u32) {
+        self.say(format_args!("-{pgid}\n"));
+    }
+
+    fn say(&mut self, line: std::fmt::Arguments<'_>) {
+        // A reaper that is gone (killed by hand) costs only that backstop.
+        if let Some(to) = self.to.as_mut()
+            && to.write_fmt(line).is_err()
+        {
+            self.to = None;
+        }
+    }
+}
+
+impl Drop for Reaper {
+    /// A master that ends normally has cleaned up every group: the reaper
+    /// sees the pipe end with nothing listed, and exits.
+    fn drop(&mut self) {
+        drop(self.to.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// `lb reap-groups`: the reaper's side.
+pub fn main() -> std::process::ExitCode {
+    use nix::sys::signal::Signal;
+    crate::sys::ignore_signals(&[
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ]);
+    let mut groups = BTreeSet::new();
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let (op, pgid) = line.split_at(line.len().min(1));
+        match (op, pgid.parse::<i32>()) {
+            ("+", Ok(g)) if g > 1 => {
+                groups.insert(g);
+            }
+            ("-", Ok(g)) => {
+                groups.remove(&g);
+            }
+            _ => {}
+        }
+    }
+    for g in groups {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(g), Signal::SIGKILL);
+    }
+    std::process::ExitCode::SUCCESS
+}
