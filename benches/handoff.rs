@@ -37,17 +37,8 @@ fn dispatcher(policy: PolicyKind, kind: Kind) -> (Dispatcher, lb::dispatch::Hand
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let listener = lb::master::bind(addr, 4096).unwrap();
     let addr = listener.local_addr().unwrap();
-    let (events, _) = crossbeam_channel::bounded(64);
-    let (mut d, handle) = Dispatcher::new(
-        listener,
-        policy,
-        WORKERS,
-        Notifier {
-            events,
-            waker: None,
-        },
-    )
-    .unwrap();
+    let (notifier, _events) = Notifier::new(None);
+    let (mut d, handle) = Dispatcher::new(listener, policy, WORKERS, notifier).unwrap();
     match kind {
         Kind::Native => drop(inproc::workers(&handle, WORKERS, drop)),
         Kind::Node => drop(inproc::node_workers(&handle, WORKERS, drop)),

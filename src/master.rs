@@ -135,11 +135,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             })?;
         info!("metrics on http://{bound}/metrics");
     }
-    let (events_tx, events_rx) = crossbeam_channel::bounded(dispatch::EVENT_QUEUE);
-    let notifier = Notifier {
-        events: events_tx,
-        waker: Some(waker),
-    };
+    let (notifier, events_rx) = Notifier::new(Some(waker));
     // Shared mode: the workers accept from the listener; lb only holds it
     // (so its backlog outlives restarts) and never accepts itself.
     let shared = config.pools.iter().all(|p| !p.mode.dispatched());

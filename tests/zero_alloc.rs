@@ -93,17 +93,8 @@ enum Kind {
 fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, u64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let (events, _events_rx) = crossbeam_channel::bounded(64);
-    let (mut dispatcher, handle) = Dispatcher::new(
-        listener,
-        policy,
-        WORKERS,
-        Notifier {
-            events,
-            waker: None,
-        },
-    )
-    .unwrap();
+    let (notifier, _events) = Notifier::new(None);
+    let (mut dispatcher, handle) = Dispatcher::new(listener, policy, WORKERS, notifier).unwrap();
     let received = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&received);
     let serve = move |mut s: TcpStream| {

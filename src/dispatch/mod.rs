@@ -57,9 +57,12 @@ enum Delivery {
 
 /// How long a stopping dispatcher waits for open relays to finish.
 const STOP_LINGER: Duration = Duration::from_secs(5);
-/// Events the supervisor has not read yet; beyond this they are dropped
-/// (and counted) rather than ever blocking or allocating here.
-pub const EVENT_QUEUE: usize = 4096;
+/// Best-effort events (what workers say: messages, protocol errors, notes)
+/// the supervisor has not read yet; beyond this they are dropped (and
+/// counted) rather than ever blocking here. Lifecycle events are never
+/// dropped: there are a few per worker process, never one per connection
+/// or per message.
+pub const CHATTER_QUEUE: usize = 4096;
 
 /// Supervisor → dispatcher.
 #[derive(Debug)]
@@ -158,7 +161,8 @@ pub struct Stats {
     pub rescued: u64,
     /// Times accepting paused because every worker was full (or none ready).
     pub paused: u64,
-    /// Events dropped because the supervisor fell behind.
+    /// Worker chatter (messages, protocol errors, notes) dropped because
+    /// the supervisor fell behind.
     pub events_dropped: u64,
     /// Connections a Node worker refused (`accepted:false`), handed out again.
     pub refused: u64,
@@ -204,8 +208,35 @@ impl Handle {
 
 /// Where events go, and how to wake their reader.
 pub struct Notifier {
-    pub events: Sender<Event>,
-    pub waker: Option<Arc<Waker>>,
+    lifecycle: Sender<Event>,
+    chatter: Sender<Event>,
+    waker: Option<Arc<Waker>>,
+}
+
+/// The supervisor's end: lifecycle events (READY, LEAVING, Draining, …;
+/// every one arrives, in order) and worker chatter (best effort).
+pub struct EventQueues {
+    pub lifecycle: Receiver<Event>,
+    pub chatter: Receiver<Event>,
+}
+
+impl Notifier {
+    /// A notifier that wakes `waker` (if any) after each event.
+    pub fn new(waker: Option<Arc<Waker>>) -> (Notifier, EventQueues) {
+        let (lifecycle, lifecycle_rx) = crossbeam_channel::unbounded();
+        let (chatter, chatter_rx) = crossbeam_channel::bounded(CHATTER_QUEUE);
+        (
+            Notifier {
+                lifecycle,
+                chatter,
+                waker,
+            },
+            EventQueues {
+                lifecycle: lifecycle_rx,
+                chatter: chatter_rx,
+            },
+        )
+    }
 }
 
 /// The dispatch loop and all of its state.
@@ -746,12 +777,19 @@ impl Dispatcher {
     }
 
     fn emit(&mut self, event: Event) {
-        match self.notify.events.try_send(event) {
+        let queue = match event {
+            Event::Message { .. } | Event::Malformed { .. } | Event::Note { .. } => {
+                &self.notify.chatter
+            }
+            _ => &self.notify.lifecycle,
+        };
+        match queue.try_send(event) {
             Ok(()) => {
                 if let Some(w) = &self.notify.waker {
                     let _ = w.wake();
                 }
             }
+            // Full (chatter only), or the supervisor is gone.
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.stats.events_dropped += 1;
             }
@@ -1176,5 +1214,36 @@ impl Dispatcher {
         }
         self.drained = true;
         self.emit(Event::Drained);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Worker chatter that the supervisor does not read in time is dropped
+    /// and counted; a lifecycle event behind it still arrives.
+    #[test]
+    fn lifecycle_events_are_never_lost_behind_chatter() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (notifier, events) = Notifier::new(None);
+        let (mut d, _handle) =
+            Dispatcher::new(listener, PolicyKind::RoundRobin, 1, notifier).unwrap();
+        let (slot, pid) = (Slot(0), 7);
+        let flood = CHATTER_QUEUE + 1000;
+        for _ in 0..flood {
+            d.emit(Event::Message {
+                slot,
+                pid,
+                payload: b"m".to_vec(),
+            });
+        }
+        d.emit(Event::Leaving { slot, pid });
+        assert_eq!(
+            events.lifecycle.try_recv(),
+            Ok(Event::Leaving { slot, pid })
+        );
+        assert_eq!(events.chatter.len(), CHATTER_QUEUE);
+        assert_eq!(d.stats().events_dropped, 1000);
     }
 }

@@ -178,7 +178,7 @@ pub struct Supervisor {
     slots: Vec<SlotState>,
     procs: Vec<Proc>,
     dispatch: dispatch::Handle,
-    events: Receiver<Event>,
+    events: dispatch::EventQueues,
     control: Receiver<control::Incoming>,
     /// For status: where the master listens, and since when.
     listen: String,
@@ -246,7 +246,7 @@ impl Supervisor {
         reconfigure: Reconfigure,
         front: Front,
         dispatch: dispatch::Handle,
-        events: Receiver<Event>,
+        events: dispatch::EventQueues,
         control: Receiver<control::Incoming>,
     ) -> Result<Supervisor, SupervisorError> {
         let Front {
@@ -334,7 +334,10 @@ impl Supervisor {
                 return Err(SupervisorError::Poll(e));
             }
             // What a worker said before it died is handled before its death.
-            while let Ok(event) = self.events.try_recv() {
+            while let Ok(event) = self.events.lifecycle.try_recv() {
+                self.on_event(event);
+            }
+            while let Ok(event) = self.events.chatter.try_recv() {
                 self.on_event(event);
             }
             while let Ok(incoming) = self.control.try_recv() {
