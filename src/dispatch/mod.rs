@@ -151,6 +151,12 @@ pub enum Event {
     },
     /// The listener is closed and every worker has been sent DRAIN.
     Drained,
+    /// The process's channel is read to the end (what it said last came
+    /// before this) and let go: the answer to `Command::Detach`.
+    Detached {
+        slot: Slot,
+        pid: u32,
+    },
 }
 
 /// Counters of the loop. Plain integers: only the dispatch thread writes them.
@@ -1091,12 +1097,19 @@ impl Dispatcher {
         }
     }
 
-    /// Forgets a process after it exited, rescuing every connection still
-    /// queued (sent, never received) in its channel.
+    /// Forgets a process after it exited, having read what it said last
+    /// and rescued every connection still queued (sent, never received) in
+    /// its channel; then says Detached.
     fn detach(&mut self, slot: Slot, pid: u32) {
         let Some(index) = self.workers.find(slot, pid) else {
-            return;
+            return self.emit(Event::Detached { slot, pid });
         };
+        // Its last words: a LEAVING, CLOSED reports. (Draining first: the
+        // EOF of a dead Node worker's channel is not an announced exit.)
+        if let Some(w) = self.workers.get_mut(index) {
+            w.state = State::Draining;
+        }
+        self.read_worker(index);
         let was_current = self.is_current(index);
         let mut w = self.workers.remove(index).expect("found above");
         let _ = self
@@ -1133,6 +1146,7 @@ impl Dispatcher {
         if count > 0 {
             self.emit(Event::Rescued { slot, pid, count });
         }
+        self.emit(Event::Detached { slot, pid });
     }
 
     fn drain_worker(&mut self, index: usize) {

@@ -156,6 +156,19 @@ fn kill_group(leader: u32) {
     );
 }
 
+/// A worker that has exited, waiting for the dispatcher's Detached.
+struct Exiting {
+    proc: Proc,
+    uptime: std::time::Duration,
+    how: String,
+    /// Judge the exit anyway by then.
+    give_up_at: Instant,
+}
+
+/// How long an exit waits for the dispatcher's Detached (it answers in
+/// microseconds; this only guards against a dispatcher that is gone).
+const DETACH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Per slot: what outlives its processes.
 #[derive(Default)]
 struct SlotState {
@@ -177,6 +190,9 @@ pub struct Supervisor {
     slot_pools: Vec<usize>,
     slots: Vec<SlotState>,
     procs: Vec<Proc>,
+    /// Exited workers whose exit is judged once the dispatcher has read
+    /// their last words.
+    exiting: Vec<Exiting>,
     dispatch: dispatch::Handle,
     events: dispatch::EventQueues,
     control: Receiver<control::Incoming>,
@@ -288,6 +304,7 @@ impl Supervisor {
             slot_pools,
             slots,
             procs: Vec::new(),
+            exiting: Vec::new(),
             dispatch,
             events,
             control,
@@ -322,7 +339,7 @@ impl Supervisor {
         }
         let mut events = Events::with_capacity(64);
         loop {
-            if self.phase != Phase::Running && self.procs.is_empty() {
+            if self.phase != Phase::Running && self.procs.is_empty() && self.exiting.is_empty() {
                 break;
             }
             let timeout = self
@@ -395,12 +412,14 @@ impl Supervisor {
             .iter()
             .filter(|p| !p.ready && !p.retiring && !p.ready_timed_out)
             .map(|p| p.started + self.config.ready_timeout);
+        let exits = self.exiting.iter().map(|e| e.give_up_at);
         let drain = match self.phase {
             Phase::Draining { deadline } => Some(deadline),
             _ => None,
         };
         restarts
             .chain(kills)
+            .chain(exits)
             .chain(ready)
             .chain(drain)
             .chain(self.next_check)
@@ -569,9 +588,35 @@ impl Supervisor {
             .poll
             .registry()
             .deregister(&mut SourceFd(&p.pidfd.as_raw_fd()));
-        let uptime = p.started.elapsed();
+        // What the worker said last (a LEAVING just before it exited, say)
+        // may still be unread in its channel: the dispatcher reads it, and
+        // rescues what it never took, before it answers Detached. Only then
+        // is the exit judged.
+        self.dispatch.send(Command::Detach {
+            slot: p.slot,
+            pid: p.pid,
+        });
+        self.exiting.push(Exiting {
+            uptime: p.started.elapsed(),
+            how: spawn::describe(status),
+            give_up_at: Instant::now() + DETACH_WAIT,
+            proc: p,
+        });
+    }
+
+    /// The dispatcher has read and let go of an exited worker's channel
+    /// (or did not answer in time): what the exit means.
+    fn exited(&mut self, pid: u32) {
+        let Some(i) = self.exiting.iter().position(|e| e.proc.pid == pid) else {
+            return;
+        };
+        let Exiting {
+            proc: p,
+            uptime,
+            how,
+            ..
+        } = self.exiting.swap_remove(i);
         let expected = p.retiring || self.phase != Phase::Running;
-        let how = spawn::describe(status);
         info!(
             "worker {} pid {} gen {}: exit ({how}, up {:.1}s, {})",
             p.slot,
@@ -580,10 +625,6 @@ impl Supervisor {
             uptime.as_secs_f64(),
             if expected { "expected" } else { "unexpected" }
         );
-        self.dispatch.send(Command::Detach {
-            slot: p.slot,
-            pid: p.pid,
-        });
         if p.retiring || self.phase != Phase::Running {
             return;
         }
@@ -633,6 +674,19 @@ impl Supervisor {
             how
         };
         self.schedule_restart(p.slot, failures, reason);
+    }
+
+    /// Exits whose Detached is overdue (a dispatcher that is gone).
+    fn exits_overdue(&mut self, now: Instant) {
+        let overdue: Vec<u32> = self
+            .exiting
+            .iter()
+            .filter(|e| now >= e.give_up_at)
+            .map(|e| e.proc.pid)
+            .collect();
+        for pid in overdue {
+            self.exited(pid);
+        }
     }
 
     /// Restarts `slot` after the backoff for `failures` consecutive failed
@@ -705,19 +759,7 @@ impl Supervisor {
                     }
                 }
             }
-            Event::Leaving { slot, pid } => {
-                // A successor already starting (a reload's, a recycle's)
-                // is its replacement.
-                let covered = self
-                    .procs
-                    .iter()
-                    .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
-                if self.retire(pid) && self.phase == Phase::Running && !covered {
-                    info!("worker {slot} pid {pid}: leaving; starting its replacement first");
-                    self.slots[slot.0].restarts += 1;
-                    self.start_or_retry(slot);
-                }
-            }
+            Event::Leaving { slot, pid } => self.leaving(slot, pid),
             Event::Note { slot, pid, text } => info!("worker {slot} pid {pid}: {text}"),
             Event::Stop { slot, pid } => {
                 let Some(i) = self.index_of(pid) else { return };
@@ -753,6 +795,55 @@ impl Supervisor {
             Event::Drained => {
                 info!("listener closed; every worker was sent DRAIN");
             }
+            Event::Detached { pid, .. } => self.exited(pid),
+        }
+    }
+
+    /// A worker announced it is leaving (it may have exited already: its
+    /// exit is judged after this). Its replacement starts at once after a
+    /// healthy run; one that leaves young is a failed start, backed off
+    /// like a crash (a worker that keeps leaving young is a crash loop).
+    /// A successor already starting (a reload's, a recycle's) is its
+    /// replacement: never two.
+    fn leaving(&mut self, slot: Slot, pid: u32) {
+        let (ready, uptime) = if let Some(i) = self.index_of(pid) {
+            let p = &self.procs[i];
+            let seen = (p.ready, p.started.elapsed());
+            if !self.retire(pid) {
+                return;
+            }
+            seen
+        } else if let Some(e) = self.exiting.iter_mut().find(|e| e.proc.pid == pid) {
+            if e.proc.retiring {
+                return;
+            }
+            e.proc.retiring = true;
+            (e.proc.ready, e.uptime)
+        } else {
+            return;
+        };
+        let covered = self
+            .procs
+            .iter()
+            .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
+        if self.phase != Phase::Running || covered {
+            return;
+        }
+        self.slots[slot.0].restarts += 1;
+        if ready && uptime >= self.config.min_uptime {
+            info!("worker {slot} pid {pid}: leaving; starting its replacement first");
+            self.slots[slot.0].failures = 0;
+            self.start_or_retry(slot);
+        } else {
+            let failures = self.slots[slot.0].failures.saturating_add(1);
+            info!(
+                "worker {slot} pid {pid}: leaving after {:.1}s{}; its replacement starts in {} ms",
+                uptime.as_secs_f64(),
+                if ready { "" } else { ", never ready" },
+                backoff::delay(failures).as_millis()
+            );
+            let why = format!("left after {:.1}s", uptime.as_secs_f64());
+            self.schedule_restart(slot, failures, why);
         }
     }
 
@@ -1350,6 +1441,7 @@ impl Supervisor {
             }
         }
         self.replace_due(now);
+        self.exits_overdue(now);
         let limits = self.config.max_conns_per_worker.is_some() || self.config.max_rss.is_some();
         if limits && self.phase == Phase::Running {
             if self.next_check.is_none_or(|t| now >= t) {
@@ -1362,8 +1454,13 @@ impl Supervisor {
         for slot in 0..self.slots.len() {
             if self.slots[slot].restart_at.is_some_and(|t| now >= t) {
                 self.slots[slot].restart_at = None;
-                self.slots[slot].restarts += 1;
-                self.start_or_retry(Slot(slot));
+                // Something else took the slot meanwhile (a reload's
+                // candidate): never two successors.
+                let covered = self.procs.iter().any(|o| o.slot.0 == slot && !o.retiring);
+                if !covered {
+                    self.slots[slot].restarts += 1;
+                    self.start_or_retry(Slot(slot));
+                }
             }
         }
     }

@@ -541,3 +541,69 @@ fn a_connection_a_worker_has_no_fd_for_is_reported_closed() {
     drop(held);
     assert_eq!(lb.wait_all_closed(), [(2, 0)]);
 }
+
+/// Counts a log's `spawn` lines over `for_` after start.
+fn spawns_during(lb: &Lb, for_: Duration) -> usize {
+    std::thread::sleep(for_);
+    lb.log.count(": spawn `")
+}
+
+/// A worker that leaves young is a failed start: backed off like a crash,
+/// one successor at a time. One that says READY then LEAVING and never
+/// exits made 2,811 spawns in 4 s; one that exits right after LEAVING, 419.
+#[test]
+fn workers_that_keep_leaving_young_are_backed_off_like_a_crash_loop() {
+    let dir = scratch("leaving-young");
+    for (name, body) in [
+        (
+            "stays.py",
+            "send(16)\nsend(18)\nwhile True:\n    time.sleep(1)",
+        ),
+        ("exits.py", "send(16)\nsend(18)\nsys.exit(0)"),
+    ] {
+        let worker = python_worker(&dir, name, body);
+        let lb = Lb::start(&["--workers", "1", "--", "python3", &worker], &[], 1);
+        let spawns = spawns_during(&lb, Duration::from_secs(4));
+        eprintln!("{name}: {spawns} spawns in 4 s");
+        // 100, 200, 400, 800, 1600 ms of back-off fit in 4 s.
+        assert!(spawns <= 8, "{name}: {spawns} spawns in 4 s");
+        lb.wait_log("is crash-looping", 1);
+    }
+}
+
+/// A worker that sends LEAVING and exits at once is an announced exit,
+/// every time: its last words are read before its exit is judged (the
+/// exit used to win the race now and then: "unexpected", a restart with
+/// back-off, no successor first).
+#[test]
+fn leaving_then_exiting_at_once_is_never_taken_for_a_crash() {
+    let dir = scratch("leaving-exit");
+    let worker = python_worker(
+        &dir,
+        "leave.py",
+        "send(16)\ntime.sleep(0.25)\nsend(18)\nos._exit(0)",
+    );
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "2",
+            "--min-uptime",
+            "100ms",
+            "--",
+            "python3",
+            &worker,
+        ],
+        &[],
+        2,
+    );
+    lb.wait_log("leaving; starting its replacement first", 12);
+    let lines = lb.log.lines();
+    let exits: Vec<&String> = lines.iter().filter(|l| l.contains(": exit (")).collect();
+    assert!(exits.len() >= 8, "{exits:?}");
+    assert!(
+        exits
+            .iter()
+            .all(|l| l.contains("expected)") && !l.contains("unexpected")),
+        "{exits:#?}"
+    );
+}
