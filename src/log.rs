@@ -94,10 +94,106 @@ impl Write for Lines {
     }
 }
 
+/// Text a worker sent, made safe for a log line: control characters (a
+/// newline that would start a forged `lb:` line, a carriage return, a
+/// terminal escape) are written as `\n`, `\r`, `\x1b`…, invalid UTF-8 as
+/// U+FFFD. Tabs stay.
+pub fn escape(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    let text = String::from_utf8_lossy(bytes);
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push('\t'),
+            c if c.is_control() => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// How many lines one source (a worker's messages) may have logged a
+/// second, in bursts of as many; the rest are counted, and the count is
+/// logged before the next line that may be (or when the source ends).
+pub struct Budget {
+    per_second: u32,
+    tokens: f64,
+    last: Instant,
+    suppressed: u64,
+}
+
+impl Budget {
+    pub fn new(per_second: u32) -> Budget {
+        Budget {
+            per_second,
+            tokens: f64::from(per_second),
+            last: Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be logged at `now`; if so, how many were not
+    /// logged before it (to say so first).
+    pub fn take(&mut self, now: Instant) -> Option<u64> {
+        let rate = f64::from(self.per_second);
+        let earned = now.saturating_duration_since(self.last).as_secs_f64() * rate;
+        self.tokens = (self.tokens + earned).min(rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+
+    /// Lines not logged and not yet reported (the source has ended).
+    pub fn unreported(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
 /// One master log line: `lb: ` and the message. Never blocks.
 #[macro_export]
 macro_rules! info {
     ($($arg:tt)*) => {
         $crate::log::line(format!("lb: {}", format_args!($($arg)*)).as_bytes())
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_cannot_forge_or_garble_a_line() {
+        let forged = b"ok\nlb: worker 0 pid 1 gen 1: exit (killed by SIGKILL)\r\x1b[2K\tend";
+        assert_eq!(
+            escape(forged),
+            "ok\\nlb: worker 0 pid 1 gen 1: exit (killed by SIGKILL)\\r\\x1b[2K\tend"
+        );
+        assert_eq!(escape("plain, ünïcode".as_bytes()), "plain, ünïcode");
+        assert_eq!(escape(b"\xff"), "\u{fffd}");
+    }
+
+    #[test]
+    fn a_budget_allows_bursts_then_its_rate_and_counts_the_rest() {
+        let start = Instant::now();
+        let mut b = Budget::new(10);
+        let allowed = (0..25).filter(|_| b.take(start).is_some()).count();
+        assert_eq!(allowed, 10);
+        // A second later: ten more, the first of them saying 15 were not logged.
+        let later = start + Duration::from_secs(1);
+        assert_eq!(b.take(later), Some(15));
+        assert_eq!(b.take(later), Some(0));
+        assert_eq!(b.unreported(), 0);
+    }
 }

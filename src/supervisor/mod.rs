@@ -72,6 +72,9 @@ const CHILD_BASE: usize = 2;
 const MALFORMED_LOGGED: u32 = 3;
 /// Protocol errors after which a worker is replaced.
 const MALFORMED_LIMIT: u32 = 10;
+/// Lines a worker may make lb log a second (messages, notes), in bursts
+/// of as many; the rest are counted.
+const SAID_PER_SECOND: u32 = 100;
 /// How often the recycling limits are checked.
 const RECYCLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -130,6 +133,8 @@ struct Proc {
     /// When its successor is to be started (the back-off after protocol
     /// errors).
     replace_at: Option<Instant>,
+    /// How much it may make lb log (messages, notes).
+    said: crate::log::Budget,
     /// The signal that asks it to finish and exit (its pool's).
     stop_signal: libc::c_int,
     /// Draining it means that signal (shared and proxy workers have no
@@ -540,6 +545,7 @@ impl Supervisor {
             malformed: 0,
             recycling: false,
             replace_at: None,
+            said: crate::log::Budget::new(SAID_PER_SECOND),
             stop_signal: pool.stop_signal,
             signal_on_drain: matches!(pool.mode, Mode::Shared | Mode::Proxy),
         });
@@ -611,11 +617,18 @@ impl Supervisor {
             return;
         };
         let Exiting {
-            proc: p,
+            proc: mut p,
             uptime,
             how,
             ..
         } = self.exiting.swap_remove(i);
+        let unlogged = p.said.unreported();
+        if unlogged > 0 {
+            info!(
+                "worker {} pid {}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)",
+                p.slot, p.pid
+            );
+        }
         let expected = p.retiring || self.phase != Phase::Running;
         info!(
             "worker {} pid {} gen {}: exit ({how}, up {:.1}s, {})",
@@ -760,7 +773,10 @@ impl Supervisor {
                 }
             }
             Event::Leaving { slot, pid } => self.leaving(slot, pid),
-            Event::Note { slot, pid, text } => info!("worker {slot} pid {pid}: {text}"),
+            Event::Note { slot, pid, text } => {
+                let text = crate::log::escape(text.as_bytes());
+                self.say_for(slot, pid, format_args!("{text}"));
+            }
             Event::Stop { slot, pid } => {
                 let Some(i) = self.index_of(pid) else { return };
                 let p = &self.procs[i];
@@ -775,10 +791,8 @@ impl Supervisor {
                 }
             }
             Event::Message { slot, pid, payload } => {
-                info!(
-                    "worker {slot} pid {pid}: message: {}",
-                    String::from_utf8_lossy(&payload).trim_end()
-                );
+                let text = crate::log::escape(payload.trim_ascii_end());
+                self.say_for(slot, pid, format_args!("message: {text}"));
             }
             Event::Malformed { slot, pid, error } => self.protocol_error(slot, pid, error),
             Event::Rescued { slot, pid, count } => {
@@ -797,6 +811,28 @@ impl Supervisor {
             }
             Event::Detached { pid, .. } => self.exited(pid),
         }
+    }
+
+    /// Logs a line a worker made lb log (its messages, notes about it),
+    /// within that worker's budget: what is over it is counted, and the
+    /// count said before its next line or at its exit.
+    fn say_for(&mut self, slot: Slot, pid: u32, text: std::fmt::Arguments<'_>) {
+        let budget = match self.index_of(pid) {
+            Some(i) => &mut self.procs[i].said,
+            None => match self.exiting.iter_mut().find(|e| e.proc.pid == pid) {
+                Some(e) => &mut e.proc.said,
+                None => return,
+            },
+        };
+        let Some(unlogged) = budget.take(Instant::now()) else {
+            return;
+        };
+        if unlogged > 0 {
+            info!(
+                "worker {slot} pid {pid}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)"
+            );
+        }
+        info!("worker {slot} pid {pid}: {text}");
     }
 
     /// A worker announced it is leaving (it may have exited already: its

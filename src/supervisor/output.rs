@@ -138,9 +138,11 @@ impl Source {
 
 fn write_line(sink: &mut dyn Write, prefix: &str, line: &[u8]) {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // No carriage return or terminal escape can make it look like lb's own.
+    let line = crate::log::escape(line);
     let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
     out.extend_from_slice(prefix.as_bytes());
-    out.extend_from_slice(line);
+    out.extend_from_slice(line.as_bytes());
     out.push(b'\n');
     // Nowhere to report a failing log sink; the line is dropped.
     let _ = sink.write_all(&out);

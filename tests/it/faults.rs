@@ -332,3 +332,55 @@ fn a_workers_children_do_not_outlive_it() {
     lb.wait_exit();
     wait_none_with("77.4244", "the master's SIGKILL");
 }
+
+/// A worker cannot flood lb's log or forge its lines: what it makes lb
+/// log (messages) is limited per worker, with a count of what was not
+/// logged, and every control character it sends is escaped. One worker's
+/// messages used to write 1.97M lines in 20 s, and a payload with a
+/// newline printed a line of its own that looked like lb's.
+#[test]
+fn a_worker_can_neither_flood_nor_forge_lbs_log() {
+    let dir = scratch("faults-log");
+    let worker = python_worker(
+        &dir,
+        "noisy.py",
+        r#"send(16)
+send(32, 0, b"x\nlb: worker 0 pid 1 gen 1: exit (killed by SIGKILL, up 1.0s, unexpected)")
+print("out\r\x1b[2Klb: forged too", flush=True)
+for i in range(20000):
+    send(32, 0, b"flood %d" % i)
+time.sleep(1.2)
+send(32, 0, b"last")
+serve_forever()"#,
+    );
+    let lb = Lb::start(&["--workers", "1", "--", "python3", &worker], &[], 1);
+    lb.wait_log("message: last", 1);
+    let lines = lb.log.lines();
+    let floods = lines
+        .iter()
+        .filter(|l| l.contains("message: flood"))
+        .count();
+    assert!(floods <= 200, "{floods} flood lines logged");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("lines not logged (more than 100 a second)")),
+        "the suppressed lines are counted"
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("lb: worker 0 pid 1 gen")),
+        "a forged line: {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("message: x\\nlb: worker 0 pid 1"))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("out\\r\\x1b[2Klb: forged too"))
+    );
+}
