@@ -9,6 +9,8 @@ mod control;
 mod core;
 #[path = "it/drain.rs"]
 mod drain;
+#[path = "it/limits.rs"]
+mod limits;
 #[path = "it/node.rs"]
 mod node;
 #[path = "it/proxy.rs"]
