@@ -2,13 +2,17 @@
 //! `lb.toml`, merged with precedence CLI > env > file > default.
 //!
 //! Every refusal is one line naming the value, where it came from, and the
-//! fix. Does no I/O beyond reading the file and checking that worker
-//! commands exist.
+//! fix. [`load`] does no I/O beyond reading the file and checking that
+//! worker commands exist; [`preflight`], run once at start, checks what the
+//! configuration names (files, the open-files limit).
 
 pub mod duration;
 mod file;
 mod mode;
+mod preflight;
 pub mod size;
+
+pub use preflight::preflight;
 
 pub use mode::Mode;
 
@@ -87,6 +91,17 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,
+    /// Where the values [`preflight`] checks came from, for its messages.
+    pub origins: Origins,
+}
+
+/// Where some values came from (their flag with [`Origin::Default`] when
+/// not set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origins {
+    pub worker_log: Origin,
+    pub control: Origin,
+    pub max_conns: Origin,
 }
 
 /// A group of identical workers.
@@ -130,6 +145,8 @@ pub enum Origin {
     Flag(&'static str),
     Env(&'static str),
     File(String, &'static str),
+    /// Not set: the default of this flag.
+    Default(&'static str),
 }
 
 impl fmt::Display for Origin {
@@ -138,6 +155,7 @@ impl fmt::Display for Origin {
             Origin::Flag(flag) => write!(f, "{flag}"),
             Origin::Env(var) => write!(f, "{var}"),
             Origin::File(path, key) => write!(f, "`{key}` in {path}"),
+            Origin::Default(flag) => write!(f, "{flag} (default)"),
         }
     }
 }
@@ -422,15 +440,30 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         defaults::MIN_UPTIME,
         Duration::ZERO,
     )?;
-    let worker_log = args
-        .worker_log
-        .clone()
-        .or_else(|| {
-            env("LB_WORKER_LOG")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| file.worker_log.clone().map(PathBuf::from));
+    let path_setting = |cli: Option<&PathBuf>,
+                        flag: &'static str,
+                        var: &'static str,
+                        file: Option<&String>,
+                        key: &'static str|
+     -> (Option<PathBuf>, Origin) {
+        if let Some(p) = cli {
+            return (Some(p.clone()), Origin::Flag(flag));
+        }
+        if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+            return (Some(v.into()), Origin::Env(var));
+        }
+        match file {
+            Some(v) => (Some(v.into()), in_file(key)),
+            None => (None, Origin::Default(flag)),
+        }
+    };
+    let (worker_log, worker_log_origin) = path_setting(
+        args.worker_log.as_ref(),
+        "--worker-log",
+        "LB_WORKER_LOG",
+        file.worker_log.as_ref(),
+        "worker_log",
+    );
     let max_conns_per_worker = match layered(
         args.max_conns_per_worker.as_deref(),
         "--max-conns-per-worker",
@@ -491,7 +524,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         None => 1,
         Some((v, origin)) => parse_count(&v, origin)?,
     };
-    let max_conns = match layered(
+    let (max_conns, max_conns_origin) = match layered(
         args.max_conns.as_deref(),
         "--max-conns",
         env,
@@ -499,9 +532,9 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         file.max_conns.map(|n| n.to_string()),
         || in_file("max_conns"),
     ) {
-        None => defaults::MAX_CONNS,
+        None => (defaults::MAX_CONNS, Origin::Default("--max-conns")),
         Some((v, origin)) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=bounds::MAX_CONNS_MAX).contains(&n) => n,
+            Ok(n) if (1..=bounds::MAX_CONNS_MAX).contains(&n) => (n, origin),
             _ => {
                 return Err(invalid(
                     origin,
@@ -530,15 +563,13 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 .ok_or_else(|| invalid(origin, &v, "give HOST:PORT, e.g. 127.0.0.1:9090"))?,
         ),
     };
-    let control = args
-        .control
-        .clone()
-        .or_else(|| {
-            env("LB_CONTROL")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| file.control.clone().map(PathBuf::from));
+    let (control, control_origin) = path_setting(
+        args.control.as_ref(),
+        "--control",
+        "LB_CONTROL",
+        file.control.as_ref(),
+        "control",
+    );
 
     // Worker count given outside the pools (CLI > env > file `workers`).
     let workers = layered(
@@ -747,6 +778,11 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_conns,
         pools,
         policy_explicit,
+        origins: Origins {
+            worker_log: worker_log_origin,
+            control: control_origin,
+            max_conns: max_conns_origin,
+        },
     };
     if config.slots() > defaults::MAX_WORKERS {
         return Err(ConfigError::Conflict(format!(
