@@ -8,6 +8,8 @@
 
 pub mod duration;
 mod file;
+#[cfg(test)]
+mod fuzz;
 mod mode;
 mod preflight;
 pub mod size;
