@@ -33,7 +33,8 @@ pub struct StartArgs {
     #[arg(short, long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
 
-    /// Number of workers [env: LB_WORKERS] [default: the CPUs this process may use]
+    /// Number of workers, 1 to 1024 [env: LB_WORKERS] [default: the CPUs
+    /// this process may use]
     #[arg(short, long, value_name = "N")]
     pub workers: Option<String>,
 
@@ -55,49 +56,53 @@ pub struct StartArgs {
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Listen backlog [env: LB_BACKLOG] [default: 4096]
+    /// Listen backlog, 1 to 65535 (net.core.somaxconn caps it)
+    /// [env: LB_BACKLOG] [default: 4096]
     #[arg(long, value_name = "N")]
     pub backlog: Option<String>,
 
-    /// How long workers get to finish on shutdown, e.g. 10s or 500ms
-    /// [env: LB_DRAIN_TIMEOUT] [default: 10s]
+    /// How long workers get to finish on shutdown, from 1ms to 24h, e.g.
+    /// 10s or 500ms [env: LB_DRAIN_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<String>,
 
     /// How long a worker may take to say READY before it is killed and
-    /// restarted [env: LB_READY_TIMEOUT] [default: 30s]
+    /// restarted, from 1ms to 24h [env: LB_READY_TIMEOUT] [default: 30s]
     #[arg(long, value_name = "DURATION")]
     pub ready_timeout: Option<String>,
 
     /// A worker that exits sooner than this after starting counts as a failed
-    /// start (backoff grows; repeated ones are a crash loop)
+    /// start (backoff grows; repeated ones are a crash loop), from 0 to 24h
     /// [env: LB_MIN_UPTIME] [default: 1s]
     #[arg(long, value_name = "DURATION")]
     pub min_uptime: Option<String>,
 
     /// Append the workers' prefixed output lines to this file instead of
-    /// lb's stderr [env: LB_WORKER_LOG]
+    /// lb's stderr; checked at start [env: LB_WORKER_LOG]
     #[arg(long, value_name = "FILE")]
     pub worker_log: Option<PathBuf>,
 
-    /// Replace a worker after this many connections, its successor ready
-    /// first [env: LB_MAX_CONNS_PER_WORKER] [default: 0, no limit]
+    /// Replace a worker after this many connections (up to 10^12), its
+    /// successor ready first [env: LB_MAX_CONNS_PER_WORKER] [default: 0, no
+    /// limit]
     #[arg(long, value_name = "N")]
     pub max_conns_per_worker: Option<String>,
 
     /// Replace a worker whose resident memory exceeds this (checked once a
-    /// second), its successor ready first, e.g. 512MB [env: LB_MAX_RSS]
-    /// [default: no limit]
+    /// second), its successor ready first: 1M to 1024G, e.g. 512MB (a bare
+    /// number is bytes) [env: LB_MAX_RSS] [default: 0, no limit]
     #[arg(long, value_name = "SIZE")]
     pub max_rss: Option<String>,
 
-    /// How many workers a rolling reload replaces at once
+    /// How many workers a rolling reload replaces at once, 1 to 1024
     /// [env: LB_RELOAD_PARALLEL] [default: 1]
     #[arg(long, value_name = "N")]
     pub reload_parallel: Option<String>,
 
-    /// Proxy mode: connections relayed at once; beyond it lb stops
-    /// accepting until one ends [env: LB_MAX_CONNS] [default: 1024]
+    /// Proxy mode: connections relayed at once, 1 to 1048576; beyond it lb
+    /// stops accepting until one ends. Each relay costs 6 open files, checked
+    /// against the open-files limit at start [env: LB_MAX_CONNS]
+    /// [default: 1024]
     #[arg(long, value_name = "N")]
     pub max_conns: Option<String>,
 
@@ -105,8 +110,9 @@ pub struct StartArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
 
-    /// The control socket for `lb status/stop/send` [env: LB_CONTROL]
-    /// [default: $XDG_RUNTIME_DIR or /tmp, lb-<port>.sock]
+    /// The control socket for `lb status/stop/send`, in an existing directory
+    /// (checked at start) [env: LB_CONTROL] [default: $XDG_RUNTIME_DIR or
+    /// /tmp, lb-<port>.sock]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
@@ -216,6 +222,23 @@ mod tests {
         ];
         for name in named {
             assert!(help.contains(name), "{name}: {help}");
+        }
+    }
+
+    #[test]
+    fn help_gives_the_bounds() {
+        let help = Cli::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for bound in [
+            "from 1ms to 24h",
+            "from 0 to 24h",
+            "1 to 65535",
+            "1 to 1048576",
+            "1M to 1024G",
+            "up to 10^12",
+            "Number of workers, 1 to 1024",
+        ] {
+            assert!(help.contains(bound), "{bound}: {help}");
         }
     }
 

@@ -135,6 +135,11 @@ fn main() -> ExitCode {
             match outcome {
                 Ok(Outcome::Drained) => ExitCode::SUCCESS,
                 Ok(Outcome::Forced) => ExitCode::from(1),
+                // Bad input found at start, before anything started.
+                Err(e @ lb::master::MasterError::Config(_)) => {
+                    eprintln!("lb: error: {e}");
+                    ExitCode::from(2)
+                }
                 Err(e) => {
                     eprintln!("lb: error: {e}");
                     ExitCode::from(1)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use mio::{Poll, Waker};
 use socket2::{Domain, Socket, Type};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::dispatch::{self, Dispatcher, Notifier};
 use crate::info;
@@ -23,6 +23,9 @@ pub enum MasterError {
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// What the configuration names cannot be used (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("{0}")]
     Io(String),
 }
@@ -77,7 +80,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     supervisor::handled_signals()
         .thread_block()
         .map_err(|e| MasterError::Io(format!("cannot block signals: {e}")))?;
-    let _ = sys::raise_nofile_limit();
+    let open_files = sys::raise_nofile_limit().ok();
     // Socket activation's fds are taken below (and kept CLOEXEC there).
     sys::cloexec_from(3).map_err(|e| MasterError::Io(format!("inherited fds: {e}")))?;
 
@@ -94,6 +97,32 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     let local = listener
         .local_addr()
         .map_err(|e| MasterError::Io(format!("listener address: {e}")))?;
+
+    // Everything the configuration names is checked, and the control and
+    // metrics servers started, before the line that says lb is up.
+    let control_path = config
+        .control
+        .clone()
+        .unwrap_or_else(|| control::default_path(local.port()));
+    crate::config::preflight(&config, &control_path, open_files)?;
+    let poll = Poll::new().map_err(|e| MasterError::Io(format!("epoll: {e}")))?;
+    let waker = Arc::new(
+        Waker::new(poll.registry(), supervisor::WAKER)
+            .map_err(|e| MasterError::Io(format!("eventfd: {e}")))?,
+    );
+    let (control_tx, control_rx) = crossbeam_channel::unbounded();
+    let control = control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?;
+    let metrics = match config.metrics {
+        Some(addr) => Some(
+            control::metrics::serve(addr, control_tx.clone(), Arc::clone(&waker)).map_err(|e| {
+                MasterError::Listen {
+                    addr,
+                    reason: format!("{e} (for --metrics)"),
+                }
+            })?,
+        ),
+        None => None,
+    };
     info!(
         "listening on {local} (policy {}, {} workers: {})",
         config.policy,
@@ -113,26 +142,8 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             .join(", ")
     );
 
-    let poll = Poll::new().map_err(|e| MasterError::Io(format!("epoll: {e}")))?;
-    let waker = Arc::new(
-        Waker::new(poll.registry(), supervisor::WAKER)
-            .map_err(|e| MasterError::Io(format!("eventfd: {e}")))?,
-    );
-    let control_path = config
-        .control
-        .clone()
-        .unwrap_or_else(|| control::default_path(local.port()));
-    let (control_tx, control_rx) = crossbeam_channel::unbounded();
-    let control = control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?;
     info!("control socket {}", control.path().display());
-    if let Some(addr) = config.metrics {
-        let bound =
-            control::metrics::serve(addr, control_tx.clone(), Arc::clone(&waker)).map_err(|e| {
-                MasterError::Listen {
-                    addr,
-                    reason: format!("{e} (for --metrics)"),
-                }
-            })?;
+    if let Some(bound) = metrics {
         info!("metrics on http://{bound}/metrics");
     }
     let (notifier, events_rx) = Notifier::new(Some(waker));

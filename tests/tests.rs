@@ -11,6 +11,8 @@ mod core;
 mod drain;
 #[path = "it/faults.rs"]
 mod faults;
+#[path = "it/limits.rs"]
+mod limits;
 #[path = "it/node.rs"]
 mod node;
 #[path = "it/proxy.rs"]

@@ -20,6 +20,23 @@ pub fn parse(s: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(value * scale).ok()
 }
 
+/// `d` as [`parse`] reads it, in the largest unit that is exact: `0`,
+/// `500ms`, `10s`, `2m`, `24h`.
+pub fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0".into()
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +51,33 @@ mod tests {
         assert_eq!(parse("ten"), None);
         assert_eq!(parse("5d"), None);
         assert_eq!(parse(""), None);
+        assert_eq!(parse("-1s"), None);
+        assert_eq!(parse("."), None);
+        assert_eq!(parse("1e9"), None);
+    }
+
+    #[test]
+    fn huge_values_parse_without_panicking() {
+        // Out of range for a Duration: refused by the parser itself.
+        assert_eq!(parse("99999999999999999999999h"), None);
+        // In range for a Duration (the config then refuses them).
+        assert!(parse("9223372036854775807s").is_some());
+        assert!(parse("2562047788015215h").is_some());
+    }
+
+    #[test]
+    fn show_is_read_back_by_parse() {
+        for d in [
+            Duration::ZERO,
+            Duration::from_millis(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(10),
+            Duration::from_secs(120),
+            Duration::from_secs(24 * 3600),
+        ] {
+            assert_eq!(parse(&show(d)), Some(d), "{}", show(d));
+        }
+        assert_eq!(show(Duration::from_secs(24 * 3600)), "24h");
+        assert_eq!(show(Duration::from_millis(1)), "1ms");
     }
 }

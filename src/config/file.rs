@@ -64,7 +64,15 @@ pub fn parse(text: &str) -> Result<File, (usize, String)> {
     toml::from_str(text).map_err(|e| {
         let line = e
             .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            // Bytes, not `str`: a span that ends inside a character must
+            // not panic.
+            .map(|s| {
+                text.as_bytes()[..s.start.min(text.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1
+            })
             .unwrap_or(1);
         let message = e.message().lines().next().unwrap_or("").trim().to_string();
         (line, message)

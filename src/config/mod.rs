@@ -2,13 +2,19 @@
 //! `lb.toml`, merged with precedence CLI > env > file > default.
 //!
 //! Every refusal is one line naming the value, where it came from, and the
-//! fix. Does no I/O beyond reading the file and checking that worker
-//! commands exist.
+//! fix. [`load`] does no I/O beyond reading the file and checking that
+//! worker commands exist; [`preflight`], run once at start, checks what the
+//! configuration names (files, the open-files limit).
 
 pub mod duration;
 mod file;
+#[cfg(test)]
+mod fuzz;
 mod mode;
+mod preflight;
 pub mod size;
+
+pub use preflight::preflight;
 
 pub use mode::Mode;
 
@@ -34,6 +40,31 @@ pub mod defaults {
     pub const MAX_WORKERS: usize = 1024;
     /// Proxy mode: relays open at once (each holds two sockets and two pipes).
     pub const MAX_CONNS: usize = 1024;
+}
+
+/// The range each setting must fall in (documented in `lb.toml.example` and
+/// `--help`). With every duration at most a day, no deadline lb computes
+/// (`Instant::now() + timeout`) can overflow.
+pub mod bounds {
+    use std::time::Duration;
+
+    /// The longest duration any setting takes: a day.
+    pub const DURATION_MAX: Duration = Duration::from_secs(24 * 3600);
+    /// The shortest `drain_timeout` and `ready_timeout`: 0 would kill every
+    /// starting (or draining) worker at once.
+    pub const TIMEOUT_MIN: Duration = Duration::from_millis(1);
+    /// The kernel's own historic ceiling (and `net.core.somaxconn` caps it).
+    pub const BACKLOG_MAX: u32 = 65535;
+    /// Proxy mode's relays (each costs 6 open files; see `preflight`).
+    pub const MAX_CONNS_MAX: usize = 1 << 20;
+    /// `max_conns_per_worker` (0 = no limit): a trillion.
+    pub const CONNS_PER_WORKER_MAX: u64 = 1_000_000_000_000;
+    /// `max_rss` (0 = no limit): from 1 MiB (a bare number is bytes: `512`
+    /// is almost surely a mistake for 512MB) to 1 TiB.
+    pub const RSS_MIN: u64 = 1 << 20;
+    pub const RSS_MAX: u64 = 1 << 40;
+    /// A pool's weight: 10000:1 still lets a canary take 0.01%.
+    pub const WEIGHT_MAX: u32 = 10_000;
 }
 
 /// Everything the master needs, validated.
@@ -62,6 +93,17 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,
+    /// Where the values [`preflight`] checks came from, for its messages.
+    pub origins: Origins,
+}
+
+/// Where some values came from (their flag with [`Origin::Default`] when
+/// not set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origins {
+    pub worker_log: Origin,
+    pub control: Origin,
+    pub max_conns: Origin,
 }
 
 /// A group of identical workers.
@@ -105,6 +147,8 @@ pub enum Origin {
     Flag(&'static str),
     Env(&'static str),
     File(String, &'static str),
+    /// Not set: the default of this flag.
+    Default(&'static str),
 }
 
 impl fmt::Display for Origin {
@@ -113,45 +157,94 @@ impl fmt::Display for Origin {
             Origin::Flag(flag) => write!(f, "{flag}"),
             Origin::Env(var) => write!(f, "{var}"),
             Origin::File(path, key) => write!(f, "`{key}` in {path}"),
+            Origin::Default(flag) => write!(f, "{flag} (default)"),
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A refusal. Its `Display` is always one line: control characters in the
+/// values it quotes (a newline in a path, say) are shown escaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {reason}; check --config / LB_CONFIG")]
-    Read { path: String, reason: String },
-    #[error("{path}:{line}: {message}; see lb.toml.example for every key")]
+    Read {
+        path: String,
+        reason: String,
+    },
     Syntax {
         path: String,
         line: usize,
         message: String,
     },
-    #[error("invalid {origin} `{value}`: {expected}")]
     Invalid {
         origin: Origin,
         value: String,
         expected: String,
     },
-    #[error(
-        "worker command `{command}` ({origin}) {reason}; give the path of an executable or fix PATH"
-    )]
     Command {
         origin: String,
         command: String,
         reason: &'static str,
     },
-    #[error(
-        "worker command `{command}` ({origin}) {reason}; a Node.js cluster worker runs a script: node app.js"
-    )]
     Script {
         origin: String,
         command: String,
         reason: &'static str,
     },
-    #[error("{0}")]
     Conflict(String),
 }
+
+impl ConfigError {
+    fn message(&self) -> String {
+        match self {
+            ConfigError::Read { path, reason } => {
+                format!("cannot read config file {path}: {reason}; check --config / LB_CONFIG")
+            }
+            ConfigError::Syntax {
+                path,
+                line,
+                message,
+            } => format!("{path}:{line}: {message}; see lb.toml.example for every key"),
+            ConfigError::Invalid {
+                origin,
+                value,
+                expected,
+            } => format!("invalid {origin} `{value}`: {expected}"),
+            ConfigError::Command {
+                origin,
+                command,
+                reason,
+            } => format!(
+                "worker command `{command}` ({origin}) {reason}; give the path of an executable \
+                 or fix PATH"
+            ),
+            ConfigError::Script {
+                origin,
+                command,
+                reason,
+            } => format!(
+                "worker command `{command}` ({origin}) {reason}; a Node.js cluster worker runs a \
+                 script: node app.js"
+            ),
+            ConfigError::Conflict(message) => message.clone(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        for c in self.message().chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// Reads the environment through a function, so tests need not mutate the
 /// process's own.
@@ -247,8 +340,14 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     ) {
         None => defaults::BACKLOG,
         Some((v, origin)) => match v.trim().parse::<u32>() {
-            Ok(n) if n >= 1 && n <= i32::MAX as u32 => n,
-            _ => return Err(invalid(origin, &v, "give a whole number of at least 1")),
+            Ok(n) if (1..=bounds::BACKLOG_MAX).contains(&n) => n,
+            _ => {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    format!("give a whole number from 1 to {}", bounds::BACKLOG_MAX),
+                ));
+            }
         },
     };
 
@@ -289,17 +388,30 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         )),
     };
 
+    // Bounded here, so that no deadline computed from them can overflow.
     let duration = |cli: Option<&str>,
                     flag: &'static str,
                     var: &'static str,
                     file: Option<String>,
                     key: &'static str,
-                    default: &str|
+                    default: &str,
+                    min: Duration|
      -> Result<Duration, ConfigError> {
         let (v, origin) = layered(cli, flag, env, var, file, || in_file(key))
             .unwrap_or((default.to_string(), Origin::Flag(flag)));
         duration::parse(&v)
-            .ok_or_else(|| invalid(origin, &v, "give a duration like 500ms, 10s or 2m"))
+            .filter(|d| (min..=bounds::DURATION_MAX).contains(d))
+            .ok_or_else(|| {
+                invalid(
+                    origin,
+                    &v,
+                    format!(
+                        "give a duration from {} to {}, like 500ms, 10s or 2m",
+                        duration::show(min),
+                        duration::show(bounds::DURATION_MAX)
+                    ),
+                )
+            })
     };
     let drain_timeout = duration(
         args.drain_timeout.as_deref(),
@@ -308,6 +420,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         file.drain_timeout.clone(),
         "drain_timeout",
         defaults::DRAIN_TIMEOUT,
+        bounds::TIMEOUT_MIN,
     )?;
     let ready_timeout = duration(
         args.ready_timeout.as_deref(),
@@ -316,7 +429,10 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         file.ready_timeout.clone(),
         "ready_timeout",
         defaults::READY_TIMEOUT,
+        bounds::TIMEOUT_MIN,
     )?;
+    // 0 is meaningful here: every exit of a worker that was ready resets
+    // the backoff.
     let min_uptime = duration(
         args.min_uptime.as_deref(),
         "--min-uptime",
@@ -324,16 +440,32 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         file.min_uptime.clone(),
         "min_uptime",
         defaults::MIN_UPTIME,
+        Duration::ZERO,
     )?;
-    let worker_log = args
-        .worker_log
-        .clone()
-        .or_else(|| {
-            env("LB_WORKER_LOG")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| file.worker_log.clone().map(PathBuf::from));
+    let path_setting = |cli: Option<&PathBuf>,
+                        flag: &'static str,
+                        var: &'static str,
+                        file: Option<&String>,
+                        key: &'static str|
+     -> (Option<PathBuf>, Origin) {
+        if let Some(p) = cli {
+            return (Some(p.clone()), Origin::Flag(flag));
+        }
+        if let Some(v) = env(var).filter(|v| !v.is_empty()) {
+            return (Some(v.into()), Origin::Env(var));
+        }
+        match file {
+            Some(v) => (Some(v.into()), in_file(key)),
+            None => (None, Origin::Default(flag)),
+        }
+    };
+    let (worker_log, worker_log_origin) = path_setting(
+        args.worker_log.as_ref(),
+        "--worker-log",
+        "LB_WORKER_LOG",
+        file.worker_log.as_ref(),
+        "worker_log",
+    );
     let max_conns_per_worker = match layered(
         args.max_conns_per_worker.as_deref(),
         "--max-conns-per-worker",
@@ -345,8 +477,17 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         None => None,
         Some((v, origin)) => match v.trim().parse::<u64>() {
             Ok(0) => None,
-            Ok(n) => Some(n),
-            Err(_) => return Err(invalid(origin, &v, "give a whole number (0 = no limit)")),
+            Ok(n) if n <= bounds::CONNS_PER_WORKER_MAX => Some(n),
+            _ => {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    format!(
+                        "give a whole number up to {} (0 = no limit)",
+                        bounds::CONNS_PER_WORKER_MAX
+                    ),
+                ));
+            }
         },
     };
     let max_rss = match layered(
@@ -360,12 +501,16 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         None => None,
         Some((v, origin)) => match size::parse(&v) {
             Some(0) => None,
-            Some(n) => Some(n),
-            None => {
+            Some(n) if (bounds::RSS_MIN..=bounds::RSS_MAX).contains(&n) => Some(n),
+            _ => {
                 return Err(invalid(
                     origin,
                     &v,
-                    "give a size like 512MB or 1G (0 = no limit)",
+                    format!(
+                        "give a size from {} to {}, like 512MB or 1G (0 = no limit)",
+                        size::show(bounds::RSS_MIN),
+                        size::show(bounds::RSS_MAX)
+                    ),
                 ));
             }
         },
@@ -381,7 +526,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         None => 1,
         Some((v, origin)) => parse_count(&v, origin)?,
     };
-    let max_conns = match layered(
+    let (max_conns, max_conns_origin) = match layered(
         args.max_conns.as_deref(),
         "--max-conns",
         env,
@@ -389,14 +534,17 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         file.max_conns.map(|n| n.to_string()),
         || in_file("max_conns"),
     ) {
-        None => defaults::MAX_CONNS,
+        None => (defaults::MAX_CONNS, Origin::Default("--max-conns")),
         Some((v, origin)) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=1 << 20).contains(&n) => n,
+            Ok(n) if (1..=bounds::MAX_CONNS_MAX).contains(&n) => (n, origin),
             _ => {
                 return Err(invalid(
                     origin,
                     &v,
-                    "give a whole number from 1 to 1048576 (each relay costs 6 fds)",
+                    format!(
+                        "give a whole number from 1 to {} (each relay costs 6 open files)",
+                        bounds::MAX_CONNS_MAX
+                    ),
                 ));
             }
         },
@@ -417,15 +565,13 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 .ok_or_else(|| invalid(origin, &v, "give HOST:PORT, e.g. 127.0.0.1:9090"))?,
         ),
     };
-    let control = args
-        .control
-        .clone()
-        .or_else(|| {
-            env("LB_CONTROL")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(|| file.control.clone().map(PathBuf::from));
+    let (control, control_origin) = path_setting(
+        args.control.as_ref(),
+        "--control",
+        "LB_CONTROL",
+        file.control.as_ref(),
+        "control",
+    );
 
     // Worker count given outside the pools (CLI > env > file `workers`).
     let workers = layered(
@@ -514,11 +660,18 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                 (None, None) => available_cpus(),
             };
             let weight = p.weight.unwrap_or(defaults::WEIGHT);
-            if weight == 0 {
+            if !(1..=bounds::WEIGHT_MAX).contains(&weight) {
                 return Err(invalid(
                     key("weight"),
+                    &weight.to_string(),
+                    format!("give a pool's weight from 1 to {}", bounds::WEIGHT_MAX),
+                ));
+            }
+            if p.port == Some(0) {
+                return Err(invalid(
+                    key("port"),
                     "0",
-                    "a pool's weight must be at least 1",
+                    "give the port the server binds, from 1 to 65535 (or leave it out for lb's own)",
                 ));
             }
             let command =
@@ -529,6 +682,26 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
                         reason,
                     }
                 })?;
+            // No process can be given these: every start would fail.
+            if let Some(arg) = p.args.iter().find(|a| a.contains('\0')) {
+                return Err(invalid(
+                    key("args"),
+                    arg,
+                    "an argument cannot contain a NUL character",
+                ));
+            }
+            if let Some((k, v)) = p
+                .env
+                .iter()
+                .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+            {
+                return Err(invalid(
+                    key("env"),
+                    &format!("{k}={v}"),
+                    "give variables as NAME = \"value\": a name that is not empty and has no `=`, \
+                     no NUL character in either",
+                ));
+            }
             let args: Vec<OsString> = p.args.iter().map(OsString::from).collect();
             let mode = match (&mode, &p.mode) {
                 (Some((m, Origin::Flag(_) | Origin::Env(_))), _) => *m,
@@ -607,6 +780,11 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_conns,
         pools,
         policy_explicit,
+        origins: Origins {
+            worker_log: worker_log_origin,
+            control: control_origin,
+            max_conns: max_conns_origin,
+        },
     };
     if config.slots() > defaults::MAX_WORKERS {
         return Err(ConfigError::Conflict(format!(
@@ -797,6 +975,87 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--backlog"), "{e}");
+    }
+
+    /// The first value of each pair is accepted, the second refused with
+    /// one line naming the flag, the value and the range.
+    #[test]
+    fn every_setting_is_bounded() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("--ready-timeout", "1ms", "0s", "from 1ms to 24h"),
+            ("--ready-timeout", "24h", "86400.001", "from 1ms to 24h"),
+            ("--ready-timeout", "1440m", "9223372036854775807s", "to 24h"),
+            ("--drain-timeout", "86400", "0", "from 1ms to 24h"),
+            ("--drain-timeout", "0.001", "2562047788015215h", "to 24h"),
+            ("--min-uptime", "0", "25h", "from 0 to 24h"),
+            ("--backlog", "65535", "65536", "from 1 to 65535"),
+            ("--backlog", "1", "0", "from 1 to 65535"),
+            (
+                "--max-conns-per-worker",
+                "1000000000000",
+                "1000000000001",
+                "up to 1000000000000",
+            ),
+            ("--max-rss", "1M", "1023K", "from 1M to 1024G"),
+            ("--max-rss", "1024G", "1025G", "from 1M to 1024G"),
+            ("--max-conns", "1048576", "1048577", "from 1 to 1048576"),
+            ("--reload-parallel", "1024", "1025", "from 1 to 1024"),
+            ("--workers", "1", "0", "from 1 to 1024"),
+        ];
+        for &(flag, good, bad, range) in cases {
+            assert!(
+                with_env(&args(&[flag, good]), &[]).is_ok(),
+                "{flag} {good} is accepted"
+            );
+            let e = with_env(&args(&[flag, bad]), &[]).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("invalid {flag} `{bad}`: ")) && e.contains(range),
+                "{flag} {bad}: {e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let c = with_env(&args(&["--max-rss", "0", "--min-uptime", "0s"]), &[]).unwrap();
+        assert_eq!((c.max_rss, c.min_uptime), (None, Duration::ZERO));
+        let e = with_env(&args(&[]), &[("LB_READY_TIMEOUT", "0ms")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid LB_READY_TIMEOUT `0ms`"), "{e}");
+    }
+
+    #[test]
+    fn pool_weights_ports_args_and_env_are_bounded() {
+        let pool = |extra: &str| {
+            let f = temp_file(
+                "pool-bounds.toml",
+                &format!("[[pool]]\ncommand = \"sh\"\n{extra}\n"),
+            );
+            with_env(&args(&["-c", f.to_str().unwrap()]), &[]).map_err(|e| e.to_string())
+        };
+        assert_eq!(pool("weight = 10000").unwrap().pools[0].weight, 10000);
+        let e = pool("weight = 10001").unwrap_err();
+        assert!(
+            e.contains("`weight`") && e.contains("from 1 to 10000"),
+            "{e}"
+        );
+        let e = pool("port = 0").unwrap_err();
+        assert!(e.contains("`port`") && e.contains("1 to 65535"), "{e}");
+        let e = pool("args = [\"a\\u0000b\"]").unwrap_err();
+        assert!(e.contains("`args`") && e.contains("NUL"), "{e}");
+        let e = pool("env = { \"A=B\" = \"1\" }").unwrap_err();
+        assert!(e.contains("`env`") && e.contains("A=B=1"), "{e}");
+        assert!(pool("env = { A = \"x=y\" }").is_ok());
+    }
+
+    #[test]
+    fn control_characters_in_values_are_shown_escaped() {
+        let e = with_env(&args(&["--policy", "a\nb\r"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`a\\nb\\r`") && e.lines().count() == 1, "{e}");
+        let e = with_env(&args(&["-c", "/no/such\ndir/lb.toml"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("such\\ndir") && e.lines().count() == 1, "{e}");
     }
 
     #[test]

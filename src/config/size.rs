@@ -16,6 +16,17 @@ pub fn parse(s: &str) -> Option<u64> {
     value.checked_mul(scale)
 }
 
+/// `n` bytes as [`parse`] reads it, in the largest unit that is exact:
+/// `1M`, `1024G`, `300K`, `4096`.
+pub fn show(n: u64) -> String {
+    for (unit, scale) in [("G", 1u64 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
+        if n != 0 && n.is_multiple_of(scale) {
+            return format!("{}{unit}", n / scale);
+        }
+    }
+    n.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -30,5 +41,14 @@ mod tests {
         assert_eq!(parse("lots"), None);
         assert_eq!(parse("1T"), None);
         assert_eq!(parse("99999999999999G"), None);
+        assert_eq!(parse("99999999999999999999999"), None);
+    }
+
+    #[test]
+    fn show_is_read_back_by_parse() {
+        for n in [0, 4096, 300 << 10, 1 << 20, 512 << 20, 1 << 40] {
+            assert_eq!(parse(&show(n)), Some(n), "{}", show(n));
+        }
+        assert_eq!(show(1 << 40), "1024G");
     }
 }

@@ -376,10 +376,11 @@ impl Conn {
         if stream.shutdown(Shutdown::Write).is_err() {
             return;
         }
-        let until = Instant::now() + grace;
+        // A grace too long for an Instant (Duration::MAX) has no end.
+        let until = Instant::now().checked_add(grace);
         let mut sink = [0u8; 4096];
         loop {
-            let left = until.saturating_duration_since(Instant::now());
+            let left = until.map_or(grace, |u| u.saturating_duration_since(Instant::now()));
             if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
                 return;
             }
@@ -496,6 +497,21 @@ mod tests {
         assert_eq!(client.read(&mut got).unwrap(), 0, "a FIN, not a reset");
         drop(client);
         closer.join().unwrap();
+    }
+
+    #[test]
+    fn an_endless_grace_does_not_overflow() {
+        let (master, worker) = proto::pair().unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (accepted, _) = tcp.accept().unwrap();
+        proto::send_conn(master.as_fd(), accepted.as_fd(), 1).unwrap();
+        drop(accepted);
+        let c = l.accept().unwrap().unwrap();
+        // The client has closed: the close ends at its EOF, not the grace.
+        drop(client);
+        c.close_gracefully(Duration::MAX);
     }
 
     trait NonBlocking {
