@@ -218,6 +218,9 @@ pub struct Supervisor {
     next_check: Option<Instant>,
     /// systemd was told READY=1 (once every first worker was ready).
     notified_ready: bool,
+    /// Said that max_rss is below a fresh worker's memory (once per
+    /// configuration).
+    rss_warned: bool,
     /// Node workers' `cluster.worker.id`s handed out so far.
     node_ids: u64,
     /// The close-report preload, written when a Node worker first needs it.
@@ -325,6 +328,7 @@ impl Supervisor {
             reload: None,
             next_check: None,
             notified_ready: false,
+            rss_warned: false,
             node_ids: 0,
             node_preload: None,
             shim: None,
@@ -960,7 +964,11 @@ impl Supervisor {
             Request::Reload => Response::error("reload is answered elsewhere".into()),
             Request::Scale { count, relative } => {
                 let n = self.slots.len() as i64;
-                let target = if relative { n + count } else { count };
+                let target = if relative {
+                    n.saturating_add(count)
+                } else {
+                    count
+                };
                 let target = usize::try_from(target).unwrap_or(0);
                 match self.scale(target) {
                     Ok(msg) => {
@@ -1097,6 +1105,7 @@ impl Supervisor {
             None => Vec::new(),
         };
         let mut over = Vec::new();
+        let mut fat_from_start = None;
         for p in self
             .procs
             .iter()
@@ -1122,9 +1131,14 @@ impl Supervisor {
                 ));
                 continue;
             }
-            if let Some(limit) = self.config.max_rss {
+            if let Some(limit) = self.config.max_rss.filter(|_| !self.rss_warned) {
                 let rss = sys::proc_usage(p.pid).map_or(0, |u| u.1);
-                if rss > limit {
+                // Over the limit at its first check: so would every
+                // successor be, and replacing it each second helps nobody.
+                let fresh = p.started.elapsed() < 2 * RECYCLE_CHECK;
+                if rss > limit && fresh {
+                    fat_from_start = Some((limit, rss));
+                } else if rss > limit {
                     over.push((
                         p.slot,
                         p.pid,
@@ -1132,6 +1146,15 @@ impl Supervisor {
                     ));
                 }
             }
+        }
+        if let Some((limit, rss)) = fat_from_start
+            && !self.rss_warned
+        {
+            self.rss_warned = true;
+            info!(
+                "max_rss ({limit} bytes) is below what a fresh worker uses ({rss} bytes): \
+                 workers are not replaced for memory until it is raised (lb reload)"
+            );
         }
         for (slot, pid, why) in over {
             info!("worker {slot} pid {pid} {why}; replacing it, its successor ready first");
@@ -1251,6 +1274,7 @@ impl Supervisor {
         new.policy = self.config.policy;
         new.control = self.config.control.clone();
         let previous = std::mem::replace(&mut self.config, new);
+        self.rss_warned = false;
         self.slot_pools = self.config.slot_pools();
         let previous_generation = self.generation;
         self.generation += 1;

@@ -384,7 +384,9 @@ fn open_connections_are_unknown_when_no_close_reports_are_read() {
             get(lb.addr, "/");
         }
         if policy == "lc" {
-            assert_eq!(lb.wait_all_closed(), [(3, 0), (3, 0)]);
+            // (The split depends on when each close report arrives.)
+            let totals = lb.wait_all_closed();
+            assert_eq!(totals.iter().map(|t| t.0).sum::<u64>(), 6, "{totals:?}");
             continue;
         }
         let status = lb.status();

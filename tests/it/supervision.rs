@@ -410,14 +410,49 @@ fn workers_over_max_conns_are_recycled_successor_first_without_a_failed_request(
     assert_eq!(failed, 0);
 }
 
+/// A worker that grows past `max_rss` is replaced, successor first.
 #[test]
 fn a_worker_over_max_rss_is_recycled() {
-    // The hello worker's RSS is a few MB: 1 MB is always exceeded.
-    let lb = Lb::start(&["--workers", "1", "--max-rss", "1MB"], &[], 1);
+    let dir = scratch("max-rss");
+    // Small when fresh; 96 MB (written, so resident) after 2.5 s.
+    let grows = python_worker(
+        &dir,
+        "grows.py",
+        "import threading\nfat = []\n\
+         threading.Timer(2.5, lambda: fat.append(b'x' * (96 << 20))).start()\n\
+         send(16)\nserve_forever()",
+    );
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "1",
+            "--max-rss",
+            "64MB",
+            "--",
+            "python3",
+            &grows,
+        ],
+        &[],
+        1,
+    );
     let old = lb.pid_of_slot(0);
     lb.wait_log(&format!("worker 0 pid {old} uses "), 1);
     lb.wait_log(&format!("pid {old} gen 1: exit (exit code 0"), 1);
     assert_ne!(pid_of(&get(lb.addr, "/")), old);
+}
+
+/// A `max_rss` below what a fresh worker uses would replace every worker
+/// as soon as it was checked, forever (it did, silently, once a second):
+/// lb says so once and does not churn.
+#[test]
+fn a_max_rss_below_a_fresh_workers_is_said_once_and_does_not_churn() {
+    // The hello worker's RSS is a few MB: 1 MB is always exceeded.
+    let lb = Lb::start(&["--workers", "1", "--max-rss", "1MB"], &[], 1);
+    let old = lb.pid_of_slot(0);
+    lb.wait_log("is below what a fresh worker uses", 1);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(lb.pid_of_slot(0), old, "no churn");
+    assert_eq!(lb.log.count("is below what a fresh worker uses"), 1);
 }
 
 /// Whatever lb was started with, a worker starts clean: fds 0-2 and the
