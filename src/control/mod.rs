@@ -22,7 +22,7 @@ pub use wire::{Request, Response, Status, WorkerStatus};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,7 +64,9 @@ pub fn default_path(port: u16) -> PathBuf {
     dir.join(format!("lb-{port}.sock"))
 }
 
-/// Whether a peer with `peer_uid` may control a master running as `own_uid`.
+/// Whether a peer with `peer_uid` may control a master running as `own_uid`
+/// (and, the other way round, whether a client of `own_uid` may believe a
+/// server of `peer_uid`).
 pub fn allowed(peer_uid: u32, own_uid: u32) -> bool {
     peer_uid == 0 || peer_uid == own_uid
 }
@@ -98,32 +100,94 @@ pub enum ControlError {
         "another lb master is already running with control socket {0}; stop it or pass --control"
     )]
     InUse(PathBuf),
+    #[error(
+        "the control socket {path} is served by uid {uid}, neither root nor this uid ({own}): \
+         not an lb master of yours; remove it (as root) or pass --control"
+    )]
+    Foreign { path: PathBuf, uid: u32, own: u32 },
+    #[error(
+        "{path} exists and is not a socket; pass --control with the path of a new socket, or \
+         remove it"
+    )]
+    NotASocket { path: PathBuf },
+    #[error(
+        "a stale control socket {path} belongs to uid {uid}, not to uid {own}; remove it (as \
+         root) or pass --control"
+    )]
+    StaleForeign { path: PathBuf, uid: u32, own: u32 },
     #[error("cannot create control socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
 }
 
+/// What is at `path` before a master binds it: nothing, or a stale socket
+/// of `own_uid`'s (removed); anything else is an error.
+fn clear(path: &Path, own_uid: u32) -> Result<(), ControlError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        Ok(m) => m,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ControlError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(stream) => match peer_uid(&stream) {
+            Ok(uid) if allowed(uid, own_uid) => Err(ControlError::InUse(path.to_path_buf())),
+            Ok(uid) => Err(ControlError::Foreign {
+                path: path.to_path_buf(),
+                uid,
+                own: own_uid,
+            }),
+            Err(source) => Err(ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            }),
+        },
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            // Nobody listens: a dead master's. Ours to replace if ours.
+            if meta.uid() != own_uid {
+                return Err(ControlError::StaleForeign {
+                    path: path.to_path_buf(),
+                    uid: meta.uid(),
+                    own: own_uid,
+                });
+            }
+            std::fs::remove_file(path).map_err(|source| ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(ControlError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 impl Server {
-    /// Binds `path` (replacing a stale socket left by a dead master) and
-    /// serves it on a thread; requests go to `requests`, then
+    /// Binds `path` (replacing a stale socket left by a dead master of this
+    /// uid) and serves it on a thread; requests go to `requests`, then
     /// `waker` wakes the supervisor.
     pub fn start(
         path: &Path,
         requests: Sender<Incoming>,
         waker: Arc<Waker>,
     ) -> Result<Server, ControlError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse(path.to_path_buf()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
+        let own_uid = nix::unistd::getuid().as_raw();
+        clear(path, own_uid)?;
         let bind_err = |source| ControlError::Bind {
             path: path.to_path_buf(),
             source,
         };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-        let own_uid = nix::unistd::getuid().as_raw();
         listener.set_nonblocking(true).map_err(bind_err)?;
         let poll = Poll::new().map_err(bind_err)?;
         poll.registry()

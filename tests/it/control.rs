@@ -667,3 +667,93 @@ fn a_request_that_is_not_utf8_gets_an_error_reply() {
     let error = answer["error"].as_str().unwrap();
     assert!(error.contains("UTF-8"), "{error}");
 }
+
+/// Whether this test can run processes as uid 65534 (it needs root and
+/// `setpriv`); says why it is skipped if not.
+fn can_be_nobody(why: &str) -> bool {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipping {why}: the tests do not run as root");
+        return false;
+    }
+    installed("setpriv", why)
+}
+
+/// `setpriv` arguments that run the rest as uid/gid 65534.
+const AS_NOBODY: [&str; 4] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+];
+
+/// `lb <args>` run as uid 65534 without XDG_RUNTIME_DIR or LB_*.
+fn lb_as_nobody(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(AS_NOBODY[0]);
+    cmd.args(&AS_NOBODY[1..]).arg(lb_bin()).args(args);
+    cmd.env_remove("XDG_RUNTIME_DIR")
+        .env_remove("LB_CONTROL")
+        .env_remove("LB_LISTEN");
+    Reaped::spawn(cmd).finish()
+}
+
+#[test]
+fn a_socket_served_by_another_uid_is_not_believed() {
+    if !can_be_nobody("the squatted control socket test") {
+        return;
+    }
+    let dir = scratch("squat").join("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.join("lb.sock");
+    let _ = std::fs::remove_file(&sock);
+    let sock = sock.to_str().unwrap();
+    // Another user binds the path first and says yes to everything.
+    let forger = "import os, socket, sys\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+        s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o777); s.listen(16)\n\
+        while True:\n    c, _ = s.accept()\n    c.settimeout(2)\n    try:\n        c.recv(65536)\n        \
+        c.sendall(b'{\"ok\":true,\"message\":\"forged\"}\\n')\n    except Exception:\n        pass\n    c.close()\n";
+    let mut cmd = Command::new(AS_NOBODY[0]);
+    cmd.args(&AS_NOBODY[1..])
+        .args(["/usr/bin/python3", "-c", forger, sock]);
+    let _forger = Reaped::spawn(cmd);
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forger never bound"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for cmd in ["stop", "status", "reload"] {
+        let (code, out, err) = lb_cli(&[cmd, "--control", sock]);
+        assert_eq!(code, Some(1), "{cmd}: {out}{err}");
+        assert!(!out.contains("forged"), "{cmd}: {out}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(sock) && err.contains("uid 65534"),
+            "{cmd}: {err}"
+        );
+    }
+    // A master does not take the path for another lb master's either.
+    let (status, log) = run_to_exit(&["--workers", "1", "--control", sock], &[]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("uid 65534"), "{log}");
+    assert!(!log.contains("another lb master"), "{log}");
+}
+
+#[test]
+fn a_socket_the_client_may_not_open_is_a_permission_problem() {
+    if !can_be_nobody("the control socket permission test") {
+        return;
+    }
+    let dir = scratch("eacces");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let _lb = Lb::start(&["--workers", "1", "--control", sock], &[], 1);
+    let (code, _, err) = lb_as_nobody(&["status", "--control", sock]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(!err.contains("no lb master answers"), "{err}");
+}
