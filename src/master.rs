@@ -118,10 +118,10 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         Waker::new(poll.registry(), supervisor::WAKER)
             .map_err(|e| MasterError::Io(format!("eventfd: {e}")))?,
     );
-    let control_path = config
-        .control
-        .clone()
-        .unwrap_or_else(|| control::default_path(local.port()));
+    let control_path = match config.control.clone() {
+        Some(path) => path,
+        None => control::path::server_default(local.port()).map_err(control::ControlError::Dir)?,
+    };
     let (control_tx, control_rx) = crossbeam_channel::unbounded();
     let control = control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?;
     info!("control socket {}", control.path().display());

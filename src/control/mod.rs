@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod path;
 mod wire;
 
 pub use wire::{Request, Response, Status, WorkerStatus};
@@ -54,15 +55,6 @@ pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The answering threads do little: parse nothing, wait, write a line.
 const ANSWER_STACK: usize = 128 * 1024;
-
-/// Where a master listening on `port` keeps its control socket unless told
-/// otherwise: `$XDG_RUNTIME_DIR/lb-<port>.sock`, else `/tmp/lb-<port>.sock`.
-pub fn default_path(port: u16) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    dir.join(format!("lb-{port}.sock"))
-}
 
 /// Whether a peer with `peer_uid` may control a master running as `own_uid`
 /// (and, the other way round, whether a client of `own_uid` may believe a
@@ -117,6 +109,9 @@ pub enum ControlError {
     StaleForeign { path: PathBuf, uid: u32, own: u32 },
     #[error("cannot create control socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
+    /// The default directory is missing and cannot be made, or is not safe.
+    #[error("{0}")]
+    Dir(String),
 }
 
 /// What is at `path` before a master binds it: nothing, or a stale socket
@@ -563,15 +558,6 @@ mod tests {
         assert!(allowed(0, 1000));
         assert!(allowed(1000, 1000));
         assert!(!allowed(1001, 1000));
-    }
-
-    #[test]
-    fn default_path_names_the_port() {
-        assert!(
-            default_path(8000)
-                .to_string_lossy()
-                .ends_with("lb-8000.sock")
-        );
     }
 
     #[test]

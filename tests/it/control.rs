@@ -668,6 +668,8 @@ fn a_request_that_is_not_utf8_gets_an_error_reply() {
     assert!(error.contains("UTF-8"), "{error}");
 }
 
+const NOBODY: u32 = 65534;
+
 /// Whether this test can run processes as uid 65534 (it needs root and
 /// `setpriv`); says why it is skipped if not.
 fn can_be_nobody(why: &str) -> bool {
@@ -756,4 +758,54 @@ fn a_socket_the_client_may_not_open_is_a_permission_problem() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("permission denied"), "{err}");
     assert!(!err.contains("no lb master answers"), "{err}");
+}
+
+#[test]
+fn a_non_root_master_makes_a_private_directory_for_its_socket() {
+    use std::os::unix::fs::MetadataExt;
+    if !can_be_nobody("the default control directory test") {
+        return;
+    }
+    let private = std::path::Path::new("/tmp/lb-65534");
+    let _ = std::fs::remove_dir_all(private);
+    let mut cmd = lb_command_through(
+        &AS_NOBODY,
+        &["--listen", "127.0.0.1:0", "--workers", "1"],
+        &[],
+    );
+    cmd.env_remove("XDG_RUNTIME_DIR");
+    let mut lb = Lb::start_command(cmd, 1);
+    let meta = std::fs::symlink_metadata(private).expect("the directory is made");
+    assert!(meta.is_dir());
+    assert_eq!(meta.uid(), NOBODY);
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    let port = lb.addr.port().to_string();
+    let sock = private.join(format!("lb-{port}.sock"));
+    assert!(sock.exists(), "{} is the socket", sock.display());
+    // Its own user finds it with no --control.
+    let listen = format!("127.0.0.1:{port}");
+    let (code, out, err) = lb_as_nobody(&["status", "--listen", &listen]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!("listening on {listen}")), "{out}");
+    let (code, _, err) = lb_as_nobody(&["stop", "--listen", &listen]);
+    assert_eq!(code, Some(0), "{err}");
+    lb.wait_exit();
+    assert!(!sock.exists(), "the socket is removed");
+
+    // A directory of that name that is not its own is refused, named.
+    std::os::unix::fs::chown(private, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = lb_command_through(
+        &AS_NOBODY,
+        &["--listen", "127.0.0.1:0", "--workers", "1"],
+        &[],
+    );
+    cmd.env_remove("XDG_RUNTIME_DIR");
+    let (code, _, err) = Reaped::spawn(cmd).finish();
+    let _ = std::fs::remove_dir_all(private);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("/tmp/lb-65534") && err.contains("--control"),
+        "{err}"
+    );
 }
