@@ -111,8 +111,8 @@ pub struct StartArgs {
     pub metrics: Option<String>,
 
     /// The control socket for `lb status/stop/send`, in an existing directory
-    /// (checked at start) [env: LB_CONTROL] [default: $XDG_RUNTIME_DIR or
-    /// /tmp, lb-<port>.sock]
+    /// (checked at start) [env: LB_CONTROL] [default: lb-<port>.sock in
+    /// /run/lb as root, else in $XDG_RUNTIME_DIR or /tmp/lb-<uid>]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
@@ -124,7 +124,9 @@ pub struct StartArgs {
 /// Which running master a control subcommand talks to.
 #[derive(Debug, Default, Clone, Args)]
 pub struct Target {
-    /// The master's control socket [env: LB_CONTROL]
+    /// The master's control socket [env: LB_CONTROL] [default: lb-<port>.sock
+    /// in /run/lb as root; else the first that answers of $XDG_RUNTIME_DIR,
+    /// /tmp/lb-<uid>, /run/lb]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 

@@ -7,15 +7,16 @@ use lb::cli::{Cli, Command, Target};
 use lb::control::{Request, client};
 use lb::master::Outcome;
 
-/// The control socket a subcommand talks to: --control, LB_CONTROL, or the
-/// default for --listen / LB_LISTEN / 127.0.0.1:8000.
-fn control_path(target: &Target) -> Result<std::path::PathBuf, String> {
-    if let Some(p) = target
-        .control
-        .clone()
-        .or_else(|| std::env::var_os("LB_CONTROL").map(Into::into))
-    {
-        return Ok(p);
+/// The control sockets a subcommand tries: --control or LB_CONTROL alone,
+/// else the search order (`lb::control::path`) for the port of --listen /
+/// LB_LISTEN / 127.0.0.1:8000.
+fn control_path(target: &Target) -> Result<Vec<std::path::PathBuf>, String> {
+    if let Some(p) = target.control.clone().or_else(|| {
+        std::env::var_os("LB_CONTROL")
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    }) {
+        return Ok(vec![p]);
     }
     let listen = target
         .listen
@@ -29,7 +30,7 @@ fn control_path(target: &Target) -> Result<std::path::PathBuf, String> {
         .ok_or_else(|| {
             format!("invalid --listen `{listen}`: give HOST:PORT, or pass --control PATH")
         })?;
-    Ok(lb::control::default_path(port))
+    Ok(lb::control::path::search(port))
 }
 
 /// Runs a control subcommand: prints the answer, exit 0; or one line, exit 1.

@@ -100,10 +100,10 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
 
     // Everything the configuration names is checked, and the control and
     // metrics servers started, before the line that says lb is up.
-    let control_path = config
-        .control
-        .clone()
-        .unwrap_or_else(|| control::default_path(local.port()));
+    let control_path = match config.control.clone() {
+        Some(path) => path,
+        None => control::path::server_default(local.port()).map_err(control::ControlError::Dir)?,
+    };
     crate::config::preflight(&config, &control_path, open_files)?;
     let poll = Poll::new().map_err(|e| MasterError::Io(format!("epoll: {e}")))?;
     let waker = Arc::new(

@@ -78,7 +78,7 @@ pub struct Config {
     pub min_uptime: Duration,
     /// Where workers' output lines go; `None` = lb's stderr.
     pub worker_log: Option<PathBuf>,
-    /// The control socket; `None` = `control::default_path(port)`.
+    /// The control socket; `None` = `control::path::server_default(port)`.
     pub control: Option<PathBuf>,
     /// Replace a worker (new one ready first) after this many connections.
     pub max_conns_per_worker: Option<u64>,

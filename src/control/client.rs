@@ -1,20 +1,117 @@
 //! The client side of the control socket: `lb status`, `lb stop`, `lb send`.
+//!
+//! It talks to the first of the candidate sockets that answers (one, when
+//! told `--control`; the search order of `path.rs` otherwise), and only to a
+//! server running as root or as this uid: a socket another local user bound
+//! first gets no request, and its answer is not believed.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Request, Response, Status};
 
-/// Sends one request and returns the master's answer, or a one-line reason.
-pub fn call(path: &Path, request: &Request) -> Result<Response, String> {
-    let stream = UnixStream::connect(path).map_err(|e| {
-        format!(
-            "no lb master answers on {} ({e}); start one, or pass --control PATH",
+/// How a connection attempt ended, for choosing what to say.
+enum Reach {
+    Connected(UnixStream),
+    /// Nothing there, or nobody listening: try the next candidate.
+    Absent(io::Error),
+    /// There, but not for this uid (EACCES, EPERM).
+    Denied,
+    Failed(io::Error),
+}
+
+fn reach(path: &Path) -> Reach {
+    match UnixStream::connect(path) {
+        Ok(s) => Reach::Connected(s),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ECONNREFUSED | libc::ENOTDIR) => Reach::Absent(e),
+            Some(libc::EACCES | libc::EPERM) => Reach::Denied,
+            _ => Reach::Failed(e),
+        },
+    }
+}
+
+/// The one line for a socket this uid may not open.
+fn denied(path: &Path, me: u32) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "permission denied on control socket {} (it belongs to uid {}, mode {:o}, and you are \
+             uid {me}); run lb as uid {} or as root, or pass --control PATH",
+            path.display(),
+            m.uid(),
+            m.mode() & 0o777,
+            m.uid()
+        ),
+        Err(_) => format!(
+            "permission denied on control socket {} (you, uid {me}, may not open it or its \
+             directory); run lb as the master's user or as root, or pass --control PATH",
             path.display()
-        )
-    })?;
+        ),
+    }
+}
+
+/// Connects to the first of `paths` that answers and runs as root or as
+/// this uid; (its path, the stream), or one line saying why none.
+pub fn connect(paths: &[PathBuf]) -> Result<(PathBuf, UnixStream), String> {
+    let me = nix::unistd::getuid().as_raw();
+    let mut refused: Option<&Path> = None;
+    let mut last = None;
+    for path in paths {
+        match reach(path) {
+            Reach::Connected(stream) => {
+                let uid = super::peer_uid(&stream)
+                    .map_err(|e| format!("cannot tell who serves {}: {e}", path.display()))?;
+                if !super::allowed(uid, me) {
+                    return Err(format!(
+                        "the control socket {} is served by uid {uid}, neither root nor you (uid \
+                         {me}), so it is not believed and nothing was sent; if that is a master \
+                         you mean to control, run lb as uid {uid}; else remove the socket or pass \
+                         --control PATH",
+                        path.display()
+                    ));
+                }
+                return Ok((path.clone(), stream));
+            }
+            Reach::Absent(e) => last = Some(e),
+            Reach::Denied => {
+                refused.get_or_insert(path);
+            }
+            Reach::Failed(e) => {
+                return Err(format!(
+                    "cannot connect to control socket {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    if let Some(path) = refused {
+        return Err(denied(path, me));
+    }
+    Err(match (paths, last) {
+        ([one], Some(e)) => format!(
+            "no lb master answers on {} ({e}); start one, or pass --control PATH",
+            one.display()
+        ),
+        _ => format!(
+            "no lb master answers on any of {}; start one, or pass --control PATH (or --listen \
+             for another port)",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })
+}
+
+/// Sends one request to the first master of `paths` that answers (see
+/// `connect`) and returns its answer, or a one-line reason.
+pub fn call(paths: &[PathBuf], request: &Request) -> Result<Response, String> {
+    let (path, stream) = connect(paths)?;
+    let path = path.display();
     let timeout = Duration::from_secs(10);
     let read_timeout = if *request == Request::Reload {
         super::RELOAD_TIMEOUT + timeout
@@ -27,17 +124,23 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, String> {
     text.push('\n');
     (&stream)
         .write_all(text.as_bytes())
-        .map_err(|e| format!("cannot talk to the master on {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot talk to the master on {path}: {e}"))?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
-        .map_err(|e| format!("no answer from the master on {}: {e}", path.display()))?;
-    serde_json::from_str(line.trim()).map_err(|e| format!("unreadable answer from the master: {e}"))
+        .map_err(|e| format!("no answer from the master on {path}: {e}"))?;
+    if line.is_empty() {
+        return Err(format!(
+            "the master on {path} closed the connection without an answer"
+        ));
+    }
+    serde_json::from_str(line.trim())
+        .map_err(|e| format!("unreadable answer from the master on {path}: {e}"))
 }
 
 /// The worker pids a master runs now.
-pub fn worker_pids(path: &Path) -> Result<Vec<u32>, String> {
-    let status = call(path, &Request::Status)?
+pub fn worker_pids(paths: &[PathBuf]) -> Result<Vec<u32>, String> {
+    let status = call(paths, &Request::Status)?
         .status
         .ok_or("the master sent no status")?;
     Ok(status.workers.iter().filter_map(|w| w.pid).collect())
@@ -47,10 +150,10 @@ pub fn worker_pids(path: &Path) -> Result<Vec<u32>, String> {
 /// (`lb reload --wait`). The master kills a worker still draining at its
 /// `drain_timeout`, so this ends; a status the master is slow to answer is
 /// asked again.
-pub fn wait_gone(path: &Path, pids: &[u32]) -> Result<(), String> {
+pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), String> {
     let mut failures = 0;
     loop {
-        match worker_pids(path) {
+        match worker_pids(paths) {
             Ok(now) if !now.iter().any(|p| pids.contains(p)) => return Ok(()),
             Ok(_) => failures = 0,
             Err(e) => {

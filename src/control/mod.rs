@@ -2,19 +2,28 @@
 //! master through a Unix socket (mode 0600; only root or the master's own
 //! uid is served, checked with SO_PEERCRED). One JSON line each way.
 //!
-//! The socket lives on a thread of its own, which reads and writes with
-//! timeouts and hands each request to the supervisor; a slow or hostile
-//! client can never stall supervision. Never does anything the supervisor
-//! does not expose.
+//! The socket has a thread of its own, which never blocks on a client: it
+//! accepts and reads request lines without blocking (mio), gives each
+//! client `REQUEST_DEADLINE` to send its line and keeps at most
+//! `MAX_WAITING` waiting (the one that waited longest goes first), then
+//! hands each request to a short-lived thread of its own (at most
+//! `MAX_ANSWERING` at once) that passes it to the supervisor and writes the
+//! answer. So an idle or slow client costs an fd for two seconds, a reload's
+//! client waits for its answer without holding anyone up, and nothing a
+//! client does reaches the supervisor but a request. Never does anything the
+//! supervisor does not expose.
 
 pub mod client;
 pub mod metrics;
+pub mod path;
 mod wire;
 
 pub use wire::{Request, Response, Status, WorkerStatus};
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,29 +31,42 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use mio::Waker;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 
 /// Longest request accepted.
-const MAX_REQUEST: u64 = 64 * 1024;
-/// How long a client may take to send its request or read the answer, and
-/// how long the supervisor may take to answer.
+const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client has, from its connection, to send its request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Clients connected and not done sending their request, at most; one more
+/// drops the one that waited longest.
+const MAX_WAITING: usize = 128;
+/// Requests passed to the supervisor and not yet answered, at most; one
+/// more is answered that the master is busy. (The supervisor answers all
+/// but a reload at once, and refuses a second reload.)
+const MAX_ANSWERING: usize = 16;
+/// How long a client may take to read the answer, and how long the
+/// supervisor may take to answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a reload may take before its client stops waiting (the reload
 /// itself goes on).
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Before accepting again after accept(2) failed (out of fds, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The answering threads do little: parse nothing, wait, write a line.
+const ANSWER_STACK: usize = 128 * 1024;
 
-/// Where a master listening on `port` keeps its control socket unless told
-/// otherwise: `$XDG_RUNTIME_DIR/lb-<port>.sock`, else `/tmp/lb-<port>.sock`.
-pub fn default_path(port: u16) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    dir.join(format!("lb-{port}.sock"))
-}
-
-/// Whether a peer with `peer_uid` may control a master running as `own_uid`.
+/// Whether a peer with `peer_uid` may control a master running as `own_uid`
+/// (and, the other way round, whether a client of `own_uid` may believe a
+/// server of `peer_uid`).
 pub fn allowed(peer_uid: u32, own_uid: u32) -> bool {
     peer_uid == 0 || peer_uid == own_uid
+}
+
+/// The uid of the process at the other end of `stream` (SO_PEERCRED).
+pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok(cred.uid())
 }
 
 /// A request from a client, and where the supervisor's answer goes.
@@ -61,7 +83,7 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// removes its file.
 pub struct Server {
     path: PathBuf,
-    in_flight: Arc<AtomicUsize>,
+    answering: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,47 +92,125 @@ pub enum ControlError {
         "another lb master is already running with control socket {0}; stop it or pass --control"
     )]
     InUse(PathBuf),
+    #[error(
+        "the control socket {path} is served by uid {uid}, neither root nor this uid ({own}): \
+         not an lb master of yours; remove it (as root) or pass --control"
+    )]
+    Foreign { path: PathBuf, uid: u32, own: u32 },
+    #[error(
+        "{path} exists and is not a socket; pass --control with the path of a new socket, or \
+         remove it"
+    )]
+    NotASocket { path: PathBuf },
+    #[error(
+        "a stale control socket {path} belongs to uid {uid}, not to uid {own}; remove it (as \
+         root) or pass --control"
+    )]
+    StaleForeign { path: PathBuf, uid: u32, own: u32 },
     #[error("cannot create control socket {path}: {source}")]
     Bind { path: PathBuf, source: io::Error },
+    /// The default directory is missing and cannot be made, or is not safe.
+    #[error("{0}")]
+    Dir(String),
+}
+
+/// What is at `path` before a master binds it: nothing, or a stale socket
+/// of `own_uid`'s (removed); anything else is an error.
+fn clear(path: &Path, own_uid: u32) -> Result<(), ControlError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        Ok(m) => m,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ControlError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(stream) => match peer_uid(&stream) {
+            Ok(uid) if allowed(uid, own_uid) => Err(ControlError::InUse(path.to_path_buf())),
+            Ok(uid) => Err(ControlError::Foreign {
+                path: path.to_path_buf(),
+                uid,
+                own: own_uid,
+            }),
+            Err(source) => Err(ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            }),
+        },
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            // Nobody listens: a dead master's. Ours to replace if ours.
+            if meta.uid() != own_uid {
+                return Err(ControlError::StaleForeign {
+                    path: path.to_path_buf(),
+                    uid: meta.uid(),
+                    own: own_uid,
+                });
+            }
+            std::fs::remove_file(path).map_err(|source| ControlError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(ControlError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 impl Server {
-    /// Binds `path` (replacing a stale socket left by a dead master) and
-    /// serves it on a thread; requests go to `requests`, then `waker` wakes
-    /// the supervisor.
+    /// Binds `path` (replacing a stale socket left by a dead master of this
+    /// uid) and serves it on a thread; requests go to `requests`, then
+    /// `waker` wakes the supervisor.
     pub fn start(
         path: &Path,
         requests: Sender<Incoming>,
         waker: Arc<Waker>,
     ) -> Result<Server, ControlError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse(path.to_path_buf()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
+        let own_uid = nix::unistd::getuid().as_raw();
+        clear(path, own_uid)?;
         let bind_err = |source| ControlError::Bind {
             path: path.to_path_buf(),
             source,
         };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-        let own_uid = nix::unistd::getuid().as_raw();
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&in_flight);
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let poll = Poll::new().map_err(bind_err)?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&listener.as_raw_fd()),
+                LISTENER,
+                Interest::READABLE,
+            )
+            .map_err(bind_err)?;
+        let answering = Arc::new(AtomicUsize::new(0));
+        let mut lp = Loop {
+            poll,
+            listener,
+            own_uid,
+            waiting: BTreeMap::new(),
+            next: 1,
+            accept_again: None,
+            requests,
+            waker,
+            answering: Arc::clone(&answering),
+        };
         std::thread::Builder::new()
             .name("lb-control".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let _ = serve(stream, own_uid, &requests, &waker);
-                    counter.fetch_sub(1, Ordering::SeqCst);
-                }
-            })
+            .spawn(move || lp.run())
             .map_err(bind_err)?;
         Ok(Server {
             path: path.to_path_buf(),
-            in_flight,
+            answering,
         })
     }
 
@@ -122,52 +222,331 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let deadline = Instant::now() + FINISH_TIMEOUT;
-        while self.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while self.answering.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// One client: check who it is, read one line, pass it on, write the answer.
-fn serve(
+const LISTENER: Token = Token(0);
+
+/// A client that has not sent its whole request line yet.
+struct Waiting {
     stream: UnixStream,
+    buf: Vec<u8>,
+    since: Instant,
+}
+
+/// The control thread: accepts, reads request lines, hands them on.
+struct Loop {
+    poll: Poll,
+    listener: UnixListener,
     own_uid: u32,
+    /// By token; tokens only grow, so the first is the oldest client.
+    waiting: BTreeMap<usize, Waiting>,
+    next: usize,
+    /// Set when accept(2) failed for want of resources.
+    accept_again: Option<Instant>,
+    requests: Sender<Incoming>,
+    waker: Arc<Waker>,
+    answering: Arc<AtomicUsize>,
+}
+
+/// How far a client's request line has come.
+enum Progress {
+    More,
+    Line(Vec<u8>),
+    TooLong,
+    Gone,
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let now = Instant::now();
+            let deadline = self
+                .waiting
+                .values()
+                .next()
+                .map(|w| w.since + REQUEST_DEADLINE)
+                .into_iter()
+                .chain(self.accept_again)
+                .min();
+            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                crate::info!(
+                    "control socket: epoll failed ({e}); lb status and stop no longer work, SIGTERM does"
+                );
+                return;
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept_all(),
+                    Token(t) => self.progress(t),
+                }
+            }
+            if self.accept_again.is_some_and(|t| t <= Instant::now()) {
+                self.accept_all();
+            }
+            self.expire();
+        }
+    }
+
+    fn accept_all(&mut self) {
+        self.accept_again = None;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.admit(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+                Err(_) => {
+                    // Out of fds or memory: the connection waits in the
+                    // backlog, and accepting is tried again shortly.
+                    self.accept_again = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A new client: checked, then read from at once (it has most likely
+    /// sent its line already), then left to wait for the rest.
+    fn admit(&mut self, stream: UnixStream) {
+        match peer_uid(&stream) {
+            Ok(uid) if allowed(uid, self.own_uid) => {}
+            Ok(uid) => {
+                return reply_now(
+                    &stream,
+                    Response::error(format!(
+                        "uid {uid} may not control this master (only root and uid {})",
+                        self.own_uid
+                    )),
+                );
+            }
+            Err(_) => return,
+        }
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        if self.waiting.len() >= MAX_WAITING
+            && let Some((_, oldest)) = self.waiting.pop_first()
+        {
+            self.forget(&oldest);
+            reply_now(
+                &oldest.stream,
+                Response::error(format!(
+                    "{MAX_WAITING} control clients were connected without sending a request; \
+                     the one that waited longest (this one) was dropped"
+                )),
+            );
+        }
+        let token = self.next;
+        self.next += 1;
+        if self
+            .poll
+            .registry()
+            .register(
+                &mut SourceFd(&stream.as_raw_fd()),
+                Token(token),
+                Interest::READABLE,
+            )
+            .is_err()
+        {
+            return;
+        }
+        self.waiting.insert(
+            token,
+            Waiting {
+                stream,
+                buf: Vec::new(),
+                since: Instant::now(),
+            },
+        );
+        self.progress(token);
+    }
+
+    /// Reads what `token`'s client sent; a whole line is handed on.
+    fn progress(&mut self, token: usize) {
+        let Some(w) = self.waiting.get_mut(&token) else {
+            return;
+        };
+        let progress = read_request(&w.stream, &mut w.buf);
+        if matches!(progress, Progress::More) {
+            return;
+        }
+        let Some(w) = self.waiting.remove(&token) else {
+            return;
+        };
+        self.forget(&w);
+        match progress {
+            Progress::More | Progress::Gone => {}
+            Progress::TooLong => reply_now(
+                &w.stream,
+                Response::error(format!(
+                    "bad request: longer than {MAX_REQUEST} bytes without a newline; send one \
+                     JSON line such as {{\"cmd\":\"status\"}}"
+                )),
+            ),
+            Progress::Line(line) => match parse(&line) {
+                Err(why) => reply_now(&w.stream, Response::error(why)),
+                Ok(request) => self.answer(w.stream, request),
+            },
+        }
+    }
+
+    /// Takes a client out of the poll set (before its stream is closed or
+    /// handed on).
+    fn forget(&self, w: &Waiting) {
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&w.stream.as_raw_fd()));
+    }
+
+    /// Drops the clients whose deadline has passed, telling them why.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(entry) = self.waiting.first_entry() {
+            if entry.get().since + REQUEST_DEADLINE > now {
+                return;
+            }
+            let w = entry.remove();
+            self.forget(&w);
+            reply_now(
+                &w.stream,
+                Response::error(format!(
+                    "no request within {}s; send one JSON line such as {{\"cmd\":\"status\"}}",
+                    REQUEST_DEADLINE.as_secs()
+                )),
+            );
+        }
+    }
+
+    /// Passes `request` to the supervisor on a thread of its own, which
+    /// writes the answer.
+    fn answer(&self, stream: UnixStream, request: Request) {
+        if self.answering.fetch_add(1, Ordering::SeqCst) >= MAX_ANSWERING {
+            self.answering.fetch_sub(1, Ordering::SeqCst);
+            return reply_now(
+                &stream,
+                Response::error(format!(
+                    "the master is answering {MAX_ANSWERING} control requests already; try again"
+                )),
+            );
+        }
+        let requests = self.requests.clone();
+        let waker = Arc::clone(&self.waker);
+        let count = Arc::clone(&self.answering);
+        let spawned = std::thread::Builder::new()
+            .name("lb-control-answer".into())
+            .stack_size(ANSWER_STACK)
+            .spawn(move || {
+                let _done = Decrement(count);
+                let _ = answer(stream, request, &requests, &waker);
+            });
+        if spawned.is_err() {
+            // The closure, and with it the connection, is gone: the client
+            // reads EOF. The count was not taken by a thread.
+            self.answering.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Counts an answering thread out, however it ends.
+struct Decrement(Arc<AtomicUsize>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Reads what is there without blocking, up to the first newline (a
+/// request is one line; EOF ends one too).
+fn read_request(mut stream: &UnixStream, buf: &mut Vec<u8>) -> Progress {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) if buf.is_empty() => return Progress::Gone,
+            Ok(0) => return Progress::Line(std::mem::take(buf)),
+            Ok(n) => {
+                if let Some(i) = chunk[..n].iter().position(|&b| b == b'\n') {
+                    buf.extend_from_slice(&chunk[..i]);
+                    return Progress::Line(std::mem::take(buf));
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > MAX_REQUEST {
+                    return Progress::TooLong;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::More,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Progress::Gone,
+        }
+    }
+}
+
+/// A request line, or the one-line reason it is not one.
+fn parse(line: &[u8]) -> Result<Request, String> {
+    const HINT: &str = "send one JSON line such as {\"cmd\":\"status\"}";
+    let text = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "bad request: not UTF-8 (at byte {}); {HINT}",
+            e.valid_up_to()
+        )
+    })?;
+    serde_json::from_str(text.trim()).map_err(|e| format!("bad request: {e}; {HINT}"))
+}
+
+/// One line to a client the loop is done with, without waiting: nothing was
+/// written to it before, so a short answer fits in the socket's buffer; if
+/// not, or if the client is gone, it goes unsaid.
+fn reply_now(stream: &UnixStream, answer: Response) {
+    let Ok(mut text) = serde_json::to_string(&answer) else {
+        return;
+    };
+    text.push('\n');
+    let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+    let _ = nix::sys::socket::send(stream.as_raw_fd(), text.as_bytes(), flags);
+}
+
+/// On an answering thread: ask the supervisor, wait (long, for a reload),
+/// write the answer.
+fn answer(
+    stream: UnixStream,
+    request: Request,
     requests: &Sender<Incoming>,
     waker: &Waker,
 ) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)?;
-    let mut writer = stream.try_clone()?;
-    let answer = if !allowed(peer.uid(), own_uid) {
-        Response::error(format!(
-            "uid {} may not control this master (only root and uid {own_uid})",
-            peer.uid()
-        ))
+    let wait = if request == Request::Reload {
+        RELOAD_TIMEOUT
     } else {
-        let mut line = String::new();
-        BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
-        match serde_json::from_str::<Request>(line.trim()) {
-            Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(request) => {
-                let wait = if request == Request::Reload {
-                    RELOAD_TIMEOUT
-                } else {
-                    IO_TIMEOUT
-                };
-                let (reply, answer) = crossbeam_channel::bounded(1);
-                let _ = requests.send(Incoming { request, reply });
-                let _ = waker.wake();
-                answer
-                    .recv_timeout(wait)
-                    .unwrap_or_else(|_| Response::error("the master did not answer in time".into()))
-            }
-        }
+        IO_TIMEOUT
     };
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    let _ = requests.send(Incoming { request, reply });
+    let _ = waker.wake();
+    let answer = answer.recv_timeout(wait).unwrap_or_else(|e| {
+        Response::error(match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => {
+                format!("the master did not answer within {}s", wait.as_secs())
+            }
+            crossbeam_channel::RecvTimeoutError::Disconnected => {
+                "the master stopped before answering".into()
+            }
+        })
+    });
     let mut text = serde_json::to_string(&answer).map_err(io::Error::other)?;
     text.push('\n');
-    writer.write_all(text.as_bytes())
+    (&stream).write_all(text.as_bytes())
 }
 
 #[cfg(test)]
@@ -182,11 +561,11 @@ mod tests {
     }
 
     #[test]
-    fn default_path_names_the_port() {
-        assert!(
-            default_path(8000)
-                .to_string_lossy()
-                .ends_with("lb-8000.sock")
-        );
+    fn a_request_is_one_utf8_json_line() {
+        assert_eq!(parse(b"{\"cmd\":\"status\"}\r"), Ok(Request::Status));
+        let e = parse(b"{\"cmd\":\"st\xffatus\"}").unwrap_err();
+        assert!(e.contains("not UTF-8 (at byte 10)"), "{e}");
+        let e = parse(b"status").unwrap_err();
+        assert!(e.starts_with("bad request") && e.contains("cmd"), "{e}");
     }
 }

@@ -488,3 +488,326 @@ fn reload_returns_at_the_switch_and_reload_wait_once_the_old_are_gone() {
         );
     }
 }
+
+/// A child process that is killed (by its pid) and reaped if a test ends
+/// before it did.
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    fn spawn(mut cmd: Command) -> Reaped {
+        Reaped(
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn"),
+        )
+    }
+
+    /// Waits (bounded by `WAIT`) for the exit; (exit code, stdout, stderr).
+    fn finish(mut self) -> (Option<i32>, String, String) {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(std::time::Instant::now() < deadline, "did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let (mut out, mut err) = (String::new(), String::new());
+        if let Some(mut o) = self.0.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status.code(), out, err)
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            send_signal(self.0.id(), libc::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `lb_cli`, timed.
+fn timed_cli(args: &[&str]) -> (std::time::Duration, Option<i32>, String, String) {
+    let start = std::time::Instant::now();
+    let (code, out, err) = lb_cli(args);
+    (start.elapsed(), code, out, err)
+}
+
+/// How long a control request may take to be answered while the master is
+/// busy with something else (idle clients, a reload): well under the 5 s a
+/// client used to wait behind each of them, with room for a loaded machine.
+const PROMPT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connects `n` more clients that send nothing (non-blocking connects,
+/// retried while the master's backlog is full, bounded).
+fn idle_clients(sock: &str, n: usize, into: &mut Vec<socket2::Socket>) {
+    let addr = socket2::SockAddr::unix(sock).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while into.len() < n && std::time::Instant::now() < deadline {
+        let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        match s.connect(&addr) {
+            Ok(()) => into.push(s),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+}
+
+#[test]
+fn status_answers_while_idle_clients_hold_the_control_socket() {
+    let dir = scratch("idle");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let lb = Lb::start(&["--workers", "1", "--control", sock], &[], 1);
+    let mut idle = Vec::new();
+    // 50 idle clients, then more than the master keeps waiting at once.
+    for n in [50, 300] {
+        idle_clients(sock, n, &mut idle);
+        let (took, code, json, err) = timed_cli(&["status", "--json", "--control", sock]);
+        assert_eq!(code, Some(0), "with {} idle clients: {err}", idle.len());
+        assert!(
+            took < PROMPT,
+            "status took {took:?} with {} idle clients",
+            idle.len()
+        );
+        let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(status["pid"], lb.pid());
+    }
+    // The first idle client is let go (with a reason) within a few seconds.
+    let first = &idle[0];
+    first.set_nonblocking(false).unwrap();
+    first
+        .set_read_timeout(Some(std::time::Duration::from_secs(4)))
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(first), &mut line)
+        .expect("an idle client is answered and closed, not kept");
+    let answer: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(answer["ok"], false, "{line}");
+}
+
+#[test]
+fn status_and_stop_are_answered_while_a_reload_runs() {
+    let dir = scratch("reload-busy");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    // The second generation takes 6 s to become ready.
+    let slow = python_worker(
+        &dir,
+        "slow.py",
+        "if os.environ['LB_GENERATION'] != '1':\n    time.sleep(6)\nsend(16)\nserve_forever()",
+    );
+    let mut lb = Lb::start(
+        &[
+            "--workers",
+            "1",
+            "--drain-timeout",
+            "1s",
+            "--control",
+            sock,
+            "--",
+            "python3",
+            &slow,
+        ],
+        &[],
+        1,
+    );
+    let mut reload = Command::new(lb_bin());
+    reload.args(["reload", "--control", sock]);
+    let reload = Reaped::spawn(reload);
+    lb.wait_log("gen 2: spawn", 1);
+
+    let (took, code, json, err) = timed_cli(&["status", "--json", "--control", sock]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(took < PROMPT, "status took {took:?} during a reload");
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let states: Vec<&str> = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["state"].as_str().unwrap())
+        .collect();
+    assert!(states.contains(&"starting"), "{json}");
+
+    let (took, code, out, err) = timed_cli(&["stop", "--control", sock]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(took < PROMPT, "stop took {took:?} during a reload");
+    assert!(out.contains("draining"), "{out}");
+    // The reload's own client is told why it ended.
+    let (code, _, err) = reload.finish();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("the master is stopping"), "{err}");
+    lb.wait_exit();
+}
+
+#[test]
+fn a_request_that_is_not_utf8_gets_an_error_reply() {
+    use std::io::{BufRead, Write};
+    let dir = scratch("utf8");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let _lb = Lb::start(&["--workers", "1", "--control", sock], &[], 1);
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(b"{\"cmd\":\"st\xffatus\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s)
+        .read_line(&mut line)
+        .expect("an answer, not silence");
+    let answer: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(answer["ok"], false, "{line}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("UTF-8"), "{error}");
+}
+
+const NOBODY: u32 = 65534;
+
+/// Whether this test can run processes as uid 65534 (it needs root and
+/// `setpriv`); says why it is skipped if not.
+fn can_be_nobody(why: &str) -> bool {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipping {why}: the tests do not run as root");
+        return false;
+    }
+    installed("setpriv", why)
+}
+
+/// `setpriv` arguments that run the rest as uid/gid 65534.
+const AS_NOBODY: [&str; 4] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+];
+
+/// `lb <args>` run as uid 65534 without XDG_RUNTIME_DIR or LB_*.
+fn lb_as_nobody(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(AS_NOBODY[0]);
+    cmd.args(&AS_NOBODY[1..]).arg(lb_bin()).args(args);
+    cmd.env_remove("XDG_RUNTIME_DIR")
+        .env_remove("LB_CONTROL")
+        .env_remove("LB_LISTEN");
+    Reaped::spawn(cmd).finish()
+}
+
+#[test]
+fn a_socket_served_by_another_uid_is_not_believed() {
+    if !can_be_nobody("the squatted control socket test") {
+        return;
+    }
+    let dir = scratch("squat").join("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.join("lb.sock");
+    let _ = std::fs::remove_file(&sock);
+    let sock = sock.to_str().unwrap();
+    // Another user binds the path first and says yes to everything.
+    let forger = "import os, socket, sys\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+        s.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o777); s.listen(16)\n\
+        while True:\n    c, _ = s.accept()\n    c.settimeout(2)\n    try:\n        c.recv(65536)\n        \
+        c.sendall(b'{\"ok\":true,\"message\":\"forged\"}\\n')\n    except Exception:\n        pass\n    c.close()\n";
+    let mut cmd = Command::new(AS_NOBODY[0]);
+    cmd.args(&AS_NOBODY[1..])
+        .args(["/usr/bin/python3", "-c", forger, sock]);
+    let _forger = Reaped::spawn(cmd);
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forger never bound"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for cmd in ["stop", "status", "reload"] {
+        let (code, out, err) = lb_cli(&[cmd, "--control", sock]);
+        assert_eq!(code, Some(1), "{cmd}: {out}{err}");
+        assert!(!out.contains("forged"), "{cmd}: {out}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(sock) && err.contains("uid 65534"),
+            "{cmd}: {err}"
+        );
+    }
+    // A master does not take the path for another lb master's either.
+    let (status, log) = run_to_exit(&["--workers", "1", "--control", sock], &[]);
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("uid 65534"), "{log}");
+    assert!(!log.contains("another lb master"), "{log}");
+}
+
+#[test]
+fn a_socket_the_client_may_not_open_is_a_permission_problem() {
+    if !can_be_nobody("the control socket permission test") {
+        return;
+    }
+    let dir = scratch("eacces");
+    let sock = dir.join("lb.sock");
+    let sock = sock.to_str().unwrap();
+    let _lb = Lb::start(&["--workers", "1", "--control", sock], &[], 1);
+    let (code, _, err) = lb_as_nobody(&["status", "--control", sock]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(!err.contains("no lb master answers"), "{err}");
+}
+
+#[test]
+fn a_non_root_master_makes_a_private_directory_for_its_socket() {
+    use std::os::unix::fs::MetadataExt;
+    if !can_be_nobody("the default control directory test") {
+        return;
+    }
+    let private = std::path::Path::new("/tmp/lb-65534");
+    let _ = std::fs::remove_dir_all(private);
+    let mut cmd = lb_command_through(
+        &AS_NOBODY,
+        &["--listen", "127.0.0.1:0", "--workers", "1"],
+        &[],
+    );
+    cmd.env_remove("XDG_RUNTIME_DIR");
+    let mut lb = Lb::start_command(cmd, 1);
+    let meta = std::fs::symlink_metadata(private).expect("the directory is made");
+    assert!(meta.is_dir());
+    assert_eq!(meta.uid(), NOBODY);
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    let port = lb.addr.port().to_string();
+    let sock = private.join(format!("lb-{port}.sock"));
+    assert!(sock.exists(), "{} is the socket", sock.display());
+    // Its own user finds it with no --control.
+    let listen = format!("127.0.0.1:{port}");
+    let (code, out, err) = lb_as_nobody(&["status", "--listen", &listen]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!("listening on {listen}")), "{out}");
+    let (code, _, err) = lb_as_nobody(&["stop", "--listen", &listen]);
+    assert_eq!(code, Some(0), "{err}");
+    lb.wait_exit();
+    assert!(!sock.exists(), "the socket is removed");
+
+    // A directory of that name that is not its own is refused, named.
+    std::os::unix::fs::chown(private, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = lb_command_through(
+        &AS_NOBODY,
+        &["--listen", "127.0.0.1:0", "--workers", "1"],
+        &[],
+    );
+    cmd.env_remove("XDG_RUNTIME_DIR");
+    let (code, _, err) = Reaped::spawn(cmd).finish();
+    let _ = std::fs::remove_dir_all(private);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("/tmp/lb-65534") && err.contains("--control"),
+        "{err}"
+    );
+}
