@@ -99,6 +99,17 @@ pub struct StartArgs {
     #[arg(long, value_name = "N")]
     pub reload_parallel: Option<String>,
 
+    /// How many connections may wait in one worker's channel before lb
+    /// skips that worker, 1 to 4096 [env: LB_WORKER_QUEUE] [default: 64]
+    #[arg(long, value_name = "N")]
+    pub worker_queue: Option<String>,
+
+    /// A worker with connections waiting that takes none for this long is
+    /// replaced (its successor ready first) and its queue handed to the
+    /// others; 0 = never [env: LB_STALL_TIMEOUT] [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub stall_timeout: Option<String>,
+
     /// Proxy mode: connections relayed at once, 1 to 1048576; beyond it lb
     /// stops accepting until one ends. Each relay costs 6 open files, checked
     /// against the open-files limit at start [env: LB_MAX_CONNS]

@@ -163,6 +163,9 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     } else {
         let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
             .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+        if let Some(timeout) = config.stall_timeout {
+            d.watch_stalls(timeout, supervisor::message_cost());
+        }
         if config
             .pools
             .iter()

@@ -24,6 +24,8 @@ pub struct File {
     pub max_rss: Option<String>,
     pub metrics: Option<String>,
     pub reload_parallel: Option<usize>,
+    pub worker_queue: Option<usize>,
+    pub stall_timeout: Option<String>,
     pub max_conns: Option<usize>,
     pub mode: Option<String>,
     #[serde(default)]

@@ -163,6 +163,8 @@ fn good(setting: &str) -> &'static [&'static str] {
     match setting {
         "listen" | "metrics" => &["127.0.0.1:0", "[::1]:0", "0.0.0.0:8000"],
         "workers" | "count" | "reload_parallel" => &["1", "2", "1024"],
+        "worker_queue" => &["1", "64", "4096"],
+        "stall_timeout" => &["0", "30s", "24h"],
         "policy" => &["rr", "wrr", "lc", "least-conn", "WRR"],
         "mode" => &["native", "proxy", "shared", "shim", "node"],
         "backlog" => &["1", "4096", "65535"],
@@ -184,6 +186,7 @@ const INTEGER_KEYS: &[&str] = &[
     "workers",
     "max_conns_per_worker",
     "reload_parallel",
+    "worker_queue",
     "max_conns",
     "count",
     "weight",
@@ -296,6 +299,8 @@ const KEYS: &[&str] = &[
     "max_rss",
     "metrics",
     "reload_parallel",
+    "worker_queue",
+    "stall_timeout",
     "max_conns",
     "mode",
 ];
@@ -394,6 +399,8 @@ const FLAGS: &[&str] = &[
     "--max-conns-per-worker",
     "--max-rss",
     "--reload-parallel",
+    "--worker-queue",
+    "--stall-timeout",
     "--max-conns",
     "--metrics",
     "--control",
@@ -413,6 +420,8 @@ const VARS: &[(&str, &str)] = &[
     ("LB_MAX_CONNS_PER_WORKER", "max_conns_per_worker"),
     ("LB_MAX_RSS", "max_rss"),
     ("LB_RELOAD_PARALLEL", "reload_parallel"),
+    ("LB_WORKER_QUEUE", "worker_queue"),
+    ("LB_STALL_TIMEOUT", "stall_timeout"),
     ("LB_MAX_CONNS", "max_conns"),
     ("LB_METRICS", "metrics"),
     ("LB_CONTROL", "control"),
@@ -508,6 +517,14 @@ fn check_accepted(c: &Config, case: &Case) {
     );
     assert!(
         (1..=defaults::MAX_WORKERS).contains(&c.reload_parallel),
+        "{case:?}"
+    );
+    assert!(
+        (1..=bounds::WORKER_QUEUE_MAX).contains(&c.worker_queue),
+        "{case:?}"
+    );
+    assert!(
+        c.stall_timeout.is_none_or(|d| d <= bounds::DURATION_MAX),
         "{case:?}"
     );
     assert!((1..=defaults::MAX_WORKERS).contains(&c.slots()), "{case:?}");

@@ -40,6 +40,9 @@ pub mod defaults {
     pub const MAX_WORKERS: usize = 1024;
     /// Proxy mode: relays open at once (each holds two sockets and two pipes).
     pub const MAX_CONNS: usize = 1024;
+    /// Connections that may wait in one worker's channel.
+    pub const WORKER_QUEUE: usize = 64;
+    pub const STALL_TIMEOUT: &str = "30s";
 }
 
 /// The range each setting must fall in (documented in `lb.toml.example` and
@@ -65,6 +68,9 @@ pub mod bounds {
     pub const RSS_MAX: u64 = 1 << 40;
     /// A pool's weight: 10000:1 still lets a canary take 0.01%.
     pub const WEIGHT_MAX: u32 = 10_000;
+    /// `worker_queue`: the kernel's smallest send buffer already holds a
+    /// few; 4096 is far beyond any worker's useful backlog.
+    pub const WORKER_QUEUE_MAX: usize = 4096;
 }
 
 /// Everything the master needs, validated.
@@ -88,6 +94,11 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// How many slots a rolling reload replaces at once.
     pub reload_parallel: usize,
+    /// Connections that may wait in one worker's channel (native, shim).
+    pub worker_queue: usize,
+    /// Replace a worker that takes none of its waiting connections for this
+    /// long; `None` = never.
+    pub stall_timeout: Option<Duration>,
     /// Proxy mode: connections relayed at once (the relay slab's size).
     pub max_conns: usize,
     pub pools: Vec<Pool>,
@@ -526,6 +537,36 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         None => 1,
         Some((v, origin)) => parse_count(&v, origin)?,
     };
+    let worker_queue = match layered(
+        args.worker_queue.as_deref(),
+        "--worker-queue",
+        env,
+        "LB_WORKER_QUEUE",
+        file.worker_queue.map(|n| n.to_string()),
+        || in_file("worker_queue"),
+    ) {
+        None => defaults::WORKER_QUEUE,
+        Some((v, origin)) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=bounds::WORKER_QUEUE_MAX).contains(&n) => n,
+            _ => {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    format!("give a whole number from 1 to {}", bounds::WORKER_QUEUE_MAX),
+                ));
+            }
+        },
+    };
+    let stall_timeout = Some(duration(
+        args.stall_timeout.as_deref(),
+        "--stall-timeout",
+        "LB_STALL_TIMEOUT",
+        file.stall_timeout.clone(),
+        "stall_timeout",
+        defaults::STALL_TIMEOUT,
+        Duration::ZERO,
+    )?)
+    .filter(|d| !d.is_zero());
     let (max_conns, max_conns_origin) = match layered(
         args.max_conns.as_deref(),
         "--max-conns",
@@ -777,6 +818,8 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_rss,
         metrics,
         reload_parallel,
+        worker_queue,
+        stall_timeout,
         max_conns,
         pools,
         policy_explicit,

@@ -79,7 +79,7 @@ pub struct WorkerStatus {
     /// None while the slot waits to restart.
     pub pid: Option<u32>,
     pub generation: u64,
-    /// starting, ready, draining, restarting
+    /// starting, ready, stalled, draining, restarting
     pub state: String,
     pub uptime_s: f64,
     pub restarts: u64,

@@ -11,6 +11,7 @@
 
 mod node;
 mod proxy;
+pub mod stall;
 mod worker;
 
 use std::collections::VecDeque;
@@ -151,6 +152,15 @@ pub enum Event {
     },
     /// The listener is closed and every worker has been sent DRAIN.
     Drained,
+    /// The process takes none of the connections waiting for it (or closed
+    /// its channel): it gets nothing more, and `rescued` of them went to
+    /// the others. Replace it.
+    Stalled {
+        slot: Slot,
+        pid: u32,
+        why: String,
+        rescued: u64,
+    },
     /// The process's channel is read to the end (what it said last came
     /// before this) and let go: the answer to `Command::Detach`.
     Detached {
@@ -297,6 +307,8 @@ pub struct Dispatcher {
     proxy_wake: Option<Instant>,
     /// Stop was asked for while relays were open: leave by this time.
     stop_by: Option<Instant>,
+    /// Watching for workers that take none of their waiting connections.
+    stall: Option<stall::Watch>,
 }
 
 impl Dispatcher {
@@ -377,6 +389,7 @@ impl Dispatcher {
             proxy_linger: Duration::ZERO,
             proxy_wake: None,
             stop_by: None,
+            stall: None,
         };
         Ok((
             dispatcher,
@@ -396,6 +409,14 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Watches lb-protocol workers for connections they do not take: one
+    /// with some waiting that takes none for `timeout` (or that closed its
+    /// channel) is cut off and reported ([`Event::Stalled`]). `message_cost`
+    /// is what one CONN takes of a channel's send buffer.
+    pub fn watch_stalls(&mut self, timeout: Duration, message_cost: usize) {
+        self.stall = Some(stall::Watch::new(timeout, message_cost));
+    }
+
     /// Runs until [`Command::Stop`]; returns the final counters.
     pub fn run(&mut self) -> io::Result<Stats> {
         while self.running {
@@ -407,10 +428,16 @@ impl Dispatcher {
     /// One poll (waiting at most `max_wait`, if given) and everything it
     /// made ready. `run` loops on it; a benchmark can drive it directly.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let wake = [self.retry_at, self.node_wake, self.proxy_wake, self.stop_by]
-            .into_iter()
-            .flatten()
-            .min();
+        let wake = [
+            self.retry_at,
+            self.node_wake,
+            self.proxy_wake,
+            self.stop_by,
+            self.stall_wake(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let retry = wake.map(|t| t.saturating_duration_since(Instant::now()));
         let timeout = match (retry, max_wait) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -467,6 +494,7 @@ impl Dispatcher {
         }
         self.node_timers();
         self.proxy_timers();
+        self.stall_timers();
         self.pump();
         // Stopping: leave once the relays are done, or at the deadline.
         if let Some(by) = self.stop_by
@@ -770,9 +798,9 @@ impl Dispatcher {
             Some(Link::Proxy(_)) => Delivery::Relay,
             _ => Delivery::Batch,
         };
-        self.views[slot.0].eligible = current
-            .is_some_and(|w| w.state == State::Ready && !w.full && w.link.can_take())
-            && (delivery != Delivery::Relay || self.relay_room());
+        self.views[slot.0].eligible = current.is_some_and(|w| {
+            w.state == State::Ready && !w.full && !w.progress.stalled && w.link.can_take()
+        }) && (delivery != Delivery::Relay || self.relay_room());
         self.delivery[slot.0] = delivery;
     }
 
@@ -1064,6 +1092,7 @@ impl Dispatcher {
             sent: 0,
             closed: 0,
             reported: false,
+            progress: stall::Progress::default(),
         });
         // Readable only: a unix socket wakes its writer's EPOLLOUT waiters
         // each time the reader takes a message, which would wake this loop
@@ -1127,20 +1156,8 @@ impl Dispatcher {
             self.pending.push_front(fd);
             count += 1;
         }
-        let peer = match &w.link {
-            Link::Native { peer } => Some(peer.as_fd()),
-            Link::Node(_) | Link::Shared { .. } | Link::Proxy(_) => None,
-        };
-        while let Some(Ok(mut got)) = peer.map(|p| scm::recv(p, &mut self.buf, Wait::DontWait)) {
-            if got.len == 0 {
-                break;
-            }
-            if let Ok(Message::Conn { .. }) = wire::parse(&self.buf[..got.len], got.truncated)
-                && let Some(fd) = got.fds.take_first()
-            {
-                self.pending.push_back(fd);
-                count += 1;
-            }
+        if let Link::Native { peer } = &w.link {
+            count += stall::read_back(peer, &mut self.buf, &mut self.pending);
         }
         self.stats.rescued += count;
         if count > 0 {

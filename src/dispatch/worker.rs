@@ -42,6 +42,8 @@ pub struct Worker {
     /// It has reported a close: its open connections are known even when
     /// the policy does not ask for reports (`LB_REPORT_CLOSED=0`).
     pub reported: bool,
+    /// Whether it takes the connections waiting for it (`stall`).
+    pub progress: super::stall::Progress,
 }
 
 /// How the master talks to a worker process.

@@ -12,6 +12,8 @@ mod output;
 pub mod reaper;
 mod spawn;
 
+pub use spawn::message_cost;
+
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Child;
@@ -135,6 +137,8 @@ struct Proc {
     replace_at: Option<Instant>,
     /// How much it may make lb log (messages, notes).
     said: crate::log::Budget,
+    /// It takes none of the connections waiting for it (status says so).
+    stalled: bool,
     /// The signal that asks it to finish and exit (its pool's).
     stop_signal: libc::c_int,
     /// Draining it means that signal (shared and proxy workers have no
@@ -490,6 +494,7 @@ impl Supervisor {
             shim: self.shim.as_ref(),
             listener: self.shared_listener.as_ref().map(|l| l.as_raw_fd()),
             drain_timeout: self.config.drain_timeout,
+            queue: self.config.worker_queue,
         };
         let spawned = spawn::spawn(pool, &launch).map_err(|source| {
             // ENOENT for a file that exists: exec could not find what the file needs.
@@ -550,6 +555,7 @@ impl Supervisor {
             recycling: false,
             replace_at: None,
             said: crate::log::Budget::new(SAID_PER_SECOND),
+            stalled: false,
             stop_signal: pool.stop_signal,
             signal_on_drain: matches!(pool.mode, Mode::Shared | Mode::Proxy),
         });
@@ -814,6 +820,30 @@ impl Supervisor {
                 info!("listener closed; every worker was sent DRAIN");
             }
             Event::Detached { pid, .. } => self.exited(pid),
+            Event::Stalled {
+                slot,
+                pid,
+                why,
+                rescued,
+            } => {
+                info!(
+                    "worker {slot} pid {pid} {why}: it gets no more, {rescued} went to other \
+                     workers; replacing it, its successor ready first"
+                );
+                let Some(i) = self.index_of(pid) else { return };
+                let covered = self
+                    .procs
+                    .iter()
+                    .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
+                let p = &mut self.procs[i];
+                p.stalled = true;
+                if p.retiring || p.recycling || covered || self.phase != Phase::Running {
+                    return;
+                }
+                p.recycling = true;
+                self.slots[slot.0].restarts += 1;
+                self.start_or_retry(slot);
+            }
         }
     }
 
@@ -1035,6 +1065,8 @@ impl Supervisor {
                     generation: p.generation,
                     state: if p.retiring {
                         "draining"
+                    } else if p.stalled {
+                        "stalled"
                     } else if p.ready {
                         "ready"
                     } else {

@@ -2,7 +2,7 @@
 //! output piped to lb, its own process group, death with the master.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,6 +33,9 @@ pub struct Launch<'a> {
     pub proxy_port: Option<u16>,
     /// How long the worker may take to drain (it is told, to fit in it).
     pub drain_timeout: std::time::Duration,
+    /// Connections that may wait in its channel (lb's protocol): the
+    /// master's end gets a send buffer that holds that many and no more.
+    pub queue: usize,
 }
 
 /// A started worker and the master's handles on it.
@@ -47,6 +50,22 @@ pub struct Spawned {
     /// The read ends of the worker's stdout and stderr.
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+}
+
+/// What one CONN (16 bytes and an fd) costs a channel's send buffer: the
+/// kernel's overhead per message, measured once (768 bytes on x86_64 Linux
+/// 6.x; that, if it cannot be measured).
+pub fn message_cost() -> usize {
+    static COST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COST.get_or_init(|| {
+        let measured = || -> io::Result<usize> {
+            let (master, _worker) = proto::pair()?;
+            let (carried, _) = nix::unistd::pipe()?;
+            proto::send_conn(master.as_fd(), carried.as_fd(), 1)?;
+            sys::unread_bytes(master.as_fd())
+        };
+        measured().ok().filter(|&n| n > 0).unwrap_or(768)
+    })
 }
 
 /// The command line, for logs.
@@ -73,6 +92,13 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
             .ok_or_else(|| io::Error::other("proxy mode without a port"))?,
         _ => launch.port,
     };
+    if matches!(pool.mode, Mode::Native | Mode::Shim) {
+        // The kernel doubles what is asked for, and charges each message
+        // its buffer overhead: this many CONNs fit, then EAGAIN, and the
+        // dispatcher skips the worker until it reads.
+        let bytes = launch.queue.saturating_mul(message_cost()) / 2;
+        socket2::SockRef::from(&channel).set_send_buffer_size(bytes)?;
+    }
     let port_text = port.to_string();
     let mut cmd = Command::new(&pool.command);
     cmd.args(pool.args.iter().map(|a| match a.to_str() {

@@ -127,6 +127,56 @@ pub fn prepare_child(cmd: &mut Command, channel: RawFd, target: RawFd) {
     }
 }
 
+/// Bytes sent on `sock` (a unix socket) that its peer has not read yet,
+/// with the kernel's own overhead per message (`SIOCOUTQ`).
+pub fn unread_bytes(sock: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points at
+    // a live, writable c_int; the fd is valid for the call.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Whether any process in process group `pgid` has the socket with inode
+/// `inode` open (from `/proc`; for a worker suspected of having closed its
+/// channel, not for a hot path).
+pub fn group_holds_socket(pgid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true; // cannot tell: assume it does
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            // After the command's closing paren: state, ppid, pgrp.
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(2))
+                .and_then(|g| g.parse::<u32>().ok())
+                == Some(pgid)
+        });
+        if !in_group {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return true; // not ours to read: cannot tell
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// Ignores `signals` in this process (and what it execs).
 pub fn ignore_signals(signals: &[nix::sys::signal::Signal]) {
     for &s in signals {

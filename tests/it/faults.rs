@@ -384,3 +384,71 @@ serve_forever()"#,
             .any(|l| l.contains("out\\r\\x1b[2Klb: forged too"))
     );
 }
+
+/// Two pools, round-robin: `python3 <script>` (1 worker) beside the bundled
+/// worker (1), with `extra` top-level settings.
+fn beside_a_healthy_worker(dir: &std::path::Path, script: &str, extra: &str) -> Lb {
+    let config = write_config(
+        dir,
+        "lb.toml",
+        &format!(
+            "{extra}\n{}{}",
+            python_pool("odd", script, 1),
+            hello_pool("hello", 1)
+        ),
+    );
+    Lb::start(&["--config", &config], &[], 2)
+}
+
+/// A worker that stops reading its channel used to swallow every
+/// connection sent to it until it was killed (278 hung; 39 requests in 5 s
+/// from 10 clients; status "ready"; nothing logged). Its channel now holds
+/// `worker_queue` connections at most, so it is skipped once that is full,
+/// and after `stall_timeout` without taking one its queue goes to the
+/// others and it is replaced, successor first: no request fails.
+#[test]
+fn a_worker_that_stops_reading_costs_no_request() {
+    use crate::util::load::{Load, Style};
+    let dir = scratch("faults-stuck");
+    let stuck = python_worker(
+        &dir,
+        "stuck.py",
+        "send(16)\nfor _ in range(3):\n    msg, fds, _, _ = socket.recv_fds(chan, 4096, 4)\n    serve_one(fds[0])\nwhile True:\n    time.sleep(1)",
+    );
+    let lb = beside_a_healthy_worker(&dir, &stuck, "worker_queue = 8\nstall_timeout = \"2s\"");
+    let load = Load::start(lb.addr, 10, Style::Close, None);
+    lb.wait_log("took none of its", 1);
+    lb.wait_log("replacing it, its successor ready first", 1);
+    load.wait_more(500);
+    let tally = load.stop();
+    eprintln!("a stuck worker: {tally:?}");
+    assert_eq!(tally.failed, 0, "{:?}", tally.first);
+    assert!(tally.ok > 1000, "the others kept serving: {tally:?}");
+}
+
+/// A worker that closes its channel (fd 3) but lives on: the master's own
+/// copy of the channel hides the EOF. lb notices (within about a second
+/// of no progress), hands what waits for it to the others, replaces it.
+#[test]
+fn a_worker_that_closes_its_channel_costs_no_request() {
+    use crate::util::load::{Load, Style};
+    let dir = scratch("faults-closed-fd3");
+    let closer = python_worker(
+        &dir,
+        "closer.py",
+        "send(16)\nchan.close()\nwhile True:\n    time.sleep(1)",
+    );
+    let lb = beside_a_healthy_worker(&dir, &closer, "");
+    let started = Instant::now();
+    let load = Load::start(lb.addr, 10, Style::Close, None);
+    lb.wait_log("closed its channel (fd 3)", 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    load.wait_more(500);
+    let tally = load.stop();
+    eprintln!("a worker without its channel: {tally:?}");
+    assert_eq!(tally.failed, 0, "{:?}", tally.first);
+}
