@@ -15,7 +15,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <dirent.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -30,7 +32,11 @@ struct conn {
     char buf[BUF];
 };
 
-static int chan, ep, live, draining;
+static int chan, ep, live, draining, paused;
+/* Open files kept free: near the limit the channel is not read, so lb
+ * sends to other workers (a CONN whose fd cannot be received is lost). */
+enum { FD_RESERVE = 16 };
+static long fd_limit, base_fds;
 static long drain_ms, grace_ms = 2000;
 static struct conn *conns;   /* all open connections, for the drain's timers */
 static char body[128];
@@ -104,13 +110,23 @@ static int on_readable(struct conn *c) {
 /* Takes every queued message; returns -1 when the master is gone. */
 static int on_channel(void) {
     for (;;) {
+        if (base_fds + live + FD_RESERVE >= fd_limit) {
+            if (!paused)
+                fprintf(stderr, "hello-c: %d connections open, near the limit of %ld open "
+                                "files: taking no more until some close\n", live, fd_limit);
+            paused = 1;
+            return 0;
+        }
         unsigned char h[HDR + 64];
         union { struct cmsghdr align; char b[CMSG_SPACE(4 * sizeof(int))]; } cm;
         struct iovec iov = {h, sizeof h};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b, .msg_controllen = sizeof cm.b};
         ssize_t n = recvmsg(chan, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
         if (n == 0) return -1;
-        if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+        if (n < 0) {
+            paused = 0;
+            return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+        }
         int fds[4], nfd = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
@@ -143,6 +159,11 @@ int main(void) {
     const char *fd = getenv("LB_FD"), *slot = getenv("LB_WORKER_ID");
     if (!fd || !slot) { fprintf(stderr, "hello-c: start me with lb: lb -- ./hello-c\n"); return 2; }
     chan = atoi(fd);
+    struct rlimit rl;
+    fd_limit = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? (long)rl.rlim_cur : 1024;
+    DIR *d = opendir("/proc/self/fd");
+    for (struct dirent *e; d && (e = readdir(d));) if (e->d_name[0] != '.') base_fds++;
+    if (d) { closedir(d); base_fds--; }   /* the directory's own fd */
     /* The idle grace: 2 s, at most a quarter of lb's drain timeout. */
     const char *drain = getenv("LB_DRAIN_TIMEOUT_MS");
     if (drain && atol(drain) / 4 < grace_ms) grace_ms = atol(drain) / 4;
@@ -167,6 +188,8 @@ int main(void) {
             after = c->next;
             if (expiry(c) <= now) conn_close(c);
         }
+        /* Paused at the open-files limit: a close may have made room. */
+        if (paused && on_channel() < 0) return 0;
     }
     return 0;
 }

@@ -82,18 +82,23 @@ fn run() -> anyhow::Result<()> {
     listener.ready()?;
 
     let grace = listener.idle_grace();
-    let mut clients: HashMap<Token, Client> = HashMap::new();
-    let mut next_token = 1usize;
-    // When DRAIN came.
-    let mut drain_at: Option<Instant> = None;
+    let mut w = Worker {
+        clients: HashMap::new(),
+        next_token: 1,
+        drain_at: None,
+        // What is open besides connections (stdio, the channel, the poller).
+        base_fds: crate::worker::open_files(),
+        limit: crate::worker::open_files_limit(),
+        paused: false,
+    };
     let mut events = Events::with_capacity(256);
+    let mut take = true;
     loop {
-        let draining = drain_at.is_some();
-        if draining && clients.is_empty() {
+        if w.drain_at.is_some() && w.clients.is_empty() {
             return Ok(());
         }
-        let timeout = drain_at.and_then(|at| {
-            clients
+        let timeout = w.drain_at.and_then(|at| {
+            w.clients
                 .values()
                 .map(|c| c.expires(at, grace))
                 .min()
@@ -107,67 +112,115 @@ fn run() -> anyhow::Result<()> {
         }
         for ev in events.iter() {
             if ev.token() == CHANNEL {
-                loop {
-                    match listener.next(Wait::DontWait) {
-                        Ok(Incoming::Conn(stream)) => {
-                            let token = Token(next_token);
-                            next_token += 1;
-                            let _ = stream.set_nodelay(true);
-                            let mut stream = TcpStream::from_std(stream);
-                            poll.registry().register(
-                                &mut stream,
-                                token,
-                                Interest::READABLE | Interest::WRITABLE,
-                            )?;
-                            let client = Client {
-                                stream,
-                                input: Vec::new(),
-                                output: Vec::new(),
-                                close_after: None,
-                                active_at: Instant::now(),
-                                lingering: false,
-                            };
-                            clients.insert(token, client);
-                            // Data may have arrived before registration.
-                            serve_or_close(
-                                &mut poll,
-                                &mut clients,
-                                token,
-                                &body,
-                                draining,
-                                &listener,
-                            );
-                        }
-                        // Nothing is closed yet: an idle connection's
-                        // next request may be on its way.
-                        Ok(Incoming::Drain) => drain_at = Some(Instant::now()),
-                        Ok(Incoming::Message(_)) => {}
-                        // The master is gone: nothing will supervise us.
-                        Ok(Incoming::Closed) => return Ok(()),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+                take = true;
             } else {
+                let draining = w.drain_at.is_some();
                 serve_or_close(
                     &mut poll,
-                    &mut clients,
+                    &mut w.clients,
                     ev.token(),
                     &body,
-                    drain_at.is_some(),
+                    draining,
                     &listener,
                 );
             }
         }
-        if let Some(at) = drain_at {
+        if let Some(at) = w.drain_at {
             let now = Instant::now();
-            let expired: Vec<Token> = clients
+            let expired: Vec<Token> = w
+                .clients
                 .iter()
                 .filter(|(_, c)| c.expires(at, grace) <= now)
                 .map(|(t, _)| *t)
                 .collect();
             for t in expired {
-                close(&mut poll, &mut clients, t, &listener);
+                close(&mut poll, &mut w.clients, t, &listener);
+            }
+        }
+        // Paused at the open-files limit: a close may have made room.
+        if take || w.paused {
+            take = false;
+            if !w.take_connections(&mut poll, &mut listener, &body)? {
+                return Ok(()); // the master is gone: nothing will supervise us
+            }
+        }
+    }
+}
+
+/// The worker's state between events.
+struct Worker {
+    clients: HashMap<Token, Client>,
+    next_token: usize,
+    /// When DRAIN came.
+    drain_at: Option<Instant>,
+    base_fds: u64,
+    limit: u64,
+    /// Not taking connections: too close to the open-files limit.
+    paused: bool,
+}
+
+impl Worker {
+    /// Room for one more connection, keeping `FD_RESERVE` files free.
+    fn has_room(&self) -> bool {
+        self.base_fds + self.clients.len() as u64 + crate::worker::FD_RESERVE < self.limit
+    }
+
+    /// Takes what the master sent until the channel is empty, or until the
+    /// open-files limit is near (then stops reading: the master, finding
+    /// the channel full, sends to others). False once the master is gone.
+    fn take_connections(
+        &mut self,
+        poll: &mut Poll,
+        listener: &mut Listener,
+        body: &str,
+    ) -> anyhow::Result<bool> {
+        loop {
+            if !self.has_room() {
+                if !self.paused {
+                    self.paused = true;
+                    eprintln!(
+                        "lb hello-worker: {} connections open, near the limit of {} open \
+                         files: taking no more until some close",
+                        self.clients.len(),
+                        self.limit
+                    );
+                }
+                return Ok(true);
+            }
+            match listener.next(Wait::DontWait) {
+                Ok(Incoming::Conn(stream)) => {
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    let _ = stream.set_nodelay(true);
+                    let mut stream = TcpStream::from_std(stream);
+                    poll.registry().register(
+                        &mut stream,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    let client = Client {
+                        stream,
+                        input: Vec::new(),
+                        output: Vec::new(),
+                        close_after: None,
+                        active_at: Instant::now(),
+                        lingering: false,
+                    };
+                    self.clients.insert(token, client);
+                    // Data may have arrived before registration.
+                    let draining = self.drain_at.is_some();
+                    serve_or_close(poll, &mut self.clients, token, body, draining, listener);
+                }
+                // Nothing is closed yet: an idle connection's next request
+                // may be on its way.
+                Ok(Incoming::Drain) => self.drain_at = Some(Instant::now()),
+                Ok(Incoming::Message(_)) => {}
+                Ok(Incoming::Closed) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.paused = false;
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }

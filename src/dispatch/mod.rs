@@ -146,9 +146,14 @@ pub enum Event {
         pid: u32,
         text: String,
     },
-    /// `accept4` failed for lack of resources; accepting resumes shortly.
+    /// `accept4` failed for lack of resources; accepting is retried every
+    /// 10 ms (said once, until it works again).
     AcceptError {
         errno: i32,
+    },
+    /// `accept4` works again, after `failures` failed tries.
+    AcceptRecovered {
+        failures: u64,
     },
     /// The listener is closed and every worker has been sent DRAIN.
     Drained,
@@ -309,6 +314,8 @@ pub struct Dispatcher {
     stop_by: Option<Instant>,
     /// Watching for workers that take none of their waiting connections.
     stall: Option<stall::Watch>,
+    /// Failed accepts in a row (out of fds, memory); 0 when accepting works.
+    accept_failures: u64,
 }
 
 impl Dispatcher {
@@ -390,6 +397,7 @@ impl Dispatcher {
             proxy_wake: None,
             stop_by: None,
             stall: None,
+            accept_failures: 0,
         };
         Ok((
             dispatcher,
@@ -544,6 +552,10 @@ impl Dispatcher {
                     Ok(fd) => {
                         self.stats.accepted += 1;
                         self.accepted.push(fd);
+                        if self.accept_failures > 0 {
+                            let failures = std::mem::take(&mut self.accept_failures);
+                            self.emit(Event::AcceptRecovered { failures });
+                        }
                     }
                     Err(e) => {
                         match e.raw_os_error() {
@@ -552,11 +564,15 @@ impl Dispatcher {
                             Some(libc::ECONNABORTED | libc::EPROTO) => continue,
                             // Out of fds or memory (or anything unexpected):
                             // retry shortly instead of spinning.
+                            // Said once per episode, not at every retry.
                             errno => {
                                 self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
-                                self.emit(Event::AcceptError {
-                                    errno: errno.unwrap_or(0),
-                                });
+                                self.accept_failures += 1;
+                                if self.accept_failures == 1 {
+                                    self.emit(Event::AcceptError {
+                                        errno: errno.unwrap_or(0),
+                                    });
+                                }
                             }
                         }
                         more = false;

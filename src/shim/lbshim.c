@@ -42,6 +42,7 @@
 #include <sys/ioctl.h>
 #include <sys/select.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -112,6 +113,12 @@ static _Atomic int drain_seen;
 
 static int preload_fd = -1; /* the in-memory .so (LB_SHIM_FD), CLOEXEC'd at claim */
 static int reports = 1;     /* LB_REPORT_CLOSED=0: the policy reads no close reports */
+/* Open files kept free: near the limit accept() says EMFILE (as it would
+   without lb) and leaves the connection in the channel, where lb sees it
+   wait and sends others elsewhere, instead of receiving one whose fd the
+   kernel cannot give (it closes it: the client is lost). */
+#define FD_RESERVE 16
+static _Atomic long open_conns;    /* handed-over connections open here */
 static int stop_signal = SIGTERM; /* LB_STOP_SIGNAL: what DRAIN becomes */
 
 /* Asks the server to stop as it would be asked without lb: the pool's stop
@@ -195,11 +202,50 @@ static int env_int(const char *name, int fallback) {
     return (*end || n < 0 || n > 1 << 30) ? fallback : (int)n;
 }
 
+/* Files this process has open, counted with raw getdents64 (no
+   allocation: the accept path may not allocate). -1 if it cannot tell. */
+static long count_open_fds(void) {
+    int dir = (int)real_syscall(SYS_openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0)
+        return -1;
+    long n = -1; /* the directory's own fd */
+    char buf[4096];
+    for (;;) {
+        long got = real_syscall(SYS_getdents64, dir, buf, sizeof buf);
+        if (got <= 0)
+            break;
+        for (long at = 0; at < got;) {
+            unsigned short reclen;
+            memcpy(&reclen, buf + at + 16, sizeof reclen);
+            const char *name = buf + at + 19;
+            if (name[0] != '.')
+                n++;
+            at += reclen;
+        }
+    }
+    real_close(dir);
+    return n;
+}
+
+/* Whether one more connection fits below the open-files limit with the
+   reserve kept free. Counts the process's fds only when close to it. */
+static int room_for_a_conn(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return 1;
+    long limit = (long)rl.rlim_cur;
+    if (atomic_load(&open_conns) + 4 * FD_RESERVE < limit)
+        return 1; /* far from it, whatever else is open */
+    long open = count_open_fds();
+    return open < 0 || open + FD_RESERVE < limit;
+}
+
 static void child_after_fork(void) {
     /* The parent reports its own connections' closes; this process
        reports only the ones it accepts itself. */
     atomic_store(&self_pid, getpid());
     atomic_store(&closes_pending, 0);
+    atomic_store(&open_conns, 0);
     /* Every registration remembered so far is the parent's: this process
        never removes those (it shares the sets), so it forgets them. */
     for (int i = 0; i < MAX_REGS; i++)
@@ -394,6 +440,10 @@ int listen(int fd, int backlog) {
 /* One connection from the channel, with the caller's accept4 flags. */
 static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags) {
     flush_closes();
+    if (!room_for_a_conn()) {
+        errno = EMFILE;
+        return -1;
+    }
     for (;;) {
         unsigned char buf[MAX_MESSAGE];
         union {
@@ -469,6 +519,7 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
         if (fd < MAX_FDS) /* a number last closed behind the shim's back */
             atomic_store(&conn_ep[fd], 0);
         set_kind(fd, K_CONN);
+        atomic_fetch_add(&open_conns, 1);
         return fd;
     }
 }
@@ -549,6 +600,7 @@ static void drop_tracked(int fd, int k) {
     if (k == K_CONN) {
         unregister_conn(fd);
         set_kind(fd, K_NONE);
+        atomic_fetch_sub(&open_conns, 1);
         if (reports &&
             (atomic_fetch_add(&closes_pending, 1) + 1 >= CLOSE_BATCH ||
              now_ms() - atomic_load_explicit(&last_flush_ms, memory_order_relaxed) >=

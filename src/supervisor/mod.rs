@@ -812,9 +812,12 @@ impl Supervisor {
             }
             Event::AcceptError { errno } => {
                 info!(
-                    "accept failed: {}; retrying shortly",
+                    "accept failed: {}; retrying every 10 ms (said once, until it works again)",
                     io::Error::from_raw_os_error(errno)
                 );
+            }
+            Event::AcceptRecovered { failures } => {
+                info!("accept works again, after {failures} failed tries");
             }
             Event::Drained => {
                 info!("listener closed; every worker was sent DRAIN");

@@ -22,7 +22,7 @@ use std::net::{Shutdown, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
@@ -86,6 +86,25 @@ fn ignore_gone(r: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// Open files a worker keeps free: it stops taking connections from the
+/// channel before it has fewer left (so the master, finding the channel
+/// full, sends them to others), instead of receiving ones whose fds the
+/// kernel cannot give it (it closes those: the client is lost).
+pub const FD_RESERVE: u64 = 16;
+
+/// How many files this process may have open (its soft `RLIMIT_NOFILE`;
+/// lb's workers inherit the master's, raised to its hard limit).
+pub fn open_files_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft)
+}
+
+/// How many files this process has open now (from `/proc/self/fd`).
+pub fn open_files() -> u64 {
+    // The directory's own fd is among those listed.
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1) as u64)
+}
+
 /// The worker's end of the channel.
 #[derive(Debug)]
 pub struct Listener {
@@ -99,6 +118,10 @@ pub struct Listener {
     draining: Arc<AtomicBool>,
     /// When a lost connection was last reported on stderr.
     lost_warned: Option<Instant>,
+    /// Files open besides the connections `accept` gave out (counted when
+    /// the listener was made), and those connections.
+    base_fds: u64,
+    live: Arc<AtomicU64>,
     done: bool,
     buf: Box<[u8]>,
 }
@@ -145,6 +168,8 @@ impl Listener {
             drain_timeout: None,
             draining: Arc::new(AtomicBool::new(false)),
             lost_warned: None,
+            base_fds: open_files(),
+            live: Arc::new(AtomicU64::new(0)),
             done: false,
             buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
         }
@@ -261,15 +286,34 @@ impl Listener {
     /// Blocks for the next connection, made blocking for `std::io` use.
     /// `Ok(None)` after DRAIN or when the master is gone. User messages are
     /// skipped here; use [`Listener::next`] to see them.
+    ///
+    /// It takes no connection while fewer than [`FD_RESERVE`] files would
+    /// be left free (it waits for a [`Conn`] to be dropped, saying so once),
+    /// so that the master sends to other workers instead.
     pub fn accept(&mut self) -> io::Result<Option<Conn>> {
+        let limit = open_files_limit();
+        let mut said = false;
         loop {
+            while self.base_fds + self.live.load(Ordering::Relaxed) + FD_RESERVE >= limit {
+                if !said {
+                    said = true;
+                    eprintln!(
+                        "lb::worker: {} connections open, near the limit of {limit} open \
+                         files: taking no more until some close",
+                        self.live.load(Ordering::Relaxed)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             match self.next(Wait::Block)? {
                 Incoming::Conn(stream) => {
                     stream.set_nonblocking(false)?;
+                    self.live.fetch_add(1, Ordering::Relaxed);
                     return Ok(Some(Conn {
                         stream: Some(stream),
                         reporter: self.reporter(),
                         draining: Arc::clone(&self.draining),
+                        live: Arc::clone(&self.live),
                     }));
                 }
                 Incoming::Drain | Incoming::Closed => {
@@ -323,6 +367,8 @@ pub struct Conn {
     stream: Option<TcpStream>,
     reporter: Reporter,
     draining: Arc<AtomicBool>,
+    /// Connections accepted and not yet dropped (shared with the listener).
+    live: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -425,6 +471,7 @@ impl Write for Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         drop(self.stream.take()); // close first, then report
+        self.live.fetch_sub(1, Ordering::Relaxed);
         let _ = self.reporter.closed(1);
     }
 }

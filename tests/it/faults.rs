@@ -452,3 +452,72 @@ fn a_worker_that_closes_its_channel_costs_no_request() {
     eprintln!("a worker without its channel: {tally:?}");
     assert_eq!(tally.failed, 0, "{:?}", tally.first);
 }
+
+/// A worker near its open-files limit stops taking connections (so the
+/// master, finding its channel full, sends them to the others) instead of
+/// receiving ones whose fds the kernel cannot give it, which are lost (all
+/// 132,380 requests failed, silently, under `prlimit --nofile=128` with 500
+/// idle connections held). What already waits for it goes to the others
+/// once it stalls.
+#[test]
+fn a_worker_at_its_fd_limit_takes_no_connection_it_cannot_hold() {
+    use crate::util::load::{Load, Style};
+    if !installed("prlimit", "the fd-limit test") {
+        return;
+    }
+    let dir = scratch("faults-nofile");
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "worker_queue = 4\nstall_timeout = \"2s\"\n\
+             [[pool]]\nname = \"tight\"\ncommand = \"prlimit\"\n\
+             args = [\"--nofile=32\", \"{}\", \"hello-worker\"]\ncount = 1\n{}",
+            lb_bin(),
+            hello_pool("roomy", 1)
+        ),
+    );
+    let lb = Lb::start(&["--config", &config], &[], 2);
+    // 80 kept-alive clients hold 80 connections: far more than the tight one can.
+    let held = Load::start(lb.addr, 80, Style::KeepAlive, None);
+    held.wait_more(2000);
+    let fresh = Load::start(lb.addr, 10, Style::Close, None);
+    fresh.wait_more(1000);
+    let (held, fresh) = (held.stop(), fresh.stop());
+    eprintln!("held {held:?}\nfresh {fresh:?}");
+    assert_eq!(held.failed, 0, "{:?}", held.first);
+    assert_eq!(fresh.failed, 0, "{:?}", fresh.first);
+    lb.wait_log("near the limit of 32 open files", 1);
+}
+
+/// The same behind the accept shim: near the limit the server's accept()
+/// says EMFILE, as it would without lb, and the connection stays in the
+/// channel instead of being received without its fd and lost.
+#[test]
+fn a_shim_server_at_its_fd_limit_loses_no_connection() {
+    use crate::util::load::{Load, Style};
+    if !installed("prlimit", "the shim fd-limit test") {
+        return;
+    }
+    let dir = scratch("faults-shim-nofile");
+    let server = epoll_server();
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "worker_queue = 4\nstall_timeout = \"2s\"\nmode = \"shim\"\n\
+             [[pool]]\nname = \"tight\"\ncommand = \"prlimit\"\n\
+             args = [\"--nofile=48\", \"{server}\", \"{{port}}\"]\ncount = 1\n\
+             [[pool]]\nname = \"roomy\"\ncommand = \"{server}\"\nargs = [\"{{port}}\"]\ncount = 1\n"
+        ),
+    );
+    let lb = Lb::start(&["--config", &config], &[], 2);
+    let held = Load::start(lb.addr, 80, Style::KeepAlive, None);
+    held.wait_more(2000);
+    let fresh = Load::start(lb.addr, 10, Style::Close, None);
+    fresh.wait_more(1000);
+    let (held, fresh) = (held.stop(), fresh.stop());
+    eprintln!("held {held:?}\nfresh {fresh:?}");
+    assert_eq!(held.failed, 0, "{:?}", held.first);
+    assert_eq!(fresh.failed, 0, "{:?}", fresh.first);
+}
