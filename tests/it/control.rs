@@ -318,19 +318,23 @@ fn http(addr: &str, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
+/// The metrics endpoint's address, from lb's log.
+fn metrics_addr(lb: &Lb) -> String {
+    let line = lb.wait_log("metrics on http://", 1);
+    line.iter()
+        .find_map(|l| l.split("http://").nth(1))
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn metrics_are_served_in_prometheus_text_format() {
     let lb = Lb::start(&["--workers", "2", "--metrics", "127.0.0.1:0"], &[], 2);
     for _ in 0..10 {
         get(lb.addr, "/");
     }
-    let line = lb.wait_log("metrics on http://", 1);
-    let addr = line
-        .iter()
-        .find_map(|l| l.split("http://").nth(1))
-        .and_then(|r| r.strip_suffix("/metrics"))
-        .unwrap()
-        .to_string();
+    let addr = metrics_addr(&lb);
     let (status, body) = http(&addr, "/metrics");
     assert!(status.contains("200"), "{status}");
     let samples: std::collections::HashMap<String, f64> = body
@@ -810,4 +814,117 @@ fn a_non_root_master_makes_a_private_directory_for_its_socket() {
         err.contains("/tmp/lb-65534") && err.contains("--control"),
         "{err}"
     );
+}
+
+/// Sends `request` as is on a new connection to `addr` and reads the whole
+/// answer, giving up after `limit`.
+fn raw_http(addr: &str, request: &[u8], limit: std::time::Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(limit))?;
+    s.write_all(request)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    Ok(String::from_utf8_lossy(&resp).into_owned())
+}
+
+/// How long a scrape may take while idle clients hold the metrics port.
+const SCRAPE_PROMPT: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[test]
+fn metrics_are_answered_while_idle_clients_hold_the_metrics_port() {
+    let lb = Lb::start(&["--workers", "1", "--metrics", "127.0.0.1:0"], &[], 1);
+    let addr = metrics_addr(&lb);
+    let sockaddr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut idle = Vec::new();
+    // 50 clients that connect and send nothing, then more than the
+    // endpoint keeps waiting at once.
+    for n in [50, 300] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while idle.len() < n && std::time::Instant::now() < deadline {
+            if let Ok(s) =
+                std::net::TcpStream::connect_timeout(&sockaddr, std::time::Duration::from_secs(1))
+            {
+                idle.push(s);
+            }
+        }
+        assert_eq!(idle.len(), n, "connected");
+        let start = std::time::Instant::now();
+        let answer = raw_http(
+            &addr,
+            b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n",
+            std::time::Duration::from_secs(5),
+        );
+        let took = start.elapsed();
+        let answer = answer.unwrap_or_else(|e| {
+            panic!(
+                "no scrape within {took:?} with {} idle clients: {e}",
+                idle.len()
+            )
+        });
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("\nlb_workers 1\n"), "{answer}");
+        assert!(
+            took < SCRAPE_PROMPT,
+            "the scrape took {took:?} with {} idle clients",
+            idle.len()
+        );
+    }
+    // The first idle client is let go, with a 408, within seconds.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(std::time::Duration::from_secs(4)))
+        .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut first, &mut answer)
+        .expect("an idle client is answered and closed, not kept");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    drop(idle);
+    // One that sends part of a head is let go at its deadline, however it
+    // trickles.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut answer = Vec::new();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        use std::io::{Read, Write};
+        let _ = slow.write_all(b"G");
+        let mut chunk = [0u8; 512];
+        match slow.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+    let took = start.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        took > std::time::Duration::from_millis(1500) && took < std::time::Duration::from_secs(4),
+        "let go after {took:?}"
+    );
+    // What is not a scrape is answered at once, with the reason.
+    let limit = std::time::Duration::from_secs(5);
+    let long = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(9000));
+    for (request, code) in [
+        (
+            &b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n"[..],
+            "405",
+        ),
+        (b"hello\r\n\r\n", "400"),
+        (b"GET /other HTTP/1.0\r\n\r\n", "404"),
+        (long.as_bytes(), "431"),
+    ] {
+        let answer = raw_http(&addr, request, limit).unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {code} ")),
+            "{code}: {answer}"
+        );
+    }
+    // HEAD: the head of the scrape, without its body.
+    let answer = raw_http(&addr, b"HEAD /metrics?x=1 HTTP/1.1\r\n\r\n", limit).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(body.is_empty(), "{answer}");
 }

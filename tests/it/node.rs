@@ -235,3 +235,126 @@ fn node_reload_under_load_fails_no_request() {
         assert_eq!(lb.log.count("gen 1: exit (exit code 0"), 2);
     });
 }
+
+/// The preload path in a worker's initial `NODE_OPTIONS` (the preload takes
+/// itself out of `process.env`, not out of /proc).
+fn preload_of(worker: u32) -> std::path::PathBuf {
+    let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
+    let options = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"NODE_OPTIONS="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .expect("NODE_OPTIONS set under lc");
+    let path = options
+        .split("--require \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no --require in {options:?}"));
+    path.into()
+}
+
+/// Without `$XDG_RUNTIME_DIR` the close-report preload goes to `$TMPDIR`,
+/// where another user may have put a symlink or a directory of theirs at
+/// the name lb used to use (`lb-<pid>-node`). lb must neither follow nor
+/// remove it, and must load its own preload from a directory only it can
+/// write to, removed at exit.
+#[test]
+fn node_preload_ignores_what_squats_its_old_name_and_is_private() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    each_node(|node| {
+        for squat in ["symlink", "dir"] {
+            let dir = scratch(&format!("preload-{squat}"));
+            let tmp = dir.join("tmp");
+            let victim = dir.join("victim");
+            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir_all(&victim);
+            std::fs::create_dir_all(&tmp).unwrap();
+            std::fs::create_dir_all(&victim).unwrap();
+            std::fs::write(victim.join("marker"), "keep me").unwrap();
+            // A script of "theirs": if a worker loads it, it says so.
+            let loaded = victim.join("loaded");
+            std::fs::write(
+                victim.join("close-report.js"),
+                format!(
+                    "require('fs').writeFileSync({:?}, 'loaded')\n",
+                    loaded.to_str().unwrap()
+                ),
+            )
+            .unwrap();
+            // The shell execs lb, which keeps its pid: `$$` is lb's pid.
+            let put = match squat {
+                "symlink" => r#"ln -s "$VICTIM" "$TMPDIR/lb-$$-node""#,
+                _ => r#"cp -R "$VICTIM" "$TMPDIR/lb-$$-node""#,
+            };
+            let script = format!(r#"{put} && exec "$0" "$@""#);
+            let control = dir.join("lb.sock");
+            let app = node_app();
+            let args = [
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                control.to_str().unwrap(),
+                "--workers",
+                "2",
+                "--policy",
+                "lc",
+                "--",
+                node,
+                app.as_str(),
+            ];
+            let env = [
+                ("TMPDIR", tmp.to_str().unwrap()),
+                ("VICTIM", victim.to_str().unwrap()),
+            ];
+            let mut cmd = lb_command_through(&["sh", "-c", &script], &args, &env);
+            cmd.env_remove("XDG_RUNTIME_DIR");
+            let mut lb = Lb::start_command(cmd, 2);
+            lb.control = Some(control.to_str().unwrap().to_string());
+            let old = tmp.join(format!("lb-{}-node", lb.pid()));
+            let intact = |when: &str| {
+                let meta = std::fs::symlink_metadata(&old)
+                    .unwrap_or_else(|e| panic!("{squat} at {old:?} {when}: {e}"));
+                if squat == "symlink" {
+                    assert!(meta.file_type().is_symlink(), "{when}: {meta:?}");
+                    assert_eq!(std::fs::read_link(&old).unwrap(), victim, "{when}");
+                } else {
+                    assert!(meta.is_dir(), "{when}");
+                    assert!(old.join("marker").exists(), "{when}");
+                }
+                assert!(victim.join("marker").exists(), "{when}");
+            };
+            intact("while lb runs");
+            // The workers load lb's own preload, from a private directory.
+            let preload = preload_of(lb.pid_of_slot(0));
+            assert_eq!(preload, preload_of(lb.pid_of_slot(1)));
+            let private = preload.parent().unwrap().to_path_buf();
+            assert_eq!(private.parent(), Some(tmp.as_path()), "{preload:?}");
+            assert_ne!(private, old);
+            let meta = std::fs::symlink_metadata(&private).unwrap();
+            assert!(meta.is_dir(), "{private:?}");
+            assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o700, "{private:?}");
+            assert!(
+                std::fs::read_to_string(&preload)
+                    .unwrap()
+                    .contains("lb_closed")
+            );
+            // ...and it works: every close is reported.
+            for _ in 0..6 {
+                get(lb.addr, "/");
+            }
+            let totals = lb.wait_all_closed();
+            assert_eq!(totals.iter().map(|t| t.0).sum::<u64>(), 6, "{totals:?}");
+            assert!(!loaded.exists(), "a worker loaded the squatter's script");
+            lb.signal(libc::SIGTERM);
+            lb.wait_exit();
+            intact("after lb stopped");
+            assert!(!private.exists(), "{private:?} is removed at exit");
+            let left: Vec<_> = std::fs::read_dir(&tmp)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            assert_eq!(left, [old], "only what was there before is left");
+        }
+    });
+}
