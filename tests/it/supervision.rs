@@ -540,43 +540,6 @@ serve_forever()
     lb.wait_log("reloaded 1 workers to generation 2", 1);
 }
 
-/// A worker at its fd limit cannot receive a connection's fd: the kernel
-/// closes it (`MSG_CTRUNC`). `lb::worker` reports that connection closed,
-/// so least-connections does not count it open forever.
-#[test]
-fn a_connection_a_worker_has_no_fd_for_is_reported_closed() {
-    if !installed("prlimit", "the fd-limit test") {
-        return;
-    }
-    // fds 0-2, the channel, the poller, and one connection.
-    let lb = Lb::start(
-        &[
-            "--workers",
-            "1",
-            "--policy",
-            "lc",
-            "--",
-            "prlimit",
-            "--nofile=6",
-            lb_bin(),
-            "hello-worker",
-        ],
-        &[],
-        1,
-    );
-    let mut held = KeepAlive::open(lb.addr);
-    assert!(held.get("/").starts_with("hello from worker 0"));
-    assert!(try_get(lb.addr, "/").is_err(), "no fd for it: lost");
-    let deadline = Instant::now() + WAIT;
-    while lb.totals() != [(2, 1)] {
-        assert!(Instant::now() < deadline, "{:?}", lb.totals());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    lb.wait_log("a connection was lost: no free fd to receive it", 1);
-    drop(held);
-    assert_eq!(lb.wait_all_closed(), [(2, 0)]);
-}
-
 /// Counts a log's `spawn` lines over `for_` after start.
 fn spawns_during(lb: &Lb, for_: Duration) -> usize {
     std::thread::sleep(for_);
