@@ -40,6 +40,12 @@ pub mod defaults {
     pub const MAX_WORKERS: usize = 1024;
     /// Proxy mode: relays open at once (each holds two sockets and two pipes).
     pub const MAX_CONNS: usize = 1024;
+    /// Proxy mode: a connect to a worker not done by then is refused
+    /// (HAProxy's usual `timeout connect 5s`).
+    pub const PROXY_CONNECT_TIMEOUT: &str = "5s";
+    /// Proxy mode: a relay that moved no byte either way for this long is
+    /// reset.
+    pub const PROXY_IDLE_TIMEOUT: &str = "60s";
 }
 
 /// The range each setting must fall in (documented in `lb.toml.example` and

@@ -172,6 +172,11 @@ pub struct Stats {
     pub events_dropped: u64,
     /// Connections a Node worker refused (`accepted:false`), handed out again.
     pub refused: u64,
+    /// Proxy mode: connects to a worker not done within the connect
+    /// timeout (each client went to another worker).
+    pub proxy_connect_timeouts: u64,
+    /// Proxy mode: relays reset after the idle timeout without a byte moved.
+    pub proxy_idle_timeouts: u64,
 }
 
 /// One worker process as the dispatcher sees it.
@@ -295,6 +300,8 @@ pub struct Dispatcher {
     proxy_linger: Duration,
     /// The earliest proxy readiness probe retry.
     proxy_wake: Option<Instant>,
+    /// How long a relay's connect, and its silence, may last.
+    proxy_timeouts: proxy::Timeouts,
     /// Stop was asked for while relays were open: leave by this time.
     stop_by: Option<Instant>,
 }
@@ -376,6 +383,7 @@ impl Dispatcher {
             relays: None,
             proxy_linger: Duration::ZERO,
             proxy_wake: None,
+            proxy_timeouts: proxy::Timeouts::default(),
             stop_by: None,
         };
         Ok((
@@ -407,10 +415,16 @@ impl Dispatcher {
     /// One poll (waiting at most `max_wait`, if given) and everything it
     /// made ready. `run` loops on it; a benchmark can drive it directly.
     pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
-        let wake = [self.retry_at, self.node_wake, self.proxy_wake, self.stop_by]
-            .into_iter()
-            .flatten()
-            .min();
+        let wake = [
+            self.retry_at,
+            self.node_wake,
+            self.proxy_wake,
+            self.stop_by,
+            self.relay_wake(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let retry = wake.map(|t| t.saturating_duration_since(Instant::now()));
         let timeout = match (retry, max_wait) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -422,6 +436,7 @@ impl Dispatcher {
             }
             return Err(e);
         }
+        self.relay_clock();
         // Out of `self` while handling, put back after (no allocation: an
         // empty `Events` owns no buffer). Worker messages are handled before
         // the listener: a CLOSED that arrived in the same batch as a new
