@@ -25,6 +25,8 @@ pub struct File {
     pub metrics: Option<String>,
     pub reload_parallel: Option<usize>,
     pub max_conns: Option<usize>,
+    pub proxy_connect_timeout: Option<String>,
+    pub proxy_idle_timeout: Option<String>,
     pub mode: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
