@@ -117,6 +117,18 @@ pub struct StartArgs {
     #[arg(long, value_name = "N")]
     pub max_conns: Option<String>,
 
+    /// Proxy mode: a connect to a worker not done in this long is refused
+    /// and the client, which has sent it nothing, goes to another worker;
+    /// from 1ms to 24h [env: LB_PROXY_CONNECT_TIMEOUT] [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub proxy_connect_timeout: Option<String>,
+
+    /// Proxy mode: a connection that moved no byte in either direction for
+    /// this long is reset on both sides; from 1ms to 24h, 0 = off
+    /// [env: LB_PROXY_IDLE_TIMEOUT] [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub proxy_idle_timeout: Option<String>,
+
     /// Serve Prometheus metrics at http://HOST:PORT/metrics [env: LB_METRICS]
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
@@ -244,6 +256,7 @@ mod tests {
         let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
         for bound in [
             "from 1ms to 24h",
+            "from 1ms to 24h, 0 = off",
             "from 0 to 24h",
             "1 to 65535",
             "1 to 1048576",

@@ -179,6 +179,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
                         config.max_conns
                     ))
                 })?;
+            d.set_proxy_timeouts(config.proxy_connect_timeout, config.proxy_idle_timeout);
         }
         (d, h, None)
     };

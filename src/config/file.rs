@@ -27,6 +27,8 @@ pub struct File {
     pub worker_queue: Option<usize>,
     pub stall_timeout: Option<String>,
     pub max_conns: Option<usize>,
+    pub proxy_connect_timeout: Option<String>,
+    pub proxy_idle_timeout: Option<String>,
     pub mode: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,

@@ -173,6 +173,8 @@ fn good(setting: &str) -> &'static [&'static str] {
         "max_conns_per_worker" => &["0", "1", "1000000000000"],
         "max_rss" => &["0", "1M", "512MB", "1024G"],
         "max_conns" => &["1", "1024", "1048576"],
+        "proxy_connect_timeout" => &["1ms", "5s", "24h"],
+        "proxy_idle_timeout" => &["0", "1ms", "60s", "24h"],
         "stop_signal" => &["SIGQUIT", "term", "15"],
         "weight" => &["1", "3", "10000"],
         "port" => &["1", "8080", "65535"],
@@ -302,6 +304,8 @@ const KEYS: &[&str] = &[
     "worker_queue",
     "stall_timeout",
     "max_conns",
+    "proxy_connect_timeout",
+    "proxy_idle_timeout",
     "mode",
 ];
 
@@ -402,6 +406,8 @@ const FLAGS: &[&str] = &[
     "--worker-queue",
     "--stall-timeout",
     "--max-conns",
+    "--proxy-connect-timeout",
+    "--proxy-idle-timeout",
     "--metrics",
     "--control",
 ];
@@ -423,6 +429,8 @@ const VARS: &[(&str, &str)] = &[
     ("LB_WORKER_QUEUE", "worker_queue"),
     ("LB_STALL_TIMEOUT", "stall_timeout"),
     ("LB_MAX_CONNS", "max_conns"),
+    ("LB_PROXY_CONNECT_TIMEOUT", "proxy_connect_timeout"),
+    ("LB_PROXY_IDLE_TIMEOUT", "proxy_idle_timeout"),
     ("LB_METRICS", "metrics"),
     ("LB_CONTROL", "control"),
 ];
@@ -504,11 +512,22 @@ fn check_accepted(c: &Config, case: &Case) {
         in_range(c.min_uptime, std::time::Duration::ZERO),
         "{case:?}"
     );
+    assert!(
+        in_range(c.proxy_connect_timeout, bounds::TIMEOUT_MIN),
+        "{case:?}"
+    );
+    assert!(
+        c.proxy_idle_timeout
+            .is_none_or(|d| in_range(d, bounds::TIMEOUT_MIN)),
+        "{case:?}"
+    );
     let now = Instant::now();
     let _ = (
         now + c.drain_timeout,
         now + c.ready_timeout,
         now + c.min_uptime,
+        now + c.proxy_connect_timeout,
+        now + c.proxy_idle_timeout.unwrap_or_default() * 2,
     );
     assert!((1..=bounds::BACKLOG_MAX).contains(&c.backlog), "{case:?}");
     assert!(

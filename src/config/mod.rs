@@ -43,6 +43,12 @@ pub mod defaults {
     /// Connections that may wait in one worker's channel.
     pub const WORKER_QUEUE: usize = 64;
     pub const STALL_TIMEOUT: &str = "30s";
+    /// Proxy mode: a connect to a worker not done by then is refused
+    /// (HAProxy's usual `timeout connect 5s`).
+    pub const PROXY_CONNECT_TIMEOUT: &str = "5s";
+    /// Proxy mode: a relay that moved no byte either way for this long is
+    /// reset.
+    pub const PROXY_IDLE_TIMEOUT: &str = "60s";
 }
 
 /// The range each setting must fall in (documented in `lb.toml.example` and
@@ -101,6 +107,12 @@ pub struct Config {
     pub stall_timeout: Option<Duration>,
     /// Proxy mode: connections relayed at once (the relay slab's size).
     pub max_conns: usize,
+    /// Proxy mode: a connect to a worker not done by then is refused (the
+    /// client goes to another worker).
+    pub proxy_connect_timeout: Duration,
+    /// Proxy mode: a relay that moved no byte either way for this long is
+    /// reset; `None`: never.
+    pub proxy_idle_timeout: Option<Duration>,
     pub pools: Vec<Pool>,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,
@@ -590,6 +602,48 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             }
         },
     };
+    // 0 would refuse every connect; the kernel gives up on its own after
+    // its SYN retries (about 2 minutes), so there is no "off" to offer.
+    let proxy_connect_timeout = duration(
+        args.proxy_connect_timeout.as_deref(),
+        "--proxy-connect-timeout",
+        "LB_PROXY_CONNECT_TIMEOUT",
+        file.proxy_connect_timeout.clone(),
+        "proxy_connect_timeout",
+        defaults::PROXY_CONNECT_TIMEOUT,
+        bounds::TIMEOUT_MIN,
+    )?;
+    // 0 is off: long-lived quiet connections (a database's pool) are a
+    // normal thing to relay.
+    let proxy_idle_timeout = {
+        let (v, origin) = layered(
+            args.proxy_idle_timeout.as_deref(),
+            "--proxy-idle-timeout",
+            env,
+            "LB_PROXY_IDLE_TIMEOUT",
+            file.proxy_idle_timeout.clone(),
+            || in_file("proxy_idle_timeout"),
+        )
+        .unwrap_or((
+            defaults::PROXY_IDLE_TIMEOUT.to_string(),
+            Origin::Flag("--proxy-idle-timeout"),
+        ));
+        match duration::parse(&v) {
+            Some(d) if d.is_zero() => None,
+            Some(d) if (bounds::TIMEOUT_MIN..=bounds::DURATION_MAX).contains(&d) => Some(d),
+            _ => {
+                return Err(invalid(
+                    origin,
+                    &v,
+                    format!(
+                        "give a duration from {} to {}, like 500ms, 10s or 2m (0 = off)",
+                        duration::show(bounds::TIMEOUT_MIN),
+                        duration::show(bounds::DURATION_MAX)
+                    ),
+                ));
+            }
+        }
+    };
     let metrics = match layered(
         args.metrics.as_deref(),
         "--metrics",
@@ -821,6 +875,8 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         worker_queue,
         stall_timeout,
         max_conns,
+        proxy_connect_timeout,
+        proxy_idle_timeout,
         pools,
         policy_explicit,
         origins: Origins {
@@ -947,6 +1003,8 @@ mod tests {
         assert_eq!(c.ready_timeout, Duration::from_secs(30));
         assert_eq!(c.min_uptime, Duration::from_secs(1));
         assert_eq!(c.worker_log, None);
+        assert_eq!(c.proxy_connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy_idle_timeout, Some(Duration::from_secs(60)));
         assert_eq!(c.pools.len(), 1);
         assert_eq!(c.pools[0].args, ["hello-worker"]);
         assert_eq!(c.slots(), available_cpus());
@@ -1044,6 +1102,11 @@ mod tests {
             ("--max-conns", "1048576", "1048577", "from 1 to 1048576"),
             ("--reload-parallel", "1024", "1025", "from 1 to 1024"),
             ("--workers", "1", "0", "from 1 to 1024"),
+            ("--proxy-connect-timeout", "1ms", "0", "from 1ms to 24h"),
+            ("--proxy-connect-timeout", "24h", "25h", "from 1ms to 24h"),
+            ("--proxy-idle-timeout", "1ms", "0.5ms", "from 1ms to 24h"),
+            ("--proxy-idle-timeout", "24h", "86401", "(0 = off)"),
+            ("--proxy-idle-timeout", "0", "never", "(0 = off)"),
         ];
         for &(flag, good, bad, range) in cases {
             assert!(
@@ -1059,6 +1122,24 @@ mod tests {
         }
         let c = with_env(&args(&["--max-rss", "0", "--min-uptime", "0s"]), &[]).unwrap();
         assert_eq!((c.max_rss, c.min_uptime), (None, Duration::ZERO));
+        let c = with_env(
+            &args(&["--proxy-idle-timeout", "0s"]),
+            &[("LB_PROXY_CONNECT_TIMEOUT", "250ms")],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.proxy_idle_timeout, c.proxy_connect_timeout),
+            (None, Duration::from_millis(250))
+        );
+        let f = temp_file(
+            "proxy-timeouts.toml",
+            "proxy_connect_timeout = \"2s\"\nproxy_idle_timeout = \"10m\"\n",
+        );
+        let c = with_env(&args(&["-c", f.to_str().unwrap()]), &[]).unwrap();
+        assert_eq!(
+            (c.proxy_connect_timeout, c.proxy_idle_timeout),
+            (Duration::from_secs(2), Some(Duration::from_secs(600)))
+        );
         let e = with_env(&args(&[]), &[("LB_READY_TIMEOUT", "0ms")])
             .unwrap_err()
             .to_string();

@@ -187,6 +187,11 @@ pub struct Stats {
     pub events_dropped: u64,
     /// Connections a Node worker refused (`accepted:false`), handed out again.
     pub refused: u64,
+    /// Proxy mode: connects to a worker not done within the connect
+    /// timeout (each client went to another worker).
+    pub proxy_connect_timeouts: u64,
+    /// Proxy mode: relays reset after the idle timeout without a byte moved.
+    pub proxy_idle_timeouts: u64,
 }
 
 /// One worker process as the dispatcher sees it.
@@ -310,6 +315,8 @@ pub struct Dispatcher {
     proxy_linger: Duration,
     /// The earliest proxy readiness probe retry.
     proxy_wake: Option<Instant>,
+    /// How long a relay's connect, and its silence, may last.
+    proxy_timeouts: proxy::Timeouts,
     /// Stop was asked for while relays were open: leave by this time.
     stop_by: Option<Instant>,
     /// Watching for workers that take none of their waiting connections.
@@ -395,6 +402,7 @@ impl Dispatcher {
             relays: None,
             proxy_linger: Duration::ZERO,
             proxy_wake: None,
+            proxy_timeouts: proxy::Timeouts::default(),
             stop_by: None,
             stall: None,
             accept_failures: 0,
@@ -442,6 +450,7 @@ impl Dispatcher {
             self.proxy_wake,
             self.stop_by,
             self.stall_wake(),
+            self.relay_wake(),
         ]
         .into_iter()
         .flatten()
@@ -457,6 +466,7 @@ impl Dispatcher {
             }
             return Err(e);
         }
+        self.relay_clock();
         // Out of `self` while handling, put back after (no allocation: an
         // empty `Events` owns no buffer). Worker messages are handled before
         // the listener: a CLOSED that arrived in the same batch as a new

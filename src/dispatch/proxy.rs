@@ -19,6 +19,21 @@
 //! had relayed to it, and the connects still in flight. Relays that do not
 //! end by themselves (keep-alive clients) get half the drain timeout;
 //! then the server is signalled anyway, for its own graceful stop.
+//!
+//! Two timeouts bound what a relay may hold (HAProxy's `timeout connect`
+//! and, for both sides at once, `timeout client`/`server`): a connect to
+//! the worker that has not completed after `connect` is a refused connect
+//! (the client goes to another worker; the worker is probed again, its
+//! probe bounded the same way), and an open relay that moved no byte in
+//! either direction for `idle` is reset on both sides. Both are found
+//! without a scan: every busy slot is on one of two intrusive lists, its
+//! links in the slot itself. Connects are on theirs in the order they
+//! began, so the head is the first to time out. Open relays are on theirs
+//! least recently active first: activity moves a relay to the tail, but
+//! at most once per `grain` (an eighth of `idle`), so a relay moving bytes
+//! costs one comparison per event, and an idle one is reset between `idle`
+//! and `idle + grain` after its last byte. The loop's timer is the earlier
+//! of the two heads' deadlines; expiring is O(1) per relay that expires.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -43,6 +58,57 @@ const CHUNK: usize = 64 * 1024;
 
 const CLIENT: usize = 0;
 const UPSTREAM: usize = 1;
+
+/// No slot: the end of a timer list.
+const NIL: u32 = u32::MAX;
+/// The timer lists (a busy slot is on exactly one: the one its
+/// `connecting` says).
+const CONNECTING: usize = 0;
+const OPEN: usize = 1;
+
+/// How long a relay's connect, and its silence once open, may last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A connect to the worker (and a readiness probe) not done after this
+    /// is refused.
+    pub connect: Duration,
+    /// An open relay that moved no byte for this long is reset; `None`:
+    /// never.
+    pub idle: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    /// The configuration's defaults.
+    fn default() -> Timeouts {
+        use crate::config::{defaults, duration};
+        Timeouts {
+            connect: duration::parse(defaults::PROXY_CONNECT_TIMEOUT).expect("a valid default"),
+            idle: duration::parse(defaults::PROXY_IDLE_TIMEOUT).filter(|d| !d.is_zero()),
+        }
+    }
+}
+
+impl Timeouts {
+    /// How stale an open relay's activity time may get before it is
+    /// refreshed (and the relay moved to its list's tail).
+    fn grain(&self) -> Duration {
+        self.idle.map_or(Duration::MAX, |d| d / 8)
+    }
+}
+
+/// Which relay expired, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    Connect(usize),
+    Idle(usize),
+}
+
+/// A doubly linked list of slots, threaded through `Relay::prev/next`.
+#[derive(Debug, Clone, Copy)]
+struct List {
+    head: u32,
+    tail: u32,
+}
 
 /// One direction of a relay: bytes from `from` to the other side, through
 /// a pipe.
@@ -77,6 +143,12 @@ struct Relay {
     /// The client socket is registered for writability too (only after a
     /// write to it fell short: otherwise every ACK would wake the loop).
     client_out: bool,
+    /// Connecting: when the connect began. Open: when bytes last moved
+    /// (refreshed at most once per `Timeouts::grain`).
+    since: Instant,
+    /// Neighbours on the timer list the slot is on (`NIL` at the ends).
+    prev: u32,
+    next: u32,
 }
 
 /// The slab, made at start.
@@ -84,11 +156,18 @@ struct Relay {
 pub struct Relays {
     slots: Vec<Relay>,
     free: Vec<u32>,
+    /// `[CONNECTING]`: connects in flight, oldest first. `[OPEN]`: open
+    /// relays, least recently active first.
+    lists: [List; 2],
+    /// The loop's clock, read once per turn (what `since` is set from, so
+    /// the per-event path reads no clock).
+    now: Instant,
 }
 
 impl Relays {
     /// `n` relay slots with their pipes (4 fds each).
     pub fn new(n: usize) -> io::Result<Relays> {
+        let now = Instant::now();
         let mut slots = Vec::with_capacity(n);
         for _ in 0..n {
             let dir = || -> io::Result<Dir> {
@@ -113,10 +192,22 @@ impl Relays {
                 slot: Slot(0),
                 connecting: false,
                 client_out: false,
+                since: now,
+                prev: NIL,
+                next: NIL,
             });
         }
         let free = (0..n as u32).rev().collect();
-        Ok(Relays { slots, free })
+        let empty = List {
+            head: NIL,
+            tail: NIL,
+        };
+        Ok(Relays {
+            slots,
+            free,
+            lists: [empty; 2],
+            now,
+        })
     }
 
     pub fn has_room(&self) -> bool {
@@ -126,6 +217,108 @@ impl Relays {
     pub fn active(&self) -> usize {
         self.slots.len() - self.free.len()
     }
+
+    /// Puts slot `r` at the tail of timer list `list`.
+    fn link(&mut self, list: usize, r: usize) {
+        let tail = self.lists[list].tail;
+        let relay = &mut self.slots[r];
+        relay.prev = tail;
+        relay.next = NIL;
+        match tail {
+            NIL => self.lists[list].head = r as u32,
+            t => self.slots[t as usize].next = r as u32,
+        }
+        self.lists[list].tail = r as u32;
+    }
+
+    /// Takes slot `r` off timer list `list`.
+    fn unlink(&mut self, list: usize, r: usize) {
+        let (prev, next) = (self.slots[r].prev, self.slots[r].next);
+        debug_assert!(
+            (prev != NIL || self.lists[list].head == r as u32)
+                && (next != NIL || self.lists[list].tail == r as u32),
+            "relay {r} is not on timer list {list}"
+        );
+        match prev {
+            NIL => self.lists[list].head = next,
+            p => self.slots[p as usize].next = next,
+        }
+        match next {
+            NIL => self.lists[list].tail = prev,
+            n => self.slots[n as usize].prev = prev,
+        }
+        self.slots[r].prev = NIL;
+        self.slots[r].next = NIL;
+    }
+
+    /// Slot `r` is busy now, connecting (since this turn).
+    fn take(&mut self, r: usize) {
+        self.slots[r].since = self.now;
+        self.link(CONNECTING, r);
+    }
+
+    /// Slot `r`'s connect is done: it is open, and active now.
+    fn opened(&mut self, r: usize) {
+        self.unlink(CONNECTING, r);
+        self.slots[r].connecting = false;
+        self.slots[r].since = self.now;
+        self.link(OPEN, r);
+    }
+
+    /// Slot `r`, open, moved bytes this turn.
+    fn touch(&mut self, r: usize, grain: Duration) {
+        if self.now.saturating_duration_since(self.slots[r].since) < grain {
+            return;
+        }
+        self.unlink(OPEN, r);
+        self.slots[r].since = self.now;
+        self.link(OPEN, r);
+    }
+
+    /// Slot `r` (its sockets already gone) is free again.
+    fn release(&mut self, r: usize) {
+        let list = if self.slots[r].connecting {
+            CONNECTING
+        } else {
+            OPEN
+        };
+        self.unlink(list, r);
+        self.slots[r].connecting = false;
+        self.free.push(r as u32);
+    }
+
+    /// When the first connect, or the first idle relay, times out.
+    fn deadline(&self, t: &Timeouts) -> Option<Instant> {
+        let connect = self.head(CONNECTING).map(|r| r.since + t.connect);
+        let idle = t
+            .idle
+            .and_then(|idle| self.head(OPEN).map(|r| r.since + t.grain() + idle));
+        connect.into_iter().chain(idle).min()
+    }
+
+    /// A relay whose time is up at `now`, if any.
+    fn expired(&self, t: &Timeouts, now: Instant) -> Option<Expired> {
+        let connect = self.lists[CONNECTING].head;
+        if connect != NIL && self.slots[connect as usize].since + t.connect <= now {
+            return Some(Expired::Connect(connect as usize));
+        }
+        let open = self.lists[OPEN].head;
+        match t.idle {
+            Some(idle)
+                if open != NIL && self.slots[open as usize].since + t.grain() + idle <= now =>
+            {
+                Some(Expired::Idle(open as usize))
+            }
+            _ => None,
+        }
+    }
+
+    fn head(&self, list: usize) -> Option<&Relay> {
+        match self.lists[list].head {
+            NIL => None,
+            r => Some(&self.slots[r as usize]),
+        }
+    }
 }
 
 /// A proxy worker: its port, its readiness probe, and its drain.
@@ -133,6 +326,8 @@ impl Relays {
 pub struct Probe {
     pub port: u16,
     conn: Option<mio::net::TcpStream>,
+    /// When the probe in flight (`conn`) counts as refused.
+    conn_by: Option<Instant>,
     retry_at: Option<Instant>,
     /// Relays to it, connecting or open.
     relays: u32,
@@ -146,6 +341,7 @@ impl Probe {
         Probe {
             port,
             conn: None,
+            conn_by: None,
             retry_at: None,
             relays: 0,
             stop_at: None,
@@ -207,6 +403,7 @@ impl Dispatcher {
                 let _ = registry.register(s, token, interests[side]);
             }
         }
+        relays.take(r as usize);
         if let Some(Link::Proxy(p)) = self.workers.get_mut(index).map(|w| &mut w.link) {
             p.relays += 1;
         }
@@ -243,8 +440,8 @@ impl Dispatcher {
             if !connected {
                 return self.relay_refused(r);
             }
-            relay.connecting = false;
             let (index, pid) = (relay.worker, relay.pid);
+            relays.opened(r);
             self.stats.dispatched += 1;
             if let Some(w) = self.relay_worker(index, pid) {
                 w.sent += 1;
@@ -265,7 +462,7 @@ impl Dispatcher {
         if let Some(mut up) = relay.socks[UPSTREAM].take() {
             let _ = self.poll.registry().deregister(&mut up);
         }
-        relays.free.push(r as u32);
+        relays.release(r);
         self.relay_gone(index, pid, slot);
         let Some(mut client) = client else { return };
         let _ = self.poll.registry().deregister(&mut client);
@@ -300,6 +497,8 @@ impl Dispatcher {
         let relay = &mut relays.slots[r];
         let mut failed = false;
         let mut wait_out = false;
+        // Bytes (or an EOF) went through: the relay is not idle.
+        let mut moved = false;
         for d in [CLIENT, UPSTREAM] {
             let (src, dst) = (d, 1 - d);
             if d == CLIENT && relay.connecting {
@@ -332,6 +531,7 @@ impl Dispatcher {
                             }
                             dir.buffered -= n;
                             progressed = n > 0;
+                            moved |= progressed;
                         }
                         Err(nix::errno::Errno::EAGAIN) => {
                             dir.writable = false;
@@ -366,10 +566,12 @@ impl Dispatcher {
                         Ok(0) => {
                             dir.eof = true;
                             progressed = true;
+                            moved = true;
                         }
                         Ok(n) => {
                             dir.buffered += n;
                             progressed = true;
+                            moved = true;
                         }
                         Err(nix::errno::Errno::EAGAIN) => dir.readable = false,
                         Err(nix::errno::Errno::EINTR) => progressed = true,
@@ -403,6 +605,8 @@ impl Dispatcher {
             self.relay_end(r, true);
         } else if relay.dirs[CLIENT].done && relay.dirs[UPSTREAM].done {
             self.relay_end(r, false);
+        } else if moved && !relay.connecting {
+            relays.touch(r, self.proxy_timeouts.grain());
         }
     }
 
@@ -430,10 +634,9 @@ impl Dispatcher {
                 d.buffered = 0;
             }
         }
-        relay.connecting = false;
         let (index, pid, slot) = (relay.worker, relay.pid, relay.slot);
         let was_full = !relays.has_room();
-        relays.free.push(r as u32);
+        relays.release(r);
         if !was_connecting && let Some(w) = self.relay_worker(index, pid) {
             w.closed = (w.closed + 1).min(w.sent);
         }
@@ -492,6 +695,10 @@ impl Dispatcher {
         };
         let Link::Proxy(p) = &mut w.link else { return };
         p.retry_at = None;
+        p.conn_by = None;
+        if let Some(mut s) = p.conn.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
         match mio::net::TcpStream::connect(Dispatcher::upstream_addr(p.port)) {
             Ok(mut s) => {
                 let token = Token(PROBE_BASE + index);
@@ -501,7 +708,14 @@ impl Dispatcher {
                     .register(&mut s, token, Interest::WRITABLE)
                     .is_ok()
                 {
+                    // A port whose accept queue is full drops the SYN: the
+                    // connect would hang for the kernel's SYN retries
+                    // (minutes), and the worker stay out that long after
+                    // it has room again.
+                    let by = Instant::now() + self.proxy_timeouts.connect;
                     p.conn = Some(s);
+                    p.conn_by = Some(by);
+                    self.proxy_wake_at(by);
                     return;
                 }
                 p.retry_at = Some(Instant::now() + PROBE_EVERY);
@@ -519,6 +733,7 @@ impl Dispatcher {
         let (slot, pid) = (w.slot, w.pid);
         let Link::Proxy(p) = &mut w.link else { return };
         let Some(mut s) = p.conn.take() else { return };
+        p.conn_by = None;
         let _ = self.poll.registry().deregister(&mut s);
         let up = matches!(s.take_error(), Ok(None)) && s.peer_addr().is_ok();
         drop(s);
@@ -540,8 +755,10 @@ impl Dispatcher {
         self.proxy_wake = Some(self.proxy_wake.map_or(at, |t| t.min(at)));
     }
 
-    /// Probes whose retry time has come.
+    /// Relays whose connect or silence lasted too long; probes whose
+    /// retry time has come or whose connect did.
     pub(super) fn proxy_timers(&mut self) {
+        self.relay_timers();
         let Some(at) = self.proxy_wake else { return };
         let now = Instant::now();
         if now < at {
@@ -555,6 +772,16 @@ impl Dispatcher {
             };
             match stop {
                 Some(t) if t <= now => self.proxy_stop(index),
+                Some(t) => self.proxy_wake_at(t),
+                None => {}
+            }
+            let late = match self.workers.get(index).map(|w| &w.link) {
+                Some(Link::Proxy(p)) if p.conn.is_some() => p.conn_by,
+                _ => None,
+            };
+            match late {
+                // Refused, in effect: try again with a fresh SYN.
+                Some(t) if t <= now => self.probe_start(index),
                 Some(t) => self.proxy_wake_at(t),
                 None => {}
             }
@@ -591,6 +818,7 @@ impl Dispatcher {
         if let Some(mut s) = p.conn.take() {
             let _ = self.poll.registry().deregister(&mut s);
         }
+        p.conn_by = None;
         p.retry_at = None;
         let at = Instant::now() + linger;
         p.stop_at = Some(at);
@@ -620,6 +848,53 @@ impl Dispatcher {
     pub(super) fn relays_active(&self) -> usize {
         self.relays.as_ref().map_or(0, Relays::active)
     }
+
+    /// Sets how long a relay's connect to its worker (and a readiness
+    /// probe) may take, and how long an open relay may move no byte
+    /// (`None`: forever). The defaults are the configuration's.
+    pub fn set_proxy_timeouts(&mut self, connect: Duration, idle: Option<Duration>) {
+        self.proxy_timeouts = Timeouts { connect, idle };
+    }
+
+    /// Reads the loop's clock for this turn (once, not per event).
+    pub(super) fn relay_clock(&mut self) {
+        if let Some(relays) = self.relays.as_mut() {
+            relays.now = Instant::now();
+        }
+    }
+
+    /// When the next relay times out, if one is connecting or open.
+    pub(super) fn relay_wake(&self) -> Option<Instant> {
+        self.relays
+            .as_ref()
+            .and_then(|r| r.deadline(&self.proxy_timeouts))
+    }
+
+    /// Refuses the connects, and resets the relays, whose time is up (only
+    /// those: they are the heads of their lists).
+    fn relay_timers(&mut self) {
+        let now = Instant::now();
+        let timeouts = self.proxy_timeouts;
+        let Some(relays) = self.relays.as_mut() else {
+            return;
+        };
+        // What a refused client's next relay counts from.
+        relays.now = now;
+        // Each turn takes a head off its list; a relay started meanwhile
+        // (a refused client's next) is not due before `now + connect`.
+        while let Some(expired) = self.relays.as_ref().and_then(|r| r.expired(&timeouts, now)) {
+            match expired {
+                Expired::Connect(r) => {
+                    self.stats.proxy_connect_timeouts += 1;
+                    self.relay_refused(r);
+                }
+                Expired::Idle(r) => {
+                    self.stats.proxy_idle_timeouts += 1;
+                    self.relay_end(r, true);
+                }
+            }
+        }
+    }
 }
 
 /// Empties a pipe whose bytes nobody will read (a relay that ended with
@@ -630,5 +905,265 @@ fn drain_pipe(pipe: &OwnedFd) {
         if n == 0 {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use crate::dispatch::{Command, Handle, Notifier, Snapshot};
+    use crate::policy::PolicyKind;
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::mpsc;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn order(relays: &Relays, list: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut r = relays.lists[list].head;
+        let mut prev = NIL;
+        while r != NIL {
+            assert_eq!(relays.slots[r as usize].prev, prev, "back link of {r}");
+            out.push(r as usize);
+            prev = r;
+            r = relays.slots[r as usize].next;
+        }
+        assert_eq!(relays.lists[list].tail, prev);
+        out
+    }
+
+    /// Connects are kept in the order they began, open relays least
+    /// recently active first; activity within a grain moves nothing.
+    #[test]
+    fn timer_lists_keep_their_order() {
+        let t = Timeouts {
+            connect: Duration::from_secs(5),
+            idle: Some(Duration::from_secs(8)),
+        };
+        let mut relays = Relays::new(4).unwrap();
+        let start = relays.now;
+        for r in 0..4 {
+            relays.slots[r].connecting = true;
+            relays.take(r);
+        }
+        assert_eq!(order(&relays, CONNECTING), [0, 1, 2, 3]);
+        assert_eq!(relays.deadline(&t), Some(start + t.connect));
+        relays.now = start + Duration::from_millis(10);
+        relays.opened(2);
+        relays.opened(0);
+        assert_eq!(order(&relays, CONNECTING), [1, 3]);
+        assert_eq!(order(&relays, OPEN), [2, 0]);
+        // Within a grain (1s): no move.
+        relays.now = start + Duration::from_millis(500);
+        relays.touch(2, t.grain());
+        assert_eq!(order(&relays, OPEN), [2, 0]);
+        relays.now = start + Duration::from_millis(1100);
+        relays.touch(2, t.grain());
+        assert_eq!(order(&relays, OPEN), [0, 2]);
+        relays.release(3);
+        relays.release(0);
+        assert_eq!(order(&relays, CONNECTING), [1]);
+        assert_eq!(order(&relays, OPEN), [2]);
+        assert_eq!(relays.free, [3, 2, 1, 0, 3, 0]);
+        // Relay 1's connect is due first; then 2, idle since 1.1s.
+        let now = start + t.connect;
+        assert_eq!(relays.expired(&t, now), Some(Expired::Connect(1)));
+        relays.release(1);
+        assert_eq!(relays.expired(&t, now), None);
+        let idle_at = start + Duration::from_millis(1100) + t.grain() + Duration::from_secs(8);
+        assert_eq!(relays.deadline(&t), Some(idle_at));
+        assert_eq!(relays.expired(&t, idle_at), Some(Expired::Idle(2)));
+        relays.release(2);
+        assert_eq!(relays.deadline(&t), None);
+        let off = Timeouts { idle: None, ..t };
+        relays.slots[0].connecting = true;
+        relays.take(0);
+        relays.opened(0);
+        assert_eq!(relays.deadline(&off), None, "no idle timeout: no deadline");
+    }
+
+    /// A dispatcher with `relays` relay slots on its own thread.
+    fn dispatcher(
+        relays: usize,
+        connect: Duration,
+        idle: Option<Duration>,
+    ) -> (Handle, SocketAddr, crate::dispatch::EventQueues) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (notifier, events) = Notifier::new(None);
+        let (mut d, handle) =
+            Dispatcher::new(listener, PolicyKind::RoundRobin, 2, notifier).unwrap();
+        d.enable_proxy(relays, Duration::from_secs(1)).unwrap();
+        d.set_proxy_timeouts(connect, idle);
+        std::thread::spawn(move || d.run().unwrap());
+        (handle, addr, events)
+    }
+
+    /// Attaches a proxy worker on `port` in `slot` and waits for its READY.
+    fn attach(handle: &Handle, events: &crate::dispatch::EventQueues, slot: usize, port: u16) {
+        let (master, peer) = crate::proto::pair().unwrap();
+        nix::fcntl::fcntl(
+            &master,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        handle.send(Command::Attach {
+            slot: Slot(slot),
+            pid: slot as u32 + 1,
+            channel: master,
+            peer: Some(peer),
+            weight: 1,
+            mode: Mode::Proxy,
+            port,
+        });
+        loop {
+            match events.lifecycle.recv_timeout(WAIT) {
+                Ok(Event::Ready { slot: s, .. }) if s == Slot(slot) => return,
+                Ok(_) => {}
+                Err(e) => panic!("slot {slot} never ready: {e}"),
+            }
+        }
+    }
+
+    fn snapshot(handle: &Handle) -> Snapshot {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        handle.send(Command::Snapshot(tx));
+        rx.recv_timeout(WAIT).unwrap()
+    }
+
+    /// A worker that accepts and hands each relayed connection to the test
+    /// (the first connection is lb's readiness probe).
+    fn holding_worker() -> (u16, mpsc::Receiver<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().skip(1) {
+                let Ok(conn) = conn else { return };
+                if tx.send(conn).is_err() {
+                    return;
+                }
+            }
+        });
+        (port, rx)
+    }
+
+    /// Reads until EOF or an error; how the stream ended.
+    fn ended(s: &mut TcpStream) -> Result<(), std::io::Error> {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A relay that moves nothing for the idle timeout is reset on both
+    /// sides, and counted; one that keeps moving bytes, even one at a time,
+    /// is not.
+    #[test]
+    fn an_idle_relay_is_reset_on_both_sides_and_counted() {
+        let idle = Duration::from_millis(300);
+        let (handle, addr, events) = dispatcher(4, Duration::from_secs(5), Some(idle));
+        let (port, accepted) = holding_worker();
+        attach(&handle, &events, 0, port);
+
+        let mut busy = TcpStream::connect(addr).unwrap();
+        let mut busy_up = accepted.recv_timeout(WAIT).unwrap();
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled.write_all(b"GET / HT").unwrap();
+        let started = Instant::now();
+        let mut stalled_up = accepted.recv_timeout(WAIT).unwrap();
+        // A byte every 100 ms for 3 idle timeouts keeps `busy` open.
+        busy_up.set_read_timeout(Some(WAIT)).unwrap();
+        for _ in 0..9 {
+            busy.write_all(b".").unwrap();
+            let mut b = [0u8; 1];
+            busy_up.read_exact(&mut b).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let e = ended(&mut stalled).expect_err("the client side is reset");
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        assert!(
+            started.elapsed() >= idle,
+            "reset after {:?}",
+            started.elapsed()
+        );
+        let mut got = [0u8; 8];
+        stalled_up.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"GET / HT", "what the client sent went through");
+        let e = ended(&mut stalled_up).expect_err("the worker side is reset");
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        busy.write_all(b"!").unwrap();
+        let mut b = [0u8; 1];
+        busy_up.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"!", "the busy relay is still open");
+        let stats = snapshot(&handle).stats;
+        assert_eq!(
+            (stats.proxy_idle_timeouts, stats.proxy_connect_timeouts),
+            (1, 0)
+        );
+        // Once quiet, it goes the same way.
+        let e = ended(&mut busy).expect_err("reset once idle");
+        assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(snapshot(&handle).stats.proxy_idle_timeouts, 2);
+        handle.send(Command::Stop);
+    }
+
+    /// A connect to a worker whose accept queue is full (it listens with a
+    /// backlog of 0, never accepts, and lb's probe took the one place)
+    /// hangs: after the connect timeout the client goes to the other
+    /// worker, with what it sent, and the hung worker is out until a probe
+    /// gets through.
+    #[test]
+    fn a_connect_that_times_out_goes_to_another_worker() {
+        let connect = Duration::from_millis(200);
+        let (handle, addr, events) = dispatcher(4, connect, None);
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        hole.listen(0).unwrap();
+        let hole_port = hole.local_addr().unwrap().as_socket().unwrap().port();
+        attach(&handle, &events, 0, hole_port);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().skip(1) {
+                let Ok(mut conn) = conn else { return };
+                let mut b = [0u8; 5];
+                if conn.read_exact(&mut b).is_ok() && &b == b"hello" {
+                    let _ = conn.write_all(b"1");
+                }
+            }
+        });
+        attach(&handle, &events, 1, port);
+        // Round-robin sends one of the first two to the hung worker.
+        for _ in 0..3 {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(b"hello").unwrap();
+            c.set_read_timeout(Some(WAIT)).unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"1");
+        }
+        let stats = snapshot(&handle).stats;
+        assert_eq!(
+            (stats.proxy_connect_timeouts, stats.dispatched),
+            (1, 3),
+            "{stats:?}"
+        );
+        // Its probes keep timing out, so it stays out.
+        std::thread::sleep(connect * 3);
+        let snap = snapshot(&handle);
+        assert!(!snap.workers.iter().any(|w| w.slot == Slot(0) && w.taking));
+        assert_eq!(snap.stats.proxy_connect_timeouts, 1);
+        drop(hole);
+        handle.send(Command::Stop);
     }
 }

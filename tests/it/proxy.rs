@@ -287,3 +287,118 @@ while True:
         "the old relay's end is not the newest worker's"
     );
 }
+
+/// The issue's slowloris, scaled down: with `--max-conns 10`, 15
+/// connections that send half a request head and stall hold every relay.
+/// The idle timeout resets them (both sides) after 1 s without a byte, so
+/// 20 legitimate requests sent behind them are each answered within 3 s,
+/// and every stalled one is closed.
+#[test]
+fn proxy_stalled_connections_are_reset_and_cannot_starve_the_rest() {
+    let server = epoll_server();
+    let lb = proxy(
+        1,
+        &["--max-conns", "10", "--proxy-idle-timeout", "1s"],
+        &[&server, "{port}"],
+    );
+    let stalled: Vec<TcpStream> = (0..15)
+        .map(|_| {
+            let mut s = TcpStream::connect(lb.addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: l").unwrap();
+            s
+        })
+        .collect();
+    // Every relay is taken by a stalled connection.
+    let deadline = Instant::now() + WAIT;
+    while lb.totals() != [(10, 10)] {
+        assert!(Instant::now() < deadline, "{:?}", lb.totals());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let legit: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = lb.addr;
+            std::thread::spawn(move || {
+                let sent = Instant::now();
+                let s = send_request(addr);
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let body = read_body(s);
+                (body, sent.elapsed())
+            })
+        })
+        .collect();
+    for t in legit {
+        let (body, took) = t.join().unwrap();
+        let body = body.expect("a legitimate request is answered");
+        assert!(body.starts_with("hello from worker 0"), "{body}");
+        assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    }
+    for mut s in stalled {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            Ok(n) => panic!("a stalled connection read {n} bytes instead of a reset"),
+        }
+    }
+    assert_eq!(lb.wait_all_closed(), [(35, 0)]);
+}
+
+/// A worker that listens with a backlog of 0 and never accepts: lb's
+/// readiness probe takes the one place in its accept queue, and every
+/// later SYN is dropped, so a connect to it hangs (for the kernel's SYN
+/// retries, about two minutes). After `--proxy-connect-timeout` the
+/// connect counts as refused: the client, whose request lb has not read,
+/// goes to the other worker and is answered there, and the hung worker
+/// gets nothing more while its port does not answer.
+#[test]
+fn proxy_a_connect_that_hangs_times_out_to_another_worker() {
+    let dir = scratch("proxy-connect-timeout");
+    let hole = dir.join("hole.py");
+    std::fs::write(
+        &hole,
+        r#"
+import os, socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["PORT"])))
+s.listen(0)
+while True:
+    time.sleep(3600)
+"#,
+    )
+    .unwrap();
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "mode = \"proxy\"\n\
+             [[pool]]\nname = \"hole\"\ncommand = \"python3\"\nargs = [\"{}\"]\ncount = 1\n\
+             [[pool]]\nname = \"web\"\ncommand = \"{}\"\nargs = [\"{{port}}\"]\ncount = 1\n",
+            hole.display(),
+            epoll_server()
+        ),
+    );
+    let lb = Lb::start(
+        &["--config", &config, "--proxy-connect-timeout", "300ms"],
+        &[],
+        2,
+    );
+    // Round-robin sends one of the first two to the hole.
+    for i in 0..6 {
+        let sent = Instant::now();
+        let s = send_request(lb.addr);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = read_body(s).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert!(body.starts_with("hello from worker 1"), "{body}");
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "request {i} answered after {:?}",
+            sent.elapsed()
+        );
+    }
+    assert_eq!(
+        lb.totals(),
+        [(0, 0), (6, 0)],
+        "the hole was sent nothing, the other worker all"
+    );
+}
