@@ -502,6 +502,16 @@ pub fn render(s: &Status) -> String {
         "Times accepting paused because no worker had room.",
         s.paused,
     );
+    counter(
+        "lb_proxy_connect_timeouts_total",
+        "Proxy mode: connects to a worker not done within the connect timeout (the client went to another worker).",
+        s.proxy_connect_timeouts,
+    );
+    counter(
+        "lb_proxy_idle_timeouts_total",
+        "Proxy mode: relays reset after the idle timeout without a byte moved.",
+        s.proxy_idle_timeouts,
+    );
     let _ = writeln!(
         o,
         "# HELP lb_workers Worker processes.\n# TYPE lb_workers gauge\nlb_workers {}",

@@ -66,6 +66,13 @@ pub struct Status {
     pub rescued: u64,
     /// Times accepting paused because no worker had room.
     pub paused: u64,
+    /// Proxy mode: connects to a worker not done within the connect
+    /// timeout (each client went to another worker).
+    #[serde(default)]
+    pub proxy_connect_timeouts: u64,
+    /// Proxy mode: relays reset after the idle timeout without a byte moved.
+    #[serde(default)]
+    pub proxy_idle_timeouts: u64,
     /// Hand-off latency: (upper bound in seconds, connections at or under it).
     pub latency_buckets: Vec<(f64, u64)>,
     pub latency_count: u64,

@@ -1111,6 +1111,8 @@ impl Supervisor {
             dispatched: snap.stats.dispatched,
             rescued: snap.stats.rescued,
             paused: snap.stats.paused,
+            proxy_connect_timeouts: snap.stats.proxy_connect_timeouts,
+            proxy_idle_timeouts: snap.stats.proxy_idle_timeouts,
             latency_buckets: control::metrics::BUCKETS
                 .iter()
                 .map(|&le| (le, snap.latency.count_between(0, (le * 1e9) as u64)))

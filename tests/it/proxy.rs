@@ -341,6 +341,8 @@ fn proxy_stalled_connections_are_reset_and_cannot_starve_the_rest() {
         }
     }
     assert_eq!(lb.wait_all_closed(), [(35, 0)]);
+    // Counted where operators look.
+    assert_eq!(lb.status()["proxy_idle_timeouts"], 15);
 }
 
 /// A worker that listens with a backlog of 0 and never accepts: lb's
