@@ -56,6 +56,18 @@ enum Delivery {
     Relay,
 }
 
+/// A socket filter that drops TCP segments with SYN set and ACK clear (new
+/// connections) and passes everything else: the filter sees the TCP
+/// header, whose flags are byte 13.
+const SYN_DROP: [socket2::SockFilter; 5] = [
+    socket2::SockFilter::new(0x30, 0, 0, 13),   // ldb [13]
+    socket2::SockFilter::new(0x45, 2, 0, 0x10), // jset ACK -> pass
+    socket2::SockFilter::new(0x45, 0, 1, 0x02), // jset SYN -> drop, else pass
+    socket2::SockFilter::new(0x06, 0, 0, 0),    // drop
+    socket2::SockFilter::new(0x06, 0, 0, 0xffff_ffff), // pass
+];
+/// How long a stopping listener lets handshakes already under way complete.
+const HANDSHAKE_GRACE: Duration = Duration::from_millis(50);
 /// How long a stopping dispatcher waits for open relays to finish.
 const STOP_LINGER: Duration = Duration::from_secs(5);
 /// Best-effort events (what workers say: messages, protocol errors, notes)
@@ -1242,22 +1254,39 @@ impl Dispatcher {
         }
         self.shutting_down = true;
         // Nothing already in the backlog is lost: take it all, then close.
-        // (Off the hot path: `pending` may grow past its capacity here when
-        // the backlog is configured larger.)
+        // A handshake that completes between the last accept and the close
+        // would be reset by the close, so new SYNs are dropped first (the
+        // client retries, and meets the closed port: refused, never
+        // accepted), handshakes under way get a moment to complete, and the
+        // filter is taken off again just before the close (an inherited
+        // socket lives on in systemd). (Off the hot path: `pending` may grow
+        // past its capacity here when the backlog is configured larger.)
         if let Some(listener) = self.listener.take() {
-            loop {
-                match sys::accept4(listener.as_fd()) {
-                    Ok(fd) => {
-                        self.stats.accepted += 1;
-                        self.pending.push_back(fd);
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
-                    Err(_) => break,
-                }
+            let sock = socket2::SockRef::from(&listener);
+            let filtered = sock.attach_filter(&SYN_DROP).is_ok();
+            self.take_backlog(&listener);
+            if filtered {
+                std::thread::sleep(HANDSHAKE_GRACE);
+                self.take_backlog(&listener);
+                let _ = sock.detach_filter();
             }
             drop(listener);
         }
         self.pump();
+    }
+
+    /// Accepts every connection the listener holds now.
+    fn take_backlog(&mut self, listener: &mio::net::TcpListener) {
+        loop {
+            match sys::accept4(listener.as_fd()) {
+                Ok(fd) => {
+                    self.stats.accepted += 1;
+                    self.pending.push_back(fd);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                Err(_) => break,
+            }
+        }
     }
 
     /// During shutdown, once every held connection has gone out: DRAIN all.
@@ -1277,6 +1306,20 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stopping listener's filter drops new connections' SYNs (a
+    /// connect does not complete) and lets them through again once off.
+    #[test]
+    fn the_syn_filter_holds_new_connections_off() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sock = socket2::SockRef::from(&listener);
+        sock.attach_filter(&SYN_DROP).unwrap();
+        let held = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(held.is_err(), "a connect completed through the filter");
+        sock.detach_filter().unwrap();
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    }
 
     /// Worker chatter that the supervisor does not read in time is dropped
     /// and counted; a lifecycle event behind it still arrives.

@@ -33,7 +33,7 @@ pub struct Tally {
     pub refused: u64,
     /// Connections opened.
     pub connections: u64,
-    /// The first few failures, for the assertion message.
+    /// The first failure of each kind (a few), for the assertion message.
     pub first: Vec<String>,
 }
 
@@ -44,15 +44,16 @@ impl Tally {
         self.refused += other.refused;
         self.connections += other.connections;
         for f in other.first {
-            if self.first.len() < DESCRIBED {
+            if self.first.len() < DESCRIBED && !self.first.contains(&f) {
                 self.first.push(f);
             }
         }
     }
 
+    /// Counts a failure; the first few of each kind are described.
     fn fail(&mut self, what: String) {
         self.failed += 1;
-        if self.first.len() < DESCRIBED {
+        if self.first.len() < DESCRIBED && !self.first.contains(&what) {
             self.first.push(what);
         }
     }
