@@ -3,7 +3,7 @@
  * `lb` binary allocates nothing per connection (scripts/bench.sh).
  *
  * Counts malloc/calloc/realloc/memalign-family calls in the process it is
- * loaded into (all threads). On SIGUSR2 it writes the count, as decimal, to
+ * loaded into (all threads). On SIGWINCH (which lb leaves alone: it handles USR1 and USR2 itself) it writes the count, as decimal, to
  * the file named by ALLOC_COUNT_FILE. It removes LD_PRELOAD from the
  * environment at load, so lb's workers do not inherit it.
  *
@@ -63,5 +63,5 @@ __attribute__((constructor)) static void init(void) {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = dump;
     sa.sa_flags = SA_RESTART;
-    sigaction(SIGUSR2, &sa, NULL);
+    sigaction(SIGWINCH, &sa, NULL);
 }

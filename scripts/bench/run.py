@@ -482,7 +482,7 @@ def alloc_check(ctx):
 
         def count():
             stamp = os.stat(count_file).st_mtime_ns if os.path.exists(count_file) else 0
-            os.kill(p.pid, signal.SIGUSR2)
+            os.kill(p.pid, signal.SIGWINCH)
             wait_until("allocation count", lambda: os.path.exists(count_file)
                        and os.stat(count_file).st_mtime_ns != stamp and open(count_file).read().strip())
             return int(open(count_file).read())

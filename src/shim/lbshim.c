@@ -229,13 +229,24 @@ static long count_open_fds(void) {
 
 /* Whether one more connection fits below the open-files limit with the
    reserve kept free. Counts the process's fds only when close to it. */
-static int room_for_a_conn(void) {
+static _Atomic long fd_limit = -1; /* RLIMIT_NOFILE, read again when close to it */
+
+static long read_fd_limit(void) {
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
-        return 1;
-    long limit = (long)rl.rlim_cur;
+    long limit = getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY
+                     ? (1L << 30)
+                     : (long)rl.rlim_cur;
+    atomic_store(&fd_limit, limit);
+    return limit;
+}
+
+static int room_for_a_conn(void) {
+    long limit = atomic_load(&fd_limit);
+    if (limit < 0)
+        limit = read_fd_limit();
     if (atomic_load(&open_conns) + 4 * FD_RESERVE < limit)
         return 1; /* far from it, whatever else is open */
+    limit = read_fd_limit(); /* the server may have raised it */
     long open = count_open_fds();
     return open < 0 || open + FD_RESERVE < limit;
 }
@@ -574,11 +585,13 @@ static int reg_drop(int epfd, int fd, pid_t pid, int del) {
 }
 
 /* A vfork child (CPython's subprocess, say, which then sweeps its fds with
-   close_range) shares our memory and our epoll sets but has fds of its
-   own: what it closes or duplicates is not ours to account for. One
-   getpid per close or dup of a tracked fd. */
-static int foreign(void) {
-    return getpid() != atomic_load(&self_pid);
+   close_range) would share our memory and epoll sets while having fds of
+   its own, and its closes would change what is ours. So vfork() is fork()
+   here: the child gets copies (and the fork handler), at the price of
+   copying the page tables once per child, instead of a getpid on every
+   close. (posix_spawn's child runs none of these hooks.) */
+pid_t vfork(void) {
+    return fork();
 }
 
 /* Removes a handed-over connection from the epoll sets this process added
@@ -626,7 +639,7 @@ static void drop_tracked(int fd, int k) {
 
 static void forget(int fd) {
     int k = kind_of(fd);
-    if (k != K_NONE && !foreign())
+    if (k != K_NONE)
         drop_tracked(fd, k);
 }
 
@@ -647,7 +660,7 @@ static int track_dup(int oldfd, int newfd) {
     if (newfd < 0)
         return newfd;
     int k = kind_of(oldfd);
-    if ((k == K_LISTENER || k == K_BOUND) && !foreign()) {
+    if (k == K_LISTENER || k == K_BOUND) {
         struct listener *l = listener_of(oldfd);
         if (l)
             listener_add(newfd, (struct sockaddr *)&l->addr, l->len);
@@ -666,7 +679,7 @@ static void before_dup_onto(int oldfd, int newfd) {
         return;
     int k = kind_of(newfd);
     int is_chan = newfd == atomic_load(&chan);
-    if ((k == K_NONE && !is_chan) || real_fcntl(oldfd, F_GETFD) < 0 || foreign())
+    if ((k == K_NONE && !is_chan) || real_fcntl(oldfd, F_GETFD) < 0)
         return;
     if (is_chan) {
         int high = real_fcntl(newfd, F_DUPFD_CLOEXEC, 1000);
@@ -735,7 +748,7 @@ static int do_close_range(unsigned first, unsigned last, int flags) {
 /* Daemons sweep their fds at startup: the sweep goes around the channel. */
 static int sweep(unsigned first, unsigned last, int flags) {
     unsigned top = last < MAX_FDS ? last : MAX_FDS - 1;
-    if (active && !(flags & CLOSE_RANGE_CLOEXEC) && !foreign())
+    if (active && !(flags & CLOSE_RANGE_CLOEXEC))
         for (unsigned f = first; f <= top; f++) {
             int k = kind_of((int)f);
             if (k != K_NONE)
