@@ -139,6 +139,8 @@ struct Proc {
     said: crate::log::Budget,
     /// It takes none of the connections waiting for it (status says so).
     stalled: bool,
+    /// Its memory has been checked against `max_rss` since it was ready.
+    rss_checked: bool,
     /// The signal that asks it to finish and exit (its pool's).
     stop_signal: libc::c_int,
     /// Draining it means that signal (shared and proxy workers have no
@@ -556,6 +558,7 @@ impl Supervisor {
             replace_at: None,
             said: crate::log::Budget::new(SAID_PER_SECOND),
             stalled: false,
+            rss_checked: false,
             stop_signal: pool.stop_signal,
             signal_on_drain: matches!(pool.mode, Mode::Shared | Mode::Proxy),
         });
@@ -648,7 +651,8 @@ impl Supervisor {
             uptime.as_secs_f64(),
             if expected { "expected" } else { "unexpected" }
         );
-        if p.retiring || self.phase != Phase::Running {
+        // (A slot scaled away meanwhile restarts nothing.)
+        if p.retiring || self.phase != Phase::Running || p.slot.0 >= self.slots.len() {
             return;
         }
         let how_text = || how.clone();
@@ -673,11 +677,19 @@ impl Supervisor {
         // Another live process still covers the slot (the one a failed
         // candidate was to replace, or the candidate replacing a dead one).
         // A failed successor leaves the one it was to replace to be
-        // replaced again (recycling limits, protocol errors).
+        // replaced again: at once when its limits say so (recycling), after
+        // the back-off of a failed start when it takes nothing (stalled).
         if self.procs.iter().any(|o| o.slot == p.slot && !o.retiring) {
             if !p.ready {
+                let s = &mut self.slots[p.slot.0];
+                s.failures = s.failures.saturating_add(1);
+                let retry = Instant::now() + backoff::delay(s.failures);
                 for o in self.procs.iter_mut().filter(|o| o.slot == p.slot) {
                     o.recycling = false;
+                    if o.stalled {
+                        o.recycling = true;
+                        o.replace_at = Some(retry);
+                    }
                 }
             }
             return;
@@ -822,7 +834,13 @@ impl Supervisor {
             Event::Drained => {
                 info!("listener closed; every worker was sent DRAIN");
             }
-            Event::Detached { pid, .. } => self.exited(pid),
+            Event::Detached { pid, .. } => {
+                // What it said before it died (chatter: messages) first.
+                while let Ok(event) = self.events.chatter.try_recv() {
+                    self.on_event(event);
+                }
+                self.exited(pid);
+            }
             Event::Stalled {
                 slot,
                 pid,
@@ -834,10 +852,7 @@ impl Supervisor {
                      workers; replacing it, its successor ready first"
                 );
                 let Some(i) = self.index_of(pid) else { return };
-                let covered = self
-                    .procs
-                    .iter()
-                    .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
+                let covered = self.covered(slot, pid);
                 let p = &mut self.procs[i];
                 p.stalled = true;
                 if p.retiring || p.recycling || covered || self.phase != Phase::Running {
@@ -895,11 +910,7 @@ impl Supervisor {
         } else {
             return;
         };
-        let covered = self
-            .procs
-            .iter()
-            .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
-        if self.phase != Phase::Running || covered {
+        if self.phase != Phase::Running || slot.0 >= self.slots.len() || self.covered(slot, pid) {
             return;
         }
         self.slots[slot.0].restarts += 1;
@@ -918,6 +929,15 @@ impl Supervisor {
             let why = format!("left after {:.1}s", uptime.as_secs_f64());
             self.schedule_restart(slot, failures, why);
         }
+    }
+
+    /// Whether a process other than `pid` takes, or is about to take, the
+    /// slot's connections: not one on its way out (retiring), nor one that
+    /// is itself being replaced (recycling, stalled).
+    fn covered(&self, slot: Slot, pid: u32) -> bool {
+        self.procs
+            .iter()
+            .any(|o| o.slot == slot && o.pid != pid && !o.retiring && !o.recycling && !o.stalled)
     }
 
     /// A worker broke the protocol: logged (the first few), counted, and at
@@ -971,10 +991,7 @@ impl Supervisor {
                 continue;
             }
             self.procs[i].replace_at = None;
-            let covered = self
-                .procs
-                .iter()
-                .any(|o| o.slot == slot && o.pid != pid && !o.retiring);
+            let covered = self.covered(slot, pid);
             if self.procs[i].retiring || covered || self.phase != Phase::Running {
                 self.procs[i].recycling = false;
                 continue;
@@ -1170,9 +1187,10 @@ impl Supervisor {
             }
             if let Some(limit) = self.config.max_rss.filter(|_| !self.rss_warned) {
                 let rss = sys::proc_usage(p.pid).map_or(0, |u| u.1);
-                // Over the limit at its first check: so would every
-                // successor be, and replacing it each second helps nobody.
-                let fresh = p.started.elapsed() < 2 * RECYCLE_CHECK;
+                // Over the limit at its first check once ready: so would
+                // every successor be, and replacing it each second helps
+                // nobody.
+                let fresh = !p.rss_checked;
                 if rss > limit && fresh {
                     fat_from_start = Some((limit, rss));
                 } else if rss > limit {
@@ -1182,6 +1200,11 @@ impl Supervisor {
                         format!("uses {rss} bytes of memory (limit {limit})"),
                     ));
                 }
+            }
+        }
+        if self.config.max_rss.is_some() {
+            for p in self.procs.iter_mut().filter(|p| p.ready) {
+                p.rss_checked = true;
             }
         }
         if let Some((limit, rss)) = fat_from_start
@@ -1244,6 +1267,10 @@ impl Supervisor {
             for (slot, pid) in leaving {
                 self.dispatch.send(Command::Drain { slot, pid });
                 self.retire(pid);
+            }
+            // An exit being judged in a removed slot restarts nothing.
+            for e in self.exiting.iter_mut().filter(|e| e.proc.slot.0 >= target) {
+                e.proc.retiring = true;
             }
             self.slots.truncate(target);
             Ok(format!(
@@ -1553,8 +1580,7 @@ impl Supervisor {
                 self.slots[slot].restart_at = None;
                 // Something else took the slot meanwhile (a reload's
                 // candidate): never two successors.
-                let covered = self.procs.iter().any(|o| o.slot.0 == slot && !o.retiring);
-                if !covered {
+                if !self.covered(Slot(slot), 0) {
                     self.slots[slot].restarts += 1;
                     self.start_or_retry(Slot(slot));
                 }
