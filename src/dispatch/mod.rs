@@ -910,7 +910,14 @@ impl Dispatcher {
             Ok(Message::Closed { n }) => self.closed(index, slot, n),
             Ok(Message::Ready) => self.ready(index, slot, pid),
             Ok(Message::Leaving) => self.leaving(index, slot, pid),
-            Ok(Message::Stop) => self.emit(Event::Stop { slot, pid }),
+            // Once per process: a worker that repeats it makes no more work.
+            Ok(Message::Stop) => {
+                if let Some(w) = self.workers.get_mut(index)
+                    && !std::mem::replace(&mut w.stop_seen, true)
+                {
+                    self.emit(Event::Stop { slot, pid });
+                }
+            }
             Ok(Message::User(payload)) => {
                 let payload = payload.to_vec();
                 self.emit(Event::Message { slot, pid, payload });
@@ -1131,6 +1138,7 @@ impl Dispatcher {
             closed: 0,
             reported: false,
             progress: stall::Progress::default(),
+            stop_seen: false,
         });
         // Readable only: a unix socket wakes its writer's EPOLLOUT waiters
         // each time the reader takes a message, which would wake this loop

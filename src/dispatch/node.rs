@@ -514,7 +514,7 @@ impl Dispatcher {
     }
 
     /// The worker closed its end: it answers nothing more. A connection in
-    /// flight is handed out again; a worker that was serving is leaving.
+    /// flight is handed out again, and it gets nothing new.
     fn node_eof(&mut self, index: usize) {
         let Some(w) = self.workers.get_mut(index) else {
             return;
@@ -537,11 +537,14 @@ impl Dispatcher {
                 count: 1,
             });
         }
-        if state != State::Draining {
-            self.leaving(index, slot, pid);
-        } else {
-            self.sync_view(slot);
+        // Not an announced exit: the process may have crashed, and its
+        // exit (which follows) is judged by how it ended.
+        if state != State::Draining
+            && let Some(w) = self.workers.get_mut(index)
+        {
+            w.state = State::Draining;
         }
+        self.sync_view(slot);
     }
 
     /// After the worker exited: the connection it never answered for.

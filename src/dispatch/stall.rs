@@ -7,8 +7,9 @@
 //! worker's unread bytes (`SIOCOUTQ`, one `ioctl` per worker per second,
 //! nothing per connection). A worker with connections waiting that takes
 //! none of them for `stall_timeout` — or that no longer has its channel
-//! open at all (it closed fd 3: the master's own copy of its end hides the
-//! EOF), checked after a second without progress — is marked stalled: it
+//! open at all in its process or its children (it closed fd 3: the master's
+//! own copy of its end hides the EOF), checked once after a second without
+//! progress — is marked stalled: it
 //! gets nothing more, what waits in its channel is read back and handed to
 //! the others at once, and the supervisor replaces it, successor first.
 
@@ -110,7 +111,7 @@ impl Dispatcher {
                 ))
                 .map(|m| m.ino());
                 match inode {
-                    Ok(ino) if !sys::group_holds_socket(w.pid, ino) => Some(format!(
+                    Ok(ino) if !sys::tree_holds_socket(w.pid, ino) => Some(format!(
                         "closed its channel (fd 3) with {waiting} connections waiting"
                     )),
                     _ => None,
@@ -137,6 +138,13 @@ impl Dispatcher {
             _ => 0,
         };
         self.stats.rescued += rescued;
+        // A DRAIN read back with them goes again, behind nothing now.
+        if let Some(w) = self.workers.get_mut(index)
+            && w.drain_sent
+        {
+            w.drain_sent = false;
+            self.send_drain(index);
+        }
         self.sync_view(slot);
         self.emit(Event::Stalled {
             slot,

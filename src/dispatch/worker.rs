@@ -44,6 +44,8 @@ pub struct Worker {
     pub reported: bool,
     /// Whether it takes the connections waiting for it (`stall`).
     pub progress: super::stall::Progress,
+    /// It has sent STOP (acted on once).
+    pub stop_seen: bool,
 }
 
 /// How the master talks to a worker process.

@@ -137,41 +137,39 @@ pub fn unread_bytes(sock: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
-/// Whether any process in process group `pgid` has the socket with inode
-/// `inode` open (from `/proc`; for a worker suspected of having closed its
-/// channel, not for a hot path).
-pub fn group_holds_socket(pgid: u32, inode: u64) -> bool {
+/// Whether `pid` or one of its descendants (at most 64 processes looked
+/// at) has the socket with inode `inode` open: from `/proc`, for a worker
+/// suspected of having closed its channel, never on a hot path. `true`
+/// when it cannot tell.
+pub fn tree_holds_socket(pid: u32, inode: u64) -> bool {
     let want = format!("socket:[{inode}]");
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return true; // cannot tell: assume it does
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            // After the command's closing paren: state, ppid, pgrp.
-            stat.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().nth(2))
-                .and_then(|g| g.parse::<u32>().ok())
-                == Some(pgid)
-        });
-        if !in_group {
-            continue;
+    let mut todo = vec![pid];
+    let mut seen = 0;
+    while let Some(p) = todo.pop() {
+        seen += 1;
+        if seen > 64 {
+            return true;
         }
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return true; // not ours to read: cannot tell
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue; // gone, or not ours to read
         };
         if fds
             .flatten()
             .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
         {
             return true;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
         }
     }
     false
