@@ -110,7 +110,14 @@ static int on_readable(struct conn *c) {
 /* Takes every queued message; returns -1 when the master is gone. */
 static int on_channel(void) {
     for (;;) {
-        if (base_fds + live + FD_RESERVE >= fd_limit) {
+        int at_limit = base_fds + live + FD_RESERVE >= fd_limit;
+        if (at_limit) {
+            /* What is not a connection (DRAIN, the master's EOF) is still taken. */
+            unsigned char peek[HDR];
+            ssize_t pn = recv(chan, peek, HDR, MSG_PEEK | MSG_DONTWAIT);
+            at_limit = pn < 0 || (pn >= 2 && peek[0] == 1 && peek[1] == CONN);
+        }
+        if (at_limit) {
             if (!paused)
                 fprintf(stderr, "hello-c: %d connections open, near the limit of %ld open "
                                 "files: taking no more until some close\n", live, fd_limit);

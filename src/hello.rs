@@ -175,7 +175,8 @@ impl Worker {
         body: &str,
     ) -> anyhow::Result<bool> {
         loop {
-            if !self.has_room() {
+            // At the limit, what is not a connection (DRAIN) is still taken.
+            if !self.has_room() && listener.next_is_conn()? != Some(false) {
                 if !self.paused {
                     self.paused = true;
                     eprintln!(

@@ -188,6 +188,24 @@ impl Listener {
         proto::idle_grace(self.drain_timeout)
     }
 
+    /// What the next message is, without taking it: `Some(true)` for a
+    /// connection, `Some(false)` for anything else (DRAIN, a message, the
+    /// master's EOF), `None` when nothing is queued. A worker that may not
+    /// take connections (at its open-files limit) still takes the rest.
+    pub fn next_is_conn(&self) -> io::Result<Option<bool>> {
+        use nix::sys::socket::{MsgFlags, recv};
+        let mut head = [0u8; proto::HEADER_LEN];
+        match recv(
+            self.chan.as_raw_fd(),
+            &mut head,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) => Ok(Some(n >= 2 && head[0] == VERSION && head[1] == kind::CONN)),
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Whether DRAIN has arrived.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -295,6 +313,10 @@ impl Listener {
         let mut said = false;
         loop {
             while self.base_fds + self.live.load(Ordering::Relaxed) + FD_RESERVE >= limit {
+                // Not a connection (DRAIN, the master gone): take it now.
+                if self.next_is_conn()? == Some(false) {
+                    break;
+                }
                 if !said {
                     said = true;
                     eprintln!(
