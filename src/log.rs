@@ -14,34 +14,41 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-/// Lines queued for the writer before new ones are dropped.
+/// Lines queued for the writer, per source, before new ones are dropped.
 const QUEUE: usize = 8192;
 
-static QUEUE_TX: OnceLock<Sender<Vec<u8>>> = OnceLock::new();
+/// lb's own lines, and workers' output lines: two queues, so a chatty
+/// worker cannot crowd out what lb says (the writer takes lb's first).
+struct Queues {
+    master: Sender<Vec<u8>>,
+    workers: Sender<Vec<u8>>,
+}
+
+static QUEUES: OnceLock<Queues> = OnceLock::new();
 /// Lines dropped since a line last said so.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// Lines queued, and lines the writer is done with (written or dropped).
 static QUEUED: AtomicU64 = AtomicU64::new(0);
 static DONE: AtomicU64 = AtomicU64::new(0);
 
-fn queue() -> &'static Sender<Vec<u8>> {
-    QUEUE_TX.get_or_init(|| {
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+fn queues() -> &'static Queues {
+    QUEUES.get_or_init(|| {
+        let (master, master_rx) = crossbeam_channel::bounded(QUEUE);
+        let (workers, workers_rx) = crossbeam_channel::bounded(QUEUE);
         // Without a writer every line is dropped and counted: still never
         // blocking anyone.
         let _ = std::thread::Builder::new()
             .name("lb-log".into())
-            .spawn(move || write_all(&rx, &mut std::io::stderr()));
-        tx
+            .spawn(move || write_all(&master_rx, &workers_rx, &mut std::io::stderr()));
+        Queues { master, workers }
     })
 }
 
-/// Queues one line (a newline is added). Never blocks.
-pub fn line(text: &[u8]) {
+fn enqueue(queue: &Sender<Vec<u8>>, text: &[u8]) {
     let mut buf = Vec::with_capacity(text.len() + 1);
     buf.extend_from_slice(text);
     buf.push(b'\n');
-    match queue().try_send(buf) {
+    match queue.try_send(buf) {
         Ok(()) => {
             QUEUED.fetch_add(1, Ordering::Relaxed);
         }
@@ -49,6 +56,11 @@ pub fn line(text: &[u8]) {
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Queues one of lb's own lines (a newline is added). Never blocks.
+pub fn line(text: &[u8]) {
+    enqueue(&queues().master, text);
 }
 
 /// Waits (at most `timeout`) until every queued line has been written or
@@ -61,9 +73,17 @@ pub fn flush(timeout: Duration) {
     }
 }
 
-/// The writer: blocks on the sink so that nobody else has to.
-fn write_all(rx: &Receiver<Vec<u8>>, sink: &mut dyn Write) {
-    while let Ok(line) = rx.recv() {
+/// The writer: blocks on the sink so that nobody else has to; lb's own
+/// lines before workers' whenever both wait.
+fn write_all(master: &Receiver<Vec<u8>>, workers: &Receiver<Vec<u8>>, sink: &mut dyn Write) {
+    loop {
+        let line = match master.try_recv() {
+            Ok(line) => line,
+            Err(_) => crossbeam_channel::select_biased! {
+                recv(master) -> l => match l { Ok(l) => l, Err(_) => return },
+                recv(workers) -> l => match l { Ok(l) => l, Err(_) => return },
+            },
+        };
         if sink.write_all(&line).is_ok() {
             let lost = DROPPED.swap(0, Ordering::Relaxed);
             if lost > 0 {
@@ -85,7 +105,7 @@ pub struct Lines;
 
 impl Write for Lines {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        line(buf.strip_suffix(b"\n").unwrap_or(buf));
+        enqueue(&queues().workers, buf.strip_suffix(b"\n").unwrap_or(buf));
         Ok(buf.len())
     }
 

@@ -1,6 +1,16 @@
 //! The `lb` binary: parse, run, map the outcome to an exit code.
 
+use std::io::Write as _;
 use std::process::ExitCode;
+
+// A subcommand's output or a last error line, never a panic: stdout or
+// stderr may be a closed pipe (`lb status | head -1`).
+macro_rules! out {
+    ($($arg:tt)*) => {{ let _ = writeln!(std::io::stdout(), $($arg)*); }};
+}
+macro_rules! err {
+    ($($arg:tt)*) => {{ let _ = writeln!(std::io::stderr(), $($arg)*); }};
+}
 
 use clap::Parser;
 use lb::cli::{Cli, Command, Target};
@@ -40,19 +50,21 @@ fn control(target: &Target, request: Request, json: bool) -> ExitCode {
         Ok(r) if r.ok => {
             match (&r.status, json) {
                 (Some(s), true) => {
-                    println!("{}", serde_json::to_string_pretty(s).unwrap_or_default())
+                    out!("{}", serde_json::to_string_pretty(s).unwrap_or_default())
                 }
-                (Some(s), false) => print!("{}", client::render(s)),
-                (None, _) => println!("{}", r.message.unwrap_or_else(|| "ok".into())),
+                (Some(s), false) => {
+                    let _ = write!(std::io::stdout(), "{}", client::render(s));
+                }
+                (None, _) => out!("{}", r.message.unwrap_or_else(|| "ok".into())),
             }
             ExitCode::SUCCESS
         }
         Ok(r) => {
-            eprintln!("lb: error: {}", r.error.unwrap_or_else(|| "refused".into()));
+            err!("lb: error: {}", r.error.unwrap_or_else(|| "refused".into()));
             ExitCode::from(1)
         }
         Err(e) => {
-            eprintln!("lb: error: {e}");
+            err!("lb: error: {e}");
             ExitCode::from(1)
         }
     }
@@ -71,7 +83,7 @@ fn main() -> ExitCode {
                 match control_path(&target).and_then(|p| client::worker_pids(&p)) {
                     Ok(pids) => pids,
                     Err(e) => {
-                        eprintln!("lb: error: {e}");
+                        err!("lb: error: {e}");
                         return ExitCode::from(1);
                     }
                 }
@@ -84,11 +96,11 @@ fn main() -> ExitCode {
             }
             match control_path(&target).and_then(|path| client::wait_gone(&path, &before)) {
                 Ok(()) => {
-                    println!("every replaced worker has drained and exited");
+                    out!("every replaced worker has drained and exited");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("lb: error: {e}");
+                    err!("lb: error: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -98,7 +110,7 @@ fn main() -> ExitCode {
             match count.parse::<i64>() {
                 Ok(count) => control(&target, Request::Scale { count, relative }, false),
                 Err(_) => {
-                    eprintln!("lb: error: invalid count `{count}`: give N, +N or -N");
+                    err!("lb: error: invalid count `{count}`: give N, +N or -N");
                     ExitCode::from(2)
                 }
             }
@@ -113,7 +125,7 @@ fn main() -> ExitCode {
                 s => match s.parse() {
                     Ok(n) => Some(n),
                     Err(_) => {
-                        eprintln!("lb: error: invalid slot `{s}`: give a slot number or `all`");
+                        err!("lb: error: invalid slot `{s}`: give a slot number or `all`");
                         return ExitCode::from(2);
                     }
                 },
@@ -124,7 +136,7 @@ fn main() -> ExitCode {
             let config = match lb::config::load(&cli.start, &|k| std::env::var(k).ok()) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("lb: error: {e}");
+                    err!("lb: error: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -138,11 +150,11 @@ fn main() -> ExitCode {
                 Ok(Outcome::Forced) => ExitCode::from(1),
                 // Bad input found at start, before anything started.
                 Err(e @ lb::master::MasterError::Config(_)) => {
-                    eprintln!("lb: error: {e}");
+                    err!("lb: error: {e}");
                     ExitCode::from(2)
                 }
                 Err(e) => {
-                    eprintln!("lb: error: {e}");
+                    err!("lb: error: {e}");
                     ExitCode::from(1)
                 }
             }

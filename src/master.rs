@@ -85,7 +85,12 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     sys::cloexec_from(3).map_err(|e| MasterError::Io(format!("inherited fds: {e}")))?;
 
     let listener = match crate::systemd::activated_listener() {
-        Ok(Some(l)) => l,
+        Ok(Some(l)) => {
+            // A master killed while stopping may have left its stop filter
+            // on the socket systemd keeps (dispatch: SYN_DROP).
+            let _ = socket2::SockRef::from(&l).detach_filter();
+            l
+        }
         Ok(None) => bind(config.listen, config.backlog)?,
         Err(e) => return Err(MasterError::Io(format!("socket activation: {e}"))),
     };

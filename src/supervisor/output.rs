@@ -46,10 +46,20 @@ pub struct Output {
     file: Option<PathBuf>,
 }
 
+/// Opens the worker log for appending. Without waiting: a FIFO with no
+/// reader (or the like) fails instead of stalling the supervisor, which
+/// reopens on SIGUSR1; writes then block only the output thread.
 fn open_log(path: &Path) -> io::Result<Box<dyn Write + Send>> {
-    Ok(Box::new(
-        OpenOptions::new().create(true).append(true).open(path)?,
-    ))
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)?;
+    let blocking = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(blocking))?;
+    Ok(Box::new(file))
 }
 
 impl Output {

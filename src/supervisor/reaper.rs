@@ -35,6 +35,14 @@ impl Reaper {
             .process_group(0)
             .spawn()?;
         let to = child.stdin.take();
+        // A reaper that stopped reading (stopped by hand) must not block
+        // the supervisor: a full pipe drops what does not fit.
+        if let Some(pipe) = &to {
+            nix::fcntl::fcntl(
+                pipe,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )?;
+        }
         Ok(Reaper { child, to })
     }
 
@@ -49,9 +57,13 @@ impl Reaper {
     }
 
     fn say(&mut self, line: std::fmt::Arguments<'_>) {
-        // A reaper that is gone (killed by hand) costs only that backstop.
+        // One write of a few bytes: a pipe takes it whole or not at all. A
+        // reaper that is gone (killed by hand) costs only that backstop;
+        // one whose pipe is full misses this line.
+        let text = line.to_string();
         if let Some(to) = self.to.as_mut()
-            && to.write_fmt(line).is_err()
+            && let Err(e) = to.write(text.as_bytes())
+            && e.kind() != io::ErrorKind::WouldBlock
         {
             self.to = None;
         }
@@ -63,7 +75,14 @@ impl Drop for Reaper {
     /// sees the pipe end with nothing listed, and exits.
     fn drop(&mut self) {
         drop(self.to.take());
-        let _ = self.child.wait();
+        // It exits at once on EOF; one stopped by hand is not waited for.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 }
 
