@@ -95,6 +95,9 @@ fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, 
     let addr = listener.local_addr().unwrap();
     let (notifier, _events) = Notifier::new(None);
     let (mut dispatcher, handle) = Dispatcher::new(listener, policy, WORKERS, notifier).unwrap();
+    // As the master runs it (stall_timeout's default), the once-a-second
+    // stall watch included.
+    dispatcher.watch_stalls(std::time::Duration::from_secs(30), 768);
     let received = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&received);
     let serve = move |mut s: TcpStream| {

@@ -239,6 +239,20 @@ fn processes_with(marker: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Waits (bounded) until `n` live processes have `marker` in their command
+/// line (a worker's children, started before it said READY).
+fn wait_for_with(marker: &str, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let found = processes_with(marker);
+        if found.len() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{marker}: {found:?}, not {n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits (bounded) until no live process has `marker` in its command line;
 /// ends (by pid) and complains about any that is left.
 fn wait_none_with(marker: &str, what: &str) {
@@ -302,7 +316,7 @@ fn a_workers_children_do_not_outlive_it() {
         &[],
         1,
     );
-    assert_eq!(processes_with("77.4242").len(), 1);
+    wait_for_with("77.4242", 1);
     lb.signal(libc::SIGTERM);
     lb.wait_exit();
     wait_none_with("77.4242", "drain timeout");
@@ -314,7 +328,7 @@ fn a_workers_children_do_not_outlive_it() {
         "import subprocess\nsubprocess.Popen(['sleep', '77.4243'])\nsend(16)\nserve_forever()",
     );
     let mut lb = Lb::start(&["--workers", "1", "--", "python3", &leaver], &[], 1);
-    assert_eq!(processes_with("77.4243").len(), 1);
+    wait_for_with("77.4243", 1);
     lb.signal(libc::SIGTERM);
     assert!(lb.wait_exit().success());
     wait_none_with("77.4243", "its own exit");
@@ -327,7 +341,7 @@ fn a_workers_children_do_not_outlive_it() {
         "import subprocess\nsubprocess.Popen(['sleep', '77.4244'])\nsend(16)\nserve_forever()",
     );
     let mut lb = Lb::start(&["--workers", "2", "--", "python3", &starter], &[], 2);
-    assert_eq!(processes_with("77.4244").len(), 2);
+    wait_for_with("77.4244", 2);
     lb.signal(libc::SIGKILL);
     lb.wait_exit();
     wait_none_with("77.4244", "the master's SIGKILL");
