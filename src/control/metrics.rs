@@ -15,20 +15,19 @@
 //! the answer. So a scrape is answered while idle or slow clients are
 //! connected, and each of those costs an fd for two seconds at most.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::{ACCEPT_BACKOFF, ANSWER_STACK, Decrement, Incoming, Request, Status, WorkerStatus};
+use super::clients::{self, Answering, Clients, LISTENER, answer_on_thread};
+use super::{Incoming, Request, Status, WorkerStatus};
 
 /// Histogram bucket bounds for the hand-off latency, in seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -70,12 +69,11 @@ pub fn serve(
     let mut lp = Loop {
         poll,
         listener,
-        waiting: BTreeMap::new(),
-        next: 1,
+        waiting: Clients::new(HEAD_DEADLINE, MAX_WAITING),
         accept_again: None,
         requests,
         waker,
-        answering: Arc::new(AtomicUsize::new(0)),
+        answering: Answering::default(),
     };
     std::thread::Builder::new()
         .name("lb-metrics".into())
@@ -83,27 +81,16 @@ pub fn serve(
     Ok(bound)
 }
 
-const LISTENER: Token = Token(0);
-
-/// A client that has not sent its whole head yet.
-struct Waiting {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    since: Instant,
-}
-
 /// The metrics thread: accepts, reads heads, answers or hands on.
 struct Loop {
     poll: Poll,
     listener: TcpListener,
-    /// By token; tokens only grow, so the first is the oldest client.
-    waiting: BTreeMap<usize, Waiting>,
-    next: usize,
+    waiting: Clients<TcpStream>,
     /// Set when accept(2) failed for want of resources.
     accept_again: Option<Instant>,
     requests: Sender<Incoming>,
     waker: Arc<Waker>,
-    answering: Arc<AtomicUsize>,
+    answering: Answering,
 }
 
 /// How far a client's head has come.
@@ -168,16 +155,13 @@ impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(64);
         loop {
-            let now = Instant::now();
             let deadline = self
                 .waiting
-                .values()
-                .next()
-                .map(|w| w.since + HEAD_DEADLINE)
+                .next_deadline()
                 .into_iter()
                 .chain(self.accept_again)
                 .min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -198,21 +182,10 @@ impl Loop {
     }
 
     fn accept_all(&mut self) {
-        self.accept_again = None;
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => self.admit(stream),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e)
-                    if e.kind() == io::ErrorKind::Interrupted
-                        || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
-                Err(_) => {
-                    // Out of fds or memory: the connection waits in the
-                    // backlog, and accepting is tried again shortly.
-                    self.accept_again = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
-                }
-            }
+        let (accepted, again) = clients::accept_all(|| self.listener.accept().map(|(s, _)| s));
+        self.accept_again = again;
+        for stream in accepted {
+            self.admit(stream);
         }
     }
 
@@ -222,10 +195,8 @@ impl Loop {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
-        if self.waiting.len() >= MAX_WAITING
-            && let Some((_, oldest)) = self.waiting.pop_first()
-        {
-            self.forget(&oldest);
+        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
+        if let Some(oldest) = evicted {
             reply_now(
                 &oldest.stream,
                 &Answer::error(
@@ -237,44 +208,23 @@ impl Loop {
                 ),
             );
         }
-        let token = self.next;
-        self.next += 1;
-        if self
-            .poll
-            .registry()
-            .register(
-                &mut SourceFd(&stream.as_raw_fd()),
-                Token(token),
-                Interest::READABLE,
-            )
-            .is_err()
-        {
-            return;
+        if let Some(token) = token {
+            self.progress(token);
         }
-        self.waiting.insert(
-            token,
-            Waiting {
-                stream,
-                buf: Vec::new(),
-                since: Instant::now(),
-            },
-        );
-        self.progress(token);
     }
 
     /// Reads what `token`'s client sent; a whole head is answered.
     fn progress(&mut self, token: usize) {
-        let Some(w) = self.waiting.get_mut(&token) else {
+        let Some(w) = self.waiting.get_mut(token) else {
             return;
         };
         let progress = read_head(&w.stream, &mut w.buf);
         if progress == Progress::More {
             return;
         }
-        let Some(w) = self.waiting.remove(&token) else {
+        let Some(w) = self.waiting.take(self.poll.registry(), token) else {
             return;
         };
-        self.forget(&w);
         match progress {
             Progress::More | Progress::Gone => {}
             Progress::TooLong => reply_now(
@@ -291,24 +241,9 @@ impl Loop {
         }
     }
 
-    /// Takes a client out of the poll set (before its stream is closed or
-    /// handed on).
-    fn forget(&self, w: &Waiting) {
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&w.stream.as_raw_fd()));
-    }
-
     /// Drops the clients whose deadline has passed, telling them why.
     fn expire(&mut self) {
-        let now = Instant::now();
-        while let Some(entry) = self.waiting.first_entry() {
-            if entry.get().since + HEAD_DEADLINE > now {
-                return;
-            }
-            let w = entry.remove();
-            self.forget(&w);
+        for w in self.waiting.expired(self.poll.registry(), Instant::now()) {
             reply_now(
                 &w.stream,
                 &Answer::error(
@@ -321,8 +256,7 @@ impl Loop {
 
     /// Asks the supervisor and writes the scrape on a thread of its own.
     fn answer(&self, stream: TcpStream, head_only: bool) {
-        if self.answering.fetch_add(1, Ordering::SeqCst) >= MAX_ANSWERING {
-            self.answering.fetch_sub(1, Ordering::SeqCst);
+        let Some(place) = self.answering.claim(MAX_ANSWERING) else {
             let mut busy = Answer::error(
                 "503 Service Unavailable",
                 format!("{MAX_ANSWERING} scrapes are being answered already; try again\n"),
@@ -330,21 +264,12 @@ impl Loop {
             busy.headers = "Retry-After: 1\r\n";
             busy.head_only = head_only;
             return reply_now(&stream, &busy);
-        }
+        };
         let requests = self.requests.clone();
         let waker = Arc::clone(&self.waker);
-        let count = Arc::clone(&self.answering);
-        let spawned = std::thread::Builder::new()
-            .name("lb-metrics-answer".into())
-            .stack_size(ANSWER_STACK)
-            .spawn(move || {
-                let _done = Decrement(count);
-                let _ = scrape(stream, head_only, &requests, &waker);
-            });
-        if spawned.is_err() {
-            // The connection went with the closure: the client reads EOF.
-            self.answering.fetch_sub(1, Ordering::SeqCst);
-        }
+        answer_on_thread("lb-metrics-answer", place, move || {
+            let _ = scrape(stream, head_only, &requests, &waker);
+        });
     }
 }
 

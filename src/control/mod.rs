@@ -14,25 +14,26 @@
 //! supervisor does not expose.
 
 pub mod client;
+mod clients;
 pub mod metrics;
 pub mod path;
 mod wire;
 
 pub use wire::{Request, Response, Status, WorkerStatus};
 
-use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+
+use clients::{Answering, Clients, LISTENER, answer_on_thread};
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -51,10 +52,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a reload may take before its client stops waiting (the reload
 /// itself goes on).
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-/// Before accepting again after accept(2) failed (out of fds, say).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// The answering threads do little: parse nothing, wait, write a line.
-const ANSWER_STACK: usize = 128 * 1024;
 
 /// Whether a peer with `peer_uid` may control a master running as `own_uid`
 /// (and, the other way round, whether a client of `own_uid` may believe a
@@ -83,7 +80,7 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// removes its file.
 pub struct Server {
     path: PathBuf,
-    answering: Arc<AtomicUsize>,
+    answering: Answering,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,17 +189,16 @@ impl Server {
                 Interest::READABLE,
             )
             .map_err(bind_err)?;
-        let answering = Arc::new(AtomicUsize::new(0));
+        let answering = Answering::default();
         let mut lp = Loop {
             poll,
             listener,
             own_uid,
-            waiting: BTreeMap::new(),
-            next: 1,
+            waiting: Clients::new(REQUEST_DEADLINE, MAX_WAITING),
             accept_again: None,
             requests,
             waker,
-            answering: Arc::clone(&answering),
+            answering: answering.clone(),
         };
         std::thread::Builder::new()
             .name("lb-control".into())
@@ -222,20 +218,11 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let deadline = Instant::now() + FINISH_TIMEOUT;
-        while self.answering.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while self.answering.running() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-const LISTENER: Token = Token(0);
-
-/// A client that has not sent its whole request line yet.
-struct Waiting {
-    stream: UnixStream,
-    buf: Vec<u8>,
-    since: Instant,
 }
 
 /// The control thread: accepts, reads request lines, hands them on.
@@ -243,14 +230,12 @@ struct Loop {
     poll: Poll,
     listener: UnixListener,
     own_uid: u32,
-    /// By token; tokens only grow, so the first is the oldest client.
-    waiting: BTreeMap<usize, Waiting>,
-    next: usize,
+    waiting: Clients<UnixStream>,
     /// Set when accept(2) failed for want of resources.
     accept_again: Option<Instant>,
     requests: Sender<Incoming>,
     waker: Arc<Waker>,
-    answering: Arc<AtomicUsize>,
+    answering: Answering,
 }
 
 /// How far a client's request line has come.
@@ -265,16 +250,13 @@ impl Loop {
     fn run(&mut self) {
         let mut events = Events::with_capacity(64);
         loop {
-            let now = Instant::now();
             let deadline = self
                 .waiting
-                .values()
-                .next()
-                .map(|w| w.since + REQUEST_DEADLINE)
+                .next_deadline()
                 .into_iter()
                 .chain(self.accept_again)
                 .min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(now));
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -297,21 +279,10 @@ impl Loop {
     }
 
     fn accept_all(&mut self) {
-        self.accept_again = None;
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => self.admit(stream),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e)
-                    if e.kind() == io::ErrorKind::Interrupted
-                        || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
-                Err(_) => {
-                    // Out of fds or memory: the connection waits in the
-                    // backlog, and accepting is tried again shortly.
-                    self.accept_again = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return;
-                }
-            }
+        let (accepted, again) = clients::accept_all(|| self.listener.accept().map(|(s, _)| s));
+        self.accept_again = again;
+        for stream in accepted {
+            self.admit(stream);
         }
     }
 
@@ -334,10 +305,8 @@ impl Loop {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
-        if self.waiting.len() >= MAX_WAITING
-            && let Some((_, oldest)) = self.waiting.pop_first()
-        {
-            self.forget(&oldest);
+        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
+        if let Some(oldest) = evicted {
             reply_now(
                 &oldest.stream,
                 Response::error(format!(
@@ -346,44 +315,23 @@ impl Loop {
                 )),
             );
         }
-        let token = self.next;
-        self.next += 1;
-        if self
-            .poll
-            .registry()
-            .register(
-                &mut SourceFd(&stream.as_raw_fd()),
-                Token(token),
-                Interest::READABLE,
-            )
-            .is_err()
-        {
-            return;
+        if let Some(token) = token {
+            self.progress(token);
         }
-        self.waiting.insert(
-            token,
-            Waiting {
-                stream,
-                buf: Vec::new(),
-                since: Instant::now(),
-            },
-        );
-        self.progress(token);
     }
 
     /// Reads what `token`'s client sent; a whole line is handed on.
     fn progress(&mut self, token: usize) {
-        let Some(w) = self.waiting.get_mut(&token) else {
+        let Some(w) = self.waiting.get_mut(token) else {
             return;
         };
         let progress = read_request(&w.stream, &mut w.buf);
         if matches!(progress, Progress::More) {
             return;
         }
-        let Some(w) = self.waiting.remove(&token) else {
+        let Some(w) = self.waiting.take(self.poll.registry(), token) else {
             return;
         };
-        self.forget(&w);
         match progress {
             Progress::More | Progress::Gone => {}
             Progress::TooLong => reply_now(
@@ -400,24 +348,9 @@ impl Loop {
         }
     }
 
-    /// Takes a client out of the poll set (before its stream is closed or
-    /// handed on).
-    fn forget(&self, w: &Waiting) {
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&w.stream.as_raw_fd()));
-    }
-
     /// Drops the clients whose deadline has passed, telling them why.
     fn expire(&mut self) {
-        let now = Instant::now();
-        while let Some(entry) = self.waiting.first_entry() {
-            if entry.get().since + REQUEST_DEADLINE > now {
-                return;
-            }
-            let w = entry.remove();
-            self.forget(&w);
+        for w in self.waiting.expired(self.poll.registry(), Instant::now()) {
             reply_now(
                 &w.stream,
                 Response::error(format!(
@@ -431,39 +364,19 @@ impl Loop {
     /// Passes `request` to the supervisor on a thread of its own, which
     /// writes the answer.
     fn answer(&self, stream: UnixStream, request: Request) {
-        if self.answering.fetch_add(1, Ordering::SeqCst) >= MAX_ANSWERING {
-            self.answering.fetch_sub(1, Ordering::SeqCst);
+        let Some(place) = self.answering.claim(MAX_ANSWERING) else {
             return reply_now(
                 &stream,
                 Response::error(format!(
                     "the master is answering {MAX_ANSWERING} control requests already; try again"
                 )),
             );
-        }
+        };
         let requests = self.requests.clone();
         let waker = Arc::clone(&self.waker);
-        let count = Arc::clone(&self.answering);
-        let spawned = std::thread::Builder::new()
-            .name("lb-control-answer".into())
-            .stack_size(ANSWER_STACK)
-            .spawn(move || {
-                let _done = Decrement(count);
-                let _ = answer(stream, request, &requests, &waker);
-            });
-        if spawned.is_err() {
-            // The closure, and with it the connection, is gone: the client
-            // reads EOF. The count was not taken by a thread.
-            self.answering.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Counts an answering thread out, however it ends.
-struct Decrement(Arc<AtomicUsize>);
-
-impl Drop for Decrement {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        answer_on_thread("lb-control-answer", place, move || {
+            let _ = answer(stream, request, &requests, &waker);
+        });
     }
 }
 
