@@ -300,12 +300,21 @@ fn invalid(origin: Origin, value: &str, expected: impl Into<String>) -> ConfigEr
 }
 
 fn parse_count(value: &str, origin: Origin) -> Result<usize, ConfigError> {
-    match value.trim().parse::<usize>() {
-        Ok(n) if (1..=defaults::MAX_WORKERS).contains(&n) => Ok(n),
+    whole_number(value, origin, defaults::MAX_WORKERS, "")
+}
+
+/// A whole number from 1 to `max`, or the one-line error that says so
+/// (`note` follows the range).
+fn whole_number<T>(value: &str, origin: Origin, max: T, note: &str) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + From<u8> + std::fmt::Display + Copy,
+{
+    match value.trim().parse::<T>() {
+        Ok(n) if (T::from(1)..=max).contains(&n) => Ok(n),
         _ => Err(invalid(
             origin,
             value,
-            format!("give a whole number from 1 to {}", defaults::MAX_WORKERS),
+            format!("give a whole number from 1 to {max}{note}"),
         )),
     }
 }
@@ -362,16 +371,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         || in_file("backlog"),
     ) {
         None => defaults::BACKLOG,
-        Some((v, origin)) => match v.trim().parse::<u32>() {
-            Ok(n) if (1..=bounds::BACKLOG_MAX).contains(&n) => n,
-            _ => {
-                return Err(invalid(
-                    origin,
-                    &v,
-                    format!("give a whole number from 1 to {}", bounds::BACKLOG_MAX),
-                ));
-            }
-        },
+        Some((v, origin)) => whole_number(&v, origin, bounds::BACKLOG_MAX, "")?,
     };
 
     let policy_choice = layered(
@@ -558,16 +558,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         || in_file("worker_queue"),
     ) {
         None => defaults::WORKER_QUEUE,
-        Some((v, origin)) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=bounds::WORKER_QUEUE_MAX).contains(&n) => n,
-            _ => {
-                return Err(invalid(
-                    origin,
-                    &v,
-                    format!("give a whole number from 1 to {}", bounds::WORKER_QUEUE_MAX),
-                ));
-            }
-        },
+        Some((v, origin)) => whole_number(&v, origin, bounds::WORKER_QUEUE_MAX, "")?,
     };
     let stall_timeout = Some(duration(
         args.stall_timeout.as_deref(),
@@ -588,19 +579,15 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         || in_file("max_conns"),
     ) {
         None => (defaults::MAX_CONNS, Origin::Default("--max-conns")),
-        Some((v, origin)) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=bounds::MAX_CONNS_MAX).contains(&n) => (n, origin),
-            _ => {
-                return Err(invalid(
-                    origin,
-                    &v,
-                    format!(
-                        "give a whole number from 1 to {} (each relay costs 6 open files)",
-                        bounds::MAX_CONNS_MAX
-                    ),
-                ));
-            }
-        },
+        Some((v, origin)) => (
+            whole_number(
+                &v,
+                origin.clone(),
+                bounds::MAX_CONNS_MAX,
+                " (each relay costs 6 open files)",
+            )?,
+            origin,
+        ),
     };
     // 0 would refuse every connect; the kernel gives up on its own after
     // its SYN retries (about 2 minutes), so there is no "off" to offer.
