@@ -239,6 +239,17 @@ fn processes_with(marker: &str) -> Vec<u32> {
         .collect()
 }
 
+/// A Python worker that starts `sleep <marker>` (a child that must not
+/// outlive it), says READY, then runs `then`.
+fn parent_of_a_sleep(dir: &std::path::Path, marker: &str, then: &str) -> String {
+    python_worker(
+        dir,
+        // (Not the marker itself: the worker's command line would match.)
+        &format!("parent-of-{}.py", marker.replace('.', "-")),
+        &format!("import subprocess\nsubprocess.Popen(['sleep', '{marker}'])\nsend(16)\n{then}"),
+    )
+}
+
 /// Waits (bounded) until `n` live processes have `marker` in their command
 /// line (a worker's children, started before it said READY).
 fn wait_for_with(marker: &str, n: usize) {
@@ -298,11 +309,7 @@ fn a_workers_children_do_not_outlive_it() {
     wait_none_with("77.4241", "ready timeout");
 
     // Ready, but deaf to DRAIN: killed at the drain timeout.
-    let deaf = python_worker(
-        &dir,
-        "deaf.py",
-        "import subprocess\nsubprocess.Popen(['sleep', '77.4242'])\nsend(16)\nwhile True:\n    time.sleep(1)",
-    );
+    let deaf = parent_of_a_sleep(&dir, "77.4242", "while True:\n    time.sleep(1)");
     let mut lb = Lb::start(
         &[
             "--workers",
@@ -322,11 +329,7 @@ fn a_workers_children_do_not_outlive_it() {
     wait_none_with("77.4242", "drain timeout");
 
     // Drains and exits by itself, leaving its child behind.
-    let leaver = python_worker(
-        &dir,
-        "leaver.py",
-        "import subprocess\nsubprocess.Popen(['sleep', '77.4243'])\nsend(16)\nserve_forever()",
-    );
+    let leaver = parent_of_a_sleep(&dir, "77.4243", "serve_forever()");
     let mut lb = Lb::start(&["--workers", "1", "--", "python3", &leaver], &[], 1);
     wait_for_with("77.4243", 1);
     lb.signal(libc::SIGTERM);
@@ -335,11 +338,7 @@ fn a_workers_children_do_not_outlive_it() {
 
     // The master is killed outright: its workers die with it, and the
     // reaper ends what they started.
-    let starter = python_worker(
-        &dir,
-        "starter.py",
-        "import subprocess\nsubprocess.Popen(['sleep', '77.4244'])\nsend(16)\nserve_forever()",
-    );
+    let starter = parent_of_a_sleep(&dir, "77.4244", "serve_forever()");
     let mut lb = Lb::start(&["--workers", "2", "--", "python3", &starter], &[], 2);
     wait_for_with("77.4244", 2);
     lb.signal(libc::SIGKILL);
