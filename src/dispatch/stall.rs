@@ -14,7 +14,6 @@
 //! the others at once, and the supervisor replaces it, successor first.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use super::worker::{Link, State};
@@ -105,13 +104,8 @@ impl Dispatcher {
                 ))
             } else if idle >= SUSPECT_AFTER && !p.open_checked {
                 p.open_checked = true;
-                let inode = std::fs::metadata(format!(
-                    "/proc/self/fd/{}",
-                    std::os::fd::AsRawFd::as_raw_fd(peer)
-                ))
-                .map(|m| m.ino());
-                match inode {
-                    Ok(ino) if !sys::tree_holds_socket(w.pid, ino) => Some(format!(
+                match nix::sys::stat::fstat(peer) {
+                    Ok(st) if !sys::tree_holds_socket(w.pid, st.st_ino) => Some(format!(
                         "closed its channel (fd 3) with {waiting} connections waiting"
                     )),
                     _ => None,
