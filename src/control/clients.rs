@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Interest, Registry, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 
 /// How long to wait before accepting again after accept(2) failed for want
 /// of resources (the connection waits in the backlog meanwhile).
@@ -113,6 +113,49 @@ impl<S: AsRawFd> Clients<S> {
 fn forget<S: AsRawFd>(registry: &Registry, w: Waiting<S>) -> Waiting<S> {
     let _ = registry.deregister(&mut SourceFd(&w.stream.as_raw_fd()));
     w
+}
+
+/// A server of clients that each send one short request: the control
+/// socket's JSON line, a scrape's HTTP head.
+pub(super) trait Serve {
+    fn poll(&mut self) -> &mut Poll;
+    /// When the oldest waiting client's time is up, or accepting is to be
+    /// tried again, whichever is first.
+    fn next_deadline(&self) -> Option<Instant>;
+    /// Accepts what waits (and every so often after a failed accept).
+    fn accept_all(&mut self);
+    fn accept_due(&self) -> bool;
+    /// Reads what a client sent.
+    fn progress(&mut self, token: usize);
+    /// Lets go of clients whose time is up.
+    fn expire(&mut self);
+    /// Said, once, if the poll fails (and the server stops).
+    fn lost(&self, e: &io::Error);
+}
+
+/// Runs `server` until its poll fails: never blocks on a client.
+pub(super) fn run(server: &mut impl Serve) {
+    let mut events = Events::with_capacity(64);
+    loop {
+        let timeout = server
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if let Err(e) = server.poll().poll(&mut events, timeout)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return server.lost(&e);
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => server.accept_all(),
+                Token(t) => server.progress(t),
+            }
+        }
+        if server.accept_due() {
+            server.accept_all();
+        }
+        server.expire();
+    }
 }
 
 /// Accepts until there is nothing left: the connections, and when to try

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Interest, Poll, Waker};
 
-use super::clients::{self, Answering, Clients, LISTENER, answer_on_thread};
+use super::clients::{self, Answering, Clients, LISTENER, Serve as _, answer_on_thread};
 use super::{Incoming, Request, Status, WorkerStatus};
 
 /// Histogram bucket bounds for the hand-off latency, in seconds.
@@ -77,7 +77,7 @@ pub fn serve(
     };
     std::thread::Builder::new()
         .name("lb-metrics".into())
-        .spawn(move || lp.run())?;
+        .spawn(move || clients::run(&mut lp))?;
     Ok(bound)
 }
 
@@ -151,34 +151,17 @@ impl Answer {
     }
 }
 
-impl Loop {
-    fn run(&mut self) {
-        let mut events = Events::with_capacity(64);
-        loop {
-            let deadline = self
-                .waiting
-                .next_deadline()
-                .into_iter()
-                .chain(self.accept_again)
-                .min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout)
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                crate::info!("metrics: epoll failed ({e}); /metrics is no longer served");
-                return;
-            }
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept_all(),
-                    Token(t) => self.progress(t),
-                }
-            }
-            if self.accept_again.is_some_and(|t| t <= Instant::now()) {
-                self.accept_all();
-            }
-            self.expire();
-        }
+impl clients::Serve for Loop {
+    fn poll(&mut self) -> &mut Poll {
+        &mut self.poll
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.waiting
+            .next_deadline()
+            .into_iter()
+            .chain(self.accept_again)
+            .min()
     }
 
     fn accept_all(&mut self) {
@@ -186,30 +169,6 @@ impl Loop {
         self.accept_again = again;
         for stream in accepted {
             self.admit(stream);
-        }
-    }
-
-    /// A new client: read from at once (it has most likely sent its head
-    /// already), then left to wait for the rest.
-    fn admit(&mut self, stream: TcpStream) {
-        if stream.set_nonblocking(true).is_err() {
-            return;
-        }
-        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
-        if let Some(oldest) = evicted {
-            reply_now(
-                &oldest.stream,
-                &Answer::error(
-                    "408 Request Timeout",
-                    format!(
-                        "{MAX_WAITING} clients were connected without sending a request; the one \
-                         that waited longest (this one) was dropped\n"
-                    ),
-                ),
-            );
-        }
-        if let Some(token) = token {
-            self.progress(token);
         }
     }
 
@@ -251,6 +210,40 @@ impl Loop {
                     format!("no request head within {}s\n", HEAD_DEADLINE.as_secs()),
                 ),
             );
+        }
+    }
+
+    fn accept_due(&self) -> bool {
+        self.accept_again.is_some_and(|t| t <= Instant::now())
+    }
+
+    fn lost(&self, e: &io::Error) {
+        crate::info!("metrics: epoll failed ({e}); /metrics is no longer served");
+    }
+}
+
+impl Loop {
+    /// A new client: read from at once (it has most likely sent its head
+    /// already), then left to wait for the rest.
+    fn admit(&mut self, stream: TcpStream) {
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
+        if let Some(oldest) = evicted {
+            reply_now(
+                &oldest.stream,
+                &Answer::error(
+                    "408 Request Timeout",
+                    format!(
+                        "{MAX_WAITING} clients were connected without sending a request; the one \
+                         that waited longest (this one) was dropped\n"
+                    ),
+                ),
+            );
+        }
+        if let Some(token) = token {
+            self.progress(token);
         }
     }
 

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Interest, Poll, Waker};
 
-use clients::{Answering, Clients, LISTENER, answer_on_thread};
+use clients::{Answering, Clients, LISTENER, Serve as _, answer_on_thread};
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -202,7 +202,7 @@ impl Server {
         };
         std::thread::Builder::new()
             .name("lb-control".into())
-            .spawn(move || lp.run())
+            .spawn(move || clients::run(&mut lp))
             .map_err(bind_err)?;
         Ok(Server {
             path: path.to_path_buf(),
@@ -246,36 +246,17 @@ enum Progress {
     Gone,
 }
 
-impl Loop {
-    fn run(&mut self) {
-        let mut events = Events::with_capacity(64);
-        loop {
-            let deadline = self
-                .waiting
-                .next_deadline()
-                .into_iter()
-                .chain(self.accept_again)
-                .min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout)
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                crate::info!(
-                    "control socket: epoll failed ({e}); lb status and stop no longer work, SIGTERM does"
-                );
-                return;
-            }
-            for ev in events.iter() {
-                match ev.token() {
-                    LISTENER => self.accept_all(),
-                    Token(t) => self.progress(t),
-                }
-            }
-            if self.accept_again.is_some_and(|t| t <= Instant::now()) {
-                self.accept_all();
-            }
-            self.expire();
-        }
+impl clients::Serve for Loop {
+    fn poll(&mut self) -> &mut Poll {
+        &mut self.poll
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.waiting
+            .next_deadline()
+            .into_iter()
+            .chain(self.accept_again)
+            .min()
     }
 
     fn accept_all(&mut self) {
@@ -283,40 +264,6 @@ impl Loop {
         self.accept_again = again;
         for stream in accepted {
             self.admit(stream);
-        }
-    }
-
-    /// A new client: checked, then read from at once (it has most likely
-    /// sent its line already), then left to wait for the rest.
-    fn admit(&mut self, stream: UnixStream) {
-        match peer_uid(&stream) {
-            Ok(uid) if allowed(uid, self.own_uid) => {}
-            Ok(uid) => {
-                return reply_now(
-                    &stream,
-                    Response::error(format!(
-                        "uid {uid} may not control this master (only root and uid {})",
-                        self.own_uid
-                    )),
-                );
-            }
-            Err(_) => return,
-        }
-        if stream.set_nonblocking(true).is_err() {
-            return;
-        }
-        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
-        if let Some(oldest) = evicted {
-            reply_now(
-                &oldest.stream,
-                Response::error(format!(
-                    "{MAX_WAITING} control clients were connected without sending a request; \
-                     the one that waited longest (this one) was dropped"
-                )),
-            );
-        }
-        if let Some(token) = token {
-            self.progress(token);
         }
     }
 
@@ -358,6 +305,52 @@ impl Loop {
                     REQUEST_DEADLINE.as_secs()
                 )),
             );
+        }
+    }
+
+    fn accept_due(&self) -> bool {
+        self.accept_again.is_some_and(|t| t <= Instant::now())
+    }
+
+    fn lost(&self, e: &io::Error) {
+        crate::info!(
+            "control socket: epoll failed ({e}); lb status and stop no longer work, SIGTERM does"
+        );
+    }
+}
+
+impl Loop {
+    /// A new client: checked, then read from at once (it has most likely
+    /// sent its line already), then left to wait for the rest.
+    fn admit(&mut self, stream: UnixStream) {
+        match peer_uid(&stream) {
+            Ok(uid) if allowed(uid, self.own_uid) => {}
+            Ok(uid) => {
+                return reply_now(
+                    &stream,
+                    Response::error(format!(
+                        "uid {uid} may not control this master (only root and uid {})",
+                        self.own_uid
+                    )),
+                );
+            }
+            Err(_) => return,
+        }
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
+        if let Some(oldest) = evicted {
+            reply_now(
+                &oldest.stream,
+                Response::error(format!(
+                    "{MAX_WAITING} control clients were connected without sending a request; \
+                     the one that waited longest (this one) was dropped"
+                )),
+            );
+        }
+        if let Some(token) = token {
+            self.progress(token);
         }
     }
 
