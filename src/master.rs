@@ -95,10 +95,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         Err(e) => return Err(MasterError::Io(format!("socket activation: {e}"))),
     };
     // (Reloads may bring Node pools too; the stop line then counts from 0.)
-    let any_node = config
-        .pools
-        .iter()
-        .any(|p| p.mode == crate::config::Mode::Node);
+    let any_node = config.any_node();
     let local = listener
         .local_addr()
         .map_err(|e| MasterError::Io(format!("listener address: {e}")))?;
@@ -154,7 +151,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     let (notifier, events_rx) = Notifier::new(Some(waker));
     // Shared mode: the workers accept from the listener; lb only holds it
     // (so its backlog outlives restarts) and never accepts itself.
-    let shared = config.pools.iter().all(|p| !p.mode.dispatched());
+    let shared = config.shared();
     let (mut dispatcher, handle, shared_listener) = if shared {
         if config.policy_explicit {
             info!(
@@ -171,11 +168,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         if let Some(timeout) = config.stall_timeout {
             d.watch_stalls(timeout, supervisor::message_cost());
         }
-        if config
-            .pools
-            .iter()
-            .any(|p| p.mode == crate::config::Mode::Proxy)
-        {
+        if config.relays() {
             d.enable_proxy(config.max_conns, config.drain_timeout / 2)
                 .map_err(|e| {
                     MasterError::Io(format!(

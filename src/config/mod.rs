@@ -16,7 +16,7 @@ pub mod size;
 
 pub use preflight::preflight;
 
-pub use mode::Mode;
+pub use mode::{ChannelKind, DrainBy, Mode};
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -149,6 +149,23 @@ pub struct Pool {
 }
 
 impl Config {
+    /// Whether lb never accepts: every pool is shared (modes are not mixed
+    /// with shared, see `load`), and the workers accept from the listener.
+    pub fn shared(&self) -> bool {
+        !self.pools.iter().any(|p| p.mode.dispatched())
+    }
+
+    /// Whether some pool's connections are relayed (the dispatcher then
+    /// needs its relays).
+    pub fn relays(&self) -> bool {
+        self.pools.iter().any(|p| p.mode.relays())
+    }
+
+    /// Whether some pool runs Node.js cluster workers.
+    pub fn any_node(&self) -> bool {
+        self.pools.iter().any(|p| p.mode == Mode::Node)
+    }
+
     /// Total number of worker slots.
     pub fn slots(&self) -> usize {
         self.pools.iter().map(|p| p.count).sum()
@@ -836,8 +853,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             )));
         }
     }
-    if pools.iter().any(|p| p.mode == Mode::Shared) && pools.iter().any(|p| p.mode != Mode::Shared)
-    {
+    if pools.iter().any(|p| !p.mode.dispatched()) && pools.iter().any(|p| p.mode.dispatched()) {
         return Err(ConfigError::Conflict(
             "mode shared cannot be mixed with other modes: shared workers accept from lb's \
              listener themselves, so lb could not also hand connections out; give every pool \

@@ -47,10 +47,40 @@ impl Mode {
         }
     }
 
-    /// Whether lb hands this mode's workers connections itself (all but
-    /// shared, where they accept from the listener).
+    /// Whether lb accepts this mode's connections and hands them on (all but
+    /// shared, where the workers accept from the listener).
     pub fn dispatched(self) -> bool {
         self != Mode::Shared
+    }
+
+    /// What lb talks to this mode's workers over, as their fd 3.
+    pub fn channel(self) -> ChannelKind {
+        match self {
+            Mode::Native | Mode::Shim => ChannelKind::Packets,
+            Mode::Node => ChannelKind::Stream,
+            Mode::Shared | Mode::Proxy => ChannelKind::None,
+        }
+    }
+
+    /// Whether lb relays the connections' bytes itself (proxy), rather than
+    /// giving the worker the socket.
+    pub fn relays(self) -> bool {
+        self == Mode::Proxy
+    }
+
+    /// Whether the master keeps a copy of the worker's end of the channel,
+    /// to read back the connections a dead worker never took. Node's
+    /// channel must reach EOF when the worker closes it, so it keeps none.
+    pub fn keeps_peer(self) -> bool {
+        self.channel() == ChannelKind::Packets
+    }
+
+    /// How a worker of this mode is told to drain.
+    pub fn drained_by(self) -> DrainBy {
+        match self {
+            Mode::Native | Mode::Shim | Mode::Node => DrainBy::Message,
+            Mode::Shared | Mode::Proxy => DrainBy::Signal,
+        }
     }
 
     /// Why `args` cannot run as this mode's worker, if they cannot.
@@ -80,6 +110,27 @@ impl Mode {
             Err("names no script to run")
         }
     }
+}
+
+/// The channel between the master and a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// lb's protocol on a `SOCK_SEQPACKET` pair (`docs/protocol.md`).
+    Packets,
+    /// Node.js's cluster IPC on a `SOCK_STREAM` pair (`docs/node.md`).
+    Stream,
+    /// No channel: the worker accepts itself (shared) or serves a port of
+    /// its own (proxy).
+    None,
+}
+
+/// How a worker is told to stop taking connections and finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainBy {
+    /// A message on its channel (DRAIN; Node's disconnect).
+    Message,
+    /// Its stop signal, sent by the supervisor.
+    Signal,
 }
 
 impl std::fmt::Display for Mode {

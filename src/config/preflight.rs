@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::{Config, ConfigError, Mode, invalid};
+use super::{Config, ConfigError, invalid};
 
 /// Open files each proxy relay costs: two pipes made at start, the client
 /// and upstream sockets while it is open.
@@ -102,7 +102,7 @@ pub fn preflight(
     }
 
     if let Some(limit) = open_files
-        && config.pools.iter().any(|p| p.mode == Mode::Proxy)
+        && config.relays()
     {
         let rest = FDS_BASE + FDS_PER_WORKER * config.slots() as u64;
         let need = FDS_PER_RELAY * config.max_conns as u64 + rest;

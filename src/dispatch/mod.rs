@@ -88,7 +88,7 @@ pub enum Command {
     Attach {
         slot: Slot,
         pid: u32,
-        channel: OwnedFd,
+        channel: Option<OwnedFd>,
         peer: Option<OwnedFd>,
         weight: u32,
         mode: Mode,
@@ -1021,6 +1021,14 @@ impl Dispatcher {
                     mode,
                     port,
                 } => {
+                    // (Until the table holds workers without a channel.)
+                    let (channel, peer) = match channel {
+                        Some(c) => (c, peer),
+                        None => match proto::pair() {
+                            Ok((c, p)) => (c, Some(p)),
+                            Err(_) => continue,
+                        },
+                    };
                     let link = match (mode, peer) {
                         // The shim speaks lb's protocol for the server.
                         (Mode::Native | Mode::Shim, Some(peer)) => Link::Native { peer },

@@ -1003,17 +1003,11 @@ mod tests {
 
     /// Attaches a proxy worker on `port` in `slot` and waits for its READY.
     fn attach(handle: &Handle, events: &crate::dispatch::EventQueues, slot: usize, port: u16) {
-        let (master, peer) = crate::proto::pair().unwrap();
-        nix::fcntl::fcntl(
-            &master,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .unwrap();
         handle.send(Command::Attach {
             slot: Slot(slot),
             pid: slot as u32 + 1,
-            channel: master,
-            peer: Some(peer),
+            channel: None,
+            peer: None,
             weight: 1,
             mode: Mode::Proxy,
             port,

@@ -26,7 +26,7 @@ use nix::sys::signal::Signal;
 use nix::sys::signalfd::{SfdFlags, SigSet, SignalFd};
 use nix::sys::wait::WaitPidFlag;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, DrainBy, Mode};
 use crate::control::{self, Request, Response, Status, WorkerStatus};
 use crate::dispatch::{self, Command, Event};
 use crate::info;
@@ -472,14 +472,15 @@ impl Supervisor {
                 );
         }
         self.node_ids += 1;
-        let proxy_port = match pool.mode {
-            Mode::Proxy => Some(spawn::free_port().map_err(|source| SupervisorError::Spawn {
+        let proxy_port = if pool.mode.relays() {
+            Some(spawn::free_port().map_err(|source| SupervisorError::Spawn {
                 pool: pool.name.clone(),
                 command: pool.command.display().to_string(),
                 source,
                 hint: "no free loopback port for the worker to listen on",
-            })?),
-            _ => None,
+            })?)
+        } else {
+            None
         };
         let launch = spawn::Launch {
             slot,
@@ -560,7 +561,7 @@ impl Supervisor {
             stalled: false,
             rss_checked: false,
             stop_signal: pool.stop_signal,
-            signal_on_drain: matches!(pool.mode, Mode::Shared | Mode::Proxy),
+            signal_on_drain: pool.mode.drained_by() == DrainBy::Signal,
         });
         Ok(pid)
     }
@@ -1316,12 +1317,7 @@ impl Supervisor {
         }
         // What the dispatcher was built for at start: whether it accepts at
         // all (not in shared mode) and whether it has proxy relays.
-        let shape = |c: &Config| {
-            (
-                c.pools.iter().all(|p| p.mode == Mode::Shared),
-                c.pools.iter().any(|p| p.mode == Mode::Proxy),
-            )
-        };
+        let shape = |c: &Config| (c.shared(), c.relays());
         if shape(&new) != shape(&self.config) {
             return refuse(
                 reply,

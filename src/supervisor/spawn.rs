@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::config::{Mode, Pool};
+use crate::config::{ChannelKind, Mode, Pool};
 use crate::policy::Slot;
 use crate::proto::{self, VERSION, WORKER_FD, env, node};
 use crate::sys;
@@ -42,10 +42,10 @@ pub struct Launch<'a> {
 pub struct Spawned {
     pub child: Child,
     pub pidfd: OwnedFd,
-    /// The master's end of the channel (non-blocking).
-    pub channel: OwnedFd,
-    /// The master's copy of the worker's end (native: for rescue; none for
-    /// node, whose channel's EOF must reach the master).
+    /// The master's end of the channel (non-blocking), if the mode has one.
+    pub channel: Option<OwnedFd>,
+    /// The master's copy of the worker's end, if the mode keeps one
+    /// (`Mode::keeps_peer`).
     pub peer: Option<OwnedFd>,
     /// The read ends of the worker's stdout and stderr.
     pub stdout: OwnedFd,
@@ -80,10 +80,10 @@ pub fn describe_command(pool: &Pool) -> String {
 /// returns only after exec succeeded (or with exec's error), so an `Ok` is
 /// "online".
 pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
-    let (channel, peer) = match pool.mode {
-        // Shared and proxy workers get no channel: this pair is a placeholder.
-        Mode::Native | Mode::Shim | Mode::Shared | Mode::Proxy => proto::pair()?,
-        Mode::Node => proto::stream_pair()?,
+    let (channel, peer) = match pool.mode.channel() {
+        ChannelKind::Packets => proto::pair().map(|(c, p)| (Some(c), Some(p)))?,
+        ChannelKind::Stream => proto::stream_pair().map(|(c, p)| (Some(c), Some(p)))?,
+        ChannelKind::None => (None, None),
     };
     let port = match pool.mode {
         Mode::Shim => pool.port.unwrap_or(launch.port),
@@ -92,12 +92,12 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
             .ok_or_else(|| io::Error::other("proxy mode without a port"))?,
         _ => launch.port,
     };
-    if matches!(pool.mode, Mode::Native | Mode::Shim) {
+    if let (ChannelKind::Packets, Some(channel)) = (pool.mode.channel(), &channel) {
         // The kernel doubles what is asked for, and charges each message
         // its buffer overhead: this many CONNs fit, then EAGAIN, and the
         // dispatcher skips the worker until it reads.
         let bytes = launch.queue.saturating_mul(message_cost()) / 2;
-        socket2::SockRef::from(&channel).set_send_buffer_size(bytes)?;
+        socket2::SockRef::from(channel).set_send_buffer_size(bytes)?;
     }
     let port_text = port.to_string();
     let mut cmd = Command::new(&pool.command);
@@ -184,11 +184,11 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     }
     match (pool.mode, launch.listener) {
         (Mode::Shared, Some(listener)) => {
-            sys::prepare_child(&mut cmd, listener, WORKER_FD);
+            sys::prepare_child(&mut cmd, Some(listener), WORKER_FD);
             sys::exec_with_own_pid(&mut cmd, "LISTEN_PID")?;
         }
         (Mode::Shared, None) => return Err(io::Error::other("shared mode without the listener")),
-        _ => sys::prepare_child(&mut cmd, peer.as_raw_fd(), WORKER_FD),
+        _ => sys::prepare_child(&mut cmd, peer.as_ref().map(|p| p.as_raw_fd()), WORKER_FD),
     }
     let mut child = cmd.spawn()?;
     let pidfd = match sys::pidfd_open(child.id()) {
@@ -199,12 +199,13 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
             return Err(e);
         }
     };
-    nix::fcntl::fcntl(
-        &channel,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )?;
-    // Node must see EOF when the worker closes its end: keep no copy.
-    let peer = (pool.mode != Mode::Node).then_some(peer);
+    if let Some(channel) = &channel {
+        nix::fcntl::fcntl(
+            channel,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+    }
+    let peer = peer.filter(|_| pool.mode.keeps_peer());
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     let stderr = OwnedFd::from(child.stderr.take().expect("piped"));
     Ok(Spawned {

@@ -70,7 +70,7 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()
 /// Arranges, for the child `cmd` will start, what must happen between fork
 /// and exec:
 ///
-/// 1. the channel lands on fd 3 without CLOEXEC. If it already *is* fd 3,
+/// 1. the channel (if any) lands on fd 3 without CLOEXEC. If it already *is* fd 3,
 ///    `dup2(3, 3)` would do nothing and leave CLOEXEC set, so clear it instead;
 /// 2. `PR_SET_PDEATHSIG(SIGKILL)`, then a check that the parent is still the
 ///    master (it may have died before the prctl, which would then never fire).
@@ -83,7 +83,7 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()
 ///
 /// The caller also sets a process group of the child's own (Command's
 /// `process_group(0)`), so a terminal's ^C reaches the master alone.
-pub fn prepare_child(cmd: &mut Command, channel: RawFd, target: RawFd) {
+pub fn prepare_child(cmd: &mut Command, channel: Option<RawFd>, target: RawFd) {
     // SAFETY: getpid has no preconditions.
     let master = unsafe { libc::getpid() };
     // SAFETY: the closure runs in the forked child before exec, where only
@@ -94,15 +94,19 @@ pub fn prepare_child(cmd: &mut Command, channel: RawFd, target: RawFd) {
     // fork).
     unsafe {
         cmd.pre_exec(move || {
-            if channel == target {
-                let flags = cvt(libc::fcntl(target, libc::F_GETFD))?;
-                cvt(libc::fcntl(
-                    target,
-                    libc::F_SETFD,
-                    flags & !libc::FD_CLOEXEC,
-                ))?;
-            } else {
-                cvt(libc::dup2(channel, target))?;
+            match channel {
+                Some(channel) if channel == target => {
+                    let flags = cvt(libc::fcntl(target, libc::F_GETFD))?;
+                    cvt(libc::fcntl(
+                        target,
+                        libc::F_SETFD,
+                        flags & !libc::FD_CLOEXEC,
+                    ))?;
+                }
+                Some(channel) => {
+                    cvt(libc::dup2(channel, target))?;
+                }
+                None => {}
             }
             cvt(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
             if libc::getppid() != master {

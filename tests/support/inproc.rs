@@ -30,7 +30,7 @@ fn attach(
     handle.send(Command::Attach {
         slot: Slot(slot),
         pid: slot as u32 + 1,
-        channel,
+        channel: Some(channel),
         peer,
         weight: slot as u32 + 1,
         mode,
