@@ -13,12 +13,12 @@
 //! gets nothing more, what waits in its channel is read back and handed to
 //! the others at once, and the supervisor replaces it, successor first.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use super::worker::{Link, State};
+use super::link::Link;
+use super::worker::State;
 use super::{Dispatcher, Event};
-use crate::proto::{Message, Wait, scm, wire};
 use crate::sys;
 
 /// How often waiting connections are looked at.
@@ -79,13 +79,13 @@ impl Dispatcher {
             let Some(w) = self.workers.get_mut(index) else {
                 continue;
             };
-            let Link::Native { peer } = &w.link else {
+            let Link::Native(link) = &w.link else {
                 continue;
             };
             if w.progress.stalled || w.state == State::Starting {
                 continue;
             }
-            let unread = sys::unread_bytes(w.channel.as_fd()).unwrap_or(0);
+            let unread = sys::unread_bytes(link.channel.as_fd()).unwrap_or(0);
             let waiting = unread.div_ceil(watch.message_cost) as u64;
             let taken = w.sent.saturating_sub(waiting);
             let p = &mut w.progress;
@@ -104,7 +104,7 @@ impl Dispatcher {
                 ))
             } else if idle >= SUSPECT_AFTER && !p.open_checked {
                 p.open_checked = true;
-                match nix::sys::stat::fstat(peer) {
+                match nix::sys::stat::fstat(&link.peer) {
                     Ok(st) if !sys::tree_holds_socket(w.pid, st.st_ino) => Some(format!(
                         "closed its channel (fd 3) with {waiting} connections waiting"
                     )),
@@ -128,7 +128,7 @@ impl Dispatcher {
         w.progress.stalled = true;
         let (slot, pid) = (w.slot, w.pid);
         let rescued = match &w.link {
-            Link::Native { peer } => read_back(peer, &mut self.buf, &mut self.pending),
+            Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
             _ => 0,
         };
         self.stats.rescued += rescued;
@@ -147,27 +147,4 @@ impl Dispatcher {
             rescued,
         });
     }
-}
-
-/// Reads every message still queued for a worker from the master's copy of
-/// its end (`peer`); the connections go to `pending`. How many.
-pub(super) fn read_back(
-    peer: &OwnedFd,
-    buf: &mut [u8],
-    pending: &mut std::collections::VecDeque<OwnedFd>,
-) -> u64 {
-    let peer: BorrowedFd<'_> = peer.as_fd();
-    let mut count = 0;
-    while let Ok(mut got) = scm::recv(peer, buf, Wait::DontWait) {
-        if got.len == 0 {
-            break;
-        }
-        if let Ok(Message::Conn { .. }) = wire::parse(&buf[..got.len], got.truncated)
-            && let Some(fd) = got.fds.take_first()
-        {
-            pending.push_back(fd);
-            count += 1;
-        }
-    }
-    count
 }

@@ -1,9 +1,6 @@
 //! What the dispatcher knows of one worker process, and the table of them.
 
-use std::os::fd::OwnedFd;
-
-use super::node::NodeLink;
-use super::proxy::Probe;
+use super::link::Link;
 use crate::policy::Slot;
 
 /// A worker process's life as the dispatcher sees it:
@@ -27,9 +24,7 @@ pub struct Worker {
     /// The slot's weight for the policy once this process is current.
     pub weight: u32,
     pub state: State,
-    /// The master's end of the channel.
-    pub channel: OwnedFd,
-    /// The protocol spoken on it.
+    /// How the master talks to it (and its channel, if it has one).
     pub link: Link,
     /// The last send hit `EAGAIN`; cleared by the channel's writable edge.
     pub full: bool,
@@ -46,41 +41,6 @@ pub struct Worker {
     pub progress: super::stall::Progress,
     /// It has sent STOP (acted on once).
     pub stop_seen: bool,
-}
-
-/// How the master talks to a worker process.
-#[derive(Debug)]
-pub enum Link {
-    /// lb's protocol on a `SOCK_SEQPACKET` channel. `peer` is the master's
-    /// copy of the worker's end, read only after the worker died (rescue).
-    Native { peer: OwnedFd },
-    /// Node.js's cluster IPC on a `SOCK_STREAM` channel.
-    Node(Box<NodeLink>),
-    /// A shared-mode worker accepts from the listener itself: nothing is
-    /// ever sent. Its `channel` is one end of a pair nobody writes (the
-    /// other end held here), so the table stays uniform.
-    Shared { _placeholder: Option<OwnedFd> },
-    /// Proxy mode: the worker listens on its own loopback port; lb relays.
-    Proxy(Box<Probe>),
-}
-
-impl Link {
-    /// Whether the protocol lets this worker take a connection now (lb's
-    /// protocol always does; Node's takes one at a time).
-    #[inline]
-    pub fn can_take(&self) -> bool {
-        match self {
-            Link::Native { .. } => true,
-            Link::Node(n) => n.can_take(),
-            Link::Shared { .. } => false,
-            Link::Proxy(_) => true,
-        }
-    }
-
-    #[inline]
-    pub fn is_node(&self) -> bool {
-        matches!(self, Link::Node(_))
-    }
 }
 
 /// Worker processes by index; an index is stable for a process's life and

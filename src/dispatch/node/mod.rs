@@ -10,14 +10,18 @@
 //! (`queryServer`, user messages, replies lb writes) is rare and may
 //! allocate.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use super::worker::{Link, State};
+mod inbound;
+
+use super::link::Link;
+use super::worker::State;
 use super::{Dispatcher, Event};
 use crate::policy::Slot;
-use crate::proto::node::{self, Answer, Bad, Line, Lines, NewConn, Query};
+use crate::proto::node::{self, Bad, Lines, NewConn};
 use crate::proto::{Malformed, Wait, scm};
 
 /// A worker that refused a connection is offered none for this long,
@@ -35,9 +39,21 @@ struct Flight {
     nacks: u8,
 }
 
+/// lb as its Node workers' cluster primary: what is common to them all.
+#[derive(Debug, Default)]
+pub struct Primary {
+    /// The first worker's `queryServer` data, echoed to every worker.
+    data: Option<String>,
+    /// The earliest end of a worker's refusal back-off.
+    pub wake: Option<Instant>,
+}
+
 /// One Node worker's channel state.
 #[derive(Debug)]
 pub struct NodeLink {
+    /// The master's end of the cluster channel (no copy of the worker's
+    /// end is kept: its EOF is how a worker's exit shows).
+    pub channel: OwnedFd,
     lines: Lines,
     /// Bytes not yet written (replies, `disconnect`, the rest of a `newconn`
     /// line a full socket cut short). Written before any new `newconn`.
@@ -62,8 +78,9 @@ struct Server {
 }
 
 impl NodeLink {
-    pub fn new() -> NodeLink {
+    pub fn new(channel: OwnedFd) -> NodeLink {
         NodeLink {
+            channel,
             lines: Lines::new(),
             out: Vec::with_capacity(512),
             server: None,
@@ -86,15 +103,21 @@ impl NodeLink {
             && !self.eof
     }
 
+    /// After the worker exited: the connection it never answered for goes
+    /// first in `pending`; how many (0 or 1).
+    pub fn rescue(&mut self, pending: &mut VecDeque<OwnedFd>) -> u64 {
+        match self.flight.take() {
+            Some(f) => {
+                pending.push_front(f.fd);
+                1
+            }
+            None => 0,
+        }
+    }
+
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
-    }
-}
-
-impl Default for NodeLink {
-    fn default() -> Self {
-        NodeLink::new()
     }
 }
 
@@ -124,7 +147,7 @@ impl Dispatcher {
                 let seq = n.seq;
                 let line = server.newconn.line(seq);
                 match scm::send(
-                    w.channel.as_fd(),
+                    n.channel.as_fd(),
                     line,
                     &[],
                     Some(fd.as_fd()),
@@ -184,11 +207,12 @@ impl Dispatcher {
         let mut lines = std::mem::take(&mut n.lines);
         let mut eof = false;
         while let Some(w) = self.workers.get(index) {
+            let Link::Node(n) = &w.link else { break };
             // Fds only come with a `NODE_HANDLE` line (the app's
             // `process.send(msg, socket)`): acknowledged, never used,
             // closed when `got` drops.
             let room = lines.spare().len();
-            match scm::recv(w.channel.as_fd(), lines.spare(), Wait::DontWait) {
+            match scm::recv(n.channel.as_fd(), lines.spare(), Wait::DontWait) {
                 Ok(got) if got.len == 0 => {
                     eof = true;
                     break;
@@ -218,80 +242,6 @@ impl Dispatcher {
         }
     }
 
-    fn node_line(&mut self, index: usize, line: Result<&[u8], Bad>) {
-        let Some(w) = self.workers.get(index) else {
-            return;
-        };
-        let (slot, pid) = (w.slot, w.pid);
-        let complain = |this: &mut Dispatcher, bad: Bad| {
-            this.emit(Event::Malformed {
-                slot,
-                pid,
-                error: Malformed::Node(bad),
-            });
-        };
-        let line = match line {
-            Ok(l) => l,
-            Err(bad) => return complain(self, bad),
-        };
-        if line.is_empty() {
-            return;
-        }
-        match node::parse(line) {
-            Ok(Line::HandleAck) => {
-                if let Some(f) = self.node(index).and_then(|n| n.flight.as_mut()) {
-                    f.acked = true;
-                }
-            }
-            Ok(Line::Reply { ack, accepted }) => {
-                let Some(n) = self.node(index) else { return };
-                match n.flight.take_if(|f| f.seq == ack) {
-                    // Only an explicit `false` is a refusal; the worker
-                    // took the fd otherwise.
-                    Some(f) => self.node_answered(index, slot, f.fd, accepted != Some(false)),
-                    None => complain(self, Bad::UnknownAck(ack)),
-                }
-            }
-            Ok(Line::HandleNack) => self.node_resend(index, slot),
-            Ok(Line::Closed { n }) => self.closed(index, slot, n),
-            Ok(Line::Listening) => self.ready(index, slot, pid),
-            Ok(Line::Online | Line::Ignored) => {}
-            Ok(Line::QueryServer { seq }) => self.node_query(index, slot, pid, line, seq),
-            Ok(Line::Close) => {
-                let Some(n) = self.node(index) else { return };
-                n.server = None;
-                let leaving = self.workers.get(index).map(|w| w.state) == Some(State::Ready);
-                self.sync_view(slot);
-                if leaving {
-                    self.emit(Event::Note {
-                        slot,
-                        pid,
-                        text: "closed its server: no new connections until it listens again".into(),
-                    });
-                }
-            }
-            Ok(Line::ExitedAfterDisconnect { seq }) => {
-                let Some(n) = self.node(index) else { return };
-                let reply = node::ack(seq, n.next_seq());
-                self.node_write(index, &reply);
-                self.leaving(index, slot, pid);
-            }
-            Ok(Line::Handle) => {
-                self.node_write(index, node::HANDLE_ACK);
-                let payload = serde_json::from_slice::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| serde_json::to_vec(&v["msg"]).ok())
-                    .unwrap_or_else(|| line.to_vec());
-                self.emit(Event::Message { slot, pid, payload });
-            }
-            Ok(Line::User) => {
-                let payload = line.to_vec();
-                self.emit(Event::Message { slot, pid, payload });
-            }
-            Err(bad) => complain(self, bad),
-        }
-    }
-
     /// The worker answered the `newconn` in flight.
     fn node_answered(&mut self, index: usize, slot: Slot, fd: OwnedFd, accepted: bool) {
         let current = self.current[slot.0] == Some(index);
@@ -310,7 +260,7 @@ impl Dispatcher {
             let until = Instant::now() + n.refused_for;
             n.refused_until = Some(until);
             n.refused_for = (n.refused_for * 2).min(REFUSED_MAX);
-            self.node_wake = Some(self.node_wake.map_or(until, |t| t.min(until)));
+            self.node.wake = Some(self.node.wake.map_or(until, |t| t.min(until)));
             self.stats.refused += 1;
             if current {
                 let v = &mut self.views[slot.0];
@@ -343,7 +293,7 @@ impl Dispatcher {
         let resent = f.nacks <= node::MAX_RETRANSMISSIONS && n.out.is_empty() && {
             let line = server.newconn.line(f.seq);
             scm::send(
-                w.channel.as_fd(),
+                n.channel.as_fd(),
                 line,
                 &[],
                 Some(f.fd.as_fd()),
@@ -366,98 +316,6 @@ impl Dispatcher {
         self.sync_view(slot);
     }
 
-    /// The worker's `listen()`: lb's listener is its server, whatever port
-    /// it asked for (reported back as asked, so Node's checks pass).
-    fn node_query(&mut self, index: usize, slot: Slot, pid: u32, line: &[u8], seq: u64) {
-        let Ok(query) = serde_json::from_slice::<Query<'_>>(line) else {
-            return self.emit(Event::Malformed {
-                slot,
-                pid,
-                error: Malformed::Node(Bad::NotJson),
-            });
-        };
-        let front = self.front;
-        let asked = query.port.unwrap_or(0);
-        let pipe = query.address_type.as_ref().and_then(|t| t.as_i64()) == Some(-1)
-            || query.address.as_deref().is_some_and(|a| a.starts_with('/'));
-        let udp = query.address_type.as_ref().is_some_and(|t| t.is_string());
-        let Some(n) = self.node(index) else { return };
-        let serving = n.server.as_ref().map(|s| s.port);
-        let refusal = if pipe {
-            Some((
-                libc::ENOTSUP,
-                format!(
-                    "listen() on the Unix socket {} refused: lb serves TCP on {front}; \
-                     listen on a TCP port instead",
-                    query.address.as_deref().unwrap_or("?")
-                ),
-            ))
-        } else if udp {
-            Some((
-                libc::ENOTSUP,
-                "a UDP bind() refused: lb balances TCP only".to_string(),
-            ))
-        } else if !(0..=i64::from(u16::MAX)).contains(&asked) {
-            Some((libc::EINVAL, format!("listen() on port {asked} refused")))
-        } else {
-            serving.map(|port| {
-                (
-                    if asked as u16 == port {
-                        libc::EADDRINUSE
-                    } else {
-                        libc::ENOTSUP
-                    },
-                    format!(
-                        "a second listen() (port {asked}) refused: lb gives each worker one \
-                         server, the one on port {port}"
-                    ),
-                )
-            })
-        };
-        let reply_seq = n.next_seq();
-        let key = format!("lb:{asked}");
-        let reply = match refusal {
-            Some((errno, text)) => {
-                self.emit(Event::Note { slot, pid, text });
-                node::answer(seq, reply_seq, &Answer::Refuse { key: &key, errno })
-            }
-            None => {
-                // The first `data` given goes to every worker, as Node's
-                // primary does (TLS workers share their session ticket keys
-                // through it; a TLS worker given `null` throws).
-                let own = query.data.map(|d| d.get()).filter(|d| *d != "null");
-                if self.node_data.is_none() {
-                    self.node_data = own.map(str::to_string);
-                }
-                let data = self.node_data.clone().unwrap_or_else(|| "null".to_string());
-                let port = if asked > 0 {
-                    asked as u16
-                } else {
-                    front.port()
-                };
-                if let Some(n) = self.node(index) {
-                    n.server = Some(Server {
-                        port,
-                        newconn: NewConn::new(&key),
-                    });
-                }
-                node::answer(
-                    seq,
-                    reply_seq,
-                    &Answer::Serve {
-                        key: &key,
-                        data: &data,
-                        address: &front.ip().to_string(),
-                        ipv6: front.is_ipv6(),
-                        port,
-                    },
-                )
-            }
-        };
-        self.node_write(index, &reply);
-        self.sync_view(slot);
-    }
-
     /// Queues `bytes` after anything unwritten and writes what the socket takes.
     fn node_write(&mut self, index: usize, bytes: &[u8]) {
         if let Some(n) = self.node(index) {
@@ -475,7 +333,7 @@ impl Dispatcher {
         let Link::Node(n) = &mut w.link else { return };
         let mut blocked = false;
         while !n.out.is_empty() {
-            match scm::send(w.channel.as_fd(), &n.out, &[], None, Wait::DontWait) {
+            match scm::send(n.channel.as_fd(), &n.out, &[], None, Wait::DontWait) {
                 Ok(sent) => {
                     n.out.drain(..sent);
                 }
@@ -547,22 +405,14 @@ impl Dispatcher {
         self.sync_view(slot);
     }
 
-    /// After the worker exited: the connection it never answered for.
-    pub(super) fn node_rescue(link: &mut Link) -> Option<OwnedFd> {
-        match link {
-            Link::Node(n) => n.flight.take().map(|f| f.fd),
-            _ => None,
-        }
-    }
-
     /// Ends the back-off of workers whose refusal period is over.
     pub(super) fn node_timers(&mut self) {
-        let Some(at) = self.node_wake else { return };
+        let Some(at) = self.node.wake else { return };
         let now = Instant::now();
         if now < at {
             return;
         }
-        self.node_wake = None;
+        self.node.wake = None;
         for index in 0..self.workers.end() {
             let Some(w) = self.workers.get_mut(index) else {
                 continue;
@@ -574,7 +424,7 @@ impl Dispatcher {
                     n.refused_until = None;
                     self.sync_view(slot);
                 }
-                Some(t) => self.node_wake = Some(self.node_wake.map_or(t, |w| w.min(t))),
+                Some(t) => self.node.wake = Some(self.node.wake.map_or(t, |w| w.min(t))),
                 None => {}
             }
         }

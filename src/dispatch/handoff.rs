@@ -1,0 +1,249 @@
+//! The hand-off: accept a batch, pick a worker for each connection, send
+//! each worker its share, hold what no worker can take. Per connection:
+//! `accept4`, one pick, its share of a `sendmmsg` (or the link's own way of
+//! taking one), one `close`; no allocation, lock or log.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use super::link::Delivery;
+use super::worker::State;
+use super::{Dispatcher, Event};
+use crate::policy::Slot;
+use crate::proto::scm;
+use crate::sys;
+
+/// How long to stop accepting after the process ran out of fds or memory,
+/// or the kernel refused more fds in flight.
+const RESOURCE_RETRY: Duration = Duration::from_millis(10);
+
+impl Dispatcher {
+    /// Hands out held connections, then accepts until `EAGAIN` or until no
+    /// worker can take more (the kernel backlog then holds the rest).
+    pub(super) fn pump(&mut self) {
+        while let Some(fd) = self.pending.pop_front() {
+            if let Err(fd) = self.hand_off(fd) {
+                self.pending.push_front(fd);
+                return;
+            }
+        }
+        if self.shutting_down {
+            self.send_drains();
+            return;
+        }
+        if !self.backlog_waiting || self.retry_at.is_some() {
+            return;
+        }
+        // Out of `self` for the batch so `hand_off` can borrow `self` mutably.
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        self.accept_batch(&listener);
+        self.listener = Some(listener);
+    }
+
+    /// Accepts up to `SEND_BATCH` connections at a time and sends them, until
+    /// the backlog is empty or no worker has room.
+    fn accept_batch(&mut self, listener: &mio::net::TcpListener) {
+        loop {
+            let mut more = true;
+            while self.accepted.len() < scm::SEND_BATCH {
+                match sys::accept4(listener.as_fd()) {
+                    Ok(fd) => {
+                        self.stats.accepted += 1;
+                        self.accepted.push(fd);
+                        if self.accept_failures > 0 {
+                            let failures = std::mem::take(&mut self.accept_failures);
+                            self.emit(Event::AcceptRecovered { failures });
+                        }
+                    }
+                    Err(e) => {
+                        match e.raw_os_error() {
+                            Some(libc::EAGAIN) => self.backlog_waiting = false,
+                            // The client gave up before we accepted: next one.
+                            Some(libc::ECONNABORTED | libc::EPROTO) => continue,
+                            // Out of fds or memory (or anything unexpected):
+                            // retry shortly instead of spinning.
+                            // Said once per episode, not at every retry.
+                            errno => {
+                                self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
+                                self.accept_failures += 1;
+                                if self.accept_failures == 1 {
+                                    self.emit(Event::AcceptError {
+                                        errno: errno.unwrap_or(0),
+                                    });
+                                }
+                            }
+                        }
+                        more = false;
+                        break;
+                    }
+                }
+            }
+            if self.accepted.is_empty() {
+                return;
+            }
+            // Time from the end of the accepts to the last send, recorded
+            // once per batch (two clock reads per batch, never a lock or an
+            // allocation: the histogram is sized up front and saturates).
+            let batch = self.accepted.len() as u64;
+            let started = Instant::now();
+            self.send_accepted();
+            let nanos = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+            self.latency.saturating_record_n(nanos.max(1), batch);
+            if !more || !self.pending.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Sends the accepted batch: one pick per connection (each counted
+    /// active at once, so least-conn sees the batch's own picks), then one
+    /// `sendmmsg` per worker, its connections in accept order, each closed
+    /// right after the call that carried it. What a full channel refused
+    /// goes through `hand_off` again.
+    fn send_accepted(&mut self) {
+        let mut batch = std::mem::take(&mut self.accepted);
+        let n = batch.len();
+        let mut slots = [usize::MAX; scm::SEND_BATCH];
+        for slot in slots.iter_mut().take(n) {
+            match self.policy.pick(&self.views) {
+                Some(s) => {
+                    *slot = s.0;
+                    self.views[s.0].active += 1;
+                    // One connection at a time: not picked again this batch.
+                    if self.slot_delivery(s.0) == Delivery::Stepwise {
+                        self.views[s.0].eligible = false;
+                    }
+                }
+                None => break,
+            }
+        }
+        // Group by worker, keeping accept order within a group (insertion
+        // sort: n <= SEND_BATCH, and it moves nothing when already grouped).
+        for i in 1..n {
+            let mut j = i;
+            while j > 0 && slots[j - 1] > slots[j] {
+                slots.swap(j - 1, j);
+                batch.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        let mut refused = std::mem::take(&mut self.refused);
+        let mut start = 0;
+        while start < n {
+            let slot = slots[start];
+            let end = (start..n).find(|&k| slots[k] != slot).unwrap_or(n);
+            let len = end - start;
+            if slot != usize::MAX && self.slot_delivery(slot) != Delivery::Batch {
+                for fd in batch.drain(..len) {
+                    if let Err(fd) = self.deliver_picked(slot, fd) {
+                        refused.push(fd);
+                    }
+                }
+                start = end;
+                continue;
+            }
+            let sent = if slot == usize::MAX {
+                0
+            } else {
+                self.send_group(slot, &batch[..len])
+            };
+            // Close what went out (the first `sent`), keep what did not.
+            for (k, fd) in batch.drain(..len).enumerate() {
+                if k >= sent {
+                    refused.push(fd);
+                }
+            }
+            start = end;
+        }
+        self.accepted = batch;
+        for fd in refused.drain(..) {
+            if let Err(fd) = self.hand_off(fd) {
+                self.stats.paused += u64::from(self.pending.is_empty());
+                self.pending.push_back(fd);
+            }
+        }
+        self.refused = refused;
+    }
+
+    /// Delivers `fd` to `slot`'s worker one connection at a time (Node,
+    /// proxy), already counted active by its pick; undoes that when it
+    /// cannot take it.
+    fn deliver_picked(&mut self, slot: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+        let sent = match self.current[slot] {
+            Some(index) => self.deliver(index, Slot(slot), fd),
+            None => Err(fd),
+        };
+        if sent.is_err() {
+            let v = &mut self.views[slot];
+            v.active = v.active.saturating_sub(1);
+        }
+        sent
+    }
+
+    /// A send to worker `index` (in `slot`) stopped short: full, too many
+    /// fds in flight, or (cannot happen while we hold its peer) broken.
+    pub(super) fn channel_refused(&mut self, index: usize, slot: usize, error: Option<io::Error>) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        match error.as_ref().and_then(io::Error::raw_os_error) {
+            // Too many fds in flight for this user: no writable edge will
+            // tell us when that passes, so retry on a timer.
+            Some(libc::ETOOMANYREFS) => self.retry_at = Some(Instant::now() + RESOURCE_RETRY),
+            // A short sendmmsg (None) or EAGAIN: full; the writable edge says when not.
+            None | Some(libc::EAGAIN) => {}
+            Some(_) => w.state = State::Draining,
+        }
+        w.full = true;
+        self.views[slot].eligible = false;
+        self.want_writable(index, true);
+    }
+
+    /// Sends `fd` to the worker the policy picks, trying others while
+    /// channels are full. Gives the fd back when no worker can take it.
+    #[inline]
+    pub(super) fn hand_off(&mut self, mut fd: OwnedFd) -> Result<(), OwnedFd> {
+        loop {
+            let Some(slot) = self.policy.pick(&self.views) else {
+                return Err(fd);
+            };
+            let Some(index) = self.current[slot.0] else {
+                // Eligible implies a current process; repair rather than spin.
+                self.views[slot.0].eligible = false;
+                continue;
+            };
+            match self.deliver(index, slot, fd) {
+                Ok(()) => {
+                    self.views[slot.0].active += 1;
+                    return Ok(());
+                }
+                // `deliver` made the slot ineligible: pick again.
+                Err(back) => fd = back,
+            }
+        }
+    }
+
+    /// Recomputes whether `slot` may be picked.
+    pub(super) fn sync_view(&mut self, slot: Slot) {
+        let current = self.current[slot.0].and_then(|i| self.workers.get(i));
+        self.views[slot.0].eligible = current.is_some_and(|w| {
+            w.state == State::Ready
+                && !w.full
+                && !w.progress.stalled
+                && w.link.can_take()
+                && (w.link.delivery() != Delivery::Relay || self.relay_room())
+        });
+    }
+
+    /// How `slot`'s current process takes connections (a slot between
+    /// processes is sent nothing: `send_group` finds it gone).
+    #[inline]
+    fn slot_delivery(&self, slot: usize) -> Delivery {
+        self.current[slot]
+            .and_then(|i| self.workers.get(i))
+            .map_or(Delivery::Batch, |w| w.link.delivery())
+    }
+}

@@ -1,0 +1,218 @@
+//! The native link: lb's protocol on a `SOCK_SEQPACKET` channel
+//! (`docs/protocol.md`), spoken by lb-aware workers and, for its server, by
+//! the accept shim. Connections go out many per `sendmmsg`; what a worker
+//! says comes in many per `recvmmsg`. The master keeps a copy of the
+//! worker's end, so a dead or stalled worker's unread connections can be
+//! read back and handed to others.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use super::link::Link;
+use super::{Dispatcher, Event};
+use crate::policy::Slot;
+use crate::proto::scm::Batch;
+use crate::proto::{self, Malformed, Message, Wait, kind, scm, wire};
+
+#[derive(Debug)]
+pub struct Native {
+    /// The master's end.
+    pub channel: OwnedFd,
+    /// The master's copy of the worker's end, read only once the worker
+    /// stopped taking connections (it died, or stalled).
+    pub peer: OwnedFd,
+}
+
+impl Native {
+    /// Reads every message still queued for the worker from the master's
+    /// copy of its end; the connections go to `pending`. How many.
+    pub fn read_back(&self, buf: &mut [u8], pending: &mut VecDeque<OwnedFd>) -> u64 {
+        let peer = self.peer.as_fd();
+        let mut count = 0;
+        while let Ok(mut got) = scm::recv(peer, buf, Wait::DontWait) {
+            if got.len == 0 {
+                break;
+            }
+            if let Ok(Message::Conn { .. }) = wire::parse(&buf[..got.len], got.truncated)
+                && let Some(fd) = got.fds.take_first()
+            {
+                pending.push_back(fd);
+                count += 1;
+            }
+        }
+        count
+    }
+}
+
+impl Dispatcher {
+    /// Sends one connection to native worker `index` (in `slot`).
+    #[inline]
+    pub(super) fn native_send(
+        &mut self,
+        index: usize,
+        slot: Slot,
+        fd: OwnedFd,
+    ) -> Result<(), OwnedFd> {
+        let Some(w) = self.workers.get_mut(index) else {
+            self.views[slot.0].eligible = false;
+            return Err(fd);
+        };
+        let Link::Native(n) = &w.link else {
+            self.views[slot.0].eligible = false;
+            return Err(fd);
+        };
+        self.seq += 1;
+        match proto::send_conn(n.channel.as_fd(), fd.as_fd(), self.seq) {
+            Ok(()) => {
+                // Close our copy at once: until we do, the worker's close
+                // does not release the socket (docs/architecture.md, "The
+                // hot path").
+                drop(fd);
+                w.sent += 1;
+                self.stats.dispatched += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.channel_refused(index, slot.0, Some(e));
+                Err(fd)
+            }
+        }
+    }
+
+    /// Sends `fds` to `slot`'s worker; returns how many went out. Undoes the
+    /// picks of the rest and marks the worker full (or unusable).
+    pub(super) fn send_group(&mut self, slot: usize, fds: &[OwnedFd]) -> usize {
+        let Some(index) = self.current[slot] else {
+            self.views[slot].active -= fds.len() as u32;
+            self.views[slot].eligible = false;
+            return 0;
+        };
+        let Some(w) = self.workers.get_mut(index) else {
+            return 0;
+        };
+        let Link::Native(n) = &w.link else {
+            return 0;
+        };
+        let result = proto::send_conns(n.channel.as_fd(), fds, self.seq + 1);
+        let sent = *result.as_ref().unwrap_or(&0);
+        self.seq += sent as u64;
+        w.sent += sent as u64;
+        self.stats.dispatched += sent as u64;
+        if sent < fds.len() {
+            self.views[slot].active -= (fds.len() - sent) as u32;
+            self.channel_refused(index, slot, result.err());
+        }
+        sent
+    }
+
+    /// Reads everything a native worker sent (edge-triggered: until the
+    /// queue is empty, which a short `recvmmsg` count already proves).
+    pub(super) fn native_read(&mut self, index: usize) {
+        let mut batch = std::mem::take(&mut self.batch);
+        while let Some(w) = self.workers.get(index) {
+            let (slot, pid) = (w.slot, w.pid);
+            let Link::Native(link) = &w.link else { break };
+            let n = match batch.recv(link.channel.as_fd()) {
+                Ok(Batch::Got(n)) => n,
+                // Empty (WouldBlock); closed cannot happen while we hold the peer end.
+                Ok(Batch::Closed) | Err(_) => break,
+            };
+            for i in 0..n {
+                let d = batch.get(i);
+                let message = if d.had_fds {
+                    Err(Malformed::UnexpectedFd)
+                } else {
+                    wire::parse(d.data, d.truncated)
+                };
+                self.on_message(index, slot, pid, message);
+            }
+            if n < scm::BATCH {
+                break;
+            }
+        }
+        self.batch = batch;
+    }
+
+    fn on_message(
+        &mut self,
+        index: usize,
+        slot: Slot,
+        pid: u32,
+        message: Result<Message<'_>, Malformed>,
+    ) {
+        let complaint = |error| Event::Malformed { slot, pid, error };
+        match message {
+            Ok(Message::Closed { n }) => self.closed(index, slot, n),
+            Ok(Message::Ready) => self.ready(index, slot, pid),
+            Ok(Message::Leaving) => self.leaving(index, slot, pid),
+            // Once per process: a worker that repeats it makes no more work.
+            Ok(Message::Stop) => {
+                if let Some(w) = self.workers.get_mut(index)
+                    && !std::mem::replace(&mut w.stop_seen, true)
+                {
+                    self.emit(Event::Stop { slot, pid });
+                }
+            }
+            Ok(Message::User(payload)) => {
+                let payload = payload.to_vec();
+                self.emit(Event::Message { slot, pid, payload });
+            }
+            Ok(Message::Unknown(_)) => {}
+            Ok(Message::Conn { .. }) => self.emit(complaint(Malformed::WrongDirection(kind::CONN))),
+            Ok(Message::Drain) => self.emit(complaint(Malformed::WrongDirection(kind::DRAIN))),
+            Err(error) => self.emit(complaint(error)),
+        }
+    }
+
+    /// The channel has room again: a DRAIN that waited goes out, and the
+    /// worker may be picked again.
+    pub(super) fn native_writable(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let slot = w.slot;
+        if w.drain_queued {
+            w.drain_queued = false;
+            self.native_drain(index);
+        }
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        if w.full {
+            w.full = false;
+            self.sync_view(slot);
+        }
+    }
+
+    /// Sends DRAIN, or queues it until the channel has room.
+    pub(super) fn native_drain(&mut self, index: usize) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid);
+        let Link::Native(n) = &w.link else { return };
+        match proto::send_plain(n.channel.as_fd(), kind::DRAIN, 0, &[], Wait::DontWait) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                w.drain_queued = true;
+                self.want_writable(index, true);
+            }
+            // Sent, or the worker is gone (its exit is the supervisor's news).
+            _ => {
+                w.drain_sent = true;
+                self.emit(Event::Draining { slot, pid });
+            }
+        }
+    }
+
+    /// A USER message; whether the channel took it.
+    pub(super) fn native_message(&mut self, index: usize, payload: &[u8]) -> bool {
+        let Some(w) = self.workers.get(index) else {
+            return false;
+        };
+        let Link::Native(n) = &w.link else {
+            return false;
+        };
+        proto::send_plain(n.channel.as_fd(), kind::USER, 0, payload, Wait::DontWait).is_ok()
+    }
+}

@@ -1,0 +1,84 @@
+//! Every mio token of the dispatch loop, in one table. Ranges are far apart
+//! so none can run into the next: a table index is below 2^23 (the worker
+//! table holds a few entries per slot), a relay number below 2^22 (relays
+//! are bounded by `--max-conns`, which `config::bounds` keeps far lower).
+//!
+//! | token                         | source                               |
+//! |-------------------------------|--------------------------------------|
+//! | 0                             | the listener                         |
+//! | 1                             | the supervisor's commands (waker)    |
+//! | 2 + index                     | worker `index`'s channel             |
+//! | 2^23 + index                  | worker `index`'s readiness probe     |
+//! | 2^24 + 2 × relay + side       | a relay's client (0) or upstream (1) |
+
+use mio::Token;
+
+const LISTENER: usize = 0;
+const WAKER: usize = 1;
+const WORKERS: usize = 2;
+const PROBES: usize = 1 << 23;
+const RELAYS: usize = 1 << 24;
+
+/// What a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Listener,
+    Waker,
+    /// A worker's channel, by table index.
+    Worker(usize),
+    /// A proxy worker's readiness probe, by table index.
+    Probe(usize),
+    /// One side of a relay (`side` 0 is the client, 1 the upstream).
+    Relay {
+        relay: usize,
+        side: usize,
+    },
+}
+
+impl Source {
+    #[inline]
+    pub fn of(token: Token) -> Source {
+        match token.0 {
+            LISTENER => Source::Listener,
+            WAKER => Source::Waker,
+            t if t >= RELAYS => Source::Relay {
+                relay: (t - RELAYS) / 2,
+                side: (t - RELAYS) % 2,
+            },
+            t if t >= PROBES => Source::Probe(t - PROBES),
+            t => Source::Worker(t - WORKERS),
+        }
+    }
+
+    #[inline]
+    pub fn token(self) -> Token {
+        Token(match self {
+            Source::Listener => LISTENER,
+            Source::Waker => WAKER,
+            Source::Worker(index) => WORKERS + index,
+            Source::Probe(index) => PROBES + index,
+            Source::Relay { relay, side } => RELAYS + 2 * relay + side,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_is_its_token_and_back() {
+        for s in [
+            Source::Listener,
+            Source::Waker,
+            Source::Worker(0),
+            Source::Worker(PROBES - WORKERS - 1),
+            Source::Probe(0),
+            Source::Probe(RELAYS - PROBES - 1),
+            Source::Relay { relay: 0, side: 0 },
+            Source::Relay { relay: 7, side: 1 },
+        ] {
+            assert_eq!(Source::of(s.token()), s);
+        }
+    }
+}
