@@ -9,7 +9,7 @@
 #   scripts/bench.sh --baseline /path/to/old/lb --only "lb rr,baseline rr" --out /tmp/x.md
 #
 # Options are passed to scripts/bench/run.py (see --help there). The C
-# floor (fdpass-master) is built from ../shared/reference when present.
+# floor is scripts/bench/fdpass-master.c.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,11 +32,8 @@ out=target/bench
 mkdir -p "$out"
 gcc -O2 -Wall -o "$out/backend" scripts/bench/backend.c
 gcc -O2 -Wall -shared -fPIC -o "$out/alloccount.so" scripts/bench/alloccount.c
-fdpass=()
-if [ -f ../shared/reference/fdpass-master.c ]; then
-    gcc -O2 -Wall -o "$out/fdpass-master" ../shared/reference/fdpass-master.c
-    fdpass=(--fdpass "$out/fdpass-master")
-fi
+gcc -O2 -Wall -o "$out/fdpass-master" scripts/bench/fdpass-master.c
+fdpass=(--fdpass "$out/fdpass-master")
 
 exec python3 scripts/bench/run.py --lb target/release/lb --backend "$out/backend" \
     --alloccount "$out/alloccount.so" "${fdpass[@]}" "$@"

@@ -537,7 +537,7 @@ def render(ctx, results, skew, alloc, started, redis=None):
         f"{version(['nginx', '-v'])}; node {version(['node', '--version'])}; {version(['rustc', '--version'])}",
         "- Front CPU: CPU time of the front process (all threads; for nginx master and worker) during the run, "
         "from `/proc/<pid>/task/*/schedstat`, divided by connections (`close`) or requests (`keep-alive`).",
-        "- `fdpass-c` is `../shared/reference/fdpass-master.c`: accept4 → sendmsg → close, round-robin, nothing "
+        "- `fdpass-c` is `scripts/bench/fdpass-master.c`: accept4 → sendmsg → close, round-robin, nothing "
         "else; `batch` sends up to 8 fds per sendmsg. It is the floor for a master's CPU per connection.",
         "",
     ]
