@@ -85,8 +85,6 @@ pub struct Dispatcher {
     drained: bool,
     retry_at: Option<Instant>,
     running: bool,
-    /// Where the listener is (Node workers are told it).
-    front: SocketAddr,
     /// lb as the Node workers' cluster primary.
     node: node::Primary,
     /// The policy reads close reports (Node workers send them only then).
@@ -171,8 +169,7 @@ impl Dispatcher {
             drained: false,
             retry_at: None,
             running: true,
-            front,
-            node: node::Primary::default(),
+            node: node::Primary::new(front),
             reports: policy.uses_close_reports(),
             proxy: proxy::Proxy::default(),
             stop_by: None,

@@ -94,7 +94,7 @@ impl Dispatcher {
                 error: Malformed::Node(Bad::NotJson),
             });
         };
-        let front = self.front;
+        let front = self.node.front;
         let asked = query.port.unwrap_or(0);
         let pipe = query.address_type.as_ref().and_then(|t| t.as_i64()) == Some(-1)
             || query.address.as_deref().is_some_and(|a| a.starts_with('/'));

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -40,12 +41,24 @@ struct Flight {
 }
 
 /// lb as its Node workers' cluster primary: what is common to them all.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Primary {
+    /// Where the listener is (every worker's server, whatever it asked for).
+    front: SocketAddr,
     /// The first worker's `queryServer` data, echoed to every worker.
     data: Option<String>,
     /// The earliest end of a worker's refusal back-off.
     pub wake: Option<Instant>,
+}
+
+impl Primary {
+    pub fn new(front: SocketAddr) -> Primary {
+        Primary {
+            front,
+            data: None,
+            wake: None,
+        }
+    }
 }
 
 /// One Node worker's channel state.
