@@ -7,38 +7,25 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// Turns a libc `-1` return into the `errno` it set.
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
+use crate::proto::scm::{self, Inherited, cvt, cvt_r};
 
 /// Accepts one connection, non-blocking and CLOEXEC from birth, without
 /// asking for the peer address (the worker can `getpeername` if it cares).
 /// Retries `EINTR`; `EAGAIN` comes back as `WouldBlock`.
 #[inline]
 pub fn accept4(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    loop {
-        // SAFETY: `listener` is a valid fd for the call; null address
-        // pointers are allowed and mean "don't report the peer".
-        let r = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
-        };
-        match cvt(r) {
-            // SAFETY: accept4 just returned a new fd that nothing else owns.
-            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    // SAFETY: `listener` is a valid fd for the call; null address
+    // pointers are allowed and mean "don't report the peer".
+    let fd = cvt_r(|| unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: accept4 just returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A pidfd for a child we have not reaped yet (so the pid cannot have been
@@ -364,28 +351,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// that `raw` is open, a TCP stream socket and listening; marks it CLOEXEC
 /// and non-blocking. Call once per fd number.
 pub fn inherited_listener(raw: RawFd) -> io::Result<std::net::TcpListener> {
-    // SAFETY: F_GETFD on any integer is harmless; it reports EBADF when
-    // nothing is open there.
-    cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
-    // SAFETY: the fd is open (checked above) and inherited: nothing else in
-    // this process owns it; it is borrowed only for the checks below.
-    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-    let sock = socket2::SockRef::from(&fd);
-    let tcp = matches!(sock.domain(), Ok(d) if d == socket2::Domain::IPV4 || d == socket2::Domain::IPV6)
-        && sock.r#type().ok() == Some(socket2::Type::STREAM);
-    if !tcp || !sock.is_listener().unwrap_or(false) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("fd {raw} from LISTEN_FDS is not a listening TCP socket"),
-        ));
-    }
-    // SAFETY: as above; from here on this OwnedFd is the only owner.
-    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-    nix::fcntl::fcntl(
-        &owned,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )?;
-    let listener = std::net::TcpListener::from(owned);
+    let listener = std::net::TcpListener::from(scm::adopt_inherited(raw, Inherited::TcpListener)?);
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

@@ -149,8 +149,8 @@ impl Listener {
             Ok(_) => Some(Duration::from_millis(number(env::DRAIN_TIMEOUT_MS)?)),
             Err(_) => None,
         };
-        let chan =
-            scm::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
+        let chan = scm::adopt_inherited(fd, scm::Inherited::Channel)
+            .map_err(|source| WorkerError::Channel { fd, source })?;
         let mut listener = Listener::from_fd(chan, slot, generation);
         listener.drain_timeout = drain_timeout;
         // Nothing reads them: not sending them saves the master's CPU.
