@@ -32,7 +32,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dispatch;
-pub mod hello;
 pub mod log;
 pub mod master;
 pub mod policy;

@@ -73,7 +73,7 @@ fn control(target: &Target, request: Request, json: bool) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::HelloWorker) => lb::hello::main(),
+        Some(Command::HelloWorker) => lb::worker::hello::main(),
         Some(Command::ReapGroups) => lb::supervisor::reaper::main(),
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),

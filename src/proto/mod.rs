@@ -52,7 +52,8 @@ pub fn idle_grace(drain_timeout: Option<std::time::Duration>) -> std::time::Dura
 }
 
 /// Creates one channel: `(master end, worker end)`, both CLOEXEC. The master
-/// keeps a copy of the worker end too (see DESIGN.md, "Nothing lost").
+/// keeps a copy of the worker end too, to read back the connections a dead
+/// worker never took (`docs/architecture.md`, "Promises").
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     socketpair(
         AddressFamily::Unix,
@@ -76,7 +77,7 @@ pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// master → worker: hands over one connection. The caller closes its copy of
-/// `conn` right after this returns (see DESIGN.md, "The hot path").
+/// `conn` right after this returns (`docs/architecture.md`, "The hot path").
 #[inline]
 pub fn send_conn(chan: BorrowedFd<'_>, conn: BorrowedFd<'_>, id: u64) -> io::Result<()> {
     let header = wire::header(kind::CONN, id);

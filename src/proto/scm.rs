@@ -37,17 +37,40 @@ fn attach_fd(msg: &mut libc::msghdr, buf: &mut CmsgBuf, fd: RawFd) {
     }
 }
 
-/// Runs a libc call until it is not interrupted; a negative result becomes
-/// the `errno` it set.
-fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+/// A libc return value: `-1` means the call failed and set `errno`.
+pub trait SysRet: Copy + PartialEq {
+    const FAILED: Self;
+}
+
+impl SysRet for i32 {
+    const FAILED: Self = -1;
+}
+
+impl SysRet for i64 {
+    const FAILED: Self = -1;
+}
+
+impl SysRet for isize {
+    const FAILED: Self = -1;
+}
+
+/// Turns a libc `-1` return into the `errno` it set. The one syscall-result
+/// helper of the crate: `crate::sys` uses it too (this module imports
+/// nothing from the crate, so the shared helper lives here).
+pub fn cvt<T: SysRet>(r: T) -> io::Result<T> {
+    if r == T::FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Runs a libc call until it is not interrupted (`EINTR`), through [`cvt`].
+pub fn cvt_r<T: SysRet>(mut call: impl FnMut() -> T) -> io::Result<T> {
     loop {
-        let r = call();
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        match cvt(call()) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
         }
     }
 }
@@ -100,7 +123,8 @@ pub fn send(
     }
     // SAFETY: `msg` points at `iov` and `cmsg`, both alive for the call; the
     // kernel only reads them. `sock` is a valid open fd for the call.
-    retry(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | wait.flag()) })
+    cvt_r(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | wait.flag()) })
+        .map(|n| n as usize)
 }
 
 /// The fds one received message carried. Owned: any not taken are closed
@@ -162,13 +186,13 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], wait: Wait) -> io::Result<Rece
         unsafe { libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as u32) } as usize;
     // SAFETY: `msg` points at `iov` (covering `buf`) and `cmsg`, both alive
     // and writable for the call and at least as long as the lengths given.
-    let n = retry(|| unsafe {
+    let n = cvt_r(|| unsafe {
         libc::recvmsg(
             sock.as_raw_fd(),
             &mut msg,
             libc::MSG_CMSG_CLOEXEC | wait.flag(),
         )
-    })?;
+    })? as usize;
     let mut fds = Fds::new();
     // SAFETY: after a successful recvmsg the kernel has written msg_controllen
     // valid bytes of control data into `cmsg`; CMSG_FIRSTHDR/CMSG_NXTHDR only
@@ -201,28 +225,60 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], wait: Wait) -> io::Result<Rece
     })
 }
 
-/// Takes ownership of an inherited channel fd after checking that it is open
-/// and is an `AF_UNIX` `SOCK_SEQPACKET` socket, then marks it CLOEXEC so the
-/// worker's own children do not inherit it. Call once per fd number.
-pub fn adopt_inherited(raw: RawFd) -> io::Result<OwnedFd> {
+/// What an inherited fd must be for [`adopt_inherited`] to take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inherited {
+    /// A worker's channel: an `AF_UNIX` `SOCK_SEQPACKET` socket.
+    Channel,
+    /// A socket-activation listener (`LISTEN_FDS`): a listening TCP socket.
+    TcpListener,
+}
+
+impl Inherited {
+    fn accepts(self, sock: &socket2::SockRef<'_>) -> bool {
+        use socket2::{Domain, Type};
+        match self {
+            Inherited::Channel => {
+                sock.domain().ok() == Some(Domain::UNIX)
+                    && sock.r#type().ok() == Some(Type::SEQPACKET)
+            }
+            Inherited::TcpListener => {
+                matches!(sock.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6)
+                    && sock.r#type().ok() == Some(Type::STREAM)
+                    && sock.is_listener().unwrap_or(false)
+            }
+        }
+    }
+
+    fn refusal(self, raw: RawFd) -> String {
+        match self {
+            Inherited::Channel => format!("fd {raw} is not an AF_UNIX SOCK_SEQPACKET socket"),
+            Inherited::TcpListener => {
+                format!("fd {raw} from LISTEN_FDS is not a listening TCP socket")
+            }
+        }
+    }
+}
+
+/// Takes ownership of an fd this process inherited across exec (a worker's
+/// channel, a socket-activation listener) after checking that it is open
+/// and the socket `want` names, then marks it CLOEXEC so this process's
+/// own children do not inherit it. Call once per fd number.
+pub fn adopt_inherited(raw: RawFd, want: Inherited) -> io::Result<OwnedFd> {
     if raw < 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative fd"));
     }
     // SAFETY: F_GETFD on any integer is harmless; it only reports EBADF when
     // nothing is open there.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
+    cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
     // SAFETY: the fd is open (checked above), and it is inherited: nothing
-    // else in this process owns it (the caller adopts each number once).
+    // else in this process owns it (the caller adopts each number once); it
+    // is borrowed only for the check below.
     let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-    let sock = socket2::SockRef::from(&fd);
-    let is_channel = sock.domain().ok() == Some(socket2::Domain::UNIX)
-        && sock.r#type().ok() == Some(socket2::Type::SEQPACKET);
-    if !is_channel {
+    if !want.accepts(&socket2::SockRef::from(&fd)) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("fd {raw} is not an AF_UNIX SOCK_SEQPACKET socket"),
+            want.refusal(raw),
         ));
     }
     // SAFETY: as above; from here on this OwnedFd is the only owner.
@@ -321,15 +377,15 @@ impl RecvBatch {
         // SAFETY: every header points at a live iovec covering its own
         // `max`-byte region of `data` and at its own 64-byte control buffer;
         // all outlive the call, and the kernel writes only there.
-        let n = retry(|| unsafe {
+        let n = cvt_r(|| unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
                 hdrs.as_mut_ptr(),
                 BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
                 std::ptr::null_mut(),
-            ) as isize
-        })?;
+            )
+        })? as usize;
         // At EOF every slot comes back as an empty datagram; the protocol
         // never sends empty ones, so an empty first one means closed.
         if n == 0 || hdrs[0].msg_len == 0 {
@@ -407,12 +463,13 @@ pub fn send_each<F: AsFd>(
     }
     // SAFETY: the first `n` headers point at live iovecs (over `headers`) and
     // control buffers that outlive the call; the kernel only reads them.
-    retry(|| unsafe {
+    cvt_r(|| unsafe {
         libc::sendmmsg(
             sock.as_raw_fd(),
             hdrs.as_mut_ptr(),
             n as libc::c_uint,
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        ) as isize
+        )
     })
+    .map(|n| n as usize)
 }

@@ -10,7 +10,7 @@
  * passes straight through. Protocol: docs/protocol.md; design and limits:
  * docs/modes.md.
  *
- * Rules kept throughout (see ../shared/specs/accept-shim.md):
+ * Rules kept throughout (see docs/modes.md, `shim`):
  *  - inert unless LB_FD names an AF_UNIX SOCK_SEQPACKET socket;
  *  - lazy: nothing changes until this process listens on the port, so
  *    wrapper scripts (sh, pyenv) pass fd 3 and the environment on intact;

@@ -1,109 +1,16 @@
-//! The Rust worker-side adapter: turns the channel lb leaves at fd 3 into a
-//! listener of `std::net::TcpStream`s, sends READY, reports closes, and
-//! handles DRAIN.
-//!
-//! Two levels: [`Listener::accept`]/[`Listener::incoming`] for blocking
-//! servers (each [`Conn`] reports its own close when dropped), and
-//! [`Listener::next`] plus `mio::event::Source` for event loops, which
-//! report closes themselves with [`Listener::report_closed`] (after
-//! deregistering the stream from their poller: `docs/protocol.md` §3).
-//!
-//! Draining so that keep-alive clients do not notice (`docs/protocol.md`
-//! §4): once DRAIN has arrived ([`Listener::draining`], [`Conn::draining`]),
-//! answer each further request with `Connection: close`, close a
-//! connection once its response is written ([`Conn::close_gracefully`]),
-//! and close one that stays idle for [`Listener::idle_grace`] (a blocking
-//! server waits between requests with [`Conn::wait_for_request`]).
-//!
-//! Depends on [`crate::proto`] only.
+//! The worker's end of the channel: READY, DRAIN, user messages, and the
+//! connections the master hands over.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::ops::{Deref, DerefMut};
+use std::io;
+use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::conn::ignore_gone;
+use super::{Conn, FD_RESERVE, Incoming, Reporter, WorkerError, open_files, open_files_limit};
 use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
-
-/// Why this process cannot act as a worker.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("{0} is not set: this program must be started by lb (lb -- <this command>)")]
-    NotAWorker(&'static str),
-    #[error("{var}={value} is not valid")]
-    BadEnv { var: &'static str, value: String },
-    #[error("lb speaks protocol {0}, this worker speaks {VERSION}: use matching versions")]
-    Protocol(String),
-    #[error("inherited channel fd {fd} is unusable: {source}")]
-    Channel { fd: RawFd, source: io::Error },
-}
-
-/// What the master sent.
-#[derive(Debug)]
-pub enum Incoming {
-    /// A connection, non-blocking (the master accepted it so).
-    Conn(TcpStream),
-    /// Stop accepting; finish what you have and exit.
-    Drain,
-    /// A user message.
-    Message(Vec<u8>),
-    /// The master is gone: exit.
-    Closed,
-}
-
-/// Reports closed connections to the master; cheap to clone (an `Arc`).
-/// Does nothing when the master said it does not read them
-/// (`LB_REPORT_CLOSED=0`).
-#[derive(Debug, Clone)]
-pub struct Reporter {
-    chan: Arc<OwnedFd>,
-    enabled: bool,
-}
-
-impl Reporter {
-    /// Tells the master `n` connections have finished (feeds least-connections).
-    pub fn closed(&self, n: u64) -> io::Result<()> {
-        if n == 0 || !self.enabled {
-            return Ok(());
-        }
-        ignore_gone(proto::send_plain(
-            self.chan.as_fd(),
-            kind::CLOSED,
-            n,
-            &[],
-            Wait::Block,
-        ))
-    }
-}
-
-/// A master that has exited is not an error worth failing a close over.
-fn ignore_gone(r: io::Result<()>) -> io::Result<()> {
-    match r {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => Ok(()),
-        other => other,
-    }
-}
-
-/// Open files a worker keeps free: it stops taking connections from the
-/// channel before it has fewer left (so the master, finding the channel
-/// full, sends them to others), instead of receiving ones whose fds the
-/// kernel cannot give it (it closes those: the client is lost).
-pub const FD_RESERVE: u64 = 16;
-
-/// How many files this process may have open (its soft `RLIMIT_NOFILE`;
-/// lb's workers inherit the master's, raised to its hard limit).
-pub fn open_files_limit() -> u64 {
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(u64::MAX, |(soft, _)| soft)
-}
-
-/// How many files this process has open now (from `/proc/self/fd`).
-pub fn open_files() -> u64 {
-    // The directory's own fd is among those listed.
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1) as u64)
-}
 
 /// The worker's end of the channel.
 #[derive(Debug)]
@@ -149,8 +56,8 @@ impl Listener {
             Ok(_) => Some(Duration::from_millis(number(env::DRAIN_TIMEOUT_MS)?)),
             Err(_) => None,
         };
-        let chan =
-            scm::adopt_inherited(fd).map_err(|source| WorkerError::Channel { fd, source })?;
+        let chan = scm::adopt_inherited(fd, scm::Inherited::Channel)
+            .map_err(|source| WorkerError::Channel { fd, source })?;
         let mut listener = Listener::from_fd(chan, slot, generation);
         listener.drain_timeout = drain_timeout;
         // Nothing reads them: not sending them saves the master's CPU.
@@ -383,124 +290,10 @@ impl mio::event::Source for Listener {
     }
 }
 
-/// A connection from the master that reports its own close when dropped.
-#[derive(Debug)]
-pub struct Conn {
-    stream: Option<TcpStream>,
-    reporter: Reporter,
-    draining: Arc<AtomicBool>,
-    /// Connections accepted and not yet dropped (shared with the listener).
-    live: Arc<AtomicU64>,
-}
-
-impl Conn {
-    /// Whether the worker has been told to DRAIN: answer with
-    /// `Connection: close` from now on.
-    pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// For a blocking server between two requests on a kept-alive
-    /// connection: waits until the client sends more or closes (`true`:
-    /// read it), or, once the worker drains, until the connection has been
-    /// idle for `grace` since this call (`false`: close it). DRAIN is
-    /// checked every 100 ms, so a thread waiting here notices it without
-    /// being told.
-    pub fn wait_for_request(&mut self, grace: Duration) -> io::Result<bool> {
-        const DRAIN_CHECK: Duration = Duration::from_millis(100);
-        let draining = Arc::clone(&self.draining);
-        let stream = self.stream.as_mut().expect("present until drop");
-        let previous = stream.read_timeout()?;
-        stream.set_read_timeout(Some(DRAIN_CHECK))?;
-        let called = Instant::now();
-        let result = loop {
-            if draining.load(Ordering::Relaxed) && called.elapsed() >= grace {
-                break Ok(false);
-            }
-            match stream.peek(&mut [0u8; 1]) {
-                Ok(_) => break Ok(true),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => break Err(e),
-            }
-        };
-        stream.set_read_timeout(previous)?;
-        result
-    }
-
-    /// Closes after the last response without turning anything the client
-    /// sent meanwhile (a pipelined request) into a reset that could destroy
-    /// that response in flight: shuts the sending side, reads and discards
-    /// until the client closes or `grace` passes, then closes (and reports).
-    pub fn close_gracefully(mut self, grace: Duration) {
-        let Some(stream) = self.stream.as_mut() else {
-            return;
-        };
-        if stream.shutdown(Shutdown::Write).is_err() {
-            return;
-        }
-        // A grace too long for an Instant (Duration::MAX) has no end.
-        let until = Instant::now().checked_add(grace);
-        let mut sink = [0u8; 4096];
-        loop {
-            let left = until.map_or(grace, |u| u.saturating_duration_since(Instant::now()));
-            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-                return;
-            }
-            match stream.read(&mut sink) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    }
-}
-
-impl Deref for Conn {
-    type Target = TcpStream;
-    fn deref(&self) -> &TcpStream {
-        self.stream.as_ref().expect("present until drop")
-    }
-}
-
-impl DerefMut for Conn {
-    fn deref_mut(&mut self) -> &mut TcpStream {
-        self.stream.as_mut().expect("present until drop")
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (**self).read(buf)
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (**self).write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        (**self).flush()
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        drop(self.stream.take()); // close first, then report
-        self.live.fetch_sub(1, Ordering::Relaxed);
-        let _ = self.reporter.closed(1);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
 
     #[test]

@@ -1,0 +1,14 @@
+//! The master's remaining libc calls: `accept4`, `pidfd_open`, the child's
+//! set-up between fork and exec, and resource limits. Every `unsafe` block
+//! outside fd passing (`proto::scm`) lives here, by topic: `fd` (fds and
+//! sockets), `process` (pidfds, `/proc`, signals), `child` (between fork
+//! and exec). Results of libc calls go through `proto::scm`'s
+//! `cvt`/`cvt_r`, the crate's one syscall-result helper.
+
+mod child;
+mod fd;
+mod process;
+
+pub use child::{exec_with_own_pid, keep_fd, prepare_child};
+pub use fd::{accept4, cloexec_from, inherited_listener, raise_nofile_limit, unread_bytes};
+pub use process::{ignore_signals, pidfd_open, pidfd_signal, proc_usage, tree_holds_socket};

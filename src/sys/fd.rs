@@ -1,0 +1,128 @@
+//! Fds and sockets: the master's accept, what a channel holds unread, the
+//! fds lb inherited (swept CLOEXEC, or adopted as its listener) and how
+//! many it may open.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::proto::scm::{self, Inherited, cvt, cvt_r};
+
+/// Accepts one connection, non-blocking and CLOEXEC from birth, without
+/// asking for the peer address (the worker can `getpeername` if it cares).
+/// Retries `EINTR`; `EAGAIN` comes back as `WouldBlock`.
+#[inline]
+pub fn accept4(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: `listener` is a valid fd for the call; null address
+    // pointers are allowed and mean "don't report the peer".
+    let fd = cvt_r(|| unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: accept4 just returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Bytes sent on `sock` (a unix socket) that its peer has not read yet,
+/// with the kernel's own overhead per message (`SIOCOUTQ`).
+pub fn unread_bytes(sock: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points at
+    // a live, writable c_int; the fd is valid for the call.
+    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Marks every fd from `first` up close-on-exec: what lb inherited without
+/// the flag (from a shell's redirections, a supervisor's leaked pipe) is not
+/// its workers' to inherit. Call before anything opens an fd that a child
+/// should get.
+pub fn cloexec_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it only
+    // sets a flag on the fds in the range that are open.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    // Before Linux 5.11: one by one, from the fds the process has open.
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd: &RawFd| fd >= first as RawFd)
+        .collect();
+    for fd in open {
+        // SAFETY: F_GETFD/F_SETFD on an fd number only read and set its
+        // flags; one closed meanwhile (the directory's own) reports EBADF.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard limit: each connection in
+/// flight costs the master an fd until the worker takes it, and the kernel
+/// caps fds in flight over unix sockets by the same limit. Returns the new
+/// soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is a plain C struct; getrlimit fills it in.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is valid writable memory of the right type.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit; raising soft up to hard is allowed.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Takes an inherited listening socket (socket activation) after checking
+/// that `raw` is open, a TCP stream socket and listening; marks it CLOEXEC
+/// and non-blocking. Call once per fd number.
+pub fn inherited_listener(raw: RawFd) -> io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::from(scm::adopt_inherited(raw, Inherited::TcpListener)?);
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn accept4_gives_nonblocking_cloexec_sockets() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        assert_eq!(
+            accept4(l.as_fd()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = loop {
+            match accept4(l.as_fd()) {
+                Ok(fd) => break fd,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let fl = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+        let fd_flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+    }
+}
