@@ -122,6 +122,42 @@ pub struct Target {
     pub listen: Option<String>,
 }
 
+/// Why a subcommand cannot tell which control socket to try.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("invalid --listen `{0}`: give HOST:PORT, or pass --control PATH")]
+    Listen(String),
+}
+
+impl Target {
+    /// The control sockets to try: --control or LB_CONTROL alone, else the
+    /// search order (`crate::control::path`) for the port of --listen /
+    /// LB_LISTEN / 127.0.0.1:8000. `env` looks up environment variables.
+    pub fn sockets(
+        &self,
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<Vec<PathBuf>, TargetError> {
+        if let Some(p) = self
+            .control
+            .clone()
+            .or_else(|| env("LB_CONTROL").filter(|v| !v.is_empty()).map(Into::into))
+        {
+            return Ok(vec![p]);
+        }
+        let listen = self
+            .listen
+            .clone()
+            .or_else(|| env("LB_LISTEN").and_then(|v| v.into_string().ok()))
+            .unwrap_or_else(|| crate::config::defaults::LISTEN.to_string());
+        let port = listen
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or(TargetError::Listen(listen))?;
+        Ok(crate::control::path::search(port))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show the master and its workers (like `pm2 ls`)
@@ -232,6 +268,34 @@ mod tests {
         ] {
             assert!(help.contains(bound), "{bound}: {help}");
         }
+    }
+
+    #[test]
+    fn a_subcommand_finds_its_master_by_control_or_port() {
+        let target = |control: Option<&str>, listen: Option<&str>| Target {
+            control: control.map(PathBuf::from),
+            listen: listen.map(str::to_string),
+        };
+        let no_env = |_: &str| None;
+        assert_eq!(
+            target(Some("/x.sock"), Some("bad")).sockets(&no_env),
+            Ok(vec![PathBuf::from("/x.sock")])
+        );
+        let env = |k: &str| (k == "LB_CONTROL").then(|| OsString::from("/y.sock"));
+        assert_eq!(
+            target(None, None).sockets(&env),
+            Ok(vec![PathBuf::from("/y.sock")])
+        );
+        assert!(
+            target(None, Some("127.0.0.1:8000"))
+                .sockets(&no_env)
+                .is_ok()
+        );
+        let e = target(None, Some("nonsense")).sockets(&no_env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid --listen `nonsense`: give HOST:PORT, or pass --control PATH"
+        );
     }
 
     #[test]
