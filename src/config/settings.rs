@@ -414,6 +414,24 @@ mod tests {
         parsed(&PROXY_IDLE_TIMEOUT);
     }
 
+    /// lb.toml's keys (`file::File`'s fields, which serde names in its
+    /// refusal of an unknown one) are the table's, and `[[pool]]`.
+    #[test]
+    fn the_file_has_a_key_per_setting() {
+        let (_, message) = crate::config::file::parse("no_such_key = 1").unwrap_err();
+        let expected = message.split("expected one of ").nth(1).expect(&message);
+        let mut keys: Vec<&str> = expected.split(", ").map(|k| k.trim_matches('`')).collect();
+        let mut table: Vec<&str> = ALL
+            .iter()
+            .filter(|s| s.file.is_some())
+            .map(|s| s.key)
+            .chain(["pool"])
+            .collect();
+        keys.sort_unstable();
+        table.sort_unstable();
+        assert_eq!(keys, table);
+    }
+
     /// Each key of the file is in lb.toml.example, with its variable, its
     /// flag and its default.
     #[test]
