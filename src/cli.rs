@@ -29,7 +29,7 @@ pub struct Cli {
     pub start: StartArgs,
 }
 
-/// Starting a master: each setting of [`settings::ALL`] as given on the
+/// Starting a master: each setting of `config::settings::ALL` as given on the
 /// command line, raw. Every one is optional here: a missing one falls back
 /// to the environment, then `lb.toml`, then the default.
 #[derive(Debug, Default, Clone)]

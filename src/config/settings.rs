@@ -1,8 +1,10 @@
 //! Every setting, declared once: its flag, environment variable, `lb.toml`
 //! key, default, help and parser. The command line (`crate::cli`), the
 //! layering ([`super::sources`]), `--help`, and the checks of
-//! `lb.toml.example` and of the fuzz test are all derived from this table,
-//! so a new setting is one entry here plus its field in [`super::Config`].
+//! `lb.toml.example` and of the fuzz test are all derived from this table.
+//! A new setting is an entry here (and in [`ALL`]), its key in
+//! `file::File` (a test checks the two agree), and its field in
+//! [`super::Config`], read in `load`.
 
 use std::borrow::Cow;
 use std::ffi::OsStr;
