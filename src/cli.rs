@@ -1,10 +1,14 @@
-//! The command line, as clap sees it: raw values only. Validation and merging
-//! with the environment and `lb.toml` happen in [`crate::config`].
+//! The command line, as clap sees it: raw values only. The master's flags
+//! come from the settings table (`config::settings`); validation and
+//! merging with the environment and `lb.toml` happen in [`crate::config`].
 
-use std::ffi::OsString;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, value_parser};
+
+use crate::config::settings::{self, Spec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,123 +29,82 @@ pub struct Cli {
     pub start: StartArgs,
 }
 
-/// Starting a master. Every option is optional here: a missing one falls back
+/// Starting a master: each setting of `config::settings::ALL` as given on the
+/// command line, raw. Every one is optional here: a missing one falls back
 /// to the environment, then `lb.toml`, then the default.
-#[derive(Debug, Default, Clone, Args)]
+#[derive(Debug, Default, Clone)]
 pub struct StartArgs {
-    /// Address to accept connections on [env: LB_LISTEN] [default: 127.0.0.1:8000]
-    #[arg(short, long, value_name = "HOST:PORT")]
-    pub listen: Option<String>,
-
-    /// Number of workers, 1 to 1024 [env: LB_WORKERS] [default: the CPUs
-    /// this process may use]
-    #[arg(short, long, value_name = "N")]
-    pub workers: Option<String>,
-
-    /// Scheduling policy: rr (round-robin), wrr (weighted round-robin) or lc
-    /// (least-conn); the long names work too [env: SCHED_POLICY] [default: rr]
-    #[arg(short, long, value_name = "POLICY")]
-    pub policy: Option<String>,
-
-    /// How workers get connections: native (lb's protocol on fd 3), node
-    /// (an unmodified Node.js app as a cluster worker), shim (an unmodified,
-    /// dynamically linked server; an LD_PRELOAD shim turns its accept() into
-    /// lb's hand-off), proxy (a server on a port of its own; lb relays) or
-    /// shared (the server accepts from lb's listener itself) [env: LB_MODE]
-    /// [default: node when the command is `node`, else native]
-    #[arg(short, long, value_name = "MODE")]
-    pub mode: Option<String>,
-
-    /// Configuration file (see lb.toml.example) [env: LB_CONFIG]
-    #[arg(short, long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// Listen backlog, 1 to 65535 (net.core.somaxconn caps it)
-    /// [env: LB_BACKLOG] [default: 4096]
-    #[arg(long, value_name = "N")]
-    pub backlog: Option<String>,
-
-    /// How long workers get to finish on shutdown, from 1ms to 24h, e.g.
-    /// 10s or 500ms [env: LB_DRAIN_TIMEOUT] [default: 10s]
-    #[arg(long, value_name = "DURATION")]
-    pub drain_timeout: Option<String>,
-
-    /// How long a worker may take to say READY before it is killed and
-    /// restarted, from 1ms to 24h [env: LB_READY_TIMEOUT] [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    pub ready_timeout: Option<String>,
-
-    /// A worker that exits sooner than this after starting counts as a failed
-    /// start (backoff grows; repeated ones are a crash loop), from 0 to 24h
-    /// [env: LB_MIN_UPTIME] [default: 1s]
-    #[arg(long, value_name = "DURATION")]
-    pub min_uptime: Option<String>,
-
-    /// Append the workers' prefixed output lines to this file instead of
-    /// lb's stderr; checked at start [env: LB_WORKER_LOG]
-    #[arg(long, value_name = "FILE")]
-    pub worker_log: Option<PathBuf>,
-
-    /// Replace a worker after this many connections (up to 10^12), its
-    /// successor ready first [env: LB_MAX_CONNS_PER_WORKER] [default: 0, no
-    /// limit]
-    #[arg(long, value_name = "N")]
-    pub max_conns_per_worker: Option<String>,
-
-    /// Replace a worker whose resident memory exceeds this (checked once a
-    /// second), its successor ready first: 1M to 1024G, e.g. 512MB (a bare
-    /// number is bytes) [env: LB_MAX_RSS] [default: 0, no limit]
-    #[arg(long, value_name = "SIZE")]
-    pub max_rss: Option<String>,
-
-    /// How many workers a rolling reload replaces at once, 1 to 1024
-    /// [env: LB_RELOAD_PARALLEL] [default: 1]
-    #[arg(long, value_name = "N")]
-    pub reload_parallel: Option<String>,
-
-    /// How many connections may wait in one worker's channel before lb
-    /// skips that worker, 1 to 4096 [env: LB_WORKER_QUEUE] [default: 64]
-    #[arg(long, value_name = "N")]
-    pub worker_queue: Option<String>,
-
-    /// A worker with connections waiting that takes none for this long is
-    /// replaced (its successor ready first) and its queue handed to the
-    /// others; 0 = never [env: LB_STALL_TIMEOUT] [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    pub stall_timeout: Option<String>,
-
-    /// Proxy mode: connections relayed at once, 1 to 1048576; beyond it lb
-    /// stops accepting until one ends. Each relay costs 6 open files, checked
-    /// against the open-files limit at start [env: LB_MAX_CONNS]
-    /// [default: 1024]
-    #[arg(long, value_name = "N")]
-    pub max_conns: Option<String>,
-
-    /// Proxy mode: a connect to a worker not done in this long is refused
-    /// and the client, which has sent it nothing, goes to another worker;
-    /// from 1ms to 24h [env: LB_PROXY_CONNECT_TIMEOUT] [default: 5s]
-    #[arg(long, value_name = "DURATION")]
-    pub proxy_connect_timeout: Option<String>,
-
-    /// Proxy mode: a connection that moved no byte in either direction for
-    /// this long is reset on both sides; from 1ms to 24h, 0 = off
-    /// [env: LB_PROXY_IDLE_TIMEOUT] [default: 60s]
-    #[arg(long, value_name = "DURATION")]
-    pub proxy_idle_timeout: Option<String>,
-
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics [env: LB_METRICS]
-    #[arg(long, value_name = "HOST:PORT")]
-    pub metrics: Option<String>,
-
-    /// The control socket for `lb status/stop/send`, in an existing directory
-    /// (checked at start) [env: LB_CONTROL] [default: lb-<port>.sock in
-    /// /run/lb as root, else in $XDG_RUNTIME_DIR or /tmp/lb-<uid>]
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-
-    /// The worker command and its arguments [default: the bundled hello server]
-    #[arg(last = true, value_name = "COMMAND")]
+    /// By the setting's key.
+    values: BTreeMap<&'static str, OsString>,
+    /// The worker command and its arguments (after `--`).
     pub command: Vec<OsString>,
+}
+
+impl StartArgs {
+    /// The setting `key`'s value, if the command line gave it.
+    pub fn value(&self, key: &str) -> Option<&OsStr> {
+        self.values.get(key).map(OsString::as_os_str)
+    }
+}
+
+/// The flag of one setting.
+fn arg(s: &Spec) -> Arg {
+    let arg = Arg::new(s.key)
+        .long(s.long())
+        .value_name(s.value_name)
+        .action(ArgAction::Set)
+        .help(s.help_text());
+    let arg = match s.short {
+        Some(c) => arg.short(c),
+        None => arg,
+    };
+    if s.path {
+        arg.value_parser(value_parser!(PathBuf))
+    } else {
+        arg.value_parser(value_parser!(String))
+    }
+}
+
+impl Args for StartArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        settings::ALL
+            .iter()
+            .fold(cmd, |cmd, s| cmd.arg(arg(s)))
+            .arg(
+                Arg::new("command")
+                    .last(true)
+                    .value_name("COMMAND")
+                    .action(ArgAction::Append)
+                    .value_parser(value_parser!(OsString))
+                    .help(
+                        "The worker command and its arguments [default: the bundled hello server]",
+                    ),
+            )
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for StartArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = StartArgs::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for s in settings::ALL {
+            if let Some(v) = matches.get_raw(s.key).and_then(|mut v| v.next()) {
+                self.values.insert(s.key, v.to_owned());
+            }
+        }
+        if let Some(command) = matches.get_raw("command") {
+            self.command = command.map(OsStr::to_owned).collect();
+        }
+        Ok(())
+    }
 }
 
 /// Which running master a control subcommand talks to.
@@ -157,6 +120,42 @@ pub struct Target {
     /// [env: LB_LISTEN] [default: 127.0.0.1:8000]
     #[arg(short, long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
+}
+
+/// Why a subcommand cannot tell which control socket to try.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("invalid --listen `{0}`: give HOST:PORT, or pass --control PATH")]
+    Listen(String),
+}
+
+impl Target {
+    /// The control sockets to try: --control or LB_CONTROL alone, else the
+    /// search order (`crate::control::path`) for the port of --listen /
+    /// LB_LISTEN / 127.0.0.1:8000. `env` looks up environment variables.
+    pub fn sockets(
+        &self,
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<Vec<PathBuf>, TargetError> {
+        if let Some(p) = self
+            .control
+            .clone()
+            .or_else(|| env("LB_CONTROL").filter(|v| !v.is_empty()).map(Into::into))
+        {
+            return Ok(vec![p]);
+        }
+        let listen = self
+            .listen
+            .clone()
+            .or_else(|| env("LB_LISTEN").and_then(|v| v.into_string().ok()))
+            .unwrap_or_else(|| crate::config::defaults::LISTEN.to_string());
+        let port = listen
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or(TargetError::Listen(listen))?;
+        Ok(crate::control::path::search(port))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,7 +225,10 @@ mod tests {
     #[test]
     fn command_follows_double_dash() {
         let cli = Cli::try_parse_from(["lb", "-w", "2", "--", "python3", "-u", "app.py"]).unwrap();
-        assert_eq!(cli.start.workers.as_deref(), Some("2"));
+        assert_eq!(
+            cli.start.value("workers").and_then(OsStr::to_str),
+            Some("2")
+        );
         assert_eq!(cli.start.command, ["python3", "-u", "app.py"]);
         assert!(cli.command.is_none());
     }
@@ -266,6 +268,34 @@ mod tests {
         ] {
             assert!(help.contains(bound), "{bound}: {help}");
         }
+    }
+
+    #[test]
+    fn a_subcommand_finds_its_master_by_control_or_port() {
+        let target = |control: Option<&str>, listen: Option<&str>| Target {
+            control: control.map(PathBuf::from),
+            listen: listen.map(str::to_string),
+        };
+        let no_env = |_: &str| None;
+        assert_eq!(
+            target(Some("/x.sock"), Some("bad")).sockets(&no_env),
+            Ok(vec![PathBuf::from("/x.sock")])
+        );
+        let env = |k: &str| (k == "LB_CONTROL").then(|| OsString::from("/y.sock"));
+        assert_eq!(
+            target(None, None).sockets(&env),
+            Ok(vec![PathBuf::from("/y.sock")])
+        );
+        assert!(
+            target(None, Some("127.0.0.1:8000"))
+                .sockets(&no_env)
+                .is_ok()
+        );
+        let e = target(None, Some("nonsense")).sockets(&no_env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid --listen `nonsense`: give HOST:PORT, or pass --control PATH"
+        );
     }
 
     #[test]

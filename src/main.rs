@@ -13,39 +13,29 @@ macro_rules! err {
 }
 
 use clap::Parser;
-use lb::cli::{Cli, Command, Target};
+use lb::cli::{Cli, Command, Target, TargetError};
 use lb::control::{Request, client};
 use lb::master::Outcome;
 
-/// The control sockets a subcommand tries: --control or LB_CONTROL alone,
-/// else the search order (`lb::control::path`) for the port of --listen /
-/// LB_LISTEN / 127.0.0.1:8000.
-fn control_path(target: &Target) -> Result<Vec<std::path::PathBuf>, String> {
-    if let Some(p) = target.control.clone().or_else(|| {
-        std::env::var_os("LB_CONTROL")
-            .filter(|v| !v.is_empty())
-            .map(Into::into)
-    }) {
-        return Ok(vec![p]);
-    }
-    let listen = target
-        .listen
-        .clone()
-        .or_else(|| std::env::var("LB_LISTEN").ok())
-        .unwrap_or_else(|| lb::config::defaults::LISTEN.to_string());
-    let port = listen
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse::<u16>().ok())
-        .ok_or_else(|| {
-            format!("invalid --listen `{listen}`: give HOST:PORT, or pass --control PATH")
-        })?;
-    Ok(lb::control::path::search(port))
+/// A control subcommand's failure, as its one line says it.
+#[derive(Debug, thiserror::Error)]
+enum ClientError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// From `lb::control::client`: no master answered, or it refused.
+    #[error("{0}")]
+    Control(String),
+}
+
+/// The control sockets `target` names, from the process's environment.
+fn control_path(target: &Target) -> Result<Vec<std::path::PathBuf>, ClientError> {
+    Ok(target.sockets(&|k| std::env::var_os(k))?)
 }
 
 /// Runs a control subcommand: prints the answer, exit 0; or one line, exit 1.
 fn control(target: &Target, request: Request, json: bool) -> ExitCode {
-    let answer = control_path(target).and_then(|path| client::call(&path, &request));
+    let answer = control_path(target)
+        .and_then(|path| client::call(&path, &request).map_err(ClientError::Control));
     match answer {
         Ok(r) if r.ok => {
             match (&r.status, json) {
@@ -80,7 +70,9 @@ fn main() -> ExitCode {
         Some(Command::Reload { wait, target }) => {
             // What runs now is what the reload replaces.
             let before = if wait {
-                match control_path(&target).and_then(|p| client::worker_pids(&p)) {
+                match control_path(&target)
+                    .and_then(|p| client::worker_pids(&p).map_err(ClientError::Control))
+                {
                     Ok(pids) => pids,
                     Err(e) => {
                         err!("lb: error: {e}");
@@ -94,7 +86,9 @@ fn main() -> ExitCode {
             if !wait || code != ExitCode::SUCCESS {
                 return code;
             }
-            match control_path(&target).and_then(|path| client::wait_gone(&path, &before)) {
+            let gone = control_path(&target)
+                .and_then(|path| client::wait_gone(&path, &before).map_err(ClientError::Control));
+            match gone {
                 Ok(()) => {
                     out!("every replaced worker has drained and exited");
                     ExitCode::SUCCESS

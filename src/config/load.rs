@@ -1,0 +1,69 @@
+//! [`load`]: each setting of the table through its layers, then the pools
+//! and the limits that span settings.
+
+use super::pools::pools;
+use super::settings::{self as s};
+use super::sources::Sources;
+use super::{Config, ConfigError, EnvFn, Origins, defaults};
+use crate::cli::StartArgs;
+
+/// Merges and validates. `env` looks up environment variables.
+pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
+    let mut src = Sources::new(args, env);
+    src.read_file()?;
+
+    let listen = src.value(&s::LISTEN)?;
+    let backlog = src.value(&s::BACKLOG)?;
+    let (policy, policy_origin) = src.value_and_origin(&s::POLICY)?;
+    let mode = src.given(&s::MODE)?;
+    let drain_timeout = src.value(&s::DRAIN_TIMEOUT)?;
+    let ready_timeout = src.value(&s::READY_TIMEOUT)?;
+    let min_uptime = src.value(&s::MIN_UPTIME)?;
+    let (worker_log, worker_log_origin) = src.optional(&s::WORKER_LOG)?;
+    let max_conns_per_worker = src.given(&s::MAX_CONNS_PER_WORKER)?.and_then(|v| v.0);
+    let max_rss = src.given(&s::MAX_RSS)?.and_then(|v| v.0);
+    let reload_parallel = src.value(&s::RELOAD_PARALLEL)?;
+    let worker_queue = src.value(&s::WORKER_QUEUE)?;
+    let stall_timeout = src.value(&s::STALL_TIMEOUT)?;
+    let (max_conns, max_conns_origin) = src.value_and_origin(&s::MAX_CONNS)?;
+    let proxy_connect_timeout = src.value(&s::PROXY_CONNECT_TIMEOUT)?;
+    let proxy_idle_timeout = src.value(&s::PROXY_IDLE_TIMEOUT)?;
+    let metrics = src.given(&s::METRICS)?.map(|v| v.0);
+    let (control, control_origin) = src.optional(&s::CONTROL)?;
+    let workers = src.given(&s::WORKERS)?;
+
+    let config = Config {
+        listen,
+        backlog,
+        policy,
+        drain_timeout,
+        ready_timeout,
+        min_uptime,
+        worker_log,
+        control,
+        max_conns_per_worker,
+        max_rss,
+        metrics,
+        reload_parallel,
+        worker_queue,
+        stall_timeout,
+        max_conns,
+        proxy_connect_timeout,
+        proxy_idle_timeout,
+        pools: pools(&src, workers, mode)?,
+        policy_explicit: !matches!(policy_origin, super::Origin::Default(_)),
+        origins: Origins {
+            worker_log: worker_log_origin,
+            control: control_origin,
+            max_conns: max_conns_origin,
+        },
+    };
+    if config.slots() > defaults::MAX_WORKERS {
+        return Err(ConfigError::Conflict(format!(
+            "{} workers in all is more than the {} one master runs; lower the pools' `count`",
+            config.slots(),
+            defaults::MAX_WORKERS
+        )));
+    }
+    Ok(config)
+}

@@ -1,0 +1,266 @@
+//! The worker pools: the command after `--`, else the file's `[[pool]]`s,
+//! else the bundled hello worker; each command resolved as `execvp` would.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::file::FilePool;
+use super::sources::Sources;
+use super::{ConfigError, Mode, Origin, Pool, available_cpus, bounds, defaults, invalid, parse};
+
+/// The pools, sized by `workers` (CLI > env > file `workers`) where they
+/// set no `count`, and of `mode` (see [`super::settings::MODE`]).
+pub fn pools(
+    src: &Sources<'_>,
+    workers: Option<(usize, Origin)>,
+    mode: Option<(Mode, Origin)>,
+) -> Result<Vec<Pool>, ConfigError> {
+    let path_var = (src.env)("PATH");
+    let file = &src.file;
+    let path_text = &src.path;
+
+    let pools = if !src.args.command.is_empty() {
+        // A command on the command line replaces the file's pools.
+        let (program, rest) = src.args.command.split_first().expect("non-empty");
+        let command =
+            resolve(program, path_var.as_deref()).map_err(|reason| ConfigError::Command {
+                origin: "after --".into(),
+                command: program.to_string_lossy().into_owned(),
+                reason,
+            })?;
+        let mode = mode
+            .as_ref()
+            .map_or_else(|| Mode::detect(&command), |m| m.0);
+        mode.check_args(rest)
+            .map_err(|reason| ConfigError::Script {
+                origin: "after --".into(),
+                command: describe(program, rest),
+                reason,
+            })?;
+        vec![Pool {
+            name: "main".into(),
+            command,
+            args: rest.to_vec(),
+            env: Vec::new(),
+            count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
+            weight: defaults::WEIGHT,
+            mode,
+            port: None,
+            stop_signal: libc::SIGTERM,
+        }]
+    } else if file.pool.is_empty() {
+        let exe = std::env::current_exe().map_err(|e| ConfigError::Command {
+            origin: "bundled hello worker".into(),
+            command: "lb".into(),
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "was not found"
+            } else {
+                "cannot be located"
+            },
+        })?;
+        vec![Pool {
+            name: "hello".into(),
+            command: exe,
+            args: vec!["hello-worker".into()],
+            env: Vec::new(),
+            count: workers.as_ref().map_or_else(available_cpus, |w| w.0),
+            weight: defaults::WEIGHT,
+            mode: Mode::Native,
+            port: None,
+            stop_signal: libc::SIGTERM,
+        }]
+    } else {
+        let several = file.pool.len() > 1;
+        if let Some((_, origin @ (Origin::Flag(_) | Origin::Env(_)))) = &workers
+            && several
+        {
+            return Err(ConfigError::Conflict(format!(
+                "{origin} sets the size of a single pool, but {path_text} defines {} pools; \
+                 set `count` in each [[pool]] instead",
+                file.pool.len()
+            )));
+        }
+        file.pool
+            .iter()
+            .enumerate()
+            .map(|(i, p)| file_pool(src, i, p, &workers, &mode, path_var.as_deref()))
+            .collect::<Result<_, _>>()?
+    };
+    check_modes(&pools)?;
+    Ok(pools)
+}
+
+/// The `i`th `[[pool]]` of the file.
+fn file_pool(
+    src: &Sources<'_>,
+    i: usize,
+    p: &FilePool,
+    workers: &Option<(usize, Origin)>,
+    mode: &Option<(Mode, Origin)>,
+    path_var: Option<&str>,
+) -> Result<Pool, ConfigError> {
+    let path_text = &src.path;
+    let name = p.name.clone().unwrap_or_else(|| format!("pool{i}"));
+    let key = |k: &'static str| src.in_file(k);
+    let count = match (workers, p.count) {
+        (Some((n, Origin::Flag(_) | Origin::Env(_))), _) => *n,
+        (_, Some(c)) => pool_count(c, key("count"))?,
+        (Some((n, _)), None) => *n,
+        (None, None) => available_cpus(),
+    };
+    let weight = p.weight.unwrap_or(defaults::WEIGHT);
+    if !(1..=bounds::WEIGHT_MAX).contains(&weight) {
+        return Err(invalid(
+            key("weight"),
+            &weight.to_string(),
+            format!("give a pool's weight from 1 to {}", bounds::WEIGHT_MAX),
+        ));
+    }
+    if p.port == Some(0) {
+        return Err(invalid(
+            key("port"),
+            "0",
+            "give the port the server binds, from 1 to 65535 (or leave it out for lb's own)",
+        ));
+    }
+    let command =
+        resolve(OsStr::new(&p.command), path_var).map_err(|reason| ConfigError::Command {
+            origin: format!("pool `{name}` in {path_text}"),
+            command: p.command.clone(),
+            reason,
+        })?;
+    // No process can be given these: every start would fail.
+    if let Some(arg) = p.args.iter().find(|a| a.contains('\0')) {
+        return Err(invalid(
+            key("args"),
+            arg,
+            "an argument cannot contain a NUL character",
+        ));
+    }
+    if let Some((k, v)) = p
+        .env
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+    {
+        return Err(invalid(
+            key("env"),
+            &format!("{k}={v}"),
+            "give variables as NAME = \"value\": a name that is not empty and has no `=`, \
+             no NUL character in either",
+        ));
+    }
+    let args: Vec<OsString> = p.args.iter().map(OsString::from).collect();
+    let mode = match (mode, &p.mode) {
+        (Some((m, Origin::Flag(_) | Origin::Env(_))), _) => *m,
+        (_, Some(text)) => {
+            Mode::parse(text).ok_or_else(|| invalid(key("mode"), text, Mode::CHOICES))?
+        }
+        (Some((m, _)), None) => *m,
+        (None, None) => Mode::detect(&command),
+    };
+    mode.check_args(&args)
+        .map_err(|reason| ConfigError::Script {
+            origin: format!("pool `{name}` in {path_text}"),
+            command: describe(OsStr::new(&p.command), &args),
+            reason,
+        })?;
+    Ok(Pool {
+        name,
+        command,
+        args,
+        env: p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        count,
+        weight,
+        mode,
+        port: p.port,
+        stop_signal: match &p.stop_signal {
+            None => libc::SIGTERM,
+            Some(name) => parse::signal(name).ok_or_else(|| {
+                invalid(
+                    key("stop_signal"),
+                    name,
+                    "give a signal name like SIGTERM, SIGQUIT or SIGINT",
+                )
+            })?,
+        },
+    })
+}
+
+/// A pool's `count`, bounded as `--workers` is.
+fn pool_count(c: usize, origin: Origin) -> Result<usize, ConfigError> {
+    parse::count(&c.to_string()).map_err(|expected| invalid(origin, &c.to_string(), expected))
+}
+
+/// Modes that cannot work with a pool's command, or with each other.
+fn check_modes(pools: &[Pool]) -> Result<(), ConfigError> {
+    for p in pools {
+        if p.mode == Mode::Shim
+            && let Some(reason) = crate::shim::unsupported(&p.command)
+        {
+            return Err(ConfigError::Conflict(format!(
+                "pool `{}`: `{}` {reason}; shim mode cannot work with it: use mode proxy (it \
+                 listens on a port of its own, given as {{port}} or PORT), or mode shared if it \
+                 can accept from an inherited listener (LISTEN_FDS)",
+                p.name,
+                p.command.display()
+            )));
+        }
+    }
+    if pools.iter().any(|p| !p.mode.dispatched()) && pools.iter().any(|p| p.mode.dispatched()) {
+        return Err(ConfigError::Conflict(
+            "mode shared cannot be mixed with other modes: shared workers accept from lb's \
+             listener themselves, so lb could not also hand connections out; give every pool \
+             mode shared, or none"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `program args…`, for messages.
+fn describe(program: &OsStr, args: &[OsString]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Finds `program` the way `execvp` would: as given if it has a `/`, else in
+/// each `PATH` directory. The result must be an executable regular file.
+fn resolve(program: &OsStr, path_var: Option<&str>) -> Result<PathBuf, &'static str> {
+    fn executable(p: &Path) -> Option<bool> {
+        let meta = std::fs::metadata(p).ok()?;
+        Some(meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    }
+    if program.is_empty() {
+        return Err("is empty");
+    }
+    let as_path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return match executable(as_path) {
+            Some(true) => Ok(as_path.to_path_buf()),
+            Some(false) => Err("is not an executable file"),
+            None => Err("does not exist"),
+        };
+    }
+    let mut found_non_exec = false;
+    for dir in path_var
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin")
+        .split(':')
+    {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = Path::new(dir).join(program);
+        match executable(&candidate) {
+            Some(true) => return Ok(candidate),
+            Some(false) => found_non_exec = true,
+            None => {}
+        }
+    }
+    Err(if found_non_exec {
+        "is in PATH but not executable"
+    } else {
+        "was not found in PATH"
+    })
+}
