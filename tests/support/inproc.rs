@@ -92,7 +92,7 @@ impl Rig {
 
     /// Turns the loop (bounded) until a lifecycle event satisfies `want`;
     /// the events up to and including it.
-    pub fn turn_until(&mut self, what: &str, want: impl Fn(&Event) -> bool) -> Vec<Event> {
+    pub fn turn_until(&mut self, what: &str, mut want: impl FnMut(&Event) -> bool) -> Vec<Event> {
         let deadline = Instant::now() + WAIT;
         let mut seen = Vec::new();
         loop {
@@ -275,11 +275,12 @@ impl<T: Send + 'static> Bounded<T> {
     }
 }
 
-/// Attaches the worker in `slot` (pid and weight `slot + 1`): `channel`
-/// is the master's end, made non-blocking here.
+/// Attaches the worker in `slot` (pid `slot + 1`): `channel` is the
+/// master's end, made non-blocking here.
 fn attach(
     handle: &Handle,
     slot: usize,
+    weight: u32,
     channel: OwnedFd,
     peer: Option<OwnedFd>,
     mode: Mode,
@@ -295,13 +296,13 @@ fn attach(
         pid: slot as u32 + 1,
         channel: Some(channel),
         peer,
-        weight: slot as u32 + 1,
+        weight,
         mode,
         port,
     });
 }
 
-/// A native worker a test drives step by step. It says READY only when
+/// A native worker of weight 1 a test drives step by step. It says READY only when
 /// told ([`Worker::ready`]), reports closes only when told
 /// ([`Worker::closed`]); a thread reads its channel, answers each
 /// connection with one byte, its slot (see [`served_by`]), and hands the
@@ -321,7 +322,7 @@ pub fn worker(handle: &Handle, slot: usize) -> Worker {
     let (master, end) = proto::pair().unwrap();
     let peer = end.try_clone().unwrap();
     let side = Listener::from_fd(end.try_clone().unwrap(), slot, 1);
-    attach(handle, slot, master, Some(peer), Mode::Native, 0);
+    attach(handle, slot, 1, master, Some(peer), Mode::Native, 0);
     let (tx, got) = crossbeam_channel::unbounded();
     let reader = Bounded::spawn(move || {
         let mut l = Listener::from_fd(end, slot, 1);
@@ -359,7 +360,7 @@ pub fn unread_worker(handle: &Handle, slot: usize, send_buffer: usize) -> Worker
         .set_send_buffer_size(send_buffer)
         .unwrap();
     let peer = end.try_clone().unwrap();
-    attach(handle, slot, master, Some(peer), Mode::Native, 0);
+    attach(handle, slot, 1, master, Some(peer), Mode::Native, 0);
     Worker {
         slot,
         pid: slot as u32 + 1,
@@ -446,7 +447,15 @@ where
         .map(|slot| {
             let (master, worker) = proto::pair().unwrap();
             let peer = worker.try_clone().unwrap();
-            attach(handle, slot, master, Some(peer), Mode::Native, 0);
+            attach(
+                handle,
+                slot,
+                slot as u32 + 1,
+                master,
+                Some(peer),
+                Mode::Native,
+                0,
+            );
             let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut l = Listener::from_fd(worker, slot, 1);
@@ -482,7 +491,7 @@ where
     (0..n)
         .map(|slot| {
             let (master, worker) = proto::stream_pair().unwrap();
-            attach(handle, slot, master, None, Mode::Node, 0);
+            attach(handle, slot, slot as u32 + 1, master, None, Mode::Node, 0);
             let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut chan = std::os::unix::net::UnixStream::from(worker);
@@ -557,7 +566,15 @@ where
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let port = listener.local_addr().unwrap().port();
             let (master, peer) = proto::pair().unwrap();
-            attach(handle, slot, master, Some(peer), Mode::Proxy, port);
+            attach(
+                handle,
+                slot,
+                slot as u32 + 1,
+                master,
+                Some(peer),
+                Mode::Proxy,
+                port,
+            );
             let serve = serve.clone();
             std::thread::spawn(move || {
                 // The first connection is lb's readiness probe.
