@@ -12,44 +12,20 @@
 //! backlog (not timed; nothing accepts meanwhile), then `Dispatcher::turn`
 //! is timed until every connection of the batch has been dispatched.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lb::dispatch::{Command, Dispatcher, Notifier};
+use lb::dispatch::Command;
 use lb::policy::PolicyKind;
 
 #[path = "../tests/support/inproc.rs"]
 mod inproc;
+use inproc::{Kind, Rig};
 
 /// Connections per timed batch (below the listen backlog).
 const BATCH: u64 = 256;
 const WORKERS: usize = 2;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Native,
-    Node,
-    Proxy,
-}
-
-fn dispatcher(policy: PolicyKind, kind: Kind) -> (Dispatcher, lb::dispatch::Handle, SocketAddr) {
-    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let listener = lb::master::bind(addr, 4096).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (notifier, _events) = Notifier::new(None);
-    let (mut d, handle) = Dispatcher::new(listener, policy, WORKERS, notifier).unwrap();
-    match kind {
-        Kind::Native => drop(inproc::workers(&handle, WORKERS, drop)),
-        Kind::Node => drop(inproc::node_workers(&handle, WORKERS, drop)),
-        Kind::Proxy => {
-            d.enable_proxy(BATCH as usize * 2, Duration::from_secs(5))
-                .unwrap();
-            drop(inproc::proxy_workers(&handle, WORKERS, drop));
-        }
-    }
-    (d, handle, addr)
-}
 
 fn handoff(c: &mut Criterion) {
     let mut group = c.benchmark_group("handoff");
@@ -62,7 +38,15 @@ fn handoff(c: &mut Criterion) {
         (PolicyKind::LeastConn, Kind::Node),
         (PolicyKind::RoundRobin, Kind::Proxy),
     ] {
-        let (mut d, handle, addr) = dispatcher(policy, kind);
+        let mut rig = Rig::new(policy, WORKERS);
+        // Detached: they end with the process.
+        drop(rig.serve(kind, WORKERS, drop));
+        let Rig {
+            dispatcher: mut d,
+            handle,
+            addr,
+            ..
+        } = rig;
         let name = match kind {
             Kind::Native => policy.name().to_string(),
             Kind::Node => format!("node/{}", policy.name()),

@@ -8,16 +8,15 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lb::dispatch::{Command, Dispatcher, Notifier};
 use lb::policy::PolicyKind;
 
-#[path = "support/inproc.rs"]
-mod inproc;
+mod support;
+use support::inproc::{Kind, Rig};
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
@@ -83,21 +82,12 @@ fn connections(addr: SocketAddr, n: usize) {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Native,
-    Node,
-    Proxy,
-}
-
 fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, u64) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (notifier, _events) = Notifier::new(None);
-    let (mut dispatcher, handle) = Dispatcher::new(listener, policy, WORKERS, notifier).unwrap();
+    let mut rig = Rig::new(policy, WORKERS);
     // As the master runs it (stall_timeout's default), the once-a-second
     // stall watch included.
-    dispatcher.watch_stalls(std::time::Duration::from_secs(30), 768);
+    rig.dispatcher
+        .watch_stalls(std::time::Duration::from_secs(30), 768);
     let received = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&received);
     let serve = move |mut s: TcpStream| {
@@ -105,38 +95,16 @@ fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, 
         let _ = s.write_all(b"!");
         counter.fetch_add(1, Ordering::Relaxed);
     };
-    let workers = match kind {
-        Kind::Node => inproc::node_workers(&handle, WORKERS, serve),
-        Kind::Native => inproc::workers(&handle, WORKERS, serve),
-        Kind::Proxy => {
-            dispatcher
-                .enable_proxy(64, std::time::Duration::from_secs(5))
-                .unwrap();
-            inproc::proxy_workers(&handle, WORKERS, serve)
-        }
-    };
-    let dispatch = std::thread::spawn(move || {
-        COUNTED.with(|c| c.set(true));
-        dispatcher.run().unwrap()
-    });
+    let workers = rig.serve(kind, WORKERS, serve);
+    let running = rig.spawn(|| COUNTED.with(|c| c.set(true)));
+    let addr = running.addr;
 
     connections(addr, warmup);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     connections(addr, measured);
     let after = ALLOCATIONS.load(Ordering::Relaxed);
 
-    handle.send(Command::Shutdown);
-    let stats = {
-        // Workers exit on DRAIN (proxy workers are threads blocked in
-        // accept: left to end with the test); then stop the loop.
-        if kind != Kind::Proxy {
-            for w in workers {
-                w.join().unwrap();
-            }
-        }
-        handle.send(Command::Stop);
-        dispatch.join().unwrap()
-    };
+    let stats = running.shutdown(workers);
     assert_eq!(stats.dispatched as usize, warmup + measured);
     assert_eq!(received.load(Ordering::Relaxed) as usize, warmup + measured);
     (after - before, stats.dispatched)

@@ -1,22 +1,286 @@
 //! In-process workers for a `Dispatcher` driven by a test or a benchmark:
 //! real socketpairs, real fd passing, each worker on a thread of its own.
-//! Shared by `tests/zero_alloc.rs` and `benches/handoff.rs` (`#[path]`).
+//! Shared by `tests/zero_alloc.rs`, `tests/dispatch.rs` (both as
+//! `support::inproc`) and `benches/handoff.rs` (`#[path]`).
+//!
+//! Everything that knows how a dispatcher is built, how a worker is
+//! attached (`Command::Attach`) and how a worker's side of the protocol is
+//! spoken lives here, so that a change to the dispatcher's API is fixed in
+//! one place.
 
-use std::net::TcpStream;
+// Each target uses its own part of this.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use lb::config::Mode;
-use lb::dispatch::{Command, Handle};
-use lb::policy::Slot;
+use lb::dispatch::{Command, Dispatcher, Event, EventQueues, Handle, Notifier, Snapshot, Stats};
+use lb::policy::{PolicyKind, Slot};
 use lb::proto::{self, Wait};
 use lb::worker::{Incoming, Listener};
 
-/// Attaches the worker in `slot` (pid and weight `slot + 1`): `channel`
-/// is the master's end, made non-blocking here.
+/// Upper bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(20);
+/// The listener's backlog: room for a benchmark's batches.
+const BACKLOG: i32 = 4096;
+/// Proxy mode's relays (twice a benchmark batch of 256).
+const PROXY_RELAYS: usize = 512;
+/// How long a drained proxy worker's relays may take.
+const PROXY_LINGER: Duration = Duration::from_secs(5);
+
+/// How the workers of [`Rig::serve`] take their connections.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Native,
+    Node,
+    Proxy,
+}
+
+/// A dispatcher on a loopback listener, not running yet: a benchmark
+/// drives it with `Dispatcher::turn`, a test usually [`Rig::spawn`]s it.
+pub struct Rig {
+    pub dispatcher: Dispatcher,
+    pub handle: Handle,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    pub events: EventQueues,
+}
+
+impl Rig {
+    /// A dispatcher for `slots` workers picking with `policy`.
+    pub fn new(policy: PolicyKind, slots: usize) -> Rig {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a TCP socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&any.into()).unwrap();
+        socket.listen(BACKLOG).unwrap();
+        let listener = std::net::TcpListener::from(socket);
+        let addr = listener.local_addr().unwrap();
+        let (notifier, events) = Notifier::new(None);
+        let (dispatcher, handle) = Dispatcher::new(listener, policy, slots, notifier).unwrap();
+        Rig {
+            dispatcher,
+            handle,
+            addr,
+            events,
+        }
+    }
+
+    /// Attaches `n` workers of `kind` that call `serve` on each connection
+    /// (proxy mode: makes the relays first).
+    pub fn serve<F>(&mut self, kind: Kind, n: usize, serve: F) -> Workers
+    where
+        F: Fn(TcpStream) + Clone + Send + 'static,
+    {
+        let threads = match kind {
+            Kind::Native => workers(&self.handle, n, serve),
+            Kind::Node => node_workers(&self.handle, n, serve),
+            Kind::Proxy => {
+                self.dispatcher
+                    .enable_proxy(PROXY_RELAYS, PROXY_LINGER)
+                    .unwrap();
+                proxy_workers(&self.handle, n, serve)
+            }
+        };
+        Workers { kind, threads }
+    }
+
+    /// Turns the loop (bounded) until a lifecycle event satisfies `want`;
+    /// the events up to and including it.
+    pub fn turn_until(&mut self, what: &str, mut want: impl FnMut(&Event) -> bool) -> Vec<Event> {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            while let Ok(e) = self.events.lifecycle.try_recv() {
+                let done = want(&e);
+                seen.push(e);
+                if done {
+                    return seen;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; events: {seen:?}"
+            );
+            self.dispatcher
+                .turn(Some(Duration::from_millis(10)))
+                .unwrap();
+        }
+    }
+
+    /// Runs the dispatcher on a thread of its own, which first calls `init`.
+    pub fn spawn(self, init: impl FnOnce() + Send + 'static) -> Running {
+        let Rig {
+            mut dispatcher,
+            handle,
+            addr,
+            events,
+        } = self;
+        let thread = Bounded::spawn(move || {
+            init();
+            dispatcher.run().unwrap()
+        });
+        Running {
+            handle,
+            addr,
+            events,
+            thread,
+        }
+    }
+}
+
+/// The threads of [`Rig::serve`]'s workers.
+pub struct Workers {
+    kind: Kind,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Waits for the workers to end, as they do on DRAIN. Proxy workers
+    /// are threads blocked in `accept`: they are left to end with the
+    /// process.
+    pub fn join(self) {
+        if self.kind == Kind::Proxy {
+            return;
+        }
+        for t in self.threads {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// A dispatcher running on its own thread.
+pub struct Running {
+    pub handle: Handle,
+    pub addr: SocketAddr,
+    pub events: EventQueues,
+    thread: Bounded<Stats>,
+}
+
+impl Running {
+    pub fn send(&self, command: Command) {
+        self.handle.send(command);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::Snapshot(tx));
+        rx.recv_timeout(WAIT).expect("a snapshot")
+    }
+
+    /// Polls snapshots (bounded) until `done` holds for one; that one.
+    pub fn snapshot_until(&self, what: &str, done: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = self.snapshot();
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                (s.stats, s.workers)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `Command::Message`; how many workers took it.
+    pub fn message(&self, target: Option<usize>, payload: &[u8]) -> usize {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::Message {
+            target: target.map(Slot),
+            payload: payload.to_vec(),
+            reply,
+        });
+        rx.recv_timeout(WAIT).expect("a message reply")
+    }
+
+    /// The next lifecycle event (bounded).
+    pub fn event(&self) -> Event {
+        self.events
+            .lifecycle
+            .recv_timeout(WAIT)
+            .expect("a lifecycle event")
+    }
+
+    /// Takes lifecycle events (bounded) until `want` holds for one; those
+    /// before it and it.
+    pub fn events_until(&self, want: impl Fn(&Event) -> bool) -> Vec<Event> {
+        let mut seen = Vec::new();
+        loop {
+            let e = self
+                .events
+                .lifecycle
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("timed out waiting for an event; got {seen:?}"));
+            let done = want(&e);
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Stops the loop; its final counters. The dispatcher is dropped with
+    /// its thread, closing every worker's channel.
+    pub fn stop(self) -> Stats {
+        self.send(Command::Stop);
+        self.thread.join("the dispatch thread")
+    }
+
+    /// `Command::Shutdown`, waits for `workers` to end on their DRAIN, then
+    /// stops the loop; its final counters.
+    pub fn shutdown(self, workers: Workers) -> Stats {
+        self.send(Command::Shutdown);
+        workers.join();
+        self.stop()
+    }
+}
+
+/// A thread whose end is waited for with a time limit.
+struct Bounded<T> {
+    done: Receiver<T>,
+    thread: JoinHandle<()>,
+}
+
+impl<T: Send + 'static> Bounded<T> {
+    fn spawn(f: impl FnOnce() -> T + Send + 'static) -> Bounded<T> {
+        let (tx, done) = crossbeam_channel::bounded(1);
+        let thread = std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        Bounded { done, thread }
+    }
+
+    /// Its result; panics if it takes longer than [`WAIT`], and with the
+    /// thread's own panic if it had one.
+    fn join(self, what: &str) -> T {
+        match self.done.recv_timeout(WAIT) {
+            Ok(v) => {
+                self.thread.join().unwrap();
+                v
+            }
+            Err(RecvTimeoutError::Timeout) => panic!("{what} did not end within {WAIT:?}"),
+            Err(RecvTimeoutError::Disconnected) => match self.thread.join() {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(()) => unreachable!("{what} ended without a result"),
+            },
+        }
+    }
+}
+
+/// Attaches the worker in `slot` (pid `slot + 1`): `channel` is the
+/// master's end, made non-blocking here.
 fn attach(
     handle: &Handle,
     slot: usize,
+    weight: u32,
     channel: OwnedFd,
     peer: Option<OwnedFd>,
     mode: Mode,
@@ -32,10 +296,144 @@ fn attach(
         pid: slot as u32 + 1,
         channel: Some(channel),
         peer,
-        weight: slot as u32 + 1,
+        weight,
         mode,
         port,
     });
+}
+
+/// A native worker of weight 1 a test drives step by step. It says READY only when
+/// told ([`Worker::ready`]), reports closes only when told
+/// ([`Worker::closed`]); a thread reads its channel, answers each
+/// connection with one byte, its slot (see [`served_by`]), and hands the
+/// test everything that arrived, in order ([`Worker::next`]).
+pub struct Worker {
+    pub slot: usize,
+    /// The pid it was attached with.
+    pub pid: u32,
+    /// The test's end of the channel: sends only, never reads.
+    side: Listener,
+    got: Option<Receiver<Incoming>>,
+    reader: Option<Bounded<()>>,
+}
+
+/// Attaches a [`Worker`] in `slot` whose thread reads its channel.
+pub fn worker(handle: &Handle, slot: usize) -> Worker {
+    let (master, end) = proto::pair().unwrap();
+    let peer = end.try_clone().unwrap();
+    let side = Listener::from_fd(end.try_clone().unwrap(), slot, 1);
+    attach(handle, slot, 1, master, Some(peer), Mode::Native, 0);
+    let (tx, got) = crossbeam_channel::unbounded();
+    let reader = Bounded::spawn(move || {
+        let mut l = Listener::from_fd(end, slot, 1);
+        loop {
+            match l.next(Wait::Block) {
+                Ok(Incoming::Conn(mut s)) => {
+                    s.set_nonblocking(false).unwrap();
+                    // A client may have given up already.
+                    let _ = s.write_all(&[slot as u8]);
+                    let _ = tx.send(Incoming::Conn(s));
+                }
+                Ok(Incoming::Closed) | Err(_) => return,
+                Ok(other) => {
+                    let _ = tx.send(other);
+                }
+            }
+        }
+    });
+    Worker {
+        slot,
+        pid: slot as u32 + 1,
+        side,
+        got: Some(got),
+        reader: Some(reader),
+    }
+}
+
+/// Attaches a [`Worker`] in `slot` that never reads its channel: what the
+/// dispatcher sends it waits there. The master's end gets a send buffer
+/// of `send_buffer` bytes (the kernel's minimum if less), so that a few
+/// connections fill it.
+pub fn unread_worker(handle: &Handle, slot: usize, send_buffer: usize) -> Worker {
+    let (master, end) = proto::pair().unwrap();
+    socket2::SockRef::from(&master)
+        .set_send_buffer_size(send_buffer)
+        .unwrap();
+    let peer = end.try_clone().unwrap();
+    attach(handle, slot, 1, master, Some(peer), Mode::Native, 0);
+    Worker {
+        slot,
+        pid: slot as u32 + 1,
+        side: Listener::from_fd(end, slot, 1),
+        got: None,
+        reader: None,
+    }
+}
+
+impl Worker {
+    /// Sends READY.
+    pub fn ready(&self) {
+        self.side.ready().unwrap();
+    }
+
+    /// Reports `n` connections closed.
+    pub fn closed(&self, n: u64) {
+        self.side.report_closed(n).unwrap();
+    }
+
+    fn got(&self) -> &Receiver<Incoming> {
+        self.got.as_ref().expect("a worker that reads its channel")
+    }
+
+    /// What arrived next (bounded).
+    pub fn next(&self) -> Incoming {
+        self.got()
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("worker {} got nothing in {WAIT:?}", self.slot))
+    }
+
+    /// The next arrival, which must be a connection (already answered).
+    pub fn conn(&self) -> TcpStream {
+        match self.next() {
+            Incoming::Conn(s) => s,
+            other => panic!("worker {} got {other:?}, not a connection", self.slot),
+        }
+    }
+
+    /// Asserts that nothing arrives within `d`.
+    pub fn gets_nothing_for(&self, d: Duration) {
+        if let Ok(got) = self.got().recv_timeout(d) {
+            panic!("worker {} got {got:?}", self.slot);
+        }
+    }
+
+    /// Waits (bounded) for the reader to end, which it does once the
+    /// dispatcher lets go of the channel (`Detach`, or the dispatcher
+    /// dropped); returns what arrived and was not taken.
+    pub fn join(mut self) -> Vec<Incoming> {
+        if let Some(reader) = self.reader.take() {
+            reader.join(&format!("worker {}'s reader", self.slot));
+        }
+        self.got
+            .take()
+            .map_or_else(Vec::new, |r| r.try_iter().collect())
+    }
+}
+
+/// Connects a client to `addr` (reads time out after [`WAIT`]).
+pub fn client(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// The slot of the [`Worker`] that served `client` (the byte it answered with).
+pub fn served_by(client: &mut TcpStream) -> usize {
+    let mut b = [0u8; 1];
+    client
+        .read_exact(&mut b)
+        .expect("a worker answers the client");
+    usize::from(b[0])
 }
 
 /// Attaches `n` workers (slot i has weight i + 1 and pid i + 1) whose
@@ -49,7 +447,15 @@ where
         .map(|slot| {
             let (master, worker) = proto::pair().unwrap();
             let peer = worker.try_clone().unwrap();
-            attach(handle, slot, master, Some(peer), Mode::Native, 0);
+            attach(
+                handle,
+                slot,
+                slot as u32 + 1,
+                master,
+                Some(peer),
+                Mode::Native,
+                0,
+            );
             let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut l = Listener::from_fd(worker, slot, 1);
@@ -85,7 +491,7 @@ where
     (0..n)
         .map(|slot| {
             let (master, worker) = proto::stream_pair().unwrap();
-            attach(handle, slot, master, None, Mode::Node, 0);
+            attach(handle, slot, slot as u32 + 1, master, None, Mode::Node, 0);
             let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut chan = std::os::unix::net::UnixStream::from(worker);
@@ -160,7 +566,15 @@ where
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let port = listener.local_addr().unwrap().port();
             let (master, peer) = proto::pair().unwrap();
-            attach(handle, slot, master, Some(peer), Mode::Proxy, port);
+            attach(
+                handle,
+                slot,
+                slot as u32 + 1,
+                master,
+                Some(peer),
+                Mode::Proxy,
+                port,
+            );
             let serve = serve.clone();
             std::thread::spawn(move || {
                 // The first connection is lb's readiness probe.

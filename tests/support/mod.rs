@@ -1,0 +1,3 @@
+//! Helpers shared by the in-process test targets (not a target itself).
+
+pub mod inproc;
