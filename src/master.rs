@@ -5,7 +5,6 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use mio::{Poll, Waker};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, ConfigError};
@@ -107,11 +106,8 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         None => control::path::server_default(local.port()).map_err(control::ControlError::Dir)?,
     };
     crate::config::preflight(&config, &control_path, open_files)?;
-    let poll = Poll::new().map_err(|e| MasterError::Io(format!("epoll: {e}")))?;
-    let waker = Arc::new(
-        Waker::new(poll.registry(), supervisor::WAKER)
-            .map_err(|e| MasterError::Io(format!("eventfd: {e}")))?,
-    );
+    let event_loop = supervisor::EventLoop::new()?;
+    let waker = event_loop.waker();
     let (control_tx, control_rx) = crossbeam_channel::unbounded();
     let control = control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?;
     let metrics = match config.metrics {
@@ -187,7 +183,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         .map_err(|e| MasterError::Io(format!("dispatch thread: {e}")))?;
 
     let result = Supervisor::new(
-        poll,
+        event_loop,
         config,
         reconfigure,
         supervisor::Front {

@@ -27,11 +27,12 @@ pub use spawn::message_cost;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Child;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::config::Config;
@@ -43,7 +44,7 @@ use crate::sys;
 use reload::Reload;
 
 const SIGNALS: Token = Token(0);
-pub const WAKER: Token = Token(1);
+const WAKER: Token = Token(1);
 /// A worker's pidfd is `Token(CHILD_BASE + pid)`: unique among live children.
 const CHILD_BASE: usize = 2;
 /// Protocol errors logged per worker before the rest are only counted.
@@ -76,6 +77,34 @@ pub enum SupervisorError {
     Output(io::Error),
     #[error("supervisor event loop failed: {0}")]
     Poll(io::Error),
+    #[error("epoll: {0}")]
+    Epoll(io::Error),
+    #[error("eventfd: {0}")]
+    Eventfd(io::Error),
+}
+
+/// The supervisor's event loop, made before what wakes it: the dispatcher's
+/// notifier, the control socket and the metrics endpoint each get its waker
+/// (`waker`) before the supervisor itself is made with the loop.
+pub struct EventLoop {
+    poll: Poll,
+    waker: Arc<Waker>,
+}
+
+impl EventLoop {
+    pub fn new() -> Result<EventLoop, SupervisorError> {
+        let poll = Poll::new().map_err(SupervisorError::Epoll)?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(SupervisorError::Eventfd)?;
+        Ok(EventLoop {
+            poll,
+            waker: Arc::new(waker),
+        })
+    }
+
+    /// What wakes the supervisor when something is for it.
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
 }
 
 /// The master's life:
@@ -169,6 +198,8 @@ struct SlotState {
 
 pub struct Supervisor {
     poll: Poll,
+    /// Kept with the poll it is registered in.
+    _waker: Arc<Waker>,
     signals: SignalFd,
     output: output::Output,
     /// Kills what workers leave behind if this master is killed outright.
@@ -226,11 +257,9 @@ pub struct Front {
 pub type Reconfigure = Box<dyn Fn() -> Result<Config, crate::config::ConfigError>>;
 
 impl Supervisor {
-    /// `poll` must already carry the waker the dispatcher's notifier uses
-    /// (token [`WAKER`]). The caller has blocked [`handled_signals`] in
-    /// every thread.
+    /// The caller has blocked [`handled_signals`] in every thread.
     pub fn new(
-        poll: Poll,
+        event_loop: EventLoop,
         config: Config,
         reconfigure: Reconfigure,
         front: Front,
@@ -242,6 +271,7 @@ impl Supervisor {
             addr: listen,
             shared: shared_listener,
         } = front;
+        let EventLoop { poll, waker } = event_loop;
         let signals = SignalFd::with_flags(
             &handled_signals(),
             SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
@@ -270,6 +300,7 @@ impl Supervisor {
             .collect();
         Ok(Supervisor {
             poll,
+            _waker: waker,
             signals,
             output,
             reaper,
