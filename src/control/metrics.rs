@@ -27,7 +27,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Poll, Waker};
 
 use super::clients::{self, Answering, Clients, LISTENER, Serve as _, answer_on_thread};
-use super::{Incoming, Request, Status, WorkerStatus};
+use super::{Incoming, Request, Response, Status, WorkerStatus};
 
 /// Histogram bucket bounds for the hand-off latency, in seconds.
 pub const BUCKETS: [f64; 14] = [
@@ -373,7 +373,11 @@ fn scrape(
         reply,
     });
     let _ = waker.wake();
-    let mut answer = match answer.recv_timeout(IO_TIMEOUT).ok().and_then(|r| r.status) {
+    let mut answer = match answer
+        .recv_timeout(IO_TIMEOUT)
+        .ok()
+        .and_then(|r| Response::from(r).status)
+    {
         Some(status) => Answer {
             code: "200 OK",
             headers: "",

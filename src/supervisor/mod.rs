@@ -19,10 +19,13 @@ mod scale;
 mod signals;
 mod spawn;
 mod start;
+mod status;
 mod timers;
 
+pub use requests::Answer;
 pub use signals::handled_signals;
 pub use spawn::message_cost;
+pub use status::{Status, WorkerState, WorkerStatus};
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

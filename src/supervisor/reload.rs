@@ -1,9 +1,8 @@
 //! Rolling reloads: a new configuration, and each slot switched to a worker
 //! of the new generation once that one is ready.
 
-use super::{Phase, Supervisor};
+use super::{Answer, Phase, Supervisor};
 use crate::config::Config;
-use crate::control::Response;
 use crate::info;
 use crate::policy::Slot;
 
@@ -21,16 +20,16 @@ pub(super) struct Reload {
     pub(super) replaced: usize,
     pub(super) previous: Config,
     pub(super) previous_generation: u64,
-    pub(super) reply: Option<crossbeam_channel::Sender<Response>>,
+    pub(super) reply: Option<crossbeam_channel::Sender<Answer>>,
 }
 
 impl Supervisor {
     /// Starts a rolling reload, or answers why not.
-    pub(super) fn begin_reload(&mut self, reply: Option<crossbeam_channel::Sender<Response>>) {
-        let refuse = |reply: Option<crossbeam_channel::Sender<Response>>, why: String| {
+    pub(super) fn begin_reload(&mut self, reply: Option<crossbeam_channel::Sender<Answer>>) {
+        let refuse = |reply: Option<crossbeam_channel::Sender<Answer>>, why: String| {
             info!("reload refused: {why}");
             if let Some(r) = reply {
-                let _ = r.send(Response::error(why));
+                let _ = r.send(Answer::Refused(why));
             }
         };
         if self.phase != Phase::Running {
@@ -123,7 +122,7 @@ impl Supervisor {
                 info!("{msg}");
                 crate::systemd::notify("READY=1");
                 if let Some(r) = reload.reply {
-                    let _ = r.send(Response::done(msg));
+                    let _ = r.send(Answer::Done(msg));
                 }
                 return;
             };
@@ -158,7 +157,7 @@ impl Supervisor {
             crate::systemd::notify("READY=1");
         }
         if let Some(r) = reload.reply {
-            let _ = r.send(Response::error(msg));
+            let _ = r.send(Answer::Refused(msg));
         }
     }
 }
