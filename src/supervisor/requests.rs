@@ -1,7 +1,7 @@
 //! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`) and the
 //! status they read.
 
-use super::{Phase, Supervisor, status::Status};
+use super::{Phase, Supervisor, scale, status::Status};
 use crate::control::Request;
 use crate::dispatch::Command;
 use crate::info;
@@ -25,19 +25,12 @@ impl Supervisor {
             },
             Request::Reload => Answer::Refused("reload is answered elsewhere".into()),
             Request::Scale { count, relative } => {
-                let n = self.slots.len() as i64;
-                let target = if relative {
-                    n.saturating_add(count)
-                } else {
-                    count
-                };
-                let target = usize::try_from(target).unwrap_or(0);
-                match self.scale(target) {
-                    Ok(msg) => {
-                        info!("{msg}");
-                        Answer::Done(msg)
+                match self.scale(scale::target(self.slots.len(), count, relative)) {
+                    Ok(scaled) => {
+                        info!("{scaled}");
+                        Answer::Done(scaled.to_string())
                     }
-                    Err(why) => Answer::Refused(why),
+                    Err(why) => Answer::Refused(why.to_string()),
                 }
             }
             Request::Stop => {
