@@ -45,7 +45,8 @@ fn control_path(target: &Target) -> Result<Vec<std::path::PathBuf>, String> {
 
 /// Runs a control subcommand: prints the answer, exit 0; or one line, exit 1.
 fn control(target: &Target, request: Request, json: bool) -> ExitCode {
-    let answer = control_path(target).and_then(|path| client::call(&path, &request));
+    let answer = control_path(target)
+        .and_then(|path| client::call(&path, &request).map_err(|e| e.to_string()));
     match answer {
         Ok(r) if r.ok => {
             match (&r.status, json) {
@@ -80,7 +81,9 @@ fn main() -> ExitCode {
         Some(Command::Reload { wait, target }) => {
             // What runs now is what the reload replaces.
             let before = if wait {
-                match control_path(&target).and_then(|p| client::worker_pids(&p)) {
+                match control_path(&target)
+                    .and_then(|p| client::worker_pids(&p).map_err(|e| e.to_string()))
+                {
                     Ok(pids) => pids,
                     Err(e) => {
                         err!("lb: error: {e}");
@@ -94,7 +97,9 @@ fn main() -> ExitCode {
             if !wait || code != ExitCode::SUCCESS {
                 return code;
             }
-            match control_path(&target).and_then(|path| client::wait_gone(&path, &before)) {
+            match control_path(&target)
+                .and_then(|path| client::wait_gone(&path, &before).map_err(|e| e.to_string()))
+            {
                 Ok(()) => {
                     out!("every replaced worker has drained and exited");
                     ExitCode::SUCCESS
