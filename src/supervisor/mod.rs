@@ -11,6 +11,7 @@ pub mod backoff;
 mod events;
 mod exits;
 mod output;
+mod preload;
 pub mod reaper;
 mod recycle;
 mod reload;
@@ -240,7 +241,7 @@ pub struct Supervisor {
     /// Node workers' `cluster.worker.id`s handed out so far.
     node_ids: u64,
     /// The close-report preload, written when a Node worker first needs it.
-    node_preload: Option<spawn::Preload>,
+    node_preload: Option<preload::Preload>,
     /// The accept shim's in-memory file, made when a shim worker first needs it.
     shim: Option<crate::shim::Memfd>,
     /// Shared mode: the listener every worker gets as fd 3.

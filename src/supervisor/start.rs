@@ -9,7 +9,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
 use super::{
-    CHILD_BASE, Proc, SAID_PER_SECOND, Supervisor, SupervisorError, backoff, output, spawn,
+    CHILD_BASE, Proc, SAID_PER_SECOND, Supervisor, SupervisorError, backoff, output, preload, spawn,
 };
 use crate::config::{DrainBy, Mode};
 use crate::dispatch::Command;
@@ -27,7 +27,7 @@ impl Supervisor {
         );
         let report_closed = self.config.policy.uses_close_reports();
         if pool.mode == Mode::Node && report_closed && self.node_preload.is_none() {
-            self.node_preload = Some(spawn::Preload::write().map_err(|source| {
+            self.node_preload = Some(preload::Preload::write().map_err(|source| {
                 SupervisorError::Spawn {
                     pool: pool.name.clone(),
                     command: "the Node.js close-report preload".into(),
