@@ -10,6 +10,7 @@
 pub mod backoff;
 mod events;
 mod exits;
+mod launch;
 mod output;
 mod preload;
 pub mod reaper;

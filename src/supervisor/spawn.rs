@@ -7,9 +7,10 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use super::launch::{self, Fd3};
 use crate::config::{ChannelKind, Mode, Pool};
 use crate::policy::Slot;
-use crate::proto::{self, VERSION, WORKER_FD, env, node};
+use crate::proto::{self, WORKER_FD, env};
 use crate::sys;
 
 /// What a worker is told beyond its pool's own command and environment.
@@ -68,6 +69,54 @@ pub fn message_cost() -> usize {
     })
 }
 
+/// The channel `mode` talks over: (the master's end, the worker's end).
+fn channel(mode: Mode, queue: usize) -> io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+    match mode.channel() {
+        ChannelKind::Packets => {
+            let (channel, peer) = proto::pair()?;
+            // The kernel doubles what is asked for, and charges each message
+            // its buffer overhead: this many CONNs fit, then EAGAIN, and the
+            // dispatcher skips the worker until it reads.
+            let bytes = queue.saturating_mul(message_cost()) / 2;
+            socket2::SockRef::from(&channel).set_send_buffer_size(bytes)?;
+            Ok((Some(channel), Some(peer)))
+        }
+        ChannelKind::Stream => proto::stream_pair().map(|(c, p)| (Some(c), Some(p))),
+        ChannelKind::None => Ok((None, None)),
+    }
+}
+
+/// The worker's command: what every mode gets (its pool's environment,
+/// lb's variables, pipes, a process group of its own, none of the
+/// master's systemd variables), then its mode's part, then the arguments
+/// with `{port}` filled in.
+pub(super) fn command(pool: &Pool, launch: &Launch<'_>) -> io::Result<(Command, Fd3)> {
+    let mut cmd = Command::new(&pool.command);
+    cmd.envs(pool.env.iter().map(|(k, v)| (k, v)))
+        .env(env::WORKER_ID, launch.slot.0.to_string())
+        .env(env::GENERATION, launch.generation.to_string())
+        .env(
+            env::DRAIN_TIMEOUT_MS,
+            launch.drain_timeout.as_millis().to_string(),
+        )
+        .stdin(Stdio::null())
+        // The master's systemd variables are not the worker's.
+        .env_remove(crate::systemd::VARS[0])
+        .env_remove(crate::systemd::VARS[1])
+        .env_remove(crate::systemd::VARS[2])
+        .env_remove(crate::systemd::VARS[3])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mode = launch::set_up(&mut cmd, pool, launch)?;
+    let port_text = mode.port.to_string();
+    cmd.args(pool.args.iter().map(|a| match a.to_str() {
+        Some(s) if s.contains("{port}") => s.replace("{port}", &port_text).into(),
+        _ => a.clone(),
+    }));
+    Ok((cmd, mode.fd3))
+}
+
 /// The command line, for logs.
 pub fn describe_command(pool: &Pool) -> String {
     std::iter::once(pool.command.display().to_string())
@@ -80,115 +129,16 @@ pub fn describe_command(pool: &Pool) -> String {
 /// returns only after exec succeeded (or with exec's error), so an `Ok` is
 /// "online".
 pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
-    let (channel, peer) = match pool.mode.channel() {
-        ChannelKind::Packets => proto::pair().map(|(c, p)| (Some(c), Some(p)))?,
-        ChannelKind::Stream => proto::stream_pair().map(|(c, p)| (Some(c), Some(p)))?,
-        ChannelKind::None => (None, None),
-    };
-    let port = match pool.mode {
-        Mode::Shim => pool.port.unwrap_or(launch.port),
-        Mode::Proxy => launch
-            .proxy_port
-            .ok_or_else(|| io::Error::other("proxy mode without a port"))?,
-        _ => launch.port,
-    };
-    if let (ChannelKind::Packets, Some(channel)) = (pool.mode.channel(), &channel) {
-        // The kernel doubles what is asked for, and charges each message
-        // its buffer overhead: this many CONNs fit, then EAGAIN, and the
-        // dispatcher skips the worker until it reads.
-        let bytes = launch.queue.saturating_mul(message_cost()) / 2;
-        socket2::SockRef::from(channel).set_send_buffer_size(bytes)?;
-    }
-    let port_text = port.to_string();
-    let mut cmd = Command::new(&pool.command);
-    cmd.args(pool.args.iter().map(|a| match a.to_str() {
-        Some(s) if s.contains("{port}") => s.replace("{port}", &port_text).into(),
-        _ => a.clone(),
-    }))
-    .envs(pool.env.iter().map(|(k, v)| (k, v)))
-    .env(env::WORKER_ID, launch.slot.0.to_string())
-    .env(env::GENERATION, launch.generation.to_string())
-    .env(
-        env::DRAIN_TIMEOUT_MS,
-        launch.drain_timeout.as_millis().to_string(),
-    )
-    .stdin(Stdio::null())
-    // The master's systemd variables are not the worker's.
-    .env_remove(crate::systemd::VARS[0])
-    .env_remove(crate::systemd::VARS[1])
-    .env_remove(crate::systemd::VARS[2])
-    .env_remove(crate::systemd::VARS[3])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .process_group(0);
-    match pool.mode {
-        Mode::Native => {
-            cmd.env(env::FD, WORKER_FD.to_string())
-                .env(env::PROTOCOL, VERSION.to_string())
-                .env(
-                    env::REPORT_CLOSED,
-                    if launch.report_closed { "1" } else { "0" },
-                );
-        }
-        Mode::Shim => {
-            let shim = launch
-                .shim
-                .ok_or_else(|| io::Error::other("shim mode without the shim"))?;
-            let theirs = pool
-                .env
-                .iter()
-                .find(|(k, _)| k == crate::shim::env::PRELOAD)
-                .map(|(_, v)| v.clone())
-                .or_else(|| std::env::var(crate::shim::env::PRELOAD).ok());
-            cmd.env(env::FD, WORKER_FD.to_string())
-                .env(env::PROTOCOL, VERSION.to_string())
-                .env(
-                    env::REPORT_CLOSED,
-                    if launch.report_closed { "1" } else { "0" },
-                )
-                .env(crate::shim::env::PORT, &port_text)
-                .env(crate::shim::env::STOP_SIGNAL, pool.stop_signal.to_string())
-                .env(crate::shim::env::FD, shim.raw().to_string())
-                .env(crate::shim::env::PRELOAD, shim.preload(theirs.as_deref()));
-            sys::keep_fd(&mut cmd, shim.raw());
-        }
-        Mode::Proxy => {
-            cmd.env("PORT", &port_text);
-        }
-        Mode::Shared => {
-            // systemd's socket activation and einhorn's variables; the
-            // child sets LISTEN_PID to its own pid before exec (below).
-            cmd.env("LISTEN_FDS", "1")
-                .env("LISTEN_FDNAMES", &pool.name)
-                .env("EINHORN_FD_COUNT", "1")
-                .env("EINHORN_FD_0", WORKER_FD.to_string());
-        }
-        Mode::Node => {
-            cmd.env(node::env::UNIQUE_ID, launch.node_id.to_string())
-                .env(node::env::CHANNEL_FD, WORKER_FD.to_string())
-                .env(node::env::SERIALIZATION, "json");
-            if let Some(preload) = launch.node_preload {
-                let mut options = format!("--require \"{}\"", preload.display());
-                let theirs = pool
-                    .env
-                    .iter()
-                    .find(|(k, _)| k == node::env::OPTIONS)
-                    .map(|(_, v)| v.clone())
-                    .or_else(|| std::env::var(node::env::OPTIONS).ok());
-                if let Some(theirs) = theirs.filter(|t| !t.trim().is_empty()) {
-                    options = format!("{theirs} {options}");
-                }
-                cmd.env(node::env::OPTIONS, options);
-            }
-        }
-    }
-    match (pool.mode, launch.listener) {
-        (Mode::Shared, Some(listener)) => {
+    let (channel, peer) = channel(pool.mode, launch.queue)?;
+    let (mut cmd, fd3) = command(pool, launch)?;
+    match fd3 {
+        Fd3::Listener(listener) => {
             sys::prepare_child(&mut cmd, Some(listener), WORKER_FD);
             sys::exec_with_own_pid(&mut cmd, "LISTEN_PID")?;
         }
-        (Mode::Shared, None) => return Err(io::Error::other("shared mode without the listener")),
-        _ => sys::prepare_child(&mut cmd, peer.as_ref().map(|p| p.as_raw_fd()), WORKER_FD),
+        Fd3::Channel => {
+            sys::prepare_child(&mut cmd, peer.as_ref().map(|p| p.as_raw_fd()), WORKER_FD)
+        }
     }
     let mut child = cmd.spawn()?;
     let pidfd = match sys::pidfd_open(child.id()) {
@@ -238,5 +188,168 @@ pub fn describe(status: std::process::ExitStatus) -> String {
         }
     } else {
         format!("{status}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn pool(mode: Mode) -> Pool {
+        Pool {
+            name: "web".into(),
+            command: "/bin/true".into(),
+            args: vec!["--port={port}".into(), "x{port}y".into(), "plain".into()],
+            env: vec![("APP".into(), "1".into())],
+            count: 1,
+            weight: 1,
+            mode,
+            port: None,
+            stop_signal: 3,
+        }
+    }
+
+    fn launch() -> Launch<'static> {
+        Launch {
+            slot: Slot(2),
+            generation: 4,
+            report_closed: true,
+            node_id: 5,
+            node_preload: None,
+            port: 8000,
+            shim: None,
+            listener: None,
+            proxy_port: None,
+            drain_timeout: std::time::Duration::from_millis(1500),
+            queue: 8,
+        }
+    }
+
+    /// What `cmd` sets (`Some`) and removes (`None`), and its arguments.
+    fn made(
+        pool: &Pool,
+        launch: &Launch<'_>,
+    ) -> (BTreeMap<String, Option<String>>, Vec<String>, Fd3) {
+        let (cmd, fd3) = command(pool, launch).unwrap();
+        let text = |s: &std::ffi::OsStr| s.to_str().unwrap().to_string();
+        let envs = cmd
+            .get_envs()
+            .map(|(k, v)| (text(k), v.map(text)))
+            .collect();
+        (envs, cmd.get_args().map(text).collect(), fd3)
+    }
+
+    fn expect(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        let common = [
+            ("APP", Some("1")),
+            ("LB_WORKER_ID", Some("2")),
+            ("LB_GENERATION", Some("4")),
+            ("LB_DRAIN_TIMEOUT_MS", Some("1500")),
+            ("NOTIFY_SOCKET", None),
+            ("LISTEN_FDS", None),
+            ("LISTEN_PID", None),
+            ("LISTEN_FDNAMES", None),
+        ];
+        common
+            .iter()
+            .chain(pairs)
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect()
+    }
+
+    fn args(port: &str) -> Vec<String> {
+        vec![
+            format!("--port={port}"),
+            format!("x{port}y"),
+            "plain".into(),
+        ]
+    }
+
+    #[test]
+    fn native_and_node_workers_get_their_variables_and_fd_3() {
+        let (envs, a, fd3) = made(&pool(Mode::Native), &launch());
+        assert_eq!(
+            envs,
+            expect(&[
+                ("LB_FD", Some("3")),
+                ("LB_PROTOCOL", Some("1")),
+                ("LB_REPORT_CLOSED", Some("1")),
+            ])
+        );
+        assert_eq!((a, fd3), (args("8000"), Fd3::Channel));
+
+        let mut node = pool(Mode::Node);
+        node.env.push(("NODE_OPTIONS".into(), "--inspect".into()));
+        let mut l = launch();
+        l.node_preload = Some(Path::new("/run/lb/close-report.js"));
+        let (envs, a, fd3) = made(&node, &l);
+        let mut want = expect(&[
+            ("NODE_UNIQUE_ID", Some("5")),
+            ("NODE_CHANNEL_FD", Some("3")),
+            ("NODE_CHANNEL_SERIALIZATION_MODE", Some("json")),
+            (
+                "NODE_OPTIONS",
+                Some("--inspect --require \"/run/lb/close-report.js\""),
+            ),
+        ]);
+        assert_eq!(envs, want);
+        assert_eq!((a, fd3), (args("8000"), Fd3::Channel));
+        // Without the preload (no close reports), NODE_OPTIONS is theirs.
+        let (envs, _, _) = made(&node, &launch());
+        want.insert("NODE_OPTIONS".into(), Some("--inspect".into()));
+        assert_eq!(envs, want);
+    }
+
+    #[test]
+    fn proxy_and_shared_workers_get_their_port_or_the_listener() {
+        let mut l = launch();
+        l.proxy_port = Some(41000);
+        let (envs, a, fd3) = made(&pool(Mode::Proxy), &l);
+        assert_eq!(envs, expect(&[("PORT", Some("41000"))]));
+        assert_eq!((a, fd3), (args("41000"), Fd3::Channel));
+        assert!(command(&pool(Mode::Proxy), &launch()).is_err());
+
+        let mut l = launch();
+        l.listener = Some(7);
+        let (envs, a, fd3) = made(&pool(Mode::Shared), &l);
+        let mut want = expect(&[("EINHORN_FD_COUNT", Some("1")), ("EINHORN_FD_0", Some("3"))]);
+        want.insert("LISTEN_FDS".into(), Some("1".into()));
+        want.insert("LISTEN_FDNAMES".into(), Some("web".into()));
+        assert_eq!(envs, want);
+        assert_eq!((a, fd3), (args("8000"), Fd3::Listener(7)));
+        assert!(command(&pool(Mode::Shared), &launch()).is_err());
+    }
+
+    #[test]
+    fn shim_workers_get_the_shim_in_front_of_their_preload() {
+        let memfd = crate::shim::Memfd::create().unwrap();
+        let mut shim = pool(Mode::Shim);
+        shim.port = Some(9000);
+        shim.env.push(("LD_PRELOAD".into(), "libtheirs.so".into()));
+        let mut l = launch();
+        l.report_closed = false;
+        l.shim = Some(&memfd);
+        let (envs, a, fd3) = made(&shim, &l);
+        let fd = memfd.raw().to_string();
+        let preload = format!("/proc/self/fd/{fd} libtheirs.so");
+        assert_eq!(
+            envs,
+            expect(&[
+                ("LB_FD", Some("3")),
+                ("LB_PROTOCOL", Some("1")),
+                ("LB_REPORT_CLOSED", Some("0")),
+                ("LB_SHIM_PORT", Some("9000")),
+                ("LB_STOP_SIGNAL", Some("3")),
+                ("LB_SHIM_FD", Some(&fd)),
+                ("LD_PRELOAD", Some(&preload)),
+            ])
+        );
+        assert_eq!((a, fd3), (args("9000"), Fd3::Channel));
+        // lb's own port when the pool names none.
+        shim.port = None;
+        assert_eq!(made(&shim, &l).1, args("8000"));
+        assert!(command(&shim, &launch()).is_err());
     }
 }
