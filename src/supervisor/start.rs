@@ -19,35 +19,16 @@ use crate::policy::Slot;
 impl Supervisor {
     /// Starts the worker for `slot`; the error is fatal only at start-up.
     pub(super) fn start(&mut self, slot: Slot) -> Result<u32, SupervisorError> {
-        let pool = &self.config.pools[self.slot_pools[slot.0]];
+        let p = self.slot_pools[slot.0];
         let generation = self.generation;
         info!(
             "worker {slot} gen {generation}: spawn `{}`",
-            spawn::describe_command(pool)
+            spawn::describe_command(&self.config.pools[p])
         );
         let report_closed = self.config.policy.uses_close_reports();
-        if pool.mode == Mode::Node && report_closed && self.node_preload.is_none() {
-            self.node_preload = Some(preload::Preload::write().map_err(|source| {
-                SupervisorError::Spawn {
-                    pool: pool.name.clone(),
-                    command: "the Node.js close-report preload".into(),
-                    source,
-                    hint: "it is written to $XDG_RUNTIME_DIR or the temp directory; check that one is writable",
-                }
-            })?);
-        }
-        if pool.mode == Mode::Shim && self.shim.is_none() {
-            self.shim =
-                Some(
-                    crate::shim::Memfd::create().map_err(|source| SupervisorError::Spawn {
-                        pool: pool.name.clone(),
-                        command: "the accept shim (an in-memory file)".into(),
-                        source,
-                        hint: "memfd_create failed; check the fd limit",
-                    })?,
-                );
-        }
+        self.make_once(p, report_closed)?;
         self.node_ids += 1;
+        let pool = &self.config.pools[p];
         let proxy_port = if pool.mode.relays() {
             Some(spawn::free_port().map_err(|source| SupervisorError::Spawn {
                 pool: pool.name.clone(),
@@ -140,6 +121,42 @@ impl Supervisor {
             signal_on_drain: pool.mode.drained_by() == DrainBy::Signal,
         });
         Ok(pid)
+    }
+
+    /// What pool `p`'s mode needs made once for all its workers, the first
+    /// time one starts: the Node close-report preload (when the policy
+    /// reads close reports), the accept shim.
+    fn make_once(&mut self, p: usize, report_closed: bool) -> Result<(), SupervisorError> {
+        let pool = &self.config.pools[p];
+        let fail = |command: &str, hint| {
+            let pool = pool.name.clone();
+            let command = command.to_string();
+            move |source| SupervisorError::Spawn {
+                pool,
+                command,
+                source,
+                hint,
+            }
+        };
+        match pool.mode {
+            Mode::Node if report_closed && self.node_preload.is_none() => {
+                let preload = preload::Preload::write().map_err(fail(
+                    "the Node.js close-report preload",
+                    "it is written to $XDG_RUNTIME_DIR or the temp directory; check that one is \
+                     writable",
+                ))?;
+                self.node_preload = Some(preload);
+            }
+            Mode::Shim if self.shim.is_none() => {
+                let shim = crate::shim::Memfd::create().map_err(fail(
+                    "the accept shim (an in-memory file)",
+                    "memfd_create failed; check the fd limit",
+                ))?;
+                self.shim = Some(shim);
+            }
+            Mode::Native | Mode::Node | Mode::Shim | Mode::Proxy | Mode::Shared => {}
+        }
+        Ok(())
     }
 
     /// Starts `slot` now, or schedules a retry with backoff if that fails.
