@@ -16,19 +16,19 @@ impl Supervisor {
         match event {
             Event::Ready { slot, pid } => {
                 if let Some(i) = self.index_of(pid) {
-                    let p = &mut self.procs[i];
+                    let p = &mut self.workers[i];
                     p.ready = true;
                     self.any_ready = true;
                     info!("worker {slot} pid {pid} gen {}: ready", p.generation);
                     if !self.notified_ready
-                        && self.procs.iter().filter(|p| p.ready).count() >= self.slots.len()
+                        && self.workers.iter().filter(|p| p.ready).count() >= self.slots.len()
                     {
                         self.notified_ready = true;
                         crate::systemd::notify("READY=1");
                     }
                     // READY was the switch: what ran in the slot before drains.
                     let others: Vec<u32> = self
-                        .procs
+                        .workers
                         .iter()
                         .filter(|o| o.slot == slot && o.pid != pid && !o.retiring)
                         .map(|o| o.pid)
@@ -47,7 +47,7 @@ impl Supervisor {
             }
             Event::Draining { slot, pid } => {
                 if let Some(i) = self.index_of(pid) {
-                    let p = &self.procs[i];
+                    let p = &self.workers[i];
                     info!("worker {slot} pid {pid} gen {}: draining", p.generation);
                     if p.signal_on_drain {
                         let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
@@ -61,7 +61,7 @@ impl Supervisor {
             }
             Event::Stop { slot, pid } => {
                 let Some(i) = self.index_of(pid) else { return };
-                let p = &self.procs[i];
+                let p = &self.workers[i];
                 // Only one on its way out: STOP is the answer to DRAIN.
                 if p.retiring || self.phase != Phase::Running {
                     let signal = nix::sys::signal::Signal::try_from(p.stop_signal)
@@ -113,7 +113,7 @@ impl Supervisor {
                 );
                 let Some(i) = self.index_of(pid) else { return };
                 let covered = self.covered(slot, pid);
-                let p = &mut self.procs[i];
+                let p = &mut self.workers[i];
                 p.stalled = true;
                 if p.retiring || p.recycling || covered || self.phase != Phase::Running {
                     return;
@@ -130,9 +130,9 @@ impl Supervisor {
     /// count said before its next line or at its exit.
     pub(super) fn say_for(&mut self, slot: Slot, pid: u32, text: std::fmt::Arguments<'_>) {
         let budget = match self.index_of(pid) {
-            Some(i) => &mut self.procs[i].said,
-            None => match self.exiting.iter_mut().find(|e| e.proc.pid == pid) {
-                Some(e) => &mut e.proc.said,
+            Some(i) => &mut self.workers[i].said,
+            None => match self.exiting.iter_mut().find(|e| e.worker.pid == pid) {
+                Some(e) => &mut e.worker.said,
                 None => return,
             },
         };
@@ -153,7 +153,7 @@ impl Supervisor {
     /// do it again, and must not churn.
     pub(super) fn protocol_error(&mut self, slot: Slot, pid: u32, error: crate::proto::Malformed) {
         let Some(i) = self.index_of(pid) else { return };
-        let p = &mut self.procs[i];
+        let p = &mut self.workers[i];
         p.malformed += 1;
         let n = p.malformed;
         if n <= MALFORMED_LOGGED {

@@ -21,18 +21,18 @@ impl Supervisor {
         // leader is not reaped its pid, and so the group's id, cannot be
         // reused by another process.
         let exited = nix::sys::wait::waitid(
-            nix::sys::wait::Id::PIDFd(self.procs[i].pidfd.as_fd()),
+            nix::sys::wait::Id::PIDFd(self.workers[i].pidfd.as_fd()),
             WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
         );
         if matches!(exited, Ok(s) if s != nix::sys::wait::WaitStatus::StillAlive) {
             kill_group(pid);
         }
-        let status = match self.procs[i].child.try_wait() {
+        let status = match self.workers[i].child.try_wait() {
             Ok(Some(status)) => status,
             // A pidfd is readable only once the process exited; else spurious.
             Ok(None) | Err(_) => return,
         };
-        let p = self.procs.swap_remove(i);
+        let p = self.workers.swap_remove(i);
         if let Some(r) = self.reaper.as_mut() {
             r.remove(pid);
         }
@@ -52,18 +52,18 @@ impl Supervisor {
             uptime: p.started.elapsed(),
             how: spawn::describe(status),
             give_up_at: Instant::now() + DETACH_WAIT,
-            proc: p,
+            worker: p,
         });
     }
 
     /// The dispatcher has read and let go of an exited worker's channel
     /// (or did not answer in time): what the exit means.
     pub(super) fn exited(&mut self, pid: u32) {
-        let Some(i) = self.exiting.iter().position(|e| e.proc.pid == pid) else {
+        let Some(i) = self.exiting.iter().position(|e| e.worker.pid == pid) else {
             return;
         };
         let Exiting {
-            proc: mut p,
+            worker: mut p,
             uptime,
             how,
             ..
@@ -112,12 +112,12 @@ impl Supervisor {
         // A failed successor leaves the one it was to replace to be
         // replaced again: at once when its limits say so (recycling), after
         // the back-off of a failed start when it takes nothing (stalled).
-        if self.procs.iter().any(|o| o.slot == p.slot && !o.retiring) {
+        if self.workers.iter().any(|o| o.slot == p.slot && !o.retiring) {
             if !p.ready {
                 let s = &mut self.slots[p.slot.0];
                 s.failures = s.failures.saturating_add(1);
                 let retry = Instant::now() + backoff::delay(s.failures);
-                for o in self.procs.iter_mut().filter(|o| o.slot == p.slot) {
+                for o in self.workers.iter_mut().filter(|o| o.slot == p.slot) {
                     o.recycling = false;
                     if o.stalled {
                         o.recycling = true;
@@ -150,7 +150,7 @@ impl Supervisor {
             .exiting
             .iter()
             .filter(|e| now >= e.give_up_at)
-            .map(|e| e.proc.pid)
+            .map(|e| e.worker.pid)
             .collect();
         for pid in overdue {
             self.exited(pid);
@@ -193,18 +193,18 @@ impl Supervisor {
     /// replacement: never two.
     pub(super) fn leaving(&mut self, slot: Slot, pid: u32) {
         let (ready, uptime) = if let Some(i) = self.index_of(pid) {
-            let p = &self.procs[i];
+            let p = &self.workers[i];
             let seen = (p.ready, p.started.elapsed());
             if !self.retire(pid) {
                 return;
             }
             seen
-        } else if let Some(e) = self.exiting.iter_mut().find(|e| e.proc.pid == pid) {
-            if e.proc.retiring {
+        } else if let Some(e) = self.exiting.iter_mut().find(|e| e.worker.pid == pid) {
+            if e.worker.retiring {
                 return;
             }
-            e.proc.retiring = true;
-            (e.proc.ready, e.uptime)
+            e.worker.retiring = true;
+            (e.worker.ready, e.uptime)
         } else {
             return;
         };

@@ -123,8 +123,9 @@ enum Phase {
     Killing,
 }
 
-/// A live worker process.
-struct Proc {
+/// A live worker process (the dispatcher keeps its own `Worker` for the
+/// same process: its channel and counts).
+struct Worker {
     slot: Slot,
     pid: u32,
     generation: u64,
@@ -159,7 +160,7 @@ struct Proc {
     signal_on_drain: bool,
 }
 
-impl Proc {
+impl Worker {
     /// SIGKILL to the worker and to the process group it leads (its own
     /// children, which would otherwise outlive it).
     fn kill(&self) {
@@ -179,7 +180,7 @@ fn kill_group(leader: u32) {
 
 /// A worker that has exited, waiting for the dispatcher's Detached.
 struct Exiting {
-    proc: Proc,
+    worker: Worker,
     uptime: std::time::Duration,
     how: String,
     /// Judge the exit anyway by then.
@@ -212,7 +213,7 @@ pub struct Supervisor {
     config: Config,
     slot_pools: Vec<usize>,
     slots: Vec<SlotState>,
-    procs: Vec<Proc>,
+    workers: Vec<Worker>,
     /// Exited workers whose exit is judged once the dispatcher has read
     /// their last words.
     exiting: Vec<Exiting>,
@@ -312,7 +313,7 @@ impl Supervisor {
             config,
             slot_pools,
             slots,
-            procs: Vec::new(),
+            workers: Vec::new(),
             exiting: Vec::new(),
             dispatch,
             events,
@@ -349,7 +350,7 @@ impl Supervisor {
         }
         let mut events = Events::with_capacity(64);
         loop {
-            if self.phase != Phase::Running && self.procs.is_empty() && self.exiting.is_empty() {
+            if self.phase != Phase::Running && self.workers.is_empty() && self.exiting.is_empty() {
                 break;
             }
             let timeout = self
@@ -411,14 +412,14 @@ impl Supervisor {
     }
 
     fn index_of(&self, pid: u32) -> Option<usize> {
-        self.procs.iter().position(|p| p.pid == pid)
+        self.workers.iter().position(|p| p.pid == pid)
     }
 
     /// Whether a process other than `pid` takes, or is about to take, the
     /// slot's connections: not one on its way out (retiring), nor one that
     /// is itself being replaced (recycling, stalled).
     fn covered(&self, slot: Slot, pid: u32) -> bool {
-        self.procs
+        self.workers
             .iter()
             .any(|o| o.slot == slot && o.pid != pid && !o.retiring && !o.recycling && !o.stalled)
     }
@@ -430,7 +431,7 @@ impl Supervisor {
         let Some(i) = self.index_of(pid) else {
             return false;
         };
-        let p = &mut self.procs[i];
+        let p = &mut self.workers[i];
         if p.retiring {
             return false;
         }

@@ -31,13 +31,13 @@ impl Supervisor {
         let mut over = Vec::new();
         let mut fat_from_start = None;
         for p in self
-            .procs
+            .workers
             .iter()
             .filter(|p| p.ready && !p.retiring && !p.recycling)
         {
             // Only when nothing else (a successor already) is in the slot.
             if self
-                .procs
+                .workers
                 .iter()
                 .any(|o| o.slot == p.slot && o.pid != p.pid && !o.retiring)
             {
@@ -73,7 +73,7 @@ impl Supervisor {
             }
         }
         if self.config.max_rss.is_some() {
-            for p in self.procs.iter_mut().filter(|p| p.ready) {
+            for p in self.workers.iter_mut().filter(|p| p.ready) {
                 p.rss_checked = true;
             }
         }
@@ -89,7 +89,7 @@ impl Supervisor {
         for (slot, pid, why) in over {
             info!("worker {slot} pid {pid} {why}; replacing it, its successor ready first");
             if let Some(i) = self.index_of(pid) {
-                self.procs[i].recycling = true;
+                self.workers[i].recycling = true;
             }
             self.slots[slot.0].restarts += 1;
             self.start_or_retry(slot);
@@ -101,7 +101,7 @@ impl Supervisor {
     /// another process in the slot.
     pub(super) fn replace_due(&mut self, now: Instant) {
         let due: Vec<(Slot, u32)> = self
-            .procs
+            .workers
             .iter()
             .filter(|p| p.replace_at.is_some_and(|t| now >= t))
             .map(|p| (p.slot, p.pid))
@@ -111,13 +111,13 @@ impl Supervisor {
                 continue;
             };
             if self.reload.is_some() {
-                self.procs[i].replace_at = Some(now + RECYCLE_CHECK);
+                self.workers[i].replace_at = Some(now + RECYCLE_CHECK);
                 continue;
             }
-            self.procs[i].replace_at = None;
+            self.workers[i].replace_at = None;
             let covered = self.covered(slot, pid);
-            if self.procs[i].retiring || covered || self.phase != Phase::Running {
-                self.procs[i].recycling = false;
+            if self.workers[i].retiring || covered || self.phase != Phase::Running {
+                self.workers[i].recycling = false;
                 continue;
             }
             self.slots[slot.0].restarts += 1;

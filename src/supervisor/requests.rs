@@ -38,7 +38,7 @@ impl Supervisor {
                     info!("stop requested on the control socket");
                     self.begin_drain("lb stop");
                 }
-                Answer::Done(format!("draining {} workers", self.procs.len()))
+                Answer::Done(format!("draining {} workers", self.workers.len()))
             }
             Request::Send { slot, message } => {
                 if message.len() > crate::proto::MAX_PAYLOAD {

@@ -95,7 +95,7 @@ impl Supervisor {
             }
         } else {
             let leaving: Vec<(Slot, u32)> = self
-                .procs
+                .workers
                 .iter()
                 .filter(|p| p.slot.0 >= target)
                 .map(|p| (p.slot, p.pid))
@@ -105,8 +105,12 @@ impl Supervisor {
                 self.retire(pid);
             }
             // An exit being judged in a removed slot restarts nothing.
-            for e in self.exiting.iter_mut().filter(|e| e.proc.slot.0 >= target) {
-                e.proc.retiring = true;
+            for e in self
+                .exiting
+                .iter_mut()
+                .filter(|e| e.worker.slot.0 >= target)
+            {
+                e.worker.retiring = true;
             }
             self.slots.truncate(target);
         }

@@ -95,7 +95,7 @@ impl Supervisor {
         let timeout = self.config.drain_timeout;
         info!(
             "{why}: draining {} workers (up to {:.1}s); send it again to stop at once",
-            self.procs.len(),
+            self.workers.len(),
             timeout.as_secs_f64()
         );
         for s in &mut self.slots {
@@ -117,7 +117,7 @@ impl Supervisor {
         for s in &mut self.slots {
             s.restart_at = None;
         }
-        for p in &self.procs {
+        for p in &self.workers {
             self.forced = true;
             p.kill();
         }
@@ -125,7 +125,7 @@ impl Supervisor {
 
     /// Waits for every child after `kill_all`, outside the loop.
     pub(super) fn reap_all(&mut self) {
-        for mut p in self.procs.drain(..) {
+        for mut p in self.workers.drain(..) {
             let _ = p.child.wait();
             if let Some(r) = self.reaper.as_mut() {
                 r.remove(p.pid);

@@ -9,7 +9,8 @@ use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
 use super::{
-    CHILD_BASE, Proc, SAID_PER_SECOND, Supervisor, SupervisorError, backoff, output, preload, spawn,
+    CHILD_BASE, SAID_PER_SECOND, Supervisor, SupervisorError, Worker, backoff, output, preload,
+    spawn,
 };
 use crate::config::{DrainBy, Mode};
 use crate::dispatch::Command;
@@ -100,7 +101,7 @@ impl Supervisor {
             mode: pool.mode,
             port: proxy_port.unwrap_or(0),
         });
-        self.procs.push(Proc {
+        self.workers.push(Worker {
             slot,
             pid,
             generation,

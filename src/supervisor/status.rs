@@ -70,7 +70,7 @@ impl Supervisor {
         self.dispatch.send(Command::Snapshot(reply));
         let snap = answer.recv_timeout(Duration::from_secs(2)).ok()?;
         let mut workers: Vec<WorkerStatus> = self
-            .procs
+            .workers
             .iter()
             .map(|p| {
                 let seen = snap.workers.iter().find(|w| w.pid == p.pid);
@@ -98,7 +98,8 @@ impl Supervisor {
             })
             .collect();
         for (slot, s) in self.slots.iter().enumerate() {
-            if s.restart_at.is_some() && !self.procs.iter().any(|p| p.slot.0 == slot && !p.retiring)
+            if s.restart_at.is_some()
+                && !self.workers.iter().any(|p| p.slot.0 == slot && !p.retiring)
             {
                 workers.push(WorkerStatus {
                     slot: Slot(slot),

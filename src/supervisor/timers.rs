@@ -11,12 +11,12 @@ impl Supervisor {
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
         let kills = self
-            .procs
+            .workers
             .iter()
             .flat_map(|p| [p.kill_at, p.replace_at])
             .flatten();
         let ready = self
-            .procs
+            .workers
             .iter()
             .filter(|p| !p.ready && !p.retiring && !p.ready_timed_out)
             .map(|p| p.started + self.config.ready_timeout);
@@ -42,12 +42,12 @@ impl Supervisor {
             info!(
                 "drain timeout ({:.1}s): killing {} workers still running",
                 self.config.drain_timeout.as_secs_f64(),
-                self.procs.len()
+                self.workers.len()
             );
             self.kill_all();
         }
         let ready_timeout = self.config.ready_timeout;
-        for p in &mut self.procs {
+        for p in &mut self.workers {
             let late =
                 !p.ready && !p.retiring && !p.ready_timed_out && now >= p.started + ready_timeout;
             if late {
