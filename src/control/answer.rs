@@ -2,7 +2,7 @@
 //! `Status` (seconds, percentages, latency buckets), its answer as a
 //! `Response`.
 
-use super::metrics::BUCKETS;
+use super::prometheus::BUCKETS;
 use super::wire::{Response, Status, WorkerStatus};
 use crate::supervisor::{self, Answer};
 

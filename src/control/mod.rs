@@ -16,8 +16,10 @@
 mod answer;
 pub mod client;
 mod clients;
+mod http;
 pub mod metrics;
 pub mod path;
+mod prometheus;
 mod wire;
 
 pub use wire::{Request, Response, Status, WorkerStatus};
