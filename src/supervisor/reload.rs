@@ -23,6 +23,40 @@ pub(super) struct Reload {
     pub(super) reply: Option<crossbeam_channel::Sender<Answer>>,
 }
 
+/// Why `new` cannot replace `running` by a rolling reload, if it cannot.
+fn unreloadable(new: &Config, running: &Config) -> Option<String> {
+    if new.slots() != running.slots() {
+        return Some(format!(
+            "the new configuration has {} workers, the running one {}; change the count with a \
+             restart for now",
+            new.slots(),
+            running.slots()
+        ));
+    }
+    // What the dispatcher was built for at start: whether it accepts at
+    // all (not in shared mode) and whether it has proxy relays.
+    let shape = |c: &Config| (c.shared(), c.relays());
+    if shape(new) != shape(running) {
+        return Some(
+            "the new configuration adds or removes shared or proxy mode, which lb sets up at \
+             start (who accepts, the relays); restart lb for that"
+                .into(),
+        );
+    }
+    None
+}
+
+/// `new` with what only a restart changes (the listen address, the
+/// policy, the control socket) as `running` has it; and whether the
+/// listen address or the policy asked to change.
+fn keep_fixed(mut new: Config, running: &Config) -> (Config, bool) {
+    let asked = new.listen != running.listen || new.policy != running.policy;
+    new.listen = running.listen;
+    new.policy = running.policy;
+    new.control = running.control.clone();
+    (new, asked)
+}
+
 impl Supervisor {
     /// Starts a rolling reload, or answers why not.
     pub(super) fn begin_reload(&mut self, reply: Option<crossbeam_channel::Sender<Answer>>) {
@@ -47,35 +81,13 @@ impl Supervisor {
                 );
             }
         };
-        if new.slots() != self.config.slots() {
-            return refuse(
-                reply,
-                format!(
-                    "the new configuration has {} workers, the running one {}; change the count \
-                     with a restart for now",
-                    new.slots(),
-                    self.config.slots()
-                ),
-            );
+        if let Some(why) = unreloadable(&new, &self.config) {
+            return refuse(reply, why);
         }
-        // What the dispatcher was built for at start: whether it accepts at
-        // all (not in shared mode) and whether it has proxy relays.
-        let shape = |c: &Config| (c.shared(), c.relays());
-        if shape(&new) != shape(&self.config) {
-            return refuse(
-                reply,
-                "the new configuration adds or removes shared or proxy mode, which lb sets up \
-                 at start (who accepts, the relays); restart lb for that"
-                    .into(),
-            );
-        }
-        if new.listen != self.config.listen || new.policy != self.config.policy {
+        let (new, asked) = keep_fixed(new, &self.config);
+        if asked {
             info!("reload: the listen address and policy stay as they are until a restart");
         }
-        let mut new = new;
-        new.listen = self.config.listen;
-        new.policy = self.config.policy;
-        new.control = self.config.control.clone();
         let previous = std::mem::replace(&mut self.config, new);
         self.rss_warned = false;
         self.slot_pools = self.config.slot_pools();
@@ -159,5 +171,87 @@ impl Supervisor {
         if let Some(r) = reload.reply {
             let _ = r.send(Answer::Refused(msg));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        use clap::Parser;
+        let args =
+            crate::cli::Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+                .unwrap()
+                .start;
+        let path = std::env::var("PATH").ok();
+        crate::config::load(&args, &|k| (k == "PATH").then(|| path.clone()).flatten()).unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_count_and_who_accepts() {
+        let running = config(&["-w", "2", "--", "sh"]);
+        assert_eq!(
+            unreloadable(&config(&["-w", "2", "--", "cat"]), &running),
+            None
+        );
+        assert_eq!(
+            unreloadable(&config(&["-w", "3", "--", "sh"]), &running).as_deref(),
+            Some(
+                "the new configuration has 3 workers, the running one 2; change the count with a \
+                 restart for now"
+            )
+        );
+        let mode = "the new configuration adds or removes shared or proxy mode, which lb sets up \
+                    at start (who accepts, the relays); restart lb for that";
+        for other in ["shared", "proxy"] {
+            let new = config(&["-w", "2", "-m", other, "--", "sh"]);
+            assert_eq!(
+                unreloadable(&new, &running).as_deref(),
+                Some(mode),
+                "{other}"
+            );
+            assert_eq!(
+                unreloadable(&running, &new).as_deref(),
+                Some(mode),
+                "{other}"
+            );
+        }
+        // Between modes lb hands connections to, a reload may switch.
+        let shim = config(&["-w", "2", "-m", "shim", "--", "sh"]);
+        assert_eq!(unreloadable(&shim, &running), None);
+    }
+
+    #[test]
+    fn the_listen_address_policy_and_control_socket_wait_for_a_restart() {
+        let running = config(&[
+            "-l",
+            "127.0.0.1:8100",
+            "-p",
+            "rr",
+            "--control",
+            "/tmp/a.sock",
+        ]);
+        let same = config(&["-l", "127.0.0.1:8100", "-p", "rr", "-w", "5"]);
+        let (kept, asked) = keep_fixed(same, &running);
+        assert!(!asked);
+        assert_eq!(kept.control, running.control);
+        assert_eq!(kept.slots(), 5);
+        let moved = config(&[
+            "-l",
+            "127.0.0.1:8200",
+            "-p",
+            "lc",
+            "--control",
+            "/tmp/b.sock",
+        ]);
+        let (kept, asked) = keep_fixed(moved, &running);
+        assert!(asked);
+        assert_eq!(
+            (kept.listen, kept.policy, kept.control),
+            (running.listen, running.policy, running.control.clone())
+        );
+        let policy_only = config(&["-l", "127.0.0.1:8100", "-p", "lc"]);
+        assert!(keep_fixed(policy_only, &running).1);
     }
 }
