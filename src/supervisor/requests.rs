@@ -1,5 +1,5 @@
-//! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`) and the
-//! status they read.
+//! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`; a
+//! reload is `reload.rs`'s) and the answers they get.
 
 use super::{Phase, Supervisor, scale, status::Status};
 use crate::control::Request;
