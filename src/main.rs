@@ -22,9 +22,9 @@ use lb::master::Outcome;
 enum ClientError {
     #[error(transparent)]
     Target(#[from] TargetError),
-    /// From `lb::control::client`: no master answered, or it refused.
-    #[error("{0}")]
-    Control(String),
+    /// No master answered, or it refused.
+    #[error(transparent)]
+    Control(#[from] client::ClientError),
 }
 
 /// The control sockets `target` names, from the process's environment.

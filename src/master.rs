@@ -5,7 +5,6 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use mio::{Poll, Waker};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, ConfigError};
@@ -26,8 +25,23 @@ pub enum MasterError {
     /// What the configuration names cannot be used (exit code 2).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0}")]
-    Io(String),
+    #[error("cannot block signals: {0}")]
+    BlockSignals(#[source] nix::Error),
+    #[error("inherited fds: {0}")]
+    InheritedFds(#[source] io::Error),
+    #[error("socket activation: {0}")]
+    SocketActivation(#[source] io::Error),
+    #[error("listener address: {0}")]
+    ListenerAddress(#[source] io::Error),
+    #[error("dispatcher: {0}")]
+    Dispatcher(#[source] io::Error),
+    #[error(
+        "cannot make {max_conns} relays for proxy mode: {source}; lower --max-conns or raise \
+         the open-files limit (ulimit -n)"
+    )]
+    Relays { max_conns: usize, source: io::Error },
+    #[error("dispatch thread: {0}")]
+    DispatchThread(#[source] io::Error),
 }
 
 /// How a master ended.
@@ -79,10 +93,10 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     // and the supervisor's signalfd is the only reader.
     supervisor::handled_signals()
         .thread_block()
-        .map_err(|e| MasterError::Io(format!("cannot block signals: {e}")))?;
+        .map_err(MasterError::BlockSignals)?;
     let open_files = sys::raise_nofile_limit().ok();
     // Socket activation's fds are taken below (and kept CLOEXEC there).
-    sys::cloexec_from(3).map_err(|e| MasterError::Io(format!("inherited fds: {e}")))?;
+    sys::cloexec_from(3).map_err(MasterError::InheritedFds)?;
 
     let listener = match crate::systemd::activated_listener() {
         Ok(Some(l)) => {
@@ -92,13 +106,13 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             l
         }
         Ok(None) => bind(config.listen, config.backlog)?,
-        Err(e) => return Err(MasterError::Io(format!("socket activation: {e}"))),
+        Err(e) => return Err(MasterError::SocketActivation(e)),
     };
     // (Reloads may bring Node pools too; the stop line then counts from 0.)
     let any_node = config.any_node();
     let local = listener
         .local_addr()
-        .map_err(|e| MasterError::Io(format!("listener address: {e}")))?;
+        .map_err(MasterError::ListenerAddress)?;
 
     // Everything the configuration names is checked, and the control and
     // metrics servers started, before the line that says lb is up.
@@ -107,11 +121,8 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         None => control::path::server_default(local.port()).map_err(control::ControlError::Dir)?,
     };
     crate::config::preflight(&config, &control_path, open_files)?;
-    let poll = Poll::new().map_err(|e| MasterError::Io(format!("epoll: {e}")))?;
-    let waker = Arc::new(
-        Waker::new(poll.registry(), supervisor::WAKER)
-            .map_err(|e| MasterError::Io(format!("eventfd: {e}")))?,
-    );
+    let event_loop = supervisor::EventLoop::new()?;
+    let waker = event_loop.waker();
     let (control_tx, control_rx) = crossbeam_channel::unbounded();
     let control = control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?;
     let metrics = match config.metrics {
@@ -160,22 +171,19 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             );
         }
         let (d, h) = Dispatcher::without_listener(local, config.policy, config.slots(), notifier)
-            .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+            .map_err(MasterError::Dispatcher)?;
         (d, h, Some(std::os::fd::OwnedFd::from(listener)))
     } else {
         let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
-            .map_err(|e| MasterError::Io(format!("dispatcher: {e}")))?;
+            .map_err(MasterError::Dispatcher)?;
         if let Some(timeout) = config.stall_timeout {
             d.watch_stalls(timeout, supervisor::message_cost());
         }
         if config.relays() {
             d.enable_proxy(config.max_conns, config.drain_timeout / 2)
-                .map_err(|e| {
-                    MasterError::Io(format!(
-                        "cannot make {} relays for proxy mode: {e}; lower --max-conns or raise \
-                     the open-files limit (ulimit -n)",
-                        config.max_conns
-                    ))
+                .map_err(|source| MasterError::Relays {
+                    max_conns: config.max_conns,
+                    source,
                 })?;
             d.set_proxy_timeouts(config.proxy_connect_timeout, config.proxy_idle_timeout);
         }
@@ -184,10 +192,10 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     let thread = std::thread::Builder::new()
         .name("lb-dispatch".into())
         .spawn(move || dispatcher.run())
-        .map_err(|e| MasterError::Io(format!("dispatch thread: {e}")))?;
+        .map_err(MasterError::DispatchThread)?;
 
     let result = Supervisor::new(
-        poll,
+        event_loop,
         config,
         reconfigure,
         supervisor::Front {
@@ -226,4 +234,43 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     } else {
         Outcome::Forced
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_what_failed_and_why() {
+        let e = || io::Error::from_raw_os_error(libc::EMFILE);
+        let why = e().to_string();
+        assert_eq!(
+            MasterError::BlockSignals(nix::Error::EINVAL).to_string(),
+            format!("cannot block signals: {}", nix::Error::EINVAL)
+        );
+        assert_eq!(
+            MasterError::InheritedFds(e()).to_string(),
+            format!("inherited fds: {why}")
+        );
+        assert_eq!(
+            MasterError::SocketActivation(e()).to_string(),
+            format!("socket activation: {why}")
+        );
+        assert_eq!(
+            MasterError::Dispatcher(e()).to_string(),
+            format!("dispatcher: {why}")
+        );
+        let relays = MasterError::Relays {
+            max_conns: 4096,
+            source: e(),
+        };
+        assert_eq!(
+            relays.to_string(),
+            format!(
+                "cannot make 4096 relays for proxy mode: {why}; lower --max-conns or raise the \
+                 open-files limit (ulimit -n)"
+            )
+        );
+        assert!(std::error::Error::source(&relays).is_some());
+    }
 }

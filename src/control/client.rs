@@ -13,6 +13,73 @@ use std::time::Duration;
 
 use super::{Request, Response, Status};
 
+/// Why a control subcommand got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot tell who serves {}: {source}", .path.display())]
+    Identify { path: PathBuf, source: io::Error },
+    #[error(
+        "the control socket {} is served by uid {uid}, neither root nor you (uid {me}), so it is \
+         not believed and nothing was sent; if that is a master you mean to control, run lb as \
+         uid {uid}; else remove the socket or pass --control PATH",
+        .path.display()
+    )]
+    Foreign { path: PathBuf, uid: u32, me: u32 },
+    #[error(
+        "permission denied on control socket {} (it belongs to uid {uid}, mode {mode:o}, and you \
+         are uid {me}); run lb as uid {uid} or as root, or pass --control PATH",
+        .path.display()
+    )]
+    Denied {
+        path: PathBuf,
+        uid: u32,
+        mode: u32,
+        me: u32,
+    },
+    #[error(
+        "permission denied on control socket {} (you, uid {me}, may not open it or its \
+         directory); run lb as the master's user or as root, or pass --control PATH",
+        .path.display()
+    )]
+    DeniedDir { path: PathBuf, me: u32 },
+    #[error("cannot connect to control socket {}: {source}", .path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    #[error(
+        "no lb master answers on {} ({source}); start one, or pass --control PATH",
+        .path.display()
+    )]
+    NotRunning { path: PathBuf, source: io::Error },
+    #[error(
+        "no lb master answers on any of {}; start one, or pass --control PATH (or --listen for \
+         another port)",
+        list(.paths)
+    )]
+    NoneRunning { paths: Vec<PathBuf> },
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    #[error("cannot talk to the master on {}: {source}", .path.display())]
+    Send { path: PathBuf, source: io::Error },
+    #[error("no answer from the master on {}: {source}", .path.display())]
+    Receive { path: PathBuf, source: io::Error },
+    #[error("the master on {} closed the connection without an answer", .path.display())]
+    Hangup { path: PathBuf },
+    #[error("unreadable answer from the master on {}: {source}", .path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("the master sent no status")]
+    NoStatus,
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// How a connection attempt ended, for choosing what to say.
 enum Reach {
     Connected(UnixStream),
@@ -34,44 +101,39 @@ fn reach(path: &Path) -> Reach {
     }
 }
 
-/// The one line for a socket this uid may not open.
-fn denied(path: &Path, me: u32) -> String {
-    match std::fs::metadata(path) {
-        Ok(m) => format!(
-            "permission denied on control socket {} (it belongs to uid {}, mode {:o}, and you are \
-             uid {me}); run lb as uid {} or as root, or pass --control PATH",
-            path.display(),
-            m.uid(),
-            m.mode() & 0o777,
-            m.uid()
-        ),
-        Err(_) => format!(
-            "permission denied on control socket {} (you, uid {me}, may not open it or its \
-             directory); run lb as the master's user or as root, or pass --control PATH",
-            path.display()
-        ),
+/// Why a socket this uid may not open cannot be opened.
+fn denied(path: &Path, me: u32) -> ClientError {
+    let path = path.to_path_buf();
+    match std::fs::metadata(&path) {
+        Ok(m) => ClientError::Denied {
+            uid: m.uid(),
+            mode: m.mode() & 0o777,
+            me,
+            path,
+        },
+        Err(_) => ClientError::DeniedDir { path, me },
     }
 }
 
 /// Connects to the first of `paths` that answers and runs as root or as
-/// this uid; (its path, the stream), or one line saying why none.
-pub fn connect(paths: &[PathBuf]) -> Result<(PathBuf, UnixStream), String> {
+/// this uid; (its path, the stream), or why none.
+pub fn connect(paths: &[PathBuf]) -> Result<(PathBuf, UnixStream), ClientError> {
     let me = nix::unistd::getuid().as_raw();
     let mut refused: Option<&Path> = None;
     let mut last = None;
     for path in paths {
         match reach(path) {
             Reach::Connected(stream) => {
-                let uid = super::peer_uid(&stream)
-                    .map_err(|e| format!("cannot tell who serves {}: {e}", path.display()))?;
+                let uid = super::peer_uid(&stream).map_err(|source| ClientError::Identify {
+                    path: path.clone(),
+                    source,
+                })?;
                 if !super::allowed(uid, me) {
-                    return Err(format!(
-                        "the control socket {} is served by uid {uid}, neither root nor you (uid \
-                         {me}), so it is not believed and nothing was sent; if that is a master \
-                         you mean to control, run lb as uid {uid}; else remove the socket or pass \
-                         --control PATH",
-                        path.display()
-                    ));
+                    return Err(ClientError::Foreign {
+                        path: path.clone(),
+                        uid,
+                        me,
+                    });
                 }
                 return Ok((path.clone(), stream));
             }
@@ -79,11 +141,11 @@ pub fn connect(paths: &[PathBuf]) -> Result<(PathBuf, UnixStream), String> {
             Reach::Denied => {
                 refused.get_or_insert(path);
             }
-            Reach::Failed(e) => {
-                return Err(format!(
-                    "cannot connect to control socket {}: {e}",
-                    path.display()
-                ));
+            Reach::Failed(source) => {
+                return Err(ClientError::Connect {
+                    path: path.clone(),
+                    source,
+                });
             }
         }
     }
@@ -91,27 +153,20 @@ pub fn connect(paths: &[PathBuf]) -> Result<(PathBuf, UnixStream), String> {
         return Err(denied(path, me));
     }
     Err(match (paths, last) {
-        ([one], Some(e)) => format!(
-            "no lb master answers on {} ({e}); start one, or pass --control PATH",
-            one.display()
-        ),
-        _ => format!(
-            "no lb master answers on any of {}; start one, or pass --control PATH (or --listen \
-             for another port)",
-            paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        ([one], Some(source)) => ClientError::NotRunning {
+            path: one.clone(),
+            source,
+        },
+        _ => ClientError::NoneRunning {
+            paths: paths.to_vec(),
+        },
     })
 }
 
 /// Sends one request to the first master of `paths` that answers (see
-/// `connect`) and returns its answer, or a one-line reason.
-pub fn call(paths: &[PathBuf], request: &Request) -> Result<Response, String> {
+/// `connect`) and returns its answer, or why not.
+pub fn call(paths: &[PathBuf], request: &Request) -> Result<Response, ClientError> {
     let (path, stream) = connect(paths)?;
-    let path = path.display();
     let timeout = Duration::from_secs(10);
     let read_timeout = if *request == Request::Reload {
         super::RELOAD_TIMEOUT + timeout
@@ -120,29 +175,32 @@ pub fn call(paths: &[PathBuf], request: &Request) -> Result<Response, String> {
     };
     let _ = stream.set_read_timeout(Some(read_timeout));
     let _ = stream.set_write_timeout(Some(timeout));
-    let mut text = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    let mut text = serde_json::to_string(request).map_err(ClientError::Encode)?;
     text.push('\n');
     (&stream)
         .write_all(text.as_bytes())
-        .map_err(|e| format!("cannot talk to the master on {path}: {e}"))?;
+        .map_err(|source| ClientError::Send {
+            path: path.clone(),
+            source,
+        })?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
-        .map_err(|e| format!("no answer from the master on {path}: {e}"))?;
+        .map_err(|source| ClientError::Receive {
+            path: path.clone(),
+            source,
+        })?;
     if line.is_empty() {
-        return Err(format!(
-            "the master on {path} closed the connection without an answer"
-        ));
+        return Err(ClientError::Hangup { path });
     }
-    serde_json::from_str(line.trim())
-        .map_err(|e| format!("unreadable answer from the master on {path}: {e}"))
+    serde_json::from_str(line.trim()).map_err(|source| ClientError::Unreadable { path, source })
 }
 
 /// The worker pids a master runs now.
-pub fn worker_pids(paths: &[PathBuf]) -> Result<Vec<u32>, String> {
+pub fn worker_pids(paths: &[PathBuf]) -> Result<Vec<u32>, ClientError> {
     let status = call(paths, &Request::Status)?
         .status
-        .ok_or("the master sent no status")?;
+        .ok_or(ClientError::NoStatus)?;
     Ok(status.workers.iter().filter_map(|w| w.pid).collect())
 }
 
@@ -150,7 +208,7 @@ pub fn worker_pids(paths: &[PathBuf]) -> Result<Vec<u32>, String> {
 /// (`lb reload --wait`). The master kills a worker still draining at its
 /// `drain_timeout`, so this ends; a status the master is slow to answer is
 /// asked again.
-pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), String> {
+pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), ClientError> {
     let mut failures = 0;
     loop {
         match worker_pids(paths) {
@@ -249,5 +307,53 @@ mod tests {
         let t = render(&s);
         assert_eq!(t.lines().count(), 3 + 1 + 2);
         assert!(t.contains("3.0M") && t.contains("restarting"));
+    }
+
+    #[test]
+    fn why_no_answer_reads_as_one_line() {
+        let p = PathBuf::from;
+        assert_eq!(
+            ClientError::Foreign {
+                path: p("/run/lb.sock"),
+                uid: 7,
+                me: 1000
+            }
+            .to_string(),
+            "the control socket /run/lb.sock is served by uid 7, neither root nor you (uid 1000), \
+             so it is not believed and nothing was sent; if that is a master you mean to control, \
+             run lb as uid 7; else remove the socket or pass --control PATH"
+        );
+        assert_eq!(
+            ClientError::Denied {
+                path: p("/run/lb.sock"),
+                uid: 7,
+                mode: 0o600,
+                me: 1000
+            }
+            .to_string(),
+            "permission denied on control socket /run/lb.sock (it belongs to uid 7, mode 600, and \
+             you are uid 1000); run lb as uid 7 or as root, or pass --control PATH"
+        );
+        assert_eq!(
+            ClientError::NoneRunning {
+                paths: vec![p("/a"), p("/b")]
+            }
+            .to_string(),
+            "no lb master answers on any of /a, /b; start one, or pass --control PATH (or \
+             --listen for another port)"
+        );
+        let missing = std::env::temp_dir().join(format!("lb-client-none-{}", std::process::id()));
+        let e = connect(std::slice::from_ref(&missing)).unwrap_err();
+        assert!(matches!(e, ClientError::NotRunning { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "no lb master answers on {} ({}); start one, or pass --control PATH",
+                missing.display(),
+                io::Error::from_raw_os_error(libc::ENOENT)
+            )
+        );
+        let e = connect(&[missing.clone(), missing.join("x")]).unwrap_err();
+        assert!(matches!(e, ClientError::NoneRunning { ref paths } if paths.len() == 2));
     }
 }

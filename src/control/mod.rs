@@ -13,10 +13,13 @@
 //! client does reaches the supervisor but a request. Never does anything the
 //! supervisor does not expose.
 
+mod answer;
 pub mod client;
 mod clients;
+mod http;
 pub mod metrics;
 pub mod path;
+mod prometheus;
 mod wire;
 
 pub use wire::{Request, Response, Status, WorkerStatus};
@@ -69,7 +72,7 @@ pub fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
 /// A request from a client, and where the supervisor's answer goes.
 pub struct Incoming {
     pub request: Request,
-    pub reply: Sender<Response>,
+    pub reply: Sender<crate::supervisor::Answer>,
 }
 
 /// How long a stopping master waits for answers still being written (the
@@ -440,16 +443,19 @@ fn answer(
     let (reply, answer) = crossbeam_channel::bounded(1);
     let _ = requests.send(Incoming { request, reply });
     let _ = waker.wake();
-    let answer = answer.recv_timeout(wait).unwrap_or_else(|e| {
-        Response::error(match e {
-            crossbeam_channel::RecvTimeoutError::Timeout => {
-                format!("the master did not answer within {}s", wait.as_secs())
-            }
-            crossbeam_channel::RecvTimeoutError::Disconnected => {
-                "the master stopped before answering".into()
-            }
-        })
-    });
+    let answer = answer
+        .recv_timeout(wait)
+        .map(Response::from)
+        .unwrap_or_else(|e| {
+            Response::error(match e {
+                crossbeam_channel::RecvTimeoutError::Timeout => {
+                    format!("the master did not answer within {}s", wait.as_secs())
+                }
+                crossbeam_channel::RecvTimeoutError::Disconnected => {
+                    "the master stopped before answering".into()
+                }
+            })
+        });
     let mut text = serde_json::to_string(&answer).map_err(io::Error::other)?;
     text.push('\n');
     (&stream).write_all(text.as_bytes())

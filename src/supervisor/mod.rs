@@ -8,66 +8,48 @@
 //! [`dispatch::Command`]s and hears back [`dispatch::Event`]s.
 
 pub mod backoff;
+mod events;
+mod exits;
+mod launch;
 mod output;
+mod preload;
 pub mod reaper;
+mod recycle;
+mod reload;
+mod requests;
+mod scale;
+mod signals;
 mod spawn;
+mod start;
+mod status;
+mod timers;
 
+pub use requests::Answer;
+pub use signals::handled_signals;
 pub use spawn::message_cost;
+pub use status::{Status, WorkerState, WorkerStatus};
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Child;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
-use nix::sys::signal::Signal;
-use nix::sys::signalfd::{SfdFlags, SigSet, SignalFd};
-use nix::sys::wait::WaitPidFlag;
+use mio::{Events, Interest, Poll, Token, Waker};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::config::{Config, DrainBy, Mode};
-use crate::control::{self, Request, Response, Status, WorkerStatus};
-use crate::dispatch::{self, Command, Event};
+use crate::config::Config;
+use crate::control::{self, Request};
+use crate::dispatch::{self, Command};
 use crate::info;
 use crate::policy::Slot;
 use crate::sys;
-
-/// Signals the master handles itself (blocked in every thread, read from a
-/// signalfd here; unblocked again in each worker before exec): every one a
-/// user or a tool may send whose default would stop or kill lb. Those not
-/// meant to stop it are logged and ignored (`on_signals`). Fault signals
-/// (SEGV, BUS, FPE, ILL, ABRT) keep their default: the kernel delivers a
-/// real fault even when blocked, and one sent on purpose means "crash".
-pub fn handled_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGQUIT,
-        Signal::SIGHUP,
-        Signal::SIGTTIN,
-        Signal::SIGTTOU,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGALRM,
-        Signal::SIGPROF,
-        Signal::SIGVTALRM,
-        Signal::SIGXCPU,
-        Signal::SIGXFSZ,
-        Signal::SIGPWR,
-        Signal::SIGSYS,
-        Signal::SIGSTKFLT,
-        Signal::SIGTRAP,
-        Signal::SIGTSTP,
-    ] {
-        set.add(s);
-    }
-    set
-}
+use reload::Reload;
 
 const SIGNALS: Token = Token(0);
-pub const WAKER: Token = Token(1);
+const WAKER: Token = Token(1);
 /// A worker's pidfd is `Token(CHILD_BASE + pid)`: unique among live children.
 const CHILD_BASE: usize = 2;
 /// Protocol errors logged per worker before the rest are only counted.
@@ -100,6 +82,34 @@ pub enum SupervisorError {
     Output(io::Error),
     #[error("supervisor event loop failed: {0}")]
     Poll(io::Error),
+    #[error("epoll: {0}")]
+    Epoll(io::Error),
+    #[error("eventfd: {0}")]
+    Eventfd(io::Error),
+}
+
+/// The supervisor's event loop, made before what wakes it: the dispatcher's
+/// notifier, the control socket and the metrics endpoint each get its waker
+/// (`waker`) before the supervisor itself is made with the loop.
+pub struct EventLoop {
+    poll: Poll,
+    waker: Arc<Waker>,
+}
+
+impl EventLoop {
+    pub fn new() -> Result<EventLoop, SupervisorError> {
+        let poll = Poll::new().map_err(SupervisorError::Epoll)?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(SupervisorError::Eventfd)?;
+        Ok(EventLoop {
+            poll,
+            waker: Arc::new(waker),
+        })
+    }
+
+    /// What wakes the supervisor when something is for it.
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
 }
 
 /// The master's life:
@@ -113,8 +123,9 @@ enum Phase {
     Killing,
 }
 
-/// A live worker process.
-struct Proc {
+/// A live worker process (the dispatcher keeps its own `Worker` for the
+/// same process: its channel and counts).
+struct Worker {
     slot: Slot,
     pid: u32,
     generation: u64,
@@ -149,7 +160,7 @@ struct Proc {
     signal_on_drain: bool,
 }
 
-impl Proc {
+impl Worker {
     /// SIGKILL to the worker and to the process group it leads (its own
     /// children, which would otherwise outlive it).
     fn kill(&self) {
@@ -169,7 +180,7 @@ fn kill_group(leader: u32) {
 
 /// A worker that has exited, waiting for the dispatcher's Detached.
 struct Exiting {
-    proc: Proc,
+    worker: Worker,
     uptime: std::time::Duration,
     how: String,
     /// Judge the exit anyway by then.
@@ -193,6 +204,8 @@ struct SlotState {
 
 pub struct Supervisor {
     poll: Poll,
+    /// Kept with the poll it is registered in.
+    _waker: Arc<Waker>,
     signals: SignalFd,
     output: output::Output,
     /// Kills what workers leave behind if this master is killed outright.
@@ -200,7 +213,7 @@ pub struct Supervisor {
     config: Config,
     slot_pools: Vec<usize>,
     slots: Vec<SlotState>,
-    procs: Vec<Proc>,
+    workers: Vec<Worker>,
     /// Exited workers whose exit is judged once the dispatcher has read
     /// their last words.
     exiting: Vec<Exiting>,
@@ -230,7 +243,7 @@ pub struct Supervisor {
     /// Node workers' `cluster.worker.id`s handed out so far.
     node_ids: u64,
     /// The close-report preload, written when a Node worker first needs it.
-    node_preload: Option<spawn::Preload>,
+    node_preload: Option<preload::Preload>,
     /// The accept shim's in-memory file, made when a shim worker first needs it.
     shim: Option<crate::shim::Memfd>,
     /// Shared mode: the listener every worker gets as fd 3.
@@ -249,29 +262,10 @@ pub struct Front {
 /// Loads the configuration again (the same sources as at start).
 pub type Reconfigure = Box<dyn Fn() -> Result<Config, crate::config::ConfigError>>;
 
-/// A rolling reload in progress:
-/// 1. the new configuration is loaded and the generation bumped;
-/// 2. for each slot in turn, a worker of the new generation is started;
-/// 3. its READY switches the slot to it and drains the old worker;
-/// 4. a candidate that exits or times out before READY aborts the reload:
-///    old workers keep serving, the previous configuration is restored for
-///    restarts.
-struct Reload {
-    queue: std::collections::VecDeque<Slot>,
-    /// New workers started and not yet ready (at most `reload_parallel`).
-    candidates: Vec<u32>,
-    replaced: usize,
-    previous: Config,
-    previous_generation: u64,
-    reply: Option<crossbeam_channel::Sender<Response>>,
-}
-
 impl Supervisor {
-    /// `poll` must already carry the waker the dispatcher's notifier uses
-    /// (token [`WAKER`]). The caller has blocked [`handled_signals`] in
-    /// every thread.
+    /// The caller has blocked [`handled_signals`] in every thread.
     pub fn new(
-        poll: Poll,
+        event_loop: EventLoop,
         config: Config,
         reconfigure: Reconfigure,
         front: Front,
@@ -283,6 +277,7 @@ impl Supervisor {
             addr: listen,
             shared: shared_listener,
         } = front;
+        let EventLoop { poll, waker } = event_loop;
         let signals = SignalFd::with_flags(
             &handled_signals(),
             SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
@@ -311,13 +306,14 @@ impl Supervisor {
             .collect();
         Ok(Supervisor {
             poll,
+            _waker: waker,
             signals,
             output,
             reaper,
             config,
             slot_pools,
             slots,
-            procs: Vec::new(),
+            workers: Vec::new(),
             exiting: Vec::new(),
             dispatch,
             events,
@@ -354,7 +350,7 @@ impl Supervisor {
         }
         let mut events = Events::with_capacity(64);
         loop {
-            if self.phase != Phase::Running && self.procs.is_empty() && self.exiting.is_empty() {
+            if self.phase != Phase::Running && self.workers.is_empty() && self.exiting.is_empty() {
                 break;
             }
             let timeout = self
@@ -415,1007 +411,17 @@ impl Supervisor {
         })
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
-        let kills = self
-            .procs
-            .iter()
-            .flat_map(|p| [p.kill_at, p.replace_at])
-            .flatten();
-        let ready = self
-            .procs
-            .iter()
-            .filter(|p| !p.ready && !p.retiring && !p.ready_timed_out)
-            .map(|p| p.started + self.config.ready_timeout);
-        let exits = self.exiting.iter().map(|e| e.give_up_at);
-        let drain = match self.phase {
-            Phase::Draining { deadline } => Some(deadline),
-            _ => None,
-        };
-        restarts
-            .chain(kills)
-            .chain(exits)
-            .chain(ready)
-            .chain(drain)
-            .chain(self.next_check)
-            .min()
-    }
-
-    /// Starts the worker for `slot`; the error is fatal only at start-up.
-    fn start(&mut self, slot: Slot) -> Result<u32, SupervisorError> {
-        let pool = &self.config.pools[self.slot_pools[slot.0]];
-        let generation = self.generation;
-        info!(
-            "worker {slot} gen {generation}: spawn `{}`",
-            spawn::describe_command(pool)
-        );
-        let report_closed = self.config.policy.uses_close_reports();
-        if pool.mode == Mode::Node && report_closed && self.node_preload.is_none() {
-            self.node_preload = Some(spawn::Preload::write().map_err(|source| {
-                SupervisorError::Spawn {
-                    pool: pool.name.clone(),
-                    command: "the Node.js close-report preload".into(),
-                    source,
-                    hint: "it is written to $XDG_RUNTIME_DIR or the temp directory; check that one is writable",
-                }
-            })?);
-        }
-        if pool.mode == Mode::Shim && self.shim.is_none() {
-            self.shim =
-                Some(
-                    crate::shim::Memfd::create().map_err(|source| SupervisorError::Spawn {
-                        pool: pool.name.clone(),
-                        command: "the accept shim (an in-memory file)".into(),
-                        source,
-                        hint: "memfd_create failed; check the fd limit",
-                    })?,
-                );
-        }
-        self.node_ids += 1;
-        let proxy_port = if pool.mode.relays() {
-            Some(spawn::free_port().map_err(|source| SupervisorError::Spawn {
-                pool: pool.name.clone(),
-                command: pool.command.display().to_string(),
-                source,
-                hint: "no free loopback port for the worker to listen on",
-            })?)
-        } else {
-            None
-        };
-        let launch = spawn::Launch {
-            slot,
-            generation,
-            report_closed,
-            node_id: self.node_ids,
-            node_preload: self
-                .node_preload
-                .as_ref()
-                .filter(|_| report_closed)
-                .map(|p| p.file.as_path()),
-            port: self.port,
-            proxy_port,
-            shim: self.shim.as_ref(),
-            listener: self.shared_listener.as_ref().map(|l| l.as_raw_fd()),
-            drain_timeout: self.config.drain_timeout,
-            queue: self.config.worker_queue,
-        };
-        let spawned = spawn::spawn(pool, &launch).map_err(|source| {
-            // ENOENT for a file that exists: exec could not find what the file needs.
-            let hint = if source.kind() == io::ErrorKind::NotFound && pool.command.exists() {
-                "the file exists, so its #! interpreter or its dynamic loader is missing"
-            } else {
-                "check that it is an executable program"
-            };
-            SupervisorError::Spawn {
-                pool: pool.name.clone(),
-                command: pool.command.display().to_string(),
-                source,
-                hint,
-            }
-        })?;
-        let pid = spawned.child.id();
-        if let Some(r) = self.reaper.as_mut() {
-            r.add(pid);
-        }
-        info!("worker {slot} pid {pid} gen {generation}: online");
-        self.poll
-            .registry()
-            .register(
-                &mut SourceFd(&spawned.pidfd.as_raw_fd()),
-                Token(CHILD_BASE + pid as usize),
-                Interest::READABLE,
-            )
-            .map_err(SupervisorError::Poll)?;
-        for (fd, stderr) in [(spawned.stdout, false), (spawned.stderr, true)] {
-            self.output.add(output::Pipe {
-                slot,
-                pid,
-                stderr,
-                fd,
-            });
-        }
-        self.dispatch.send(Command::Attach {
-            slot,
-            pid,
-            channel: spawned.channel,
-            peer: spawned.peer,
-            weight: pool.weight,
-            mode: pool.mode,
-            port: proxy_port.unwrap_or(0),
-        });
-        self.procs.push(Proc {
-            slot,
-            pid,
-            generation,
-            child: spawned.child,
-            pidfd: spawned.pidfd,
-            started: Instant::now(),
-            ready: false,
-            retiring: false,
-            ready_timed_out: false,
-            kill_at: None,
-            malformed: 0,
-            recycling: false,
-            replace_at: None,
-            said: crate::log::Budget::new(SAID_PER_SECOND),
-            stalled: false,
-            rss_checked: false,
-            stop_signal: pool.stop_signal,
-            signal_on_drain: pool.mode.drained_by() == DrainBy::Signal,
-        });
-        Ok(pid)
-    }
-
-    /// Starts `slot` now, or schedules a retry with backoff if that fails.
-    fn start_or_retry(&mut self, slot: Slot) {
-        if let Err(e) = self.start(slot) {
-            let s = &mut self.slots[slot.0];
-            s.failures = s.failures.saturating_add(1);
-            s.last_exit = e.to_string();
-            let delay = backoff::delay(s.failures);
-            s.restart_at = Some(Instant::now() + delay);
-            info!("{e}; retrying in {} ms", delay.as_millis());
-        }
-    }
-
     fn index_of(&self, pid: u32) -> Option<usize> {
-        self.procs.iter().position(|p| p.pid == pid)
-    }
-
-    fn on_exit(&mut self, pid: u32) {
-        let Some(i) = self.index_of(pid) else { return };
-        // What the worker leaves behind in its process group (a shell's
-        // `sleep`, a server's own children) goes with it: while the exited
-        // leader is not reaped its pid, and so the group's id, cannot be
-        // reused by another process.
-        let exited = nix::sys::wait::waitid(
-            nix::sys::wait::Id::PIDFd(self.procs[i].pidfd.as_fd()),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-        );
-        if matches!(exited, Ok(s) if s != nix::sys::wait::WaitStatus::StillAlive) {
-            kill_group(pid);
-        }
-        let status = match self.procs[i].child.try_wait() {
-            Ok(Some(status)) => status,
-            // A pidfd is readable only once the process exited; else spurious.
-            Ok(None) | Err(_) => return,
-        };
-        let p = self.procs.swap_remove(i);
-        if let Some(r) = self.reaper.as_mut() {
-            r.remove(pid);
-        }
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&p.pidfd.as_raw_fd()));
-        // What the worker said last (a LEAVING just before it exited, say)
-        // may still be unread in its channel: the dispatcher reads it, and
-        // rescues what it never took, before it answers Detached. Only then
-        // is the exit judged.
-        self.dispatch.send(Command::Detach {
-            slot: p.slot,
-            pid: p.pid,
-        });
-        self.exiting.push(Exiting {
-            uptime: p.started.elapsed(),
-            how: spawn::describe(status),
-            give_up_at: Instant::now() + DETACH_WAIT,
-            proc: p,
-        });
-    }
-
-    /// The dispatcher has read and let go of an exited worker's channel
-    /// (or did not answer in time): what the exit means.
-    fn exited(&mut self, pid: u32) {
-        let Some(i) = self.exiting.iter().position(|e| e.proc.pid == pid) else {
-            return;
-        };
-        let Exiting {
-            proc: mut p,
-            uptime,
-            how,
-            ..
-        } = self.exiting.swap_remove(i);
-        let unlogged = p.said.unreported();
-        if unlogged > 0 {
-            info!(
-                "worker {} pid {}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)",
-                p.slot, p.pid
-            );
-        }
-        let expected = p.retiring || self.phase != Phase::Running;
-        info!(
-            "worker {} pid {} gen {}: exit ({how}, up {:.1}s, {})",
-            p.slot,
-            p.pid,
-            p.generation,
-            uptime.as_secs_f64(),
-            if expected { "expected" } else { "unexpected" }
-        );
-        // (A slot scaled away meanwhile restarts nothing.)
-        if p.retiring || self.phase != Phase::Running || p.slot.0 >= self.slots.len() {
-            return;
-        }
-        let how_text = || how.clone();
-        if self
-            .reload
-            .as_ref()
-            .is_some_and(|r| r.candidates.contains(&p.pid))
-        {
-            let why = if p.ready_timed_out {
-                format!(
-                    "not ready within {:.1}s",
-                    self.config.ready_timeout.as_secs_f64()
-                )
-            } else {
-                how_text()
-            };
-            self.abort_reload(format!(
-                "worker {} of generation {} exited before READY ({why})",
-                p.slot, p.generation
-            ));
-        }
-        // Another live process still covers the slot (the one a failed
-        // candidate was to replace, or the candidate replacing a dead one).
-        // A failed successor leaves the one it was to replace to be
-        // replaced again: at once when its limits say so (recycling), after
-        // the back-off of a failed start when it takes nothing (stalled).
-        if self.procs.iter().any(|o| o.slot == p.slot && !o.retiring) {
-            if !p.ready {
-                let s = &mut self.slots[p.slot.0];
-                s.failures = s.failures.saturating_add(1);
-                let retry = Instant::now() + backoff::delay(s.failures);
-                for o in self.procs.iter_mut().filter(|o| o.slot == p.slot) {
-                    o.recycling = false;
-                    if o.stalled {
-                        o.recycling = true;
-                        o.replace_at = Some(retry);
-                    }
-                }
-            }
-            return;
-        }
-        let failures = backoff::failures_after(
-            self.slots[p.slot.0].failures,
-            uptime,
-            self.config.min_uptime,
-            p.ready,
-        );
-        let reason = if p.ready_timed_out {
-            format!(
-                "not ready within {:.1}s",
-                self.config.ready_timeout.as_secs_f64()
-            )
-        } else {
-            how
-        };
-        self.schedule_restart(p.slot, failures, reason);
-    }
-
-    /// Exits whose Detached is overdue (a dispatcher that is gone).
-    fn exits_overdue(&mut self, now: Instant) {
-        let overdue: Vec<u32> = self
-            .exiting
-            .iter()
-            .filter(|e| now >= e.give_up_at)
-            .map(|e| e.proc.pid)
-            .collect();
-        for pid in overdue {
-            self.exited(pid);
-        }
-    }
-
-    /// Restarts `slot` after the backoff for `failures` consecutive failed
-    /// starts; reports a crash loop once.
-    fn schedule_restart(&mut self, slot: Slot, failures: u32, reason: String) {
-        let min_uptime = self.config.min_uptime;
-        let s = &mut self.slots[slot.0];
-        s.failures = failures;
-        s.last_exit = reason;
-        let delay = backoff::delay(failures);
-        s.restart_at = Some(Instant::now() + delay);
-        if !backoff::is_crash_loop(failures) {
-            s.crash_loop_reported = false;
-            info!(
-                "worker {slot}: restart #{} in {} ms",
-                s.restarts + 1,
-                delay.as_millis()
-            );
-        } else if !s.crash_loop_reported {
-            s.crash_loop_reported = true;
-            info!(
-                "worker {slot} is crash-looping: {failures} failed starts in a row, each within \
-                 {:.1}s or before READY (last: {}); restarting with backoff up to {}s, reported once",
-                min_uptime.as_secs_f64(),
-                s.last_exit,
-                backoff::MAX.as_secs()
-            );
-        }
-    }
-
-    fn on_event(&mut self, event: Event) {
-        match event {
-            Event::Ready { slot, pid } => {
-                if let Some(i) = self.index_of(pid) {
-                    let p = &mut self.procs[i];
-                    p.ready = true;
-                    self.any_ready = true;
-                    info!("worker {slot} pid {pid} gen {}: ready", p.generation);
-                    if !self.notified_ready
-                        && self.procs.iter().filter(|p| p.ready).count() >= self.slots.len()
-                    {
-                        self.notified_ready = true;
-                        crate::systemd::notify("READY=1");
-                    }
-                    // READY was the switch: what ran in the slot before drains.
-                    let others: Vec<u32> = self
-                        .procs
-                        .iter()
-                        .filter(|o| o.slot == slot && o.pid != pid && !o.retiring)
-                        .map(|o| o.pid)
-                        .collect();
-                    for other in others {
-                        self.retire(other);
-                    }
-                    if let Some(r) = self.reload.as_mut()
-                        && let Some(k) = r.candidates.iter().position(|&c| c == pid)
-                    {
-                        r.candidates.swap_remove(k);
-                        r.replaced += 1;
-                        self.advance_reload();
-                    }
-                }
-            }
-            Event::Draining { slot, pid } => {
-                if let Some(i) = self.index_of(pid) {
-                    let p = &self.procs[i];
-                    info!("worker {slot} pid {pid} gen {}: draining", p.generation);
-                    if p.signal_on_drain {
-                        let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
-                    }
-                }
-            }
-            Event::Leaving { slot, pid } => self.leaving(slot, pid),
-            Event::Note { slot, pid, text } => {
-                let text = crate::log::escape(text.as_bytes());
-                self.say_for(slot, pid, format_args!("{text}"));
-            }
-            Event::Stop { slot, pid } => {
-                let Some(i) = self.index_of(pid) else { return };
-                let p = &self.procs[i];
-                // Only one on its way out: STOP is the answer to DRAIN.
-                if p.retiring || self.phase != Phase::Running {
-                    let signal = nix::sys::signal::Signal::try_from(p.stop_signal)
-                        .map_or_else(|_| p.stop_signal.to_string(), |s| s.to_string());
-                    info!("worker {slot} pid {pid}: stopping it with {signal}");
-                    let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
-                } else {
-                    self.protocol_error(slot, pid, crate::proto::Malformed::EarlyStop);
-                }
-            }
-            Event::Message { slot, pid, payload } => {
-                let text = crate::log::escape(payload.trim_ascii_end());
-                self.say_for(slot, pid, format_args!("message: {text}"));
-            }
-            Event::Malformed { slot, pid, error } => self.protocol_error(slot, pid, error),
-            Event::Rescued { slot, pid, count } => {
-                info!(
-                    "worker {slot} pid {pid}: rescued {count} queued connections for other workers"
-                );
-            }
-            Event::AcceptError { errno } => {
-                info!(
-                    "accept failed: {}; retrying every 10 ms (said once, until it works again)",
-                    io::Error::from_raw_os_error(errno)
-                );
-            }
-            Event::AcceptRecovered { failures } => {
-                info!("accept works again, after {failures} failed tries");
-            }
-            Event::Drained => {
-                info!("listener closed; every worker was sent DRAIN");
-            }
-            Event::Detached { pid, .. } => {
-                // What it said before it died (chatter: messages) first.
-                while let Ok(event) = self.events.chatter.try_recv() {
-                    self.on_event(event);
-                }
-                self.exited(pid);
-            }
-            Event::Stalled {
-                slot,
-                pid,
-                why,
-                rescued,
-            } => {
-                info!(
-                    "worker {slot} pid {pid} {why}: it gets no more, {rescued} went to other \
-                     workers; replacing it, its successor ready first"
-                );
-                let Some(i) = self.index_of(pid) else { return };
-                let covered = self.covered(slot, pid);
-                let p = &mut self.procs[i];
-                p.stalled = true;
-                if p.retiring || p.recycling || covered || self.phase != Phase::Running {
-                    return;
-                }
-                p.recycling = true;
-                self.slots[slot.0].restarts += 1;
-                self.start_or_retry(slot);
-            }
-        }
-    }
-
-    /// Logs a line a worker made lb log (its messages, notes about it),
-    /// within that worker's budget: what is over it is counted, and the
-    /// count said before its next line or at its exit.
-    fn say_for(&mut self, slot: Slot, pid: u32, text: std::fmt::Arguments<'_>) {
-        let budget = match self.index_of(pid) {
-            Some(i) => &mut self.procs[i].said,
-            None => match self.exiting.iter_mut().find(|e| e.proc.pid == pid) {
-                Some(e) => &mut e.proc.said,
-                None => return,
-            },
-        };
-        let Some(unlogged) = budget.take(Instant::now()) else {
-            return;
-        };
-        if unlogged > 0 {
-            info!(
-                "worker {slot} pid {pid}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)"
-            );
-        }
-        info!("worker {slot} pid {pid}: {text}");
-    }
-
-    /// A worker announced it is leaving (it may have exited already: its
-    /// exit is judged after this). Its replacement starts at once after a
-    /// healthy run; one that leaves young is a failed start, backed off
-    /// like a crash (a worker that keeps leaving young is a crash loop).
-    /// A successor already starting (a reload's, a recycle's) is its
-    /// replacement: never two.
-    fn leaving(&mut self, slot: Slot, pid: u32) {
-        let (ready, uptime) = if let Some(i) = self.index_of(pid) {
-            let p = &self.procs[i];
-            let seen = (p.ready, p.started.elapsed());
-            if !self.retire(pid) {
-                return;
-            }
-            seen
-        } else if let Some(e) = self.exiting.iter_mut().find(|e| e.proc.pid == pid) {
-            if e.proc.retiring {
-                return;
-            }
-            e.proc.retiring = true;
-            (e.proc.ready, e.uptime)
-        } else {
-            return;
-        };
-        if self.phase != Phase::Running || slot.0 >= self.slots.len() || self.covered(slot, pid) {
-            return;
-        }
-        self.slots[slot.0].restarts += 1;
-        if ready && uptime >= self.config.min_uptime {
-            info!("worker {slot} pid {pid}: leaving; starting its replacement first");
-            self.slots[slot.0].failures = 0;
-            self.start_or_retry(slot);
-        } else {
-            let failures = self.slots[slot.0].failures.saturating_add(1);
-            info!(
-                "worker {slot} pid {pid}: leaving after {:.1}s{}; its replacement starts in {} ms",
-                uptime.as_secs_f64(),
-                if ready { "" } else { ", never ready" },
-                backoff::delay(failures).as_millis()
-            );
-            let why = format!("left after {:.1}s", uptime.as_secs_f64());
-            self.schedule_restart(slot, failures, why);
-        }
+        self.workers.iter().position(|p| p.pid == pid)
     }
 
     /// Whether a process other than `pid` takes, or is about to take, the
     /// slot's connections: not one on its way out (retiring), nor one that
     /// is itself being replaced (recycling, stalled).
     fn covered(&self, slot: Slot, pid: u32) -> bool {
-        self.procs
+        self.workers
             .iter()
             .any(|o| o.slot == slot && o.pid != pid && !o.retiring && !o.recycling && !o.stalled)
-    }
-
-    /// A worker broke the protocol: logged (the first few), counted, and at
-    /// the limit replaced, its successor ready first. The successor starts
-    /// after the back-off of a failed start: a build that does this would
-    /// do it again, and must not churn.
-    fn protocol_error(&mut self, slot: Slot, pid: u32, error: crate::proto::Malformed) {
-        let Some(i) = self.index_of(pid) else { return };
-        let p = &mut self.procs[i];
-        p.malformed += 1;
-        let n = p.malformed;
-        if n <= MALFORMED_LOGGED {
-            info!("worker {slot} pid {pid}: protocol error: {error}");
-        }
-        if n == MALFORMED_LOGGED {
-            info!("worker {slot} pid {pid}: further protocol errors are counted, not logged");
-        }
-        if n < MALFORMED_LIMIT || p.retiring || p.recycling || self.phase != Phase::Running {
-            return;
-        }
-        p.recycling = true;
-        let failures = self.slots[slot.0].failures.saturating_add(1);
-        let delay = backoff::delay(failures);
-        p.replace_at = Some(Instant::now() + delay);
-        info!(
-            "worker {slot} pid {pid}: {n} protocol errors; replacing it in {} ms, its \
-             successor ready first",
-            delay.as_millis()
-        );
-        let s = &mut self.slots[slot.0];
-        s.failures = failures;
-        s.last_exit = format!("{n} protocol errors");
-    }
-
-    /// Starts the successors whose back-off is over, unless something else
-    /// already replaces the worker: a reload (asked again after it), or
-    /// another process in the slot.
-    fn replace_due(&mut self, now: Instant) {
-        let due: Vec<(Slot, u32)> = self
-            .procs
-            .iter()
-            .filter(|p| p.replace_at.is_some_and(|t| now >= t))
-            .map(|p| (p.slot, p.pid))
-            .collect();
-        for (slot, pid) in due {
-            let Some(i) = self.index_of(pid) else {
-                continue;
-            };
-            if self.reload.is_some() {
-                self.procs[i].replace_at = Some(now + RECYCLE_CHECK);
-                continue;
-            }
-            self.procs[i].replace_at = None;
-            let covered = self.covered(slot, pid);
-            if self.procs[i].retiring || covered || self.phase != Phase::Running {
-                self.procs[i].recycling = false;
-                continue;
-            }
-            self.slots[slot.0].restarts += 1;
-            self.start_or_retry(slot);
-        }
-    }
-
-    fn on_control(&mut self, request: Request) -> Response {
-        match request {
-            Request::Status => match self.status() {
-                Some(status) => Response {
-                    ok: true,
-                    status: Some(status),
-                    ..Response::default()
-                },
-                None => Response::error("the dispatcher did not answer".into()),
-            },
-            Request::Reload => Response::error("reload is answered elsewhere".into()),
-            Request::Scale { count, relative } => {
-                let n = self.slots.len() as i64;
-                let target = if relative {
-                    n.saturating_add(count)
-                } else {
-                    count
-                };
-                let target = usize::try_from(target).unwrap_or(0);
-                match self.scale(target) {
-                    Ok(msg) => {
-                        info!("{msg}");
-                        Response::done(msg)
-                    }
-                    Err(why) => Response::error(why),
-                }
-            }
-            Request::Stop => {
-                if self.phase == Phase::Running {
-                    info!("stop requested on the control socket");
-                    self.begin_drain("lb stop");
-                }
-                Response::done(format!("draining {} workers", self.procs.len()))
-            }
-            Request::Send { slot, message } => {
-                if message.len() > crate::proto::MAX_PAYLOAD {
-                    return Response::error(format!(
-                        "message of {} bytes is longer than {}",
-                        message.len(),
-                        crate::proto::MAX_PAYLOAD
-                    ));
-                }
-                if slot.is_some_and(|s| s >= self.slots.len()) {
-                    return Response::error(format!(
-                        "no slot {}; slots are 0 to {}",
-                        slot.unwrap_or(0),
-                        self.slots.len() - 1
-                    ));
-                }
-                let (reply, answer) = crossbeam_channel::bounded(1);
-                self.dispatch.send(Command::Message {
-                    target: slot.map(Slot),
-                    payload: message.into_bytes(),
-                    reply,
-                });
-                match answer.recv_timeout(std::time::Duration::from_secs(2)) {
-                    Ok(0) => Response::error("no ready worker took the message".into()),
-                    Ok(n) => Response::done(format!("sent to {n} workers")),
-                    Err(_) => Response::error("the dispatcher did not answer".into()),
-                }
-            }
-        }
-    }
-
-    /// Every process and every waiting slot, with the dispatcher's counts.
-    fn status(&self) -> Option<Status> {
-        let (reply, answer) = crossbeam_channel::bounded(1);
-        self.dispatch.send(Command::Snapshot(reply));
-        let snap = answer
-            .recv_timeout(std::time::Duration::from_secs(2))
-            .ok()?;
-        let mut workers: Vec<WorkerStatus> = self
-            .procs
-            .iter()
-            .map(|p| {
-                let seen = snap.workers.iter().find(|w| w.pid == p.pid);
-                let uptime = p.started.elapsed().as_secs_f64();
-                let (cpu_s, rss) = sys::proc_usage(p.pid).unwrap_or_default();
-                WorkerStatus {
-                    slot: p.slot.0,
-                    pid: Some(p.pid),
-                    generation: p.generation,
-                    state: if p.retiring {
-                        "draining"
-                    } else if p.stalled {
-                        "stalled"
-                    } else if p.ready {
-                        "ready"
-                    } else {
-                        "starting"
-                    }
-                    .into(),
-                    uptime_s: uptime,
-                    restarts: self.slots.get(p.slot.0).map_or(0, |s| s.restarts),
-                    active: seen.and_then(|w| w.active),
-                    total: seen.map_or(0, |w| w.total),
-                    cpu_percent: if uptime > 0.0 {
-                        100.0 * cpu_s / uptime
-                    } else {
-                        0.0
-                    },
-                    rss_bytes: rss,
-                }
-            })
-            .collect();
-        for (slot, s) in self.slots.iter().enumerate() {
-            if s.restart_at.is_some() && !self.procs.iter().any(|p| p.slot.0 == slot && !p.retiring)
-            {
-                workers.push(WorkerStatus {
-                    slot,
-                    generation: self.generation,
-                    state: "restarting".into(),
-                    restarts: s.restarts,
-                    ..WorkerStatus::default()
-                });
-            }
-        }
-        workers.sort_by_key(|w| (w.slot, w.pid));
-        Some(Status {
-            pid: std::process::id(),
-            listen: self.listen.clone(),
-            policy: self.config.policy.name().into(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            accepted: snap.stats.accepted,
-            dispatched: snap.stats.dispatched,
-            rescued: snap.stats.rescued,
-            paused: snap.stats.paused,
-            proxy_connect_timeouts: snap.stats.proxy_connect_timeouts,
-            proxy_idle_timeouts: snap.stats.proxy_idle_timeouts,
-            latency_buckets: control::metrics::BUCKETS
-                .iter()
-                .map(|&le| (le, snap.latency.count_between(0, (le * 1e9) as u64)))
-                .collect(),
-            latency_count: snap.latency.len(),
-            latency_sum_s: snap.latency.mean() * snap.latency.len() as f64 / 1e9,
-            workers,
-        })
-    }
-
-    /// Replaces, successor first, every ready worker over a recycling limit:
-    /// the new process takes the slot at its READY and the old one drains,
-    /// so no request is cut short.
-    fn recycle(&mut self) {
-        if self.reload.is_some() {
-            return;
-        }
-        let totals = match self.config.max_conns_per_worker {
-            Some(_) => {
-                let (reply, answer) = crossbeam_channel::bounded(1);
-                self.dispatch.send(Command::Snapshot(reply));
-                answer
-                    .recv_timeout(std::time::Duration::from_secs(2))
-                    .map(|s| s.workers)
-                    .unwrap_or_default()
-            }
-            None => Vec::new(),
-        };
-        let mut over = Vec::new();
-        let mut fat_from_start = None;
-        for p in self
-            .procs
-            .iter()
-            .filter(|p| p.ready && !p.retiring && !p.recycling)
-        {
-            // Only when nothing else (a successor already) is in the slot.
-            if self
-                .procs
-                .iter()
-                .any(|o| o.slot == p.slot && o.pid != p.pid && !o.retiring)
-            {
-                continue;
-            }
-            let served = totals
-                .iter()
-                .find(|w| w.pid == p.pid)
-                .map_or(0, |w| w.total);
-            if let Some(limit) = self.config.max_conns_per_worker.filter(|&l| served >= l) {
-                over.push((
-                    p.slot,
-                    p.pid,
-                    format!("served {served} connections (limit {limit})"),
-                ));
-                continue;
-            }
-            if let Some(limit) = self.config.max_rss.filter(|_| !self.rss_warned) {
-                let rss = sys::proc_usage(p.pid).map_or(0, |u| u.1);
-                // Over the limit at its first check once ready: so would
-                // every successor be, and replacing it each second helps
-                // nobody.
-                let fresh = !p.rss_checked;
-                if rss > limit && fresh {
-                    fat_from_start = Some((limit, rss));
-                } else if rss > limit {
-                    over.push((
-                        p.slot,
-                        p.pid,
-                        format!("uses {rss} bytes of memory (limit {limit})"),
-                    ));
-                }
-            }
-        }
-        if self.config.max_rss.is_some() {
-            for p in self.procs.iter_mut().filter(|p| p.ready) {
-                p.rss_checked = true;
-            }
-        }
-        if let Some((limit, rss)) = fat_from_start
-            && !self.rss_warned
-        {
-            self.rss_warned = true;
-            info!(
-                "max_rss ({limit} bytes) is below what a fresh worker uses ({rss} bytes): \
-                 workers are not replaced for memory until it is raised (lb reload)"
-            );
-        }
-        for (slot, pid, why) in over {
-            info!("worker {slot} pid {pid} {why}; replacing it, its successor ready first");
-            if let Some(i) = self.index_of(pid) {
-                self.procs[i].recycling = true;
-            }
-            self.slots[slot.0].restarts += 1;
-            self.start_or_retry(slot);
-        }
-    }
-
-    /// Runs `target` workers: new slots start (and take connections once
-    /// ready); removed slots' workers are drained. Single-pool masters only.
-    fn scale(&mut self, target: usize) -> Result<String, String> {
-        if self.phase != Phase::Running {
-            return Err("the master is stopping".into());
-        }
-        if self.reload.is_some() {
-            return Err("a reload is in progress".into());
-        }
-        if self.config.pools.len() != 1 {
-            return Err(format!(
-                "this master runs {} pools; set each pool's count in the configuration and reload",
-                self.config.pools.len()
-            ));
-        }
-        let max = crate::config::defaults::MAX_WORKERS;
-        if !(1..=max).contains(&target) {
-            return Err(format!("{target} workers: give a count from 1 to {max}"));
-        }
-        let n = self.slots.len();
-        self.config.pools[0].count = target;
-        self.slot_pools = self.config.slot_pools();
-        if target > n {
-            for slot in n..target {
-                self.slots.push(SlotState::default());
-                self.start_or_retry(Slot(slot));
-            }
-            Ok(format!(
-                "scaled from {n} to {target} workers ({} starting)",
-                target - n
-            ))
-        } else {
-            let leaving: Vec<(Slot, u32)> = self
-                .procs
-                .iter()
-                .filter(|p| p.slot.0 >= target)
-                .map(|p| (p.slot, p.pid))
-                .collect();
-            for (slot, pid) in leaving {
-                self.dispatch.send(Command::Drain { slot, pid });
-                self.retire(pid);
-            }
-            // An exit being judged in a removed slot restarts nothing.
-            for e in self.exiting.iter_mut().filter(|e| e.proc.slot.0 >= target) {
-                e.proc.retiring = true;
-            }
-            self.slots.truncate(target);
-            Ok(format!(
-                "scaled from {n} to {target} workers ({} draining)",
-                n - target
-            ))
-        }
-    }
-
-    /// Starts a rolling reload, or answers why not.
-    fn begin_reload(&mut self, reply: Option<crossbeam_channel::Sender<Response>>) {
-        let refuse = |reply: Option<crossbeam_channel::Sender<Response>>, why: String| {
-            info!("reload refused: {why}");
-            if let Some(r) = reply {
-                let _ = r.send(Response::error(why));
-            }
-        };
-        if self.phase != Phase::Running {
-            return refuse(reply, "the master is stopping".into());
-        }
-        if self.reload.is_some() {
-            return refuse(reply, "a reload is already in progress".into());
-        }
-        let new = match (self.reconfigure)() {
-            Ok(c) => c,
-            Err(e) => {
-                return refuse(
-                    reply,
-                    format!("the configuration is invalid, nothing changed: {e}"),
-                );
-            }
-        };
-        if new.slots() != self.config.slots() {
-            return refuse(
-                reply,
-                format!(
-                    "the new configuration has {} workers, the running one {}; change the count \
-                     with a restart for now",
-                    new.slots(),
-                    self.config.slots()
-                ),
-            );
-        }
-        // What the dispatcher was built for at start: whether it accepts at
-        // all (not in shared mode) and whether it has proxy relays.
-        let shape = |c: &Config| (c.shared(), c.relays());
-        if shape(&new) != shape(&self.config) {
-            return refuse(
-                reply,
-                "the new configuration adds or removes shared or proxy mode, which lb sets up \
-                 at start (who accepts, the relays); restart lb for that"
-                    .into(),
-            );
-        }
-        if new.listen != self.config.listen || new.policy != self.config.policy {
-            info!("reload: the listen address and policy stay as they are until a restart");
-        }
-        let mut new = new;
-        new.listen = self.config.listen;
-        new.policy = self.config.policy;
-        new.control = self.config.control.clone();
-        let previous = std::mem::replace(&mut self.config, new);
-        self.rss_warned = false;
-        self.slot_pools = self.config.slot_pools();
-        let previous_generation = self.generation;
-        self.generation += 1;
-        info!(
-            "reloading {} workers to generation {}, {} at a time",
-            self.slots.len(),
-            self.generation,
-            self.config.reload_parallel.max(1)
-        );
-        crate::systemd::notify(&crate::systemd::reloading());
-        self.reload = Some(Reload {
-            queue: (0..self.slots.len()).map(Slot).collect(),
-            candidates: Vec::new(),
-            replaced: 0,
-            previous,
-            previous_generation,
-            reply,
-        });
-        self.advance_reload();
-    }
-
-    /// Starts new workers up to `reload_parallel` at once, or finishes the
-    /// reload when every slot has switched.
-    fn advance_reload(&mut self) {
-        let parallel = self.config.reload_parallel.max(1);
-        loop {
-            let Some(reload) = self.reload.as_mut() else {
-                return;
-            };
-            if reload.candidates.len() >= parallel {
-                return;
-            }
-            let Some(slot) = reload.queue.pop_front() else {
-                if !reload.candidates.is_empty() {
-                    return; // the last ones are still starting
-                }
-                let reload = self.reload.take().expect("checked above");
-                let msg = format!(
-                    "reloaded {} workers to generation {}",
-                    reload.replaced, self.generation
-                );
-                info!("{msg}");
-                crate::systemd::notify("READY=1");
-                if let Some(r) = reload.reply {
-                    let _ = r.send(Response::done(msg));
-                }
-                return;
-            };
-            // A slot waiting to restart gets the new generation directly.
-            self.slots[slot.0].restart_at = None;
-            match self.start(slot) {
-                Ok(pid) => {
-                    if let Some(r) = self.reload.as_mut() {
-                        r.candidates.push(pid);
-                    }
-                }
-                Err(e) => return self.abort_reload(e.to_string()),
-            }
-        }
-    }
-
-    /// Ends a failed reload: what already switched stays; the rest keeps its
-    /// old workers, and restarts use the previous configuration again.
-    fn abort_reload(&mut self, why: String) {
-        let Some(reload) = self.reload.take() else {
-            return;
-        };
-        self.config = reload.previous;
-        self.slot_pools = self.config.slot_pools();
-        self.generation = reload.previous_generation;
-        let msg = format!(
-            "reload failed: {why}; {} workers were replaced, the others keep running",
-            reload.replaced
-        );
-        info!("{msg}");
-        if self.phase == Phase::Running {
-            crate::systemd::notify("READY=1");
-        }
-        if let Some(r) = reload.reply {
-            let _ = r.send(Response::error(msg));
-        }
     }
 
     /// Marks the process `pid` as on its way out: its exit restarts nothing,
@@ -1425,162 +431,12 @@ impl Supervisor {
         let Some(i) = self.index_of(pid) else {
             return false;
         };
-        let p = &mut self.procs[i];
+        let p = &mut self.workers[i];
         if p.retiring {
             return false;
         }
         p.retiring = true;
         p.kill_at = Some(Instant::now() + self.config.drain_timeout);
         true
-    }
-
-    fn on_signals(&mut self) {
-        while let Ok(Some(info)) = self.signals.read_signal() {
-            let Ok(signal) = Signal::try_from(info.ssi_signo as i32) else {
-                continue;
-            };
-            match signal {
-                Signal::SIGINT | Signal::SIGTERM => {
-                    self.interrupts += 1;
-                    if self.interrupts == 1 {
-                        self.begin_drain(signal.as_str());
-                    } else {
-                        info!("{signal} again: stopping now");
-                        self.kill_all();
-                    }
-                }
-                Signal::SIGQUIT => {
-                    info!("SIGQUIT: stopping now");
-                    self.kill_all();
-                }
-                Signal::SIGHUP => self.begin_reload(None),
-                // One more or one fewer worker, as gunicorn does.
-                Signal::SIGTTIN | Signal::SIGTTOU => {
-                    let n = self.slots.len();
-                    let target = if signal == Signal::SIGTTIN {
-                        n + 1
-                    } else {
-                        n.saturating_sub(1)
-                    };
-                    match self.scale(target) {
-                        Ok(msg) => info!("{signal}: {msg}"),
-                        Err(why) => info!("{signal}: not scaled: {why}"),
-                    }
-                }
-                // What logrotate's postrotate sends.
-                Signal::SIGUSR1 => match self.output.reopen() {
-                    Some(Ok(path)) => info!("SIGUSR1: reopened {}", path.display()),
-                    Some(Err(e)) => info!("SIGUSR1: cannot reopen the worker log: {e}"),
-                    None => info!("SIGUSR1: no log file to reopen (lb logs to stderr)"),
-                },
-                Signal::SIGTSTP => {
-                    info!("SIGTSTP ignored: lb does not pause (SIGTERM stops it, SIGSTOP pauses)")
-                }
-                other => info!("{other} ignored (it has no meaning to lb)"),
-            }
-        }
-    }
-
-    fn begin_drain(&mut self, why: &str) {
-        let timeout = self.config.drain_timeout;
-        info!(
-            "{why}: draining {} workers (up to {:.1}s); send it again to stop at once",
-            self.procs.len(),
-            timeout.as_secs_f64()
-        );
-        for s in &mut self.slots {
-            s.restart_at = None;
-        }
-        self.abort_reload("the master is stopping".into());
-        crate::systemd::notify("STOPPING=1");
-        self.phase = Phase::Draining {
-            deadline: Instant::now() + timeout,
-        };
-        self.dispatch.send(Command::Shutdown);
-    }
-
-    fn kill_all(&mut self) {
-        if self.phase == Phase::Running {
-            self.dispatch.send(Command::Shutdown);
-        }
-        self.phase = Phase::Killing;
-        for s in &mut self.slots {
-            s.restart_at = None;
-        }
-        for p in &self.procs {
-            self.forced = true;
-            p.kill();
-        }
-    }
-
-    /// Waits for every child after `kill_all`, outside the loop.
-    fn reap_all(&mut self) {
-        for mut p in self.procs.drain(..) {
-            let _ = p.child.wait();
-            if let Some(r) = self.reaper.as_mut() {
-                r.remove(p.pid);
-            }
-        }
-    }
-
-    fn on_timers(&mut self) {
-        let now = Instant::now();
-        if let Phase::Draining { deadline } = self.phase
-            && now >= deadline
-        {
-            info!(
-                "drain timeout ({:.1}s): killing {} workers still running",
-                self.config.drain_timeout.as_secs_f64(),
-                self.procs.len()
-            );
-            self.kill_all();
-        }
-        let ready_timeout = self.config.ready_timeout;
-        for p in &mut self.procs {
-            let late =
-                !p.ready && !p.retiring && !p.ready_timed_out && now >= p.started + ready_timeout;
-            if late {
-                info!(
-                    "worker {} pid {}: not ready within {:.1}s; killing it",
-                    p.slot,
-                    p.pid,
-                    ready_timeout.as_secs_f64()
-                );
-                p.ready_timed_out = true;
-                p.kill();
-            }
-            if p.kill_at.is_some_and(|t| now >= t) {
-                info!(
-                    "worker {} pid {}: still running after {:.1}s of draining; killing it",
-                    p.slot,
-                    p.pid,
-                    self.config.drain_timeout.as_secs_f64()
-                );
-                p.kill_at = None;
-                p.kill();
-            }
-        }
-        self.replace_due(now);
-        self.exits_overdue(now);
-        let limits = self.config.max_conns_per_worker.is_some() || self.config.max_rss.is_some();
-        if limits && self.phase == Phase::Running {
-            if self.next_check.is_none_or(|t| now >= t) {
-                self.next_check = Some(now + RECYCLE_CHECK);
-                self.recycle();
-            }
-        } else {
-            self.next_check = None;
-        }
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].restart_at.is_some_and(|t| now >= t) {
-                self.slots[slot].restart_at = None;
-                // Something else took the slot meanwhile (a reload's
-                // candidate): never two successors.
-                if !self.covered(Slot(slot), 0) {
-                    self.slots[slot].restarts += 1;
-                    self.start_or_retry(Slot(slot));
-                }
-            }
-        }
     }
 }

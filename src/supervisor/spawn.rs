@@ -4,12 +4,13 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use super::launch::{self, Fd3};
 use crate::config::{ChannelKind, Mode, Pool};
 use crate::policy::Slot;
-use crate::proto::{self, VERSION, WORKER_FD, env, node};
+use crate::proto::{self, WORKER_FD, env};
 use crate::sys;
 
 /// What a worker is told beyond its pool's own command and environment.
@@ -68,6 +69,54 @@ pub fn message_cost() -> usize {
     })
 }
 
+/// The channel `mode` talks over: (the master's end, the worker's end).
+fn channel(mode: Mode, queue: usize) -> io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+    match mode.channel() {
+        ChannelKind::Packets => {
+            let (channel, peer) = proto::pair()?;
+            // The kernel doubles what is asked for, and charges each message
+            // its buffer overhead: this many CONNs fit, then EAGAIN, and the
+            // dispatcher skips the worker until it reads.
+            let bytes = queue.saturating_mul(message_cost()) / 2;
+            socket2::SockRef::from(&channel).set_send_buffer_size(bytes)?;
+            Ok((Some(channel), Some(peer)))
+        }
+        ChannelKind::Stream => proto::stream_pair().map(|(c, p)| (Some(c), Some(p))),
+        ChannelKind::None => Ok((None, None)),
+    }
+}
+
+/// The worker's command: what every mode gets (its pool's environment,
+/// lb's variables, pipes, a process group of its own, none of the
+/// master's systemd variables), then its mode's part, then the arguments
+/// with `{port}` filled in.
+pub(super) fn command(pool: &Pool, launch: &Launch<'_>) -> io::Result<(Command, Fd3)> {
+    let mut cmd = Command::new(&pool.command);
+    cmd.envs(pool.env.iter().map(|(k, v)| (k, v)))
+        .env(env::WORKER_ID, launch.slot.0.to_string())
+        .env(env::GENERATION, launch.generation.to_string())
+        .env(
+            env::DRAIN_TIMEOUT_MS,
+            launch.drain_timeout.as_millis().to_string(),
+        )
+        .stdin(Stdio::null())
+        // The master's systemd variables are not the worker's.
+        .env_remove(crate::systemd::VARS[0])
+        .env_remove(crate::systemd::VARS[1])
+        .env_remove(crate::systemd::VARS[2])
+        .env_remove(crate::systemd::VARS[3])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mode = launch::set_up(&mut cmd, pool, launch)?;
+    let port_text = mode.port.to_string();
+    cmd.args(pool.args.iter().map(|a| match a.to_str() {
+        Some(s) if s.contains("{port}") => s.replace("{port}", &port_text).into(),
+        _ => a.clone(),
+    }));
+    Ok((cmd, mode.fd3))
+}
+
 /// The command line, for logs.
 pub fn describe_command(pool: &Pool) -> String {
     std::iter::once(pool.command.display().to_string())
@@ -80,115 +129,16 @@ pub fn describe_command(pool: &Pool) -> String {
 /// returns only after exec succeeded (or with exec's error), so an `Ok` is
 /// "online".
 pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
-    let (channel, peer) = match pool.mode.channel() {
-        ChannelKind::Packets => proto::pair().map(|(c, p)| (Some(c), Some(p)))?,
-        ChannelKind::Stream => proto::stream_pair().map(|(c, p)| (Some(c), Some(p)))?,
-        ChannelKind::None => (None, None),
-    };
-    let port = match pool.mode {
-        Mode::Shim => pool.port.unwrap_or(launch.port),
-        Mode::Proxy => launch
-            .proxy_port
-            .ok_or_else(|| io::Error::other("proxy mode without a port"))?,
-        _ => launch.port,
-    };
-    if let (ChannelKind::Packets, Some(channel)) = (pool.mode.channel(), &channel) {
-        // The kernel doubles what is asked for, and charges each message
-        // its buffer overhead: this many CONNs fit, then EAGAIN, and the
-        // dispatcher skips the worker until it reads.
-        let bytes = launch.queue.saturating_mul(message_cost()) / 2;
-        socket2::SockRef::from(channel).set_send_buffer_size(bytes)?;
-    }
-    let port_text = port.to_string();
-    let mut cmd = Command::new(&pool.command);
-    cmd.args(pool.args.iter().map(|a| match a.to_str() {
-        Some(s) if s.contains("{port}") => s.replace("{port}", &port_text).into(),
-        _ => a.clone(),
-    }))
-    .envs(pool.env.iter().map(|(k, v)| (k, v)))
-    .env(env::WORKER_ID, launch.slot.0.to_string())
-    .env(env::GENERATION, launch.generation.to_string())
-    .env(
-        env::DRAIN_TIMEOUT_MS,
-        launch.drain_timeout.as_millis().to_string(),
-    )
-    .stdin(Stdio::null())
-    // The master's systemd variables are not the worker's.
-    .env_remove(crate::systemd::VARS[0])
-    .env_remove(crate::systemd::VARS[1])
-    .env_remove(crate::systemd::VARS[2])
-    .env_remove(crate::systemd::VARS[3])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .process_group(0);
-    match pool.mode {
-        Mode::Native => {
-            cmd.env(env::FD, WORKER_FD.to_string())
-                .env(env::PROTOCOL, VERSION.to_string())
-                .env(
-                    env::REPORT_CLOSED,
-                    if launch.report_closed { "1" } else { "0" },
-                );
-        }
-        Mode::Shim => {
-            let shim = launch
-                .shim
-                .ok_or_else(|| io::Error::other("shim mode without the shim"))?;
-            let theirs = pool
-                .env
-                .iter()
-                .find(|(k, _)| k == crate::shim::env::PRELOAD)
-                .map(|(_, v)| v.clone())
-                .or_else(|| std::env::var(crate::shim::env::PRELOAD).ok());
-            cmd.env(env::FD, WORKER_FD.to_string())
-                .env(env::PROTOCOL, VERSION.to_string())
-                .env(
-                    env::REPORT_CLOSED,
-                    if launch.report_closed { "1" } else { "0" },
-                )
-                .env(crate::shim::env::PORT, &port_text)
-                .env(crate::shim::env::STOP_SIGNAL, pool.stop_signal.to_string())
-                .env(crate::shim::env::FD, shim.raw().to_string())
-                .env(crate::shim::env::PRELOAD, shim.preload(theirs.as_deref()));
-            sys::keep_fd(&mut cmd, shim.raw());
-        }
-        Mode::Proxy => {
-            cmd.env("PORT", &port_text);
-        }
-        Mode::Shared => {
-            // systemd's socket activation and einhorn's variables; the
-            // child sets LISTEN_PID to its own pid before exec (below).
-            cmd.env("LISTEN_FDS", "1")
-                .env("LISTEN_FDNAMES", &pool.name)
-                .env("EINHORN_FD_COUNT", "1")
-                .env("EINHORN_FD_0", WORKER_FD.to_string());
-        }
-        Mode::Node => {
-            cmd.env(node::env::UNIQUE_ID, launch.node_id.to_string())
-                .env(node::env::CHANNEL_FD, WORKER_FD.to_string())
-                .env(node::env::SERIALIZATION, "json");
-            if let Some(preload) = launch.node_preload {
-                let mut options = format!("--require \"{}\"", preload.display());
-                let theirs = pool
-                    .env
-                    .iter()
-                    .find(|(k, _)| k == node::env::OPTIONS)
-                    .map(|(_, v)| v.clone())
-                    .or_else(|| std::env::var(node::env::OPTIONS).ok());
-                if let Some(theirs) = theirs.filter(|t| !t.trim().is_empty()) {
-                    options = format!("{theirs} {options}");
-                }
-                cmd.env(node::env::OPTIONS, options);
-            }
-        }
-    }
-    match (pool.mode, launch.listener) {
-        (Mode::Shared, Some(listener)) => {
+    let (channel, peer) = channel(pool.mode, launch.queue)?;
+    let (mut cmd, fd3) = command(pool, launch)?;
+    match fd3 {
+        Fd3::Listener(listener) => {
             sys::prepare_child(&mut cmd, Some(listener), WORKER_FD);
             sys::exec_with_own_pid(&mut cmd, "LISTEN_PID")?;
         }
-        (Mode::Shared, None) => return Err(io::Error::other("shared mode without the listener")),
-        _ => sys::prepare_child(&mut cmd, peer.as_ref().map(|p| p.as_raw_fd()), WORKER_FD),
+        Fd3::Channel => {
+            sys::prepare_child(&mut cmd, peer.as_ref().map(|p| p.as_raw_fd()), WORKER_FD)
+        }
     }
     let mut child = cmd.spawn()?;
     let pidfd = match sys::pidfd_open(child.id()) {
@@ -218,132 +168,6 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     })
 }
 
-/// The close-report preload for Node workers, written once into a
-/// directory only the master can write to, and removed with it at exit.
-///
-/// The directory is `lb-<pid>-node-<16 random hex digits>` (see
-/// `private_dir`) in `$XDG_RUNTIME_DIR` if that is a directory, else in the
-/// temp directory: another local user can neither guess its name nor make
-/// lb use, follow or remove anything of theirs.
-pub struct Preload {
-    dir: PathBuf,
-    pub file: PathBuf,
-}
-
-/// The preload's name in its directory.
-const PRELOAD_FILE: &str = "close-report.js";
-/// Random names tried before giving up (each is taken only by chance, or
-/// by someone who can read the master's memory).
-const NAME_TRIES: usize = 8;
-
-impl Preload {
-    pub fn write() -> io::Result<Preload> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let prefix = format!("lb-{}-node-", std::process::id());
-        let dir = private_dir(&base, &prefix, random_name)?;
-        // From here on, dropping it removes the directory.
-        let preload = Preload {
-            file: dir.join(PRELOAD_FILE),
-            dir,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&preload.file)?;
-        io::Write::write_all(&mut file, node::PRELOAD.as_bytes())?;
-        Ok(preload)
-    }
-}
-
-impl Drop for Preload {
-    fn drop(&mut self) {
-        // Only what was made: the file, then the (then empty) directory.
-        let _ = std::fs::remove_file(&self.file);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// 16 hex digits nobody else can predict: SipHash under the keys std seeds
-/// from the system's secure random source (getrandom(2)), fresh for each
-/// `RandomState`.
-fn random_name() -> String {
-    use std::hash::BuildHasher;
-    let state = std::collections::hash_map::RandomState::new();
-    format!("{:016x}", state.hash_one(std::time::SystemTime::now()))
-}
-
-/// Makes a new directory `<base>/<prefix><next_name()>` of this uid, mode
-/// 0700, the way mkdtemp(3) does: mkdir(2) fails on anything already at
-/// the name (a symlink included, which it never follows), so nothing that
-/// was there is used, followed or removed; a taken name is retried with
-/// the next, a few times. The base must be one nobody else can rename
-/// entries in (not writable by group or others unless sticky, like /tmp,
-/// and of this uid or root's), and what was made is checked to be a real
-/// directory of this uid.
-fn private_dir(
-    base: &Path,
-    prefix: &str,
-    mut next_name: impl FnMut() -> String,
-) -> io::Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    const FIX: &str = "point $XDG_RUNTIME_DIR (or, if unset, $TMPDIR) at a directory of yours";
-    let uid = nix::unistd::geteuid().as_raw();
-    let b = base.display();
-    let meta =
-        std::fs::metadata(base).map_err(|e| io::Error::new(e.kind(), format!("{b}: {e}")))?;
-    let mode = meta.mode();
-    if !meta.is_dir() {
-        return Err(io::Error::other(format!("{b} is not a directory")));
-    }
-    if meta.uid() != uid && meta.uid() != 0 {
-        return Err(io::Error::other(format!(
-            "{b} belongs to uid {}, who could swap what lb puts there; {FIX}",
-            meta.uid()
-        )));
-    }
-    if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
-        return Err(io::Error::other(format!(
-            "{b} is writable by others and not sticky (mode {:o}), so anyone could swap what lb \
-             puts there; {FIX}",
-            mode & 0o7777
-        )));
-    }
-    for _ in 0..NAME_TRIES {
-        let dir = base.join(format!("{prefix}{}", next_name()));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot make a directory in {b}: {e}"),
-                ));
-            }
-        }
-        // Made by this call; still what it made (no one may rename in
-        // `base`, but say so rather than trust it)?
-        let made = std::fs::symlink_metadata(&dir)?;
-        if !made.is_dir() || made.uid() != uid {
-            return Err(io::Error::other(format!(
-                "{} was replaced right after lb made it; someone can rename entries in {b}",
-                dir.display()
-            )));
-        }
-        // 0700 whatever the umask took off.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        return Ok(dir);
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        format!("{NAME_TRIES} random names in {b} were all taken"),
-    ))
-}
-
 /// A loopback port free now, for a proxy-mode worker to listen on (the
 /// kernel's choice, so it does not collide with lb's own or another's).
 pub fn free_port() -> io::Result<u16> {
@@ -369,131 +193,163 @@ pub fn describe(status: std::process::ExitStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("lb-spawn-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
-    }
-
-    #[test]
-    fn a_private_dir_is_new_0700_ours_and_unpredictable() {
-        let base = scratch("private");
-        let a = private_dir(&base, "lb-1-node-", random_name).unwrap();
-        let b = private_dir(&base, "lb-1-node-", random_name).unwrap();
-        assert_ne!(a, b);
-        for d in [&a, &b] {
-            assert_eq!(d.parent(), Some(base.as_path()));
-            let name = d.file_name().unwrap().to_str().unwrap();
-            let suffix = name.strip_prefix("lb-1-node-").unwrap();
-            assert_eq!(suffix.len(), 16, "{name}");
-            assert!(suffix.bytes().all(|c| c.is_ascii_hexdigit()), "{name}");
-            let meta = std::fs::symlink_metadata(d).unwrap();
-            assert!(meta.is_dir());
-            assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
-            assert_eq!(meta.mode() & 0o7777, 0o700);
+    fn pool(mode: Mode) -> Pool {
+        Pool {
+            name: "web".into(),
+            command: "/bin/true".into(),
+            args: vec!["--port={port}".into(), "x{port}y".into(), "plain".into()],
+            env: vec![("APP".into(), "1".into())],
+            count: 1,
+            weight: 1,
+            mode,
+            port: None,
+            stop_signal: 3,
         }
-        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    fn launch() -> Launch<'static> {
+        Launch {
+            slot: Slot(2),
+            generation: 4,
+            report_closed: true,
+            node_id: 5,
+            node_preload: None,
+            port: 8000,
+            shim: None,
+            listener: None,
+            proxy_port: None,
+            drain_timeout: std::time::Duration::from_millis(1500),
+            queue: 8,
+        }
+    }
+
+    /// What `cmd` sets (`Some`) and removes (`None`), and its arguments.
+    fn made(
+        pool: &Pool,
+        launch: &Launch<'_>,
+    ) -> (BTreeMap<String, Option<String>>, Vec<String>, Fd3) {
+        let (cmd, fd3) = command(pool, launch).unwrap();
+        let text = |s: &std::ffi::OsStr| s.to_str().unwrap().to_string();
+        let envs = cmd
+            .get_envs()
+            .map(|(k, v)| (text(k), v.map(text)))
+            .collect();
+        (envs, cmd.get_args().map(text).collect(), fd3)
+    }
+
+    fn expect(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        let common = [
+            ("APP", Some("1")),
+            ("LB_WORKER_ID", Some("2")),
+            ("LB_GENERATION", Some("4")),
+            ("LB_DRAIN_TIMEOUT_MS", Some("1500")),
+            ("NOTIFY_SOCKET", None),
+            ("LISTEN_FDS", None),
+            ("LISTEN_PID", None),
+            ("LISTEN_FDNAMES", None),
+        ];
+        common
+            .iter()
+            .chain(pairs)
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect()
+    }
+
+    fn args(port: &str) -> Vec<String> {
+        vec![
+            format!("--port={port}"),
+            format!("x{port}y"),
+            "plain".into(),
+        ]
     }
 
     #[test]
-    fn a_taken_name_is_skipped_and_left_as_it_was() {
-        let base = scratch("taken");
-        let victim = base.join("victim");
-        std::fs::create_dir(&victim).unwrap();
-        std::fs::write(victim.join("marker"), "keep").unwrap();
-        std::os::unix::fs::symlink(&victim, base.join("p-link")).unwrap();
-        std::os::unix::fs::symlink(base.join("nowhere"), base.join("p-dangling")).unwrap();
-        std::fs::create_dir(base.join("p-dir")).unwrap();
-        std::fs::write(base.join("p-dir/marker"), "keep").unwrap();
-        std::fs::write(base.join("p-file"), "keep").unwrap();
-        let mut names = ["link", "dangling", "dir", "file", "free"].into_iter();
-        let made = private_dir(&base, "p-", || names.next().unwrap().into()).unwrap();
-        assert_eq!(made, base.join("p-free"));
-        assert!(
-            std::fs::symlink_metadata(base.join("p-link"))
-                .unwrap()
-                .is_symlink()
-        );
-        assert!(
-            std::fs::symlink_metadata(base.join("p-dangling"))
-                .unwrap()
-                .is_symlink()
-        );
-        assert!(
-            !base.join("nowhere").exists(),
-            "a dangling symlink is not followed"
-        );
+    fn native_and_node_workers_get_their_variables_and_fd_3() {
+        let (envs, a, fd3) = made(&pool(Mode::Native), &launch());
         assert_eq!(
-            std::fs::read_to_string(victim.join("marker")).unwrap(),
-            "keep"
+            envs,
+            expect(&[
+                ("LB_FD", Some("3")),
+                ("LB_PROTOCOL", Some("1")),
+                ("LB_REPORT_CLOSED", Some("1")),
+            ])
         );
-        assert_eq!(
-            std::fs::read_to_string(base.join("p-dir/marker")).unwrap(),
-            "keep"
-        );
-        assert_eq!(
-            std::fs::read_to_string(base.join("p-file")).unwrap(),
-            "keep"
-        );
-        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 1);
-        // Only so many tries.
-        let mut tries = 0;
-        let e = private_dir(&base, "p-", || {
-            tries += 1;
-            "link".into()
-        })
-        .unwrap_err();
-        assert_eq!(tries, NAME_TRIES);
-        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
-        assert!(e.to_string().contains("were all taken"), "{e}");
-        std::fs::remove_dir_all(&base).unwrap();
+        assert_eq!((a, fd3), (args("8000"), Fd3::Channel));
+
+        let mut node = pool(Mode::Node);
+        node.env.push(("NODE_OPTIONS".into(), "--inspect".into()));
+        let mut l = launch();
+        l.node_preload = Some(Path::new("/run/lb/close-report.js"));
+        let (envs, a, fd3) = made(&node, &l);
+        let mut want = expect(&[
+            ("NODE_UNIQUE_ID", Some("5")),
+            ("NODE_CHANNEL_FD", Some("3")),
+            ("NODE_CHANNEL_SERIALIZATION_MODE", Some("json")),
+            (
+                "NODE_OPTIONS",
+                Some("--inspect --require \"/run/lb/close-report.js\""),
+            ),
+        ]);
+        assert_eq!(envs, want);
+        assert_eq!((a, fd3), (args("8000"), Fd3::Channel));
+        // Without the preload (no close reports), NODE_OPTIONS is theirs.
+        let (envs, _, _) = made(&node, &launch());
+        want.insert("NODE_OPTIONS".into(), Some("--inspect".into()));
+        assert_eq!(envs, want);
     }
 
     #[test]
-    fn a_base_others_could_rename_in_is_refused() {
-        let base = scratch("open");
-        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = private_dir(&base, "p-", random_name)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("writable by others and not sticky (mode 777)"),
-            "{e}"
-        );
-        assert!(!e.contains('\n'), "{e}");
-        // Sticky, as /tmp is: only an entry's owner may rename it.
-        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        private_dir(&base, "p-", random_name).unwrap();
-        let e = private_dir(&base.join("missing"), "p-", random_name).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        std::fs::remove_dir_all(&base).unwrap();
+    fn proxy_and_shared_workers_get_their_port_or_the_listener() {
+        let mut l = launch();
+        l.proxy_port = Some(41000);
+        let (envs, a, fd3) = made(&pool(Mode::Proxy), &l);
+        assert_eq!(envs, expect(&[("PORT", Some("41000"))]));
+        assert_eq!((a, fd3), (args("41000"), Fd3::Channel));
+        assert!(command(&pool(Mode::Proxy), &launch()).is_err());
+
+        let mut l = launch();
+        l.listener = Some(7);
+        let (envs, a, fd3) = made(&pool(Mode::Shared), &l);
+        let mut want = expect(&[("EINHORN_FD_COUNT", Some("1")), ("EINHORN_FD_0", Some("3"))]);
+        want.insert("LISTEN_FDS".into(), Some("1".into()));
+        want.insert("LISTEN_FDNAMES".into(), Some("web".into()));
+        assert_eq!(envs, want);
+        assert_eq!((a, fd3), (args("8000"), Fd3::Listener(7)));
+        assert!(command(&pool(Mode::Shared), &launch()).is_err());
     }
 
     #[test]
-    fn the_preload_is_written_privately_and_removed_with_its_directory() {
-        let preload = Preload::write().unwrap();
-        let dir = preload.file.parent().unwrap().to_path_buf();
+    fn shim_workers_get_the_shim_in_front_of_their_preload() {
+        let memfd = crate::shim::Memfd::create().unwrap();
+        let mut shim = pool(Mode::Shim);
+        shim.port = Some(9000);
+        shim.env.push(("LD_PRELOAD".into(), "libtheirs.so".into()));
+        let mut l = launch();
+        l.report_closed = false;
+        l.shim = Some(&memfd);
+        let (envs, a, fd3) = made(&shim, &l);
+        let fd = memfd.raw().to_string();
+        let preload = format!("/proc/self/fd/{fd} libtheirs.so");
         assert_eq!(
-            std::fs::read_to_string(&preload.file).unwrap(),
-            node::PRELOAD
+            envs,
+            expect(&[
+                ("LB_FD", Some("3")),
+                ("LB_PROTOCOL", Some("1")),
+                ("LB_REPORT_CLOSED", Some("0")),
+                ("LB_SHIM_PORT", Some("9000")),
+                ("LB_STOP_SIGNAL", Some("3")),
+                ("LB_SHIM_FD", Some(&fd)),
+                ("LD_PRELOAD", Some(&preload)),
+            ])
         );
-        let name = dir.file_name().unwrap().to_str().unwrap();
-        assert!(
-            name.starts_with(&format!("lb-{}-node-", std::process::id())),
-            "{name}"
-        );
-        let meta = std::fs::symlink_metadata(&dir).unwrap();
-        assert_eq!(meta.mode() & 0o7777, 0o700);
-        assert_eq!(
-            std::fs::metadata(&preload.file).unwrap().mode() & 0o777,
-            0o600
-        );
-        drop(preload);
-        assert!(!dir.exists());
+        assert_eq!((a, fd3), (args("9000"), Fd3::Channel));
+        // lb's own port when the pool names none.
+        shim.port = None;
+        assert_eq!(made(&shim, &l).1, args("8000"));
+        assert!(command(&shim, &launch()).is_err());
     }
 }

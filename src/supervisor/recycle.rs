@@ -1,0 +1,127 @@
+//! Recycling: replacing, successor first, a worker over a limit (connections
+//! served, memory) or one whose successor's back-off is over.
+
+use std::time::Instant;
+
+use super::{Phase, RECYCLE_CHECK, Supervisor};
+use crate::dispatch::Command;
+use crate::info;
+use crate::policy::Slot;
+use crate::sys;
+
+impl Supervisor {
+    /// Replaces, successor first, every ready worker over a recycling limit:
+    /// the new process takes the slot at its READY and the old one drains,
+    /// so no request is cut short.
+    pub(super) fn recycle(&mut self) {
+        if self.reload.is_some() {
+            return;
+        }
+        let totals = match self.config.max_conns_per_worker {
+            Some(_) => {
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                self.dispatch.send(Command::Snapshot(reply));
+                answer
+                    .recv_timeout(std::time::Duration::from_secs(2))
+                    .map(|s| s.workers)
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let mut over = Vec::new();
+        let mut fat_from_start = None;
+        for p in self
+            .workers
+            .iter()
+            .filter(|p| p.ready && !p.retiring && !p.recycling)
+        {
+            // Only when nothing else (a successor already) is in the slot.
+            if self
+                .workers
+                .iter()
+                .any(|o| o.slot == p.slot && o.pid != p.pid && !o.retiring)
+            {
+                continue;
+            }
+            let served = totals
+                .iter()
+                .find(|w| w.pid == p.pid)
+                .map_or(0, |w| w.total);
+            if let Some(limit) = self.config.max_conns_per_worker.filter(|&l| served >= l) {
+                over.push((
+                    p.slot,
+                    p.pid,
+                    format!("served {served} connections (limit {limit})"),
+                ));
+                continue;
+            }
+            if let Some(limit) = self.config.max_rss.filter(|_| !self.rss_warned) {
+                let rss = sys::proc_usage(p.pid).map_or(0, |u| u.1);
+                // Over the limit at its first check once ready: so would
+                // every successor be, and replacing it each second helps
+                // nobody.
+                let fresh = !p.rss_checked;
+                if rss > limit && fresh {
+                    fat_from_start = Some((limit, rss));
+                } else if rss > limit {
+                    over.push((
+                        p.slot,
+                        p.pid,
+                        format!("uses {rss} bytes of memory (limit {limit})"),
+                    ));
+                }
+            }
+        }
+        if self.config.max_rss.is_some() {
+            for p in self.workers.iter_mut().filter(|p| p.ready) {
+                p.rss_checked = true;
+            }
+        }
+        if let Some((limit, rss)) = fat_from_start
+            && !self.rss_warned
+        {
+            self.rss_warned = true;
+            info!(
+                "max_rss ({limit} bytes) is below what a fresh worker uses ({rss} bytes): \
+                 workers are not replaced for memory until it is raised (lb reload)"
+            );
+        }
+        for (slot, pid, why) in over {
+            info!("worker {slot} pid {pid} {why}; replacing it, its successor ready first");
+            if let Some(i) = self.index_of(pid) {
+                self.workers[i].recycling = true;
+            }
+            self.slots[slot.0].restarts += 1;
+            self.start_or_retry(slot);
+        }
+    }
+
+    /// Starts the successors whose back-off is over, unless something else
+    /// already replaces the worker: a reload (asked again after it), or
+    /// another process in the slot.
+    pub(super) fn replace_due(&mut self, now: Instant) {
+        let due: Vec<(Slot, u32)> = self
+            .workers
+            .iter()
+            .filter(|p| p.replace_at.is_some_and(|t| now >= t))
+            .map(|p| (p.slot, p.pid))
+            .collect();
+        for (slot, pid) in due {
+            let Some(i) = self.index_of(pid) else {
+                continue;
+            };
+            if self.reload.is_some() {
+                self.workers[i].replace_at = Some(now + RECYCLE_CHECK);
+                continue;
+            }
+            self.workers[i].replace_at = None;
+            let covered = self.covered(slot, pid);
+            if self.workers[i].retiring || covered || self.phase != Phase::Running {
+                self.workers[i].recycling = false;
+                continue;
+            }
+            self.slots[slot.0].restarts += 1;
+            self.start_or_retry(slot);
+        }
+    }
+}

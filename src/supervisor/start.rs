@@ -1,0 +1,174 @@
+//! Starting a slot's worker: what its mode needs made first (the Node
+//! preload, the shim, a port), the spawn, and telling the dispatcher.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+
+use super::{
+    CHILD_BASE, SAID_PER_SECOND, Supervisor, SupervisorError, Worker, backoff, output, preload,
+    spawn,
+};
+use crate::config::{DrainBy, Mode};
+use crate::dispatch::Command;
+use crate::info;
+use crate::policy::Slot;
+
+impl Supervisor {
+    /// Starts the worker for `slot`; the error is fatal only at start-up.
+    pub(super) fn start(&mut self, slot: Slot) -> Result<u32, SupervisorError> {
+        let p = self.slot_pools[slot.0];
+        let generation = self.generation;
+        info!(
+            "worker {slot} gen {generation}: spawn `{}`",
+            spawn::describe_command(&self.config.pools[p])
+        );
+        let report_closed = self.config.policy.uses_close_reports();
+        self.make_once(p, report_closed)?;
+        self.node_ids += 1;
+        let pool = &self.config.pools[p];
+        let proxy_port = if pool.mode.relays() {
+            Some(spawn::free_port().map_err(|source| SupervisorError::Spawn {
+                pool: pool.name.clone(),
+                command: pool.command.display().to_string(),
+                source,
+                hint: "no free loopback port for the worker to listen on",
+            })?)
+        } else {
+            None
+        };
+        let launch = spawn::Launch {
+            slot,
+            generation,
+            report_closed,
+            node_id: self.node_ids,
+            node_preload: self
+                .node_preload
+                .as_ref()
+                .filter(|_| report_closed)
+                .map(|p| p.file.as_path()),
+            port: self.port,
+            proxy_port,
+            shim: self.shim.as_ref(),
+            listener: self.shared_listener.as_ref().map(|l| l.as_raw_fd()),
+            drain_timeout: self.config.drain_timeout,
+            queue: self.config.worker_queue,
+        };
+        let spawned = spawn::spawn(pool, &launch).map_err(|source| {
+            // ENOENT for a file that exists: exec could not find what the file needs.
+            let hint = if source.kind() == io::ErrorKind::NotFound && pool.command.exists() {
+                "the file exists, so its #! interpreter or its dynamic loader is missing"
+            } else {
+                "check that it is an executable program"
+            };
+            SupervisorError::Spawn {
+                pool: pool.name.clone(),
+                command: pool.command.display().to_string(),
+                source,
+                hint,
+            }
+        })?;
+        let pid = spawned.child.id();
+        if let Some(r) = self.reaper.as_mut() {
+            r.add(pid);
+        }
+        info!("worker {slot} pid {pid} gen {generation}: online");
+        self.poll
+            .registry()
+            .register(
+                &mut SourceFd(&spawned.pidfd.as_raw_fd()),
+                Token(CHILD_BASE + pid as usize),
+                Interest::READABLE,
+            )
+            .map_err(SupervisorError::Poll)?;
+        for (fd, stderr) in [(spawned.stdout, false), (spawned.stderr, true)] {
+            self.output.add(output::Pipe {
+                slot,
+                pid,
+                stderr,
+                fd,
+            });
+        }
+        self.dispatch.send(Command::Attach {
+            slot,
+            pid,
+            channel: spawned.channel,
+            peer: spawned.peer,
+            weight: pool.weight,
+            mode: pool.mode,
+            port: proxy_port.unwrap_or(0),
+        });
+        self.workers.push(Worker {
+            slot,
+            pid,
+            generation,
+            child: spawned.child,
+            pidfd: spawned.pidfd,
+            started: Instant::now(),
+            ready: false,
+            retiring: false,
+            ready_timed_out: false,
+            kill_at: None,
+            malformed: 0,
+            recycling: false,
+            replace_at: None,
+            said: crate::log::Budget::new(SAID_PER_SECOND),
+            stalled: false,
+            rss_checked: false,
+            stop_signal: pool.stop_signal,
+            signal_on_drain: pool.mode.drained_by() == DrainBy::Signal,
+        });
+        Ok(pid)
+    }
+
+    /// What pool `p`'s mode needs made once for all its workers, the first
+    /// time one starts: the Node close-report preload (when the policy
+    /// reads close reports), the accept shim.
+    fn make_once(&mut self, p: usize, report_closed: bool) -> Result<(), SupervisorError> {
+        let pool = &self.config.pools[p];
+        let fail = |command: &str, hint| {
+            let pool = pool.name.clone();
+            let command = command.to_string();
+            move |source| SupervisorError::Spawn {
+                pool,
+                command,
+                source,
+                hint,
+            }
+        };
+        match pool.mode {
+            Mode::Node if report_closed && self.node_preload.is_none() => {
+                let preload = preload::Preload::write().map_err(fail(
+                    "the Node.js close-report preload",
+                    "it is written to $XDG_RUNTIME_DIR or the temp directory; check that one is \
+                     writable",
+                ))?;
+                self.node_preload = Some(preload);
+            }
+            Mode::Shim if self.shim.is_none() => {
+                let shim = crate::shim::Memfd::create().map_err(fail(
+                    "the accept shim (an in-memory file)",
+                    "memfd_create failed; check the fd limit",
+                ))?;
+                self.shim = Some(shim);
+            }
+            Mode::Native | Mode::Node | Mode::Shim | Mode::Proxy | Mode::Shared => {}
+        }
+        Ok(())
+    }
+
+    /// Starts `slot` now, or schedules a retry with backoff if that fails.
+    pub(super) fn start_or_retry(&mut self, slot: Slot) {
+        if let Err(e) = self.start(slot) {
+            let s = &mut self.slots[slot.0];
+            s.failures = s.failures.saturating_add(1);
+            s.last_exit = e.to_string();
+            let delay = backoff::delay(s.failures);
+            s.restart_at = Some(Instant::now() + delay);
+            info!("{e}; retrying in {} ms", delay.as_millis());
+        }
+    }
+}
