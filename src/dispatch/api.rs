@@ -24,8 +24,10 @@ pub enum Command {
     /// A worker process was started in `slot`. When it says READY it becomes
     /// the slot's current process, and the one before it (if any) is sent
     /// DRAIN: until then the old one keeps serving. `channel` is the
-    /// master's end; `peer` (native mode) the master's copy of the worker's
-    /// end, kept to rescue connections the worker never read.
+    /// master's end, for the modes that have one (`Mode::channel`: not
+    /// shared or proxy); `peer` the master's copy of the worker's end
+    /// (native and shim, `Mode::keeps_peer`), kept to rescue connections the
+    /// worker never read.
     Attach {
         slot: Slot,
         pid: u32,

@@ -233,8 +233,7 @@ impl Dispatcher {
             w.state == State::Ready
                 && !w.full
                 && !w.progress.stalled
-                && w.link.can_take()
-                && (w.link.delivery() != Delivery::Relay || self.relay_room())
+                && w.link.can_take(self.relay_room())
         });
     }
 

@@ -11,7 +11,7 @@ use mio::unix::SourceFd;
 use super::link::Link;
 use super::tokens::Source;
 use super::worker::{State, Worker};
-use super::{Command, Dispatcher, Event, Snapshot, WorkerStats, stall};
+use super::{Command, Dispatcher, Event, Snapshot, WorkerStats, native};
 use crate::policy::{Slot, WorkerView};
 use crate::proto::Malformed;
 use crate::sys;
@@ -130,7 +130,7 @@ impl Dispatcher {
             sent: 0,
             closed: 0,
             reported: false,
-            progress: stall::Progress::default(),
+            progress: native::stall::Progress::default(),
             stop_seen: false,
         });
         // Readable only: a unix socket wakes its writer's EPOLLOUT waiters

@@ -2,9 +2,10 @@
 //! file — `native.rs` (lb's protocol, which the shim speaks for its
 //! server), `node/` (Node.js's cluster IPC), `shared.rs` (no channel: the
 //! worker accepts from the listener), `proxy/` (no channel: lb relays to
-//! the worker's own port) — and this file is the one place that names them
-//! all. Every behaviour the rest of the dispatcher needs of a worker is a
-//! method here, with one `match` that picks the link's own code.
+//! the worker's own port) — and this file is the one place outside them
+//! that names them all. Every behaviour the rest of the dispatcher needs of
+//! a worker is a method here, with one `match` that picks the link's own
+//! code.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -55,7 +56,7 @@ impl Link {
             (ChannelKind::None, _, _) => Link::Shared,
             // A native worker without its peer could not be rescued: the
             // caller's bug, loudly.
-            _ => panic!("a {mode} worker is attached without its channel"),
+            _ => panic!("a {mode} worker is attached without its channel or its peer"),
         }
     }
 
@@ -78,14 +79,15 @@ impl Link {
         }
     }
 
-    /// Whether the link lets the worker take a connection now (lb's
-    /// protocol always does; Node's takes one at a time; proxy needs a
-    /// free relay, which the caller knows).
+    /// Whether the link lets the worker take a connection now: lb's
+    /// protocol always does; Node's takes one at a time; a proxy worker
+    /// needs a free relay (`relay_room`, the slab's).
     #[inline]
-    pub fn can_take(&self) -> bool {
+    pub fn can_take(&self, relay_room: bool) -> bool {
         match self {
-            Link::Native(_) | Link::Proxy(_) => true,
+            Link::Native(_) => true,
             Link::Node(n) => n.can_take(),
+            Link::Proxy(_) => relay_room,
             Link::Shared => false,
         }
     }

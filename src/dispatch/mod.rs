@@ -12,9 +12,9 @@
 //!
 //! By concern: `api` (what callers send and get), `handoff` (accept, pick,
 //! send), `lifecycle` (attach, READY, drain, detach, stop), `link` (the one
-//! place that tells the links apart) and one file per link — `native`,
-//! `node`, `shared`, `proxy` — plus `stall` (workers that take nothing) and
-//! `tokens` (the loop's mio tokens).
+//! place that tells the links apart), one module per link — `native` (with
+//! its stall watch), `node`, `shared`, `proxy` — and `tokens` (the loop's
+//! mio tokens).
 
 mod api;
 mod handoff;
@@ -24,7 +24,6 @@ mod native;
 mod node;
 mod proxy;
 mod shared;
-pub mod stall;
 mod tokens;
 mod worker;
 
@@ -94,7 +93,7 @@ pub struct Dispatcher {
     /// Stop was asked for while relays were open: leave by this time.
     stop_by: Option<Instant>,
     /// Watching for workers that take none of their waiting connections.
-    stall: Option<stall::Watch>,
+    stall: Option<native::stall::Watch>,
     /// Failed accepts in a row (out of fds, memory); 0 when accepting works.
     accept_failures: u64,
 }
@@ -197,7 +196,7 @@ impl Dispatcher {
     /// channel) is cut off and reported ([`Event::Stalled`]). `message_cost`
     /// is what one CONN takes of a channel's send buffer.
     pub fn watch_stalls(&mut self, timeout: Duration, message_cost: usize) {
-        self.stall = Some(stall::Watch::new(timeout, message_cost));
+        self.stall = Some(native::stall::Watch::new(timeout, message_cost));
     }
 
     /// Runs until [`Command::Stop`]; returns the final counters.

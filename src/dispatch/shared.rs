@@ -1,6 +1,7 @@
 //! The shared link: the worker accepts from lb's listener itself (fd 3,
 //! `LISTEN_FDS`), so it has no channel and is sent nothing. lb still tracks
-//! it for the supervisor: it is ready as soon as it runs (`Link::attached`),
+//! it for the supervisor: it is ready as soon as it runs
+//! (`Dispatcher::attached`),
 //! and drained by its stop signal, which the supervisor sends.
 
 use super::{Dispatcher, Event};

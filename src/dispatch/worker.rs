@@ -38,7 +38,7 @@ pub struct Worker {
     /// the policy does not ask for reports (`LB_REPORT_CLOSED=0`).
     pub reported: bool,
     /// Whether it takes the connections waiting for it (`stall`).
-    pub progress: super::stall::Progress,
+    pub progress: super::native::stall::Progress,
     /// It has sent STOP (acted on once).
     pub stop_seen: bool,
 }

@@ -276,25 +276,27 @@ impl<T: Send + 'static> Bounded<T> {
 }
 
 /// Attaches the worker in `slot` (pid `slot + 1`): `channel` is the
-/// master's end, made non-blocking here.
+/// master's end (if the mode has one), made non-blocking here.
 fn attach(
     handle: &Handle,
     slot: usize,
     weight: u32,
-    channel: OwnedFd,
+    channel: Option<OwnedFd>,
     peer: Option<OwnedFd>,
     mode: Mode,
     port: u16,
 ) {
-    nix::fcntl::fcntl(
-        &channel,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
+    if let Some(channel) = &channel {
+        nix::fcntl::fcntl(
+            channel,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+    }
     handle.send(Command::Attach {
         slot: Slot(slot),
         pid: slot as u32 + 1,
-        channel: Some(channel),
+        channel,
         peer,
         weight,
         mode,
@@ -322,7 +324,7 @@ pub fn worker(handle: &Handle, slot: usize) -> Worker {
     let (master, end) = proto::pair().unwrap();
     let peer = end.try_clone().unwrap();
     let side = Listener::from_fd(end.try_clone().unwrap(), slot, 1);
-    attach(handle, slot, 1, master, Some(peer), Mode::Native, 0);
+    attach(handle, slot, 1, Some(master), Some(peer), Mode::Native, 0);
     let (tx, got) = crossbeam_channel::unbounded();
     let reader = Bounded::spawn(move || {
         let mut l = Listener::from_fd(end, slot, 1);
@@ -360,7 +362,7 @@ pub fn unread_worker(handle: &Handle, slot: usize, send_buffer: usize) -> Worker
         .set_send_buffer_size(send_buffer)
         .unwrap();
     let peer = end.try_clone().unwrap();
-    attach(handle, slot, 1, master, Some(peer), Mode::Native, 0);
+    attach(handle, slot, 1, Some(master), Some(peer), Mode::Native, 0);
     Worker {
         slot,
         pid: slot as u32 + 1,
@@ -451,7 +453,7 @@ where
                 handle,
                 slot,
                 slot as u32 + 1,
-                master,
+                Some(master),
                 Some(peer),
                 Mode::Native,
                 0,
@@ -491,7 +493,7 @@ where
     (0..n)
         .map(|slot| {
             let (master, worker) = proto::stream_pair().unwrap();
-            attach(handle, slot, slot as u32 + 1, master, None, Mode::Node, 0);
+            attach(handle, slot, slot as u32 + 1, Some(master), None, Mode::Node, 0);
             let serve = serve.clone();
             std::thread::spawn(move || {
                 let mut chan = std::os::unix::net::UnixStream::from(worker);
@@ -565,16 +567,8 @@ where
         .map(|slot| {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let port = listener.local_addr().unwrap().port();
-            let (master, peer) = proto::pair().unwrap();
-            attach(
-                handle,
-                slot,
-                slot as u32 + 1,
-                master,
-                Some(peer),
-                Mode::Proxy,
-                port,
-            );
+            // No channel: lb relays to the port.
+            attach(handle, slot, slot as u32 + 1, None, None, Mode::Proxy, port);
             let serve = serve.clone();
             std::thread::spawn(move || {
                 // The first connection is lb's readiness probe.

@@ -3,11 +3,14 @@
 //! the accept shim. Connections go out many per `sendmmsg`; what a worker
 //! says comes in many per `recvmmsg`. The master keeps a copy of the
 //! worker's end, so a dead or stalled worker's unread connections can be
-//! read back and handed to others.
+//! read back and handed to others (`stall` watches for workers that take
+//! none of them).
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+
+pub mod stall;
 
 use super::link::Link;
 use super::{Dispatcher, Event};
@@ -88,10 +91,12 @@ impl Dispatcher {
             self.views[slot].eligible = false;
             return 0;
         };
+        // (Only slots whose link is native get here: `send_accepted`.)
         let Some(w) = self.workers.get_mut(index) else {
             return 0;
         };
         let Link::Native(n) = &w.link else {
+            debug_assert!(false, "a batch for a link that takes them one by one");
             return 0;
         };
         let result = proto::send_conns(n.channel.as_fd(), fds, self.seq + 1);
@@ -181,6 +186,12 @@ impl Dispatcher {
         };
         if w.full {
             w.full = false;
+            // Readable only again, unless DRAIN still waits for room: each
+            // message the worker takes would wake the loop otherwise.
+            let drain_waits = w.drain_queued;
+            if !drain_waits {
+                self.want_writable(index, false);
+            }
             self.sync_view(slot);
         }
     }

@@ -16,9 +16,9 @@
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use super::link::Link;
-use super::worker::State;
-use super::{Dispatcher, Event};
+use crate::dispatch::link::Link;
+use crate::dispatch::worker::State;
+use crate::dispatch::{Dispatcher, Event};
 use crate::sys;
 
 /// How often waiting connections are looked at.
@@ -61,12 +61,12 @@ pub struct Progress {
 
 impl Dispatcher {
     /// The earliest time the watch needs the loop awake.
-    pub(super) fn stall_wake(&self) -> Option<Instant> {
+    pub(crate) fn stall_wake(&self) -> Option<Instant> {
         self.stall.map(|w| w.next)
     }
 
     /// Once a second: every lb-protocol worker's waiting connections.
-    pub(super) fn stall_timers(&mut self) {
+    pub(crate) fn stall_timers(&mut self) {
         let Some(watch) = self.stall else { return };
         let now = Instant::now();
         if now < watch.next {
