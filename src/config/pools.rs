@@ -87,8 +87,41 @@ pub fn pools(
             .map(|(i, p)| file_pool(src, i, p, &workers, &mode, path_var.as_deref()))
             .collect::<Result<_, _>>()?
     };
+    check_names(&pools, path_text)?;
     check_modes(&pools)?;
     Ok(pools)
+}
+
+/// Names `lb scale POOL` and `lb restart POOL` can tell apart: each pool's
+/// own (a reload matches pools by name), and none a slot number.
+fn check_names(pools: &[Pool], path_text: &str) -> Result<(), ConfigError> {
+    for (i, p) in pools.iter().enumerate() {
+        if let Some(j) = pools[..i].iter().position(|q| q.name == p.name) {
+            return Err(ConfigError::Conflict(format!(
+                "[[pool]] {} and [[pool]] {} in {path_text} are both named `{}`; give each pool a \
+                 `name` of its own",
+                j + 1,
+                i + 1,
+                p.name
+            )));
+        }
+        if p.name.trim().is_empty() {
+            return Err(ConfigError::Conflict(format!(
+                "[[pool]] {} in {path_text} has an empty `name`; give it a name, or leave \
+                 `name` out for `pool{i}`",
+                i + 1
+            )));
+        }
+        if p.name.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ConfigError::Conflict(format!(
+                "[[pool]] {} in {path_text} is named `{}`, which `lb restart` would take for a \
+                 slot number; give it a name with a letter in it",
+                i + 1,
+                p.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The `i`th `[[pool]]` of the file.
@@ -263,4 +296,71 @@ fn resolve(program: &OsStr, path_var: Option<&str>) -> Result<PathBuf, &'static 
     } else {
         "was not found in PATH"
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The refusal for a file of `[[pool]]`s named `names` (`None`: no `name`).
+    fn load(names: &[Option<&str>]) -> Result<(), String> {
+        use clap::Parser;
+        let text: String = names
+            .iter()
+            .map(|n| match n {
+                Some(n) => format!("[[pool]]\nname = \"{n}\"\ncommand = \"sh\"\ncount = 1\n"),
+                None => "[[pool]]\ncommand = \"sh\"\ncount = 1\n".into(),
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("lb-pool-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(format!("{}.toml", names.len()));
+        std::fs::write(&file, text).unwrap();
+        let args = crate::cli::Cli::try_parse_from(["lb", "-c", file.to_str().unwrap()])
+            .unwrap()
+            .start;
+        let path = std::env::var("PATH").ok();
+        let env = |k: &str| (k == "PATH").then(|| path.clone()).flatten();
+        let result = super::super::load(&args, &env);
+        let _ = std::fs::remove_file(&file);
+        result
+            .map(|_| ())
+            .map_err(|e| e.to_string().replace(file.to_str().unwrap(), "lb.toml"))
+    }
+
+    #[test]
+    fn pools_are_told_apart_by_name() {
+        assert_eq!(load(&[Some("web"), Some("canary"), None]), Ok(()));
+        assert_eq!(
+            load(&[Some("web"), Some("canary"), Some("web")]),
+            Err(
+                "[[pool]] 1 and [[pool]] 3 in lb.toml are both named `web`; give each pool a \
+                 `name` of its own"
+                    .into()
+            )
+        );
+        // A default name counts too.
+        assert_eq!(
+            load(&[Some("pool1"), None]),
+            Err(
+                "[[pool]] 1 and [[pool]] 2 in lb.toml are both named `pool1`; give each pool a \
+                 `name` of its own"
+                    .into()
+            )
+        );
+        assert_eq!(
+            load(&[Some("web"), Some(" ")]),
+            Err(
+                "[[pool]] 2 in lb.toml has an empty `name`; give it a name, or leave `name` \
+                 out for `pool1`"
+                    .into()
+            )
+        );
+        assert_eq!(
+            load(&[Some("web"), Some("3"), Some("x")]),
+            Err(
+                "[[pool]] 2 in lb.toml is named `3`, which `lb restart` would take for a slot \
+                 number; give it a name with a letter in it"
+                    .into()
+            )
+        );
+    }
 }
