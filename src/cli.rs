@@ -179,12 +179,34 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Change the number of workers: N, +N or -N (SIGTTIN/SIGTTOU add or
-    /// remove one). New workers join once ready; removed ones drain
+    /// Change a pool's number of workers: [POOL] N, +N or -N (POOL may be
+    /// left out when there is one; SIGTTIN/SIGTTOU add or remove one). New
+    /// workers join once ready; the pool's highest slots drain. Running
+    /// workers keep their slots. A reload keeps the count unless the
+    /// configuration's count for the pool changed
     Scale {
-        /// N, +N or -N
-        #[arg(allow_hyphen_values = true)]
-        count: String,
+        /// [POOL] N|+N|-N
+        #[arg(
+            allow_negative_numbers = true,
+            num_args = 1..=2,
+            required = true,
+            value_names = ["POOL", "N|+N|-N"]
+        )]
+        args: Vec<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Replace the workers of a slot, a pool or `all` without dropping a
+    /// connection: one slot at a time, each successor started and ready
+    /// before the worker it replaces drains (like `pm2 reload`). Returns
+    /// once every one has switched (exit 1 if a successor failed; the rest
+    /// keep their workers)
+    Restart {
+        /// A slot number, a pool's name, or `all`
+        what: String,
+        /// Also wait until every replaced worker has drained and exited
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -296,6 +318,35 @@ mod tests {
             e.to_string(),
             "invalid --listen `nonsense`: give HOST:PORT, or pass --control PATH"
         );
+    }
+
+    #[test]
+    fn scale_takes_an_optional_pool_before_the_count() {
+        let scale = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Some(Command::Scale { args, .. })) => Ok(args),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        assert_eq!(scale(&["lb", "scale", "-1"]), Ok(vec!["-1".into()]));
+        assert_eq!(
+            scale(&["lb", "scale", "web", "+2"]),
+            Ok(vec!["web".into(), "+2".into()])
+        );
+        assert!(scale(&["lb", "scale"]).is_err());
+        assert!(scale(&["lb", "scale", "a", "1", "2"]).is_err());
+        assert_eq!(
+            scale(&["lb", "scale", "web", "-1", "--control", "/x"]),
+            Ok(vec!["web".into(), "-1".into()])
+        );
+        assert_eq!(
+            scale(&["lb", "scale", "-3", "--listen", "h:1"]),
+            Ok(vec!["-3".into()])
+        );
+        let cli = Cli::try_parse_from(["lb", "restart", "web", "--wait"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Restart { what, wait: true, .. }) if what == "web"
+        ));
     }
 
     #[test]

@@ -60,6 +60,31 @@ fn control(target: &Target, request: Request, json: bool) -> ExitCode {
     }
 }
 
+/// `lb scale [POOL] N|+N|-N` as a request, or why not.
+fn scale_request(args: &[String]) -> Result<Request, String> {
+    let (pool, count) = match args {
+        [count] => (None, count),
+        [pool, count] => (Some(pool.clone()), count),
+        _ => return Err("give [POOL] N, +N or -N".into()),
+    };
+    let relative = count.starts_with(['+', '-']);
+    match count.parse::<i64>() {
+        Ok(count) => Ok(Request::Scale {
+            pool,
+            count,
+            relative,
+        }),
+        // `lb scale web`: a pool's name, its count left out.
+        Err(_) if pool.is_none() && count.starts_with(|c: char| c.is_ascii_alphabetic()) => {
+            Err(format!(
+                "invalid count `{count}`: give N, +N or -N (after the pool's name: lb scale \
+             {count} N)"
+            ))
+        }
+        Err(_) => Err(format!("invalid count `{count}`: give N, +N or -N")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -99,15 +124,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Scale { count, target }) => {
-            let relative = count.starts_with(['+', '-']);
-            match count.parse::<i64>() {
-                Ok(count) => control(&target, Request::Scale { count, relative }, false),
-                Err(_) => {
-                    err!("lb: error: invalid count `{count}`: give N, +N or -N");
-                    ExitCode::from(2)
-                }
+        Some(Command::Scale { args, target }) => match scale_request(&args) {
+            Ok(request) => control(&target, request, false),
+            Err(why) => {
+                err!("lb: error: {why}");
+                ExitCode::from(2)
             }
+        },
+        Some(Command::Restart { what, wait, target }) => {
+            control(&target, Request::Restart { target: what, wait }, false)
         }
         Some(Command::Send {
             slot,

@@ -168,7 +168,7 @@ pub fn connect(paths: &[PathBuf]) -> Result<(PathBuf, UnixStream), ClientError> 
 pub fn call(paths: &[PathBuf], request: &Request) -> Result<Response, ClientError> {
     let (path, stream) = connect(paths)?;
     let timeout = Duration::from_secs(10);
-    let read_timeout = if *request == Request::Reload {
+    let read_timeout = if request.answered_when_done() {
         super::RELOAD_TIMEOUT + timeout
     } else {
         timeout

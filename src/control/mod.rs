@@ -435,7 +435,7 @@ fn answer(
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let wait = if request == Request::Reload {
+    let wait = if request.answered_when_done() {
         RELOAD_TIMEOUT
     } else {
         IO_TIMEOUT

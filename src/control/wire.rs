@@ -13,16 +13,35 @@ pub enum Request {
     /// Drain every worker and exit, as SIGTERM does.
     Stop,
     /// Run `count` workers, or `count` more (fewer, if negative) when
-    /// `relative`.
+    /// `relative`, in pool `pool` (absent: the only one).
     Scale {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<String>,
         count: i64,
         relative: bool,
+    },
+    /// Replace the workers `target` names (a slot number, a pool's name,
+    /// `all`), one at a time, each only once its successor is ready.
+    /// Answered when every one has switched; with `wait`, once the
+    /// replaced workers have drained and exited.
+    Restart {
+        target: String,
+        #[serde(default)]
+        wait: bool,
     },
     /// A user message to one slot's worker, or to all when `slot` is absent.
     Send {
         slot: Option<usize>,
         message: String,
     },
+}
+
+impl Request {
+    /// Whether the master answers only once work it starts is done (a
+    /// reload, a restart), which may take long.
+    pub fn answered_when_done(&self) -> bool {
+        matches!(self, Request::Reload | Request::Restart { .. })
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -85,7 +85,7 @@ impl Supervisor {
             if expected { "expected" } else { "unexpected" }
         );
         // (A slot scaled away meanwhile restarts nothing.)
-        if p.retiring || self.phase != Phase::Running || p.slot.0 >= self.slots.len() {
+        if p.retiring || self.phase != Phase::Running || !self.planned(p.slot) {
             return;
         }
         let how_text = || how.clone();
@@ -106,6 +106,10 @@ impl Supervisor {
                 "worker {} of generation {} exited before READY ({why})",
                 p.slot, p.generation
             ));
+            // A slot the reload added is gone with it.
+            if !self.planned(p.slot) {
+                return;
+            }
         }
         // Another live process still covers the slot (the one a failed
         // candidate was to replace, or the candidate replacing a dead one).
@@ -208,7 +212,7 @@ impl Supervisor {
         } else {
             return;
         };
-        if self.phase != Phase::Running || slot.0 >= self.slots.len() || self.covered(slot, pid) {
+        if self.phase != Phase::Running || !self.planned(slot) || self.covered(slot, pid) {
             return;
         }
         self.slots[slot.0].restarts += 1;

@@ -11,12 +11,14 @@ pub mod backoff;
 mod events;
 mod exits;
 mod launch;
+mod layout;
 mod output;
 mod preload;
 pub mod reaper;
 mod recycle;
 mod reload;
 mod requests;
+mod restart;
 mod scale;
 mod signals;
 mod spawn;
@@ -82,6 +84,8 @@ pub enum SupervisorError {
     Output(io::Error),
     #[error("supervisor event loop failed: {0}")]
     Poll(io::Error),
+    #[error("slot {0} belongs to no pool")]
+    NoPool(usize),
     #[error("epoll: {0}")]
     Epoll(io::Error),
     #[error("eventfd: {0}")]
@@ -211,7 +215,13 @@ pub struct Supervisor {
     /// Kills what workers leave behind if this master is killed outright.
     reaper: Option<reaper::Reaper>,
     config: Config,
-    slot_pools: Vec<usize>,
+    /// Which pool each slot runs (see `layout`).
+    layout: layout::Layout,
+    /// Each pool's count as the configuration said it at the last (re)load,
+    /// by name: a reload keeps what `lb scale` set unless that changed.
+    configured: Vec<(String, usize)>,
+    /// `lb restart --wait`s answered once the workers they name are gone.
+    waits: Vec<restart::Wait>,
     slots: Vec<SlotState>,
     workers: Vec<Worker>,
     /// Exited workers whose exit is judged once the dispatcher has read
@@ -300,10 +310,9 @@ impl Supervisor {
                 )
             })
             .ok();
-        let slot_pools = config.slot_pools();
-        let slots = (0..slot_pools.len())
-            .map(|_| SlotState::default())
-            .collect();
+        let layout = layout::Layout::new(&config.pools);
+        let slots = (0..layout.len()).map(|_| SlotState::default()).collect();
+        let configured = layout::configured(&config.pools);
         Ok(Supervisor {
             poll,
             _waker: waker,
@@ -311,7 +320,9 @@ impl Supervisor {
             output,
             reaper,
             config,
-            slot_pools,
+            layout,
+            configured,
+            waits: Vec::new(),
             slots,
             workers: Vec::new(),
             exiting: Vec::new(),
@@ -369,12 +380,17 @@ impl Supervisor {
                 self.on_event(event);
             }
             while let Ok(incoming) = self.control.try_recv() {
-                if incoming.request == Request::Reload {
+                match incoming.request {
                     // Answered when the reload ends.
-                    self.begin_reload(Some(incoming.reply));
-                } else {
-                    let answer = self.on_control(incoming.request);
-                    let _ = incoming.reply.send(answer);
+                    Request::Reload => self.begin_reload(Some(incoming.reply)),
+                    // Answered when the restart ends (or its workers are gone).
+                    Request::Restart { target, wait } => {
+                        self.begin_restart(&target, wait, incoming.reply)
+                    }
+                    request => {
+                        let answer = self.on_control(request);
+                        let _ = incoming.reply.send(answer);
+                    }
                 }
             }
             for ev in events.iter() {
@@ -385,6 +401,7 @@ impl Supervisor {
                 }
             }
             self.on_timers();
+            self.answer_waits();
             if let Some(e) = self.none_can_start() {
                 self.kill_all();
                 self.reap_all();
@@ -409,6 +426,12 @@ impl Supervisor {
             let s = &self.slots[0];
             SupervisorError::NoneReady(s.failures, s.last_exit.clone())
         })
+    }
+
+    /// Whether some pool runs `slot` (one scaled or reloaded away does not:
+    /// what exits there restarts nothing).
+    fn planned(&self, slot: Slot) -> bool {
+        self.layout.pool(slot).is_some()
     }
 
     fn index_of(&self, pid: u32) -> Option<usize> {

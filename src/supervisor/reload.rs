@@ -1,38 +1,76 @@
-//! Rolling reloads: a new configuration, and each slot switched to a worker
-//! of the new generation once that one is ready.
+//! Rolling reloads and restarts: each slot switched to a new worker once
+//! that one is ready; a reload also applies a new configuration, counts
+//! included (slots added and removed, see `layout`).
 
-use super::{Answer, Phase, Supervisor};
-use crate::config::Config;
+use super::layout::{self, Layout};
+use super::{Answer, Phase, SlotState, Supervisor};
+use crate::config::defaults::MAX_WORKERS;
+use crate::config::{Config, Pool};
 use crate::info;
 use crate::policy::Slot;
 
-/// A rolling reload in progress:
-/// 1. the new configuration is loaded and the generation bumped;
-/// 2. for each slot in turn, a worker of the new generation is started;
+/// What rolls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rolling {
+    Reload,
+    Restart,
+}
+
+impl Rolling {
+    pub(super) fn article(self) -> &'static str {
+        match self {
+            Rolling::Reload => "a reload",
+            Rolling::Restart => "a restart",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Rolling::Reload => "reload",
+            Rolling::Restart => "restart",
+        }
+    }
+}
+
+/// What a failed reload goes back to.
+pub(super) struct Previous {
+    config: Config,
+    generation: u64,
+    layout: Layout,
+    configured: Vec<(String, usize)>,
+}
+
+/// A rolling reload (or restart) in progress:
+/// 1. a reload loads the new configuration and bumps the generation; the
+///    slots it adds and removes are worked out (`Layout::remap`);
+/// 2. for each slot in turn (added ones first: capacity comes before
+///    replacement), a new worker is started;
 /// 3. its READY switches the slot to it and drains the old worker;
-/// 4. a candidate that exits or times out before READY aborts the reload:
-///    old workers keep serving, the previous configuration is restored for
-///    restarts.
+/// 4. once every slot has switched, the removed slots' workers drain;
+/// 5. a candidate that exits or times out before READY aborts it: old
+///    workers keep serving, added slots' workers drain, removed slots keep
+///    theirs, the previous configuration is restored for restarts.
 pub(super) struct Reload {
+    pub(super) what: Rolling,
     pub(super) queue: std::collections::VecDeque<Slot>,
-    /// New workers started and not yet ready (at most `reload_parallel`).
+    /// New workers started and not yet ready (at most `parallel`).
     pub(super) candidates: Vec<u32>,
     pub(super) replaced: usize,
-    pub(super) previous: Config,
-    pub(super) previous_generation: u64,
+    pub(super) parallel: usize,
+    /// A reload's: what a failure restores.
+    pub(super) previous: Option<Previous>,
+    pub(super) added: Vec<Slot>,
+    pub(super) removed: Vec<Slot>,
+    /// A reload's answer ends with what changed; a restart's says what it
+    /// restarted.
+    pub(super) detail: String,
+    /// `lb restart --wait`: the workers replaced, answered once gone.
+    pub(super) wait: Option<Vec<u32>>,
     pub(super) reply: Option<crossbeam_channel::Sender<Answer>>,
 }
 
 /// Why `new` cannot replace `running` by a rolling reload, if it cannot.
 fn unreloadable(new: &Config, running: &Config) -> Option<String> {
-    if new.slots() != running.slots() {
-        return Some(format!(
-            "the new configuration has {} workers, the running one {}; change the count with a \
-             restart for now",
-            new.slots(),
-            running.slots()
-        ));
-    }
     // What the dispatcher was built for at start: whether it accepts at
     // all (not in shared mode) and whether it has proxy relays.
     let shape = |c: &Config| (c.shared(), c.relays());
@@ -42,6 +80,13 @@ fn unreloadable(new: &Config, running: &Config) -> Option<String> {
              start (who accepts, the relays); restart lb for that"
                 .into(),
         );
+    }
+    if new.slots() > MAX_WORKERS {
+        return Some(format!(
+            "the new configuration runs {} workers (with the counts `lb scale` set), more than \
+             the {MAX_WORKERS} one master runs; lower a count",
+            new.slots()
+        ));
     }
     None
 }
@@ -57,86 +102,184 @@ fn keep_fixed(mut new: Config, running: &Config) -> (Config, bool) {
     (new, asked)
 }
 
+/// Keeps in `new` the counts `lb scale` set in `running` for the pools
+/// whose configured count did not change since `configured` (the count
+/// the configuration gave at the last load): a reload deploys, it does not
+/// undo a scale. What it kept, one phrase each.
+fn keep_scaled(new: &mut [Pool], running: &[Pool], configured: &[(String, usize)]) -> Vec<String> {
+    let mut kept = Vec::new();
+    for p in new.iter_mut() {
+        let was = configured.iter().find(|(n, _)| *n == p.name).map(|c| c.1);
+        let now = running.iter().find(|r| r.name == p.name).map(|r| r.count);
+        if let (Some(was), Some(now)) = (was, now)
+            && was == p.count
+            && now != p.count
+        {
+            kept.push(format!(
+                "pool `{}` keeps the {now} workers `lb scale` set (its configured count, {was}, \
+                 did not change)",
+                p.name
+            ));
+            p.count = now;
+        }
+    }
+    kept
+}
+
+/// What changes in the pools' counts, e.g. "web 2 → 3 workers, canary
+/// removed, batch added (1 worker)"; empty when nothing does.
+fn count_changes(old: &[Pool], new: &[Pool]) -> String {
+    let mut out = Vec::new();
+    for p in new {
+        match old.iter().find(|o| o.name == p.name) {
+            Some(o) if o.count != p.count => {
+                out.push(format!("{} {} → {} workers", p.name, o.count, p.count))
+            }
+            Some(_) => {}
+            None => out.push(format!(
+                "{} added ({} worker{})",
+                p.name,
+                p.count,
+                if p.count == 1 { "" } else { "s" }
+            )),
+        }
+    }
+    for o in old.iter().filter(|o| !new.iter().any(|p| p.name == o.name)) {
+        out.push(format!("{} removed", o.name));
+    }
+    out.join(", ")
+}
+
 impl Supervisor {
+    /// Refuses a control request (or SIGHUP) for `why`, logged.
+    pub(super) fn refuse(
+        &self,
+        what: Rolling,
+        reply: Option<crossbeam_channel::Sender<Answer>>,
+        why: String,
+    ) {
+        info!("{} refused: {why}", what.noun());
+        if let Some(r) = reply {
+            let _ = r.send(Answer::Refused(why));
+        }
+    }
+
+    /// Why no `what` may start now, if one may not.
+    pub(super) fn busy(&self, what: Rolling) -> Option<String> {
+        if self.phase != Phase::Running {
+            return Some("the master is stopping".into());
+        }
+        let r = self.reload.as_ref()?;
+        Some(if r.what == what {
+            format!("{} is already in progress", what.article())
+        } else {
+            format!(
+                "{} is in progress; {} once it is done",
+                r.what.article(),
+                what.noun()
+            )
+        })
+    }
+
     /// Starts a rolling reload, or answers why not.
     pub(super) fn begin_reload(&mut self, reply: Option<crossbeam_channel::Sender<Answer>>) {
-        let refuse = |reply: Option<crossbeam_channel::Sender<Answer>>, why: String| {
-            info!("reload refused: {why}");
-            if let Some(r) = reply {
-                let _ = r.send(Answer::Refused(why));
-            }
-        };
-        if self.phase != Phase::Running {
-            return refuse(reply, "the master is stopping".into());
-        }
-        if self.reload.is_some() {
-            return refuse(reply, "a reload is already in progress".into());
+        if let Some(why) = self.busy(Rolling::Reload) {
+            return self.refuse(Rolling::Reload, reply, why);
         }
         let new = match (self.reconfigure)() {
             Ok(c) => c,
             Err(e) => {
-                return refuse(
-                    reply,
-                    format!("the configuration is invalid, nothing changed: {e}"),
-                );
+                let why = format!("the configuration is invalid, nothing changed: {e}");
+                return self.refuse(Rolling::Reload, reply, why);
             }
         };
+        let (mut new, asked) = keep_fixed(new, &self.config);
+        let configured = layout::configured(&new.pools);
+        let kept = keep_scaled(&mut new.pools, &self.config.pools, &self.configured);
         if let Some(why) = unreloadable(&new, &self.config) {
-            return refuse(reply, why);
+            return self.refuse(Rolling::Reload, reply, why);
         }
-        let (new, asked) = keep_fixed(new, &self.config);
         if asked {
             info!("reload: the listen address and policy stay as they are until a restart");
         }
-        let previous = std::mem::replace(&mut self.config, new);
+        for k in &kept {
+            info!("reload: {k}");
+        }
+        let changes = count_changes(&self.config.pools, &new.pools);
+        let remap = self.layout.remap(&self.config.pools, &new.pools);
+        let previous = Previous {
+            config: std::mem::replace(&mut self.config, new),
+            generation: self.generation,
+            layout: std::mem::replace(&mut self.layout, remap.layout),
+            configured: std::mem::replace(&mut self.configured, configured),
+        };
         self.rss_warned = false;
-        self.slot_pools = self.config.slot_pools();
-        let previous_generation = self.generation;
         self.generation += 1;
+        if self.slots.len() < self.layout.len() {
+            self.slots
+                .resize_with(self.layout.len(), SlotState::default);
+        }
+        for s in &remap.added {
+            self.slots[s.0] = SlotState::default();
+        }
+        // Their workers serve until the reload is done, and never restart.
+        for s in &remap.removed {
+            self.slots[s.0].restart_at = None;
+        }
+        let queue: std::collections::VecDeque<Slot> = remap
+            .added
+            .iter()
+            .copied()
+            .chain(
+                self.layout
+                    .taken()
+                    .into_iter()
+                    .filter(|s| !remap.added.contains(s)),
+            )
+            .collect();
+        let detail = if changes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({changes})")
+        };
         info!(
-            "reloading {} workers to generation {}, {} at a time",
-            self.slots.len(),
+            "reloading {} workers to generation {}, {} at a time{detail}",
+            queue.len(),
             self.generation,
             self.config.reload_parallel.max(1)
         );
         crate::systemd::notify(&crate::systemd::reloading());
         self.reload = Some(Reload {
-            queue: (0..self.slots.len()).map(Slot).collect(),
+            what: Rolling::Reload,
+            queue,
             candidates: Vec::new(),
             replaced: 0,
-            previous,
-            previous_generation,
+            parallel: self.config.reload_parallel.max(1),
+            previous: Some(previous),
+            added: remap.added,
+            removed: remap.removed,
+            detail,
+            wait: None,
             reply,
         });
         self.advance_reload();
     }
 
-    /// Starts new workers up to `reload_parallel` at once, or finishes the
-    /// reload when every slot has switched.
+    /// Starts new workers up to the reload's parallelism, or finishes it
+    /// when every slot has switched.
     pub(super) fn advance_reload(&mut self) {
-        let parallel = self.config.reload_parallel.max(1);
         loop {
             let Some(reload) = self.reload.as_mut() else {
                 return;
             };
-            if reload.candidates.len() >= parallel {
+            if reload.candidates.len() >= reload.parallel {
                 return;
             }
             let Some(slot) = reload.queue.pop_front() else {
                 if !reload.candidates.is_empty() {
                     return; // the last ones are still starting
                 }
-                let reload = self.reload.take().expect("checked above");
-                let msg = format!(
-                    "reloaded {} workers to generation {}",
-                    reload.replaced, self.generation
-                );
-                info!("{msg}");
-                crate::systemd::notify("READY=1");
-                if let Some(r) = reload.reply {
-                    let _ = r.send(Answer::Done(msg));
-                }
-                return;
+                return self.finish_reload();
             };
             // A slot waiting to restart gets the new generation directly.
             self.slots[slot.0].restart_at = None;
@@ -151,17 +294,58 @@ impl Supervisor {
         }
     }
 
-    /// Ends a failed reload: what already switched stays; the rest keeps its
-    /// old workers, and restarts use the previous configuration again.
+    /// Every slot has switched: the removed slots' workers drain; the
+    /// answer.
+    fn finish_reload(&mut self) {
+        let Some(reload) = self.reload.take() else {
+            return;
+        };
+        self.vacate(&reload.removed);
+        let len = self.layout.trim();
+        self.slots.truncate(len);
+        let msg = match reload.what {
+            Rolling::Reload => format!(
+                "reloaded {} workers to generation {}{}",
+                reload.replaced, self.generation, reload.detail
+            ),
+            Rolling::Restart => format!("restarted {}", reload.detail),
+        };
+        info!("{msg}");
+        crate::systemd::notify("READY=1");
+        let Some(reply) = reload.reply else { return };
+        match reload.wait {
+            Some(pids) => self.wait_gone(pids, reply, msg),
+            None => {
+                let _ = reply.send(Answer::Done(msg));
+            }
+        }
+    }
+
+    /// Ends a failed reload or restart: what already switched stays; the
+    /// rest keeps its old workers; a reload's added slots drain, and
+    /// restarts use the previous configuration again.
     pub(super) fn abort_reload(&mut self, why: String) {
         let Some(reload) = self.reload.take() else {
             return;
         };
-        self.config = reload.previous;
-        self.slot_pools = self.config.slot_pools();
-        self.generation = reload.previous_generation;
+        if let Some(previous) = reload.previous {
+            self.config = previous.config;
+            self.generation = previous.generation;
+            self.layout = previous.layout;
+            self.configured = previous.configured;
+            self.vacate(&reload.added);
+            self.slots.truncate(self.layout.len());
+            // A removed slot whose worker died meanwhile was not restarted.
+            for slot in reload.removed {
+                let empty = !self.workers.iter().any(|p| p.slot == slot && !p.retiring);
+                if empty && self.phase == Phase::Running {
+                    self.start_or_retry(slot);
+                }
+            }
+        }
         let msg = format!(
-            "reload failed: {why}; {} workers were replaced, the others keep running",
+            "{} failed: {why}; {} workers were replaced, the others keep running",
+            reload.what.noun(),
             reload.replaced
         );
         info!("{msg}");
@@ -189,17 +373,24 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_the_count_and_who_accepts() {
+    fn a_reload_keeps_who_accepts() {
         let running = config(&["-w", "2", "--", "sh"]);
         assert_eq!(
             unreloadable(&config(&["-w", "2", "--", "cat"]), &running),
             None
         );
+        // A count changes by a reload now.
         assert_eq!(
-            unreloadable(&config(&["-w", "3", "--", "sh"]), &running).as_deref(),
+            unreloadable(&config(&["-w", "3", "--", "sh"]), &running),
+            None
+        );
+        let mut big = config(&["-w", "3", "--", "sh"]);
+        big.pools[0].count = MAX_WORKERS + 1;
+        assert_eq!(
+            unreloadable(&big, &running).as_deref(),
             Some(
-                "the new configuration has 3 workers, the running one 2; change the count with a \
-                 restart for now"
+                "the new configuration runs 1025 workers (with the counts `lb scale` set), more \
+                 than the 1024 one master runs; lower a count"
             )
         );
         let mode = "the new configuration adds or removes shared or proxy mode, which lb sets up \
@@ -253,5 +444,34 @@ mod tests {
         );
         let policy_only = config(&["-l", "127.0.0.1:8100", "-p", "lc"]);
         assert!(keep_fixed(policy_only, &running).1);
+    }
+
+    #[test]
+    fn a_reload_keeps_a_scale_unless_the_configured_count_changed() {
+        use crate::supervisor::layout::tests::pools;
+        // Configured web 2, canary 1; `lb scale` made web 5.
+        let configured = layout::configured(&pools(&[("web", 2), ("canary", 1)]));
+        let running = pools(&[("web", 5), ("canary", 1)]);
+        let mut same = pools(&[("web", 2), ("canary", 1)]);
+        let kept = keep_scaled(&mut same, &running, &configured);
+        assert_eq!((same[0].count, same[1].count), (5, 1));
+        assert_eq!(
+            kept,
+            [
+                "pool `web` keeps the 5 workers `lb scale` set (its configured count, 2, did not \
+              change)"
+            ]
+        );
+        let mut changed = pools(&[("web", 3), ("canary", 2), ("batch", 1)]);
+        assert!(keep_scaled(&mut changed, &running, &configured).is_empty());
+        assert_eq!(
+            count_changes(&running, &changed),
+            "web 5 → 3 workers, canary 1 → 2 workers, batch added (1 worker)"
+        );
+        assert_eq!(
+            count_changes(&running, &pools(&[("web", 5)])),
+            "canary removed"
+        );
+        assert_eq!(count_changes(&running, &running), "");
     }
 }

@@ -1,7 +1,8 @@
 //! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`; a
-//! reload is `reload.rs`'s) and the answers they get.
+//! reload is `reload.rs`'s, a restart `restart.rs`'s) and the answers they
+//! get.
 
-use super::{Phase, Supervisor, scale, status::Status};
+use super::{Phase, Supervisor, status::Status};
 use crate::control::Request;
 use crate::dispatch::Command;
 use crate::info;
@@ -23,16 +24,20 @@ impl Supervisor {
                 Some(status) => Answer::Status(Box::new(status)),
                 None => Answer::Refused("the dispatcher did not answer".into()),
             },
-            Request::Reload => Answer::Refused("reload is answered elsewhere".into()),
-            Request::Scale { count, relative } => {
-                match self.scale(scale::target(self.slots.len(), count, relative)) {
-                    Ok(scaled) => {
-                        info!("{scaled}");
-                        Answer::Done(scaled.to_string())
-                    }
-                    Err(why) => Answer::Refused(why.to_string()),
-                }
+            Request::Reload | Request::Restart { .. } => {
+                Answer::Refused("reload and restart are answered elsewhere".into())
             }
+            Request::Scale {
+                pool,
+                count,
+                relative,
+            } => match self.scale(pool.as_deref(), count, relative) {
+                Ok(scaled) => {
+                    info!("{scaled}");
+                    Answer::Done(scaled.to_string())
+                }
+                Err(why) => Answer::Refused(why.to_string()),
+            },
             Request::Stop => {
                 if self.phase == Phase::Running {
                     info!("stop requested on the control socket");

@@ -1,4 +1,6 @@
-//! Scaling: more or fewer slots at run time (`lb scale`, SIGTTIN, SIGTTOU).
+//! Scaling: more or fewer slots for a pool at run time (`lb scale [POOL]
+//! N|+N|-N`, SIGTTIN, SIGTTOU). Which slots a pool gains or gives up is
+//! `layout`'s.
 
 use super::{Phase, SlotState, Supervisor};
 use crate::config::defaults::MAX_WORKERS;
@@ -10,36 +12,61 @@ use crate::policy::Slot;
 pub enum ScaleError {
     #[error("the master is stopping")]
     Stopping,
-    #[error("a reload is in progress")]
-    Reloading,
-    #[error("this master runs {0} pools; set each pool's count in the configuration and reload")]
-    Pools(usize),
-    #[error("{target} workers: give a count from 1 to {max}")]
-    Count { target: usize, max: usize },
+    /// A reload or a restart: `"a reload"`.
+    #[error("{0} is in progress; scale once it is done")]
+    Busy(&'static str),
+    #[error(
+        "this master runs {} pools ({}); name the one to scale: lb scale POOL N|+N|-N",
+        .0.len(),
+        .0.join(", ")
+    )]
+    Pools(Vec<String>),
+    #[error("no pool `{name}`; this master runs {}", .pools.join(", "))]
+    NoPool { name: String, pools: Vec<String> },
+    #[error("{}{target} workers: give a count from 1 to {max}", pool_prefix(.pool))]
+    Count {
+        pool: Option<String>,
+        target: usize,
+        max: usize,
+    },
+    #[error(
+        "pool `{pool}` at {target} workers would make {total} in all, more than the {max} one \
+         master runs; give a smaller count"
+    )]
+    Total {
+        pool: String,
+        target: usize,
+        total: usize,
+        max: usize,
+    },
 }
 
-/// A scaling done: from so many slots to so many.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+fn pool_prefix(pool: &Option<String>) -> String {
+    pool.as_ref()
+        .map_or_else(String::new, |p| format!("pool `{p}`: "))
+}
+
+/// A scaling done: a pool (named when there are several) from so many
+/// slots to so many.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scaled {
+    pub pool: Option<String>,
     pub from: usize,
     pub to: usize,
 }
 
 impl std::fmt::Display for Scaled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Scaled { from, to } = *self;
-        if to > from {
-            write!(
-                f,
-                "scaled from {from} to {to} workers ({} starting)",
-                to - from
-            )
+        let Scaled { from, to, .. } = *self;
+        if let Some(pool) = &self.pool {
+            write!(f, "scaled pool `{pool}` ")?;
         } else {
-            write!(
-                f,
-                "scaled from {from} to {to} workers ({} draining)",
-                from - to
-            )
+            write!(f, "scaled ")?;
+        }
+        if to > from {
+            write!(f, "from {from} to {to} workers ({} starting)", to - from)
+        } else {
+            write!(f, "from {from} to {to} workers ({} draining)", from - to)
         }
     }
 }
@@ -55,20 +82,35 @@ pub fn target(current: usize, count: i64, relative: bool) -> usize {
     usize::try_from(target).unwrap_or(0)
 }
 
-/// Whether a master may scale to `target` now.
-fn check(running: bool, reloading: bool, pools: usize, target: usize) -> Result<(), ScaleError> {
-    if !running {
-        return Err(ScaleError::Stopping);
+/// The pool `name` names among `pools` (`None`: the only one), by index.
+fn pick(pools: &[String], name: Option<&str>) -> Result<usize, ScaleError> {
+    match name {
+        None if pools.len() == 1 => Ok(0),
+        None => Err(ScaleError::Pools(pools.to_vec())),
+        Some(name) => pools
+            .iter()
+            .position(|p| p == name)
+            .ok_or_else(|| ScaleError::NoPool {
+                name: name.into(),
+                pools: pools.to_vec(),
+            }),
     }
-    if reloading {
-        return Err(ScaleError::Reloading);
-    }
-    if pools != 1 {
-        return Err(ScaleError::Pools(pools));
-    }
+}
+
+/// Whether a pool may go to `target` slots when the others run `others`.
+fn bounded(pool: Option<&str>, target: usize, others: usize) -> Result<(), ScaleError> {
     if !(1..=MAX_WORKERS).contains(&target) {
         return Err(ScaleError::Count {
+            pool: pool.map(str::to_string),
             target,
+            max: MAX_WORKERS,
+        });
+    }
+    if others + target > MAX_WORKERS {
+        return Err(ScaleError::Total {
+            pool: pool.unwrap_or("main").into(),
+            target,
+            total: others + target,
             max: MAX_WORKERS,
         });
     }
@@ -76,48 +118,77 @@ fn check(running: bool, reloading: bool, pools: usize, target: usize) -> Result<
 }
 
 impl Supervisor {
-    /// Runs `target` workers: new slots start (and take connections once
-    /// ready); removed slots' workers are drained. Single-pool masters only.
-    pub(super) fn scale(&mut self, target: usize) -> Result<Scaled, ScaleError> {
-        check(
-            self.phase == Phase::Running,
-            self.reload.is_some(),
-            self.config.pools.len(),
-            target,
-        )?;
-        let n = self.slots.len();
-        self.config.pools[0].count = target;
-        self.slot_pools = self.config.slot_pools();
-        if target > n {
-            for slot in n..target {
-                self.slots.push(SlotState::default());
-                self.start_or_retry(Slot(slot));
+    /// Runs `count` (or `count` more, `relative`) workers in pool `pool`
+    /// (`None`: the only one): new slots start and take connections once
+    /// ready; the pool's highest slots are drained.
+    pub(super) fn scale(
+        &mut self,
+        pool: Option<&str>,
+        count: i64,
+        relative: bool,
+    ) -> Result<Scaled, ScaleError> {
+        if self.phase != Phase::Running {
+            return Err(ScaleError::Stopping);
+        }
+        if let Some(r) = &self.reload {
+            return Err(ScaleError::Busy(r.what.article()));
+        }
+        let names: Vec<String> = self.config.pools.iter().map(|p| p.name.clone()).collect();
+        let i = pick(&names, pool)?;
+        let several = names.len() > 1;
+        let named = several.then(|| names[i].as_str());
+        let from = self.layout.slots_of(i).len();
+        let to = target(from, count, relative);
+        bounded(named, to, self.layout.taken().len() - from)?;
+        self.config.pools[i].count = to;
+        if to > from {
+            for slot in self.layout.grow(i, to - from, &[]) {
+                if slot.0 >= self.slots.len() {
+                    self.slots.resize_with(slot.0 + 1, SlotState::default);
+                }
+                // A slot taken again is a new worker's: its counts start over.
+                self.slots[slot.0] = SlotState::default();
+                self.start_or_retry(slot);
             }
         } else {
-            let leaving: Vec<(Slot, u32)> = self
-                .workers
-                .iter()
-                .filter(|p| p.slot.0 >= target)
-                .map(|p| (p.slot, p.pid))
-                .collect();
-            for (slot, pid) in leaving {
-                self.dispatch.send(Command::Drain { slot, pid });
-                self.retire(pid);
-            }
-            // An exit being judged in a removed slot restarts nothing.
-            for e in self
-                .exiting
-                .iter_mut()
-                .filter(|e| e.worker.slot.0 >= target)
-            {
-                e.worker.retiring = true;
-            }
-            self.slots.truncate(target);
+            let removed = self.layout.shrink(i, from - to);
+            self.vacate(&removed);
+            let len = self.layout.trim();
+            self.slots.truncate(len);
         }
         Ok(Scaled {
-            from: n,
-            to: target,
+            pool: named.map(str::to_string),
+            from,
+            to,
         })
+    }
+
+    /// Drains the workers of slots no pool runs any more; nothing restarts
+    /// there.
+    pub(super) fn vacate(&mut self, slots: &[Slot]) {
+        let leaving: Vec<(Slot, u32)> = self
+            .workers
+            .iter()
+            .filter(|p| slots.contains(&p.slot) && !p.retiring)
+            .map(|p| (p.slot, p.pid))
+            .collect();
+        for (slot, pid) in leaving {
+            self.dispatch.send(Command::Drain { slot, pid });
+            self.retire(pid);
+        }
+        // An exit being judged there restarts nothing either.
+        for e in self
+            .exiting
+            .iter_mut()
+            .filter(|e| slots.contains(&e.worker.slot))
+        {
+            e.worker.retiring = true;
+        }
+        for s in slots {
+            if let Some(state) = self.slots.get_mut(s.0) {
+                state.restart_at = None;
+            }
+        }
     }
 }
 
@@ -126,46 +197,75 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_scale_is_refused_in_the_order_the_reasons_matter() {
-        assert_eq!(check(true, false, 1, 3), Ok(()));
-        assert_eq!(check(true, false, 1, MAX_WORKERS), Ok(()));
-        assert_eq!(check(false, true, 2, 0), Err(ScaleError::Stopping));
-        assert_eq!(check(true, true, 2, 0), Err(ScaleError::Reloading));
-        assert_eq!(check(true, false, 2, 0), Err(ScaleError::Pools(2)));
-        let count = |target| {
-            Err(ScaleError::Count {
-                target,
-                max: MAX_WORKERS,
-            })
-        };
-        assert_eq!(check(true, false, 1, 0), count(0));
+    fn a_scale_names_its_pool_when_there_are_several() {
+        let one = ["main".to_string()];
+        let two = ["web".to_string(), "canary".to_string()];
+        assert_eq!(pick(&one, None), Ok(0));
+        assert_eq!(pick(&two, Some("canary")), Ok(1));
+        let e = pick(&two, None).unwrap_err();
         assert_eq!(
-            check(true, false, 1, MAX_WORKERS + 1),
-            count(MAX_WORKERS + 1)
+            e.to_string(),
+            "this master runs 2 pools (web, canary); name the one to scale: lb scale POOL \
+             N|+N|-N"
+        );
+        let e = pick(&two, Some("api")).unwrap_err();
+        assert_eq!(e.to_string(), "no pool `api`; this master runs web, canary");
+    }
+
+    #[test]
+    fn a_count_is_bounded_per_pool_and_in_all() {
+        assert_eq!(bounded(None, 3, 0), Ok(()));
+        assert_eq!(bounded(Some("web"), MAX_WORKERS - 1, 1), Ok(()));
+        assert_eq!(
+            bounded(None, 0, 0).unwrap_err().to_string(),
+            format!("0 workers: give a count from 1 to {MAX_WORKERS}")
+        );
+        assert_eq!(
+            bounded(Some("web"), MAX_WORKERS + 1, 0)
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "pool `web`: {} workers: give a count from 1 to {MAX_WORKERS}",
+                MAX_WORKERS + 1
+            )
+        );
+        assert_eq!(
+            bounded(Some("web"), MAX_WORKERS, 2)
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "pool `web` at {MAX_WORKERS} workers would make {} in all, more than the \
+                 {MAX_WORKERS} one master runs; give a smaller count",
+                MAX_WORKERS + 2
+            )
+        );
+        assert_eq!(
+            ScaleError::Busy("a restart").to_string(),
+            "a restart is in progress; scale once it is done"
         );
     }
 
     #[test]
-    fn refusals_and_results_read_as_before() {
+    fn results_read_as_before_and_name_the_pool() {
+        let scaled = |pool: Option<&str>, from, to| {
+            Scaled {
+                pool: pool.map(str::to_string),
+                from,
+                to,
+            }
+            .to_string()
+        };
         assert_eq!(
-            ScaleError::Pools(3).to_string(),
-            "this master runs 3 pools; set each pool's count in the configuration and reload"
-        );
-        assert_eq!(
-            ScaleError::Count { target: 0, max: 64 }.to_string(),
-            "0 workers: give a count from 1 to 64"
-        );
-        assert_eq!(
-            Scaled { from: 2, to: 5 }.to_string(),
+            scaled(None, 2, 5),
             "scaled from 2 to 5 workers (3 starting)"
         );
         assert_eq!(
-            Scaled { from: 5, to: 2 }.to_string(),
+            scaled(None, 5, 2),
             "scaled from 5 to 2 workers (3 draining)"
         );
         assert_eq!(
-            Scaled { from: 2, to: 2 }.to_string(),
-            "scaled from 2 to 2 workers (0 draining)"
+            scaled(Some("web"), 2, 3),
+            "scaled pool `web` from 2 to 3 workers (1 starting)"
         );
     }
 

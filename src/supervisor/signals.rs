@@ -66,13 +66,8 @@ impl Supervisor {
                 Signal::SIGHUP => self.begin_reload(None),
                 // One more or one fewer worker, as gunicorn does.
                 Signal::SIGTTIN | Signal::SIGTTOU => {
-                    let n = self.slots.len();
-                    let target = if signal == Signal::SIGTTIN {
-                        n + 1
-                    } else {
-                        n.saturating_sub(1)
-                    };
-                    match self.scale(target) {
+                    let by = if signal == Signal::SIGTTIN { 1 } else { -1 };
+                    match self.scale(None, by, true) {
                         Ok(msg) => info!("{signal}: {msg}"),
                         Err(why) => info!("{signal}: not scaled: {why}"),
                     }
@@ -101,11 +96,12 @@ impl Supervisor {
         for s in &mut self.slots {
             s.restart_at = None;
         }
-        self.abort_reload("the master is stopping".into());
         crate::systemd::notify("STOPPING=1");
         self.phase = Phase::Draining {
             deadline: Instant::now() + timeout,
         };
+        // Stopping: what a failed reload would start again is not started.
+        self.abort_reload("the master is stopping".into());
         self.dispatch.send(Command::Shutdown);
     }
 

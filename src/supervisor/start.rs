@@ -20,7 +20,10 @@ use crate::policy::Slot;
 impl Supervisor {
     /// Starts the worker for `slot`; the error is fatal only at start-up.
     pub(super) fn start(&mut self, slot: Slot) -> Result<u32, SupervisorError> {
-        let p = self.slot_pools[slot.0];
+        let p = self
+            .layout
+            .pool(slot)
+            .ok_or(SupervisorError::NoPool(slot.0))?;
         let generation = self.generation;
         info!(
             "worker {slot} gen {generation}: spawn `{}`",
@@ -162,6 +165,10 @@ impl Supervisor {
 
     /// Starts `slot` now, or schedules a retry with backoff if that fails.
     pub(super) fn start_or_retry(&mut self, slot: Slot) {
+        // Scaled or reloaded away meanwhile: nothing to start, or retry.
+        if !self.planned(slot) {
+            return;
+        }
         if let Err(e) = self.start(slot) {
             let s = &mut self.slots[slot.0];
             s.failures = s.failures.saturating_add(1);
