@@ -27,10 +27,14 @@ impl Supervisor {
                         crate::systemd::notify("READY=1");
                     }
                     // READY was the switch: what ran in the slot before drains.
+                    // Not a reload's or restart's candidate, though: this one
+                    // (still starting when it was started) is what it replaces.
+                    let candidates = self.reload.as_ref().map(|r| r.candidates.as_slice());
                     let others: Vec<u32> = self
                         .workers
                         .iter()
                         .filter(|o| o.slot == slot && o.pid != pid && !o.retiring)
+                        .filter(|o| !candidates.is_some_and(|c| c.contains(&o.pid)))
                         .map(|o| o.pid)
                         .collect();
                     for other in others {

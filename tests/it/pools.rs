@@ -228,7 +228,12 @@ fn a_restart_rolls_one_slot_at_a_time_successor_first_under_load() {
             .unwrap_or_else(|| panic!("no {needle:?}"))
     };
     let ready = |slot: u64| at(format!("worker {slot} pid {} gen 1: ready", after[&slot]));
-    let draining = |slot: u64| at(format!("worker {slot} pid {} gen 1: draining", before[&slot]));
+    let draining = |slot: u64| {
+        at(format!(
+            "worker {slot} pid {} gen 1: draining",
+            before[&slot]
+        ))
+    };
     assert!(ready(1) < draining(1) && ready(2) < draining(2));
     assert!(ready(1) < at(format!("worker {} pid {} gen 1: online", 2, after[&2])));
     loads.0.wait_more(200);
@@ -311,11 +316,7 @@ fn every_refusal_says_why_in_one_line() {
         })
     };
     lb.wait_log("restarting 1 worker of pool `api`", 1);
-    refused(
-        &lb,
-        &["restart", "web"],
-        "a restart is already in progress",
-    );
+    refused(&lb, &["restart", "web"], "a restart is already in progress");
     refused(
         &lb,
         &["reload"],
@@ -407,4 +408,38 @@ fn two_pools_of_one_name_are_refused_at_start_and_at_reload() {
              {config} are both named `web`; give each pool a `name` of its own"
         ),
     );
+}
+
+#[test]
+fn a_restart_of_a_worker_still_starting_replaces_it_once_both_are_ready() {
+    let dir = scratch("pools-restart-starting");
+    let config = three_pools(&dir, 1, true);
+    let lb = Lb::start(&["--config", &config], &[], 3);
+    // api's new worker (slot 3) takes 0.5 s to be ready; its successor is
+    // started meanwhile, and is not drained by the older one's READY.
+    ok(&lb, &["scale", "api", "+1"]);
+    let control = lb.control.clone().unwrap();
+    let mut restart = Command::new(lb_bin())
+        .args(["restart", "3", "--control", &control])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = restart.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            send_signal(restart.id(), libc::SIGKILL);
+            let _ = restart.wait();
+            panic!("the restart never finished");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut restart.stdout.take().unwrap(), &mut out).unwrap();
+    assert_eq!(out.trim(), "restarted worker 3");
+    let slots = wait_slots(&lb, &[0, 1, 2, 3]);
+    assert_eq!(lb.pid_of_slot(3) as u64, slots[&3]);
 }
