@@ -91,6 +91,20 @@ fn unreloadable(new: &Config, running: &Config) -> Option<String> {
     None
 }
 
+/// Why `remap` needs more slots than a master runs, if it does: slots
+/// given up serve until the reload ends, so new ones go past them.
+fn too_many_slots(remap: &layout::Remap) -> Option<String> {
+    (remap.layout.len() > MAX_WORKERS).then(|| {
+        format!(
+            "the new pools would need slots up to {} while the {} slots given up still serve, \
+             more than the {MAX_WORKERS} one master runs; reload in two steps: first remove or \
+             shrink, then add or grow",
+            remap.layout.len() - 1,
+            remap.removed.len()
+        )
+    })
+}
+
 /// `new` with what only a restart changes (the listen address, the
 /// policy, the control socket) as `running` has it; and whether the
 /// listen address or the policy asked to change.
@@ -207,6 +221,9 @@ impl Supervisor {
         }
         let changes = count_changes(&self.config.pools, &new.pools);
         let remap = self.layout.remap(&self.config.pools, &new.pools);
+        if let Some(why) = too_many_slots(&remap) {
+            return self.refuse(Rolling::Reload, reply, why);
+        }
         let previous = Previous {
             config: std::mem::replace(&mut self.config, new),
             generation: self.generation,
@@ -473,5 +490,25 @@ mod tests {
             "canary removed"
         );
         assert_eq!(count_changes(&running, &running), "");
+    }
+
+    #[test]
+    fn a_reload_may_not_push_slots_past_the_limit() {
+        use crate::supervisor::layout::tests::pools;
+        let old = pools(&[("a", 1000), ("b", 24)]);
+        let layout = Layout::new(&old);
+        assert_eq!(
+            too_many_slots(&layout.remap(&old, &pools(&[("a", 1000), ("b", 20)]))),
+            None
+        );
+        let swap = layout.remap(&old, &pools(&[("c", 1000), ("b", 24)]));
+        assert_eq!(
+            too_many_slots(&swap).as_deref(),
+            Some(
+                "the new pools would need slots up to 2023 while the 1000 slots given up still \
+                 serve, more than the 1024 one master runs; reload in two steps: first remove \
+                 or shrink, then add or grow"
+            )
+        );
     }
 }
