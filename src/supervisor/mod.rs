@@ -19,6 +19,7 @@ mod recycle;
 mod reload;
 mod requests;
 mod restart;
+mod rolling;
 mod scale;
 mod signals;
 mod spawn;
@@ -48,7 +49,7 @@ use crate::dispatch::{self, Command};
 use crate::info;
 use crate::policy::Slot;
 use crate::sys;
-use reload::Reload;
+use rolling::Reload;
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 
 use super::layout::Layout;
-use super::reload::{Reload, Rolling};
+use super::rolling::{Reload, Rolling};
 use super::{Answer, Supervisor};
 use crate::info;
 use crate::policy::Slot;
