@@ -443,3 +443,34 @@ fn a_restart_of_a_worker_still_starting_replaces_it_once_both_are_ready() {
     let slots = wait_slots(&lb, &[0, 1, 2, 3]);
     assert_eq!(lb.pid_of_slot(3) as u64, slots[&3]);
 }
+
+#[test]
+fn a_failed_reload_with_new_counts_keeps_the_old_layout() {
+    let dir = scratch("pools-reload-fail");
+    let two = format!("{}{}", hello_pool("web", 2), hello_pool("canary", 1));
+    let config = write_config(&dir, "lb.toml", &two);
+    let lb = Lb::start(&["--config", &config, "--ready-timeout", "300ms"], &[], 3);
+    let before = wait_slots(&lb, &[0, 1, 2]);
+    // web grows by a worker that never says READY; canary goes.
+    write_config(
+        &dir,
+        "lb.toml",
+        "[[pool]]\nname = \"web\"\ncommand = \"sleep\"\nargs = [\"60\"]\ncount = 3\n",
+    );
+    refused(
+        &lb,
+        &["reload"],
+        "reload failed: worker 3 of generation 2 exited before READY (not ready within 0.3s); \
+         0 workers were replaced, the others keep running",
+    );
+    // Nothing was drained, and canary is still a pool: its slot restarts.
+    assert_eq!(wait_slots(&lb, &[0, 1, 2]), before);
+    send_signal(before[&2] as u32, libc::SIGKILL);
+    lb.wait_log("worker 2: restart #1", 1);
+    let after = wait_slots(&lb, &[0, 1, 2]);
+    assert_ne!(after[&2], before[&2]);
+    // And the old configuration is what a scale now starts.
+    write_config(&dir, "lb.toml", &two);
+    ok(&lb, &["scale", "web", "+1"]);
+    wait_slots(&lb, &[0, 1, 2, 3]);
+}
