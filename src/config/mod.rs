@@ -122,6 +122,8 @@ pub struct Config {
     /// Proxy mode: a relay that moved no byte either way for this long is
     /// reset; `None`: never.
     pub proxy_idle_timeout: Option<Duration>,
+    /// Workers that must be ready for `/readyz` to answer 200.
+    pub min_ready: usize,
     pub pools: Vec<Pool>,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,

@@ -90,6 +90,7 @@ pub const ALL: &[&Spec] = &[
     &PROXY_IDLE_TIMEOUT.spec,
     &METRICS.spec,
     &CONTROL.spec,
+    &MIN_READY.spec,
 ];
 
 /// Values other than paths reach here as UTF-8 (clap checks the command
@@ -383,6 +384,25 @@ pub const CONTROL: Setting<PathBuf> = Setting {
     parse: |v| Ok(v.into()),
 };
 
+/// 0 is meaningful: ready whenever lb is not stopping (a front that only
+/// needs to know lb is up and accepting).
+pub const MIN_READY: Setting<usize> = Setting {
+    spec: Spec {
+        help: "How many workers must be ready for /readyz on the metrics listener to answer \
+               200, 0 to 1024 (never while lb is stopping)",
+        default: Some("1"),
+        file: Some(|f| f.min_ready.map(|n| n.to_string())),
+        ..spec("min_ready", "--min-ready", "LB_MIN_READY")
+    },
+    parse: |v| match text(v).trim().parse::<usize>() {
+        Ok(n) if n <= super::defaults::MAX_WORKERS => Ok(n),
+        _ => Err(format!(
+            "give a whole number from 0 to {}",
+            super::defaults::MAX_WORKERS
+        )),
+    },
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +434,7 @@ mod tests {
         parsed(&STALL_TIMEOUT);
         parsed(&PROXY_CONNECT_TIMEOUT);
         parsed(&PROXY_IDLE_TIMEOUT);
+        assert_eq!(parsed(&MIN_READY), 1);
     }
 
     /// lb.toml's keys (`file::File`'s fields, which serde names in its

@@ -22,7 +22,7 @@ pub mod path;
 mod prometheus;
 mod wire;
 
-pub use wire::{Request, Response, Status, WorkerStatus};
+pub use wire::{Health, PoolStatus, ProcessStatus, Request, Response, Status, WorkerStatus};
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;

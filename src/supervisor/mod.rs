@@ -23,11 +23,13 @@ mod spawn;
 mod start;
 mod status;
 mod timers;
+mod usage;
 
 pub use requests::Answer;
 pub use signals::handled_signals;
 pub use spawn::message_cost;
-pub use status::{Status, WorkerState, WorkerStatus};
+pub use status::{Health, PoolStatus, Status, WorkerState, WorkerStatus};
+pub use usage::Usage;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -127,6 +129,9 @@ enum Phase {
 /// same process: its channel and counts).
 struct Worker {
     slot: Slot,
+    /// Its pool's name, as it was when it started (a reload may since
+    /// have given the slot to another pool).
+    pool: String,
     pid: u32,
     generation: u64,
     child: Child,

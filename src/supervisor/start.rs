@@ -103,6 +103,7 @@ impl Supervisor {
         });
         self.workers.push(Worker {
             slot,
+            pool: pool.name.clone(),
             pid,
             generation,
             child: spawned.child,
