@@ -227,24 +227,49 @@ pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), ClientError> {
 
 /// `lb status` as a table, like `pm2 ls`.
 pub fn render(s: &Status) -> String {
+    let ready = s.workers.iter().filter(|w| w.state == "ready").count();
     let mut out = format!(
-        "lb pid {}  listening on {}  policy {}  up {}\nconnections: {} accepted, {} dispatched, {} rescued\n\n",
+        "lb pid {}  listening on {}  policy {}  up {}{}\nconnections: {} accepted, {} dispatched, {} rescued\nworkers: {} of {} ready (min_ready {}){}\n\n",
         s.pid,
         s.listen,
         s.policy,
         human(s.uptime_s),
+        if s.stopping { "  STOPPING" } else { "" },
         s.accepted,
         s.dispatched,
-        s.rescued
+        s.rescued,
+        ready,
+        s.pools.iter().map(|p| p.count).sum::<usize>(),
+        s.min_ready,
+        pools_line(s)
     );
+    // As wide as the longest pool name (names are the user's).
+    let pool_width = s
+        .workers
+        .iter()
+        .map(|w| w.pool.chars().count())
+        .chain([4])
+        .max()
+        .unwrap_or(4);
     out += &format!(
-        "{:>4}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5}  {:>8}\n",
-        "slot", "pid", "gen", "state", "uptime", "restarts", "active", "total", "cpu%", "rss"
+        "{:>4}  {:<pool_width$}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5}  {:>8}\n",
+        "slot",
+        "pool",
+        "pid",
+        "gen",
+        "state",
+        "uptime",
+        "restarts",
+        "active",
+        "total",
+        "cpu%",
+        "rss"
     );
     for w in &s.workers {
         out += &format!(
-            "{:>4}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5.1}  {:>8}\n",
+            "{:>4}  {:<pool_width$}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5.1}  {:>8}\n",
             w.slot,
+            w.pool,
             w.pid.map_or("-".to_string(), |p| p.to_string()),
             w.generation,
             w.state,
@@ -257,6 +282,20 @@ pub fn render(s: &Status) -> String {
         );
     }
     out
+}
+
+/// With several pools, each one's slots, mode and weight: `; pools: web
+/// 3×native weight 3, canary 1×native weight 1`.
+fn pools_line(s: &Status) -> String {
+    if s.pools.len() < 2 {
+        return String::new();
+    }
+    let pools: Vec<String> = s
+        .pools
+        .iter()
+        .map(|p| format!("{} {}×{} weight {}", p.name, p.count, p.mode, p.weight))
+        .collect();
+    format!("; pools: {}", pools.join(", "))
 }
 
 fn human(secs: f64) -> String {
@@ -280,7 +319,7 @@ fn bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::WorkerStatus;
+    use crate::control::{PoolStatus, WorkerStatus};
 
     #[test]
     fn table_has_a_row_per_worker() {
@@ -288,9 +327,25 @@ mod tests {
             pid: 10,
             listen: "127.0.0.1:8000".into(),
             policy: "round-robin".into(),
+            min_ready: 1,
+            pools: vec![
+                PoolStatus {
+                    name: "web".into(),
+                    mode: "native".into(),
+                    count: 1,
+                    weight: 3,
+                },
+                PoolStatus {
+                    name: "canary-v2".into(),
+                    mode: "proxy".into(),
+                    count: 1,
+                    weight: 1,
+                },
+            ],
             workers: vec![
                 WorkerStatus {
                     slot: 0,
+                    pool: "web".into(),
                     pid: Some(11),
                     state: "ready".into(),
                     rss_bytes: 3 << 20,
@@ -298,6 +353,7 @@ mod tests {
                 },
                 WorkerStatus {
                     slot: 1,
+                    pool: "canary-v2".into(),
                     state: "restarting".into(),
                     ..WorkerStatus::default()
                 },
@@ -305,8 +361,27 @@ mod tests {
             ..Status::default()
         };
         let t = render(&s);
-        assert_eq!(t.lines().count(), 3 + 1 + 2);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4 + 1 + 2, "{t}");
         assert!(t.contains("3.0M") && t.contains("restarting"));
+        assert_eq!(
+            lines[2],
+            "workers: 1 of 2 ready (min_ready 1); pools: web 1×native weight 3, canary-v2 \
+             1×proxy weight 1"
+        );
+        // The pool column, as wide as the longest name, lines up.
+        assert!(lines[4].starts_with("slot  pool       "), "{t}");
+        assert!(lines[5].starts_with("   0  web        "), "{t}");
+        assert!(lines[6].starts_with("   1  canary-v2  "), "{t}");
+        let pid_end = lines[4].find("pid").unwrap() + 3;
+        assert!(lines[5][..pid_end].ends_with(" 11"), "{t}");
+        assert!(lines[6][..pid_end].ends_with(" -"), "{t}");
+        assert!(!t.contains("STOPPING"));
+        let stopping = Status {
+            stopping: true,
+            ..s
+        };
+        assert!(render(&stopping).lines().next().unwrap().ends_with("  STOPPING"));
     }
 
     #[test]
