@@ -381,7 +381,13 @@ mod tests {
             stopping: true,
             ..s
         };
-        assert!(render(&stopping).lines().next().unwrap().ends_with("  STOPPING"));
+        assert!(
+            render(&stopping)
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with("  STOPPING")
+        );
     }
 
     #[test]

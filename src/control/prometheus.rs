@@ -158,11 +158,7 @@ fn pools(o: &mut Exposition, pools: &[PoolStatus]) {
     for p in pools {
         o.sample("lb_pool_workers", &[("pool", &p.name)], p.count);
     }
-    o.family(
-        "lb_pool_weight",
-        "gauge",
-        "The pool's weight (wrr, lc).",
-    );
+    o.family("lb_pool_weight", "gauge", "The pool's weight (wrr, lc).");
     for p in pools {
         o.sample("lb_pool_weight", &[("pool", &p.name)], p.weight);
     }

@@ -56,7 +56,13 @@ fn start_time() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command (which may hold spaces and parentheses)
     // start at field 3, so field 22 is the 20th.
-    let ticks: f64 = stat.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()?;
+    let ticks: f64 = stat
+        .rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
     Some(boot + ticks / USER_HZ)
 }
 
@@ -76,6 +82,9 @@ mod tests {
             .as_secs_f64();
         let start = u.start_time_s.unwrap();
         // Started before now, and not before this test binary could have.
-        assert!(start <= now + 1.0 && start > now - 3600.0, "{start} vs {now}");
+        assert!(
+            start <= now + 1.0 && start > now - 3600.0,
+            "{start} vs {now}"
+        );
     }
 }

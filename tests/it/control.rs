@@ -350,10 +350,12 @@ fn metrics_are_served_in_prometheus_text_format() {
     assert_eq!(samples["lb_workers"], 2.0);
     for slot in 0..2 {
         let pid = lb.pid_of_slot(slot);
-        let key = format!("lb_worker_connections_total{{slot=\"{slot}\",pid=\"{pid}\"}}");
+        let key = format!("lb_worker_connections_total{{pool=\"hello\",slot=\"{slot}\"}}");
         assert_eq!(samples[&key], 5.0, "{key}");
-        let state = format!("lb_worker_state{{slot=\"{slot}\",pid=\"{pid}\",state=\"ready\"}}");
+        let state = format!("lb_worker_state{{pool=\"hello\",slot=\"{slot}\",state=\"ready\"}}");
         assert_eq!(samples[&state], 1.0);
+        let key = format!("lb_worker_pid{{pool=\"hello\",slot=\"{slot}\"}}");
+        assert_eq!(samples[&key], f64::from(pid), "{key}");
     }
     // A proper histogram: cumulative buckets, +Inf = count = connections.
     let buckets: Vec<f64> = body
