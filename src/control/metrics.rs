@@ -319,6 +319,65 @@ mod tests {
         (&a.code[..3], a.body)
     }
 
+    /// What `respond` writes for `endpoint` when the supervisor's end of
+    /// the channel does what `supervisor` does with the request.
+    fn answered(endpoint: Endpoint, supervisor: impl FnOnce(Incoming)) -> (String, Duration) {
+        use std::io::Read;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let poll = Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let start = Instant::now();
+        let answering = std::thread::spawn(move || respond(server, endpoint, false, &tx, &waker));
+        supervisor(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        answering.join().unwrap().unwrap();
+        let mut text = String::new();
+        client.read_to_string(&mut text).unwrap();
+        (text, start.elapsed())
+    }
+
+    #[test]
+    fn a_supervisor_that_does_not_answer_in_time_is_not_live() {
+        // Wedged: the request is held, never answered.
+        let held = std::sync::Mutex::new(None);
+        let (text, took) = answered(Endpoint::Live, |i| *held.lock().unwrap() = Some(i));
+        assert!(
+            text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\r\n\r\nnot live: lb's supervisor did not answer within 500ms\n"),
+            "{text}"
+        );
+        assert!(
+            took >= HEALTH_DEADLINE && took < HEALTH_DEADLINE * 4,
+            "{took:?}"
+        );
+        // Gone: the request is dropped unanswered.
+        let (text, _) = answered(Endpoint::Ready, drop);
+        assert!(
+            text.ends_with("\r\n\r\nnot ready: lb's supervisor is gone\n"),
+            "{text}"
+        );
+        // Answering: its health, at once.
+        let (text, took) = answered(Endpoint::Ready, |i| {
+            assert_eq!(i.request, Request::Health);
+            let _ = i.reply.send(crate::supervisor::Answer::Health(
+                crate::supervisor::Health {
+                    ready: 1,
+                    min_ready: 1,
+                    slots: 1,
+                    stopping: false,
+                },
+            ));
+        });
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("ready: 1 of 1 workers ready (min_ready 1)\n"));
+        assert!(took < HEALTH_DEADLINE, "{took:?}");
+    }
+
     #[test]
     fn health_is_200_or_503_with_the_reason() {
         let h = |ready, min_ready, stopping| {

@@ -16,6 +16,7 @@
 mod answer;
 pub mod client;
 mod clients;
+mod exposition;
 mod http;
 pub mod metrics;
 pub mod path;

@@ -10,8 +10,7 @@
 //! as a counter reset: the old process is sent nothing once replaced, so
 //! nothing is counted twice (docs/metrics.md).
 
-use std::fmt::Write as _;
-
+use super::exposition::Exposition;
 use super::{PoolStatus, Status, WorkerStatus};
 
 /// Histogram bucket bounds for the hand-off latency, in seconds.
@@ -317,42 +316,6 @@ fn latency(o: &mut Exposition, s: &Status) {
     o.sample(&format!("{name}_count"), &[], s.latency_count);
 }
 
-/// The text being written.
-struct Exposition(String);
-
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
-            }
-            self.0.push('}');
-        }
-        let _ = writeln!(self.0, " {value}");
-    }
-}
-
-/// A label value as the text format quotes it (pool names are the user's).
-fn escape(v: &str) -> std::borrow::Cow<'_, str> {
-    if v.contains(['\\', '"', '\n']) {
-        v.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-            .into()
-    } else {
-        v.into()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::ProcessStatus;
@@ -512,11 +475,5 @@ mod tests {
         s.stopping = true;
         let text = render(&s);
         assert!(text.contains("\nlb_ready 0\n") && text.contains("\nlb_stopping 1\n"));
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("web"), "web");
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }
