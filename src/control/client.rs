@@ -229,7 +229,7 @@ pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), ClientError> {
 pub fn render(s: &Status) -> String {
     let ready = s.workers.iter().filter(|w| w.state == "ready").count();
     let mut out = format!(
-        "lb pid {}  listening on {}  policy {}  up {}{}\nconnections: {} accepted, {} dispatched, {} rescued\nworkers: {} of {} ready (min_ready {}){}\n\n",
+        "lb pid {}  listening on {}  policy {}  up {}{}\nconnections: {} accepted, {} dispatched, {} rescued\nready: {} of {} workers (min_ready {}){}\n\n",
         s.pid,
         s.listen,
         s.policy,
@@ -366,7 +366,7 @@ mod tests {
         assert!(t.contains("3.0M") && t.contains("restarting"));
         assert_eq!(
             lines[2],
-            "workers: 1 of 2 ready (min_ready 1); pools: web 1×native weight 3, canary-v2 \
+            "ready: 1 of 2 workers (min_ready 1); pools: web 1×native weight 3, canary-v2 \
              1×proxy weight 1"
         );
         // The pool column, as wide as the longest name, lines up.

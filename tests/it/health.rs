@@ -421,7 +421,7 @@ fn status_and_its_json_name_each_workers_pool() {
         assert_eq!(&cells[..2], [slot.to_string().as_str(), pool], "{table}");
     }
     assert!(
-        table.contains("workers: 3 of 3 ready (min_ready 1); pools: web 2×native weight 1"),
+        table.contains("ready: 3 of 3 workers (min_ready 1); pools: web 2×native weight 1"),
         "{table}"
     );
 }
