@@ -30,6 +30,9 @@ pub struct File {
     pub proxy_connect_timeout: Option<String>,
     pub proxy_idle_timeout: Option<String>,
     pub mode: Option<String>,
+    pub log_format: Option<String>,
+    pub log_timestamps: Option<String>,
+    pub log_file: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

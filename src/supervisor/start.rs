@@ -88,6 +88,7 @@ impl Supervisor {
             self.output.add(output::Pipe {
                 slot,
                 pid,
+                pool: pool.name.clone(),
                 stderr,
                 fd,
             });
