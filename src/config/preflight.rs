@@ -225,7 +225,8 @@ mod tests {
         for f in ["w-0.stdout.log", "w-1.stderr.log"] {
             assert!(dir.join(f).exists(), "{f} created");
         }
-        std::fs::create_dir_all(dir.join("w-1.stdout.log")).unwrap();
+        std::fs::remove_file(dir.join("w-1.stdout.log")).unwrap();
+        std::fs::create_dir(dir.join("w-1.stdout.log")).unwrap();
         let e = check(
             &["-w", "2", "--worker-log", pattern.to_str().unwrap()],
             &sock,

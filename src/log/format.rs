@@ -53,7 +53,8 @@ impl Level {
 #[derive(Debug, Clone, Copy)]
 pub struct About<'a> {
     pub slot: usize,
-    pub pid: u32,
+    /// `None` for a slot's line that is about no process (a restart).
+    pub pid: Option<u32>,
     pub pool: &'a str,
 }
 
@@ -153,7 +154,7 @@ pub fn master(
             level: level.json(),
             msg: &msg,
             slot: about.map(|a| a.slot),
-            pid: about.map(|a| a.pid),
+            pid: about.and_then(|a| a.pid),
             pool: about.map(|a| a.pool),
         };
         let _ = serde_json::to_writer(&mut out, &record);
@@ -174,7 +175,7 @@ pub fn worker(style: Style, about: &About<'_>, stream: Stream, line: &[u8]) -> V
             time: style.timestamps.then(|| now().to_string()),
             level: Level::Info.json(),
             slot: about.slot,
-            pid: about.pid,
+            pid: about.pid.unwrap_or_default(),
             pool: about.pool,
             stream: stream.name(),
             line: &line,
@@ -192,7 +193,7 @@ pub fn worker(style: Style, about: &About<'_>, stream: Stream, line: &[u8]) -> V
             out,
             "[worker {} pid {}{marker}] {}",
             about.slot,
-            about.pid,
+            about.pid.unwrap_or_default(),
             escape(line)
         );
     }
@@ -231,7 +232,7 @@ mod tests {
 
     const WEB: About<'static> = About {
         slot: 3,
-        pid: 4242,
+        pid: Some(4242),
         pool: "web",
     };
 

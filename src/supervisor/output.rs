@@ -151,7 +151,7 @@ impl Source {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let about = About {
             slot: self.slot.0,
-            pid: self.pid,
+            pid: Some(self.pid),
             pool: &self.pool,
         };
         match &self.path {
@@ -312,12 +312,23 @@ fn read_source(
 
 impl Supervisor {
     /// What a log line about the worker in `slot` says of it.
-    pub(super) fn about(&self, slot: Slot, pid: u32) -> About<'_> {
-        let pool = self
-            .slot_pools
-            .get(slot.0)
-            .and_then(|&p| self.config.pools.get(p))
-            .map_or("", |p| p.name.as_str());
+    pub(super) fn about(&self, slot: Slot, pid: Option<u32>) -> About<'_> {
+        about(&self.config, &self.slot_pools, slot, pid)
+    }
+}
+
+/// [`Supervisor::about`], for where a worker is borrowed mutably.
+pub(super) fn about<'a>(
+    config: &'a crate::config::Config,
+    slot_pools: &[usize],
+    slot: Slot,
+    pid: Option<u32>,
+) -> About<'a> {
+    let pool = slot_pools
+        .get(slot.0)
+        .and_then(|&p| config.pools.get(p))
+        .map_or("", |p| p.name.as_str());
+    {
         About {
             slot: slot.0,
             pid,
