@@ -52,25 +52,24 @@ pub fn preflight(
             ),
         ));
     }
-    if let Some(pattern) = &config.worker_log {
-        for (file, e) in worker_logs(config, pattern)
+    if let Some(pattern) = &config.worker_log
+        && let Some((file, e)) = worker_logs(config, pattern)
             .iter()
-            .filter_map(|f| appendable(f).err().map(|e| (f, e)))
-        {
-            let it = if file == pattern {
-                "it".to_string()
-            } else {
-                file.display().to_string()
-            };
-            return Err(invalid(
-                origins.worker_log.clone(),
-                &pattern.display().to_string(),
-                format!(
-                    "cannot open {it} for appending ({e}); give a file lb may write, in an \
-                     existing directory"
-                ),
-            ));
-        }
+            .find_map(|f| appendable(f).err().map(|e| (f.clone(), e)))
+    {
+        let it = if &file == pattern {
+            "it".to_string()
+        } else {
+            file.display().to_string()
+        };
+        return Err(invalid(
+            origins.worker_log.clone(),
+            &pattern.display().to_string(),
+            format!(
+                "cannot open {it} for appending ({e}); give a file lb may write, in an \
+                 existing directory"
+            ),
+        ));
     }
 
     let refuse_control = |why: String| {

@@ -20,7 +20,10 @@ impl Supervisor {
                     let p = &mut self.workers[i];
                     p.ready = true;
                     self.any_ready = true;
-                    info!(worker: about(&self.config, &self.slot_pools, slot, Some(pid)); "worker {slot} pid {pid} gen {}: ready", p.generation);
+                    info!(
+                        worker: about(&self.config, &self.slot_pools, slot, Some(pid));
+                        "worker {slot} pid {pid} gen {}: ready", p.generation
+                    );
                     if !self.notified_ready
                         && self.workers.iter().filter(|p| p.ready).count() >= self.slots.len()
                     {
@@ -49,7 +52,10 @@ impl Supervisor {
             Event::Draining { slot, pid } => {
                 if let Some(i) = self.index_of(pid) {
                     let p = &self.workers[i];
-                    info!(worker: self.about(slot, Some(pid)); "worker {slot} pid {pid} gen {}: draining", p.generation);
+                    info!(
+                        worker: self.about(slot, Some(pid));
+                        "worker {slot} pid {pid} gen {}: draining", p.generation
+                    );
                     if p.signal_on_drain {
                         let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
                     }
@@ -67,7 +73,10 @@ impl Supervisor {
                 if p.retiring || self.phase != Phase::Running {
                     let signal = nix::sys::signal::Signal::try_from(p.stop_signal)
                         .map_or_else(|_| p.stop_signal.to_string(), |s| s.to_string());
-                    info!(worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: stopping it with {signal}");
+                    info!(
+                        worker: self.about(slot, Some(pid));
+                        "worker {slot} pid {pid}: stopping it with {signal}"
+                    );
                     let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
                 } else {
                     self.protocol_error(slot, pid, crate::proto::Malformed::EarlyStop);
@@ -80,7 +89,8 @@ impl Supervisor {
             Event::Malformed { slot, pid, error } => self.protocol_error(slot, pid, error),
             Event::Rescued { slot, pid, count } => {
                 info!(
-                    worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: rescued {count} queued connections for other workers"
+                    worker: self.about(slot, Some(pid));
+                    "worker {slot} pid {pid}: rescued {count} queued connections for other workers"
                 );
             }
             Event::AcceptError { errno } => {
@@ -109,7 +119,8 @@ impl Supervisor {
                 rescued,
             } => {
                 warn!(
-                    worker: self.about(slot, Some(pid)); "worker {slot} pid {pid} {why}: it gets no more, {rescued} went to other \
+                    worker: self.about(slot, Some(pid));
+                    "worker {slot} pid {pid} {why}: it gets no more, {rescued} went to other \
                      workers; replacing it, its successor ready first"
                 );
                 let Some(i) = self.index_of(pid) else { return };
@@ -142,7 +153,8 @@ impl Supervisor {
         };
         if unlogged > 0 {
             info!(
-                worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)"
+                worker: self.about(slot, Some(pid));
+                "worker {slot} pid {pid}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)"
             );
         }
         info!(worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: {text}");
@@ -158,10 +170,16 @@ impl Supervisor {
         p.malformed += 1;
         let n = p.malformed;
         if n <= MALFORMED_LOGGED {
-            warn!(worker: about(&self.config, &self.slot_pools, slot, Some(pid)); "worker {slot} pid {pid}: protocol error: {error}");
+            warn!(
+                worker: about(&self.config, &self.slot_pools, slot, Some(pid));
+                "worker {slot} pid {pid}: protocol error: {error}"
+            );
         }
         if n == MALFORMED_LOGGED {
-            warn!(worker: about(&self.config, &self.slot_pools, slot, Some(pid)); "worker {slot} pid {pid}: further protocol errors are counted, not logged");
+            warn!(
+                worker: about(&self.config, &self.slot_pools, slot, Some(pid));
+                "worker {slot} pid {pid}: further protocol errors are counted, not logged"
+            );
         }
         if n < MALFORMED_LIMIT || p.retiring || p.recycling || self.phase != Phase::Running {
             return;
@@ -171,7 +189,8 @@ impl Supervisor {
         let delay = backoff::delay(failures);
         p.replace_at = Some(Instant::now() + delay);
         warn!(
-            worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: {n} protocol errors; replacing it in {} ms, its \
+            worker: self.about(slot, Some(pid));
+            "worker {slot} pid {pid}: {n} protocol errors; replacing it in {} ms, its \
              successor ready first",
             delay.as_millis()
         );

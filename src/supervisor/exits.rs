@@ -73,7 +73,8 @@ impl Supervisor {
         let unlogged = p.said.unreported();
         if unlogged > 0 {
             info!(
-                worker: self.about(p.slot, Some(p.pid)); "worker {} pid {}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)",
+                worker: self.about(p.slot, Some(p.pid));
+                "worker {} pid {}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)",
                 p.slot, p.pid
             );
         }
@@ -175,14 +176,16 @@ impl Supervisor {
         if !backoff::is_crash_loop(failures) {
             s.crash_loop_reported = false;
             info!(
-                worker: about(&self.config, &self.slot_pools, slot, None); "worker {slot}: restart #{} in {} ms",
+                worker: about(&self.config, &self.slot_pools, slot, None);
+                "worker {slot}: restart #{} in {} ms",
                 s.restarts + 1,
                 delay.as_millis()
             );
         } else if !s.crash_loop_reported {
             s.crash_loop_reported = true;
             warn!(
-                worker: about(&self.config, &self.slot_pools, slot, None); "worker {slot} is crash-looping: {failures} failed starts in a row, each within \
+                worker: about(&self.config, &self.slot_pools, slot, None);
+                "worker {slot} is crash-looping: {failures} failed starts in a row, each within \
                  {:.1}s or before READY (last: {}); restarting with backoff up to {}s, reported once",
                 min_uptime.as_secs_f64(),
                 s.last_exit,
@@ -219,13 +222,17 @@ impl Supervisor {
         }
         self.slots[slot.0].restarts += 1;
         if ready && uptime >= self.config.min_uptime {
-            info!(worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: leaving; starting its replacement first");
+            info!(
+                worker: self.about(slot, Some(pid));
+                "worker {slot} pid {pid}: leaving; starting its replacement first"
+            );
             self.slots[slot.0].failures = 0;
             self.start_or_retry(slot);
         } else {
             let failures = self.slots[slot.0].failures.saturating_add(1);
             info!(
-                worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: leaving after {:.1}s{}; its replacement starts in {} ms",
+                worker: self.about(slot, Some(pid));
+                "worker {slot} pid {pid}: leaving after {:.1}s{}; its replacement starts in {} ms",
                 uptime.as_secs_f64(),
                 if ready { "" } else { ", never ready" },
                 backoff::delay(failures).as_millis()

@@ -80,8 +80,11 @@ impl Supervisor {
                 // What logrotate's postrotate sends. The worker log files
                 // are the output thread's, which says what it reopened.
                 Signal::SIGUSR1 => {
+                    // lb's log first, so what the output thread says lands
+                    // in the new file.
+                    let master = crate::log::reopen();
                     let worker_files = self.output.reopen();
-                    match crate::log::reopen() {
+                    match master {
                         Some((path, Ok(()))) => info!("SIGUSR1: reopened {}", path.display()),
                         Some((path, Err(e))) => warn!(
                             "SIGUSR1: cannot reopen {} ({e}); lb's lines still go to the old file",

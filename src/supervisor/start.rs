@@ -75,7 +75,10 @@ impl Supervisor {
         if let Some(r) = self.reaper.as_mut() {
             r.add(pid);
         }
-        info!(worker: self.about(slot, Some(pid)); "worker {slot} pid {pid} gen {generation}: online");
+        info!(
+            worker: self.about(slot, Some(pid));
+            "worker {slot} pid {pid} gen {generation}: online"
+        );
         self.poll
             .registry()
             .register(

@@ -53,7 +53,8 @@ impl Supervisor {
                 !p.ready && !p.retiring && !p.ready_timed_out && now >= p.started + ready_timeout;
             if late {
                 warn!(
-                    worker: about(&self.config, &self.slot_pools, p.slot, Some(p.pid)); "worker {} pid {}: not ready within {:.1}s; killing it",
+                    worker: about(&self.config, &self.slot_pools, p.slot, Some(p.pid));
+                    "worker {} pid {}: not ready within {:.1}s; killing it",
                     p.slot,
                     p.pid,
                     ready_timeout.as_secs_f64()
@@ -63,7 +64,8 @@ impl Supervisor {
             }
             if p.kill_at.is_some_and(|t| now >= t) {
                 warn!(
-                    worker: about(&self.config, &self.slot_pools, p.slot, Some(p.pid)); "worker {} pid {}: still running after {:.1}s of draining; killing it",
+                    worker: about(&self.config, &self.slot_pools, p.slot, Some(p.pid));
+                    "worker {} pid {}: still running after {:.1}s of draining; killing it",
                     p.slot,
                     p.pid,
                     self.config.drain_timeout.as_secs_f64()

@@ -8,6 +8,7 @@ mod core;
 mod drain;
 mod faults;
 mod limits;
+mod logs;
 mod node;
 mod proxy;
 mod shared;
