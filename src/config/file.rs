@@ -31,6 +31,9 @@ pub struct File {
     pub proxy_idle_timeout: Option<String>,
     pub mode: Option<String>,
     pub min_ready: Option<usize>,
+    pub log_format: Option<String>,
+    pub log_timestamps: Option<String>,
+    pub log_file: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

@@ -32,6 +32,9 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let (control, control_origin) = src.optional(&s::CONTROL)?;
     let workers = src.given(&s::WORKERS)?;
     let min_ready = src.value(&s::MIN_READY)?;
+    let log_format = src.value(&s::LOG_FORMAT)?;
+    let log_timestamps = src.value(&s::LOG_TIMESTAMPS)?;
+    let (log_file, log_file_origin) = src.optional(&s::LOG_FILE)?;
 
     let config = Config {
         listen,
@@ -53,11 +56,15 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         proxy_idle_timeout,
         min_ready,
         pools: pools(&src, workers, mode)?,
+        log_format,
+        log_timestamps,
+        log_file,
         policy_explicit: !matches!(policy_origin, super::Origin::Default(_)),
         origins: Origins {
             worker_log: worker_log_origin,
             control: control_origin,
             max_conns: max_conns_origin,
+            log_file: log_file_origin,
         },
     };
     if config.slots() > defaults::MAX_WORKERS {

@@ -162,7 +162,7 @@ impl clients::Serve for Loop {
     }
 
     fn lost(&self, e: &io::Error) {
-        crate::info!("metrics: epoll failed ({e}); /metrics is no longer served");
+        crate::warn!("metrics: epoll failed ({e}); /metrics is no longer served");
     }
 }
 

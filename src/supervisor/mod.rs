@@ -45,9 +45,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::config::Config;
 use crate::control::{self, Request};
 use crate::dispatch::{self, Command};
-use crate::info;
 use crate::policy::Slot;
 use crate::sys;
+use crate::warn;
 use reload::Reload;
 
 const SIGNALS: Token = Token(0);
@@ -299,7 +299,7 @@ impl Supervisor {
             output::Output::start(config.worker_log.as_deref()).map_err(SupervisorError::Output)?;
         let reaper = reaper::Reaper::start()
             .inspect_err(|e| {
-                info!(
+                warn!(
                     "cannot start the group reaper ({e}): if this master is killed with \
                      SIGKILL, what its workers started may outlive them"
                 )

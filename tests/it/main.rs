@@ -9,6 +9,7 @@ mod drain;
 mod faults;
 mod health;
 mod limits;
+mod logs;
 mod node;
 mod proxy;
 mod shared;
