@@ -14,3 +14,4 @@ mod shared;
 mod shim;
 mod supervision;
 mod systemd;
+mod systemd_ops;
