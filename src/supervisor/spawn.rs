@@ -253,6 +253,8 @@ mod tests {
             ("LISTEN_FDS", None),
             ("LISTEN_PID", None),
             ("LISTEN_FDNAMES", None),
+            ("WATCHDOG_USEC", None),
+            ("WATCHDOG_PID", None),
         ];
         common
             .iter()
