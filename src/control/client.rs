@@ -298,6 +298,8 @@ fn pools_line(s: &Status) -> String {
     format!("; pools: {}", pools.join(", "))
 }
 
+/// An uptime in its largest whole unit, as `ps` and `pm2 ls` show it: a
+/// table column wants `3h`, not `humantime`'s exact `3h 2m 5s 120ms`.
 fn human(secs: f64) -> String {
     let s = secs as u64;
     match s {
@@ -308,11 +310,15 @@ fn human(secs: f64) -> String {
     }
 }
 
+/// Memory in binary units with one decimal, short enough for the column
+/// (`bytesize` spells `3.0 MiB`, wider, and adds a crate for one line).
 fn bytes(b: u64) -> String {
+    const K: u64 = 1 << 10;
     match b {
-        0..1024 => format!("{b}B"),
-        1024..1048576 => format!("{:.1}K", b as f64 / 1024.0),
-        _ => format!("{:.1}M", b as f64 / 1048576.0),
+        0..K => format!("{b}B"),
+        K..0x10_0000 => format!("{:.1}K", b as f64 / K as f64),
+        0x10_0000..0x4000_0000 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
+        _ => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
     }
 }
 
@@ -436,5 +442,17 @@ mod tests {
         );
         let e = connect(&[missing.clone(), missing.join("x")]).unwrap_err();
         assert!(matches!(e, ClientError::NoneRunning { ref paths } if paths.len() == 2));
+    }
+
+    #[test]
+    fn uptimes_and_memory_fit_their_columns() {
+        assert_eq!(human(59.9), "59s");
+        assert_eq!(human(61.0), "1m");
+        assert_eq!(human(7200.0), "2h");
+        assert_eq!(human(3.0 * 86400.0), "3d");
+        assert_eq!(bytes(512), "512B");
+        assert_eq!(bytes(1536), "1.5K");
+        assert_eq!(bytes(3 << 20), "3.0M");
+        assert_eq!(bytes(5 << 30), "5.0G", "not 5120.0M");
     }
 }

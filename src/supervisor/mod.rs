@@ -11,6 +11,7 @@ pub mod backoff;
 mod events;
 mod exits;
 mod launch;
+mod notify;
 mod output;
 mod preload;
 pub mod reaper;
@@ -255,6 +256,8 @@ pub struct Supervisor {
     shared_listener: Option<OwnedFd>,
     /// lb's port.
     port: u16,
+    /// The watchdog's schedule and the status systemd was last told.
+    notify: notify::Notify,
 }
 
 /// Where the master listens; in shared mode, the listener itself (passed
@@ -340,6 +343,7 @@ impl Supervisor {
             node_preload: None,
             shim: None,
             shared_listener,
+            notify: notify::Notify::new(),
         })
     }
 
@@ -360,6 +364,9 @@ impl Supervisor {
             }
             let timeout = self
                 .next_deadline()
+                .into_iter()
+                .chain(self.notify.deadline())
+                .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -390,6 +397,7 @@ impl Supervisor {
                 }
             }
             self.on_timers();
+            self.notify_systemd();
             if let Some(e) = self.none_can_start() {
                 self.kill_all();
                 self.reap_all();

@@ -16,3 +16,4 @@ mod shared;
 mod shim;
 mod supervision;
 mod systemd;
+mod systemd_ops;
