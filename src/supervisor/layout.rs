@@ -65,6 +65,11 @@ impl Layout {
             .collect()
     }
 
+    /// How many slots some pool runs (`len` less the free ones).
+    pub fn planned(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
     /// Every slot some pool runs, lowest first.
     pub fn taken(&self) -> Vec<Slot> {
         (0..self.slots.len())
@@ -192,6 +197,7 @@ pub(crate) mod tests {
         assert_eq!(l.trim(), 4);
         assert_eq!(slots(&l), [Some(0), None, Some(1), Some(2)]);
         assert_eq!(l.taken(), [Slot(0), Slot(2), Slot(3)]);
+        assert_eq!(l.planned(), 3);
         // The hole is the next slot taken, by any pool.
         assert_eq!(l.grow(2, 2, &[]), [Slot(1), Slot(4)]);
         assert_eq!(l.pool(Slot(1)), Some(2));

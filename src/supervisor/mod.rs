@@ -12,6 +12,7 @@ mod events;
 mod exits;
 mod launch;
 mod layout;
+mod notify;
 mod output;
 mod preload;
 pub mod reaper;
@@ -26,11 +27,13 @@ mod spawn;
 mod start;
 mod status;
 mod timers;
+mod usage;
 
 pub use requests::Answer;
 pub use signals::handled_signals;
 pub use spawn::message_cost;
-pub use status::{Status, WorkerState, WorkerStatus};
+pub use status::{Health, PoolStatus, Status, WorkerState, WorkerStatus};
+pub use usage::Usage;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -46,9 +49,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::config::Config;
 use crate::control::{self, Request};
 use crate::dispatch::{self, Command};
-use crate::info;
 use crate::policy::Slot;
 use crate::sys;
+use crate::warn;
 use rolling::Reload;
 
 const SIGNALS: Token = Token(0);
@@ -132,6 +135,9 @@ enum Phase {
 /// same process: its channel and counts).
 struct Worker {
     slot: Slot,
+    /// Its pool's name, as it was when it started (a reload may since
+    /// have given the slot to another pool).
+    pool: String,
     pid: u32,
     generation: u64,
     child: Child,
@@ -261,6 +267,8 @@ pub struct Supervisor {
     shared_listener: Option<OwnedFd>,
     /// lb's port.
     port: u16,
+    /// The watchdog's schedule and the status systemd was last told.
+    notify: notify::Notify,
 }
 
 /// Where the master listens; in shared mode, the listener itself (passed
@@ -305,7 +313,7 @@ impl Supervisor {
             output::Output::start(config.worker_log.as_deref()).map_err(SupervisorError::Output)?;
         let reaper = reaper::Reaper::start()
             .inspect_err(|e| {
-                info!(
+                warn!(
                     "cannot start the group reaper ({e}): if this master is killed with \
                      SIGKILL, what its workers started may outlive them"
                 )
@@ -347,6 +355,7 @@ impl Supervisor {
             node_preload: None,
             shim: None,
             shared_listener,
+            notify: notify::Notify::new(),
         })
     }
 
@@ -367,6 +376,9 @@ impl Supervisor {
             }
             let timeout = self
                 .next_deadline()
+                .into_iter()
+                .chain(self.notify.deadline())
+                .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -403,6 +415,7 @@ impl Supervisor {
             }
             self.on_timers();
             self.answer_waits();
+            self.notify_systemd();
             if let Some(e) = self.none_can_start() {
                 self.kill_all();
                 self.reap_all();

@@ -1,8 +1,8 @@
-//! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`; a
-//! reload is `reload.rs`'s, a restart `restart.rs`'s) and the answers they
-//! get.
+//! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`, the
+//! metrics listener's health checks; a reload is `reload.rs`'s, a restart
+//! `restart.rs`'s) and the answers they get.
 
-use super::{Phase, Supervisor, status::Status};
+use super::{Phase, Supervisor, status::Health, status::Status};
 use crate::control::Request;
 use crate::dispatch::Command;
 use crate::info;
@@ -15,6 +15,7 @@ pub enum Answer {
     Done(String),
     Refused(String),
     Status(Box<Status>),
+    Health(Health),
 }
 
 impl Supervisor {
@@ -24,6 +25,7 @@ impl Supervisor {
                 Some(status) => Answer::Status(Box::new(status)),
                 None => Answer::Refused("the dispatcher did not answer".into()),
             },
+            Request::Health => Answer::Health(self.health()),
             Request::Reload | Request::Restart { .. } => {
                 Answer::Refused("reload and restart are answered elsewhere".into())
             }

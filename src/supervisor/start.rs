@@ -26,7 +26,7 @@ impl Supervisor {
             .ok_or(SupervisorError::NoPool(slot.0))?;
         let generation = self.generation;
         info!(
-            "worker {slot} gen {generation}: spawn `{}`",
+            worker: self.about(slot, None); "worker {slot} gen {generation}: spawn `{}`",
             spawn::describe_command(&self.config.pools[p])
         );
         let report_closed = self.config.policy.uses_close_reports();
@@ -78,7 +78,10 @@ impl Supervisor {
         if let Some(r) = self.reaper.as_mut() {
             r.add(pid);
         }
-        info!("worker {slot} pid {pid} gen {generation}: online");
+        info!(
+            worker: self.about(slot, Some(pid));
+            "worker {slot} pid {pid} gen {generation}: online"
+        );
         self.poll
             .registry()
             .register(
@@ -91,6 +94,7 @@ impl Supervisor {
             self.output.add(output::Pipe {
                 slot,
                 pid,
+                pool: pool.name.clone(),
                 stderr,
                 fd,
             });
@@ -106,6 +110,7 @@ impl Supervisor {
         });
         self.workers.push(Worker {
             slot,
+            pool: pool.name.clone(),
             pid,
             generation,
             child: spawned.child,

@@ -48,6 +48,19 @@ fn serving(lb: &Lb) -> BTreeMap<u64, u64> {
         .collect()
 }
 
+/// Slot → pool name of every worker that status shows.
+fn pools_of(lb: &Lb) -> BTreeMap<u64, String> {
+    lb.status()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let pool = w["pool"].as_str().unwrap().to_string();
+            (w["slot"].as_u64().unwrap(), pool)
+        })
+        .collect()
+}
+
 /// Waits (bounded) until status shows exactly `slots`, each ready.
 fn wait_slots(lb: &Lb, slots: &[u64]) -> BTreeMap<u64, u64> {
     let deadline = std::time::Instant::now() + WAIT;
@@ -132,6 +145,9 @@ fn a_middle_pool_scales_up_and_down_under_load_and_no_one_moves() {
     // It serves, and knows its slot (LB_WORKER_ID).
     let seen: HashSet<usize> = (0..60).map(|_| slot_of(&get(lb.addr, "/"))).collect();
     assert!(seen.contains(&4), "{seen:?}");
+    let names = ["api", "web", "web", "canary", "web"];
+    let expected: BTreeMap<u64, String> = (0..5).map(|s| (s, names[s as usize].into())).collect();
+    assert_eq!(pools_of(&lb), expected);
     loads.0.wait_more(200);
 
     let out = ok(&lb, &["scale", "web", "-1"]);
@@ -178,6 +194,12 @@ fn a_reload_applies_changed_counts_under_load() {
     }
     let seen: HashSet<usize> = (0..80).map(|_| slot_of(&get(lb.addr, "/"))).collect();
     assert!(seen.contains(&4) && seen.contains(&5), "{seen:?}");
+    let expected: BTreeMap<u64, String> =
+        [(0, "api"), (1, "web"), (2, "web"), (4, "web"), (5, "batch")]
+            .into_iter()
+            .map(|(s, p)| (s, p.to_string()))
+            .collect();
+    assert_eq!(pools_of(&lb), expected);
     loads.0.wait_more(200);
 
     // A scale survives a reload whose configured count did not change…

@@ -21,15 +21,63 @@ fn private_control(args: &[&str]) -> Option<String> {
     Some(path.to_str().unwrap().to_string())
 }
 
-/// The log lines a process wrote to stderr, as they arrive.
+/// The log lines a process wrote to stderr, as they arrive: their text
+/// (`lb: …` or `[worker …] …`, without the timestamp, level and pool that
+/// lead it, or taken out of a JSON line), and each line as written.
 #[derive(Clone, Default)]
-pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>, Arc<Mutex<Vec<String>>>);
+
+/// A log line's text: what the tests match.
+pub fn text_of(line: &str) -> String {
+    if line.starts_with('{')
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+    {
+        if let Some(msg) = v["msg"].as_str() {
+            return format!("lb: {msg}");
+        }
+        if let Some(text) = v["line"].as_str() {
+            let stream = if v["stream"] == "stderr" {
+                " stderr"
+            } else {
+                ""
+            };
+            return format!("[worker {} pid {}{stream}] {text}", v["slot"], v["pid"]);
+        }
+    }
+    let mut rest = line;
+    if let Some(r) = rest.strip_prefix('<').and_then(|r| r.get(2..)) {
+        rest = r;
+    }
+    if let Some((first, r)) = rest.split_once(' ')
+        && first.len() >= 20
+        && first.ends_with('Z')
+        && first.as_bytes()[10] == b'T'
+    {
+        rest = r;
+    }
+    for level in ["INFO  ", "WARN  ", "ERROR "] {
+        if let Some(r) = rest.strip_prefix(level) {
+            rest = r;
+            if let Some(r) = rest.strip_prefix("pool=") {
+                rest = r.split_once(' ').map_or("", |(_, r)| r);
+            }
+            break;
+        }
+    }
+    rest.to_string()
+}
 
 impl Log {
     fn push(&self, line: String) {
         let (lines, cv) = &*self.0;
-        lines.lock().unwrap().push(line);
+        lines.lock().unwrap().push(text_of(&line));
+        self.1.lock().unwrap().push(line);
         cv.notify_all();
+    }
+
+    /// The lines as lb wrote them.
+    pub fn raw_lines(&self) -> Vec<String> {
+        self.1.lock().unwrap().clone()
     }
 
     pub fn lines(&self) -> Vec<String> {
