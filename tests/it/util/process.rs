@@ -149,17 +149,22 @@ pub fn lb_command_through(launcher: &[&str], args: &[&str], env: &[(&str, &str)]
 
 /// Collects a child's stderr lines into a `Log`, echoing them for failures.
 fn capture(child: &mut Child) -> Log {
+    capture_to_eof(child).0
+}
+
+/// `capture`, and the reader thread, which ends at the pipe's EOF.
+fn capture_to_eof(child: &mut Child) -> (Log, std::thread::JoinHandle<()>) {
     let log = Log::default();
     let stderr = child.stderr.take().unwrap();
     let sink = log.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             eprintln!("  | {line}");
             sink.push(line);
         }
     });
-    log
+    (log, reader)
 }
 
 impl Lb {
@@ -272,7 +277,7 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
     }
     full.extend_from_slice(args);
     let mut child = lb_command(&full, env).spawn().expect("start lb");
-    let log = capture(&mut child);
+    let (log, reader) = capture_to_eof(&mut child);
     let deadline = Instant::now() + WAIT;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -285,8 +290,13 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    // The reader thread may still be draining the pipe.
-    std::thread::sleep(Duration::from_millis(50));
+    // Every line lb wrote is read once the pipe is at EOF (bounded: a
+    // process lb started might hold it a moment longer); a fixed pause
+    // lost lines on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     (status, log.lines().join("\n"))
 }
 
