@@ -18,6 +18,7 @@
 
 mod api;
 mod handoff;
+pub mod kernel;
 mod lifecycle;
 mod link;
 mod native;
