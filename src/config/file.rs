@@ -30,6 +30,7 @@ pub struct File {
     pub proxy_connect_timeout: Option<String>,
     pub proxy_idle_timeout: Option<String>,
     pub mode: Option<String>,
+    pub dispatch: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }

@@ -31,6 +31,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let metrics = src.given(&s::METRICS)?.map(|v| v.0);
     let (control, control_origin) = src.optional(&s::CONTROL)?;
     let workers = src.given(&s::WORKERS)?;
+    let dispatch = src.value(&s::DISPATCH)?;
 
     let config = Config {
         listen,
@@ -51,6 +52,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         proxy_connect_timeout,
         proxy_idle_timeout,
         pools: pools(&src, workers, mode)?,
+        dispatch,
         policy_explicit: !matches!(policy_origin, super::Origin::Default(_)),
         origins: Origins {
             worker_log: worker_log_origin,
@@ -58,6 +60,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             max_conns: max_conns_origin,
         },
     };
+    super::Dispatch::check(&config)?;
     if config.slots() > defaults::MAX_WORKERS {
         return Err(ConfigError::Conflict(format!(
             "{} workers in all is more than the {} one master runs; lower the pools' `count`",

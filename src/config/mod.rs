@@ -7,6 +7,7 @@
 //! worker commands exist; [`preflight`], run once at start, checks what the
 //! configuration names (files, the open-files limit).
 
+mod dispatch;
 pub mod duration;
 mod error;
 pub(crate) mod file;
@@ -23,6 +24,7 @@ mod sources;
 #[cfg(test)]
 mod tests;
 
+pub use dispatch::Dispatch;
 pub use error::{ConfigError, Origin};
 pub use load::load;
 pub use mode::{ChannelKind, DrainBy, Mode};
@@ -123,6 +125,8 @@ pub struct Config {
     /// reset; `None`: never.
     pub proxy_idle_timeout: Option<Duration>,
     pub pools: Vec<Pool>,
+    /// Who picks each connection's worker.
+    pub dispatch: Dispatch,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,
     /// Where the values [`preflight`] checks came from, for its messages.
