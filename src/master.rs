@@ -275,45 +275,6 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn errors_say_what_failed_and_why() {
-        let e = || io::Error::from_raw_os_error(libc::EMFILE);
-        let why = e().to_string();
-        assert_eq!(
-            MasterError::BlockSignals(nix::Error::EINVAL).to_string(),
-            format!("cannot block signals: {}", nix::Error::EINVAL)
-        );
-        assert_eq!(
-            MasterError::InheritedFds(e()).to_string(),
-            format!("inherited fds: {why}")
-        );
-        assert_eq!(
-            MasterError::SocketActivation(e()).to_string(),
-            format!("socket activation: {why}")
-        );
-        assert_eq!(
-            MasterError::Dispatcher(e()).to_string(),
-            format!("dispatcher: {why}")
-        );
-        let relays = MasterError::Relays {
-            max_conns: 4096,
-            source: e(),
-        };
-        assert_eq!(
-            relays.to_string(),
-            format!(
-                "cannot make 4096 relays for proxy mode: {why}; lower --max-conns or raise the \
-                 open-files limit (ulimit -n)"
-            )
-        );
-        assert!(std::error::Error::source(&relays).is_some());
-    }
-}
-
 /// The kernel's steering for `config`, attached to `anchor`, if kernel
 /// dispatch is asked for and possible; `--dispatch auto` falls back to the
 /// master (in one line) where `kernel` fails.
@@ -362,5 +323,44 @@ fn kernel_steering(
         Err(e) => refuse(format!(
             "cannot attach the BPF program to the listener ({e})"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_what_failed_and_why() {
+        let e = || io::Error::from_raw_os_error(libc::EMFILE);
+        let why = e().to_string();
+        assert_eq!(
+            MasterError::BlockSignals(nix::Error::EINVAL).to_string(),
+            format!("cannot block signals: {}", nix::Error::EINVAL)
+        );
+        assert_eq!(
+            MasterError::InheritedFds(e()).to_string(),
+            format!("inherited fds: {why}")
+        );
+        assert_eq!(
+            MasterError::SocketActivation(e()).to_string(),
+            format!("socket activation: {why}")
+        );
+        assert_eq!(
+            MasterError::Dispatcher(e()).to_string(),
+            format!("dispatcher: {why}")
+        );
+        let relays = MasterError::Relays {
+            max_conns: 4096,
+            source: e(),
+        };
+        assert_eq!(
+            relays.to_string(),
+            format!(
+                "cannot make 4096 relays for proxy mode: {why}; lower --max-conns or raise the \
+                 open-files limit (ulimit -n)"
+            )
+        );
+        assert!(std::error::Error::source(&relays).is_some());
     }
 }
