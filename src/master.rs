@@ -190,8 +190,9 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     // (so its backlog outlives restarts) and never accepts itself.
     let shared = config.shared();
     let mut kernel = false;
+    // (None outside shared mode: said in one line under auto.)
+    let steering = kernel_steering(&config, &listener)?;
     let (mut dispatcher, handle, shared_listener) = if shared {
-        let steering = kernel_steering(&config, &listener)?;
         if steering.is_none() && config.policy_explicit {
             info!(
                 "policy {} has no effect in shared mode: the kernel balances accept() calls",
@@ -210,6 +211,12 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             d.steer_in_kernel(steering);
             kernel = true;
         }
+        // The workers' own accept() calls are blocking or not as each
+        // server likes: the flag belongs to the socket they all share, and
+        // a textbook blocking server would get EAGAIN from lb's choice.
+        listener
+            .set_nonblocking(false)
+            .map_err(MasterError::ListenerAddress)?;
         (d, h, Some(std::os::fd::OwnedFd::from(listener)))
     } else {
         let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)

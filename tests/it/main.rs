@@ -7,6 +7,7 @@ mod control;
 mod core;
 mod drain;
 mod faults;
+mod kernel;
 mod limits;
 mod node;
 mod proxy;
