@@ -94,6 +94,9 @@ fn exit() -> Insn {
     insn(0x95, 0, 0, 0, 0)
 }
 
+/// Instructions in the program (`docs/kernel-dispatch.md` counts them).
+pub const LEN: usize = 42;
+
 /// The three maps the program reads, by fd.
 #[derive(Debug, Clone, Copy)]
 pub struct Maps {
@@ -183,6 +186,8 @@ mod tests {
             sockets: 5,
         });
         assert_eq!(p.last().map(|i| i.code), Some(0x95), "ends in exit");
+        // docs/kernel-dispatch.md walks through these.
+        assert_eq!(p.len(), LEN);
         for (at, i) in p.iter().enumerate() {
             // Conditional jumps: BPF_JMP class with a condition.
             if i.code & 0x07 == 0x05 && i.code != 0x85 && i.code != 0x95 {
