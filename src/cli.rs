@@ -144,17 +144,22 @@ impl Target {
         {
             return Ok(vec![p]);
         }
-        let listen = self
+        let given = self
             .listen
             .clone()
-            .or_else(|| env("LB_LISTEN").and_then(|v| v.into_string().ok()))
-            .unwrap_or_else(|| crate::config::defaults::LISTEN.to_string());
+            .or_else(|| env("LB_LISTEN").and_then(|v| v.into_string().ok()));
+        let named = given.is_some();
+        let listen = given.unwrap_or_else(|| crate::config::defaults::LISTEN.to_string());
         let port = listen
             .rsplit(':')
             .next()
             .and_then(|p| p.parse::<u16>().ok())
             .ok_or(TargetError::Listen(listen))?;
-        Ok(crate::control::path::search(port))
+        Ok(if named {
+            crate::control::path::search(port)
+        } else {
+            crate::control::path::search_default(port)
+        })
     }
 }
 

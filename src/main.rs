@@ -144,11 +144,11 @@ fn main() -> ExitCode {
                 Ok(Outcome::Forced) => ExitCode::from(1),
                 // Bad input found at start, before anything started.
                 Err(e @ lb::master::MasterError::Config(_)) => {
-                    err!("lb: error: {e}");
+                    lb::log::fatal(&e);
                     ExitCode::from(2)
                 }
                 Err(e) => {
-                    err!("lb: error: {e}");
+                    lb::log::fatal(&e);
                     ExitCode::from(1)
                 }
             }

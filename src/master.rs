@@ -41,6 +41,8 @@ pub enum MasterError {
          the open-files limit (ulimit -n)"
     )]
     Relays { max_conns: usize, source: io::Error },
+    #[error("cannot open the log file: {0}")]
+    LogFile(#[source] io::Error),
     #[error("dispatch thread: {0}")]
     DispatchThread(#[source] io::Error),
     /// `--dispatch kernel` cannot work here.
@@ -147,6 +149,12 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         None => control::path::server_default(local.port()).map_err(control::ControlError::Dir)?,
     };
     crate::config::preflight(&config, &control_path, open_files)?;
+    crate::log::init(
+        config.log_format,
+        config.log_timestamps,
+        config.log_file.as_deref(),
+    )
+    .map_err(MasterError::LogFile)?;
     let event_loop = supervisor::EventLoop::new()?;
     let waker = event_loop.waker();
     let (control_tx, control_rx) = crossbeam_channel::unbounded();

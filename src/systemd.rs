@@ -1,6 +1,6 @@
-//! systemd integration: readiness notifications (`sd_notify`) and socket
-//! activation (`LISTEN_FDS`). Both are plain protocols over the
-//! environment; no library needed.
+//! systemd integration: readiness, status and watchdog notifications
+//! (`sd_notify`) and socket activation (`LISTEN_FDS`). All are plain
+//! protocols over the environment; no library needed.
 
 use std::io;
 use std::net::TcpListener;
@@ -8,12 +8,33 @@ use std::os::unix::net::UnixDatagram;
 
 /// Environment variables of these protocols, which workers must not inherit
 /// (they are the master's, not theirs).
-pub const VARS: [&str; 4] = [
+pub const VARS: [&str; 6] = [
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 ];
+
+/// How often to send `WATCHDOG=1`: half of `WatchdogSec=` (systemd's
+/// advice), if systemd set `$WATCHDOG_USEC` for this process (`$WATCHDOG_PID`
+/// unset or this pid).
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    watchdog_from(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+fn watchdog_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<std::time::Duration> {
+    if pid.is_some_and(|p| p.trim().parse::<u32>().ok() != Some(me)) {
+        return None;
+    }
+    let usec = usec?.trim().parse::<u64>().ok().filter(|&u| u > 0)?;
+    Some(std::time::Duration::from_micros(usec / 2))
+}
 
 /// Sends `state` (e.g. `READY=1`) to `$NOTIFY_SOCKET` if set; silently does
 /// nothing otherwise. A leading `@` names an abstract socket.
@@ -58,5 +79,27 @@ pub fn activated_listener() -> io::Result<Option<TcpListener>> {
             crate::sys::inherited_listener(3).map(Some)
         }
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_watchdog_is_pinged_at_half_its_timeout_and_only_by_its_pid() {
+        let ms = Duration::from_millis;
+        assert_eq!(watchdog_from(Some("30000000"), None, 7), Some(ms(15_000)));
+        assert_eq!(watchdog_from(Some("200000"), Some("7"), 7), Some(ms(100)));
+        assert_eq!(
+            watchdog_from(Some("200000"), Some("8"), 7),
+            None,
+            "another's"
+        );
+        assert_eq!(watchdog_from(None, Some("7"), 7), None);
+        for bad in ["0", "", "soon", "-5"] {
+            assert_eq!(watchdog_from(Some(bad), None, 7), None, "{bad:?}");
+        }
     }
 }

@@ -1,23 +1,20 @@
-//! Durations as people write them in a config: `500ms`, `10s`, `2m`, or a
-//! bare number of seconds.
+//! Durations as people write them in a config: `500ms`, `10s`, `2m`,
+//! `1h30m`, `1.5s`, or a bare number of seconds.
+//!
+//! Units and compounds are `humantime`'s (`ms`, `s`/`sec`, `m`/`min`,
+//! `h`/`hr`, `d`, written together or apart), exact to the nanosecond
+//! with no float rounding; a bare number, which it refuses (a unit is its
+//! rule), is read as seconds, as `lb.toml.example` promises.
 
 use std::time::Duration;
 
 pub fn parse(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().ok()?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(value * scale).ok()
+    let bare = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if bare {
+        return humantime::parse_duration(&format!("{s}s")).ok();
+    }
+    humantime::parse_duration(s).ok()
 }
 
 /// `d` as [`parse`] reads it, in the largest unit that is exact: `0`,
@@ -49,11 +46,23 @@ mod tests {
         assert_eq!(parse("1.5"), Some(Duration::from_millis(1500)));
         assert_eq!(parse("10 s"), Some(Duration::from_secs(10)));
         assert_eq!(parse("ten"), None);
-        assert_eq!(parse("5d"), None);
+        assert_eq!(parse("5x"), None);
+        assert_eq!(parse("10S"), None);
         assert_eq!(parse(""), None);
         assert_eq!(parse("-1s"), None);
         assert_eq!(parse("."), None);
         assert_eq!(parse("1e9"), None);
+    }
+
+    #[test]
+    fn compounds_and_long_unit_names() {
+        assert_eq!(parse("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse("5min"), Some(Duration::from_secs(300)));
+        assert_eq!(parse("1d"), Some(Duration::from_secs(86400)));
+        assert_eq!(parse("0"), Some(Duration::ZERO));
+        assert_eq!(parse("5"), Some(Duration::from_secs(5)));
+        assert_eq!(parse("0.25"), Some(Duration::from_millis(250)));
     }
 
     #[test]

@@ -15,22 +15,33 @@ pub struct File {
     pub backlog: Option<u32>,
     pub policy: Option<String>,
     pub workers: Option<usize>,
+    #[serde(default, deserialize_with = "number_or_text")]
     pub drain_timeout: Option<String>,
+    #[serde(default, deserialize_with = "number_or_text")]
     pub ready_timeout: Option<String>,
+    #[serde(default, deserialize_with = "number_or_text")]
     pub min_uptime: Option<String>,
     pub worker_log: Option<String>,
     pub control: Option<String>,
     pub max_conns_per_worker: Option<u64>,
+    #[serde(default, deserialize_with = "number_or_text")]
     pub max_rss: Option<String>,
     pub metrics: Option<String>,
     pub reload_parallel: Option<usize>,
     pub worker_queue: Option<usize>,
+    #[serde(default, deserialize_with = "number_or_text")]
     pub stall_timeout: Option<String>,
     pub max_conns: Option<usize>,
+    #[serde(default, deserialize_with = "number_or_text")]
     pub proxy_connect_timeout: Option<String>,
+    #[serde(default, deserialize_with = "number_or_text")]
     pub proxy_idle_timeout: Option<String>,
     pub mode: Option<String>,
     pub dispatch: Option<String>,
+    pub min_ready: Option<usize>,
+    pub log_format: Option<String>,
+    pub log_timestamps: Option<String>,
+    pub log_file: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
 }
@@ -49,6 +60,33 @@ pub struct FilePool {
     pub mode: Option<String>,
     pub port: Option<u16>,
     pub stop_signal: Option<String>,
+}
+
+/// A duration or size written as text (`"10s"`, `"512MB"`) or as a bare
+/// TOML number (`drain_timeout = 5`, seconds; `max_rss = 1048576`, bytes):
+/// the number as its text, for the setting's own parser to read.
+fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string like \"10s\" or \"512MB\", or a number")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            // Negative: the setting's parser refuses it with its range.
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+    }
+    d.deserialize_any(Text)
 }
 
 /// Reads and parses `path`; errors name the file and line, on one line.
@@ -123,6 +161,19 @@ weight = 1
         assert_eq!(f.pool.len(), 2);
         assert_eq!(f.pool[0].env["MODE"], "prod");
         assert_eq!(f.pool[1].weight, Some(1));
+    }
+
+    #[test]
+    fn durations_and_sizes_may_be_bare_numbers() {
+        let f = parse("drain_timeout = 5\nmin_uptime = 0.5\nmax_rss = 1048576\n").unwrap();
+        assert_eq!(f.drain_timeout.as_deref(), Some("5"));
+        assert_eq!(f.min_uptime.as_deref(), Some("0.5"));
+        assert_eq!(f.max_rss.as_deref(), Some("1048576"));
+        assert_eq!(parse("").unwrap().drain_timeout, None);
+        let (line, msg) = parse("\ndrain_timeout = true\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(msg.contains("a string like \"10s\""), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let (control, control_origin) = src.optional(&s::CONTROL)?;
     let workers = src.given(&s::WORKERS)?;
     let dispatch = src.value(&s::DISPATCH)?;
+    let min_ready = src.value(&s::MIN_READY)?;
+    let log_format = src.value(&s::LOG_FORMAT)?;
+    let log_timestamps = src.value(&s::LOG_TIMESTAMPS)?;
+    let (log_file, log_file_origin) = src.optional(&s::LOG_FILE)?;
 
     let config = Config {
         listen,
@@ -51,13 +55,18 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_conns,
         proxy_connect_timeout,
         proxy_idle_timeout,
+        min_ready,
         pools: pools(&src, workers, mode)?,
         dispatch,
+        log_format,
+        log_timestamps,
+        log_file,
         policy_explicit: !matches!(policy_origin, super::Origin::Default(_)),
         origins: Origins {
             worker_log: worker_log_origin,
             control: control_origin,
             max_conns: max_conns_origin,
+            log_file: log_file_origin,
         },
     };
     super::Dispatch::check(&config)?;
@@ -66,6 +75,14 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             "{} workers in all is more than the {} one master runs; lower the pools' `count`",
             config.slots(),
             defaults::MAX_WORKERS
+        )));
+    }
+    if config.min_ready > config.slots() {
+        return Err(ConfigError::Conflict(format!(
+            "min_ready is {} but there are {} workers in all, so /readyz could never answer \
+             200; lower min_ready or add workers",
+            config.min_ready,
+            config.slots()
         )));
     }
     Ok(config)

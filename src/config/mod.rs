@@ -124,9 +124,15 @@ pub struct Config {
     /// Proxy mode: a relay that moved no byte either way for this long is
     /// reset; `None`: never.
     pub proxy_idle_timeout: Option<Duration>,
+    /// Workers that must be ready for `/readyz` to answer 200.
+    pub min_ready: usize,
     pub pools: Vec<Pool>,
     /// Who picks each connection's worker.
     pub dispatch: Dispatch,
+    pub log_format: crate::log::LogFormat,
+    pub log_timestamps: crate::log::Timestamps,
+    /// Where lb's own log lines go; `None` = stderr.
+    pub log_file: Option<PathBuf>,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,
     /// Where the values [`preflight`] checks came from, for its messages.
@@ -140,6 +146,7 @@ pub struct Origins {
     pub worker_log: Origin,
     pub control: Origin,
     pub max_conns: Origin,
+    pub log_file: Origin,
 }
 
 /// A group of identical workers.

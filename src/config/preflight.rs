@@ -31,23 +31,45 @@ pub fn preflight(
     open_files: Option<u64>,
 ) -> Result<(), ConfigError> {
     let origins = &config.origins;
-    if let Some(path) = &config.worker_log {
+    let appendable = |path: &Path| {
         // Non-blocking: a FIFO with no reader is refused, not waited on.
-        let opened = OpenOptions::new()
+        OpenOptions::new()
             .create(true)
             .append(true)
             .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(path);
-        if let Err(e) = opened {
-            return Err(invalid(
-                origins.worker_log.clone(),
-                &path.display().to_string(),
-                format!(
-                    "cannot open it for appending ({e}); give a file lb may write, in an \
-                     existing directory"
-                ),
-            ));
-        }
+            .open(path)
+            .map(drop)
+    };
+    if let Some(path) = &config.log_file
+        && let Err(e) = appendable(path)
+    {
+        return Err(invalid(
+            origins.log_file.clone(),
+            &path.display().to_string(),
+            format!(
+                "cannot open it for appending ({e}); give a file lb may write, in an existing \
+                 directory"
+            ),
+        ));
+    }
+    if let Some(pattern) = &config.worker_log
+        && let Some((file, e)) = worker_logs(config, pattern)
+            .iter()
+            .find_map(|f| appendable(f).err().map(|e| (f.clone(), e)))
+    {
+        let it = if &file == pattern {
+            "it".to_string()
+        } else {
+            file.display().to_string()
+        };
+        return Err(invalid(
+            origins.worker_log.clone(),
+            &pattern.display().to_string(),
+            format!(
+                "cannot open {it} for appending ({e}); give a file lb may write, in an \
+                 existing directory"
+            ),
+        ));
     }
 
     let refuse_control = |why: String| {
@@ -127,6 +149,23 @@ pub fn preflight(
     Ok(())
 }
 
+/// Every file the worker log pattern names for the configured workers.
+fn worker_logs(config: &Config, pattern: &Path) -> Vec<std::path::PathBuf> {
+    use crate::log::{Stream, pattern::expand};
+    let mut files: Vec<_> = config
+        .slot_pools()
+        .into_iter()
+        .enumerate()
+        .flat_map(|(slot, pool)| {
+            let name = &config.pools[pool].name;
+            [Stream::Stdout, Stream::Stderr].map(|s| expand(pattern, name, slot, s))
+        })
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +208,46 @@ mod tests {
         );
         let e = check(&["--worker-log", "/nonexistent-lb/w.log"], &sock, None).unwrap_err();
         assert!(e.contains("No such file") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn every_worker_log_the_pattern_names_and_the_log_file_must_open() {
+        let dir = scratch();
+        let sock = dir.join("lb.sock");
+        let pattern = dir.join("w-{slot}.{stream}.log");
+        check(
+            &["-w", "2", "--worker-log", pattern.to_str().unwrap()],
+            &sock,
+            None,
+        )
+        .unwrap();
+        for f in ["w-0.stdout.log", "w-1.stderr.log"] {
+            assert!(dir.join(f).exists(), "{f} created");
+        }
+        std::fs::remove_file(dir.join("w-1.stdout.log")).unwrap();
+        std::fs::create_dir(dir.join("w-1.stdout.log")).unwrap();
+        let e = check(
+            &["-w", "2", "--worker-log", pattern.to_str().unwrap()],
+            &sock,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("cannot open ") && e.contains("w-1.stdout.log for appending"),
+            "{e}"
+        );
+        let d = dir.to_str().unwrap();
+        let e = check(&["--log-file", d], &sock, None).unwrap_err();
+        assert!(
+            e.starts_with(&format!("invalid --log-file `{d}`: cannot open it")),
+            "{e}"
+        );
+        check(
+            &["--log-file", dir.join("lb.log").to_str().unwrap()],
+            &sock,
+            None,
+        )
+        .unwrap();
     }
 
     #[test]

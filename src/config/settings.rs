@@ -91,6 +91,10 @@ pub const ALL: &[&Spec] = &[
     &METRICS.spec,
     &CONTROL.spec,
     &DISPATCH.spec,
+    &MIN_READY.spec,
+    &LOG_FORMAT.spec,
+    &LOG_TIMESTAMPS.spec,
+    &LOG_FILE.spec,
 ];
 
 /// Values other than paths reach here as UTF-8 (clap checks the command
@@ -237,13 +241,14 @@ pub const MIN_UPTIME: Setting<Duration> = Setting {
 pub const WORKER_LOG: Setting<PathBuf> = Setting {
     spec: Spec {
         value_name: "FILE",
-        help: "Append the workers' prefixed output lines to this file instead of lb's stderr; \
-               checked at start",
+        help: "Append the workers' output lines to this file instead of lb's log; {pool}, \
+               {slot} and {stream} (stdout or stderr) in the path give each its own file, e.g. \
+               /var/log/lb/{pool}-{slot}.{stream}.log; checked at start, reopened on SIGUSR1",
         file: Some(|f| f.worker_log.clone()),
         path: true,
         ..spec("worker_log", "--worker-log", "LB_WORKER_LOG")
     },
-    parse: |v| Ok(v.into()),
+    parse: |v| crate::log::pattern::check(v).map(|()| v.into()),
 };
 
 pub const MAX_CONNS_PER_WORKER: Setting<Option<u64>> = Setting {
@@ -397,6 +402,68 @@ pub const DISPATCH: Setting<super::Dispatch> = Setting {
     parse: |v| super::Dispatch::parse(&text(v)).ok_or_else(|| super::Dispatch::CHOICES.into()),
 };
 
+/// 0 is meaningful: ready whenever lb is not stopping (a front that only
+/// needs to know lb is up and accepting).
+pub const MIN_READY: Setting<usize> = Setting {
+    spec: Spec {
+        help: "How many workers must be ready for /readyz on the metrics listener to answer \
+               200, 0 to 1024 (never while lb is stopping)",
+        default: Some("1"),
+        file: Some(|f| f.min_ready.map(|n| n.to_string())),
+        ..spec("min_ready", "--min-ready", "LB_MIN_READY")
+    },
+    parse: |v| match text(v).trim().parse::<usize>() {
+        Ok(n) if n <= super::defaults::MAX_WORKERS => Ok(n),
+        _ => Err(format!(
+            "give a whole number from 0 to {}",
+            super::defaults::MAX_WORKERS
+        )),
+    },
+};
+
+pub const LOG_FORMAT: Setting<crate::log::LogFormat> = Setting {
+    spec: Spec {
+        value_name: "FORMAT",
+        help: "How log lines look: text (a timestamp, a level, the message) or json (one \
+               object a line, the workers' output lines too)",
+        default: Some("text"),
+        file: Some(|f| f.log_format.clone()),
+        ..spec("log_format", "--log-format", "LB_LOG_FORMAT")
+    },
+    parse: |v| crate::log::LogFormat::parse(&text(v)).ok_or_else(|| "use text or json".into()),
+};
+
+pub const LOG_TIMESTAMPS: Setting<crate::log::Timestamps> = Setting {
+    spec: Spec {
+        value_name: "WHEN",
+        help: "Whether log lines start with their time: on, off, or auto (off for lines that \
+               go to journald, which stamps them itself)",
+        default: Some("auto"),
+        file: Some(|f| f.log_timestamps.clone()),
+        ..spec("log_timestamps", "--log-timestamps", "LB_LOG_TIMESTAMPS")
+    },
+    parse: |v| crate::log::Timestamps::parse(&text(v)).ok_or_else(|| "use on, off or auto".into()),
+};
+
+pub const LOG_FILE: Setting<PathBuf> = Setting {
+    spec: Spec {
+        value_name: "FILE",
+        help: "Append lb's own log lines (and the workers', without --worker-log) to this file \
+               instead of stderr; checked at start, reopened on SIGUSR1",
+        unset: Some("stderr"),
+        file: Some(|f| f.log_file.clone()),
+        path: true,
+        ..spec("log_file", "--log-file", "LB_LOG_FILE")
+    },
+    parse: |v| {
+        if v.is_empty() {
+            Err("give the path of a file".into())
+        } else {
+            Ok(v.into())
+        }
+    },
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +495,7 @@ mod tests {
         parsed(&STALL_TIMEOUT);
         parsed(&PROXY_CONNECT_TIMEOUT);
         parsed(&PROXY_IDLE_TIMEOUT);
+        assert_eq!(parsed(&MIN_READY), 1);
     }
 
     /// lb.toml's keys (`file::File`'s fields, which serde names in its

@@ -1,19 +1,12 @@
-//! Sizes as people write them in a config: `512MB`, `1G`, `300k`, or a bare
-//! number of bytes. Binary multiples (1 K = 1024).
+//! Sizes as people write them in a config: `512MB`, `1G`, `1.5G`, `300k`,
+//! or a bare number of bytes. Binary multiples (1 K = 1024), whatever the
+//! spelling (`K`, `KB`, `KiB`, any case): `parse-size`'s, told so.
 
 pub fn parse(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: u64 = num.parse().ok()?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return None,
-    };
-    value.checked_mul(scale)
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s.trim())
+        .ok()
 }
 
 /// `n` bytes as [`parse`] reads it, in the largest unit that is exact:
@@ -39,7 +32,11 @@ mod tests {
         assert_eq!(parse("4096"), Some(4096));
         assert_eq!(parse("12 mib"), Some(12 << 20));
         assert_eq!(parse("lots"), None);
-        assert_eq!(parse("1T"), None);
+        assert_eq!(parse("1T"), Some(1 << 40));
+        assert_eq!(parse("1.5G"), Some(3 << 29));
+        assert_eq!(parse("1 KiB"), Some(1024));
+        assert_eq!(parse("-1"), None);
+        assert_eq!(parse(""), None);
         assert_eq!(parse("99999999999999G"), None);
         assert_eq!(parse("99999999999999999999999"), None);
     }

@@ -289,3 +289,31 @@ fn file_errors_name_file_and_line() {
         "{e}"
     );
 }
+
+#[test]
+fn bare_numbers_in_the_file_are_seconds_and_bytes() {
+    let f = temp_file(
+        "bare.toml",
+        "drain_timeout = 5\nmin_uptime = 0.5\nstall_timeout = 0\nmax_rss = 1073741824\n",
+    );
+    let c = with_env(&args(&["-c", f.to_str().unwrap()]), &[]).unwrap();
+    assert_eq!(c.drain_timeout, Duration::from_secs(5));
+    assert_eq!(c.min_uptime, Duration::from_millis(500));
+    assert_eq!(c.max_rss, Some(1 << 30));
+    // The same values as text, from the environment and the command line.
+    let c = with_env(
+        &args(&["--drain-timeout", "1m30s"]),
+        &[("LB_MAX_RSS", "1.5G")],
+    )
+    .unwrap();
+    assert_eq!(c.drain_timeout, Duration::from_secs(90));
+    assert_eq!(c.max_rss, Some(3 << 29));
+    let f = temp_file("negative.toml", "drain_timeout = -5\n");
+    let e = with_env(&args(&["-c", f.to_str().unwrap()]), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("drain_timeout") && e.contains("give a duration"),
+        "{e}"
+    );
+}

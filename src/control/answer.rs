@@ -3,7 +3,7 @@
 //! `Response`.
 
 use super::prometheus::BUCKETS;
-use super::wire::{Response, Status, WorkerStatus};
+use super::wire::{Health, PoolStatus, ProcessStatus, Response, Status, WorkerStatus};
 use crate::supervisor::{self, Answer};
 
 impl From<Answer> for Response {
@@ -14,6 +14,16 @@ impl From<Answer> for Response {
             Answer::Status(status) => Response {
                 ok: true,
                 status: Some(Status::from(&*status)),
+                ..Response::default()
+            },
+            Answer::Health(h) => Response {
+                ok: true,
+                health: Some(Health {
+                    ready: h.ready,
+                    min_ready: h.min_ready,
+                    slots: h.slots,
+                    stopping: h.stopping,
+                }),
                 ..Response::default()
             },
         }
@@ -27,6 +37,26 @@ impl From<&supervisor::Status> for Status {
             listen: s.listen.clone(),
             policy: s.policy.into(),
             uptime_s: s.uptime.as_secs_f64(),
+            version: s.version.into(),
+            stopping: s.stopping,
+            min_ready: s.min_ready,
+            pools: s
+                .pools
+                .iter()
+                .map(|p| PoolStatus {
+                    name: p.name.clone(),
+                    mode: p.mode.clone(),
+                    count: p.count,
+                    weight: p.weight,
+                })
+                .collect(),
+            process: ProcessStatus {
+                cpu_s: s.process.cpu_s,
+                rss_bytes: s.process.rss_bytes,
+                open_fds: s.process.open_fds,
+                max_fds: s.process.max_fds,
+                start_time_s: s.process.start_time_s,
+            },
             accepted: s.stats.accepted,
             dispatched: s.stats.dispatched,
             rescued: s.stats.rescued,
@@ -49,6 +79,7 @@ impl From<&supervisor::WorkerStatus> for WorkerStatus {
         let uptime = w.uptime.as_secs_f64();
         WorkerStatus {
             slot: w.slot.0,
+            pool: w.pool.clone(),
             pid: w.pid,
             generation: w.generation,
             state: w.state.name().into(),
@@ -61,6 +92,7 @@ impl From<&supervisor::WorkerStatus> for WorkerStatus {
             } else {
                 0.0
             },
+            cpu_s: w.cpu_s,
             rss_bytes: w.rss_bytes,
         }
     }
@@ -78,6 +110,7 @@ mod tests {
     fn worker(slot: usize, pid: Option<u32>, state: WorkerState) -> supervisor::WorkerStatus {
         supervisor::WorkerStatus {
             slot: Slot(slot),
+            pool: "web".into(),
             pid,
             generation: 2,
             state,
@@ -107,6 +140,22 @@ mod tests {
             listen: "127.0.0.1:8000".into(),
             policy: "least-conn",
             uptime: Duration::from_millis(2500),
+            version: "1.2.3",
+            stopping: true,
+            min_ready: 2,
+            pools: vec![supervisor::PoolStatus {
+                name: "web".into(),
+                mode: "native".into(),
+                count: 2,
+                weight: 3,
+            }],
+            process: supervisor::Usage {
+                cpu_s: 0.5,
+                rss_bytes: 8192,
+                open_fds: Some(9),
+                max_fds: Some(1024),
+                start_time_s: Some(1.7e9),
+            },
             stats: Stats {
                 accepted: 5,
                 dispatched: 4,
@@ -125,6 +174,29 @@ mod tests {
             (10, "127.0.0.1:8000", "least-conn")
         );
         assert_eq!(w.uptime_s, 2.5);
+        assert_eq!(
+            (w.version.as_str(), w.stopping, w.min_ready),
+            ("1.2.3", true, 2)
+        );
+        assert_eq!(
+            w.pools,
+            [PoolStatus {
+                name: "web".into(),
+                mode: "native".into(),
+                count: 2,
+                weight: 3
+            }]
+        );
+        assert_eq!(
+            w.process,
+            ProcessStatus {
+                cpu_s: 0.5,
+                rss_bytes: 8192,
+                open_fds: Some(9),
+                max_fds: Some(1024),
+                start_time_s: Some(1.7e9),
+            }
+        );
         assert_eq!(
             (w.accepted, w.dispatched, w.rescued, w.paused),
             (5, 4, 1, 2)
@@ -146,6 +218,7 @@ mod tests {
             w.workers[0],
             WorkerStatus {
                 slot: 0,
+                pool: "web".into(),
                 pid: Some(11),
                 generation: 2,
                 state: "ready".into(),
@@ -154,6 +227,7 @@ mod tests {
                 active: Some(3),
                 total: 7,
                 cpu_percent: 25.0,
+                cpu_s: 1.0,
                 rss_bytes: 4096,
             }
         );
@@ -185,7 +259,17 @@ mod tests {
         let done = Response::from(Answer::Done("sent to 2 workers".into()));
         assert!(done.ok);
         assert_eq!(done.message.as_deref(), Some("sent to 2 workers"));
-        assert!(done.error.is_none() && done.status.is_none());
+        assert!(done.error.is_none() && done.status.is_none() && done.health.is_none());
+        let health = Response::from(Answer::Health(supervisor::Health {
+            ready: 1,
+            min_ready: 2,
+            slots: 3,
+            stopping: false,
+        }));
+        assert_eq!(
+            serde_json::to_string(&health).unwrap(),
+            r#"{"ok":true,"health":{"ready":1,"min_ready":2,"slots":3,"stopping":false}}"#
+        );
         let refused = Response::from(Answer::Refused("a reload is in progress".into()));
         assert!(!refused.ok);
         assert_eq!(refused.error.as_deref(), Some("a reload is in progress"));

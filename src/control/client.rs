@@ -227,24 +227,49 @@ pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), ClientError> {
 
 /// `lb status` as a table, like `pm2 ls`.
 pub fn render(s: &Status) -> String {
+    let ready = s.workers.iter().filter(|w| w.state == "ready").count();
     let mut out = format!(
-        "lb pid {}  listening on {}  policy {}  up {}\nconnections: {} accepted, {} dispatched, {} rescued\n\n",
+        "lb pid {}  listening on {}  policy {}  up {}{}\nconnections: {} accepted, {} dispatched, {} rescued\nready: {} of {} workers (min_ready {}){}\n\n",
         s.pid,
         s.listen,
         s.policy,
         human(s.uptime_s),
+        if s.stopping { "  STOPPING" } else { "" },
         s.accepted,
         s.dispatched,
-        s.rescued
+        s.rescued,
+        ready,
+        s.pools.iter().map(|p| p.count).sum::<usize>(),
+        s.min_ready,
+        pools_line(s)
     );
+    // As wide as the longest pool name (names are the user's).
+    let pool_width = s
+        .workers
+        .iter()
+        .map(|w| w.pool.chars().count())
+        .chain([4])
+        .max()
+        .unwrap_or(4);
     out += &format!(
-        "{:>4}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5}  {:>8}\n",
-        "slot", "pid", "gen", "state", "uptime", "restarts", "active", "total", "cpu%", "rss"
+        "{:>4}  {:<pool_width$}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5}  {:>8}\n",
+        "slot",
+        "pool",
+        "pid",
+        "gen",
+        "state",
+        "uptime",
+        "restarts",
+        "active",
+        "total",
+        "cpu%",
+        "rss"
     );
     for w in &s.workers {
         out += &format!(
-            "{:>4}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5.1}  {:>8}\n",
+            "{:>4}  {:<pool_width$}  {:>8}  {:>3}  {:<10}  {:>7}  {:>8}  {:>6}  {:>9}  {:>5.1}  {:>8}\n",
             w.slot,
+            w.pool,
             w.pid.map_or("-".to_string(), |p| p.to_string()),
             w.generation,
             w.state,
@@ -259,6 +284,22 @@ pub fn render(s: &Status) -> String {
     out
 }
 
+/// With several pools, each one's slots, mode and weight: `; pools: web
+/// 3×native weight 3, canary 1×native weight 1`.
+fn pools_line(s: &Status) -> String {
+    if s.pools.len() < 2 {
+        return String::new();
+    }
+    let pools: Vec<String> = s
+        .pools
+        .iter()
+        .map(|p| format!("{} {}×{} weight {}", p.name, p.count, p.mode, p.weight))
+        .collect();
+    format!("; pools: {}", pools.join(", "))
+}
+
+/// An uptime in its largest whole unit, as `ps` and `pm2 ls` show it: a
+/// table column wants `3h`, not `humantime`'s exact `3h 2m 5s 120ms`.
 fn human(secs: f64) -> String {
     let s = secs as u64;
     match s {
@@ -269,18 +310,22 @@ fn human(secs: f64) -> String {
     }
 }
 
+/// Memory in binary units with one decimal, short enough for the column
+/// (`bytesize` spells `3.0 MiB`, wider, and adds a crate for one line).
 fn bytes(b: u64) -> String {
+    const K: u64 = 1 << 10;
     match b {
-        0..1024 => format!("{b}B"),
-        1024..1048576 => format!("{:.1}K", b as f64 / 1024.0),
-        _ => format!("{:.1}M", b as f64 / 1048576.0),
+        0..K => format!("{b}B"),
+        K..0x10_0000 => format!("{:.1}K", b as f64 / K as f64),
+        0x10_0000..0x4000_0000 => format!("{:.1}M", b as f64 / (1u64 << 20) as f64),
+        _ => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::WorkerStatus;
+    use crate::control::{PoolStatus, WorkerStatus};
 
     #[test]
     fn table_has_a_row_per_worker() {
@@ -288,9 +333,25 @@ mod tests {
             pid: 10,
             listen: "127.0.0.1:8000".into(),
             policy: "round-robin".into(),
+            min_ready: 1,
+            pools: vec![
+                PoolStatus {
+                    name: "web".into(),
+                    mode: "native".into(),
+                    count: 1,
+                    weight: 3,
+                },
+                PoolStatus {
+                    name: "canary-v2".into(),
+                    mode: "proxy".into(),
+                    count: 1,
+                    weight: 1,
+                },
+            ],
             workers: vec![
                 WorkerStatus {
                     slot: 0,
+                    pool: "web".into(),
                     pid: Some(11),
                     state: "ready".into(),
                     rss_bytes: 3 << 20,
@@ -298,6 +359,7 @@ mod tests {
                 },
                 WorkerStatus {
                     slot: 1,
+                    pool: "canary-v2".into(),
                     state: "restarting".into(),
                     ..WorkerStatus::default()
                 },
@@ -305,8 +367,33 @@ mod tests {
             ..Status::default()
         };
         let t = render(&s);
-        assert_eq!(t.lines().count(), 3 + 1 + 2);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4 + 1 + 2, "{t}");
         assert!(t.contains("3.0M") && t.contains("restarting"));
+        assert_eq!(
+            lines[2],
+            "ready: 1 of 2 workers (min_ready 1); pools: web 1×native weight 3, canary-v2 \
+             1×proxy weight 1"
+        );
+        // The pool column, as wide as the longest name, lines up.
+        assert!(lines[4].starts_with("slot  pool       "), "{t}");
+        assert!(lines[5].starts_with("   0  web        "), "{t}");
+        assert!(lines[6].starts_with("   1  canary-v2  "), "{t}");
+        let pid_end = lines[4].find("pid").unwrap() + 3;
+        assert!(lines[5][..pid_end].ends_with(" 11"), "{t}");
+        assert!(lines[6][..pid_end].ends_with(" -"), "{t}");
+        assert!(!t.contains("STOPPING"));
+        let stopping = Status {
+            stopping: true,
+            ..s
+        };
+        assert!(
+            render(&stopping)
+                .lines()
+                .next()
+                .unwrap()
+                .ends_with("  STOPPING")
+        );
     }
 
     #[test]
@@ -355,5 +442,17 @@ mod tests {
         );
         let e = connect(&[missing.clone(), missing.join("x")]).unwrap_err();
         assert!(matches!(e, ClientError::NoneRunning { ref paths } if paths.len() == 2));
+    }
+
+    #[test]
+    fn uptimes_and_memory_fit_their_columns() {
+        assert_eq!(human(59.9), "59s");
+        assert_eq!(human(61.0), "1m");
+        assert_eq!(human(7200.0), "2h");
+        assert_eq!(human(3.0 * 86400.0), "3d");
+        assert_eq!(bytes(512), "512B");
+        assert_eq!(bytes(1536), "1.5K");
+        assert_eq!(bytes(3 << 20), "3.0M");
+        assert_eq!(bytes(5 << 30), "5.0G", "not 5120.0M");
     }
 }

@@ -1,6 +1,9 @@
-//! The little HTTP the metrics endpoint speaks: a request head read
+//! The little HTTP the metrics listener speaks: a request head read
 //! without blocking and bounded, routed by its request line, and whole
-//! answers (`Connection: close`) written without waiting.
+//! answers (`Connection: close`) written without waiting. Hand-written on
+//! purpose: the listener's promises (a deadline per client, a bound on
+//! waiting clients and on the head, never blocking) are its event loop's,
+//! and what it parses is one request line.
 
 use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
@@ -23,11 +26,25 @@ pub(super) enum Progress {
     Gone,
 }
 
+/// What the listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Endpoint {
+    /// `/metrics`: the Prometheus text exposition.
+    Metrics,
+    /// `/livez` (alias `/healthz`): the supervisor answers.
+    Live,
+    /// `/readyz`: enough workers are ready, and lb is not stopping.
+    Ready,
+}
+
+/// Every path served, for the 404's answer.
+const PATHS: &str = "/metrics, /livez (or /healthz) and /readyz";
+
 /// What a head asks for.
 #[derive(Debug, PartialEq)]
 pub(super) enum Route {
-    /// GET (or, without the body, HEAD) `/metrics`.
-    Metrics { head_only: bool },
+    /// GET (or, without the body, HEAD) one of the endpoints.
+    Get { endpoint: Endpoint, head_only: bool },
     /// An answer that needs no supervisor.
     Error(Answer),
 }
@@ -130,17 +147,25 @@ pub(super) fn route(head: &[u8]) -> Route {
     if method != "GET" && !head_only {
         let mut answer = Answer::error(
             "405 Method Not Allowed",
-            "metrics are read with GET /metrics\n".into(),
+            format!("{PATHS} are read with GET or HEAD, not {method}\n"),
         );
         answer.headers = "Allow: GET, HEAD\r\n";
         return Route::Error(answer);
     }
-    if target.split('?').next() != Some("/metrics") {
-        let mut answer = Answer::error("404 Not Found", "metrics are at /metrics\n".into());
-        answer.head_only = head_only;
-        return Route::Error(answer);
+    let endpoint = match target.split('?').next() {
+        Some("/metrics") => Endpoint::Metrics,
+        Some("/livez" | "/healthz") => Endpoint::Live,
+        Some("/readyz") => Endpoint::Ready,
+        _ => {
+            let mut answer = Answer::error("404 Not Found", format!("lb serves {PATHS}\n"));
+            answer.head_only = head_only;
+            return Route::Error(answer);
+        }
+    };
+    Route::Get {
+        endpoint,
+        head_only,
     }
-    Route::Metrics { head_only }
 }
 
 /// An answer to a client the loop is done with, without waiting: nothing
@@ -177,13 +202,48 @@ mod tests {
 
     #[test]
     fn a_head_routes_by_its_request_line() {
-        let metrics = |head_only| Route::Metrics { head_only };
+        let metrics = |head_only| Route::Get {
+            endpoint: Endpoint::Metrics,
+            head_only,
+        };
         assert_eq!(
             route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
             metrics(false)
         );
         assert_eq!(route(b"GET /metrics?a=b HTTP/1.0\n\n"), metrics(false));
         assert_eq!(route(b"HEAD /metrics HTTP/1.1\r\n\r\n"), metrics(true));
+        let get = |endpoint| Route::Get {
+            endpoint,
+            head_only: false,
+        };
+        assert_eq!(route(b"GET /livez HTTP/1.1\r\n\r\n"), get(Endpoint::Live));
+        assert_eq!(route(b"GET /healthz HTTP/1.0\r\n\r\n"), get(Endpoint::Live));
+        assert_eq!(
+            route(b"GET /readyz?verbose HTTP/1.1\r\n\r\n"),
+            get(Endpoint::Ready)
+        );
+        assert_eq!(
+            route(b"HEAD /readyz HTTP/1.1\r\n\r\n"),
+            Route::Get {
+                endpoint: Endpoint::Ready,
+                head_only: true
+            }
+        );
+        for refused in [
+            &b"POST /readyz HTTP/1.1\r\n\r\n"[..],
+            b"PUT /livez HTTP/1.1\r\n\r\n",
+            b"DELETE /healthz HTTP/1.1\r\n\r\n",
+        ] {
+            let Route::Error(a) = route(refused) else {
+                panic!("{refused:?} routed")
+            };
+            assert!(a.code.starts_with("405"), "{a:?}");
+            assert_eq!(a.headers, "Allow: GET, HEAD\r\n");
+        }
+        for elsewhere in ["/", "/health", "/ready", "/livezz", "/metrics/x"] {
+            let head = format!("GET {elsewhere} HTTP/1.1\r\n\r\n");
+            assert!(answer("404", false)(&route(head.as_bytes())), "{elsewhere}");
+        }
         assert!(answer("404", false)(&route(b"GET / HTTP/1.1\r\n\r\n")));
         assert!(answer("404", true)(&route(b"HEAD /x HTTP/1.1\r\n\r\n")));
         assert!(answer("405", false)(&route(

@@ -16,13 +16,14 @@
 mod answer;
 pub mod client;
 mod clients;
+mod exposition;
 mod http;
 pub mod metrics;
 pub mod path;
 mod prometheus;
 mod wire;
 
-pub use wire::{Request, Response, Status, WorkerStatus};
+pub use wire::{Health, PoolStatus, ProcessStatus, Request, Response, Status, WorkerStatus};
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;

@@ -5,6 +5,9 @@
 //!
 //! A master listening on port P uses `<dir>/lb-P.sock`, `<dir>` being
 //!
+//! * under systemd with `RuntimeDirectory=` (any uid): `$RUNTIME_DIRECTORY`
+//!   (its first entry), which systemd made; refused, with the reason, if it
+//!   is not the uid's own or is writable by others;
 //! * for root: `/run/lb`, made 0755 if missing;
 //! * for any other uid: `$XDG_RUNTIME_DIR` if it is a directory of that uid
 //!   that nobody else may write to, else `/tmp/lb-<uid>`, made 0700 if
@@ -15,7 +18,8 @@
 //! not write to; otherwise the master refuses to start and names it.
 //!
 //! A subcommand of uid U tries, in order, and talks to the first that
-//! answers: for root `/run/lb/lb-P.sock`; for others
+//! answers: `$RUNTIME_DIRECTORY/lb-P.sock` if set (an `ExecReload=lb
+//! reload` in the unit); then for root `/run/lb/lb-P.sock`; for others
 //! `$XDG_RUNTIME_DIR/lb-P.sock` (if set), `/tmp/lb-U/lb-P.sock`, then
 //! `/run/lb/lb-P.sock` (a master run by root, as a service: root's only,
 //! but then the subcommand can say so). Whatever it reaches, it believes
@@ -66,13 +70,74 @@ pub fn search_order(port: u16, uid: u32, xdg: Option<&OsStr>) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`, a colon-separated
+/// list when it names several) as a path: its first entry, if absolute.
+fn runtime_from(value: Option<&OsStr>) -> Option<PathBuf> {
+    let first = value?.to_str()?.split(':').next()?;
+    Some(PathBuf::from(first)).filter(|p| p.is_absolute())
+}
+
+fn runtime_env() -> Option<PathBuf> {
+    runtime_from(std::env::var_os("RUNTIME_DIRECTORY").as_deref())
+}
+
+/// `search_order` after `$RUNTIME_DIRECTORY`'s socket, if that is set.
+fn with_runtime(runtime: Option<PathBuf>, port: u16, order: Vec<PathBuf>) -> Vec<PathBuf> {
+    let first = runtime.map(|d| d.join(file_name(port)));
+    let mut all: Vec<PathBuf> = first.into_iter().chain(order).collect();
+    // The same directory twice (RuntimeDirectory=lb as root) is tried once.
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|p| seen.insert(p.clone()));
+    all
+}
+
 /// `search_order` for this process.
 pub fn search(port: u16) -> Vec<PathBuf> {
-    search_order(
+    with_runtime(
+        runtime_env(),
         port,
-        own_uid(),
-        std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        search_order(
+            port,
+            own_uid(),
+            std::env::var_os("XDG_RUNTIME_DIR").as_deref(),
+        ),
     )
+}
+
+/// `search` when no port was named (no `--listen`, no `LB_LISTEN`): after
+/// the default port's sockets, the one other master's socket in those
+/// directories, if there is exactly one (a service on port 80, found by a
+/// plain `lb status`); with several, naming the port is the only way.
+pub fn search_default(port: u16) -> Vec<PathBuf> {
+    let mut order = search(port);
+    let lone = lone_socket(&order);
+    order.extend(lone);
+    order
+}
+
+/// The `lb-<port>.sock` sockets in the directories of `order` that are not
+/// in it, if there is exactly one.
+fn lone_socket(order: &[PathBuf]) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut dirs: Vec<&Path> = order.iter().filter_map(|p| p.parent()).collect();
+    dirs.dedup();
+    let mut found = dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten());
+    let mut others = Vec::new();
+    for entry in found.by_ref() {
+        let name = entry.file_name();
+        let is_lb = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("lb-")?.strip_suffix(".sock"))
+            .is_some_and(|p| p.parse::<u16>().is_ok());
+        let path = entry.path();
+        if is_lb && entry.file_type().is_ok_and(|t| t.is_socket()) && !order.contains(&path) {
+            others.push(path);
+        }
+    }
+    others.dedup();
+    (others.len() == 1).then(|| others.remove(0))
 }
 
 /// What `check_dir` needs to know of a directory entry.
@@ -184,9 +249,27 @@ pub fn prepare_default(port: u16, uid: u32, xdg: Option<PathBuf>) -> Result<Path
     Ok(dir.join(file_name(port)))
 }
 
-/// `prepare_default` for this process.
+/// `prepare_default` for this process, after `$RUNTIME_DIRECTORY`.
 pub fn server_default(port: u16) -> Result<PathBuf, String> {
-    prepare_default(port, own_uid(), xdg_env())
+    let uid = own_uid();
+    match runtime_env() {
+        Some(dir) => runtime_default(&dir, port, uid),
+        None => prepare_default(port, uid, xdg_env()),
+    }
+}
+
+/// The socket in the directory systemd made for the service: used as it
+/// is (lb does not make it), if `check_dir` trusts it for `uid`.
+pub fn runtime_default(dir: &Path, port: u16, uid: u32) -> Result<PathBuf, String> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| {
+        format!(
+            "cannot use $RUNTIME_DIRECTORY {}: {e}; set RuntimeDirectory= in the unit, or pass \
+             --control PATH",
+            dir.display()
+        )
+    })?;
+    check_dir(dir, Entry::from(&meta), uid)?;
+    Ok(dir.join(file_name(port)))
 }
 
 #[cfg(test)]
@@ -231,6 +314,70 @@ mod tests {
                 "{xdg:?}"
             );
         }
+    }
+
+    #[test]
+    fn runtime_directory_comes_first_and_once() {
+        let rt = runtime_from(Some(OsStr::new("/run/lb:/run/lb-extra")));
+        assert_eq!(rt, Some(PathBuf::from("/run/lb")));
+        for bad in ["", "run/lb", ":/run/lb"] {
+            assert_eq!(runtime_from(Some(OsStr::new(bad))), None, "{bad:?}");
+        }
+        assert_eq!(
+            with_runtime(rt, 80, search_order(80, 0, None)),
+            [PathBuf::from("/run/lb/lb-80.sock")]
+        );
+        assert_eq!(
+            with_runtime(Some("/run/app".into()), 80, search_order(80, 1000, None)),
+            [
+                PathBuf::from("/run/app/lb-80.sock"),
+                PathBuf::from("/tmp/lb-1000/lb-80.sock"),
+                PathBuf::from("/run/lb/lb-80.sock"),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_port_the_one_other_socket_is_tried_last() {
+        let base = scratch("lone");
+        let want = base.join("lb-8000.sock");
+        let order = vec![want.clone()];
+        assert_eq!(lone_socket(&order), None, "nothing there");
+        let _a = std::os::unix::net::UnixListener::bind(base.join("lb-80.sock")).unwrap();
+        std::fs::write(base.join("lb-81.sock"), "").unwrap(); // not a socket
+        std::fs::write(base.join("other.sock"), "").unwrap();
+        assert_eq!(lone_socket(&order), Some(base.join("lb-80.sock")));
+        let _b = std::os::unix::net::UnixListener::bind(base.join("lb-443.sock")).unwrap();
+        assert_eq!(lone_socket(&order), None, "two: ambiguous");
+        let _c = std::os::unix::net::UnixListener::bind(&want).unwrap();
+        assert_eq!(
+            lone_socket(&order),
+            None,
+            "still two besides the wanted one"
+        );
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_runtime_directory_is_used_if_trusted_and_never_made() {
+        let base = scratch("runtime");
+        let me = own_uid();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            runtime_default(&base, 80, me).unwrap(),
+            base.join("lb-80.sock")
+        );
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = runtime_default(&base, 80, me).unwrap_err();
+        assert!(e.contains("writable by others"), "{e}");
+        let missing = base.join("missing");
+        let e = runtime_default(&missing, 80, me).unwrap_err();
+        assert!(
+            e.contains("$RUNTIME_DIRECTORY") && e.contains("--control"),
+            "{e}"
+        );
+        assert!(!missing.exists(), "not made");
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
+    /// Whether the supervisor answers, and how many workers are ready
+    /// (`/livez`, `/readyz`); needs nothing of the dispatcher.
+    Health,
     /// Re-read the configuration and replace every worker, one at a time,
     /// each only once its successor is ready (as SIGHUP does). Answered when
     /// it ends.
@@ -34,6 +37,8 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
 }
 
 impl Response {
@@ -54,6 +59,18 @@ impl Response {
     }
 }
 
+/// Whether the master should get traffic (`/readyz`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Workers that said READY and are neither stalled nor draining.
+    pub ready: usize,
+    pub min_ready: usize,
+    /// Worker slots configured.
+    pub slots: usize,
+    /// Draining (or killing) its workers on the way out.
+    pub stopping: bool,
+}
+
 /// The master and every worker (what `lb status` shows).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -61,6 +78,21 @@ pub struct Status {
     pub listen: String,
     pub policy: String,
     pub uptime_s: f64,
+    /// lb's version.
+    #[serde(default)]
+    pub version: String,
+    /// Draining (or killing) its workers on the way out.
+    #[serde(default)]
+    pub stopping: bool,
+    /// Workers that must be ready for `/readyz` to answer 200.
+    #[serde(default)]
+    pub min_ready: usize,
+    /// The pools as configured now, in slot order.
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+    /// The master process itself.
+    #[serde(default)]
+    pub process: ProcessStatus,
     pub accepted: u64,
     pub dispatched: u64,
     pub rescued: u64,
@@ -81,8 +113,31 @@ pub struct Status {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub mode: String,
+    /// Its slots.
+    pub count: usize,
+    pub weight: u32,
+}
+
+/// The master's own use of the machine; `None` (`null`) where unknown.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub cpu_s: f64,
+    pub rss_bytes: u64,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub start_time_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStatus {
     pub slot: usize,
+    /// The pool the worker was started for.
+    #[serde(default)]
+    pub pool: String,
     /// None while the slot waits to restart.
     pub pid: Option<u32>,
     pub generation: u64,
@@ -96,5 +151,8 @@ pub struct WorkerStatus {
     pub total: u64,
     /// Average CPU use since start, percent of one core.
     pub cpu_percent: f64,
+    /// CPU seconds used since start (user and system).
+    #[serde(default)]
+    pub cpu_s: f64,
     pub rss_bytes: u64,
 }

@@ -5,11 +5,12 @@ use std::io;
 use std::os::fd::AsFd;
 use std::time::Instant;
 
+use super::output::about;
 use super::{MALFORMED_LIMIT, MALFORMED_LOGGED, Phase, SAID_PER_SECOND, Supervisor, backoff};
 use crate::dispatch::Event;
-use crate::info;
 use crate::policy::Slot;
 use crate::sys;
+use crate::{info, warn};
 
 impl Supervisor {
     pub(super) fn on_event(&mut self, event: Event) {
@@ -19,7 +20,10 @@ impl Supervisor {
                     let p = &mut self.workers[i];
                     p.ready = true;
                     self.any_ready = true;
-                    info!("worker {slot} pid {pid} gen {}: ready", p.generation);
+                    info!(
+                        worker: about(&self.config, &self.slot_pools, slot, Some(pid));
+                        "worker {slot} pid {pid} gen {}: ready", p.generation
+                    );
                     if !self.notified_ready
                         && self.workers.iter().filter(|p| p.ready).count() >= self.slots.len()
                     {
@@ -48,7 +52,10 @@ impl Supervisor {
             Event::Draining { slot, pid } => {
                 if let Some(i) = self.index_of(pid) {
                     let p = &self.workers[i];
-                    info!("worker {slot} pid {pid} gen {}: draining", p.generation);
+                    info!(
+                        worker: self.about(slot, Some(pid));
+                        "worker {slot} pid {pid} gen {}: draining", p.generation
+                    );
                     if p.signal_on_drain {
                         let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
                     }
@@ -66,7 +73,10 @@ impl Supervisor {
                 if p.retiring || self.phase != Phase::Running {
                     let signal = nix::sys::signal::Signal::try_from(p.stop_signal)
                         .map_or_else(|_| p.stop_signal.to_string(), |s| s.to_string());
-                    info!("worker {slot} pid {pid}: stopping it with {signal}");
+                    info!(
+                        worker: self.about(slot, Some(pid));
+                        "worker {slot} pid {pid}: stopping it with {signal}"
+                    );
                     let _ = sys::pidfd_signal(p.pidfd.as_fd(), p.stop_signal);
                 } else {
                     self.protocol_error(slot, pid, crate::proto::Malformed::EarlyStop);
@@ -79,11 +89,12 @@ impl Supervisor {
             Event::Malformed { slot, pid, error } => self.protocol_error(slot, pid, error),
             Event::Rescued { slot, pid, count } => {
                 info!(
+                    worker: self.about(slot, Some(pid));
                     "worker {slot} pid {pid}: rescued {count} queued connections for other workers"
                 );
             }
             Event::AcceptError { errno } => {
-                info!(
+                warn!(
                     "accept failed: {}; retrying every 10 ms (said once, until it works again)",
                     io::Error::from_raw_os_error(errno)
                 );
@@ -110,7 +121,8 @@ impl Supervisor {
                 why,
                 rescued,
             } => {
-                info!(
+                warn!(
+                    worker: self.about(slot, Some(pid));
                     "worker {slot} pid {pid} {why}: it gets no more, {rescued} went to other \
                      workers; replacing it, its successor ready first"
                 );
@@ -144,10 +156,11 @@ impl Supervisor {
         };
         if unlogged > 0 {
             info!(
+                worker: self.about(slot, Some(pid));
                 "worker {slot} pid {pid}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)"
             );
         }
-        info!("worker {slot} pid {pid}: {text}");
+        info!(worker: self.about(slot, Some(pid)); "worker {slot} pid {pid}: {text}");
     }
 
     /// A worker broke the protocol: logged (the first few), counted, and at
@@ -160,10 +173,16 @@ impl Supervisor {
         p.malformed += 1;
         let n = p.malformed;
         if n <= MALFORMED_LOGGED {
-            info!("worker {slot} pid {pid}: protocol error: {error}");
+            warn!(
+                worker: about(&self.config, &self.slot_pools, slot, Some(pid));
+                "worker {slot} pid {pid}: protocol error: {error}"
+            );
         }
         if n == MALFORMED_LOGGED {
-            info!("worker {slot} pid {pid}: further protocol errors are counted, not logged");
+            warn!(
+                worker: about(&self.config, &self.slot_pools, slot, Some(pid));
+                "worker {slot} pid {pid}: further protocol errors are counted, not logged"
+            );
         }
         if n < MALFORMED_LIMIT || p.retiring || p.recycling || self.phase != Phase::Running {
             return;
@@ -172,7 +191,8 @@ impl Supervisor {
         let failures = self.slots[slot.0].failures.saturating_add(1);
         let delay = backoff::delay(failures);
         p.replace_at = Some(Instant::now() + delay);
-        info!(
+        warn!(
+            worker: self.about(slot, Some(pid));
             "worker {slot} pid {pid}: {n} protocol errors; replacing it in {} ms, its \
              successor ready first",
             delay.as_millis()

@@ -8,10 +8,12 @@ use std::time::Instant;
 use mio::unix::SourceFd;
 use nix::sys::wait::WaitPidFlag;
 
+use super::output::about;
 use super::{DETACH_WAIT, Exiting, Phase, SAID_PER_SECOND, Supervisor, backoff, kill_group, spawn};
 use crate::dispatch::Command;
-use crate::info;
+use crate::log::Level;
 use crate::policy::Slot;
+use crate::{info, warn};
 
 impl Supervisor {
     pub(super) fn on_exit(&mut self, pid: u32) {
@@ -71,18 +73,23 @@ impl Supervisor {
         let unlogged = p.said.unreported();
         if unlogged > 0 {
             info!(
+                worker: self.about(p.slot, Some(p.pid));
                 "worker {} pid {}: {unlogged} lines not logged (more than {SAID_PER_SECOND} a second)",
                 p.slot, p.pid
             );
         }
         let expected = p.retiring || self.phase != Phase::Running;
-        info!(
-            "worker {} pid {} gen {}: exit ({how}, up {:.1}s, {})",
-            p.slot,
-            p.pid,
-            p.generation,
-            uptime.as_secs_f64(),
-            if expected { "expected" } else { "unexpected" }
+        crate::log::record(
+            if expected { Level::Info } else { Level::Warn },
+            Some(&self.about(p.slot, Some(p.pid))),
+            format_args!(
+                "worker {} pid {} gen {}: exit ({how}, up {:.1}s, {})",
+                p.slot,
+                p.pid,
+                p.generation,
+                uptime.as_secs_f64(),
+                if expected { "expected" } else { "unexpected" }
+            ),
         );
         // (A slot scaled away meanwhile restarts nothing.)
         if p.retiring || self.phase != Phase::Running || p.slot.0 >= self.slots.len() {
@@ -169,13 +176,15 @@ impl Supervisor {
         if !backoff::is_crash_loop(failures) {
             s.crash_loop_reported = false;
             info!(
+                worker: about(&self.config, &self.slot_pools, slot, None);
                 "worker {slot}: restart #{} in {} ms",
                 s.restarts + 1,
                 delay.as_millis()
             );
         } else if !s.crash_loop_reported {
             s.crash_loop_reported = true;
-            info!(
+            warn!(
+                worker: about(&self.config, &self.slot_pools, slot, None);
                 "worker {slot} is crash-looping: {failures} failed starts in a row, each within \
                  {:.1}s or before READY (last: {}); restarting with backoff up to {}s, reported once",
                 min_uptime.as_secs_f64(),
@@ -213,12 +222,16 @@ impl Supervisor {
         }
         self.slots[slot.0].restarts += 1;
         if ready && uptime >= self.config.min_uptime {
-            info!("worker {slot} pid {pid}: leaving; starting its replacement first");
+            info!(
+                worker: self.about(slot, Some(pid));
+                "worker {slot} pid {pid}: leaving; starting its replacement first"
+            );
             self.slots[slot.0].failures = 0;
             self.start_or_retry(slot);
         } else {
             let failures = self.slots[slot.0].failures.saturating_add(1);
             info!(
+                worker: self.about(slot, Some(pid));
                 "worker {slot} pid {pid}: leaving after {:.1}s{}; its replacement starts in {} ms",
                 uptime.as_secs_f64(),
                 if ready { "" } else { ", never ready" },

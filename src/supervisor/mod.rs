@@ -11,6 +11,7 @@ pub mod backoff;
 mod events;
 mod exits;
 mod launch;
+mod notify;
 mod output;
 mod preload;
 pub mod reaper;
@@ -23,11 +24,13 @@ mod spawn;
 mod start;
 mod status;
 mod timers;
+mod usage;
 
 pub use requests::Answer;
 pub use signals::handled_signals;
 pub use spawn::message_cost;
-pub use status::{Status, WorkerState, WorkerStatus};
+pub use status::{Health, PoolStatus, Status, WorkerState, WorkerStatus};
+pub use usage::Usage;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -43,9 +46,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::config::Config;
 use crate::control::{self, Request};
 use crate::dispatch::{self, Command};
-use crate::info;
 use crate::policy::Slot;
 use crate::sys;
+use crate::warn;
 use reload::Reload;
 
 const SIGNALS: Token = Token(0);
@@ -127,6 +130,9 @@ enum Phase {
 /// same process: its channel and counts).
 struct Worker {
     slot: Slot,
+    /// Its pool's name, as it was when it started (a reload may since
+    /// have given the slot to another pool).
+    pool: String,
     pid: u32,
     generation: u64,
     child: Child,
@@ -255,6 +261,8 @@ pub struct Supervisor {
     front: std::net::SocketAddr,
     /// lb's port.
     port: u16,
+    /// The watchdog's schedule and the status systemd was last told.
+    notify: notify::Notify,
 }
 
 /// Where the master listens; in shared mode, the listener itself (passed
@@ -302,7 +310,7 @@ impl Supervisor {
             output::Output::start(config.worker_log.as_deref()).map_err(SupervisorError::Output)?;
         let reaper = reaper::Reaper::start()
             .inspect_err(|e| {
-                info!(
+                warn!(
                     "cannot start the group reaper ({e}): if this master is killed with \
                      SIGKILL, what its workers started may outlive them"
                 )
@@ -345,6 +353,7 @@ impl Supervisor {
             shared_listener,
             kernel_dispatch,
             front: listen,
+            notify: notify::Notify::new(),
         })
     }
 
@@ -365,6 +374,9 @@ impl Supervisor {
             }
             let timeout = self
                 .next_deadline()
+                .into_iter()
+                .chain(self.notify.deadline())
+                .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -395,6 +407,7 @@ impl Supervisor {
                 }
             }
             self.on_timers();
+            self.notify_systemd();
             if let Some(e) = self.none_can_start() {
                 self.kill_all();
                 self.reap_all();

@@ -1,11 +1,12 @@
-//! Workers' stdout and stderr, line by line, prefixed with slot and pid
-//! (like PM2's merged logs), on a thread of its own: a slow disk can stall
-//! a worker's writes, never the dispatch loop or the supervisor. Lines for
-//! lb's stderr go through the master's log queue (`crate::log`), so a full
-//! or vanished stderr drops (and counts) lines rather than blocking anyone.
+//! Workers' stdout and stderr, line by line, each line with its slot, pid
+//! and pool (like PM2's logs), on a thread of its own: a slow disk can
+//! stall a worker's writes, never the dispatch loop or the supervisor.
+//! Lines go to lb's log (through its queue, so a full or vanished stderr
+//! drops and counts lines rather than blocking anyone), or to the files
+//! the `--worker-log` pattern names, each opened once and reopened on
+//! SIGUSR1.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::Supervisor;
+use crate::log::{self, About, Stream};
 use crate::policy::Slot;
 
 const WAKER: Token = Token(0);
@@ -26,14 +29,15 @@ const MAX_LINE: usize = 16 * 1024;
 pub struct Pipe {
     pub slot: Slot,
     pub pid: u32,
+    pub pool: String,
     pub stderr: bool,
     pub fd: OwnedFd,
 }
 
 enum Msg {
     Pipe(Pipe),
-    /// Write to this from now on (the log file, reopened).
-    Sink(Box<dyn Write + Send>),
+    /// Open every worker log file again (logrotate moved them).
+    Reopen,
     Stop,
 }
 
@@ -42,56 +46,40 @@ pub struct Output {
     tx: Sender<Msg>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
-    /// The worker log file, if lines go to one.
-    file: Option<PathBuf>,
-}
-
-/// Opens the worker log for appending. Without waiting: a FIFO with no
-/// reader (or the like) fails instead of stalling the supervisor, which
-/// reopens on SIGUSR1; writes then block only the output thread.
-fn open_log(path: &Path) -> io::Result<Box<dyn Write + Send>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)?;
-    let blocking = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(blocking))?;
-    Ok(Box::new(file))
+    /// Lines go to files, not to lb's log.
+    files: bool,
 }
 
 impl Output {
-    /// Starts the thread; lines go to `file` (appended) or else to stderr.
-    pub fn start(file: Option<&Path>) -> io::Result<Output> {
-        let sink: Box<dyn Write + Send> = match file {
-            Some(path) => open_log(path)?,
-            None => Box::new(crate::log::Lines),
-        };
+    /// Starts the thread; lines go to the files `pattern` names (see
+    /// `log::pattern`), or else to lb's log.
+    pub fn start(pattern: Option<&Path>) -> io::Result<Output> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
+        let files = Files {
+            pattern: pattern.map(Path::to_path_buf),
+            open: HashMap::new(),
+        };
         let thread = std::thread::Builder::new()
             .name("lb-output".into())
-            .spawn(move || run(poll, rx, sink))?;
+            .spawn(move || run(poll, rx, files))?;
         Ok(Output {
             tx,
             waker,
             thread: Some(thread),
-            file: file.map(Path::to_path_buf),
+            files: pattern.is_some(),
         })
     }
 
-    /// Opens the worker log file again (after logrotate moved it) and
-    /// writes there from now on; `None` when lines go to stderr.
-    pub fn reopen(&self) -> Option<io::Result<&Path>> {
-        let path = self.file.as_deref()?;
-        Some(open_log(path).map(|sink| {
-            let _ = self.tx.send(Msg::Sink(sink));
+    /// Has the thread open its log files again (it says which in the log);
+    /// false when there are none (lines go to lb's log).
+    pub fn reopen(&self) -> bool {
+        if self.files {
+            let _ = self.tx.send(Msg::Reopen);
             let _ = self.waker.wake();
-            path
-        }))
+        }
+        self.files
     }
 
     /// Hands a worker's pipe to the thread.
@@ -113,52 +101,130 @@ impl Drop for Output {
 }
 
 struct Source {
-    prefix: String,
+    slot: Slot,
+    pid: u32,
+    pool: String,
+    stream: Stream,
     file: std::fs::File,
     buf: Vec<u8>,
+    /// Its worker log file; `None`: lb's log.
+    path: Option<PathBuf>,
 }
 
 impl Source {
-    fn new(pipe: Pipe) -> Source {
-        let stream = if pipe.stderr { " stderr" } else { "" };
+    fn new(pipe: Pipe, files: &mut Files) -> Source {
+        let stream = if pipe.stderr {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        };
+        let path = files.path_for(&pipe.pool, pipe.slot, stream);
         Source {
-            prefix: format!("[worker {} pid {}{stream}] ", pipe.slot, pipe.pid),
+            slot: pipe.slot,
+            pid: pipe.pid,
+            pool: pipe.pool,
+            stream,
             file: std::fs::File::from(pipe.fd),
             buf: Vec::new(),
+            path,
         }
     }
 
     /// Writes every complete line (and an over-long partial one).
-    fn flush_lines(&mut self, sink: &mut dyn Write, all: bool) {
-        let prefix = &self.prefix;
+    fn flush_lines(&mut self, files: &mut Files, all: bool) {
         let mut start = 0;
         while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
-            write_line(sink, prefix, &self.buf[start..start + nl]);
+            self.write_line(files, start, start + nl);
             start += nl + 1;
         }
         if all || self.buf.len() - start >= MAX_LINE {
             if start < self.buf.len() {
-                write_line(sink, prefix, &self.buf[start..]);
+                self.write_line(files, start, self.buf.len());
             }
             start = self.buf.len();
         }
         self.buf.drain(..start);
     }
+
+    fn write_line(&self, files: &mut Files, from: usize, to: usize) {
+        let line = &self.buf[from..to];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let about = About {
+            slot: self.slot.0,
+            pid: Some(self.pid),
+            pool: &self.pool,
+        };
+        match &self.path {
+            None => log::worker_line(&about, self.stream, line),
+            Some(path) => files.write(path, &log::file_line(&about, self.stream, line)),
+        }
+    }
 }
 
-fn write_line(sink: &mut dyn Write, prefix: &str, line: &[u8]) {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    // No carriage return or terminal escape can make it look like lb's own.
-    let line = crate::log::escape(line);
-    let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
-    out.extend_from_slice(prefix.as_bytes());
-    out.extend_from_slice(line.as_bytes());
-    out.push(b'\n');
-    // Nowhere to report a failing log sink; the line is dropped.
-    let _ = sink.write_all(&out);
+/// The worker log files, by the path the pattern gave.
+struct Files {
+    pattern: Option<PathBuf>,
+    /// `None`: it could not be opened (said once; tried again on SIGUSR1
+    /// and when another worker's pipe is for it).
+    open: HashMap<PathBuf, Option<std::fs::File>>,
 }
 
-fn run(mut poll: Poll, rx: Receiver<Msg>, mut sink: Box<dyn Write + Send>) {
+impl Files {
+    /// The file for a new pipe's lines, opened now (so it exists from the
+    /// worker's start on); `None` for lb's log.
+    fn path_for(&mut self, pool: &str, slot: Slot, stream: Stream) -> Option<PathBuf> {
+        let path = log::pattern::expand(self.pattern.as_deref()?, pool, slot.0, stream);
+        if !matches!(self.open.get(&path), Some(Some(_))) {
+            let opened = log::open_append(&path)
+                .inspect_err(|e| {
+                    crate::warn!(
+                        "cannot open the worker log {} ({e}); its lines are dropped until it \
+                         can be (SIGUSR1 tries again)",
+                        path.display()
+                    )
+                })
+                .ok();
+            self.open.insert(path.clone(), opened);
+        }
+        Some(path)
+    }
+
+    fn write(&mut self, path: &Path, line: &[u8]) {
+        if let Some(Some(f)) = self.open.get_mut(path) {
+            // Nowhere to report a failing log sink; the line is dropped.
+            let _ = f.write_all(line);
+        }
+    }
+
+    /// Opens again every file a pipe still writes to (forgetting the
+    /// others), and says so.
+    fn reopen(&mut self, sources: &HashMap<Token, Source>) {
+        self.open
+            .retain(|path, _| sources.values().any(|s| s.path.as_deref() == Some(path)));
+        let mut paths: Vec<PathBuf> = self.open.keys().cloned().collect();
+        paths.sort();
+        let mut done = Vec::new();
+        for path in paths {
+            match log::open_append(&path) {
+                Ok(f) => {
+                    done.push(path.display().to_string());
+                    self.open.insert(path, Some(f));
+                }
+                Err(e) => crate::warn!(
+                    "SIGUSR1: cannot reopen {} ({e}); its lines still go to the old file",
+                    path.display()
+                ),
+            }
+        }
+        if done.is_empty() {
+            crate::info!("SIGUSR1: no worker log file is open");
+        } else {
+            crate::info!("SIGUSR1: reopened {}", done.join(", "));
+        }
+    }
+}
+
+fn run(mut poll: Poll, rx: Receiver<Msg>, mut files: Files) {
     let mut sources: HashMap<Token, Source> = HashMap::new();
     let mut next = 1usize;
     let mut events = Events::with_capacity(64);
@@ -189,32 +255,28 @@ fn run(mut poll: Poll, rx: Receiver<Msg>, mut sink: Box<dyn Write + Send>) {
                                 .register(&mut SourceFd(&raw), token, Interest::READABLE)
                                 .is_ok()
                             {
-                                sources.insert(token, Source::new(pipe));
-                                read_source(&mut poll, &mut sources, token, &mut *sink);
+                                sources.insert(token, Source::new(pipe, &mut files));
+                                read_source(&mut poll, &mut sources, token, &mut files);
                             }
                         }
-                        Msg::Sink(new) => {
-                            let _ = sink.flush();
-                            sink = new;
-                        }
+                        Msg::Reopen => files.reopen(&sources),
                         Msg::Stop => {
                             stopping = true;
                             // Workers are gone: read what is left, then end.
                             let tokens: Vec<Token> = sources.keys().copied().collect();
                             for t in tokens {
-                                read_source(&mut poll, &mut sources, t, &mut *sink);
+                                read_source(&mut poll, &mut sources, t, &mut files);
                                 if let Some(mut s) = sources.remove(&t) {
-                                    s.flush_lines(&mut *sink, true);
+                                    s.flush_lines(&mut files, true);
                                 }
                             }
                         }
                     }
                 }
             } else {
-                read_source(&mut poll, &mut sources, ev.token(), &mut *sink);
+                read_source(&mut poll, &mut sources, ev.token(), &mut files);
             }
         }
-        let _ = sink.flush();
     }
 }
 
@@ -223,7 +285,7 @@ fn read_source(
     poll: &mut Poll,
     sources: &mut HashMap<Token, Source>,
     token: Token,
-    sink: &mut dyn Write,
+    files: &mut Files,
 ) {
     let Some(s) = sources.get_mut(&token) else {
         return;
@@ -232,7 +294,7 @@ fn read_source(
     loop {
         match (&s.file).read(&mut chunk) {
             Ok(0) => {
-                s.flush_lines(sink, true);
+                s.flush_lines(files, true);
                 let raw = s.file.as_raw_fd();
                 let _ = poll.registry().deregister(&mut SourceFd(&raw));
                 sources.remove(&token);
@@ -240,10 +302,37 @@ fn read_source(
             }
             Ok(n) => {
                 s.buf.extend_from_slice(&chunk[..n]);
-                s.flush_lines(sink, false);
+                s.flush_lines(files, false);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return,
+        }
+    }
+}
+
+impl Supervisor {
+    /// What a log line about the worker in `slot` says of it.
+    pub(super) fn about(&self, slot: Slot, pid: Option<u32>) -> About<'_> {
+        about(&self.config, &self.slot_pools, slot, pid)
+    }
+}
+
+/// [`Supervisor::about`], for where a worker is borrowed mutably.
+pub(super) fn about<'a>(
+    config: &'a crate::config::Config,
+    slot_pools: &[usize],
+    slot: Slot,
+    pid: Option<u32>,
+) -> About<'a> {
+    let pool = slot_pools
+        .get(slot.0)
+        .and_then(|&p| config.pools.get(p))
+        .map_or("", |p| p.name.as_str());
+    {
+        About {
+            slot: slot.0,
+            pid,
+            pool,
         }
     }
 }

@@ -87,7 +87,10 @@ impl Supervisor {
             );
         }
         for (slot, pid, why) in over {
-            info!("worker {slot} pid {pid} {why}; replacing it, its successor ready first");
+            info!(
+                worker: self.about(slot, Some(pid));
+                "worker {slot} pid {pid} {why}; replacing it, its successor ready first"
+            );
             if let Some(i) = self.index_of(pid) {
                 self.workers[i].recycling = true;
             }

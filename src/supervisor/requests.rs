@@ -1,7 +1,8 @@
-//! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`; a
+//! Control requests (`lb status`, `lb stop`, `lb scale`, `lb send`, the
+//! metrics listener's health checks; a
 //! reload is `reload.rs`'s) and the answers they get.
 
-use super::{Phase, Supervisor, scale, status::Status};
+use super::{Phase, Supervisor, scale, status::Health, status::Status};
 use crate::control::Request;
 use crate::dispatch::Command;
 use crate::info;
@@ -14,6 +15,7 @@ pub enum Answer {
     Done(String),
     Refused(String),
     Status(Box<Status>),
+    Health(Health),
 }
 
 impl Supervisor {
@@ -23,6 +25,7 @@ impl Supervisor {
                 Some(status) => Answer::Status(Box::new(status)),
                 None => Answer::Refused("the dispatcher did not answer".into()),
             },
+            Request::Health => Answer::Health(self.health()),
             Request::Reload => Answer::Refused("reload is answered elsewhere".into()),
             Request::Scale { count, relative } => {
                 match self.scale(scale::target(self.slots.len(), count, relative)) {

@@ -8,7 +8,7 @@ use nix::sys::signalfd::SigSet;
 
 use super::{Phase, Supervisor};
 use crate::dispatch::Command;
-use crate::info;
+use crate::{info, warn};
 
 /// Signals the master handles itself (blocked in every thread, read from a
 /// signalfd here; unblocked again in each worker before exec): every one a
@@ -77,12 +77,25 @@ impl Supervisor {
                         Err(why) => info!("{signal}: not scaled: {why}"),
                     }
                 }
-                // What logrotate's postrotate sends.
-                Signal::SIGUSR1 => match self.output.reopen() {
-                    Some(Ok(path)) => info!("SIGUSR1: reopened {}", path.display()),
-                    Some(Err(e)) => info!("SIGUSR1: cannot reopen the worker log: {e}"),
-                    None => info!("SIGUSR1: no log file to reopen (lb logs to stderr)"),
-                },
+                // What logrotate's postrotate sends. The worker log files
+                // are the output thread's, which says what it reopened.
+                Signal::SIGUSR1 => {
+                    // lb's log first, so what the output thread says lands
+                    // in the new file.
+                    let master = crate::log::reopen();
+                    let worker_files = self.output.reopen();
+                    match master {
+                        Some((path, Ok(()))) => info!("SIGUSR1: reopened {}", path.display()),
+                        Some((path, Err(e))) => warn!(
+                            "SIGUSR1: cannot reopen {} ({e}); lb's lines still go to the old file",
+                            path.display()
+                        ),
+                        None if !worker_files => {
+                            info!("SIGUSR1: no log file to reopen (lb logs to stderr)")
+                        }
+                        None => {}
+                    }
+                }
                 Signal::SIGTSTP => {
                     info!("SIGTSTP ignored: lb does not pause (SIGTERM stops it, SIGSTOP pauses)")
                 }

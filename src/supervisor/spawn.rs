@@ -105,6 +105,8 @@ pub(super) fn command(pool: &Pool, launch: &Launch<'_>) -> io::Result<(Command, 
         .env_remove(crate::systemd::VARS[1])
         .env_remove(crate::systemd::VARS[2])
         .env_remove(crate::systemd::VARS[3])
+        .env_remove(crate::systemd::VARS[4])
+        .env_remove(crate::systemd::VARS[5])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -251,6 +253,8 @@ mod tests {
             ("LISTEN_FDS", None),
             ("LISTEN_PID", None),
             ("LISTEN_FDNAMES", None),
+            ("WATCHDOG_USEC", None),
+            ("WATCHDOG_PID", None),
         ];
         common
             .iter()

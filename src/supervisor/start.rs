@@ -23,7 +23,7 @@ impl Supervisor {
         let p = self.slot_pools[slot.0];
         let generation = self.generation;
         info!(
-            "worker {slot} gen {generation}: spawn `{}`",
+            worker: self.about(slot, None); "worker {slot} gen {generation}: spawn `{}`",
             spawn::describe_command(&self.config.pools[p])
         );
         let report_closed = self.config.policy.uses_close_reports();
@@ -93,7 +93,10 @@ impl Supervisor {
         if let Some(r) = self.reaper.as_mut() {
             r.add(pid);
         }
-        info!("worker {slot} pid {pid} gen {generation}: online");
+        info!(
+            worker: self.about(slot, Some(pid));
+            "worker {slot} pid {pid} gen {generation}: online"
+        );
         self.poll
             .registry()
             .register(
@@ -106,6 +109,7 @@ impl Supervisor {
             self.output.add(output::Pipe {
                 slot,
                 pid,
+                pool: pool.name.clone(),
                 stderr,
                 fd,
             });
@@ -122,6 +126,7 @@ impl Supervisor {
         });
         self.workers.push(Worker {
             slot,
+            pool: pool.name.clone(),
             pid,
             generation,
             child: spawned.child,

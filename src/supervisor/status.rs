@@ -1,9 +1,12 @@
 //! The supervisor's status: the master and every worker as it sees them,
-//! with the dispatcher's counts. `control` turns it into wire JSON.
+//! with the dispatcher's counts (`control` turns it into wire JSON); and
+//! its health, which needs no dispatcher (what `/livez` and `/readyz`
+//! ask).
 
 use std::time::Duration;
 
-use super::Supervisor;
+use super::usage::Usage;
+use super::{Phase, Supervisor};
 use crate::dispatch::{Command, Stats};
 use crate::policy::Slot;
 use crate::sys;
@@ -15,6 +18,15 @@ pub struct Status {
     pub listen: String,
     pub policy: &'static str,
     pub uptime: Duration,
+    /// lb's version (`lb_build_info`).
+    pub version: &'static str,
+    /// Draining or killing its workers on the way out.
+    pub stopping: bool,
+    pub min_ready: usize,
+    /// As configured now, in slot order.
+    pub pools: Vec<PoolStatus>,
+    /// The master process itself.
+    pub process: Usage,
     pub stats: Stats,
     /// Hand-off latency per connection, ns.
     pub latency: hdrhistogram::Histogram<u64>,
@@ -22,10 +34,22 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
 }
 
+/// A pool as configured now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolStatus {
+    pub name: String,
+    pub mode: String,
+    pub count: usize,
+    pub weight: u32,
+}
+
 /// A worker process, or a slot waiting to restart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerStatus {
     pub slot: Slot,
+    /// Its pool's name (a process's as it started; a slot waiting to
+    /// restart, its pool's now).
+    pub pool: String,
     /// None while the slot waits to restart.
     pub pid: Option<u32>,
     pub generation: u64,
@@ -63,7 +87,39 @@ impl WorkerState {
     }
 }
 
+/// Whether the master is up and whether it should get traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Processes that said READY and are neither stalled nor draining.
+    pub ready: usize,
+    pub min_ready: usize,
+    /// Slots configured now.
+    pub slots: usize,
+    pub stopping: bool,
+}
+
+impl Health {
+    pub fn is_ready(&self) -> bool {
+        !self.stopping && self.ready >= self.min_ready
+    }
+}
+
 impl Supervisor {
+    /// Answered from what the supervisor holds, without the dispatcher: a
+    /// supervisor that answers this at all is live.
+    pub(super) fn health(&self) -> Health {
+        Health {
+            ready: self
+                .workers
+                .iter()
+                .filter(|p| p.ready && !p.retiring && !p.stalled)
+                .count(),
+            min_ready: self.config.min_ready,
+            slots: self.slots.len(),
+            stopping: self.phase != Phase::Running,
+        }
+    }
+
     /// Every process and every waiting slot, with the dispatcher's counts.
     pub(super) fn status(&self) -> Option<Status> {
         let (reply, answer) = crossbeam_channel::bounded(1);
@@ -77,6 +133,7 @@ impl Supervisor {
                 let (cpu_s, rss) = sys::proc_usage(p.pid).unwrap_or_default();
                 WorkerStatus {
                     slot: p.slot,
+                    pool: p.pool.clone(),
                     pid: Some(p.pid),
                     generation: p.generation,
                     state: if p.retiring {
@@ -103,6 +160,7 @@ impl Supervisor {
             {
                 workers.push(WorkerStatus {
                     slot: Slot(slot),
+                    pool: self.pool_of(Slot(slot)),
                     pid: None,
                     generation: self.generation,
                     state: WorkerState::Restarting,
@@ -121,9 +179,32 @@ impl Supervisor {
             listen: self.listen.clone(),
             policy: self.config.policy.name(),
             uptime: self.started.elapsed(),
+            version: env!("CARGO_PKG_VERSION"),
+            stopping: self.phase != Phase::Running,
+            min_ready: self.config.min_ready,
+            pools: self
+                .config
+                .pools
+                .iter()
+                .map(|p| PoolStatus {
+                    name: p.name.clone(),
+                    mode: p.mode.to_string(),
+                    count: p.count,
+                    weight: p.weight,
+                })
+                .collect(),
+            process: Usage::now(),
             stats: snap.stats,
             latency: snap.latency,
             workers,
         })
+    }
+
+    /// The name of the pool `slot` belongs to now.
+    fn pool_of(&self, slot: Slot) -> String {
+        self.slot_pools
+            .get(slot.0)
+            .and_then(|&p| self.config.pools.get(p))
+            .map_or_else(String::new, |p| p.name.clone())
     }
 }

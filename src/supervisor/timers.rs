@@ -3,9 +3,10 @@
 
 use std::time::Instant;
 
+use super::output::about;
 use super::{Phase, RECYCLE_CHECK, Supervisor};
-use crate::info;
 use crate::policy::Slot;
+use crate::warn;
 
 impl Supervisor {
     pub(super) fn next_deadline(&self) -> Option<Instant> {
@@ -39,7 +40,7 @@ impl Supervisor {
         if let Phase::Draining { deadline } = self.phase
             && now >= deadline
         {
-            info!(
+            warn!(
                 "drain timeout ({:.1}s): killing {} workers still running",
                 self.config.drain_timeout.as_secs_f64(),
                 self.workers.len()
@@ -51,7 +52,8 @@ impl Supervisor {
             let late =
                 !p.ready && !p.retiring && !p.ready_timed_out && now >= p.started + ready_timeout;
             if late {
-                info!(
+                warn!(
+                    worker: about(&self.config, &self.slot_pools, p.slot, Some(p.pid));
                     "worker {} pid {}: not ready within {:.1}s; killing it",
                     p.slot,
                     p.pid,
@@ -61,7 +63,8 @@ impl Supervisor {
                 p.kill();
             }
             if p.kill_at.is_some_and(|t| now >= t) {
-                info!(
+                warn!(
+                    worker: about(&self.config, &self.slot_pools, p.slot, Some(p.pid));
                     "worker {} pid {}: still running after {:.1}s of draining; killing it",
                     p.slot,
                     p.pid,

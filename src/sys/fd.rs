@@ -77,16 +77,12 @@ pub fn cloexec_from(first: u32) -> io::Result<()> {
 /// caps fds in flight over unix sockets by the same limit. Returns the new
 /// soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    // SAFETY: rlimit is a plain C struct; getrlimit fills it in.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `lim` is valid writable memory of the right type.
-    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit; raising soft up to hard is allowed.
-        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    Ok(lim.rlim_cur)
+    Ok(hard)
 }
 
 /// Takes an inherited listening socket (socket activation) after checking
@@ -103,6 +99,15 @@ mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
+
+    #[test]
+    fn the_soft_open_files_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{Resource, getrlimit};
+        // Not lowered first: the other tests of this process share the limit.
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(raise_nofile_limit().unwrap(), hard);
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 
     #[test]
     fn accept4_gives_nonblocking_cloexec_sockets() {

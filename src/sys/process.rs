@@ -71,10 +71,17 @@ pub fn tree_holds_socket(pid: u32, inode: u64) -> bool {
 }
 
 /// CPU seconds used so far and resident memory in bytes of `pid`, from
-/// `/proc` (no libc needed; here beside the other process helpers).
+/// `/proc` (no libc needed; here beside the other process helpers). By
+/// hand: two fields of two files do not need `procfs`, a crate of dozens of
+/// modules and its own dependencies.
 pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
-    // /proc counts CPU in USER_HZ, fixed at 100 by the Linux ABI on x86 and arm.
-    const USER_HZ: f64 = 100.0;
+    // /proc counts CPU in clock ticks (USER_HZ: 100 on x86 and arm, not on
+    // every architecture).
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&t| t > 0)
+        .unwrap_or(100) as f64;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
@@ -84,7 +91,7 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
-    Some((ticks / USER_HZ, rss_kb * 1024))
+    Some((ticks / hz, rss_kb * 1024))
 }
 
 /// Ignores `signals` in this process (and what it execs).

@@ -350,10 +350,12 @@ fn metrics_are_served_in_prometheus_text_format() {
     assert_eq!(samples["lb_workers"], 2.0);
     for slot in 0..2 {
         let pid = lb.pid_of_slot(slot);
-        let key = format!("lb_worker_connections_total{{slot=\"{slot}\",pid=\"{pid}\"}}");
+        let key = format!("lb_worker_connections_total{{pool=\"hello\",slot=\"{slot}\"}}");
         assert_eq!(samples[&key], 5.0, "{key}");
-        let state = format!("lb_worker_state{{slot=\"{slot}\",pid=\"{pid}\",state=\"ready\"}}");
+        let state = format!("lb_worker_state{{pool=\"hello\",slot=\"{slot}\",state=\"ready\"}}");
         assert_eq!(samples[&state], 1.0);
+        let key = format!("lb_worker_pid{{pool=\"hello\",slot=\"{slot}\"}}");
+        assert_eq!(samples[&key], f64::from(pid), "{key}");
     }
     // A proper histogram: cumulative buckets, +Inf = count = connections.
     let buckets: Vec<f64> = body
@@ -401,7 +403,8 @@ fn open_connections_are_unknown_when_no_close_reports_are_read() {
         let table = lb.ctl(&["status"]);
         for row in table.lines().filter(|l| l.contains(" ready ")) {
             let cols: Vec<&str> = row.split_whitespace().collect();
-            assert_eq!((cols[6], cols[7]), ("-", "3"), "{table}");
+            // (slot, pool, pid, gen, state, uptime, restarts, active, total)
+            assert_eq!((cols[7], cols[8]), ("-", "3"), "{table}");
         }
     }
 }

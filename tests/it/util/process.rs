@@ -21,15 +21,63 @@ fn private_control(args: &[&str]) -> Option<String> {
     Some(path.to_str().unwrap().to_string())
 }
 
-/// The log lines a process wrote to stderr, as they arrive.
+/// The log lines a process wrote to stderr, as they arrive: their text
+/// (`lb: …` or `[worker …] …`, without the timestamp, level and pool that
+/// lead it, or taken out of a JSON line), and each line as written.
 #[derive(Clone, Default)]
-pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
+pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>, Arc<Mutex<Vec<String>>>);
+
+/// A log line's text: what the tests match.
+pub fn text_of(line: &str) -> String {
+    if line.starts_with('{')
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+    {
+        if let Some(msg) = v["msg"].as_str() {
+            return format!("lb: {msg}");
+        }
+        if let Some(text) = v["line"].as_str() {
+            let stream = if v["stream"] == "stderr" {
+                " stderr"
+            } else {
+                ""
+            };
+            return format!("[worker {} pid {}{stream}] {text}", v["slot"], v["pid"]);
+        }
+    }
+    let mut rest = line;
+    if let Some(r) = rest.strip_prefix('<').and_then(|r| r.get(2..)) {
+        rest = r;
+    }
+    if let Some((first, r)) = rest.split_once(' ')
+        && first.len() >= 20
+        && first.ends_with('Z')
+        && first.as_bytes()[10] == b'T'
+    {
+        rest = r;
+    }
+    for level in ["INFO  ", "WARN  ", "ERROR "] {
+        if let Some(r) = rest.strip_prefix(level) {
+            rest = r;
+            if let Some(r) = rest.strip_prefix("pool=") {
+                rest = r.split_once(' ').map_or("", |(_, r)| r);
+            }
+            break;
+        }
+    }
+    rest.to_string()
+}
 
 impl Log {
     fn push(&self, line: String) {
         let (lines, cv) = &*self.0;
-        lines.lock().unwrap().push(line);
+        lines.lock().unwrap().push(text_of(&line));
+        self.1.lock().unwrap().push(line);
         cv.notify_all();
+    }
+
+    /// The lines as lb wrote them.
+    pub fn raw_lines(&self) -> Vec<String> {
+        self.1.lock().unwrap().clone()
     }
 
     pub fn lines(&self) -> Vec<String> {
@@ -101,17 +149,22 @@ pub fn lb_command_through(launcher: &[&str], args: &[&str], env: &[(&str, &str)]
 
 /// Collects a child's stderr lines into a `Log`, echoing them for failures.
 fn capture(child: &mut Child) -> Log {
+    capture_to_eof(child).0
+}
+
+/// `capture`, and the reader thread, which ends at the pipe's EOF.
+fn capture_to_eof(child: &mut Child) -> (Log, std::thread::JoinHandle<()>) {
     let log = Log::default();
     let stderr = child.stderr.take().unwrap();
     let sink = log.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             eprintln!("  | {line}");
             sink.push(line);
         }
     });
-    log
+    (log, reader)
 }
 
 impl Lb {
@@ -224,7 +277,7 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
     }
     full.extend_from_slice(args);
     let mut child = lb_command(&full, env).spawn().expect("start lb");
-    let log = capture(&mut child);
+    let (log, reader) = capture_to_eof(&mut child);
     let deadline = Instant::now() + WAIT;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -237,8 +290,13 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    // The reader thread may still be draining the pipe.
-    std::thread::sleep(Duration::from_millis(50));
+    // Every line lb wrote is read once the pipe is at EOF (bounded: a
+    // process lb started might hold it a moment longer); a fixed pause
+    // lost lines on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     (status, log.lines().join("\n"))
 }
 
