@@ -3,11 +3,12 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Dispatch};
 use crate::control;
 use crate::dispatch::{self, Dispatcher, Notifier};
 use crate::info;
@@ -44,6 +45,9 @@ pub enum MasterError {
     LogFile(#[source] io::Error),
     #[error("dispatch thread: {0}")]
     DispatchThread(#[source] io::Error),
+    /// `--dispatch kernel` cannot work here.
+    #[error("--dispatch kernel: {0}")]
+    KernelDispatch(String),
 }
 
 /// How a master ended.
@@ -56,8 +60,11 @@ pub enum Outcome {
 }
 
 /// Binds `addr` the way a server should: CLOEXEC and non-blocking from
-/// birth, `SO_REUSEADDR` so a restart does not wait out TIME_WAIT.
-pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, MasterError> {
+/// birth, `SO_REUSEADDR` so a restart does not wait out TIME_WAIT. With
+/// `reuse_port` (kernel dispatch) it is the anchor of a reuseport group the
+/// workers' own listeners join; the port is first bound without it, so a
+/// port someone else holds is still "in use" rather than shared.
+pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> Result<TcpListener, MasterError> {
     let fail = |e: io::Error| {
         let reason = match e.raw_os_error() {
             Some(libc::EADDRINUSE) => {
@@ -81,7 +88,22 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, MasterError> 
     )
     .map_err(fail)?;
     socket.set_reuse_address(true).map_err(fail)?;
-    socket.bind(&addr.into()).map_err(fail)?;
+    if reuse_port {
+        // Free ports only: a probe without SO_REUSEPORT fails on a port that
+        // another group (another lb) holds, and frees it at once.
+        let probe =
+            Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None).map_err(fail)?;
+        probe.set_reuse_address(true).map_err(fail)?;
+        probe.bind(&addr.into()).map_err(fail)?;
+        let bound = probe.local_addr().ok().and_then(|a| a.as_socket());
+        drop(probe);
+        socket.set_reuse_port(true).map_err(fail)?;
+        // Port 0: the kernel's choice, which the probe learned.
+        let addr = bound.unwrap_or(addr);
+        socket.bind(&addr.into()).map_err(fail)?;
+    } else {
+        socket.bind(&addr.into()).map_err(fail)?;
+    }
     socket
         .listen(backlog.min(i32::MAX as u32) as i32)
         .map_err(fail)?;
@@ -107,7 +129,11 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             let _ = socket2::SockRef::from(&l).detach_filter();
             l
         }
-        Ok(None) => bind(config.listen, config.backlog)?,
+        Ok(None) => bind(
+            config.listen,
+            config.backlog,
+            config.shared() && config.dispatch != Dispatch::Master,
+        )?,
         Err(e) => return Err(MasterError::SocketActivation(e)),
     };
     // (Reloads may bring Node pools too; the stop line then counts from 0.)
@@ -171,15 +197,34 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     // Shared mode: the workers accept from the listener; lb only holds it
     // (so its backlog outlives restarts) and never accepts itself.
     let shared = config.shared();
+    let mut kernel = false;
+    // (None outside shared mode: said in one line under auto.)
+    let steering = kernel_steering(&config, &listener)?;
     let (mut dispatcher, handle, shared_listener) = if shared {
-        if config.policy_explicit {
+        if steering.is_none() && config.policy_explicit {
             info!(
                 "policy {} has no effect in shared mode: the kernel balances accept() calls",
                 config.policy
             );
         }
-        let (d, h) = Dispatcher::without_listener(local, config.policy, config.slots(), notifier)
-            .map_err(MasterError::Dispatcher)?;
+        let (mut d, h) =
+            Dispatcher::without_listener(local, config.policy, config.slots(), notifier)
+                .map_err(MasterError::Dispatcher)?;
+        if let Some(steering) = steering {
+            info!(
+                "dispatch kernel: a BPF program picks each connection's worker ({}); lb is off \
+                 the accept path",
+                config.policy
+            );
+            d.steer_in_kernel(steering);
+            kernel = true;
+        }
+        // The workers' own accept() calls are blocking or not as each
+        // server likes: the flag belongs to the socket they all share, and
+        // a textbook blocking server would get EAGAIN from lb's choice.
+        listener
+            .set_nonblocking(false)
+            .map_err(MasterError::ListenerAddress)?;
         (d, h, Some(std::os::fd::OwnedFd::from(listener)))
     } else {
         let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
@@ -209,6 +254,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         supervisor::Front {
             addr: local,
             shared: shared_listener,
+            kernel,
         },
         handle.clone(),
         events_rx,
@@ -242,6 +288,57 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     } else {
         Outcome::Forced
     })
+}
+
+/// The kernel's steering for `config`, attached to `anchor`, if kernel
+/// dispatch is asked for and possible; `--dispatch auto` falls back to the
+/// master (in one line) where `kernel` fails.
+fn kernel_steering(
+    config: &Config,
+    anchor: &TcpListener,
+) -> Result<Option<dispatch::kernel::Steering>, MasterError> {
+    let refuse = |why: String| match config.dispatch {
+        Dispatch::Kernel => Err(MasterError::KernelDispatch(why)),
+        _ => {
+            info!("dispatch auto: the master picks ({why})");
+            Ok(None)
+        }
+    };
+    if config.dispatch == Dispatch::Master {
+        return Ok(None);
+    }
+    if let Some(why) = Dispatch::kernel_refusal(config) {
+        return refuse(why);
+    }
+    // A socket systemd passed joins a group only if it was made for one.
+    if !socket2::SockRef::from(anchor).reuse_port().unwrap_or(false) {
+        return refuse(
+            "the listener systemd passed has no SO_REUSEPORT; add ReusePort=yes to the .socket \
+             unit"
+                .into(),
+        );
+    }
+    let steering = match dispatch::kernel::Steering::new(config.slots(), config.policy) {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            return refuse(format!(
+                "loading the BPF program was refused ({e}); run lb as root, or give it \
+                 CAP_BPF and CAP_NET_ADMIN"
+            ));
+        }
+        Err(e) => {
+            return refuse(format!(
+                "this kernel cannot run lb's SK_REUSEPORT program ({e}); Linux 5.14 or later \
+                 is needed"
+            ));
+        }
+    };
+    match steering.attach(anchor.as_fd()) {
+        Ok(()) => Ok(Some(steering)),
+        Err(e) => refuse(format!(
+            "cannot attach the BPF program to the listener ({e})"
+        )),
+    }
 }
 
 #[cfg(test)]

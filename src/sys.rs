@@ -2,9 +2,10 @@
 //! set-up between fork and exec, and resource limits. Every `unsafe` block
 //! outside fd passing (`proto::scm`) lives here, by topic: `fd` (fds and
 //! sockets), `process` (pidfds, `/proc`, signals), `child` (between fork
-//! and exec). Results of libc calls go through `proto::scm`'s
+//! and exec), `bpf` (kernel dispatch's maps and program). Results of libc calls go through `proto::scm`'s
 //! `cvt`/`cvt_r`, the crate's one syscall-result helper.
 
+pub mod bpf;
 mod child;
 mod fd;
 mod process;

@@ -37,6 +37,7 @@ pub struct File {
     #[serde(default, deserialize_with = "number_or_text")]
     pub proxy_idle_timeout: Option<String>,
     pub mode: Option<String>,
+    pub dispatch: Option<String>,
     pub min_ready: Option<usize>,
     pub log_format: Option<String>,
     pub log_timestamps: Option<String>,

@@ -31,6 +31,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let metrics = src.given(&s::METRICS)?.map(|v| v.0);
     let (control, control_origin) = src.optional(&s::CONTROL)?;
     let workers = src.given(&s::WORKERS)?;
+    let dispatch = src.value(&s::DISPATCH)?;
     let min_ready = src.value(&s::MIN_READY)?;
     let log_format = src.value(&s::LOG_FORMAT)?;
     let log_timestamps = src.value(&s::LOG_TIMESTAMPS)?;
@@ -56,6 +57,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         proxy_idle_timeout,
         min_ready,
         pools: pools(&src, workers, mode)?,
+        dispatch,
         log_format,
         log_timestamps,
         log_file,
@@ -67,6 +69,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
             log_file: log_file_origin,
         },
     };
+    super::Dispatch::check(&config)?;
     if config.slots() > defaults::MAX_WORKERS {
         return Err(ConfigError::Conflict(format!(
             "{} workers in all is more than the {} one master runs; lower the pools' `count`",

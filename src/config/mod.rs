@@ -7,6 +7,7 @@
 //! worker commands exist; [`preflight`], run once at start, checks what the
 //! configuration names (files, the open-files limit).
 
+mod dispatch;
 pub mod duration;
 mod error;
 pub(crate) mod file;
@@ -23,6 +24,7 @@ mod sources;
 #[cfg(test)]
 mod tests;
 
+pub use dispatch::Dispatch;
 pub use error::{ConfigError, Origin};
 pub use load::load;
 pub use mode::{ChannelKind, DrainBy, Mode};
@@ -125,6 +127,8 @@ pub struct Config {
     /// Workers that must be ready for `/readyz` to answer 200.
     pub min_ready: usize,
     pub pools: Vec<Pool>,
+    /// Who picks each connection's worker.
+    pub dispatch: Dispatch,
     pub log_format: crate::log::LogFormat,
     pub log_timestamps: crate::log::Timestamps,
     /// Where lb's own log lines go; `None` = stderr.

@@ -90,6 +90,7 @@ pub const ALL: &[&Spec] = &[
     &PROXY_IDLE_TIMEOUT.spec,
     &METRICS.spec,
     &CONTROL.spec,
+    &DISPATCH.spec,
     &MIN_READY.spec,
     &LOG_FORMAT.spec,
     &LOG_TIMESTAMPS.spec,
@@ -386,6 +387,19 @@ pub const CONTROL: Setting<PathBuf> = Setting {
         ..spec("control", "--control", "LB_CONTROL")
     },
     parse: |v| Ok(v.into()),
+};
+
+pub const DISPATCH: Setting<super::Dispatch> = Setting {
+    spec: Spec {
+        value_name: "WHO",
+        help: "Who picks each connection's worker: master (lb accepts and hands it on), kernel (a \
+               BPF program steers it to the worker's own listener; shared mode, rr or wrr, root \
+               or CAP_BPF and CAP_NET_ADMIN) or auto (kernel where it can, else master)",
+        default: Some("master"),
+        file: Some(|f| f.dispatch.clone()),
+        ..spec("dispatch", "--dispatch", "LB_DISPATCH")
+    },
+    parse: |v| super::Dispatch::parse(&text(v)).ok_or_else(|| super::Dispatch::CHOICES.into()),
 };
 
 /// 0 is meaningful: ready whenever lb is not stopping (a front that only

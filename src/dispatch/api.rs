@@ -37,6 +37,9 @@ pub enum Command {
         mode: Mode,
         /// Proxy mode: the loopback port the worker listens on.
         port: u16,
+        /// Kernel dispatch: the master's copy of the worker's own listener,
+        /// which the kernel's program steers connections to once it is ready.
+        listener: Option<OwnedFd>,
     },
     /// The process exited: hand what is queued in its channel to others.
     Detach { slot: Slot, pid: u32 },
@@ -120,6 +123,11 @@ pub enum Event {
         pid: u32,
         why: String,
         rescued: u64,
+    },
+    /// Kernel dispatch: the program's maps could not be updated (which
+    /// workers it steers to may be stale).
+    SteeringFailed {
+        error: String,
     },
     /// The process's channel is read to the end (what it said last came
     /// before this) and let go: the answer to `Command::Detach`.

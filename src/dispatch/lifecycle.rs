@@ -43,7 +43,13 @@ impl Dispatcher {
                     weight,
                     mode,
                     port,
-                } => self.attach(slot, pid, Link::new(mode, channel, peer, port), weight),
+                    listener,
+                } => self.attach(
+                    slot,
+                    pid,
+                    Link::new(mode, channel, peer, port, listener),
+                    weight,
+                ),
                 Command::Detach { slot, pid } => self.detach(slot, pid),
                 Command::Drain { slot, pid } => {
                     if let Some(index) = self.workers.find(slot, pid) {
@@ -179,6 +185,9 @@ impl Dispatcher {
             self.current[slot.0] = None;
             self.views[slot.0] = WorkerView::default();
         }
+        // Out of the kernel's schedule before its listener (if any) closes
+        // with `w`: what is queued there migrates to the others.
+        self.steer();
         let count = self.rescue(&mut w);
         self.stats.rescued += count;
         if count > 0 {
@@ -241,6 +250,7 @@ impl Dispatcher {
             active: 0,
         };
         self.sync_view(slot);
+        self.steer();
         self.emit(Event::Ready { slot, pid });
         if let Some(previous) = previous {
             self.drain_worker(previous);

@@ -25,7 +25,12 @@ use crate::policy::Slot;
 pub enum Link {
     Native(Native),
     Node(Box<NodeLink>),
-    Shared,
+    /// Under kernel dispatch, the master's copy of the worker's own
+    /// listener (kept so its queued connections migrate, not reset, when
+    /// the worker dies: see `dispatch::kernel`).
+    Shared {
+        listener: Option<OwnedFd>,
+    },
     Proxy(Box<Probe>),
 }
 
@@ -45,15 +50,22 @@ pub enum Delivery {
 impl Link {
     /// The link of a `mode` worker, over the channel the supervisor made
     /// for it (`Mode::channel`) and the master's copy of the worker's end
-    /// (`Mode::keeps_peer`); `port` is a proxy worker's.
-    pub fn new(mode: Mode, channel: Option<OwnedFd>, peer: Option<OwnedFd>, port: u16) -> Link {
+    /// (`Mode::keeps_peer`); `port` is a proxy worker's, `listener` a shared
+    /// one's own under kernel dispatch.
+    pub fn new(
+        mode: Mode,
+        channel: Option<OwnedFd>,
+        peer: Option<OwnedFd>,
+        port: u16,
+        listener: Option<OwnedFd>,
+    ) -> Link {
         match (mode.channel(), channel, peer) {
             (ChannelKind::Packets, Some(channel), Some(peer)) => {
                 Link::Native(Native { channel, peer })
             }
             (ChannelKind::Stream, Some(channel), _) => Link::Node(Box::new(NodeLink::new(channel))),
             (ChannelKind::None, _, _) if mode.relays() => Link::Proxy(Box::new(Probe::new(port))),
-            (ChannelKind::None, _, _) => Link::Shared,
+            (ChannelKind::None, _, _) => Link::Shared { listener },
             // A native worker without its peer could not be rescued: the
             // caller's bug, loudly.
             _ => panic!("a {mode} worker is attached without its channel or its peer"),
@@ -65,7 +77,7 @@ impl Link {
         match self {
             Link::Native(n) => Some(&n.channel),
             Link::Node(n) => Some(&n.channel),
-            Link::Shared | Link::Proxy(_) => None,
+            Link::Shared { .. } | Link::Proxy(_) => None,
         }
     }
 
@@ -75,7 +87,7 @@ impl Link {
             Link::Native(_) => Delivery::Batch,
             Link::Node(_) => Delivery::Stepwise,
             Link::Proxy(_) => Delivery::Relay,
-            Link::Shared => Delivery::Never,
+            Link::Shared { .. } => Delivery::Never,
         }
     }
 
@@ -88,7 +100,7 @@ impl Link {
             Link::Native(_) => true,
             Link::Node(n) => n.can_take(),
             Link::Proxy(_) => relay_room,
-            Link::Shared => false,
+            Link::Shared { .. } => false,
         }
     }
 
@@ -99,7 +111,7 @@ impl Link {
     pub fn active(w: &Worker, reports: bool) -> Option<u64> {
         match w.link {
             Link::Proxy(_) => Some(w.sent - w.closed),
-            Link::Shared => None,
+            Link::Shared { .. } => None,
             Link::Native(_) | Link::Node(_) => (reports || w.reported).then(|| w.sent - w.closed),
         }
     }
@@ -139,7 +151,7 @@ impl Dispatcher {
         match w.link {
             Link::Native(_) | Link::Node(_) => self.read_worker(index),
             Link::Proxy(_) => self.probe_start(index),
-            Link::Shared => self.ready(index, slot, pid),
+            Link::Shared { .. } => self.ready(index, slot, pid),
         }
     }
 
@@ -167,7 +179,7 @@ impl Dispatcher {
             Some(Link::Native(_)) => self.native_drain(index),
             Some(Link::Node(_)) => self.node_disconnect(index),
             Some(Link::Proxy(_)) => self.proxy_drain(index),
-            Some(Link::Shared) => self.shared_drain(index),
+            Some(Link::Shared { .. }) => self.shared_drain(index),
             None => {}
         }
     }
@@ -188,7 +200,7 @@ impl Dispatcher {
         match &mut w.link {
             Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
             Link::Node(n) => n.rescue(&mut self.pending),
-            Link::Shared | Link::Proxy(_) => 0,
+            Link::Shared { .. } | Link::Proxy(_) => 0,
         }
     }
 

@@ -18,6 +18,7 @@
 
 mod api;
 mod handoff;
+pub mod kernel;
 mod lifecycle;
 mod link;
 mod native;
@@ -96,6 +97,8 @@ pub struct Dispatcher {
     stall: Option<native::stall::Watch>,
     /// Failed accepts in a row (out of fds, memory); 0 when accepting works.
     accept_failures: u64,
+    /// Kernel dispatch: the program that picks shared workers' listeners.
+    steering: Option<kernel::Steering>,
 }
 
 impl Dispatcher {
@@ -174,6 +177,7 @@ impl Dispatcher {
             stop_by: None,
             stall: None,
             accept_failures: 0,
+            steering: None,
         };
         Ok((
             dispatcher,
@@ -197,6 +201,13 @@ impl Dispatcher {
     /// is what one CONN takes of a channel's send buffer.
     pub fn watch_stalls(&mut self, timeout: Duration, message_cost: usize) {
         self.stall = Some(native::stall::Watch::new(timeout, message_cost));
+    }
+
+    /// Has the kernel pick shared workers' listeners with `steering`
+    /// (attached to lb's listener already): ready workers are written into
+    /// its schedule as they come and go.
+    pub fn steer_in_kernel(&mut self, steering: kernel::Steering) {
+        self.steering = Some(steering);
     }
 
     /// Runs until [`Command::Stop`]; returns the final counters.

@@ -106,6 +106,9 @@ impl Supervisor {
             Event::AcceptRecovered { failures } => {
                 info!("accept works again, after {failures} failed tries");
             }
+            Event::SteeringFailed { error } => {
+                info!("kernel dispatch: cannot update the program's maps: {error}");
+            }
             Event::Drained => {
                 info!("listener closed; every worker was sent DRAIN");
             }

@@ -263,8 +263,13 @@ pub struct Supervisor {
     node_preload: Option<preload::Preload>,
     /// The accept shim's in-memory file, made when a shim worker first needs it.
     shim: Option<crate::shim::Memfd>,
-    /// Shared mode: the listener every worker gets as fd 3.
+    /// Shared mode: the listener every worker gets as fd 3 (under kernel
+    /// dispatch, the anchor of the reuseport group: workers get their own).
     shared_listener: Option<OwnedFd>,
+    /// Kernel dispatch: each shared worker gets a listener of its own on
+    /// `front`, in lb's reuseport group.
+    kernel_dispatch: bool,
+    front: std::net::SocketAddr,
     /// lb's port.
     port: u16,
     /// The watchdog's schedule and the status systemd was last told.
@@ -276,6 +281,8 @@ pub struct Supervisor {
 pub struct Front {
     pub addr: std::net::SocketAddr,
     pub shared: Option<OwnedFd>,
+    /// Kernel dispatch is in effect.
+    pub kernel: bool,
 }
 
 /// Loads the configuration again (the same sources as at start).
@@ -295,6 +302,7 @@ impl Supervisor {
         let Front {
             addr: listen,
             shared: shared_listener,
+            kernel: kernel_dispatch,
         } = front;
         let EventLoop { poll, waker } = event_loop;
         let signals = SignalFd::with_flags(
@@ -355,6 +363,8 @@ impl Supervisor {
             node_preload: None,
             shim: None,
             shared_listener,
+            kernel_dispatch,
+            front: listen,
             notify: notify::Notify::new(),
         })
     }

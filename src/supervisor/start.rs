@@ -43,6 +43,21 @@ impl Supervisor {
         } else {
             None
         };
+        // Kernel dispatch: the worker's own listener, in lb's group.
+        let own_listener = if self.kernel_dispatch {
+            Some(
+                crate::dispatch::kernel::slot_listener(self.front, self.config.backlog).map_err(
+                    |source| SupervisorError::Spawn {
+                        pool: pool.name.clone(),
+                        command: "the worker's own listener (kernel dispatch)".into(),
+                        source,
+                        hint: "check the fd limit",
+                    },
+                )?,
+            )
+        } else {
+            None
+        };
         let launch = spawn::Launch {
             slot,
             generation,
@@ -56,7 +71,10 @@ impl Supervisor {
             port: self.port,
             proxy_port,
             shim: self.shim.as_ref(),
-            listener: self.shared_listener.as_ref().map(|l| l.as_raw_fd()),
+            listener: own_listener
+                .as_ref()
+                .or(self.shared_listener.as_ref())
+                .map(|l| l.as_raw_fd()),
             drain_timeout: self.config.drain_timeout,
             queue: self.config.worker_queue,
         };
@@ -107,6 +125,7 @@ impl Supervisor {
             weight: pool.weight,
             mode: pool.mode,
             port: proxy_port.unwrap_or(0),
+            listener: own_listener,
         });
         self.workers.push(Worker {
             slot,

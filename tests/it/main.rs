@@ -8,6 +8,7 @@ mod core;
 mod drain;
 mod faults;
 mod health;
+mod kernel;
 mod limits;
 mod logs;
 mod node;

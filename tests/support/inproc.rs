@@ -301,6 +301,7 @@ fn attach(
         weight,
         mode,
         port,
+        listener: None,
     });
 }
 

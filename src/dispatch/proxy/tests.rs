@@ -37,6 +37,7 @@ fn attach(handle: &Handle, events: &crate::dispatch::EventQueues, slot: usize, p
         weight: 1,
         mode: Mode::Proxy,
         port,
+        listener: None,
     });
     loop {
         match events.lifecycle.recv_timeout(WAIT) {
