@@ -31,6 +31,29 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let metrics = src.given(&s::METRICS)?.map(|v| v.0);
     let (control, control_origin) = src.optional(&s::CONTROL)?;
     let workers = src.given(&s::WORKERS)?;
+    let run_as = super::run_as::Wanted {
+        user: src.given(&s::USER)?,
+        group: src.given(&s::GROUP)?,
+        cwd: src.given(&s::CWD)?,
+        umask: src.given(&s::UMASK)?,
+    };
+    let max_conns_per_worker_jitter = src.value_or(&s::MAX_CONNS_PER_WORKER_JITTER, 0)?;
+    if max_conns_per_worker_jitter > 0 && max_conns_per_worker.is_none() {
+        return Err(ConfigError::Conflict(
+            "max_conns_per_worker_jitter is set but max_conns_per_worker is not: the jitter \
+             spreads that limit; set --max-conns-per-worker too, or drop the jitter"
+                .into(),
+        ));
+    }
+    let (watch, watch_origin) = src.optional(&s::WATCH)?;
+    let watch = watch.unwrap_or_default();
+    if let Some(missing) = watch.iter().find(|p| !p.exists()) {
+        return Err(super::invalid(
+            watch_origin,
+            &missing.display().to_string(),
+            "does not exist; give files or directories that do, comma-separated",
+        ));
+    }
 
     let config = Config {
         listen,
@@ -50,7 +73,9 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_conns,
         proxy_connect_timeout,
         proxy_idle_timeout,
-        pools: pools(&src, workers, mode)?,
+        pools: pools(&src, workers, mode, &run_as)?,
+        max_conns_per_worker_jitter,
+        watch,
         policy_explicit: !matches!(policy_origin, super::Origin::Default(_)),
         origins: Origins {
             worker_log: worker_log_origin,

@@ -42,6 +42,11 @@ impl Supervisor {
         };
         let launch = spawn::Launch {
             slot,
+            // Its place among its pool's slots.
+            instance: self.slot_pools[..slot.0]
+                .iter()
+                .filter(|&&q| q == p)
+                .count(),
             generation,
             report_closed,
             node_id: self.node_ids,
@@ -118,6 +123,7 @@ impl Supervisor {
             said: crate::log::Budget::new(SAID_PER_SECOND),
             stalled: false,
             rss_checked: false,
+            jitter_draw: super::recycle::draw(),
             stop_signal: pool.stop_signal,
             signal_on_drain: pool.mode.drained_by() == DrainBy::Signal,
         });
@@ -140,8 +146,16 @@ impl Supervisor {
             }
         };
         match pool.mode {
-            Mode::Node if report_closed && self.node_preload.is_none() => {
-                let preload = preload::Preload::write().map_err(fail(
+            // Workers of another user need one they can read (written
+            // anew: those started already have loaded theirs).
+            Mode::Node
+                if report_closed
+                    && self
+                        .node_preload
+                        .as_ref()
+                        .is_none_or(|p| pool.run_as.ids.is_some() && !p.shared) =>
+            {
+                let preload = preload::Preload::write(pool.run_as.ids.is_some()).map_err(fail(
                     "the Node.js close-report preload",
                     "it is written to $XDG_RUNTIME_DIR or the temp directory; check that one is \
                      writable",

@@ -167,6 +167,12 @@ fn good(setting: &str) -> &'static [&'static str] {
         "stop_signal" => &["SIGQUIT", "term", "15"],
         "weight" => &["1", "3", "10000"],
         "port" => &["1", "8080", "65535"],
+        "user" => &["0", "root"],
+        "group" => &["0", "root"],
+        "cwd" => &["/", "/tmp", "."],
+        "umask" => &["022", "0o027", "0"],
+        "max_conns_per_worker_jitter" => &["0", "10"],
+        "watch" => &["/tmp", ".", "/tmp,/"],
         _ => &["x", "lb.sock", "/tmp/lb-fuzz.log"],
     }
 }
@@ -182,6 +188,7 @@ const INTEGER_KEYS: &[&str] = &[
     "count",
     "weight",
     "port",
+    "max_conns_per_worker_jitter",
 ];
 
 /// A value for `setting` as text: often one it accepts, else an edge.
