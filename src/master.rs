@@ -42,6 +42,8 @@ pub enum MasterError {
     Relays { max_conns: usize, source: io::Error },
     #[error("dispatch thread: {0}")]
     DispatchThread(#[source] io::Error),
+    #[error(transparent)]
+    Watch(#[from] supervisor::watch::WatchError),
 }
 
 /// How a master ended.
@@ -136,6 +138,14 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         ),
         None => None,
     };
+    // lb's own files change as it runs: never a reason to reload.
+    let own = [Some(control_path.clone()), config.worker_log.clone()];
+    let _watch = supervisor::watch::start(
+        &config.watch,
+        own.into_iter().flatten().collect(),
+        control_tx.clone(),
+        Arc::clone(&waker),
+    )?;
     info!(
         "listening on {local} (policy {}, {} workers: {})",
         config.policy,

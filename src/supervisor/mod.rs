@@ -23,6 +23,7 @@ mod spawn;
 mod start;
 mod status;
 mod timers;
+pub mod watch;
 
 pub use requests::Answer;
 pub use signals::handled_signals;

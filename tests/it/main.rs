@@ -9,6 +9,7 @@ mod drain;
 mod faults;
 mod limits;
 mod node;
+mod process_manager;
 mod proxy;
 mod shared;
 mod shim;
