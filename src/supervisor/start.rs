@@ -66,6 +66,11 @@ impl Supervisor {
             // ENOENT for a file that exists: exec could not find what the file needs.
             let hint = if source.kind() == io::ErrorKind::NotFound && pool.command.exists() {
                 "the file exists, so its #! interpreter or its dynamic loader is missing"
+            } else if source.kind() == io::ErrorKind::PermissionDenied
+                && pool.run_as != Default::default()
+            {
+                "the pool's `user` must be allowed to run it (every directory on its path \
+                 searchable) and to enter its `cwd`"
             } else {
                 "check that it is an executable program"
             };

@@ -104,6 +104,31 @@ fn what_lb_cannot_run_as_is_refused_in_one_line() {
         refused(&["--user", "root"], "start lb as root");
         return;
     }
+    // A worker user that may not enter the directory: the start fails
+    // with a hint, and lb exits.
+    let private = scratch("run-as-private");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let dir = private.to_str().unwrap();
+    let (code, stderr) = refusal(lb_command(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--user",
+            "nobody",
+            "--cwd",
+            dir,
+            "--",
+            "/bin/true",
+        ],
+        &[],
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("Permission denied") && last.contains("to enter its `cwd`"),
+        "{stderr}"
+    );
+
     // A master without the privilege to switch: as nobody, asked for root.
     let lb_copy = lb_for_anyone("refused");
     if !installed("setpriv", "the unprivileged master's refusal") {
