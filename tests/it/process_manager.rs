@@ -342,3 +342,74 @@ fn completions_source_in_bash_and_the_manual_renders() {
         assert!(text.contains(heading), "{heading}");
     }
 }
+
+/// A Node pool run as another user: its workers load lb's close-report
+/// preload (written readable for them) and get PM2's NODE_APP_INSTANCE.
+#[test]
+fn node_workers_as_another_user_get_the_preload_and_their_instance() {
+    if !is_root() || !installed("node", "Node workers as nobody") {
+        eprintln!("skipped: needs root and node");
+        return;
+    }
+    // The node on PATH must be one nobody can run (not one under /root).
+    let runs = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "node",
+            "--version",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !runs {
+        eprintln!("skipped: nobody cannot run the node on PATH");
+        return;
+    }
+    let app = scratch("run-as-node");
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::copy(repo().join("examples/hello.js"), app.join("hello.js")).unwrap();
+    let dir = app.to_str().unwrap();
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "2",
+            "--policy",
+            "lc",
+            "--user",
+            "nobody",
+            "--cwd",
+            dir,
+            "--",
+            "node",
+            "hello.js",
+        ],
+        &[],
+        2,
+    );
+    let mut instances = Vec::new();
+    for slot in 0..2 {
+        let pid = lb.pid_of_slot(slot);
+        assert_eq!(proc_status(pid, "Uid"), ["65534"; 4]);
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let vars: Vec<String> = environ
+            .split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        assert!(
+            vars.iter()
+                .any(|v| v.starts_with("NODE_OPTIONS=") && v.contains("--require"))
+        );
+        instances.extend(
+            vars.into_iter()
+                .filter(|v| v.starts_with("NODE_APP_INSTANCE=")),
+        );
+    }
+    instances.sort();
+    assert_eq!(instances, ["NODE_APP_INSTANCE=0", "NODE_APP_INSTANCE=1"]);
+    // Close reports arrive (the preload runs): least-conn sees 0 active.
+    for _ in 0..4 {
+        get(lb.addr, "/");
+    }
+    lb.wait_all_closed();
+}
