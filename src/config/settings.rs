@@ -394,7 +394,8 @@ pub const CONTROL: Setting<PathBuf> = Setting {
 pub const USER: Setting<String> = Setting {
     spec: Spec {
         value_name: "USER",
-        help: "Run the workers as this user (a name or a uid), with its groups; lb must                run as root (or with CAP_SETUID and CAP_SETGID) to switch",
+        help: "Run the workers as this user (a name or a uid), with its groups; lb must \
+               run as root (or with CAP_SETUID and CAP_SETGID) to switch",
         unset: Some("lb's own user"),
         file: Some(|f| f.user.clone()),
         ..spec("user", "--user", "LB_USER")
