@@ -229,6 +229,16 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print a shell completion script, e.g.
+    /// `lb completions bash > /etc/bash_completion.d/lb`
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g.
+    /// `lb man > /usr/local/share/man/man1/lb.1`
+    Man,
     /// The bundled example worker: an HTTP/1.1 server speaking lb's protocol
     /// on fd 3. Started by lb itself when no worker command is given.
     #[command(hide = true)]

@@ -24,7 +24,8 @@
 //! - [`master`]: wires the above together;
 //! - [`worker`]: the Rust worker-side adapter (depends on `proto` only);
 //! - [`sys`]: the remaining libc (accept4, pidfd, child set-up);
-//! - [`systemd`]: sd_notify and socket activation.
+//! - [`systemd`]: sd_notify and socket activation;
+//! - [`manual`]: shell completions and the man page, from the CLI.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -33,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod log;
+pub mod manual;
 pub mod master;
 pub mod policy;
 pub mod proto;

@@ -85,11 +85,39 @@ fn scale_request(args: &[String]) -> Result<Request, String> {
     }
 }
 
+/// Writes generated text to stdout: exit 1 with one line if it cannot
+/// (a full disk under `lb man > lb.1`), never a panic.
+fn print_all(text: &[u8]) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            err!("lb: error: cannot write to stdout: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::HelloWorker) => lb::worker::hello::main(),
         Some(Command::ReapGroups) => lb::supervisor::reaper::main(),
+        Some(Command::Completions { shell }) => {
+            let mut out = Vec::new();
+            lb::manual::completions(shell, &mut out);
+            print_all(&out)
+        }
+        Some(Command::Man) => {
+            let mut out = Vec::new();
+            match lb::manual::man(&mut out) {
+                Ok(()) => print_all(&out),
+                Err(e) => {
+                    err!("lb: error: cannot render the manual: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
         Some(Command::Reload { wait, target }) => {

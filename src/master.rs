@@ -48,6 +48,8 @@ pub enum MasterError {
     /// `--dispatch kernel` cannot work here.
     #[error("--dispatch kernel: {0}")]
     KernelDispatch(String),
+    #[error(transparent)]
+    Watch(#[from] supervisor::watch::WatchError),
 }
 
 /// How a master ended.
@@ -170,6 +172,14 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         ),
         None => None,
     };
+    // lb's own files change as it runs: never a reason to reload.
+    let own = [Some(control_path.clone()), config.worker_log.clone()];
+    let _watch = supervisor::watch::start(
+        &config.watch,
+        own.into_iter().flatten().collect(),
+        control_tx.clone(),
+        Arc::clone(&waker),
+    )?;
     info!(
         "listening on {local} (policy {}, {} workers: {})",
         config.policy,

@@ -44,6 +44,30 @@ pub struct File {
     pub log_file: Option<String>,
     #[serde(default)]
     pub pool: Vec<FilePool>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub cwd: Option<String>,
+    pub umask: Option<super::run_as::Octal>,
+    pub max_conns_per_worker_jitter: Option<u64>,
+    pub watch: Option<Paths>,
+}
+
+/// One path, or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Paths {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Paths {
+    /// As `--watch` takes them: comma-separated.
+    pub fn joined(&self) -> String {
+        match self {
+            Paths::One(p) => p.clone(),
+            Paths::Many(p) => p.join(","),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +84,10 @@ pub struct FilePool {
     pub mode: Option<String>,
     pub port: Option<u16>,
     pub stop_signal: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub cwd: Option<String>,
+    pub umask: Option<super::run_as::Octal>,
 }
 
 /// A duration or size written as text (`"10s"`, `"512MB"`) or as a bare

@@ -36,6 +36,29 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let log_format = src.value(&s::LOG_FORMAT)?;
     let log_timestamps = src.value(&s::LOG_TIMESTAMPS)?;
     let (log_file, log_file_origin) = src.optional(&s::LOG_FILE)?;
+    let run_as = super::run_as::Wanted {
+        user: src.given(&s::USER)?,
+        group: src.given(&s::GROUP)?,
+        cwd: src.given(&s::CWD)?,
+        umask: src.given(&s::UMASK)?,
+    };
+    let max_conns_per_worker_jitter = src.value_or(&s::MAX_CONNS_PER_WORKER_JITTER, 0)?;
+    if max_conns_per_worker_jitter > 0 && max_conns_per_worker.is_none() {
+        return Err(ConfigError::Conflict(
+            "max_conns_per_worker_jitter is set but max_conns_per_worker is not: the jitter \
+             spreads that limit; set --max-conns-per-worker too, or drop the jitter"
+                .into(),
+        ));
+    }
+    let (watch, watch_origin) = src.optional(&s::WATCH)?;
+    let watch = watch.unwrap_or_default();
+    if let Some(missing) = watch.iter().find(|p| !p.exists()) {
+        return Err(super::invalid(
+            watch_origin,
+            &missing.display().to_string(),
+            "does not exist; give files or directories that do, comma-separated",
+        ));
+    }
 
     let config = Config {
         listen,
@@ -56,11 +79,13 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         proxy_connect_timeout,
         proxy_idle_timeout,
         min_ready,
-        pools: pools(&src, workers, mode)?,
+        pools: pools(&src, workers, mode, &run_as)?,
         dispatch,
         log_format,
         log_timestamps,
         log_file,
+        max_conns_per_worker_jitter,
+        watch,
         policy_explicit: !matches!(policy_origin, super::Origin::Default(_)),
         origins: Origins {
             worker_log: worker_log_origin,

@@ -18,6 +18,7 @@ mod mode;
 mod parse;
 mod pools;
 mod preflight;
+pub mod run_as;
 pub(crate) mod settings;
 pub mod size;
 mod sources;
@@ -133,6 +134,11 @@ pub struct Config {
     pub log_timestamps: crate::log::Timestamps,
     /// Where lb's own log lines go; `None` = stderr.
     pub log_file: Option<PathBuf>,
+    /// Each worker's connection limit is `max_conns_per_worker` plus a
+    /// random 0 to this, drawn at its spawn.
+    pub max_conns_per_worker_jitter: u64,
+    /// Reload when files under these change (read at start only).
+    pub watch: Vec<PathBuf>,
     /// The policy was chosen (flag, env or file) rather than defaulted.
     pub policy_explicit: bool,
     /// Where the values [`preflight`] checks came from, for its messages.
@@ -166,6 +172,8 @@ pub struct Pool {
     /// (shim, proxy, shared): SIGTERM unless the pool says otherwise
     /// (nginx: SIGQUIT).
     pub stop_signal: i32,
+    /// The user, group, directory and umask its workers run with.
+    pub run_as: run_as::RunAs,
 }
 
 impl Config {

@@ -100,3 +100,18 @@ pub fn signal(text: &str) -> Option<i32> {
     use nix::sys::signal::Signal::{SIGKILL, SIGSTOP};
     (signal != SIGKILL && signal != SIGSTOP).then_some(signal as i32)
 }
+
+/// Comma-separated paths, none empty (`--watch src,config`).
+pub fn paths(value: &std::ffi::OsStr) -> Result<Vec<std::path::PathBuf>, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let paths: Vec<std::path::PathBuf> = value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .filter(|p| !p.is_empty())
+        .map(|p| std::ffi::OsStr::from_bytes(p).into())
+        .collect();
+    if paths.is_empty() {
+        return Err("give one or more paths, comma-separated, e.g. src,config".into());
+    }
+    Ok(paths)
+}

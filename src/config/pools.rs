@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::file::FilePool;
+use super::run_as::{self, RunAs, Wanted};
 use super::sources::Sources;
 use super::{ConfigError, Mode, Origin, Pool, available_cpus, bounds, defaults, invalid, parse};
 
@@ -15,6 +16,7 @@ pub fn pools(
     src: &Sources<'_>,
     workers: Option<(usize, Origin)>,
     mode: Option<(Mode, Origin)>,
+    run_as: &Wanted,
 ) -> Result<Vec<Pool>, ConfigError> {
     let path_var = (src.env)("PATH");
     let file = &src.file;
@@ -48,6 +50,7 @@ pub fn pools(
             mode,
             port: None,
             stop_signal: libc::SIGTERM,
+            run_as: run_as::resolve("main", inherit(run_as))?,
         }]
     } else if file.pool.is_empty() {
         let exe = std::env::current_exe().map_err(|e| ConfigError::Command {
@@ -69,6 +72,7 @@ pub fn pools(
             mode: Mode::Native,
             port: None,
             stop_signal: libc::SIGTERM,
+            run_as: run_as::resolve("hello", inherit(run_as))?,
         }]
     } else {
         let several = file.pool.len() > 1;
@@ -84,12 +88,12 @@ pub fn pools(
         file.pool
             .iter()
             .enumerate()
-            .map(|(i, p)| file_pool(src, i, p, &workers, &mode, path_var.as_deref()))
+            .map(|(i, p)| file_pool(src, i, p, &workers, &mode, run_as, path_var.as_deref()))
             .collect::<Result<_, _>>()?
     };
     check_names(&pools, path_text)?;
     check_modes(&pools)?;
-    Ok(pools)
+    Ok(pools.into_iter().map(absolute_command).collect())
 }
 
 /// Names `lb scale POOL` and `lb restart POOL` can tell apart: each pool's
@@ -131,6 +135,7 @@ fn file_pool(
     p: &FilePool,
     workers: &Option<(usize, Origin)>,
     mode: &Option<(Mode, Origin)>,
+    run_as: &Wanted,
     path_var: Option<&str>,
 ) -> Result<Pool, ConfigError> {
     let path_text = &src.path;
@@ -198,6 +203,7 @@ fn file_pool(
             command: describe(OsStr::new(&p.command), &args),
             reason,
         })?;
+    let run_as = pool_run_as(src, &name, p, run_as)?;
     Ok(Pool {
         name,
         command,
@@ -217,7 +223,71 @@ fn file_pool(
                 )
             })?,
         },
+        run_as,
     })
+}
+
+/// The settings outside the pools, as the single pool takes them.
+fn inherit(global: &Wanted) -> Wanted {
+    Wanted {
+        user: global.user.clone(),
+        group: global.group.clone(),
+        cwd: global.cwd.clone(),
+        umask: global.umask.clone(),
+    }
+}
+
+/// A `[[pool]]`'s `user`, `group`, `cwd` and `umask`: from the command line
+/// or the environment for every pool, else the pool's own key, else the
+/// file's (as `mode` is).
+fn pool_run_as(
+    src: &Sources<'_>,
+    name: &str,
+    p: &FilePool,
+    global: &Wanted,
+) -> Result<RunAs, ConfigError> {
+    fn pick<T: Clone>(
+        global: &Option<(T, Origin)>,
+        own: Option<T>,
+        origin: Origin,
+    ) -> Option<(T, Origin)> {
+        match (global, own) {
+            (Some((v, o @ (Origin::Flag(_) | Origin::Env(_)))), _) => Some((v.clone(), o.clone())),
+            (_, Some(v)) => Some((v, origin)),
+            (g, None) => g.clone(),
+        }
+    }
+    let key = |k: &'static str| src.in_file(k);
+    let text = |v: &Option<String>, k: &'static str, example: &str| {
+        v.as_deref()
+            .map(|v| run_as::name(v, example).map_err(|e| invalid(key(k), v, e)))
+            .transpose()
+    };
+    let user = text(&p.user, "user", "a user name or uid, e.g. www-data")?;
+    let group = text(&p.group, "group", "a group name or gid, e.g. www-data")?;
+    let umask = p
+        .umask
+        .as_ref()
+        .map(|u| run_as::umask(&u.text()).map_err(|e| invalid(key("umask"), &u.text(), e)))
+        .transpose()?;
+    let wanted = Wanted {
+        user: pick(&global.user, user, key("user")),
+        group: pick(&global.group, group, key("group")),
+        cwd: pick(&global.cwd, p.cwd.as_ref().map(PathBuf::from), key("cwd")),
+        umask: pick(&global.umask, umask, key("umask")),
+    };
+    run_as::resolve(name, wanted)
+}
+
+/// With a `cwd`, the command as lb found it, whatever directory the worker
+/// starts in (`./app` is lb's, not the worker's).
+fn absolute_command(mut p: Pool) -> Pool {
+    if p.run_as.cwd.is_some()
+        && let Ok(abs) = std::path::absolute(&p.command)
+    {
+        p.command = abs;
+    }
+    p
 }
 
 /// A pool's `count`, bounded as `--workers` is.

@@ -95,6 +95,12 @@ pub const ALL: &[&Spec] = &[
     &LOG_FORMAT.spec,
     &LOG_TIMESTAMPS.spec,
     &LOG_FILE.spec,
+    &USER.spec,
+    &GROUP.spec,
+    &CWD.spec,
+    &UMASK.spec,
+    &MAX_CONNS_PER_WORKER_JITTER.spec,
+    &WATCH.spec,
 ];
 
 /// Values other than paths reach here as UTF-8 (clap checks the command
@@ -462,6 +468,86 @@ pub const LOG_FILE: Setting<PathBuf> = Setting {
             Ok(v.into())
         }
     },
+};
+
+/// From the command line or the environment it applies to every pool; in
+/// the file, it is the default of pools without a `user` (as `mode` is).
+pub const USER: Setting<String> = Setting {
+    spec: Spec {
+        value_name: "USER",
+        help: "Run the workers as this user (a name or a uid), with its groups; lb must \
+               run as root (or with CAP_SETUID and CAP_SETGID) to switch",
+        unset: Some("lb's own user"),
+        file: Some(|f| f.user.clone()),
+        ..spec("user", "--user", "LB_USER")
+    },
+    parse: |v| super::run_as::name(&text(v), "a user name or uid, e.g. www-data"),
+};
+
+pub const GROUP: Setting<String> = Setting {
+    spec: Spec {
+        value_name: "GROUP",
+        help: "Run the workers with this group (a name or a gid) as their primary group",
+        unset: Some("the --user's primary group, else lb's own"),
+        file: Some(|f| f.group.clone()),
+        ..spec("group", "--group", "LB_GROUP")
+    },
+    parse: |v| super::run_as::name(&text(v), "a group name or gid, e.g. www-data"),
+};
+
+pub const CWD: Setting<PathBuf> = Setting {
+    spec: Spec {
+        value_name: "DIR",
+        help: "The directory workers start in (an existing one; relative to lb's own)",
+        unset: Some("lb's own working directory"),
+        file: Some(|f| f.cwd.clone()),
+        path: true,
+        ..spec("cwd", "--cwd", "LB_CWD")
+    },
+    parse: |v| Ok(v.into()),
+};
+
+pub const UMASK: Setting<u32> = Setting {
+    spec: Spec {
+        value_name: "MODE",
+        help: "The workers' umask, in octal, e.g. 027",
+        unset: Some("lb's own umask"),
+        file: Some(|f| f.umask.as_ref().map(super::run_as::Octal::text)),
+        ..spec("umask", "--umask", "LB_UMASK")
+    },
+    parse: |v| super::run_as::umask(&text(v)),
+};
+
+/// gunicorn's `max_requests_jitter`: drawn per worker at its spawn.
+pub const MAX_CONNS_PER_WORKER_JITTER: Setting<u64> = Setting {
+    spec: Spec {
+        help: "With --max-conns-per-worker: each worker's limit is that plus a random 0 to \
+               this many (drawn at its start, up to 10^12), so workers started together are \
+               not all replaced at once",
+        unset: Some("0, every worker at the same limit"),
+        file: Some(|f| f.max_conns_per_worker_jitter.map(|n| n.to_string())),
+        ..spec(
+            "max_conns_per_worker_jitter",
+            "--max-conns-per-worker-jitter",
+            "LB_MAX_CONNS_PER_WORKER_JITTER",
+        )
+    },
+    parse: |v| parse::limit(&text(v), bounds::CONNS_PER_WORKER_MAX).map(|n| n.unwrap_or(0)),
+};
+
+/// Read at start only: what to watch is not changed by a reload.
+pub const WATCH: Setting<Vec<PathBuf>> = Setting {
+    spec: Spec {
+        value_name: "PATHS",
+        help: "Reload (rolling, as SIGHUP does) when a file under these comma-separated paths \
+               changes, once they have been quiet for 500ms; dotfiles, node_modules, \
+               __pycache__, *.pyc, *.log and lb's own files are ignored",
+        unset: Some("nothing is watched"),
+        file: Some(|f| f.watch.as_ref().map(super::file::Paths::joined)),
+        path: true,
+        ..spec("watch", "--watch", "LB_WATCH")
+    },
+    parse: |v| parse::paths(v),
 };
 
 #[cfg(test)]

@@ -93,4 +93,10 @@ impl<'a> Sources<'a> {
             .map_err(|expected| invalid(Origin::Default(s.flag), default, expected))?;
         Ok((value, Origin::Default(s.flag)))
     }
+
+    /// The value given, else `default` (for settings whose "unset" is a
+    /// plain value).
+    pub fn value_or<T>(&self, s: &Setting<T>, default: T) -> Result<T, ConfigError> {
+        Ok(self.given(s)?.map_or(default, |v| v.0))
+    }
 }

@@ -34,6 +34,9 @@ pub(super) fn set_up(
     pool: &Pool,
     launch: &Launch<'_>,
 ) -> io::Result<ModeLaunch> {
+    if pool.mode != Mode::Node && Mode::detect(&pool.command) == Mode::Node {
+        node_app_instance(cmd, launch);
+    }
     match pool.mode {
         Mode::Native => Ok(native(cmd, launch)),
         Mode::Shim => shim(cmd, pool, launch),
@@ -84,6 +87,7 @@ fn shim(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> io::Result<ModeL
 /// A Node.js cluster worker's variables, and the close-report preload
 /// after any options the worker has.
 fn node(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> ModeLaunch {
+    node_app_instance(cmd, launch);
     cmd.env(node::env::UNIQUE_ID, launch.node_id.to_string())
         .env(node::env::CHANNEL_FD, WORKER_FD.to_string())
         .env(node::env::SERIALIZATION, "json");
@@ -127,6 +131,16 @@ fn shared(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> io::Result<Mod
         port: launch.port,
         fd3: Fd3::Listener(listener),
     })
+}
+
+/// What PM2 tells each of an app's instances (0 to count − 1), which
+/// Node apps (and the `config` package) read to tell them apart.
+pub(super) const NODE_APP_INSTANCE: &str = "NODE_APP_INSTANCE";
+
+/// PM2's variable, for Node workers: node mode, or a `node` command in any
+/// other mode (a server on a port of its own, say).
+pub(super) fn node_app_instance(cmd: &mut Command, launch: &Launch<'_>) {
+    cmd.env(NODE_APP_INSTANCE, launch.instance.to_string());
 }
 
 /// `key` as the worker would have it: its pool's, else lb's own.

@@ -28,6 +28,7 @@ mod start;
 mod status;
 mod timers;
 mod usage;
+pub mod watch;
 
 pub use requests::Answer;
 pub use signals::handled_signals;
@@ -163,6 +164,9 @@ struct Worker {
     stalled: bool,
     /// Its memory has been checked against `max_rss` since it was ready.
     rss_checked: bool,
+    /// Random, drawn at its spawn: its share of the connection limit's
+    /// jitter (`recycle::conn_limit`).
+    jitter_draw: u64,
     /// The signal that asks it to finish and exit (its pool's).
     stop_signal: libc::c_int,
     /// Draining it means that signal (shared and proxy workers have no

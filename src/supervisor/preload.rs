@@ -16,6 +16,8 @@ use crate::proto::node;
 pub struct Preload {
     dir: PathBuf,
     pub file: PathBuf,
+    /// Readable by workers of another user (see [`Preload::write`]).
+    pub shared: bool,
 }
 
 /// The preload's name in its directory.
@@ -25,11 +27,15 @@ const PRELOAD_FILE: &str = "close-report.js";
 const NAME_TRIES: usize = 8;
 
 impl Preload {
-    pub fn write() -> io::Result<Preload> {
-        use std::os::unix::fs::OpenOptionsExt;
+    /// `shared`: for workers that run as another user (a pool's `user`),
+    /// who must be able to read it: then it goes in the temp directory
+    /// (`$XDG_RUNTIME_DIR` is the master's user's alone), its directory
+    /// 0711 and the file 0644, still writable by the master alone.
+    pub fn write(shared: bool) -> io::Result<Preload> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
-            .filter(|p| p.is_dir())
+            .filter(|p| p.is_dir() && !shared)
             .unwrap_or_else(std::env::temp_dir);
         let prefix = format!("lb-{}-node-", std::process::id());
         let dir = private_dir(&base, &prefix, random_name)?;
@@ -37,13 +43,19 @@ impl Preload {
         let preload = Preload {
             file: dir.join(PRELOAD_FILE),
             dir,
+            shared,
         };
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(if shared { 0o644 } else { 0o600 })
             .open(&preload.file)?;
         io::Write::write_all(&mut file, node::PRELOAD.as_bytes())?;
+        if shared {
+            // Set, not asked of create: the umask would take bits off.
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            std::fs::set_permissions(&preload.dir, std::fs::Permissions::from_mode(0o711))?;
+        }
         Ok(preload)
     }
 }
@@ -241,7 +253,7 @@ mod tests {
 
     #[test]
     fn the_preload_is_written_privately_and_removed_with_its_directory() {
-        let preload = Preload::write().unwrap();
+        let preload = Preload::write(false).unwrap();
         let dir = preload.file.parent().unwrap().to_path_buf();
         assert_eq!(
             std::fs::read_to_string(&preload.file).unwrap(),
@@ -257,6 +269,23 @@ mod tests {
         assert_eq!(
             std::fs::metadata(&preload.file).unwrap().mode() & 0o777,
             0o600
+        );
+        drop(preload);
+        assert!(!dir.exists());
+    }
+
+    /// For workers of another user: readable by them, writable by the
+    /// master alone, in the temp directory.
+    #[test]
+    fn a_shared_preload_is_readable_by_others() {
+        let preload = Preload::write(true).unwrap();
+        let dir = preload.file.parent().unwrap().to_path_buf();
+        assert!(dir.starts_with(std::env::temp_dir()));
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o711);
+        assert_eq!(
+            std::fs::metadata(&preload.file).unwrap().mode() & 0o777,
+            0o644
         );
         drop(preload);
         assert!(!dir.exists());

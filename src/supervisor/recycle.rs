@@ -9,6 +9,23 @@ use crate::info;
 use crate::policy::Slot;
 use crate::sys;
 
+/// A worker's own connection limit: `max` plus its share, 0 to `jitter`,
+/// of the jitter (gunicorn's `max_requests_jitter`), so workers started
+/// together are not all replaced together. The share comes from `draw`,
+/// fixed at its spawn; the limits themselves are read at each check, so a
+/// reload that changes them applies to running workers too.
+pub(super) fn conn_limit(max: Option<u64>, jitter: u64, draw: u64) -> Option<u64> {
+    max.map(|m| m.saturating_add(draw % jitter.saturating_add(1)))
+}
+
+/// A random number for [`conn_limit`]: SipHash under the keys std seeds
+/// from getrandom(2), fresh for each `RandomState` (no crate needed for
+/// a spread that has nothing to keep secret).
+pub(super) fn draw() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
 impl Supervisor {
     /// Replaces, successor first, every ready worker over a recycling limit:
     /// the new process takes the slot at its READY and the old one drains,
@@ -47,7 +64,12 @@ impl Supervisor {
                 .iter()
                 .find(|w| w.pid == p.pid)
                 .map_or(0, |w| w.total);
-            if let Some(limit) = self.config.max_conns_per_worker.filter(|&l| served >= l) {
+            let limit = conn_limit(
+                self.config.max_conns_per_worker,
+                self.config.max_conns_per_worker_jitter,
+                p.jitter_draw,
+            );
+            if let Some(limit) = limit.filter(|&l| served >= l) {
                 over.push((
                     p.slot,
                     p.pid,
@@ -126,5 +148,34 @@ impl Supervisor {
             self.slots[slot.0].restarts += 1;
             self.start_or_retry(slot);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_draws_its_own_limit_within_the_jitter() {
+        let limits: Vec<u64> = (0..64)
+            .map(|_| conn_limit(Some(1000), 500, draw()).unwrap())
+            .collect();
+        assert!(
+            limits.iter().all(|l| (1000..=1500).contains(l)),
+            "{limits:?}"
+        );
+        let mut distinct = limits.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        // 64 draws of 501 values: all alike only by a broken draw.
+        assert!(distinct.len() > 16, "{limits:?}");
+        // No jitter, no limit, and the largest values, as given.
+        assert_eq!(conn_limit(Some(1000), 0, draw()), Some(1000));
+        assert_eq!(conn_limit(None, 500, draw()), None);
+        assert_eq!(
+            conn_limit(Some(u64::MAX), u64::MAX, u64::MAX),
+            Some(u64::MAX)
+        );
+        assert_eq!(conn_limit(Some(7), 3, 6), Some(9));
     }
 }

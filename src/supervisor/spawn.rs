@@ -16,6 +16,8 @@ use crate::sys;
 /// What a worker is told beyond its pool's own command and environment.
 pub struct Launch<'a> {
     pub slot: Slot,
+    /// Its place among its pool's slots, from 0 (PM2's `NODE_APP_INSTANCE`).
+    pub instance: usize,
     pub generation: u64,
     /// The policy reads close reports (native: `LB_REPORT_CLOSED=1`; node:
     /// the preload at `node_preload` is required).
@@ -119,6 +121,24 @@ pub(super) fn command(pool: &Pool, launch: &Launch<'_>) -> io::Result<(Command, 
     Ok((cmd, mode.fd3))
 }
 
+/// The pool's `user`, `group`, `cwd` and `umask`, as the child takes them.
+fn become_of(pool: &Pool) -> io::Result<sys::Become> {
+    use std::os::unix::ffi::OsStrExt;
+    let r = &pool.run_as;
+    let cwd = match &r.cwd {
+        Some(dir) => Some(
+            std::ffi::CString::new(dir.as_os_str().as_bytes())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        ),
+        None => None,
+    };
+    Ok(sys::Become {
+        ids: r.ids.as_ref().map(|i| (i.uid, i.gid, i.groups.clone())),
+        cwd,
+        umask: r.umask,
+    })
+}
+
 /// The command line, for logs.
 pub fn describe_command(pool: &Pool) -> String {
     std::iter::once(pool.command.display().to_string())
@@ -133,6 +153,7 @@ pub fn describe_command(pool: &Pool) -> String {
 pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     let (channel, peer) = channel(pool.mode, launch.queue)?;
     let (mut cmd, fd3) = command(pool, launch)?;
+    sys::become_in_child(&mut cmd, become_of(pool)?);
     match fd3 {
         Fd3::Listener(listener) => {
             sys::prepare_child(&mut cmd, Some(listener), WORKER_FD);
@@ -210,12 +231,14 @@ mod tests {
             mode,
             port: None,
             stop_signal: 3,
+            run_as: Default::default(),
         }
     }
 
     fn launch() -> Launch<'static> {
         Launch {
             slot: Slot(2),
+            instance: 1,
             generation: 4,
             report_closed: true,
             node_id: 5,
@@ -290,6 +313,7 @@ mod tests {
         l.node_preload = Some(Path::new("/run/lb/close-report.js"));
         let (envs, a, fd3) = made(&node, &l);
         let mut want = expect(&[
+            ("NODE_APP_INSTANCE", Some("1")),
             ("NODE_UNIQUE_ID", Some("5")),
             ("NODE_CHANNEL_FD", Some("3")),
             ("NODE_CHANNEL_SERIALIZATION_MODE", Some("json")),
@@ -304,6 +328,21 @@ mod tests {
         let (envs, _, _) = made(&node, &launch());
         want.insert("NODE_OPTIONS".into(), Some("--inspect".into()));
         assert_eq!(envs, want);
+    }
+
+    /// PM2's NODE_APP_INSTANCE: the place in the pool, for a Node app in
+    /// any mode, and for nothing else.
+    #[test]
+    fn node_workers_get_node_app_instance_in_any_mode() {
+        let mut node = pool(Mode::Proxy);
+        node.command = "/usr/bin/node".into();
+        let mut l = launch();
+        l.proxy_port = Some(41000);
+        let (envs, _, _) = made(&node, &l);
+        assert_eq!(envs["NODE_APP_INSTANCE"].as_deref(), Some("1"));
+        assert_eq!(envs["LB_WORKER_ID"].as_deref(), Some("2"));
+        let (envs, _, _) = made(&pool(Mode::Proxy), &l);
+        assert!(!envs.contains_key("NODE_APP_INSTANCE"));
     }
 
     #[test]

@@ -60,6 +60,13 @@ impl Supervisor {
         };
         let launch = spawn::Launch {
             slot,
+            // Its place among its pool's slots.
+            instance: self
+                .layout
+                .slots_of(p)
+                .iter()
+                .position(|&s| s == slot)
+                .unwrap_or(0),
             generation,
             report_closed,
             node_id: self.node_ids,
@@ -82,6 +89,11 @@ impl Supervisor {
             // ENOENT for a file that exists: exec could not find what the file needs.
             let hint = if source.kind() == io::ErrorKind::NotFound && pool.command.exists() {
                 "the file exists, so its #! interpreter or its dynamic loader is missing"
+            } else if source.kind() == io::ErrorKind::PermissionDenied
+                && pool.run_as != Default::default()
+            {
+                "the pool's `user` must be allowed to run it (every directory on its path \
+                 searchable) and to enter its `cwd`"
             } else {
                 "check that it is an executable program"
             };
@@ -145,6 +157,7 @@ impl Supervisor {
             said: crate::log::Budget::new(SAID_PER_SECOND),
             stalled: false,
             rss_checked: false,
+            jitter_draw: super::recycle::draw(),
             stop_signal: pool.stop_signal,
             signal_on_drain: pool.mode.drained_by() == DrainBy::Signal,
         });
@@ -167,8 +180,16 @@ impl Supervisor {
             }
         };
         match pool.mode {
-            Mode::Node if report_closed && self.node_preload.is_none() => {
-                let preload = preload::Preload::write().map_err(fail(
+            // Workers of another user need one they can read (written
+            // anew: those started already have loaded theirs).
+            Mode::Node
+                if report_closed
+                    && self
+                        .node_preload
+                        .as_ref()
+                        .is_none_or(|p| pool.run_as.ids.is_some() && !p.shared) =>
+            {
+                let preload = preload::Preload::write(pool.run_as.ids.is_some()).map_err(fail(
                     "the Node.js close-report preload",
                     "it is written to $XDG_RUNTIME_DIR or the temp directory; check that one is \
                      writable",

@@ -72,6 +72,46 @@ pub fn prepare_child(cmd: &mut Command, channel: Option<RawFd>, target: RawFd) {
     }
 }
 
+/// Who the child becomes and where, prepared before fork (the child may
+/// not allocate): its ids, the directory it starts in, its umask.
+#[derive(Debug, Default)]
+pub struct Become {
+    /// uid, gid and the supplementary groups (gid first).
+    pub ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    pub cwd: Option<std::ffi::CString>,
+    pub umask: Option<libc::mode_t>,
+}
+
+/// Makes the child `cmd` will start become `who`: setgroups, setgid, then
+/// setuid (each needs the privilege the one after drops), then chdir (as
+/// the worker, so it is the worker's right to enter it that counts) and
+/// umask. Call before [`prepare_child`]: a change of credentials clears
+/// `PR_SET_PDEATHSIG`, which that then sets.
+pub fn become_in_child(cmd: &mut Command, who: Become) {
+    if who.ids.is_none() && who.cwd.is_none() && who.umask.is_none() {
+        return;
+    }
+    // SAFETY: runs in the forked child before exec: setgroups, setgid,
+    // setuid, chdir and umask are async-signal-safe, and read only memory
+    // the closure owns (made before fork); nothing allocates or locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((uid, gid, groups)) = &who.ids {
+                cvt(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                cvt(libc::setgid(*gid))?;
+                cvt(libc::setuid(*uid))?;
+            }
+            if let Some(dir) = &who.cwd {
+                cvt(libc::chdir(dir.as_ptr()))?;
+            }
+            if let Some(mask) = who.umask {
+                libc::umask(mask);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Lets the child inherit `fd` (at the same number) across exec.
 pub fn keep_fd(cmd: &mut Command, fd: RawFd) {
     // SAFETY: runs in the forked child before exec; fcntl is

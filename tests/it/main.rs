@@ -13,6 +13,7 @@ mod limits;
 mod logs;
 mod node;
 mod pools;
+mod process_manager;
 mod proxy;
 mod shared;
 mod shim;

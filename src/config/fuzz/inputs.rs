@@ -171,8 +171,37 @@ fn good(setting: &str) -> &'static [&'static str] {
         "stop_signal" => &["SIGQUIT", "term", "15"],
         "weight" => &["1", "3", "10000"],
         "port" => &["1", "8080", "65535"],
+        // lb's own (accepted whoever runs the test), and root's.
+        "user" => own("user"),
+        "group" => own("group"),
+        "cwd" => &["/", "/tmp", "."],
+        "umask" => &["022", "0o027", "0"],
+        "max_conns_per_worker_jitter" => &["0"],
+        "watch" => &["/tmp", ".", "/tmp,/"],
         _ => &["x", "lb.sock", "/tmp/lb-fuzz.log"],
     }
+}
+
+/// `kind`'s good values: this process's own id (by number, and as root
+/// also by name).
+fn own(kind: &str) -> &'static [&'static str] {
+    static IDS: std::sync::OnceLock<[Vec<&'static str>; 2]> = std::sync::OnceLock::new();
+    let ids = IDS.get_or_init(|| {
+        let leak = |id: u32| &*Box::leak(id.to_string().into_boxed_str());
+        let root = nix::unistd::geteuid().is_root();
+        let named = |ids: Vec<&'static str>| {
+            if root {
+                [ids, vec!["root"]].concat()
+            } else {
+                ids
+            }
+        };
+        [
+            named(vec![leak(nix::unistd::geteuid().as_raw())]),
+            named(vec![leak(nix::unistd::getegid().as_raw())]),
+        ]
+    });
+    if kind == "user" { &ids[0] } else { &ids[1] }
 }
 
 /// The TOML keys that take an integer.
@@ -186,11 +215,15 @@ const INTEGER_KEYS: &[&str] = &[
     "count",
     "weight",
     "port",
+    "max_conns_per_worker_jitter",
 ];
 
 /// A value for `setting` as text: often one it accepts, else an edge.
 pub fn setting_value(rng: &mut Rng, setting: &str) -> String {
-    if rng.chance(60) {
+    // Names and paths that load looks up: almost any other text is
+    // refused, so good ones come more often to keep both sides reached.
+    let looked_up = ["user", "group", "cwd", "watch", "umask"].contains(&setting);
+    if rng.chance(if looked_up { 85 } else { 60 }) {
         rng.pick(good(setting)).to_string()
     } else {
         value(rng)
@@ -289,6 +322,10 @@ const POOL_KEYS: &[&str] = &[
     "mode",
     "port",
     "stop_signal",
+    "user",
+    "group",
+    "cwd",
+    "umask",
 ];
 
 pub const COMMANDS: &[&str] = &[

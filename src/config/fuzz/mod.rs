@@ -40,8 +40,11 @@ struct Case {
 
 fn case(rng: &mut Rng, toml_path: &Path, scratch: &Path) -> Case {
     let mut argv = vec!["lb".to_string()];
+    // About two settings per layer, however many lb has: each new one must
+    // not make an accepted case rarer (the check below needs both sides).
+    let per_setting = (200 / settings_but_config().count().max(1)) as u64;
     for s in settings_but_config() {
-        if rng.chance(10) {
+        if rng.chance(per_setting) {
             // (clap itself refuses an empty value.)
             let v = setting_value(rng, s.key);
             if !v.is_empty() {
@@ -51,7 +54,7 @@ fn case(rng: &mut Rng, toml_path: &Path, scratch: &Path) -> Case {
     }
     let mut env: HashMap<String, String> = HashMap::new();
     for s in settings_but_config() {
-        if rng.chance(10) {
+        if rng.chance(per_setting) {
             env.insert(s.env.to_string(), setting_value(rng, s.key));
         }
     }
