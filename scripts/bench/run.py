@@ -204,15 +204,16 @@ def start_node(policy):
     return start
 
 
-def start_lb_mode(mode, policy="rr", binary="lb"):
+def start_lb_mode(mode, policy="rr", binary="lb", extra=()):
     """lb in front of the same backend run as a server that knows nothing of
     lb: it binds lb's port under the shim, a port lb gives it under proxy,
-    or accepts from lb's listener (LISTEN_FDS) in shared mode."""
+    or accepts from lb's listener (LISTEN_FDS) in shared mode (from a
+    listener of its own with `--dispatch kernel`)."""
     def start(ctx, port):
         env = backend_env(ctx, PORT=port) if mode == "shim" else backend_env(ctx)
         p = ctx.procs.start(f"{binary}-{mode}", [getattr(ctx, binary), "--listen", f"127.0.0.1:{port}",
                                            "--workers", str(ctx.workers), "--policy", policy,
-                                           "--mode", mode, "--", ctx.backend], env)
+                                           "--mode", mode, *extra, "--", ctx.backend], env)
         ready = lambda: open(p.log_path).read().count(": ready") >= ctx.workers
         wait_until(f"lb {mode} workers ready", ready)
         wait_until("backends' reports", lambda: len(ctx.reports.pids()) == ctx.workers)
@@ -308,6 +309,7 @@ FRONTS = [
     Front("lb shim", "lb", start_lb_mode("shim")),
     Front("lb proxy", "lb", start_lb_mode("proxy")),
     Front("lb shared", "lb", start_lb_mode("shared")),
+    Front("lb kernel", "lb", start_lb_mode("shared", extra=("--dispatch", "kernel"))),
     Front("node-cluster rr", "node", start_node("rr")),
     Front("node-cluster none", "node", start_node("none")),
     Front("lb node rr", "node", start_lb_node("rr")),

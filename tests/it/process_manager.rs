@@ -281,8 +281,8 @@ fn completions_source_in_bash_and_the_manual_renders() {
     let out = Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "set -e; source {}; complete -p lb; COMP_WORDS=(lb re); COMP_CWORD=1; \
-             _lb lb re lb; echo \"${{COMPREPLY[@]}}\"",
+            "set -e; source {}; complete -p lb; COMP_WORDS=(lb rel); COMP_CWORD=1; \
+             _lb lb rel lb; echo \"${{COMPREPLY[@]}}\"",
             script.display()
         ))
         .output()
