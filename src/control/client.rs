@@ -229,10 +229,15 @@ pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), ClientError> {
 pub fn render(s: &Status) -> String {
     let ready = s.workers.iter().filter(|w| w.state == "ready").count();
     let mut out = format!(
-        "lb pid {}  listening on {}  policy {}  up {}{}\nconnections: {} accepted, {} dispatched, {} rescued\nready: {} of {} workers (min_ready {}){}\n\n",
+        "lb pid {}  listening on {}  policy {}{}  up {}{}\nconnections: {} accepted, {} dispatched, {} rescued\nready: {} of {} workers (min_ready {}){}\n\n",
         s.pid,
         s.listen,
         s.policy,
+        if s.dispatch == "kernel" {
+            " (kernel dispatch)"
+        } else {
+            ""
+        },
         human(s.uptime_s),
         if s.stopping { "  STOPPING" } else { "" },
         s.accepted,

@@ -30,6 +30,12 @@ pub fn render(s: &Status) -> String {
         "Always 1; lb's version as a label.",
     );
     o.sample("lb_build_info", &[("version", &s.version)], 1);
+    o.family(
+        "lb_dispatch_info",
+        "gauge",
+        "Always 1; who picks each connection's worker (master or kernel) as a label.",
+    );
+    o.sample("lb_dispatch_info", &[("dispatch", &s.dispatch)], 1);
     process(&mut o, s);
     for (name, help, v) in [
         (

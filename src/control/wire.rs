@@ -96,6 +96,9 @@ pub struct Status {
     pub pid: u32,
     pub listen: String,
     pub policy: String,
+    /// `master` (lb hands connections on) or `kernel` (a BPF program picks).
+    #[serde(default)]
+    pub dispatch: String,
     pub uptime_s: f64,
     /// lb's version.
     #[serde(default)]

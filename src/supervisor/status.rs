@@ -17,6 +17,8 @@ pub struct Status {
     pub pid: u32,
     pub listen: String,
     pub policy: &'static str,
+    /// Who picks each connection's worker: `master` or `kernel`.
+    pub dispatch: &'static str,
     pub uptime: Duration,
     /// lb's version (`lb_build_info`).
     pub version: &'static str,
@@ -178,6 +180,11 @@ impl Supervisor {
             pid: std::process::id(),
             listen: self.listen.clone(),
             policy: self.config.policy.name(),
+            dispatch: if self.kernel_dispatch {
+                "kernel"
+            } else {
+                "master"
+            },
             uptime: self.started.elapsed(),
             version: env!("CARGO_PKG_VERSION"),
             stopping: self.phase != Phase::Running,

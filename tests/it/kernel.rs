@@ -80,6 +80,10 @@ fn kernel_dispatch_splits_round_robin_exactly() {
     // The kernel's hash (shared mode without it) splits 300 connections
     // unevenly; the program hands them out in turn.
     assert_eq!(counts(&lb, 3, 300), [100, 100, 100]);
+    // Status says who picks.
+    let json = lb.ctl(&["status", "--json"]);
+    assert!(json.contains("\"dispatch\": \"kernel\""), "{json}");
+    assert!(lb.ctl(&["status"]).contains("(kernel dispatch)"));
 }
 
 #[test]
