@@ -172,11 +172,30 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         ),
         None => None,
     };
-    // lb's own files change as it runs: never a reason to reload.
-    let own = [Some(control_path.clone()), config.worker_log.clone()];
+    // lb's own files change as it runs: never a reason to reload. A worker
+    // log pattern names many files: the directory they are made in.
+    let pattern = |p: &std::path::PathBuf| p.to_string_lossy().contains('{');
+    let own = [
+        Some(control_path.clone()),
+        config.log_file.clone(),
+        config.worker_log.clone().filter(|p| !pattern(p)),
+    ];
+    let own_dirs = config
+        .worker_log
+        .iter()
+        .filter(|p| pattern(p))
+        .filter_map(|p| {
+            let text = p.to_string_lossy();
+            let fixed = &text[..text.find('{').unwrap_or(text.len())];
+            std::path::Path::new(fixed)
+                .parent()
+                .map(|d| d.to_path_buf())
+        })
+        .collect();
     let _watch = supervisor::watch::start(
         &config.watch,
         own.into_iter().flatten().collect(),
+        own_dirs,
         control_tx.clone(),
         Arc::clone(&waker),
     )?;
@@ -328,8 +347,14 @@ fn kernel_steering(
                 .into(),
         );
     }
-    let steering = match dispatch::kernel::Steering::new(config.slots(), config.policy) {
+    let steering = match dispatch::kernel::Steering::new(config.policy) {
         Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && sys::seccomp_filtered() => {
+            return refuse(format!(
+                "loading the BPF program was refused ({e}) by a seccomp filter; under systemd, \
+                 add bpf to SystemCallFilter= (docs/kernel-dispatch.md)"
+            ));
+        }
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             return refuse(format!(
                 "loading the BPF program was refused ({e}); run lb as root, or give it \

@@ -116,6 +116,14 @@ fn check_names(pools: &[Pool], path_text: &str) -> Result<(), ConfigError> {
                 i + 1
             )));
         }
+        if p.name == "." || p.name == ".." {
+            return Err(ConfigError::Conflict(format!(
+                "[[pool]] {} in {path_text} is named `{}`, which a worker log pattern's `{{pool}}` \
+                 would turn into a directory outside the logs; give it another name",
+                i + 1,
+                p.name
+            )));
+        }
         if p.name.bytes().all(|b| b.is_ascii_digit()) {
             return Err(ConfigError::Conflict(format!(
                 "[[pool]] {} in {path_text} is named `{}`, which `lb restart` would take for a \

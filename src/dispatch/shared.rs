@@ -41,10 +41,14 @@ impl Dispatcher {
                 ready.push((slot, listener.as_fd(), w.weight));
             }
         }
-        if let Err(e) = steering.steer(&ready) {
-            self.emit(Event::SteeringFailed {
-                error: e.to_string(),
-            });
+        match steering.steer(&ready) {
+            Ok(()) => steering.failing = false,
+            Err(e) if !std::mem::replace(&mut steering.failing, true) => {
+                self.emit(Event::SteeringFailed {
+                    error: e.to_string(),
+                });
+            }
+            Err(_) => {}
         }
     }
 }

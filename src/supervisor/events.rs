@@ -107,7 +107,11 @@ impl Supervisor {
                 info!("accept works again, after {failures} failed tries");
             }
             Event::SteeringFailed { error } => {
-                info!("kernel dispatch: cannot update the program's maps: {error}");
+                warn!(
+                    "kernel dispatch: cannot update the program's maps ({error}); new \
+                     connections may go by a stale schedule (said once, until an update works): \
+                     restart lb, or run it with --dispatch master"
+                );
             }
             Event::Drained => {
                 info!("listener closed; every worker was sent DRAIN");

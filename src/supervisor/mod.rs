@@ -215,6 +215,9 @@ struct SlotState {
     restarts: u64,
     crash_loop_reported: bool,
     last_exit: String,
+    /// The instance number (`NODE_APP_INSTANCE`) its workers get, and the
+    /// pool it was given for: kept across restarts of the slot.
+    instance: Option<(String, usize)>,
 }
 
 pub struct Supervisor {

@@ -7,8 +7,8 @@ use super::rolling::{Previous, Reload, Rolling};
 use super::{Answer, SlotState, Supervisor};
 use crate::config::defaults::MAX_WORKERS;
 use crate::config::{Config, Pool};
-use crate::info;
 use crate::policy::Slot;
+use crate::{info, warn};
 
 /// Why `new` cannot replace `running` by a rolling reload, if it cannot.
 fn unreloadable(new: &Config, running: &Config) -> Option<String> {
@@ -46,14 +46,37 @@ fn too_many_slots(remap: &layout::Remap) -> Option<String> {
     })
 }
 
-/// `new` with what only a restart changes (the listen address, the
-/// policy, the control socket) as `running` has it; and whether the
-/// listen address or the policy asked to change.
-fn keep_fixed(mut new: Config, running: &Config) -> (Config, bool) {
-    let asked = new.listen != running.listen || new.policy != running.policy;
-    new.listen = running.listen;
-    new.policy = running.policy;
+/// `new` with what only a restart changes as `running` has it (what lb
+/// set up once at start: its sockets, the dispatcher, the log, the
+/// watcher); and the settings `new` asked to change among them.
+fn keep_fixed(mut new: Config, running: &Config) -> (Config, Vec<&'static str>) {
+    let mut asked = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if new.$field != running.$field {
+                asked.push(stringify!($field));
+                new.$field = running.$field.clone();
+            }
+        )*};
+    }
+    // (The control socket too, silently: a reload's own answer goes there.)
     new.control = running.control.clone();
+    keep!(
+        listen,
+        policy,
+        backlog,
+        dispatch,
+        metrics,
+        stall_timeout,
+        max_conns,
+        proxy_connect_timeout,
+        proxy_idle_timeout,
+        log_format,
+        log_timestamps,
+        log_file,
+        worker_log,
+        watch
+    );
     (new, asked)
 }
 
@@ -124,8 +147,11 @@ impl Supervisor {
         if let Some(why) = unreloadable(&new, &self.config) {
             return self.refuse(Rolling::Reload, reply, why);
         }
-        if asked {
-            info!("reload: the listen address and policy stay as they are until a restart");
+        if !asked.is_empty() {
+            warn!(
+                "reload: {} stay as they are until a restart (lb sets them up once, at start)",
+                asked.join(", ")
+            );
         }
         for k in &kept {
             info!("reload: {k}");
@@ -261,7 +287,7 @@ mod tests {
         ]);
         let same = config(&["-l", "127.0.0.1:8100", "-p", "rr", "-w", "5"]);
         let (kept, asked) = keep_fixed(same, &running);
-        assert!(!asked);
+        assert!(asked.is_empty(), "{asked:?}");
         assert_eq!(kept.control, running.control);
         assert_eq!(kept.slots(), 5);
         let moved = config(&[
@@ -273,13 +299,26 @@ mod tests {
             "/tmp/b.sock",
         ]);
         let (kept, asked) = keep_fixed(moved, &running);
-        assert!(asked);
+        assert_eq!(asked, ["listen", "policy"]);
         assert_eq!(
             (kept.listen, kept.policy, kept.control),
             (running.listen, running.policy, running.control.clone())
         );
         let policy_only = config(&["-l", "127.0.0.1:8100", "-p", "lc"]);
-        assert!(keep_fixed(policy_only, &running).1);
+        assert_eq!(keep_fixed(policy_only, &running).1, ["policy"]);
+        let logged = config(&[
+            "-l",
+            "127.0.0.1:8100",
+            "--control",
+            "/tmp/a.sock",
+            "--log-format",
+            "json",
+            "--dispatch",
+            "auto",
+        ]);
+        let (kept, asked) = keep_fixed(logged, &running);
+        assert_eq!(asked, ["dispatch", "log_format"]);
+        assert_eq!(kept.log_format, running.log_format);
     }
 
     #[test]

@@ -32,6 +32,7 @@ impl Supervisor {
         let report_closed = self.config.policy.uses_close_reports();
         self.make_once(p, report_closed)?;
         self.node_ids += 1;
+        let instance = self.instance(slot, p);
         let pool = &self.config.pools[p];
         let proxy_port = if pool.mode.relays() {
             Some(spawn::free_port().map_err(|source| SupervisorError::Spawn {
@@ -60,13 +61,7 @@ impl Supervisor {
         };
         let launch = spawn::Launch {
             slot,
-            // Its place among its pool's slots.
-            instance: self
-                .layout
-                .slots_of(p)
-                .iter()
-                .position(|&s| s == slot)
-                .unwrap_or(0),
+            instance,
             generation,
             report_closed,
             node_id: self.node_ids,
@@ -222,5 +217,33 @@ impl Supervisor {
             s.restart_at = Some(Instant::now() + delay);
             info!("{e}; retrying in {} ms", delay.as_millis());
         }
+    }
+}
+
+impl Supervisor {
+    /// `slot`'s instance number in pool `p` (PM2's `NODE_APP_INSTANCE`):
+    /// the one it had, across restarts, unless another of the pool's slots
+    /// holds it now; else the lowest the pool's other slots do not hold. So
+    /// the numbers of a pool's running workers are distinct, and a pool
+    /// that grows into a free lower slot gives nobody a second 0.
+    fn instance(&mut self, slot: Slot, p: usize) -> usize {
+        let name = self.config.pools[p].name.clone();
+        let taken: Vec<usize> = self
+            .layout
+            .slots_of(p)
+            .into_iter()
+            .filter(|&s| s != slot)
+            .filter_map(|s| match &self.slots.get(s.0)?.instance {
+                Some((n, i)) if *n == name => Some(*i),
+                _ => None,
+            })
+            .collect();
+        let kept = match &self.slots[slot.0].instance {
+            Some((n, i)) if *n == name && !taken.contains(i) => Some(*i),
+            _ => None,
+        };
+        let i = kept.unwrap_or_else(|| (0..).find(|i| !taken.contains(i)).unwrap_or(0));
+        self.slots[slot.0].instance = Some((name, i));
+        i
     }
 }

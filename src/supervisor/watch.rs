@@ -39,14 +39,16 @@ pub struct WatchError {
 /// What is watched and what is not.
 struct Filter {
     roots: Vec<PathBuf>,
-    /// lb's own files (the worker log, the control socket).
+    /// lb's own files (its log, the worker log, the control socket).
     own: Vec<PathBuf>,
+    /// Directories lb writes files of its own in (a worker log pattern's).
+    own_dirs: Vec<PathBuf>,
 }
 
 impl Filter {
     /// Whether a change to `path` calls for a reload.
     fn relevant(&self, path: &Path) -> bool {
-        if self.own.iter().any(|o| o == path) {
+        if self.own.iter().any(|o| o == path) || self.own_dirs.iter().any(|d| path.starts_with(d)) {
             return false;
         }
         // Only what is below the watched path counts (a watched directory
@@ -84,10 +86,12 @@ impl Filter {
 }
 
 /// Starts watching `paths` (recursively), asking `requests` for a reload
-/// when they change; `own` are lb's files, never a reason to reload.
+/// when they change; `own` are lb's files and `own_dirs` directories it
+/// writes its own files in, never a reason to reload.
 pub fn start(
     paths: &[PathBuf],
     own: Vec<PathBuf>,
+    own_dirs: Vec<PathBuf>,
     requests: Sender<Incoming>,
     waker: Arc<Waker>,
 ) -> Result<Option<Watch>, WatchError> {
@@ -98,6 +102,7 @@ pub fn start(
     let filter = Filter {
         roots: paths.iter().map(|p| absolute(p)).collect(),
         own: own.iter().map(|p| absolute(p)).collect(),
+        own_dirs: own_dirs.iter().map(|p| absolute(p)).collect(),
     };
     let roots = filter.roots.clone();
     // One slot: a change waiting to be seen is all the debounce needs to
@@ -217,6 +222,7 @@ mod tests {
         let f = Filter {
             roots: vec!["/home/u/.config/app".into(), "/srv/app".into()],
             own: vec!["/srv/app/workers.out".into()],
+            own_dirs: vec!["/srv/app/logs".into()],
         };
         for yes in [
             "/srv/app/server.py",
@@ -228,6 +234,7 @@ mod tests {
         }
         for no in [
             "/srv/app/workers.out",
+            "/srv/app/logs/web-0.stdout",
             "/srv/app/.git/index",
             "/srv/app/.server.py.swp",
             "/srv/app/node_modules/x/index.js",

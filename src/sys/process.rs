@@ -70,6 +70,16 @@ pub fn tree_holds_socket(pid: u32, inode: u64) -> bool {
     false
 }
 
+/// Whether this process runs under a seccomp filter (`Seccomp: 2` in
+/// `/proc/self/status`): a refused syscall may be the filter's doing,
+/// not a missing capability.
+pub fn seccomp_filtered() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() == "2"))
+    })
+}
+
 /// CPU seconds used so far and resident memory in bytes of `pid`, from
 /// `/proc` (no libc needed; here beside the other process helpers). By
 /// hand: two fields of two files do not need `procfs`, a crate of dozens of

@@ -50,7 +50,7 @@ fn pools(dir: &std::path::Path, pools: &[(&str, usize, u32)]) -> String {
 fn kernel_lb(config: &str, extra: &[&str], env: &[(&str, &str)], workers: usize) -> Option<Lb> {
     let mut args = vec!["--config", config, "--dispatch", "kernel"];
     args.extend_from_slice(extra);
-    let probe = lb::dispatch::kernel::Steering::new(1, lb::policy::PolicyKind::RoundRobin);
+    let probe = lb::dispatch::kernel::Steering::new(lb::policy::PolicyKind::RoundRobin);
     if let Err(e) = probe {
         eprintln!("skipped: BPF programs cannot be loaded here ({e})");
         return None;
@@ -196,4 +196,31 @@ fn dispatch_auto_says_when_the_master_picks() {
     );
     lb.wait_log("dispatch auto: the master picks (policy least-conn", 1);
     assert_eq!(slot_of(&get(lb.addr, "/")), 0);
+}
+
+/// Slots added by `lb scale` (beyond the count at start) and a rolling
+/// restart of them all: the program follows, no connection is refused.
+#[test]
+fn kernel_dispatch_follows_a_scale_up_and_a_restart() {
+    let dir = scratch("kernel-scale");
+    let config = pools(&dir, &[("web", 2, 1)]);
+    let Some(lb) = kernel_lb(&config, &[], &[], 2) else {
+        return;
+    };
+    let out = lb.ctl(&["scale", "+2"]);
+    assert!(out.contains("4"), "{out}");
+    lb.wait_log("] serving", 4);
+    lb.wait_ready(4);
+    assert_eq!(counts(&lb, 4, 400), [100, 100, 100, 100]);
+    let out = lb.ctl(&["restart", "all", "--wait"]);
+    assert!(!out.contains("error"), "{out}");
+    lb.wait_log("] serving", 8);
+    let now: Vec<u32> = (0..4).map(|s| lb.pid_of_slot(s)).collect();
+    for _ in 0..40 {
+        let body = try_get(lb.addr, "/").expect("refused after the restart");
+        assert!(
+            now.contains(&pid_of(&body)),
+            "an old worker answered: {body}"
+        );
+    }
 }

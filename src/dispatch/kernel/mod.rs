@@ -30,16 +30,20 @@ pub struct Steering {
     sockets: OwnedFd,
     program: OwnedFd,
     policy: PolicyKind,
+    /// The last update failed (said once, until one works again).
+    pub failing: bool,
     /// Per slot: the inode of the socket in the sockarray, if any (a
     /// socket can be placed once: placing it again is `EBUSY`).
     placed: Vec<Option<u64>>,
 }
 
 impl Steering {
-    /// The maps for `slots` slots and the program over them. Fails without
-    /// `CAP_BPF` and `CAP_NET_ADMIN` (or root), or on a kernel without
-    /// `SK_REUSEPORT` programs.
-    pub fn new(slots: usize, policy: PolicyKind) -> io::Result<Steering> {
+    /// The maps (for every slot a master may ever run: scaling and
+    /// reloads add slots, and the program is never rebuilt) and the program
+    /// over them. Fails without `CAP_BPF` and `CAP_NET_ADMIN` (or root), or
+    /// on a kernel without `SK_REUSEPORT` programs.
+    pub fn new(policy: PolicyKind) -> io::Result<Steering> {
+        let slots = crate::config::defaults::MAX_WORKERS;
         if policy == PolicyKind::LeastConn {
             return Err(io::Error::other(
                 "least-conn needs close reports, which shared-mode workers do not send",
@@ -63,6 +67,7 @@ impl Steering {
             program,
             policy,
             placed: vec![None; slots],
+            failing: false,
         })
     }
 
@@ -219,7 +224,7 @@ mod tests {
     /// connections queued hands them to the others, none reset.
     #[test]
     fn the_kernel_splits_by_the_schedule_and_migrates_a_closed_listener() {
-        let mut steering = match Steering::new(3, PolicyKind::RoundRobin) {
+        let mut steering = match Steering::new(PolicyKind::RoundRobin) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("skipped: BPF unavailable here ({e})");
