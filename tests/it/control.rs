@@ -318,23 +318,13 @@ fn http(addr: &str, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
-/// The metrics endpoint's address, from lb's log.
-fn metrics_addr(lb: &Lb) -> String {
-    let line = lb.wait_log("metrics on http://", 1);
-    line.iter()
-        .find_map(|l| l.split("http://").nth(1))
-        .and_then(|r| r.strip_suffix("/metrics"))
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn metrics_are_served_in_prometheus_text_format() {
     let lb = Lb::start(&["--workers", "2", "--metrics", "127.0.0.1:0"], &[], 2);
     for _ in 0..10 {
         get(lb.addr, "/");
     }
-    let addr = metrics_addr(&lb);
+    let addr = lb.metrics_addr();
     let (status, body) = http(&addr, "/metrics");
     assert!(status.contains("200"), "{status}");
     let samples: std::collections::HashMap<String, f64> = body
@@ -837,7 +827,7 @@ const SCRAPE_PROMPT: std::time::Duration = std::time::Duration::from_secs(1);
 #[test]
 fn metrics_are_answered_while_idle_clients_hold_the_metrics_port() {
     let lb = Lb::start(&["--workers", "1", "--metrics", "127.0.0.1:0"], &[], 1);
-    let addr = metrics_addr(&lb);
+    let addr = lb.metrics_addr();
     let sockaddr: std::net::SocketAddr = addr.parse().unwrap();
     let mut idle = Vec::new();
     // 50 clients that connect and send nothing, then more than the

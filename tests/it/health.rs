@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// The metrics listener's address, from lb's log.
-fn metrics_addr(lb: &Lb) -> String {
-    let line = lb.wait_log("metrics on http://", 1);
-    line.iter()
-        .find_map(|l| l.split("http://").nth(1))
-        .and_then(|r| r.strip_suffix("/metrics"))
-        .unwrap()
-        .to_string()
-}
-
 /// One request, whole; the answer as (status line, head, body).
 fn request(addr: &str, method: &str, path: &str) -> (String, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -78,7 +68,7 @@ fn readyz_waits_for_min_ready_workers_and_livez_for_the_supervisor() {
         &[("GATE", &gate)],
         0,
     );
-    let addr = metrics_addr(&lb);
+    let addr = lb.metrics_addr();
     // Live from the start: the supervisor answers, whatever the workers do.
     for path in ["/livez", "/healthz"] {
         let (status, head, body) = request(&addr, "GET", path);
@@ -152,7 +142,7 @@ fn readyz_is_503_while_lb_drains_and_livez_stays_200() {
         &[],
         1,
     );
-    let addr = metrics_addr(&lb);
+    let addr = lb.metrics_addr();
     wait_for(&addr, "/readyz", "200", "ready: 1 of 1 workers ready");
     lb.signal(libc::SIGTERM);
     let body = wait_for(&addr, "/readyz", "503", "not ready: lb is stopping");
@@ -237,7 +227,7 @@ fn a_scrape_parses_with_prometheus_client_and_names_pools_and_slots() {
         &format!("{}{}", hello_pool("web", 2), hello_pool("canary", 1)),
     );
     let lb = Lb::start(&["--config", &config, "--metrics", "127.0.0.1:0"], &[], 3);
-    let addr = metrics_addr(&lb);
+    let addr = lb.metrics_addr();
     for _ in 0..6 {
         get(lb.addr, "/");
     }

@@ -150,31 +150,11 @@ fn what_lb_cannot_run_as_is_refused_in_one_line() {
 /// Runs a master that is to refuse its configuration: its exit code and
 /// all it wrote to stderr (bounded: one that starts is killed).
 fn refusal(mut cmd: Command) -> (Option<i32>, String) {
-    use std::io::Read;
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not refuse its configuration");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status.code(), stderr)
+    let (status, log) = exit_of(cmd);
+    (status.code(), log)
 }
 
 /// Limits drawn per worker: workers started together are replaced at

@@ -7,6 +7,16 @@ use super::{Lb, WAIT, lb_bin};
 
 impl Lb {
     /// Runs `lb <args> --control <its socket>`; stdout then stderr.
+    /// Where `--metrics` listens, from the line that says so.
+    pub fn metrics_addr(&self) -> String {
+        let line = self.wait_log("metrics on http://", 1);
+        line.iter()
+            .find_map(|l| l.split("http://").nth(1))
+            .and_then(|r| r.strip_suffix("/metrics"))
+            .unwrap()
+            .to_string()
+    }
+
     pub fn ctl(&self, args: &[&str]) -> String {
         let control = self.control.as_deref().expect("started by Lb::start");
         let out = Command::new(lb_bin())

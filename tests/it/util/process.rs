@@ -276,7 +276,13 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) 
         full.extend(["--control", c.as_str()]);
     }
     full.extend_from_slice(args);
-    let mut child = lb_command(&full, env).spawn().expect("start lb");
+    exit_of(lb_command(&full, env))
+}
+
+/// Runs `cmd` (lb, perhaps through a launcher, its stderr piped) to
+/// completion; bounded. Its exit status and its log lines.
+pub fn exit_of(mut cmd: Command) -> (ExitStatus, String) {
+    let mut child = cmd.spawn().expect("start lb");
     let (log, reader) = capture_to_eof(&mut child);
     let deadline = Instant::now() + WAIT;
     let status = loop {
