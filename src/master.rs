@@ -134,7 +134,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         Ok(None) => bind(
             config.listen,
             config.backlog,
-            config.shared() && config.dispatch != Dispatch::Master,
+            config.dispatch != Dispatch::Master && Dispatch::kernel_refusal(&config).is_none(),
         )?,
         Err(e) => return Err(MasterError::SocketActivation(e)),
     };
@@ -258,6 +258,17 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     } else {
         let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
             .map_err(MasterError::Dispatcher)?;
+        // Node workers under kernel dispatch: lb's listener is the group's
+        // anchor, and takes no connection (the program never picks it).
+        if let Some(steering) = steering {
+            info!(
+                "dispatch kernel: a BPF program picks each connection's Node worker ({}); lb \
+                 is off the accept path",
+                config.policy
+            );
+            d.steer_in_kernel(steering);
+            kernel = true;
+        }
         if let Some(timeout) = config.stall_timeout {
             d.watch_stalls(timeout, supervisor::message_cost());
         }

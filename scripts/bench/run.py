@@ -222,12 +222,12 @@ def start_lb_mode(mode, policy="rr", binary="lb", extra=()):
     return start
 
 
-def start_lb_node(policy):
+def start_lb_node(policy, extra=()):
     """lb --mode node in front of the same node-app.js as Node's own primary."""
     def start(ctx, port):
         p = ctx.procs.start(f"lb-node-{policy}", [ctx.lb, "--listen", f"127.0.0.1:{port}",
                                                   "--workers", str(ctx.workers), "--policy", policy,
-                                                  "--mode", "node", "--",
+                                                  "--mode", "node", *extra, "--",
                                                   "node", os.path.join(BENCH, "node-app.js")],
                             backend_env(ctx, PORT=port))
         ready = lambda: open(p.log_path).read().count(": ready") >= ctx.workers
@@ -314,6 +314,7 @@ FRONTS = [
     Front("node-cluster none", "node", start_node("none")),
     Front("lb node rr", "node", start_lb_node("rr")),
     Front("lb node lc", "node", start_lb_node("lc")),
+    Front("lb node kernel", "node", start_lb_node("rr", ("--dispatch", "kernel"))),
     Front("haproxy rr", "haproxy", start_haproxy("roundrobin")),
     Front("haproxy lc", "haproxy", start_haproxy("leastconn")),
     Front("nginx stream", "nginx", start_nginx),

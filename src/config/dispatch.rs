@@ -29,19 +29,28 @@ impl Dispatch {
         }
     }
 
-    /// Why `config` cannot have the kernel pick, if it cannot.
+    /// Why `config` cannot have the kernel pick, if it cannot: the workers
+    /// must accept from listeners of their own, which shared-mode workers
+    /// do (fd 3) and Node workers do when lb answers their `listen()` with
+    /// one (as Node's primary does under `SCHED_NONE`).
     pub fn kernel_refusal(config: &Config) -> Option<String> {
-        if let Some(p) = config.pools.iter().find(|p| p.mode != Mode::Shared) {
+        let first = config.pools.first().map_or(Mode::Shared, |p| p.mode);
+        if let Some(p) = config
+            .pools
+            .iter()
+            .find(|p| !matches!(p.mode, Mode::Shared | Mode::Node) || p.mode != first)
+        {
             return Some(format!(
                 "pool `{}` is mode {}, and the kernel can only hand connections to workers that \
-                 accept from listeners of their own: use mode shared, or --dispatch master",
+                 accept from listeners of their own: use mode shared or node (every pool the \
+                 same), or --dispatch master",
                 p.name, p.mode
             ));
         }
         if config.policy == PolicyKind::LeastConn {
             return Some(
-                "policy least-conn needs close reports, which shared-mode workers do not send: \
-                 use rr or wrr, or --dispatch master"
+                "policy least-conn is not in the kernel's program (it picks by a schedule, not \
+                 by open connections): use rr or wrr, or --dispatch master"
                     .into(),
             );
         }

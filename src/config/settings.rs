@@ -399,8 +399,8 @@ pub const DISPATCH: Setting<super::Dispatch> = Setting {
     spec: Spec {
         value_name: "WHO",
         help: "Who picks each connection's worker: master (lb accepts and hands it on), kernel (a \
-               BPF program steers it to the worker's own listener; shared mode, rr or wrr, root \
-               or CAP_BPF and CAP_NET_ADMIN) or auto (kernel where it can, else master)",
+               BPF program steers it to the worker's own listener; shared or node mode, rr or \
+               wrr, root or CAP_BPF and CAP_NET_ADMIN) or auto (kernel where it can, else master)",
         default: Some("master"),
         file: Some(|f| f.dispatch.clone()),
         ..spec("dispatch", "--dispatch", "LB_DISPATCH")

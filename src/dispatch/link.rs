@@ -63,12 +63,24 @@ impl Link {
             (ChannelKind::Packets, Some(channel), Some(peer)) => {
                 Link::Native(Native { channel, peer })
             }
-            (ChannelKind::Stream, Some(channel), _) => Link::Node(Box::new(NodeLink::new(channel))),
+            (ChannelKind::Stream, Some(channel), _) => {
+                Link::Node(Box::new(NodeLink::new(channel, listener)))
+            }
             (ChannelKind::None, _, _) if mode.relays() => Link::Proxy(Box::new(Probe::new(port))),
             (ChannelKind::None, _, _) => Link::Shared { listener },
             // A native worker without its peer could not be rescued: the
             // caller's bug, loudly.
             _ => panic!("a {mode} worker is attached without its channel or its peer"),
+        }
+    }
+
+    /// Kernel dispatch: the worker's own listener, which the kernel's
+    /// program steers connections to (shared and Node workers).
+    pub fn own_listener(&self) -> Option<&OwnedFd> {
+        match self {
+            Link::Shared { listener } => listener.as_ref(),
+            Link::Node(n) => n.listener.as_ref(),
+            Link::Native(_) | Link::Proxy(_) => None,
         }
     }
 
@@ -85,6 +97,8 @@ impl Link {
     pub fn delivery(&self) -> Delivery {
         match self {
             Link::Native(_) => Delivery::Batch,
+            // Under kernel dispatch a Node worker accepts by itself.
+            Link::Node(n) if n.listener.is_some() => Delivery::Never,
             Link::Node(_) => Delivery::Stepwise,
             Link::Proxy(_) => Delivery::Relay,
             Link::Shared { .. } => Delivery::Never,

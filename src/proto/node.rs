@@ -18,7 +18,9 @@ mod inbound;
 mod outbound;
 
 pub use inbound::{Bad, Head, Line, Lines, Query, parse};
-pub use outbound::{Answer, HANDLE_ACK, NewConn, ack, answer, disconnect, user};
+pub use outbound::{
+    Answer, HANDLE_ACK, NewConn, ack, answer, answer_with_server, disconnect, user,
+};
 
 /// Longest line accepted from a worker; a longer one is discarded whole
 /// and reported, so a worker cannot make the master buffer without bound.

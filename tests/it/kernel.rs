@@ -179,7 +179,10 @@ fn kernel_dispatch_is_refused_where_it_cannot_work() {
         &[],
     );
     assert_eq!(status.code(), Some(2), "{log}");
-    assert!(log.contains("least-conn needs close reports"), "{log}");
+    assert!(
+        log.contains("least-conn is not in the kernel's program"),
+        "{log}"
+    );
     let (status, log) = run_to_exit(&["--dispatch", "fastest"], &[]);
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("use master, kernel or auto"), "{log}");
@@ -222,5 +225,42 @@ fn kernel_dispatch_follows_a_scale_up_and_a_restart() {
             now.contains(&pid_of(&body)),
             "an old worker answered: {body}"
         );
+    }
+}
+
+/// Unmodified Node.js cluster workers under kernel dispatch: lb answers
+/// each worker's `listen()` with a listener of its own (Node's
+/// `SCHED_NONE`), the app accepts by itself, and the program splits new
+/// connections exactly; lb sends no `newconn`.
+#[test]
+fn node_workers_accept_by_themselves_under_kernel_dispatch() {
+    if lb::dispatch::kernel::Steering::new(lb::policy::PolicyKind::RoundRobin).is_err() {
+        eprintln!("skipped: BPF programs cannot be loaded here");
+        return;
+    }
+    for (node, version) in node_binaries() {
+        eprintln!("== Node {version} ({node})");
+        let app = node_app();
+        let lb = Lb::start(
+            &["--workers", "2", "--dispatch", "kernel", "--", &node, &app],
+            &[],
+            2,
+        );
+        lb.wait_log("dispatch kernel:", 1);
+        assert_eq!(split(lb.addr, 2, 200), [100, 100]);
+        let json = lb.ctl(&["status", "--json"]);
+        // No connection went through lb.
+        assert!(json.contains("\"dispatched\": 0"), "{json}");
+        // A worker's death moves nothing it had not accepted: the other
+        // serves every new connection while the slot restarts.
+        let victim = lb.pid_of_slot(0);
+        send_signal(victim, libc::SIGKILL);
+        lb.wait_log(&format!("pid {victim}"), 2);
+        for _ in 0..20 {
+            assert!(
+                try_get(lb.addr, "/").is_ok(),
+                "a request failed after the kill"
+            );
+        }
     }
 }

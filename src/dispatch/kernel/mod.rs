@@ -122,6 +122,34 @@ impl Steering {
     }
 }
 
+impl super::Dispatcher {
+    /// Points the program at each slot's ready worker's own listener (a
+    /// draining or gone one is out). Lifecycle events only.
+    pub(super) fn steer(&mut self) {
+        let Some(steering) = self.steering.as_mut() else {
+            return;
+        };
+        let mut ready = Vec::with_capacity(self.current.len());
+        for (slot, index) in self.current.iter().enumerate() {
+            if let Some(w) = index.and_then(|i| self.workers.get(i))
+                && w.state == super::worker::State::Ready
+                && let Some(listener) = w.link.own_listener()
+            {
+                ready.push((slot, listener.as_fd(), w.weight));
+            }
+        }
+        match steering.steer(&ready) {
+            Ok(()) => steering.failing = false,
+            Err(e) if !std::mem::replace(&mut steering.failing, true) => {
+                self.emit(super::Event::SteeringFailed {
+                    error: e.to_string(),
+                });
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// The order the program walks the eligible slots in: round-robin, each
 /// once; weighted, nginx's smooth weighted round-robin over one period
 /// (the weights' sum, scaled to fit `SCHEDULE_MAX`).

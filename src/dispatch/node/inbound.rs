@@ -158,6 +158,13 @@ impl Dispatcher {
                         port,
                         newconn: NewConn::new(&key),
                     });
+                    // Kernel dispatch: the worker's own listener is its
+                    // server, and it accepts by itself.
+                    if n.listener.is_some() {
+                        let line = node::answer_with_server(seq, reply_seq, &key, &data);
+                        self.node_send_server(index, &line);
+                        return self.sync_view(slot);
+                    }
                 }
                 node::answer(
                     seq,

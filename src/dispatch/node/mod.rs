@@ -82,6 +82,10 @@ pub struct NodeLink {
     disconnect_due: bool,
     /// The worker closed its end.
     eof: bool,
+    /// Kernel dispatch: the worker's own listener, sent as its server
+    /// (Node's `SCHED_NONE`): it accepts its connections itself, and lb
+    /// keeps this copy so what is queued migrates when it dies.
+    pub listener: Option<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -91,9 +95,10 @@ struct Server {
 }
 
 impl NodeLink {
-    pub fn new(channel: OwnedFd) -> NodeLink {
+    pub fn new(channel: OwnedFd, listener: Option<OwnedFd>) -> NodeLink {
         NodeLink {
             channel,
+            listener,
             lines: Lines::new(),
             out: Vec::with_capacity(512),
             server: None,
@@ -109,7 +114,8 @@ impl NodeLink {
     /// Has a server, nothing in flight, nothing unwritten, not backing off.
     #[inline]
     pub fn can_take(&self) -> bool {
-        self.server.is_some()
+        self.listener.is_none()
+            && self.server.is_some()
             && self.flight.is_none()
             && self.out.is_empty()
             && self.refused_until.is_none()
@@ -327,6 +333,47 @@ impl Dispatcher {
             });
         }
         self.sync_view(slot);
+    }
+
+    /// Kernel dispatch: sends the `queryServer` answer `line` with the
+    /// worker's own listener (the fd goes with its first byte; the rest of
+    /// a line a full socket cut short follows from `out`).
+    pub(super) fn node_send_server(&mut self, index: usize, line: &[u8]) {
+        self.node_flush(index);
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid);
+        let Link::Node(n) = &mut w.link else { return };
+        let Some(listener) = n.listener.as_ref() else {
+            return;
+        };
+        let sent = if n.out.is_empty() {
+            scm::send(
+                n.channel.as_fd(),
+                line,
+                &[],
+                Some(listener.as_fd()),
+                Wait::DontWait,
+            )
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        };
+        match sent {
+            Ok(sent) => {
+                n.out.extend_from_slice(&line[sent..]);
+                let more = !n.out.is_empty();
+                self.want_writable(index, more);
+            }
+            Err(e) => self.emit(Event::Note {
+                slot,
+                pid,
+                text: format!(
+                    "cannot send the worker its listener ({e}); it serves nothing until it \
+                     listens again"
+                ),
+            }),
+        }
     }
 
     /// Queues `bytes` after anything unwritten and writes what the socket takes.

@@ -98,6 +98,17 @@ pub enum Answer<'a> {
     Refuse { key: &'a str, errno: i32 },
 }
 
+/// The reply to `queryServer` `ack` that carries the worker's own server
+/// (sent with the listener's fd, as Node's primary does under
+/// `SCHED_NONE`): the worker accepts from it itself.
+pub fn answer_with_server(ack: u64, seq: u64, key: &str, data: &str) -> Vec<u8> {
+    format!(
+        "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{{\"cmd\":\"NODE_CLUSTER\",\
+         \"errno\":null,\"key\":\"{key}\",\"ack\":{ack},\"data\":{data},\"seq\":{seq}}}}}\n"
+    )
+    .into_bytes()
+}
+
 /// The reply to `queryServer` `ack`.
 pub fn answer(ack: u64, seq: u64, answer: &Answer<'_>) -> Vec<u8> {
     let text = match answer {
