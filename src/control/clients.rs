@@ -37,6 +37,8 @@ pub(super) struct Clients<S> {
     next: usize,
     deadline: Duration,
     max: usize,
+    /// When to accept again after accept(2) failed for want of resources.
+    accept_again: Option<Instant>,
 }
 
 impl<S: AsRawFd> Clients<S> {
@@ -47,15 +49,20 @@ impl<S: AsRawFd> Clients<S> {
             next: LISTENER.0 + 1,
             deadline,
             max,
+            accept_again: None,
         }
     }
 
-    /// When the oldest client's time is up.
+    /// When the oldest client's time is up, or accepting is to be tried
+    /// again, whichever is first.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.waiting
             .values()
             .next()
             .map(|w| w.since + self.deadline)
+            .into_iter()
+            .chain(self.accept_again)
+            .min()
     }
 
     /// Registers `stream` (non-blocking already) as a waiting client; its
@@ -118,13 +125,13 @@ fn forget<S: AsRawFd>(registry: &Registry, w: Waiting<S>) -> Waiting<S> {
 /// A server of clients that each send one short request: the control
 /// socket's JSON line, a scrape's HTTP head.
 pub(super) trait Serve {
+    type Stream: AsRawFd;
     fn poll(&mut self) -> &mut Poll;
-    /// When the oldest waiting client's time is up, or accepting is to be
-    /// tried again, whichever is first.
-    fn next_deadline(&self) -> Option<Instant>;
-    /// Accepts what waits (and every so often after a failed accept).
-    fn accept_all(&mut self);
-    fn accept_due(&self) -> bool;
+    fn clients(&mut self) -> &mut Clients<Self::Stream>;
+    /// One accept(2) on the listener.
+    fn accept(&self) -> io::Result<Self::Stream>;
+    /// A new client, just accepted.
+    fn admit(&mut self, stream: Self::Stream);
     /// Reads what a client sent.
     fn progress(&mut self, token: usize);
     /// Lets go of clients whose time is up.
@@ -138,6 +145,7 @@ pub(super) fn run(server: &mut impl Serve) {
     let mut events = Events::with_capacity(64);
     loop {
         let timeout = server
+            .clients()
             .next_deadline()
             .map(|d| d.saturating_duration_since(Instant::now()));
         if let Err(e) = server.poll().poll(&mut events, timeout)
@@ -147,33 +155,39 @@ pub(super) fn run(server: &mut impl Serve) {
         }
         for ev in events.iter() {
             match ev.token() {
-                LISTENER => server.accept_all(),
+                LISTENER => accept_all(server),
                 Token(t) => server.progress(t),
             }
         }
-        if server.accept_due() {
-            server.accept_all();
+        if server
+            .clients()
+            .accept_again
+            .is_some_and(|t| t <= Instant::now())
+        {
+            accept_all(server);
         }
         server.expire();
     }
 }
 
-/// Accepts until there is nothing left: the connections, and when to try
-/// again if accept(2) failed for want of resources (out of fds or memory;
-/// the rest wait in the backlog).
-pub(super) fn accept_all<S>(
-    mut accept: impl FnMut() -> io::Result<S>,
-) -> (Vec<S>, Option<Instant>) {
+/// Accepts until there is nothing left, admitting each; if accept(2)
+/// failed for want of resources (out of fds or memory; the rest wait in the
+/// backlog), when to try again.
+fn accept_all(server: &mut impl Serve) {
     let mut accepted = Vec::new();
-    loop {
-        match accept() {
+    let again = loop {
+        match server.accept() {
             Ok(stream) => accepted.push(stream),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (accepted, None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
             Err(e)
                 if e.kind() == io::ErrorKind::Interrupted
                     || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
-            Err(_) => return (accepted, Some(Instant::now() + ACCEPT_BACKOFF)),
+            Err(_) => break Some(Instant::now() + ACCEPT_BACKOFF),
         }
+    };
+    server.clients().accept_again = again;
+    for stream in accepted {
+        server.admit(stream);
     }
 }
 

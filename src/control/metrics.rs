@@ -28,7 +28,7 @@ use crossbeam_channel::Sender;
 use mio::unix::SourceFd;
 use mio::{Interest, Poll, Waker};
 
-use super::clients::{self, Answering, Clients, LISTENER, Serve as _, answer_on_thread};
+use super::clients::{self, Answering, Clients, LISTENER, answer_on_thread};
 use super::http::{
     Answer, EXPOSITION, Endpoint, MAX_HEAD, Progress, Route, TEXT, read_head, reply_now, route,
 };
@@ -69,7 +69,6 @@ pub fn serve(
         poll,
         listener,
         waiting: Clients::new(HEAD_DEADLINE, MAX_WAITING),
-        accept_again: None,
         requests,
         waker,
         answering: Answering::default(),
@@ -85,31 +84,47 @@ struct Loop {
     poll: Poll,
     listener: TcpListener,
     waiting: Clients<TcpStream>,
-    /// Set when accept(2) failed for want of resources.
-    accept_again: Option<Instant>,
     requests: Sender<Incoming>,
     waker: Arc<Waker>,
     answering: Answering,
 }
 
 impl clients::Serve for Loop {
+    type Stream = TcpStream;
+
     fn poll(&mut self) -> &mut Poll {
         &mut self.poll
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        self.waiting
-            .next_deadline()
-            .into_iter()
-            .chain(self.accept_again)
-            .min()
+    fn clients(&mut self) -> &mut Clients<TcpStream> {
+        &mut self.waiting
     }
 
-    fn accept_all(&mut self) {
-        let (accepted, again) = clients::accept_all(|| self.listener.accept().map(|(s, _)| s));
-        self.accept_again = again;
-        for stream in accepted {
-            self.admit(stream);
+    fn accept(&self) -> io::Result<TcpStream> {
+        self.listener.accept().map(|(s, _)| s)
+    }
+
+    /// A new client: read from at once (it has most likely sent its head
+    /// already), then left to wait for the rest.
+    fn admit(&mut self, stream: TcpStream) {
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
+        if let Some(oldest) = evicted {
+            reply_now(
+                &oldest.stream,
+                &Answer::error(
+                    "408 Request Timeout",
+                    format!(
+                        "{MAX_WAITING} clients were connected without sending a request; the one \
+                         that waited longest (this one) was dropped\n"
+                    ),
+                ),
+            );
+        }
+        if let Some(token) = token {
+            self.progress(token);
         }
     }
 
@@ -157,40 +172,12 @@ impl clients::Serve for Loop {
         }
     }
 
-    fn accept_due(&self) -> bool {
-        self.accept_again.is_some_and(|t| t <= Instant::now())
-    }
-
     fn lost(&self, e: &io::Error) {
         crate::warn!("metrics: epoll failed ({e}); /metrics is no longer served");
     }
 }
 
 impl Loop {
-    /// A new client: read from at once (it has most likely sent its head
-    /// already), then left to wait for the rest.
-    fn admit(&mut self, stream: TcpStream) {
-        if stream.set_nonblocking(true).is_err() {
-            return;
-        }
-        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
-        if let Some(oldest) = evicted {
-            reply_now(
-                &oldest.stream,
-                &Answer::error(
-                    "408 Request Timeout",
-                    format!(
-                        "{MAX_WAITING} clients were connected without sending a request; the one \
-                         that waited longest (this one) was dropped\n"
-                    ),
-                ),
-            );
-        }
-        if let Some(token) = token {
-            self.progress(token);
-        }
-    }
-
     /// Asks the supervisor and writes the answer on a thread of its own.
     fn answer(&self, stream: TcpStream, endpoint: Endpoint, head_only: bool) {
         let Some(place) = self.answering.claim(MAX_ANSWERING) else {

@@ -37,7 +37,7 @@ use crossbeam_channel::Sender;
 use mio::unix::SourceFd;
 use mio::{Interest, Poll, Waker};
 
-use clients::{Answering, Clients, LISTENER, Serve as _, answer_on_thread};
+use clients::{Answering, Clients, LISTENER, answer_on_thread};
 
 /// Longest request accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -199,7 +199,6 @@ impl Server {
             listener,
             own_uid,
             waiting: Clients::new(REQUEST_DEADLINE, MAX_WAITING),
-            accept_again: None,
             requests,
             waker,
             answering: answering.clone(),
@@ -235,8 +234,6 @@ struct Loop {
     listener: UnixListener,
     own_uid: u32,
     waiting: Clients<UnixStream>,
-    /// Set when accept(2) failed for want of resources.
-    accept_again: Option<Instant>,
     requests: Sender<Incoming>,
     waker: Arc<Waker>,
     answering: Answering,
@@ -251,23 +248,51 @@ enum Progress {
 }
 
 impl clients::Serve for Loop {
+    type Stream = UnixStream;
+
     fn poll(&mut self) -> &mut Poll {
         &mut self.poll
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        self.waiting
-            .next_deadline()
-            .into_iter()
-            .chain(self.accept_again)
-            .min()
+    fn clients(&mut self) -> &mut Clients<UnixStream> {
+        &mut self.waiting
     }
 
-    fn accept_all(&mut self) {
-        let (accepted, again) = clients::accept_all(|| self.listener.accept().map(|(s, _)| s));
-        self.accept_again = again;
-        for stream in accepted {
-            self.admit(stream);
+    fn accept(&self) -> io::Result<UnixStream> {
+        self.listener.accept().map(|(s, _)| s)
+    }
+
+    /// A new client: checked, then read from at once (it has most likely
+    /// sent its line already), then left to wait for the rest.
+    fn admit(&mut self, stream: UnixStream) {
+        match peer_uid(&stream) {
+            Ok(uid) if allowed(uid, self.own_uid) => {}
+            Ok(uid) => {
+                return reply_now(
+                    &stream,
+                    Response::error(format!(
+                        "uid {uid} may not control this master (only root and uid {})",
+                        self.own_uid
+                    )),
+                );
+            }
+            Err(_) => return,
+        }
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
+        if let Some(oldest) = evicted {
+            reply_now(
+                &oldest.stream,
+                Response::error(format!(
+                    "{MAX_WAITING} control clients were connected without sending a request; \
+                     the one that waited longest (this one) was dropped"
+                )),
+            );
+        }
+        if let Some(token) = token {
+            self.progress(token);
         }
     }
 
@@ -312,10 +337,6 @@ impl clients::Serve for Loop {
         }
     }
 
-    fn accept_due(&self) -> bool {
-        self.accept_again.is_some_and(|t| t <= Instant::now())
-    }
-
     fn lost(&self, e: &io::Error) {
         crate::info!(
             "control socket: epoll failed ({e}); lb status and stop no longer work, SIGTERM does"
@@ -324,40 +345,6 @@ impl clients::Serve for Loop {
 }
 
 impl Loop {
-    /// A new client: checked, then read from at once (it has most likely
-    /// sent its line already), then left to wait for the rest.
-    fn admit(&mut self, stream: UnixStream) {
-        match peer_uid(&stream) {
-            Ok(uid) if allowed(uid, self.own_uid) => {}
-            Ok(uid) => {
-                return reply_now(
-                    &stream,
-                    Response::error(format!(
-                        "uid {uid} may not control this master (only root and uid {})",
-                        self.own_uid
-                    )),
-                );
-            }
-            Err(_) => return,
-        }
-        if stream.set_nonblocking(true).is_err() {
-            return;
-        }
-        let (token, evicted) = self.waiting.add(self.poll.registry(), stream);
-        if let Some(oldest) = evicted {
-            reply_now(
-                &oldest.stream,
-                Response::error(format!(
-                    "{MAX_WAITING} control clients were connected without sending a request; \
-                     the one that waited longest (this one) was dropped"
-                )),
-            );
-        }
-        if let Some(token) = token {
-            self.progress(token);
-        }
-    }
-
     /// Passes `request` to the supervisor on a thread of its own, which
     /// writes the answer.
     fn answer(&self, stream: UnixStream, request: Request) {
