@@ -206,6 +206,8 @@ impl Dispatcher {
         w.state = State::Draining;
         let slot = w.slot;
         self.sync_view(slot);
+        // (Kernel dispatch: out of the program's schedule before it is told.)
+        self.steer();
         self.send_drain(index);
     }
 
@@ -266,6 +268,7 @@ impl Dispatcher {
             w.state = State::Draining;
         }
         self.sync_view(slot);
+        self.steer();
         self.emit(Event::Leaving { slot, pid });
     }
 

@@ -15,7 +15,6 @@ impl Dispatcher {
         };
         w.drain_sent = true;
         let (slot, pid) = (w.slot, w.pid);
-        self.steer();
         self.emit(Event::Draining { slot, pid });
     }
 }

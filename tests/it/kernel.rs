@@ -262,5 +262,14 @@ fn node_workers_accept_by_themselves_under_kernel_dispatch() {
                 "a request failed after the kill"
             );
         }
+        // A rolling reload: the new workers get their own listeners and
+        // every request is answered.
+        lb.reload(2, 2);
+        for _ in 0..40 {
+            assert!(
+                try_get(lb.addr, "/").is_ok(),
+                "a request failed after the reload"
+            );
+        }
     }
 }
