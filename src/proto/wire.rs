@@ -24,7 +24,13 @@ pub mod kind {
     pub const CONN: u8 = 1;
     /// master → worker: stop taking connections, finish the ones you have, exit.
     pub const DRAIN: u8 = 2;
+    /// master → worker, under kernel dispatch only (`LB_OWN_LISTENER=1`),
+    /// first of all: the worker's own listening socket (exactly one fd),
+    /// which the kernel steers its connections to; the worker accepts from
+    /// it itself.
+    pub const LISTENER: u8 = 3;
     /// worker → master: ready for connections; none is sent before it.
+    /// `value` holds flags ([`super::ready`]).
     pub const READY: u8 = 16;
     /// worker → master: `value` connections have been closed.
     pub const CLOSED: u8 = 17;
@@ -33,8 +39,20 @@ pub mod kind {
     /// worker → master: send the process you started its stop signal (the
     /// accept shim's answer to DRAIN for a server that knows only signals).
     pub const STOP: u8 = 19;
+    /// worker → master, under kernel dispatch: `value` connections were
+    /// accepted from the worker's own listener (least-connections' count,
+    /// with CLOSED).
+    pub const ACCEPTED: u8 = 20;
     /// either way: free-form payload for the application.
     pub const USER: u8 = 32;
+}
+
+/// READY's flags (its `value`). A worker sets only those it means.
+pub mod ready {
+    /// "I accept from the LISTENER you sent me": under kernel dispatch a
+    /// worker without it (one that predates the message) is left out of
+    /// the kernel's schedule, since nobody would accept what it is sent.
+    pub const OWN_LISTENER: u64 = 1;
 }
 
 /// Encodes a header: version, kind, six reserved zero bytes, `value` (u64 LE).
@@ -54,12 +72,19 @@ pub enum Message<'a> {
         id: u64,
     },
     Drain,
-    Ready,
+    /// The worker's own listener (its fd travels beside the message).
+    Listener,
+    Ready {
+        flags: u64,
+    },
     Closed {
         n: u64,
     },
     Leaving,
     Stop,
+    Accepted {
+        n: u64,
+    },
     User(&'a [u8]),
     /// A kind this version does not know: ignored by design (forward compatibility).
     Unknown(u8),
@@ -108,10 +133,12 @@ pub fn parse(buf: &[u8], truncated: bool) -> Result<Message<'_>, Malformed> {
         kind::USER => return Ok(Message::User(payload)),
         kind::CONN => Message::Conn { id: value },
         kind::DRAIN => Message::Drain,
-        kind::READY => Message::Ready,
+        kind::LISTENER => Message::Listener,
+        kind::READY => Message::Ready { flags: value },
         kind::CLOSED => Message::Closed { n: value },
         kind::LEAVING => Message::Leaving,
         kind::STOP => Message::Stop,
+        kind::ACCEPTED => Message::Accepted { n: value },
         other => return Ok(Message::Unknown(other)),
     };
     if !payload.is_empty() {
@@ -163,6 +190,20 @@ mod tests {
         assert_eq!(
             parse(&extra, false),
             Err(Malformed::UnexpectedPayload(kind::READY))
+        );
+    }
+
+    #[test]
+    fn ready_carries_its_flags() {
+        assert_eq!(
+            parse(&header(kind::READY, ready::OWN_LISTENER), false),
+            Ok(Message::Ready {
+                flags: ready::OWN_LISTENER
+            })
+        );
+        assert_eq!(
+            parse(&header(kind::ACCEPTED, 3), false),
+            Ok(Message::Accepted { n: 3 })
         );
     }
 

@@ -391,7 +391,7 @@ mod tests {
     impl KindOf for Message<'_> {
         fn to_owned_kind(&self) -> u8 {
             match self {
-                Message::Ready => kind::READY,
+                Message::Ready { .. } => kind::READY,
                 Message::Closed { .. } => kind::CLOSED,
                 _ => 0,
             }

@@ -149,7 +149,8 @@ impl Dispatcher {
         let complaint = |error| Event::Malformed { slot, pid, error };
         match message {
             Ok(Message::Closed { n }) => self.closed(index, slot, n),
-            Ok(Message::Ready) => self.ready(index, slot, pid),
+            Ok(Message::Ready { .. }) => self.ready(index, slot, pid),
+            Ok(Message::Accepted { .. }) => {}
             Ok(Message::Leaving) => self.leaving(index, slot, pid),
             // Once per process: a worker that repeats it makes no more work.
             Ok(Message::Stop) => {
@@ -166,6 +167,9 @@ impl Dispatcher {
             Ok(Message::Unknown(_)) => {}
             Ok(Message::Conn { .. }) => self.emit(complaint(Malformed::WrongDirection(kind::CONN))),
             Ok(Message::Drain) => self.emit(complaint(Malformed::WrongDirection(kind::DRAIN))),
+            Ok(Message::Listener) => {
+                self.emit(complaint(Malformed::WrongDirection(kind::LISTENER)))
+            }
             Err(error) => self.emit(complaint(error)),
         }
     }
