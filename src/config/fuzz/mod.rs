@@ -221,7 +221,9 @@ fn random_configurations_never_panic_and_refusals_are_one_line() {
                 accepted += 1;
                 check_accepted(&config, &case);
                 // The checks at start, on paths of this test's own.
+                // (Preflight creates the log files: never in the cwd.)
                 config.worker_log = rng.pick(&logs).clone();
+                config.log_file = rng.pick(&logs).clone();
                 let control = rng.pick(&sockets).clone();
                 let open_files = Some(1 << rng.below(24));
                 let checked = catch_unwind(AssertUnwindSafe(|| {
