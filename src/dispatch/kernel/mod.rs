@@ -59,8 +59,12 @@ pub struct Steering {
     pub dirty: bool,
     /// When the schedule was last computed.
     pub steered_at: Instant,
-    /// The schedule last written, so an unchanged one is not written again.
+    /// The schedule last written, so an unchanged one is not written again,
+    /// and the next one (both kept: a least-connections refresh allocates
+    /// nothing).
     written: Vec<u32>,
+    next: Vec<u32>,
+    views: Vec<WorkerView>,
     /// Least-connections: connections the workers reported accepting since
     /// the last schedule, the guess at how many the next one must cover.
     pub arrivals: u64,
@@ -99,7 +103,9 @@ impl Steering {
             failing: false,
             dirty: false,
             steered_at: Instant::now(),
-            written: Vec::new(),
+            written: Vec::with_capacity(SCHEDULE_MAX),
+            next: Vec::with_capacity(SCHEDULE_MAX),
+            views: Vec::with_capacity(slots),
             arrivals: 0,
             lc: LeastConn::default(),
         })
@@ -114,14 +120,17 @@ impl Steering {
     /// the policy's order. New sockets are placed before the schedule names
     /// them, and old ones removed only after it no longer does, so a pick
     /// never finds an empty slot.
-    pub fn steer(&mut self, targets: &[Target<'_>]) -> io::Result<()> {
+    pub fn steer<'a>(
+        &mut self,
+        targets: impl Iterator<Item = Target<'a>> + Clone,
+    ) -> io::Result<()> {
         self.dirty = false;
         self.steered_at = Instant::now();
-        let max = targets.iter().map(|t| t.slot + 1).max().unwrap_or(0);
+        let max = targets.clone().map(|t| t.slot + 1).max().unwrap_or(0);
         if max > self.placed.len() {
             return Err(io::Error::other("a slot beyond the sockarray"));
         }
-        for t in targets {
+        for t in targets.clone() {
             let inode = nix::sys::stat::fstat(t.listener)?.st_ino;
             if self.placed[t.slot] != Some(inode) {
                 let raw = t.listener.as_raw_fd() as u64;
@@ -129,36 +138,36 @@ impl Steering {
                 self.placed[t.slot] = Some(inode);
             }
         }
-        let mut views = vec![WorkerView::default(); max];
-        for t in targets {
-            views[t.slot] = WorkerView {
+        self.views.clear();
+        self.views.resize(max, WorkerView::default());
+        for t in targets.clone() {
+            self.views[t.slot] = WorkerView {
                 eligible: true,
                 weight: t.weight,
                 active: u32::try_from(t.active).unwrap_or(u32::MAX),
             };
         }
-        let order = match self.policy {
+        match self.policy {
             PolicyKind::LeastConn => {
                 let picks = std::mem::take(&mut self.arrivals);
-                least_conn(&mut self.lc, &mut views, picks)
+                least_conn(&mut self.lc, &mut self.views, picks, &mut self.next);
             }
-            policy => schedule(policy, &views),
-        };
-        if order != self.written {
+            policy => self.next = schedule(policy, &self.views),
+        }
+        if self.next != self.written {
             // The entries first, then the length that makes them visible.
-            self.written.clear();
-            for (k, slot) in order.iter().enumerate() {
+            for (k, slot) in self.next.iter().enumerate() {
                 bpf::map_set(self.schedule.as_fd(), 1 + k as u32, &slot.to_ne_bytes())?;
             }
             bpf::map_set(
                 self.schedule.as_fd(),
                 0,
-                &(order.len() as u32).to_ne_bytes(),
+                &(self.next.len() as u32).to_ne_bytes(),
             )?;
-            self.written = order;
+            std::mem::swap(&mut self.next, &mut self.written);
         }
         for slot in 0..self.placed.len() {
-            if self.placed[slot].is_some() && !targets.iter().any(|t| t.slot == slot) {
+            if self.placed[slot].is_some() && !targets.clone().any(|t| t.slot == slot) {
                 bpf::map_delete(self.sockets.as_fd(), slot as u32)?;
                 self.placed[slot] = None;
             }
@@ -175,29 +184,29 @@ impl super::Dispatcher {
             return;
         };
         let lc = steering.policy == PolicyKind::LeastConn;
-        let mut ready = Vec::with_capacity(self.current.len());
-        for (slot, index) in self.current.iter().enumerate() {
-            if let Some(w) = index.and_then(|i| self.workers.get(i))
-                && w.state == super::worker::State::Ready
-                && let Some(listener) = w.link.own_listener()
-            {
-                // What it holds, and what waits for it: a worker that
-                // stopped accepting looks ever busier.
-                let active = if lc {
-                    let queued = crate::sys::accept_queue(listener.as_fd()).unwrap_or(0);
-                    super::link::Link::active(w, true).unwrap_or(0) + u64::from(queued)
-                } else {
-                    0
-                };
-                ready.push(Target {
-                    slot,
-                    listener: listener.as_fd(),
-                    weight: w.weight,
-                    active,
-                });
+        let workers = &self.workers;
+        let ready = self.current.iter().enumerate().filter_map(|(slot, index)| {
+            let w = workers.get((*index)?)?;
+            let listener = w.link.own_listener()?;
+            if w.state != super::worker::State::Ready {
+                return None;
             }
-        }
-        match steering.steer(&ready) {
+            // What it holds, and what waits for it: a worker that stopped
+            // accepting looks ever busier.
+            let active = if lc {
+                let queued = crate::sys::accept_queue(listener.as_fd()).unwrap_or(0);
+                super::link::Link::active(w, true).unwrap_or(0) + u64::from(queued)
+            } else {
+                0
+            };
+            Some(Target {
+                slot,
+                listener: listener.as_fd(),
+                weight: w.weight,
+                active,
+            })
+        });
+        match steering.steer(ready) {
             Ok(()) => steering.failing = false,
             Err(e) if !std::mem::replace(&mut steering.failing, true) => {
                 self.emit(super::Event::SteeringFailed {
@@ -232,18 +241,17 @@ pub fn schedule(policy: PolicyKind, views: &[WorkerView]) -> Vec<u32> {
 /// many: they fill the least loaded up first, then go round. (When more
 /// come than it covers before the next refresh, the program starts it
 /// over.)
-pub fn least_conn(lc: &mut LeastConn, views: &mut [WorkerView], picks: u64) -> Vec<u32> {
+pub fn least_conn(lc: &mut LeastConn, views: &mut [WorkerView], picks: u64, out: &mut Vec<u32>) {
     let eligible = views.iter().filter(|v| v.eligible).count().max(1);
     let most = (SCHEDULE_MAX / 4).min(65_536 / eligible).max(1);
     let picks = usize::try_from(picks).unwrap_or(usize::MAX).clamp(1, most);
-    let mut out = Vec::with_capacity(picks);
+    out.clear();
     while out.len() < picks
         && let Some(slot) = lc.pick(views)
     {
         views[slot.0].active = views[slot.0].active.saturating_add(1);
         out.push(slot.0 as u32);
     }
-    out
 }
 
 /// nginx's smooth weighted round-robin over one period of `weighted`
@@ -362,19 +370,23 @@ mod tests {
     #[test]
     fn least_conn_fills_the_least_loaded_first_then_goes_round() {
         let mut lc = LeastConn::default();
+        let mut run = |v: &mut Vec<WorkerView>, picks| {
+            let mut out = Vec::new();
+            least_conn(&mut lc, v, picks, &mut out);
+            out
+        };
         let mut v = views(&[Some(1), Some(1), None]);
         v[0].active = 3;
-        assert_eq!(least_conn(&mut lc, &mut v.clone(), 1), [1]);
-        assert_eq!(least_conn(&mut lc, &mut v.clone(), 0), [1], "at least one");
-        assert_eq!(least_conn(&mut lc, &mut v, 5), [1, 1, 1, 0, 1]);
+        assert_eq!(run(&mut v.clone(), 1), [1]);
+        assert_eq!(run(&mut v.clone(), 0), [1], "at least one");
+        assert_eq!(run(&mut v, 5), [1, 1, 1, 0, 1]);
+        // Nobody ready: nothing to pick.
+        assert!(run(&mut views(&[None, None]), 4).is_empty());
         // Weights: twice the weight, twice the share once loads are equal.
         let mut v = views(&[Some(2), Some(1)]);
-        assert_eq!(
-            least_conn(&mut LeastConn::default(), &mut v, 6),
-            [0, 1, 0, 1, 0, 0]
-        );
-        // Nobody ready: nothing to pick.
-        assert!(least_conn(&mut lc, &mut views(&[None, None]), 4).is_empty());
+        let mut out = Vec::new();
+        least_conn(&mut LeastConn::default(), &mut v, 6, &mut out);
+        assert_eq!(out, [0, 1, 0, 1, 0, 0]);
     }
 
     /// The program in the kernel: 300 connections over three listeners are
@@ -397,7 +409,7 @@ mod tests {
         let listeners: Vec<TcpListener> = (0..3)
             .map(|_| TcpListener::from(slot_listener(addr, 1024).unwrap()))
             .collect();
-        let all: Vec<_> = listeners
+        let all: Vec<Target<'_>> = listeners
             .iter()
             .enumerate()
             .map(|(slot, l)| Target {
@@ -407,7 +419,7 @@ mod tests {
                 active: 0,
             })
             .collect();
-        steering.steer(&all).unwrap();
+        steering.steer(all.iter().copied()).unwrap();
         let clients: Vec<TcpStream> = (0..300)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
@@ -422,9 +434,9 @@ mod tests {
         drop(clients);
 
         // Slot 0 alone takes 50; then it leaves the schedule and closes.
-        steering.steer(&all[..1]).unwrap();
+        steering.steer(all[..1].iter().copied()).unwrap();
         let queued: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        steering.steer(&all[1..]).unwrap();
+        steering.steer(all[1..].iter().copied()).unwrap();
         let mut listeners = listeners;
         drop(listeners.remove(0));
         let moved: usize = listeners.iter().map(taken).sum();
