@@ -14,9 +14,6 @@ use super::conn::ignore_gone;
 use super::{Conn, FD_RESERVE, Incoming, Reporter, WorkerError, open_files, open_files_limit};
 use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
 
-/// `1` when lb dispatches in the kernel: a LISTENER comes first.
-const OWN_LISTENER: &str = "LB_OWN_LISTENER";
-
 /// The worker's end of the channel (and, under kernel dispatch, its own
 /// listener).
 #[derive(Debug)]
@@ -75,7 +72,7 @@ impl Listener {
         listener.drain_timeout = drain_timeout;
         // Nothing reads them: not sending them saves the master's CPU.
         listener.reporter.enabled = std::env::var(env::REPORT_CLOSED).as_deref() != Ok("0");
-        if std::env::var(OWN_LISTENER).as_deref() == Ok("1") {
+        if std::env::var(env::OWN_LISTENER).as_deref() == Ok("1") {
             listener.take_own_listener()?;
         }
         Ok(listener)
