@@ -4,6 +4,9 @@
 //! root (or CAP_BPF and CAP_NET_ADMIN): elsewhere the tests say so and skip.
 
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::util::load::{Load, Style, reloads_under_load};
 use crate::util::*;
@@ -160,12 +163,14 @@ fn a_rolling_reload_under_kernel_dispatch_loses_nothing() {
     if !bpf() {
         return;
     }
-    let lb = start("bundled", "rr");
-    for (style, generations) in [(Style::KeepAlive, 2..=3), (Style::Close, 4..=5)] {
-        let tally = reloads_under_load(&lb, 8, style, 2, generations);
-        assert_eq!(tally.failed, 0, "{style:?}: {:?}", tally.first);
+    for which in ["bundled", "hello.c", "hello.py"] {
+        let lb = start(which, "rr");
+        for (style, generations) in [(Style::KeepAlive, 2..=4), (Style::Close, 5..=7)] {
+            let tally = reloads_under_load(&lb, 8, style, 2, generations);
+            assert_eq!(tally.failed, 0, "{which}, {style:?}: {:?}", tally.first);
+        }
+        assert_clean(&lb, which);
     }
-    assert_clean(&lb, "reloads");
 }
 
 /// Only what the killed worker had accepted can fail; what was queued in
@@ -202,4 +207,101 @@ fn a_worker_that_ignores_its_listener_gets_no_connections() {
     assert_eq!(split(lb.addr, 2, 60), [0, 60]);
     let tally = Load::start(lb.addr, 4, Style::Close, Some(200)).finish();
     assert_eq!((tally.ok, tally.failed), (200, 0), "{:?}", tally.first);
+}
+
+/// The benchmark backend (`scripts/bench/backend.c`) batches ACCEPTED and
+/// CLOSED per loop: least-connections' counts come back to 0 and nothing
+/// is out of order.
+#[test]
+fn the_bench_backend_reports_in_order_under_kernel_dispatch() {
+    if !bpf() {
+        return;
+    }
+    let backend = scratch("kernel-native-backend").join("backend");
+    let status = Command::new("gcc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&backend)
+        .arg(repo().join("scripts/bench/backend.c"))
+        .status()
+        .expect("gcc is needed to build scripts/bench/backend.c");
+    assert!(status.success(), "scripts/bench/backend.c did not compile");
+    let backend = backend.to_str().unwrap();
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "2",
+            "--dispatch",
+            "kernel",
+            "--policy",
+            "lc",
+            "--",
+            backend,
+        ],
+        &[],
+        2,
+    );
+    assert_loads_fail_nothing(&lb, "backend");
+    lb.wait_all_closed();
+    assert_clean(&lb, "backend");
+}
+
+/// Near its open-files limit a worker accepts no more (it would get no fd,
+/// or fail): what the kernel steers to it waits in its listener's queue,
+/// and is served once held connections close. Nothing is lost.
+#[test]
+fn a_worker_at_its_fd_limit_leaves_connections_queued_not_lost() {
+    if !bpf() || !installed("prlimit", "the kernel-dispatch fd-limit test") {
+        return;
+    }
+    let dir = scratch("kernel-native-nofile");
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "[[pool]]\nname = \"tight\"\ncommand = \"prlimit\"\n\
+             args = [\"--nofile=32\", \"{}\", \"hello-worker\"]\ncount = 1\n",
+            lb_bin()
+        ),
+    );
+    let lb = Lb::start(&["--config", &config, "--dispatch", "kernel"], &[], 1);
+    // 24 kept-alive clients: more than 32 files minus the reserve can hold.
+    const CLIENTS: usize = 24;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Arc::new(std::sync::Mutex::new(released));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (addr, answered, released) =
+                (lb.addr, Arc::clone(&answered), Arc::clone(&released));
+            std::thread::spawn(move || {
+                let mut c = KeepAlive::open(addr);
+                let body = c.get("/");
+                answered.fetch_add(1, Ordering::Relaxed);
+                // Held until the test lets one go.
+                let _ = released.lock().unwrap().recv_timeout(WAIT);
+                body
+            })
+        })
+        .collect();
+    lb.wait_log("near the limit of 32 open files", 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while answered.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let held = answered.load(Ordering::Relaxed);
+    assert!(
+        (1..CLIENTS).contains(&held),
+        "{held} of {CLIENTS} answered at the limit"
+    );
+    // Let them go one by one: each close makes room for one that waits.
+    for _ in 0..CLIENTS {
+        release.send(()).unwrap();
+    }
+    for c in clients {
+        let body = c.join().expect("a client failed");
+        assert_eq!(slot_of(&body), 0);
+    }
+    assert_eq!(answered.load(Ordering::Relaxed), CLIENTS);
+    assert_clean(&lb, "fd limit");
 }
