@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::poll::PollTimeout;
+use nix::sys::socket::{getsockopt, sockopt};
+
 use super::conn::ignore_gone;
 use super::{Conn, FD_RESERVE, Incoming, Reporter, WorkerError, open_files, open_files_limit};
 use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
@@ -96,7 +99,6 @@ impl Listener {
             return Err(WorkerError::NoListener(why));
         }
         let listener = got.fds.take_first().expect("one fd");
-        use nix::sys::socket::{getsockopt, sockopt};
         if getsockopt(&listener, sockopt::AcceptConn) != Ok(true) {
             return Err(WorkerError::NoListener(
                 "its fd is not a listening socket".into(),
@@ -399,15 +401,13 @@ impl Listener {
             return;
         };
         if let Some(registry) = self.registry.take() {
-            // Before the close: epoll registers the socket, which the
-            // master's copy keeps open.
+            // Before it closes (as `own` drops): epoll registers the
+            // socket, which the master's copy may keep open.
             let _ = mio::event::Source::deregister(&mut own, &registry);
         }
         let _ = nix::sys::socket::shutdown(own.as_raw_fd(), nix::sys::socket::Shutdown::Read);
     }
 }
-
-use nix::poll::PollTimeout;
 
 /// Waits until `fd` (or `also`) is readable, or `timeout`; whether one is.
 fn readable(
@@ -752,7 +752,6 @@ mod tests {
         master.send(kind::DRAIN);
         assert!(matches!(l.next(Wait::Block).unwrap(), Incoming::Drain));
         assert!(!l.owns_listener());
-        use nix::sys::socket::{getsockopt, sockopt};
         assert_eq!(getsockopt(&master.tcp, sockopt::AcceptConn), Ok(false));
         let refused = TcpStream::connect(master.tcp.local_addr().unwrap());
         assert!(refused.is_err(), "still listening after DRAIN");
