@@ -453,6 +453,9 @@ fn accept_retries(e: &io::Error) -> bool {
         )
 }
 
+/// The channel's fd. Under kernel dispatch connections arrive on the own
+/// listener, not here: a poller should take the `mio::event::Source`,
+/// which registers both.
 impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         self.chan.as_raw_fd()
@@ -830,5 +833,58 @@ mod tests {
         let mut l = Listener::from_fd(worker, 0, 1);
         let e = l.take_own_listener().unwrap_err().to_string();
         assert!(e.contains("closed the channel"), "{e}");
+    }
+
+    /// Connections closed on other threads while more are accepted: at no
+    /// point has the master heard of more closes than accepts (it counts
+    /// that as a protocol error), and in the end of every one of each.
+    #[test]
+    fn no_close_overtakes_its_accept_across_threads() {
+        const N: u64 = 300;
+        let (master, mut l) = FakeMaster::start();
+        let addr = master.tcp.local_addr().unwrap();
+        let chan = master.chan.try_clone().unwrap();
+        let hearer = std::thread::spawn(move || {
+            let (mut accepted, mut closed) = (0u64, 0u64);
+            let mut buf = [0u8; MAX_MESSAGE];
+            while closed < N {
+                let got = scm::recv(chan.as_fd(), &mut buf, Wait::Block).unwrap();
+                match wire::parse(&buf[..got.len], false).unwrap() {
+                    Message::Accepted { n } => accepted += n,
+                    Message::Closed { n } => closed += n,
+                    _ => {}
+                }
+                assert!(closed <= accepted, "{closed} closed of {accepted} accepted");
+            }
+            accepted
+        });
+        let connector = std::thread::spawn(move || {
+            for _ in 0..N {
+                drop(TcpStream::connect(addr).unwrap());
+            }
+        });
+        let (to_closers, from_acceptor) = std::sync::mpsc::channel::<Conn>();
+        let from_acceptor = Arc::new(Mutex::new(from_acceptor));
+        let closers: Vec<_> = (0..4)
+            .map(|_| {
+                let from = Arc::clone(&from_acceptor);
+                std::thread::spawn(move || {
+                    loop {
+                        let next = from.lock().unwrap().recv();
+                        let Ok(conn) = next else { return };
+                        drop(conn);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..N {
+            to_closers.send(l.accept().unwrap().unwrap()).unwrap();
+        }
+        drop(to_closers);
+        for c in closers {
+            c.join().unwrap();
+        }
+        connector.join().unwrap();
+        assert_eq!(hearer.join().unwrap(), N);
     }
 }
