@@ -188,18 +188,7 @@ while True:
 /// would; round-robin would give it half.
 #[test]
 fn kernel_least_conn_steers_around_a_slow_worker() {
-    let dir = scratch("kernel-lc");
-    let script = dir.join("native.py");
-    std::fs::write(&script, NATIVE).unwrap();
-    let config = write_config(
-        &dir,
-        "lb.toml",
-        &format!(
-            "[[pool]]\nname = \"web\"\ncommand = \"python3\"\nargs = [\"{}\"]\ncount = 2\n",
-            script.display()
-        ),
-    );
-    let Some(lb) = kernel_lb(&config, &["--policy", "lc"], &[("SLOW", "1")], 2) else {
+    let Some(lb) = native_lb("kernel-lc", "lc", &[("SLOW", "1")]) else {
         return;
     };
     // 4 clients, 15 requests each, one at a time.
@@ -229,6 +218,49 @@ fn kernel_least_conn_steers_around_a_slow_worker() {
         per_slot[1] <= 20,
         "the slow worker got {per_slot:?} (rr gives it half)"
     );
+}
+
+/// Starts two NATIVE workers under kernel dispatch with `policy`.
+fn native_lb(name: &str, policy: &str, env: &[(&str, &str)]) -> Option<Lb> {
+    let dir = scratch(name);
+    let script = dir.join("native.py");
+    std::fs::write(&script, NATIVE).unwrap();
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "[[pool]]\nname = \"web\"\ncommand = \"python3\"\nargs = [\"{}\"]\ncount = 2\n",
+            script.display()
+        ),
+    );
+    kernel_lb(&config, &["--policy", policy], env, 2)
+}
+
+/// A worker that stops accepting (SIGSTOP) says nothing, but its accept
+/// queue grows: least-connections sees it and sends the rest elsewhere.
+/// What was queued for it is served once it runs again.
+#[test]
+fn kernel_least_conn_steers_around_a_worker_that_stopped_accepting() {
+    let Some(lb) = native_lb("kernel-lc-stuck", "lc", &[]) else {
+        return;
+    };
+    let stuck = lb.pid_of_slot(1);
+    send_signal(stuck, libc::SIGSTOP);
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            let addr = lb.addr;
+            std::thread::spawn(move || try_get(addr, "/").map(|b| slot_of(&b)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(stuck, libc::SIGCONT);
+    let mut per_slot = [0; 2];
+    for c in clients {
+        per_slot[c.join().unwrap().expect("every request is answered")] += 1;
+    }
+    eprintln!("split with slot 1 stopped: {per_slot:?}");
+    assert!(per_slot[1] <= 4, "the stopped worker got {per_slot:?}");
 }
 
 /// After a rolling reload every new connection goes to the new workers
