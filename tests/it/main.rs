@@ -9,6 +9,7 @@ mod drain;
 mod faults;
 mod health;
 mod kernel;
+mod kernel_native;
 mod limits;
 mod logs;
 mod node;
