@@ -153,7 +153,7 @@ mod tests {
         let mut got = scm::recv(worker.as_fd(), &mut buf, Wait::Block).unwrap();
         assert_eq!(
             wire::parse(&buf[..got.len], got.truncated),
-            Ok(Message::Conn { id: 42 })
+            Ok(Message::Conn { id: 42, peer: b"" })
         );
         assert_eq!(got.fds.len(), 1);
         let mut stream = TcpStream::from(got.fds.take_first().unwrap());
@@ -269,7 +269,10 @@ mod batch_tests {
             let mut got = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait).unwrap();
             assert_eq!(
                 wire::parse(&buf[..got.len], false),
-                Ok(Message::Conn { id: 10 + i as u64 })
+                Ok(Message::Conn {
+                    id: 10 + i as u64,
+                    peer: b""
+                })
             );
             let stream = TcpStream::from(got.fds.take_first().unwrap());
             // The i-th fd is the i-th client's connection.

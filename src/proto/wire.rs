@@ -20,7 +20,10 @@ pub const MAX_PAYLOAD: usize = MAX_MESSAGE - HEADER_LEN;
 /// Message kinds. Master → worker kinds are below 16, worker → master kinds
 /// from 16 up; user messages travel both ways.
 pub mod kind {
-    /// master → worker: one accepted TCP connection (exactly one fd attached).
+    /// master → worker: one accepted TCP connection (exactly one fd
+    /// attached); its payload, if any, is the client's address from a
+    /// PROXY protocol header (`IP:port` text), sent only to a worker whose
+    /// READY said [`super::ready::PEER_ADDRESS`].
     pub const CONN: u8 = 1;
     /// master → worker: stop taking connections, finish the ones you have, exit.
     pub const DRAIN: u8 = 2;
@@ -53,6 +56,10 @@ pub mod ready {
     /// worker without it (one that predates the message) is left out of
     /// the kernel's schedule, since nobody would accept what it is sent.
     pub const OWN_LISTENER: u64 = 1;
+    /// "A CONN may carry the client's address" (its payload, from a PROXY
+    /// protocol header). Without it a worker is sent CONNs without payload
+    /// even behind a balancer that sends PROXY headers, as before.
+    pub const PEER_ADDRESS: u64 = 2;
 }
 
 /// Encodes a header: version, kind, six reserved zero bytes, `value` (u64 LE).
@@ -67,9 +74,12 @@ pub const fn header(kind: u8, value: u64) -> [u8; HEADER_LEN] {
 /// One decoded message. `payload` borrows the receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Message<'a> {
-    /// A connection; `id` is the master's sequence number for it.
+    /// A connection; `id` is the master's sequence number for it, `peer`
+    /// the client's address from a PROXY header (`IP:port`; empty when
+    /// lb has none: no header, or a LOCAL one).
     Conn {
         id: u64,
+        peer: &'a [u8],
     },
     Drain,
     /// The worker's own listener (its fd travels beside the message).
@@ -131,7 +141,12 @@ pub fn parse(buf: &[u8], truncated: bool) -> Result<Message<'_>, Malformed> {
     let payload = &buf[HEADER_LEN..];
     let msg = match kind {
         kind::USER => return Ok(Message::User(payload)),
-        kind::CONN => Message::Conn { id: value },
+        kind::CONN => {
+            return Ok(Message::Conn {
+                id: value,
+                peer: payload,
+            });
+        }
         kind::DRAIN => Message::Drain,
         kind::LISTENER => Message::Listener,
         kind::READY => Message::Ready { flags: value },
@@ -163,7 +178,16 @@ mod tests {
         );
         assert_eq!(
             parse(&header(kind::CONN, 7), false),
-            Ok(Message::Conn { id: 7 })
+            Ok(Message::Conn { id: 7, peer: b"" })
+        );
+        let mut with_peer = header(kind::CONN, 8).to_vec();
+        with_peer.extend_from_slice(b"203.0.113.7:4242");
+        assert_eq!(
+            parse(&with_peer, false),
+            Ok(Message::Conn {
+                id: 8,
+                peer: b"203.0.113.7:4242"
+            })
         );
     }
 
