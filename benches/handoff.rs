@@ -51,6 +51,9 @@ fn handoff(c: &mut Criterion) {
             Kind::Native => policy.name().to_string(),
             Kind::Node => format!("node/{}", policy.name()),
             Kind::Proxy => format!("proxy/{}", policy.name()),
+            Kind::Kernel => {
+                unreachable!("not here: under kernel dispatch the master hands out nothing")
+            }
         };
         // Until both workers are ready and one connection went through.
         let first = TcpStream::connect(addr).unwrap();

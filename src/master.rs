@@ -236,39 +236,20 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
                 config.policy
             );
         }
-        let (mut d, h) =
-            Dispatcher::without_listener(local, config.policy, config.slots(), notifier)
-                .map_err(MasterError::Dispatcher)?;
-        if let Some(steering) = steering {
-            info!(
-                "dispatch kernel: a BPF program picks each connection's worker ({}); lb is off \
-                 the accept path",
-                config.policy
-            );
-            d.steer_in_kernel(steering);
-            kernel = true;
-        }
+        let d = Dispatcher::without_listener(local, config.policy, config.slots(), notifier)
+            .map_err(MasterError::Dispatcher)?;
         // The workers' own accept() calls are blocking or not as each
         // server likes: the flag belongs to the socket they all share, and
         // a textbook blocking server would get EAGAIN from lb's choice.
         listener
             .set_nonblocking(false)
             .map_err(MasterError::ListenerAddress)?;
-        (d, h, Some(std::os::fd::OwnedFd::from(listener)))
+        (d.0, d.1, Some(std::os::fd::OwnedFd::from(listener)))
     } else {
+        // Under kernel dispatch lb's listener is the group's anchor, and
+        // takes no connection (the program never picks it).
         let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
             .map_err(MasterError::Dispatcher)?;
-        // Node workers under kernel dispatch: lb's listener is the group's
-        // anchor, and takes no connection (the program never picks it).
-        if let Some(steering) = steering {
-            info!(
-                "dispatch kernel: a BPF program picks each connection's Node worker ({}); lb \
-                 is off the accept path",
-                config.policy
-            );
-            d.steer_in_kernel(steering);
-            kernel = true;
-        }
         if let Some(timeout) = config.stall_timeout {
             d.watch_stalls(timeout, supervisor::message_cost());
         }
@@ -282,6 +263,15 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         }
         (d, h, None)
     };
+    if let Some(steering) = steering {
+        info!(
+            "dispatch kernel: a BPF program picks each connection's worker ({}); lb is off the \
+             accept path",
+            config.policy
+        );
+        dispatcher.steer_in_kernel(steering);
+        kernel = true;
+    }
     let thread = std::thread::Builder::new()
         .name("lb-dispatch".into())
         .spawn(move || dispatcher.run())

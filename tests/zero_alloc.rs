@@ -146,3 +146,55 @@ fn dispatch_allocates_nothing_per_connection() {
         );
     }
 }
+
+/// Kernel dispatch: the master hands out nothing, but under
+/// least-connections it reads every worker's ACCEPTED and CLOSED reports
+/// and refreshes the program's schedule each millisecond they come; none
+/// of that may allocate either. Skipped (said) where BPF cannot be loaded.
+#[test]
+fn kernel_dispatch_allocates_nothing_per_connection() {
+    for policy in [PolicyKind::LeastConn, PolicyKind::RoundRobin] {
+        let Some(mut rig) = Rig::kernel(policy, WORKERS) else {
+            return;
+        };
+        rig.dispatcher
+            .watch_stalls(std::time::Duration::from_secs(30), 768);
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&received);
+        let serve = move |mut s: TcpStream| {
+            s.set_nonblocking(false).unwrap();
+            let _ = s.write_all(b"!");
+            counter.fetch_add(1, Ordering::Relaxed);
+        };
+        let workers = rig.serve(Kind::Kernel, WORKERS, serve);
+        let running = rig.spawn(|| COUNTED.with(|c| c.set(true)));
+        for _ in 0..WORKERS {
+            running.events_until(|e| matches!(e, lb::dispatch::Event::Ready { .. }));
+        }
+        let (warmup, measured) = (2_000, 20_000);
+        connections(running.addr, warmup);
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        connections(running.addr, measured);
+        let after = ALLOCATIONS.load(Ordering::Relaxed);
+        // Every connection was reported (the reports were read).
+        let total = warmup + measured;
+        let snapshot = running.snapshot_until("every ACCEPTED read", |s| {
+            policy != PolicyKind::LeastConn
+                || s.workers.iter().map(|w| w.total).sum::<u64>() == total as u64
+        });
+        let stats = running.shutdown(workers);
+        assert_eq!(received.load(Ordering::Relaxed) as usize, total);
+        assert_eq!(stats.dispatched, 0, "the master handed out nothing");
+        let split: Vec<u64> = snapshot.workers.iter().map(|w| w.total).collect();
+        eprintln!(
+            "{policy} (kernel): {} allocations on the dispatch thread over {measured} \
+             connections (reported per worker: {split:?})",
+            after - before
+        );
+        assert_eq!(
+            after - before,
+            0,
+            "{policy} (kernel): the dispatch thread allocated over {measured} connections"
+        );
+    }
+}

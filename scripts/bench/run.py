@@ -172,11 +172,11 @@ def start_reuseport(ctx, port):
     return []
 
 
-def start_lb(policy, binary="lb"):
+def start_lb(policy, binary="lb", extra=()):
     def start(ctx, port):
         p = ctx.procs.start(f"{binary}-{policy}", [getattr(ctx, binary), "--listen", f"127.0.0.1:{port}",
                                              "--workers", str(ctx.workers), "--policy", policy,
-                                             "--", ctx.backend], backend_env(ctx))
+                                             *extra, "--", ctx.backend], backend_env(ctx))
         ready = lambda: open(p.log_path).read().count(": ready") >= ctx.workers
         wait_until("lb workers ready", ready)
         return [p.pid]
@@ -310,11 +310,16 @@ FRONTS = [
     Front("lb proxy", "lb", start_lb_mode("proxy")),
     Front("lb shared", "lb", start_lb_mode("shared")),
     Front("lb kernel", "lb", start_lb_mode("shared", extra=("--dispatch", "kernel"))),
+    Front("lb native kernel", "lb", start_lb("rr", extra=("--dispatch", "kernel"))),
+    Front("lb native kernel lc", "lb", start_lb("lc", extra=("--dispatch", "kernel"))),
+    Front("lb shim kernel", "lb", start_lb_mode("shim", extra=("--dispatch", "kernel"))),
+    Front("lb shim kernel lc", "lb", start_lb_mode("shim", "lc", extra=("--dispatch", "kernel"))),
     Front("node-cluster rr", "node", start_node("rr")),
     Front("node-cluster none", "node", start_node("none")),
     Front("lb node rr", "node", start_lb_node("rr")),
     Front("lb node lc", "node", start_lb_node("lc")),
     Front("lb node kernel", "node", start_lb_node("rr", ("--dispatch", "kernel"))),
+    Front("lb node kernel lc", "node", start_lb_node("lc", ("--dispatch", "kernel"))),
     Front("haproxy rr", "haproxy", start_haproxy("roundrobin")),
     Front("haproxy lc", "haproxy", start_haproxy("leastconn")),
     Front("nginx stream", "nginx", start_nginx),
@@ -326,7 +331,8 @@ BASELINE_FRONTS = [
     Front("baseline shim", "baseline", start_lb_mode("shim", binary="baseline")),
     Front("baseline proxy", "baseline", start_lb_mode("proxy", binary="baseline")),
 ]
-SKEW_FRONTS = ["lb rr", "lb lc", "node-cluster rr", "lb node rr", "lb node lc", "haproxy lc"]
+SKEW_FRONTS = ["lb rr", "lb lc", "lb kernel", "lb native kernel lc", "lb shim kernel lc",
+               "node-cluster rr", "lb node rr", "lb node lc", "lb node kernel lc", "haproxy lc"]
 
 
 # ---------------------------------------------------------------- load

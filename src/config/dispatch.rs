@@ -10,10 +10,10 @@ pub enum Dispatch {
     #[default]
     Master,
     /// A program in the kernel picks each worker's own listener; lb is
-    /// not on the accept path. Shared mode, round-robin or weighted.
+    /// not on the accept path. Every mode but proxy.
     Kernel,
-    /// Kernel where it can be (shared mode, a policy it runs, the program
-    /// loads), the master otherwise, said in one line.
+    /// Kernel where it can be (no proxy pool, a policy the workers can
+    /// feed, the program loads), the master otherwise, said in one line.
     Auto,
 }
 
@@ -30,29 +30,29 @@ impl Dispatch {
     }
 
     /// Why `config` cannot have the kernel pick, if it cannot: the workers
-    /// must accept from listeners of their own, which shared-mode workers
-    /// do (fd 3) and Node workers do when lb answers their `listen()` with
-    /// one (as Node's primary does under `SCHED_NONE`).
+    /// must accept from listeners of their own. Shared-mode workers do
+    /// (fd 3), Node workers do when lb answers their `listen()` with one
+    /// (as Node's primary does under `SCHED_NONE`), lb-protocol workers
+    /// and the shim take one as LISTENER; a proxy worker listens on a port
+    /// of its own, which lb relays to. Least-connections needs the workers'
+    /// counts, which shared-mode workers do not report.
     pub fn kernel_refusal(config: &Config) -> Option<String> {
-        let first = config.pools.first().map_or(Mode::Shared, |p| p.mode);
-        if let Some(p) = config
-            .pools
-            .iter()
-            .find(|p| !matches!(p.mode, Mode::Shared | Mode::Node) || p.mode != first)
-        {
+        if let Some(p) = config.pools.iter().find(|p| p.mode == Mode::Proxy) {
             return Some(format!(
-                "pool `{}` is mode {}, and the kernel can only hand connections to workers that \
-                 accept from listeners of their own: use mode shared or node (every pool the \
-                 same), or --dispatch master",
-                p.name, p.mode
+                "pool `{}` is mode proxy, and the kernel can only hand connections to workers \
+                 that accept from listeners of their own: use another mode, or --dispatch master",
+                p.name
             ));
         }
-        if config.policy == PolicyKind::LeastConn {
-            return Some(
-                "policy least-conn is not in the kernel's program (it picks by a schedule, not \
-                 by open connections): use rr or wrr, or --dispatch master"
-                    .into(),
-            );
+        if config.policy == PolicyKind::LeastConn
+            && let Some(p) = config.pools.iter().find(|p| p.mode == Mode::Shared)
+        {
+            return Some(format!(
+                "policy least-conn needs each worker's open connections, which pool `{}`'s \
+                 shared-mode workers do not report: use rr or wrr, another mode, or --dispatch \
+                 master",
+                p.name
+            ));
         }
         None
     }

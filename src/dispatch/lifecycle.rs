@@ -186,9 +186,15 @@ impl Dispatcher {
             self.views[slot.0] = WorkerView::default();
         }
         // Out of the kernel's schedule before its listener (if any) closes
-        // with `w`: what is queued there migrates to the others.
+        // with `w`: what is queued there migrates to the others, and is
+        // counted as rescued (the master's copy is the last one now).
         self.steer();
-        let count = self.rescue(&mut w);
+        let migrated = w
+            .link
+            .own_listener()
+            .and_then(|l| sys::accept_queue(l.as_fd()).ok())
+            .unwrap_or(0);
+        let count = self.rescue(&mut w) + u64::from(migrated);
         self.stats.rescued += count;
         if count > 0 {
             self.emit(Event::Rescued { slot, pid, count });
@@ -208,7 +214,31 @@ impl Dispatcher {
         self.sync_view(slot);
         // (Kernel dispatch: out of the program's schedule before it is told.)
         self.steer();
+        if let Some(w) = self.workers.get_mut(index) {
+            w.link.drop_own_listener();
+        }
         self.send_drain(index);
+    }
+
+    /// Kernel dispatch: the worker accepted `n` connections from its own
+    /// listener (it is sent none, so this is what it holds). Ignored from
+    /// a worker the master hands connections to.
+    pub(super) fn accepted(&mut self, index: usize, slot: Slot, n: u64) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        if w.link.delivery() != super::link::Delivery::Never {
+            return;
+        }
+        w.sent += n;
+        w.reported = true;
+        if self.current[slot.0] == Some(index) {
+            let v = &mut self.views[slot.0];
+            v.active = v
+                .active
+                .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        self.counts_changed(n);
     }
 
     /// The worker reports `n` of its connections closed.
@@ -224,6 +254,7 @@ impl Dispatcher {
             let v = &mut self.views[slot.0];
             v.active = v.active.saturating_sub(fit as u32);
         }
+        self.counts_changed(0);
         if fit < n {
             self.emit(Event::Malformed {
                 slot,

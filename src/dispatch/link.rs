@@ -60,9 +60,13 @@ impl Link {
         listener: Option<OwnedFd>,
     ) -> Link {
         match (mode.channel(), channel, peer) {
-            (ChannelKind::Packets, Some(channel), Some(peer)) => {
-                Link::Native(Native { channel, peer })
-            }
+            (ChannelKind::Packets, Some(channel), Some(peer)) => Link::Native(Native {
+                channel,
+                peer,
+                kernel: listener.is_some(),
+                listener,
+                takes_listener: false,
+            }),
             (ChannelKind::Stream, Some(channel), _) => {
                 Link::Node(Box::new(NodeLink::new(channel, listener)))
             }
@@ -75,12 +79,38 @@ impl Link {
     }
 
     /// Kernel dispatch: the worker's own listener, which the kernel's
-    /// program steers connections to (shared and Node workers).
+    /// program steers connections to (a native one's once it said it
+    /// takes it).
     pub fn own_listener(&self) -> Option<&OwnedFd> {
         match self {
             Link::Shared { listener } => listener.as_ref(),
             Link::Node(n) => n.listener.as_ref(),
+            Link::Native(n) if n.takes_listener => n.listener.as_ref(),
             Link::Native(_) | Link::Proxy(_) => None,
+        }
+    }
+
+    /// A draining worker's: lets go of the master's copy of its own
+    /// listener (out of the kernel's schedule already), so that what is
+    /// queued there moves to the others as soon as the worker closes its
+    /// own, not when it exits. (A Node worker's is kept: it may `listen()`
+    /// again while it finishes, and is answered with it.)
+    pub fn drop_own_listener(&mut self) {
+        match self {
+            Link::Shared { listener } => *listener = None,
+            Link::Native(n) => n.listener = None,
+            Link::Node(_) | Link::Proxy(_) => {}
+        }
+    }
+
+    /// Under kernel dispatch: the worker accepts by itself.
+    #[inline]
+    fn accepts_itself(&self) -> bool {
+        match self {
+            Link::Shared { .. } => true,
+            Link::Node(n) => n.listener.is_some(),
+            Link::Native(n) => n.kernel,
+            Link::Proxy(_) => false,
         }
     }
 
@@ -96,9 +126,8 @@ impl Link {
     #[inline]
     pub fn delivery(&self) -> Delivery {
         match self {
+            _ if self.accepts_itself() => Delivery::Never,
             Link::Native(_) => Delivery::Batch,
-            // Under kernel dispatch a Node worker accepts by itself.
-            Link::Node(n) if n.listener.is_some() => Delivery::Never,
             Link::Node(_) => Delivery::Stepwise,
             Link::Proxy(_) => Delivery::Relay,
             Link::Shared { .. } => Delivery::Never,
@@ -111,6 +140,7 @@ impl Link {
     #[inline]
     pub fn can_take(&self, relay_room: bool) -> bool {
         match self {
+            _ if self.accepts_itself() => false,
             Link::Native(_) => true,
             Link::Node(n) => n.can_take(),
             Link::Proxy(_) => relay_room,
@@ -163,7 +193,8 @@ impl Dispatcher {
         };
         let (slot, pid) = (w.slot, w.pid);
         match w.link {
-            Link::Native(_) | Link::Node(_) => self.read_worker(index),
+            Link::Native(_) => self.native_attached(index),
+            Link::Node(_) => self.read_worker(index),
             Link::Proxy(_) => self.probe_start(index),
             Link::Shared { .. } => self.ready(index, slot, pid),
         }

@@ -228,6 +228,7 @@ impl Dispatcher {
             self.stop_by,
             self.stall_wake(),
             self.relay_wake(),
+            self.steer_wake(),
         ]
         .into_iter()
         .flatten()
@@ -292,6 +293,7 @@ impl Dispatcher {
         self.node_timers();
         self.proxy_timers();
         self.stall_timers();
+        self.steer_timers();
         self.pump();
         // Stopping: leave once the relays are done, or at the deadline.
         if let Some(by) = self.stop_by

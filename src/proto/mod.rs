@@ -37,6 +37,9 @@ pub mod env {
     /// How long the master lets a worker drain before it kills it, in
     /// milliseconds (its `drain_timeout`).
     pub const DRAIN_TIMEOUT_MS: &str = "LB_DRAIN_TIMEOUT_MS";
+    /// `1` under kernel dispatch: a LISTENER message comes first, and the
+    /// worker accepts from it itself; `0` otherwise.
+    pub const OWN_LISTENER: &str = "LB_OWN_LISTENER";
 }
 
 /// The longest a draining worker keeps an idle connection open (for a
@@ -82,6 +85,12 @@ pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn send_conn(chan: BorrowedFd<'_>, conn: BorrowedFd<'_>, id: u64) -> io::Result<()> {
     let header = wire::header(kind::CONN, id);
     scm::send(chan, &header, &[], Some(conn), Wait::DontWait).map(drop)
+}
+
+/// master → worker, under kernel dispatch: the worker's own listener.
+pub fn send_listener(chan: BorrowedFd<'_>, listener: BorrowedFd<'_>) -> io::Result<()> {
+    let header = wire::header(kind::LISTENER, 0);
+    scm::send(chan, &header, &[], Some(listener), Wait::DontWait).map(drop)
 }
 
 /// master → worker: hands over several connections to one worker with one

@@ -17,15 +17,35 @@ if (cluster.isWorker && typeof process.send === 'function') {
   const dc = require('diagnostics_channel');
   // Held here: older Nodes keep channels only weakly.
   const sockets = dc.channel('net.server.socket');
+  // Under kernel dispatch the worker accepts by itself, so lb counts its
+  // accepts too (it sent none of them).
+  const accepts = process.env.LB_OWN_LISTENER === '1';
   let closed = 0;
+  let accepted = 0;
+  let due = false;
   const report = () => {
-    const n = closed;
+    const msg = accepts ? { lb_closed: closed, lb_accepted: accepted } : { lb_closed: closed };
     closed = 0;
-    if (process.connected) process.send({ lb_closed: n });
+    accepted = 0;
+    due = false;
+    if (process.connected) process.send(msg);
+  };
+  const soon = () => {
+    if (!due) {
+      due = true;
+      setImmediate(report);
+    }
   };
   const onClose = () => {
-    if (closed++ === 0) setImmediate(report);
+    closed++;
+    soon();
   };
-  sockets.subscribe(({ socket }) => socket.once('close', onClose));
+  sockets.subscribe(({ socket }) => {
+    if (accepts) {
+      accepted++;
+      soon();
+    }
+    socket.once('close', onClose);
+  });
   module.exports = sockets;
 }

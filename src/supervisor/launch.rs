@@ -53,6 +53,10 @@ fn lb_protocol(cmd: &mut Command, launch: &Launch<'_>) {
         .env(
             env::REPORT_CLOSED,
             if launch.report_closed { "1" } else { "0" },
+        )
+        .env(
+            env::OWN_LISTENER,
+            if launch.own_listener { "1" } else { "0" },
         );
 }
 
@@ -88,9 +92,13 @@ fn shim(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> io::Result<ModeL
 /// after any options the worker has.
 fn node(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> ModeLaunch {
     node_app_instance(cmd, launch);
-    cmd.env(node::env::UNIQUE_ID, launch.node_id.to_string())
-        .env(node::env::CHANNEL_FD, WORKER_FD.to_string())
-        .env(node::env::SERIALIZATION, "json");
+    cmd.env(
+        env::OWN_LISTENER,
+        if launch.own_listener { "1" } else { "0" },
+    )
+    .env(node::env::UNIQUE_ID, launch.node_id.to_string())
+    .env(node::env::CHANNEL_FD, WORKER_FD.to_string())
+    .env(node::env::SERIALIZATION, "json");
     if let Some(preload) = launch.node_preload {
         let mut options = format!("--require \"{}\"", preload.display());
         let theirs = inherited(pool, node::env::OPTIONS);

@@ -32,6 +32,9 @@ pub struct Launch<'a> {
     pub shim: Option<&'a crate::shim::Memfd>,
     /// Shared mode: the listener, passed as fd 3.
     pub listener: Option<std::os::fd::RawFd>,
+    /// Kernel dispatch: an lb-protocol worker is sent a listener of its
+    /// own (`LB_OWN_LISTENER=1`).
+    pub own_listener: bool,
     /// Proxy mode: the loopback port the worker is to listen on.
     pub proxy_port: Option<u16>,
     /// How long the worker may take to drain (it is told, to fit in it).
@@ -246,6 +249,7 @@ mod tests {
             port: 8000,
             shim: None,
             listener: None,
+            own_listener: false,
             proxy_port: None,
             drain_timeout: std::time::Duration::from_millis(1500),
             queue: 8,
@@ -303,9 +307,16 @@ mod tests {
                 ("LB_FD", Some("3")),
                 ("LB_PROTOCOL", Some("1")),
                 ("LB_REPORT_CLOSED", Some("1")),
+                ("LB_OWN_LISTENER", Some("0")),
             ])
         );
         assert_eq!((a, fd3), (args("8000"), Fd3::Channel));
+        // Kernel dispatch: a LISTENER comes first.
+        let mut l = launch();
+        l.own_listener = true;
+        let (envs, _, fd3) = made(&pool(Mode::Native), &l);
+        assert_eq!(envs["LB_OWN_LISTENER"], Some("1".into()));
+        assert_eq!(fd3, Fd3::Channel);
 
         let mut node = pool(Mode::Node);
         node.env.push(("NODE_OPTIONS".into(), "--inspect".into()));
@@ -313,6 +324,7 @@ mod tests {
         l.node_preload = Some(Path::new("/run/lb/close-report.js"));
         let (envs, a, fd3) = made(&node, &l);
         let mut want = expect(&[
+            ("LB_OWN_LISTENER", Some("0")),
             ("NODE_APP_INSTANCE", Some("1")),
             ("NODE_UNIQUE_ID", Some("5")),
             ("NODE_CHANNEL_FD", Some("3")),
@@ -383,6 +395,7 @@ mod tests {
                 ("LB_FD", Some("3")),
                 ("LB_PROTOCOL", Some("1")),
                 ("LB_REPORT_CLOSED", Some("0")),
+                ("LB_OWN_LISTENER", Some("0")),
                 ("LB_SHIM_PORT", Some("9000")),
                 ("LB_STOP_SIGNAL", Some("3")),
                 ("LB_SHIM_FD", Some(&fd)),

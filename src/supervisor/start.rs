@@ -77,6 +77,7 @@ impl Supervisor {
                 .as_ref()
                 .or(self.shared_listener.as_ref())
                 .map(|l| l.as_raw_fd()),
+            own_listener: own_listener.is_some(),
             drain_timeout: self.config.drain_timeout,
             queue: self.config.worker_queue,
         };

@@ -36,6 +36,26 @@ pub fn unread_bytes(sock: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
+/// Connections waiting in listening TCP socket `listener`'s accept queue
+/// (`TCP_INFO`'s `tcpi_unacked`, which a listener uses for that).
+pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is
+    // live and that large; the fd is valid for the call.
+    cvt(unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(info.tcpi_unacked)
+}
+
 /// Marks every fd from `first` up close-on-exec: what lb inherited without
 /// the flag (from a shell's redirections, a supervisor's leaked pipe) is not
 /// its workers' to inherit. Call before anything opens an fd that a child

@@ -131,6 +131,136 @@ fn a_killed_workers_queued_connections_move_to_the_others() {
     assert!(failed <= 1, "{failed} requests failed");
     assert!(moved >= 10 + 6, "only {moved} answered by slot 1");
     lb.wait_log(&format!("pid {victim}"), 2);
+    // The ones that moved are counted and said.
+    let said = format!("pid {victim}: rescued ");
+    let log = lb.wait_log(&said, 1).join("\n");
+    let rescued: u64 = log[log.find(&said).unwrap() + said.len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!((6..=10).contains(&rescued), "rescued {rescued}: {log}");
+}
+
+/// lb's protocol under kernel dispatch, from `docs/protocol.md` alone: the
+/// LISTENER first, READY with OWN_LISTENER, ACCEPTED and CLOSED reports.
+/// A slot named in SLOW holds each connection 300 ms.
+const NATIVE: &str = r#"
+import os, select, socket, struct, time
+H = struct.Struct("<BBxxxxxxQ")
+chan = socket.socket(fileno=3)
+slot = os.environ["LB_WORKER_ID"]
+slow = slot in os.environ.get("SLOW", "").split(",")
+reports = os.environ.get("LB_REPORT_CLOSED") == "1"
+assert os.environ.get("LB_OWN_LISTENER") == "1"
+msg, fds, _, _ = socket.recv_fds(chan, 4096, 4)
+assert msg[1] == 3 and len(fds) == 1, (msg, fds)
+lis = socket.socket(fileno=fds[0])
+chan.send(H.pack(1, 16, 1))
+print("serving", flush=True)
+body = ("hello from worker %s (pid %d)\n" % (slot, os.getpid())).encode()
+while True:
+    ready, _, _ = select.select([lis, chan], [], [])
+    if chan in ready:
+        m = chan.recv(4096)
+        if not m or m[1] == 2:
+            os._exit(0)
+    if lis in ready:
+        c, _ = lis.accept()
+        if reports:
+            chan.send(H.pack(1, 20, 1))
+        req = b""
+        while b"\r\n\r\n" not in req:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            req += chunk
+        if slow:
+            time.sleep(0.3)
+        c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        c.close()
+        if reports:
+            chan.send(H.pack(1, 17, 1))
+"#;
+
+/// Least-connections in the kernel: a worker that holds its connections
+/// (slot 1, 300 ms each) is given few, as the master's own least-conn
+/// would; round-robin would give it half.
+#[test]
+fn kernel_least_conn_steers_around_a_slow_worker() {
+    let Some(lb) = native_lb("kernel-lc", "lc", &[("SLOW", "1")]) else {
+        return;
+    };
+    // 4 clients, 15 requests each, one at a time.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = lb.addr;
+            std::thread::spawn(move || {
+                (0..15)
+                    .map(|_| try_get(addr, "/").map(|b| slot_of(&b)))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut per_slot = [0; 2];
+    let mut failed = 0;
+    for c in clients {
+        for r in c.join().unwrap() {
+            match r {
+                Ok(slot) => per_slot[slot] += 1,
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    eprintln!("least-conn split: {per_slot:?}");
+    assert_eq!(failed, 0, "{per_slot:?}");
+    assert!(
+        per_slot[1] <= 20,
+        "the slow worker got {per_slot:?} (rr gives it half)"
+    );
+}
+
+/// Starts two NATIVE workers under kernel dispatch with `policy`.
+fn native_lb(name: &str, policy: &str, env: &[(&str, &str)]) -> Option<Lb> {
+    let dir = scratch(name);
+    let script = dir.join("native.py");
+    std::fs::write(&script, NATIVE).unwrap();
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "[[pool]]\nname = \"web\"\ncommand = \"python3\"\nargs = [\"{}\"]\ncount = 2\n",
+            script.display()
+        ),
+    );
+    kernel_lb(&config, &["--policy", policy], env, 2)
+}
+
+/// A worker that stops accepting (SIGSTOP) says nothing, but its accept
+/// queue grows: least-connections sees it and sends the rest elsewhere.
+/// What was queued for it is served once it runs again.
+#[test]
+fn kernel_least_conn_steers_around_a_worker_that_stopped_accepting() {
+    let Some(lb) = native_lb("kernel-lc-stuck", "lc", &[]) else {
+        return;
+    };
+    let stuck = lb.pid_of_slot(1);
+    send_signal(stuck, libc::SIGSTOP);
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            let addr = lb.addr;
+            std::thread::spawn(move || try_get(addr, "/").map(|b| slot_of(&b)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(stuck, libc::SIGCONT);
+    let mut per_slot = [0; 2];
+    for c in clients {
+        per_slot[c.join().unwrap().expect("every request is answered")] += 1;
+    }
+    eprintln!("split with slot 1 stopped: {per_slot:?}");
+    assert!(per_slot[1] <= 4, "the stopped worker got {per_slot:?}");
 }
 
 /// After a rolling reload every new connection goes to the new workers
@@ -158,12 +288,21 @@ fn kernel_dispatch_follows_a_reload() {
 fn kernel_dispatch_is_refused_where_it_cannot_work() {
     let dir = scratch("kernel-refused");
     let (status, log) = run_to_exit(
-        &["--dispatch", "kernel", "--", "python3", "-c", "pass"],
+        &[
+            "--dispatch",
+            "kernel",
+            "--mode",
+            "proxy",
+            "--",
+            "python3",
+            "-c",
+            "pass",
+        ],
         &[],
     );
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(
-        log.contains("--dispatch kernel: pool") && log.contains("use mode shared"),
+        log.contains("--dispatch kernel: pool") && log.contains("is mode proxy"),
         "{log}"
     );
     let config = pools(&dir, &[("web", 1, 1)]);
@@ -179,10 +318,7 @@ fn kernel_dispatch_is_refused_where_it_cannot_work() {
         &[],
     );
     assert_eq!(status.code(), Some(2), "{log}");
-    assert!(
-        log.contains("least-conn is not in the kernel's program"),
-        "{log}"
-    );
+    assert!(log.contains("shared-mode workers do not report"), "{log}");
     let (status, log) = run_to_exit(&["--dispatch", "fastest"], &[]);
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("use master, kernel or auto"), "{log}");

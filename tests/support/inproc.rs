@@ -39,6 +39,9 @@ pub enum Kind {
     Native,
     Node,
     Proxy,
+    /// lb's protocol under kernel dispatch: each worker accepts from a
+    /// listener of its own (LISTENER), reporting ACCEPTED and CLOSED.
+    Kernel,
 }
 
 /// A dispatcher on a loopback listener, not running yet: a benchmark
@@ -49,6 +52,8 @@ pub struct Rig {
     /// Where clients connect.
     pub addr: SocketAddr,
     pub events: EventQueues,
+    /// Kernel dispatch: lb's own listener, the reuseport group's anchor.
+    anchor: Option<OwnedFd>,
 }
 
 impl Rig {
@@ -68,7 +73,39 @@ impl Rig {
             handle,
             addr,
             events,
+            anchor: None,
         }
+    }
+
+    /// A dispatcher under kernel dispatch: it accepts nothing, and the
+    /// program it attached to its anchor listener picks the workers' own
+    /// listeners. `None` (said on stderr) where BPF cannot be loaded.
+    pub fn kernel(policy: PolicyKind, slots: usize) -> Option<Rig> {
+        use lb::dispatch::kernel::{Steering, slot_listener};
+        use std::os::fd::AsFd;
+        let steering = match Steering::new(policy) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skipped: BPF programs cannot be loaded here ({e})");
+                return None;
+            }
+        };
+        let anchor = slot_listener("127.0.0.1:0".parse().unwrap(), BACKLOG as u32).unwrap();
+        let addr = std::net::TcpListener::from(anchor.try_clone().unwrap())
+            .local_addr()
+            .unwrap();
+        steering.attach(anchor.as_fd()).unwrap();
+        let (notifier, events) = Notifier::new(None);
+        let (mut dispatcher, handle) =
+            Dispatcher::without_listener(addr, policy, slots, notifier).unwrap();
+        dispatcher.steer_in_kernel(steering);
+        Some(Rig {
+            dispatcher,
+            handle,
+            addr,
+            events,
+            anchor: Some(anchor),
+        })
     }
 
     /// Attaches `n` workers of `kind` that call `serve` on each connection
@@ -80,6 +117,7 @@ impl Rig {
         let threads = match kind {
             Kind::Native => workers(&self.handle, n, serve),
             Kind::Node => node_workers(&self.handle, n, serve),
+            Kind::Kernel => kernel_workers(&self.handle, self.addr, n, serve),
             Kind::Proxy => {
                 self.dispatcher
                     .enable_proxy(PROXY_RELAYS, PROXY_LINGER)
@@ -120,6 +158,7 @@ impl Rig {
             handle,
             addr,
             events,
+            anchor,
         } = self;
         let thread = Bounded::spawn(move || {
             init();
@@ -130,6 +169,7 @@ impl Rig {
             addr,
             events,
             thread,
+            _anchor: anchor,
         }
     }
 }
@@ -160,6 +200,7 @@ pub struct Running {
     pub addr: SocketAddr,
     pub events: EventQueues,
     thread: Bounded<Stats>,
+    _anchor: Option<OwnedFd>,
 }
 
 impl Running {
@@ -471,6 +512,76 @@ where
                         }
                         Ok(Incoming::Message(_)) => {}
                         _ => return,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Attaches `n` lb-protocol workers under kernel dispatch, each with a
+/// listener of its own on `addr`: they take the LISTENER, say READY with
+/// OWN_LISTENER, accept by themselves, call `serve` and report ACCEPTED
+/// and CLOSED for each connection; they end on DRAIN.
+pub fn kernel_workers<F>(
+    handle: &Handle,
+    addr: SocketAddr,
+    n: usize,
+    serve: F,
+) -> Vec<JoinHandle<()>>
+where
+    F: Fn(TcpStream) + Clone + Send + 'static,
+{
+    use lb::proto::{kind, scm, wire};
+    use std::os::fd::AsFd;
+    (0..n)
+        .map(|slot| {
+            let (master, worker) = proto::pair().unwrap();
+            let peer = worker.try_clone().unwrap();
+            nix::fcntl::fcntl(
+                &master,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap();
+            let own = lb::dispatch::kernel::slot_listener(addr, BACKLOG as u32).unwrap();
+            handle.send(Command::Attach {
+                slot: Slot(slot),
+                pid: slot as u32 + 1,
+                channel: Some(master),
+                peer: Some(peer),
+                weight: slot as u32 + 1,
+                mode: Mode::Native,
+                port: 0,
+                listener: Some(own),
+            });
+            let serve = serve.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; wire::MAX_MESSAGE];
+                let mut got = scm::recv(worker.as_fd(), &mut buf, Wait::Block).unwrap();
+                assert_eq!(buf[1], kind::LISTENER, "LISTENER comes first");
+                let listener = std::net::TcpListener::from(got.fds.take_first().unwrap());
+                let say = |k, v| proto::send_plain(worker.as_fd(), k, v, &[], Wait::Block);
+                say(kind::READY, wire::ready::OWN_LISTENER).unwrap();
+                let mut fds = [
+                    nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN),
+                    nix::poll::PollFd::new(worker.as_fd(), nix::poll::PollFlags::POLLIN),
+                ];
+                loop {
+                    nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE).unwrap();
+                    let ready =
+                        |f: &nix::poll::PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+                    if ready(&fds[1]) {
+                        let m = scm::recv(worker.as_fd(), &mut buf, Wait::Block).unwrap();
+                        if m.len == 0 || buf[1] == kind::DRAIN {
+                            return;
+                        }
+                    }
+                    if ready(&fds[0])
+                        && let Ok((s, _)) = listener.accept()
+                    {
+                        let _ = say(kind::ACCEPTED, 1);
+                        serve(s);
+                        let _ = say(kind::CLOSED, 1);
                     }
                 }
             })

@@ -6,22 +6,45 @@
 //! picks each new connection's listener from a schedule the dispatcher
 //! writes whenever the ready workers change: round-robin is the ready
 //! slots in order, weighted round-robin their smooth weighted sequence.
+//! Least-connections writes the picks lb's own least-connections would
+//! make for the next connections, from each worker's open connections
+//! (its ACCEPTED and CLOSED reports, plus what waits in its accept queue),
+//! refreshed [`LC_REFRESH`] after reports change them and every
+//! [`LC_PERIOD`] otherwise.
 //! A listener that closes (its worker exited and the master let go of its
 //! copy) has its queued connections moved to the others by the same
 //! program (`SELECT_OR_MIGRATE`): none is reset. Only lifecycle events
-//! update the maps; per connection, lb does nothing at all.
+//! and those refreshes update the maps; per connection, lb does nothing.
 
 pub mod program;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
-use crate::policy::{PolicyKind, WorkerView};
+use crate::policy::{LeastConn, Policy, PolicyKind, WorkerView};
 use crate::sys::bpf;
 
 /// Entries of the schedule after its length: weighted round-robin's
 /// sequence is scaled down to fit.
 pub const SCHEDULE_MAX: usize = 4096;
+
+/// Least-connections: how soon after a report changed the counts the
+/// schedule follows (at most this stale, plus the worker's own batching).
+pub const LC_REFRESH: Duration = Duration::from_millis(1);
+/// Least-connections: how often the schedule is recomputed when no report
+/// comes (a worker that stopped accepting says nothing, but its queue grows).
+pub const LC_PERIOD: Duration = Duration::from_millis(20);
+
+/// One ready worker, as the program is to see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub slot: usize,
+    pub listener: BorrowedFd<'a>,
+    pub weight: u32,
+    /// Open connections (least-connections only).
+    pub active: u64,
+}
 
 /// The program, its maps, and what the schedule was last set to.
 #[derive(Debug)]
@@ -32,6 +55,21 @@ pub struct Steering {
     policy: PolicyKind,
     /// The last update failed (said once, until one works again).
     pub failing: bool,
+    /// Least-connections: the counts changed since the last schedule.
+    pub dirty: bool,
+    /// When the schedule was last computed.
+    pub steered_at: Instant,
+    /// The schedule last written, so an unchanged one is not written again,
+    /// and the next one (both kept: a least-connections refresh allocates
+    /// nothing).
+    written: Vec<u32>,
+    next: Vec<u32>,
+    views: Vec<WorkerView>,
+    /// Least-connections: connections the workers reported accepting since
+    /// the last schedule, the guess at how many the next one must cover.
+    pub arrivals: u64,
+    /// Least-connections' tie-breaking, kept across schedules.
+    lc: LeastConn,
     /// Per slot: the inode of the socket in the sockarray, if any (a
     /// socket can be placed once: placing it again is `EBUSY`).
     placed: Vec<Option<u64>>,
@@ -44,11 +82,6 @@ impl Steering {
     /// on a kernel without `SK_REUSEPORT` programs.
     pub fn new(policy: PolicyKind) -> io::Result<Steering> {
         let slots = crate::config::defaults::MAX_WORKERS;
-        if policy == PolicyKind::LeastConn {
-            return Err(io::Error::other(
-                "least-conn needs close reports, which shared-mode workers do not send",
-            ));
-        }
         let counter = bpf::map_create(bpf::MAP_ARRAY, 8, 1)?;
         let schedule = bpf::map_create(bpf::MAP_ARRAY, 4, 1 + SCHEDULE_MAX as u32)?;
         let sockets = bpf::map_create(bpf::MAP_REUSEPORT_SOCKARRAY, 8, slots.max(1) as u32)?;
@@ -68,6 +101,13 @@ impl Steering {
             policy,
             placed: vec![None; slots],
             failing: false,
+            dirty: false,
+            steered_at: Instant::now(),
+            written: Vec::with_capacity(SCHEDULE_MAX),
+            next: Vec::with_capacity(SCHEDULE_MAX),
+            views: Vec::with_capacity(slots),
+            arrivals: 0,
+            lc: LeastConn::default(),
         })
     }
 
@@ -76,44 +116,58 @@ impl Steering {
         bpf::attach_reuseport_program(anchor, self.program.as_fd())
     }
 
-    /// Points the program at `listeners` (each ready slot's, with its
-    /// weight), in the policy's order. New sockets are placed before the
-    /// schedule names them, and old ones removed only after it no longer
-    /// does, so a pick never finds an empty slot.
-    pub fn steer(&mut self, listeners: &[(usize, BorrowedFd<'_>, u32)]) -> io::Result<()> {
-        let max = listeners.iter().map(|l| l.0 + 1).max().unwrap_or(0);
+    /// Points the program at `targets` (each ready slot's listener), in
+    /// the policy's order. New sockets are placed before the schedule names
+    /// them, and old ones removed only after it no longer does, so a pick
+    /// never finds an empty slot.
+    pub fn steer<'a>(
+        &mut self,
+        targets: impl Iterator<Item = Target<'a>> + Clone,
+    ) -> io::Result<()> {
+        self.dirty = false;
+        self.steered_at = Instant::now();
+        let max = targets.clone().map(|t| t.slot + 1).max().unwrap_or(0);
         if max > self.placed.len() {
             return Err(io::Error::other("a slot beyond the sockarray"));
         }
-        for (slot, fd, _) in listeners {
-            let inode = nix::sys::stat::fstat(fd)?.st_ino;
-            if self.placed[*slot] != Some(inode) {
-                let raw = fd.as_raw_fd() as u64;
-                bpf::map_set(self.sockets.as_fd(), *slot as u32, &raw.to_ne_bytes())?;
-                self.placed[*slot] = Some(inode);
+        for t in targets.clone() {
+            let inode = nix::sys::stat::fstat(t.listener)?.st_ino;
+            if self.placed[t.slot] != Some(inode) {
+                let raw = t.listener.as_raw_fd() as u64;
+                bpf::map_set(self.sockets.as_fd(), t.slot as u32, &raw.to_ne_bytes())?;
+                self.placed[t.slot] = Some(inode);
             }
         }
-        let views: Vec<WorkerView> = (0..self.placed.len())
-            .map(|s| match listeners.iter().find(|l| l.0 == s) {
-                Some(&(_, _, weight)) => WorkerView {
-                    eligible: true,
-                    weight,
-                    active: 0,
-                },
-                None => WorkerView::default(),
-            })
-            .collect();
-        let order = schedule(self.policy, &views);
-        for (k, slot) in order.iter().enumerate() {
-            bpf::map_set(self.schedule.as_fd(), 1 + k as u32, &slot.to_ne_bytes())?;
+        self.views.clear();
+        self.views.resize(max, WorkerView::default());
+        for t in targets.clone() {
+            self.views[t.slot] = WorkerView {
+                eligible: true,
+                weight: t.weight,
+                active: u32::try_from(t.active).unwrap_or(u32::MAX),
+            };
         }
-        bpf::map_set(
-            self.schedule.as_fd(),
-            0,
-            &(order.len() as u32).to_ne_bytes(),
-        )?;
+        match self.policy {
+            PolicyKind::LeastConn => {
+                let picks = std::mem::take(&mut self.arrivals);
+                least_conn(&mut self.lc, &mut self.views, picks, &mut self.next);
+            }
+            policy => self.next = schedule(policy, &self.views),
+        }
+        if self.next != self.written {
+            // The entries first, then the length that makes them visible.
+            for (k, slot) in self.next.iter().enumerate() {
+                bpf::map_set(self.schedule.as_fd(), 1 + k as u32, &slot.to_ne_bytes())?;
+            }
+            bpf::map_set(
+                self.schedule.as_fd(),
+                0,
+                &(self.next.len() as u32).to_ne_bytes(),
+            )?;
+            std::mem::swap(&mut self.next, &mut self.written);
+        }
         for slot in 0..self.placed.len() {
-            if self.placed[slot].is_some() && !listeners.iter().any(|l| l.0 == slot) {
+            if self.placed[slot].is_some() && !targets.clone().any(|t| t.slot == slot) {
                 bpf::map_delete(self.sockets.as_fd(), slot as u32)?;
                 self.placed[slot] = None;
             }
@@ -129,16 +183,30 @@ impl super::Dispatcher {
         let Some(steering) = self.steering.as_mut() else {
             return;
         };
-        let mut ready = Vec::with_capacity(self.current.len());
-        for (slot, index) in self.current.iter().enumerate() {
-            if let Some(w) = index.and_then(|i| self.workers.get(i))
-                && w.state == super::worker::State::Ready
-                && let Some(listener) = w.link.own_listener()
-            {
-                ready.push((slot, listener.as_fd(), w.weight));
+        let lc = steering.policy == PolicyKind::LeastConn;
+        let workers = &self.workers;
+        let ready = self.current.iter().enumerate().filter_map(|(slot, index)| {
+            let w = workers.get((*index)?)?;
+            let listener = w.link.own_listener()?;
+            if w.state != super::worker::State::Ready {
+                return None;
             }
-        }
-        match steering.steer(&ready) {
+            // What it holds, and what waits for it: a worker that stopped
+            // accepting looks ever busier.
+            let active = if lc {
+                let queued = crate::sys::accept_queue(listener.as_fd()).unwrap_or(0);
+                super::link::Link::active(w, true).unwrap_or(0) + u64::from(queued)
+            } else {
+                0
+            };
+            Some(Target {
+                slot,
+                listener: listener.as_fd(),
+                weight: w.weight,
+                active,
+            })
+        });
+        match steering.steer(ready) {
             Ok(()) => steering.failing = false,
             Err(e) if !std::mem::replace(&mut steering.failing, true) => {
                 self.emit(super::Event::SteeringFailed {
@@ -152,17 +220,45 @@ impl super::Dispatcher {
 
 /// The order the program walks the eligible slots in: round-robin, each
 /// once; weighted, nginx's smooth weighted round-robin over one period
-/// (the weights' sum, scaled to fit `SCHEDULE_MAX`).
+/// (the weights' sum, scaled to fit `SCHEDULE_MAX`). (Least-connections
+/// is [`least_conn`].)
 pub fn schedule(policy: PolicyKind, views: &[WorkerView]) -> Vec<u32> {
-    let eligible: Vec<(u32, u64)> = views
+    let eligible = views
         .iter()
         .enumerate()
         .filter(|(_, v)| v.eligible)
-        .map(|(s, v)| (s as u32, u64::from(v.weight.max(1))))
-        .collect();
-    if policy != PolicyKind::Weighted {
-        return eligible.iter().map(|&(s, _)| s).collect();
+        .map(|(s, v)| (s as u32, u64::from(v.weight.max(1))));
+    match policy {
+        PolicyKind::Weighted => smooth(&eligible.collect::<Vec<_>>()),
+        _ => eligible.map(|(s, _)| s).collect(),
     }
+}
+
+/// Least-connections' schedule: the picks `lc` (lb's own policy) makes for
+/// the next `picks` connections (as many as came since the last schedule,
+/// at least one, and few enough to compute quickly) if none closed
+/// meanwhile. Few connections a refresh: the least loaded worker only;
+/// many: they fill the least loaded up first, then go round. (When more
+/// come than it covers before the next refresh, the program starts it
+/// over.)
+pub fn least_conn(lc: &mut LeastConn, views: &mut [WorkerView], picks: u64, out: &mut Vec<u32>) {
+    let eligible = views.iter().filter(|v| v.eligible).count().max(1);
+    let most = (SCHEDULE_MAX / 4).min(65_536 / eligible).max(1);
+    let picks = usize::try_from(picks).unwrap_or(usize::MAX).clamp(1, most);
+    out.clear();
+    while out.len() < picks
+        && let Some(slot) = lc.pick(views)
+    {
+        views[slot.0].active = views[slot.0].active.saturating_add(1);
+        out.push(slot.0 as u32);
+    }
+}
+
+/// nginx's smooth weighted round-robin over one period of `weighted`
+/// (slot, weight): the weights' sum, after their common factor, scaled
+/// down to fit `SCHEDULE_MAX` with every slot kept.
+fn smooth(weighted: &[(u32, u64)]) -> Vec<u32> {
+    let eligible = weighted;
     let divisor = eligible.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
     let mut weights: Vec<u64> = eligible.iter().map(|&(_, w)| w / divisor).collect();
     let sum: u64 = weights.iter().sum();
@@ -190,6 +286,30 @@ pub fn schedule(policy: PolicyKind, views: &[WorkerView]) -> Vec<u32> {
 
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+impl super::Dispatcher {
+    /// Least-connections under kernel dispatch: counts changed, with
+    /// `accepted` new connections among them.
+    pub(super) fn counts_changed(&mut self, accepted: u64) {
+        if let Some(s) = self.steering.as_mut() {
+            s.dirty |= s.policy == PolicyKind::LeastConn;
+            s.arrivals += accepted;
+        }
+    }
+
+    /// When least-connections' schedule is to be recomputed next.
+    pub(super) fn steer_wake(&self) -> Option<Instant> {
+        let s = self.steering.as_ref()?;
+        (s.policy == PolicyKind::LeastConn)
+            .then(|| s.steered_at + if s.dirty { LC_REFRESH } else { LC_PERIOD })
+    }
+
+    pub(super) fn steer_timers(&mut self) {
+        if self.steer_wake().is_some_and(|t| Instant::now() >= t) {
+            self.steer();
+        }
+    }
 }
 
 /// A listener for one slot on `addr`, in lb's reuseport group: CLOEXEC,
@@ -247,6 +367,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn least_conn_fills_the_least_loaded_first_then_goes_round() {
+        let mut lc = LeastConn::default();
+        let mut run = |v: &mut Vec<WorkerView>, picks| {
+            let mut out = Vec::new();
+            least_conn(&mut lc, v, picks, &mut out);
+            out
+        };
+        let mut v = views(&[Some(1), Some(1), None]);
+        v[0].active = 3;
+        assert_eq!(run(&mut v.clone(), 1), [1]);
+        assert_eq!(run(&mut v.clone(), 0), [1], "at least one");
+        assert_eq!(run(&mut v, 5), [1, 1, 1, 0, 1]);
+        // Nobody ready: nothing to pick.
+        assert!(run(&mut views(&[None, None]), 4).is_empty());
+        // Weights: twice the weight, twice the share once loads are equal.
+        let mut v = views(&[Some(2), Some(1)]);
+        let mut out = Vec::new();
+        least_conn(&mut LeastConn::default(), &mut v, 6, &mut out);
+        assert_eq!(out, [0, 1, 0, 1, 0, 0]);
+    }
+
     /// The program in the kernel: 300 connections over three listeners are
     /// split exactly; a listener taken out of the schedule and closed with
     /// connections queued hands them to the others, none reset.
@@ -267,12 +409,17 @@ mod tests {
         let listeners: Vec<TcpListener> = (0..3)
             .map(|_| TcpListener::from(slot_listener(addr, 1024).unwrap()))
             .collect();
-        let all: Vec<_> = listeners
+        let all: Vec<Target<'_>> = listeners
             .iter()
             .enumerate()
-            .map(|(s, l)| (s, l.as_fd(), 1))
+            .map(|(slot, l)| Target {
+                slot,
+                listener: l.as_fd(),
+                weight: 1,
+                active: 0,
+            })
             .collect();
-        steering.steer(&all).unwrap();
+        steering.steer(all.iter().copied()).unwrap();
         let clients: Vec<TcpStream> = (0..300)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
@@ -287,9 +434,9 @@ mod tests {
         drop(clients);
 
         // Slot 0 alone takes 50; then it leaves the schedule and closes.
-        steering.steer(&all[..1]).unwrap();
+        steering.steer(all[..1].iter().copied()).unwrap();
         let queued: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        steering.steer(&all[1..]).unwrap();
+        steering.steer(all[1..].iter().copied()).unwrap();
         let mut listeners = listeners;
         drop(listeners.remove(0));
         let moved: usize = listeners.iter().map(taken).sum();

@@ -25,6 +25,15 @@ pub struct Native {
     /// The master's copy of the worker's end, read only once the worker
     /// stopped taking connections (it died, or stalled).
     pub peer: OwnedFd,
+    /// Kernel dispatch: the master's copy of the worker's own listener,
+    /// sent to it as LISTENER when it starts.
+    pub listener: Option<OwnedFd>,
+    /// It was sent a listener of its own: it accepts by itself, and is
+    /// never sent a CONN (even once the master let go of its copy).
+    pub kernel: bool,
+    /// Its READY said it accepts from that listener (`ready::OWN_LISTENER`):
+    /// until then the kernel is not pointed at it.
+    pub takes_listener: bool,
 }
 
 impl Native {
@@ -149,8 +158,8 @@ impl Dispatcher {
         let complaint = |error| Event::Malformed { slot, pid, error };
         match message {
             Ok(Message::Closed { n }) => self.closed(index, slot, n),
-            Ok(Message::Ready { .. }) => self.ready(index, slot, pid),
-            Ok(Message::Accepted { .. }) => {}
+            Ok(Message::Ready { flags }) => self.native_ready(index, slot, pid, flags),
+            Ok(Message::Accepted { n }) => self.accepted(index, slot, n),
             Ok(Message::Leaving) => self.leaving(index, slot, pid),
             // Once per process: a worker that repeats it makes no more work.
             Ok(Message::Stop) => {
@@ -172,6 +181,51 @@ impl Dispatcher {
             }
             Err(error) => self.emit(complaint(error)),
         }
+    }
+
+    /// Kernel dispatch: the worker's own listener goes first, before it
+    /// can say READY.
+    pub(super) fn native_attached(&mut self, index: usize) {
+        let Some(w) = self.workers.get(index) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid);
+        if let Link::Native(n) = &w.link
+            && let Some(listener) = &n.listener
+            && let Err(e) = proto::send_listener(n.channel.as_fd(), listener.as_fd())
+        {
+            self.emit(Event::Note {
+                slot,
+                pid,
+                text: format!("its listener could not be sent ({e}): it gets no connections"),
+            });
+        }
+        self.native_read(index);
+    }
+
+    /// READY, with its flags: under kernel dispatch a worker that does not
+    /// say it accepts from its own listener (one older than LISTENER) is
+    /// not ready at all, since nobody would accept what the kernel sent it.
+    fn native_ready(&mut self, index: usize, slot: Slot, pid: u32, flags: u64) {
+        let Some(w) = self.workers.get_mut(index) else {
+            return;
+        };
+        if let Link::Native(n) = &mut w.link
+            && n.listener.is_some()
+        {
+            if flags & wire::ready::OWN_LISTENER == 0 {
+                return self.emit(Event::Note {
+                    slot,
+                    pid,
+                    text: "said READY without taking its own listener (LISTENER, docs/protocol.md \
+                           §2), so it is not given connections under --dispatch kernel: use a \
+                           worker that speaks it, or --dispatch master"
+                        .into(),
+                });
+            }
+            n.takes_listener = true;
+        }
+        self.ready(index, slot, pid);
     }
 
     /// The channel has room again: a DRAIN that waited goes out, and the

@@ -45,7 +45,12 @@ impl Dispatcher {
                 }
             }
             Ok(Line::HandleNack) => self.node_resend(index, slot),
-            Ok(Line::Closed { n }) => self.closed(index, slot, n),
+            Ok(Line::Closed { n, accepted }) => {
+                if accepted > 0 {
+                    self.accepted(index, slot, accepted);
+                }
+                self.closed(index, slot, n)
+            }
             Ok(Line::Listening) => self.ready(index, slot, pid),
             Ok(Line::Online | Line::Ignored) => {}
             Ok(Line::QueryServer { seq }) => self.node_query(index, slot, pid, line, seq),

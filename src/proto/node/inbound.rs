@@ -19,6 +19,8 @@ pub struct Head<'a> {
     pub accepted: Option<bool>,
     /// The preload's report: this many connections closed.
     pub lb_closed: Option<u64>,
+    /// … and, under kernel dispatch, this many accepted.
+    pub lb_accepted: Option<u64>,
 }
 
 /// One line from a worker, decoded.
@@ -48,9 +50,11 @@ pub enum Line {
     ExitedAfterDisconnect {
         seq: u64,
     },
-    /// The preload's close report.
+    /// The preload's report: `n` closed, `accepted` accepted by the
+    /// worker itself (kernel dispatch; 0 otherwise).
     Closed {
         n: u64,
+        accepted: u64,
     },
     /// Anything else that is JSON: the app's `process.send(x)`.
     User,
@@ -90,7 +94,10 @@ pub fn parse(line: &[u8]) -> Result<Line, Bad> {
         Some(c) => c,
         None => {
             return Ok(match head.lb_closed {
-                Some(n) => Line::Closed { n },
+                Some(n) => Line::Closed {
+                    n,
+                    accepted: head.lb_accepted.unwrap_or(0),
+                },
                 None => Line::User,
             });
         }
@@ -253,7 +260,11 @@ mod tests {
                 Line::Ignored,
             ),
             (r#"{"cmd":"NODE_SOCKET_THING"}"#, Line::Ignored),
-            (r#"{"lb_closed":3}"#, Line::Closed { n: 3 }),
+            (r#"{"lb_closed":3}"#, Line::Closed { n: 3, accepted: 0 }),
+            (
+                r#"{"lb_closed":1,"lb_accepted":4}"#,
+                Line::Closed { n: 1, accepted: 4 },
+            ),
             (r#"{"hits":3,"cmd":"mine"}"#, Line::User),
             (r#"{"cmd":"NODE_"}"#, Line::User),
             (r#"[1,2]"#, Line::User),
