@@ -9,6 +9,7 @@ mod drain;
 mod faults;
 mod health;
 mod kernel;
+mod kernel_shim;
 mod limits;
 mod logs;
 mod node;
