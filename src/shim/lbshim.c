@@ -110,6 +110,7 @@ struct reg {
     pid_t pid;
 };
 static struct reg regs[MAX_REGS];
+static int reg_add(int epfd, int fd, pid_t pid);
 /* Per handed-over connection: 1 + the epoll set this process added it to
    first (0: none). Until the master has closed its copy, the server's close
    does not end the socket, so a registration left behind would report
@@ -156,6 +157,18 @@ static _Atomic uint64_t own_pending;
    (fork before listen) would otherwise wait forever for a message sent
    once. */
 #define LISTENER_WAIT_MS 10000
+/* Epoll registrations of a socket bound to the port that does not listen
+   yet: the listener that takes its place at listen() is another socket,
+   and a registration of the old one goes with it, so listen() makes them
+   again for the new one (a server that registers before it listens would
+   otherwise never hear of a connection). */
+#define MAX_EARLY_REGS 16
+struct early_reg {
+    _Atomic int epfd; /* -1: free, -2: being filled */
+    int fd;
+    struct epoll_event ev;
+};
+static struct early_reg early_regs[MAX_EARLY_REGS];
 
 /* Asks the server to stop as it would be asked without lb: the pool's stop
    signal (SIGTERM unless configured) to the process that claimed the
@@ -313,6 +326,8 @@ __attribute__((constructor)) static void shim_init(void) {
         atomic_store(&listeners[i].fd, -1);
     for (int i = 0; i < MAX_REGS; i++)
         atomic_store(&regs[i].epfd, -1);
+    for (int i = 0; i < MAX_EARLY_REGS; i++)
+        atomic_store(&early_regs[i].epfd, -1);
     atomic_store(&self_pid, getpid());
     int fd = env_int("LB_FD", -1);
     shim_port = env_int("LB_SHIM_PORT", -1);
@@ -655,6 +670,46 @@ static int own_listener_fd(void) {
     return -1;
 }
 
+/* Follows epoll_ctl on a bound, not yet listening socket (start-up only). */
+static void note_early(int epfd, int op, int fd, const struct epoll_event *ev) {
+    for (int i = 0; i < MAX_EARLY_REGS; i++) {
+        int ep = atomic_load(&early_regs[i].epfd);
+        if (ep == epfd && early_regs[i].fd == fd) {
+            if (op == EPOLL_CTL_MOD && ev)
+                early_regs[i].ev = *ev;
+            else if (op == EPOLL_CTL_DEL || op == EPOLL_CTL_ADD)
+                atomic_store(&early_regs[i].epfd, -1);
+            if (op != EPOLL_CTL_ADD)
+                return;
+        }
+    }
+    if (op != EPOLL_CTL_ADD || !ev)
+        return;
+    for (int i = 0; i < MAX_EARLY_REGS; i++) {
+        int free_slot = -1;
+        if (atomic_compare_exchange_strong(&early_regs[i].epfd, &free_slot, -2)) {
+            early_regs[i].fd = fd;
+            early_regs[i].ev = *ev;
+            atomic_store(&early_regs[i].epfd, epfd);
+            return;
+        }
+    }
+}
+
+/* Registers the new listener at `fd` where the socket it replaced was
+   (`again`), or only forgets those registrations (the socket closed). */
+static void redo_early(int fd, int again) {
+    for (int i = 0; i < MAX_EARLY_REGS; i++) {
+        int ep = atomic_load(&early_regs[i].epfd);
+        if (ep < 0 || early_regs[i].fd != fd ||
+            !atomic_compare_exchange_strong(&early_regs[i].epfd, &ep, -1))
+            continue;
+        struct epoll_event ev = early_regs[i].ev;
+        if (again && real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0)
+            reg_add(ep, fd, atomic_load(&self_pid));
+    }
+}
+
 /* listen() under kernel dispatch: the worker's own listener takes the
    server's socket's fd number, with the server's O_NONBLOCK and CLOEXEC,
    and from then on the kernel serves accept and readiness on it. */
@@ -688,6 +743,7 @@ static int listen_own(int fd, int fl, int fdfl) {
     if (first)
         real_close(own);
     set_kind(fd, K_OWN);
+    redo_early(fd, 1);
     if (atomic_fetch_add(&open_listeners, 1) == 0) {
         send_kind(KIND_READY, READY_OWN_LISTENER);
         start_watching();
@@ -936,6 +992,8 @@ static void drop_tracked(int fd, int k) {
                 send_kind(KIND_LEAVING, 0);
             }
         }
+        if (k == K_BOUND && own_listener)
+            redo_early(fd, 0);
         listener_forget(fd);
     }
     errno = saved;
@@ -1192,6 +1250,8 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     if (!real_epoll_ctl)
         resolve_all();
     int r = real_epoll_ctl(epfd, op, fd, ev);
+    if (r == 0 && own_listener && active && kind_of(fd) == K_BOUND)
+        note_early(epfd, op, fd, ev);
     if (r != 0 || !active || (op != EPOLL_CTL_ADD && op != EPOLL_CTL_DEL))
         return r;
     int k = kind_of(fd);

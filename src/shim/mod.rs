@@ -333,13 +333,14 @@ mod kernel_tests {
 
     fn get(port: u16, keep_alive: bool) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let conn = if keep_alive {
             ""
         } else {
             "Connection: close\r\n"
         };
-        write!(s, "GET /index.html HTTP/1.0\r\nHost: x\r\n{conn}\r\n").unwrap();
+        let request = format!("GET /index.html HTTP/1.0\r\nHost: x\r\n{conn}\r\n");
+        s.write_all(request.as_bytes()).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -453,6 +454,44 @@ asyncio.run(main())
         let Fake { chan, .. } = &mut f;
         let _ = std::mem::replace(chan, proto::pair().unwrap().0);
         assert!(f.exited_within(WAIT).is_some(), "the server outlived lb");
+    }
+
+    /// A server that registers its socket with epoll before it listens: the
+    /// registration went with the socket the listener replaced, so the
+    /// shim makes it again on the listener (else the server would wait
+    /// forever while the kernel queues its connections).
+    #[test]
+    fn an_epoll_registration_made_before_listen_follows_the_listener() {
+        if !python() {
+            return;
+        }
+        let app = r#"
+import os, select, socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+ep = select.epoll()
+ep.register(s.fileno(), select.EPOLLIN | select.EPOLLERR)
+ep.modify(s.fileno(), select.EPOLLIN)
+s.listen()
+while True:
+    for fd, ev in ep.poll():
+        c, _ = s.accept()
+        req = b""
+        while b"\r\n\r\n" not in req:
+            req += c.recv(4096)
+        c.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello from pid %d\n" % os.getpid())
+        c.close()
+"#;
+        let f = start("early", &["-c", app, "{port}"], true);
+        f.send(kind::LISTENER, Some(f.listener.as_fd()));
+        assert_eq!(
+            f.next(Instant::now() + WAIT),
+            Some((kind::READY, wire::ready::OWN_LISTENER))
+        );
+        for _ in 0..20 {
+            let body = get(f.port(), false);
+            assert!(body.contains("hello from pid"), "{body}");
+        }
     }
 
     /// Anything but a LISTENER with one listening TCP socket: listen()
