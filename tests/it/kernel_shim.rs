@@ -150,6 +150,64 @@ fn kernel_shim_nginx_rolling_reloads_under_load_lose_nothing() {
     }
 }
 
+/// The same under keep-alive load: nginx's graceful stop closes idle
+/// keep-alive connections at once (as on its own reload), so a request
+/// that crosses that close fails; measured, not a promise lb can make.
+#[test]
+fn kernel_shim_nginx_rolling_reload_under_keep_alive_load() {
+    let Some(lb) = nginx_lb("kshim-nginx-reload-ka", 2, "rr") else {
+        return;
+    };
+    let tally = reloads_under_load(&lb, 20, Style::KeepAlive, 2, 2..=3);
+    eprintln!("nginx, 2 reloads under keep-alive: {tally:?}");
+    assert!(tally.ok > 0);
+    // No new connection failed: each listener hand-over lost nothing.
+    assert_eq!(tally.refused, 0, "{tally:?}");
+    assert!(
+        tally
+            .first
+            .iter()
+            .all(|f| f.contains("reused connection: true")),
+        "{tally:?}"
+    );
+}
+
+/// lb killed outright: nginx's master dies with it (PR_SET_PDEATHSIG) and
+/// its workers, which accept from their inherited listener and never read
+/// lb's channel, are killed with its process group.
+#[test]
+fn kernel_shim_nginx_workers_do_not_outlive_a_killed_lb() {
+    let Some(mut lb) = nginx_lb("kshim-nginx-lb-killed", 1, "rr") else {
+        return;
+    };
+    let master = lb.pid_of_slot(0);
+    let deadline = Instant::now() + WAIT;
+    let children = loop {
+        let children: Vec<u32> =
+            std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+                .unwrap()
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect();
+        if children.len() == 2 {
+            break children;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nginx's two workers: {children:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ppid(nginx_pid(lb.addr)), master);
+    lb.signal(libc::SIGKILL);
+    lb.wait_exit();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while [master].iter().chain(&children).any(|&p| alive(p)) {
+        assert!(Instant::now() < deadline, "nginx outlived lb");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// kill -9 of one nginx master under load: lb kills its group, and only
 /// the requests its workers held fail; the other slot serves on, the slot
 /// restarts and serves again.
