@@ -589,8 +589,9 @@ static int receive_listener(int c) {
    its own threads. */
 static void *watch_channel(void *unused) {
     (void)unused;
-    int c = atomic_load(&chan);
     for (;;) {
+        /* Read each time: a dup2 onto its number moves the channel. */
+        int c = atomic_load(&chan);
         struct pollfd p = {c, POLLIN, 0};
         if (real_poll(&p, 1, -1) < 0) {
             if (errno == EINTR)
