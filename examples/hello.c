@@ -5,6 +5,9 @@
  * Drains so that keep-alive clients do not notice (docs/protocol.md §4):
  * after DRAIN every response says "Connection: close" and is followed by a
  * lingering close; a connection idle for the grace period is closed.
+ * Under kernel dispatch (LB_OWN_LISTENER=1) lb's first message is a
+ * listener of this worker's own: it accepts from it instead, reports its
+ * accepts (ACCEPTED) before their closes, and stops it on DRAIN.
  *
  *   gcc -O2 -Wall -o hello-c examples/hello.c && lb --workers 2 -- ./hello-c
  */
@@ -16,13 +19,15 @@
 #include <string.h>
 #include <strings.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
-enum { CONN = 1, DRAIN = 2, READY = 16, CLOSED = 17, HDR = 16, BUF = 8192 };
+enum { CONN = 1, DRAIN = 2, LISTENER = 3, READY = 16, CLOSED = 17, ACCEPTED = 20,
+       OWN_LISTENER = 1, HDR = 16, BUF = 8192 };
 
 struct conn {
     int fd, lingering;   /* lingering: our side is shut, waiting for the client's FIN */
@@ -33,6 +38,11 @@ struct conn {
 };
 
 static int chan, ep, live, draining, paused;
+/* Kernel dispatch: the own listener (-1 otherwise, and after DRAIN);
+ * whether lb reads reports; accepts not reported yet. */
+static int lfd = -1, lpaused, report = 1;
+static uint64_t accepted;
+static char listener_tag;   /* its epoll data.ptr */
 /* Open files kept free: near the limit the channel is not read, so lb
  * sends to other workers (a CONN whose fd cannot be received is lost). */
 enum { FD_RESERVE = 16 };
@@ -59,6 +69,13 @@ static void send_msg(int kind, uint64_t value) {
     while (send(chan, h, HDR, MSG_NOSIGNAL) < 0 && errno == EINTR) {}
 }
 
+/* Accepts are reported before any close they cover: lb counts a CLOSED
+ * beyond what it knows of as a protocol error. */
+static void flush_accepted(void) {
+    if (accepted && report) send_msg(ACCEPTED, accepted);
+    accepted = 0;
+}
+
 static void conn_close(struct conn *c) {
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);   /* before close: see docs/protocol.md */
     close(c->fd);
@@ -66,7 +83,8 @@ static void conn_close(struct conn *c) {
     if (c->next) c->next->prev = c->prev;
     free(c);
     live--;
-    send_msg(CLOSED, 1);
+    flush_accepted();
+    if (report) send_msg(CLOSED, 1);
 }
 
 /* Answers every complete request head in the buffer; returns -1 once closed. */
@@ -107,6 +125,19 @@ static int on_readable(struct conn *c) {
     return 0;
 }
 
+static void conn_add(int fd) {
+    struct conn *c = calloc(1, sizeof *c);
+    c->fd = fd;
+    c->active_ms = now_ms();
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = c};
+    epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+    c->next = conns;
+    if (conns) conns->prev = c;
+    conns = c;
+    live++;
+    on_readable(c);
+}
+
 /* Takes every queued message; returns -1 when the master is gone. */
 static int on_channel(void) {
     for (;;) {
@@ -140,16 +171,7 @@ static int on_channel(void) {
                 for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && nfd < 4; i++)
                     memcpy(&fds[nfd++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
         if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd == 1) {
-            struct conn *c = calloc(1, sizeof *c);
-            c->fd = fds[0];   /* already non-blocking: lb accepted it so */
-            c->active_ms = now_ms();
-            struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = c};
-            epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
-            c->next = conns;
-            if (conns) conns->prev = c;
-            conns = c;
-            live++;
-            on_readable(c);
+            conn_add(fds[0]);   /* already non-blocking: lb accepted it so */
         } else {
             for (int i = 0; i < nfd; i++) close(fds[i]);
             /* Nothing is closed yet: an idle connection's next request may
@@ -157,9 +179,40 @@ static int on_channel(void) {
             if (n >= HDR && h[0] == 1 && h[1] == DRAIN && !draining) {
                 draining = 1;
                 drain_ms = now_ms();
+                if (lfd >= 0) {
+                    /* Stopped, not just closed (lb may still hold a copy):
+                     * what is queued in it moves to the other workers now. */
+                    epoll_ctl(ep, EPOLL_CTL_DEL, lfd, NULL);
+                    shutdown(lfd, SHUT_RD);
+                    close(lfd);
+                    lfd = -1;
+                }
             }
         }
     }
+}
+
+/* Kernel dispatch: accepts what the own listener holds, keeping files free
+ * as on_channel does (what is left waits in its queue). */
+static void on_listener(void) {
+    while (lfd >= 0) {
+        if (base_fds + live + FD_RESERVE >= fd_limit) {
+            if (!lpaused)
+                fprintf(stderr, "hello-c: %d connections open, near the limit of %ld open "
+                                "files: accepting no more until some close\n", live, fd_limit);
+            lpaused = 1;
+            break;
+        }
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
+            lpaused = errno == EMFILE || errno == ENFILE;
+            break;
+        }
+        accepted++;
+        conn_add(fd);
+    }
+    flush_accepted();
 }
 
 int main(void) {
@@ -178,7 +231,29 @@ int main(void) {
     ep = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = NULL};
     epoll_ctl(ep, EPOLL_CTL_ADD, chan, &ev);
-    send_msg(READY, 0);
+    const char *own = getenv("LB_OWN_LISTENER");
+    if (own && strcmp(own, "1") == 0) {
+        /* The first message is LISTENER, with the listener's fd. */
+        unsigned char h[HDR + 64];
+        union { struct cmsghdr align; char b[CMSG_SPACE(4 * sizeof(int))]; } cm;
+        struct iovec iov = {h, sizeof h};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b, .msg_controllen = sizeof cm.b};
+        ssize_t n = recvmsg(chan, &mh, MSG_CMSG_CLOEXEC);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        if (n < HDR || h[1] != LISTENER || !c || c->cmsg_type != SCM_RIGHTS ||
+            c->cmsg_len != CMSG_LEN(sizeof(int))) {
+            fprintf(stderr, "hello-c: LB_OWN_LISTENER=1 but lb's first message is no LISTENER\n");
+            return 2;
+        }
+        memcpy(&lfd, CMSG_DATA(c), sizeof lfd);
+        fcntl(lfd, F_SETFL, fcntl(lfd, F_GETFL) | O_NONBLOCK);
+        struct epoll_event lev = {.events = EPOLLIN | EPOLLET, .data.ptr = &listener_tag};
+        epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &lev);
+        const char *rc = getenv("LB_REPORT_CLOSED");
+        report = rc && strcmp(rc, "1") == 0;
+        base_fds++;
+    }
+    send_msg(READY, lfd >= 0 ? OWN_LISTENER : 0);
     struct epoll_event evs[64];
     while (!(draining && live == 0)) {
         long next = -1;
@@ -188,6 +263,7 @@ int main(void) {
         int n = epoll_wait(ep, evs, 64, next < 0 ? -1 : next > now ? (int)(next - now) : 0);
         for (int i = 0; i < n; i++) {
             if (!evs[i].data.ptr) { if (on_channel() < 0) return 0; }
+            else if (evs[i].data.ptr == &listener_tag) on_listener();
             else on_readable(evs[i].data.ptr);
         }
         now = now_ms();
@@ -197,6 +273,7 @@ int main(void) {
         }
         /* Paused at the open-files limit: a close may have made room. */
         if (paused && on_channel() < 0) return 0;
+        if (lpaused) on_listener();
     }
     return 0;
 }

@@ -6,18 +6,23 @@ one SOCK_SEQPACKET datagram with a 16-byte header (see docs/protocol.md):
 version u8, kind u8, 6 reserved bytes, value u64 little-endian. A CONN
 carries the client's socket as one fd (SCM_RIGHTS).
 
+Under kernel dispatch (LB_OWN_LISTENER=1) the first message is LISTENER,
+carrying a listening socket of this worker's own: it accepts from that
+instead, says so in READY, and stops it on DRAIN.
+
 Deliberately simple: it serves one connection at a time and closes it after
 one response (Connection: close). Run it with:
 
     lb --workers 2 -- python3 examples/hello.py
 """
 import os
+import select
 import socket
 import struct
 
 HEADER = struct.Struct("<BBxxxxxxQ")
 VERSION = 1
-CONN, DRAIN, READY, CLOSED = 1, 2, 16, 17
+CONN, DRAIN, LISTENER, READY, CLOSED, ACCEPTED = 1, 2, 3, 16, 17, 20
 
 
 def serve(conn: socket.socket, body: bytes) -> None:
@@ -39,28 +44,46 @@ def main() -> None:
         raise SystemExit("hello.py: start me with lb: lb -- python3 examples/hello.py")
     chan = socket.socket(fileno=int(os.environ["LB_FD"]))
     body = b"hello from worker %s (pid %d)\n" % (os.environ["LB_WORKER_ID"].encode(), os.getpid())
-    chan.send(HEADER.pack(VERSION, READY, 0))
-    while True:
+    listener, report = None, True
+    if os.environ.get("LB_OWN_LISTENER") == "1":  # kernel dispatch
         msg, fds, _flags, _addr = socket.recv_fds(chan, 4096, 4)
-        if not msg:
-            return  # the master is gone
-        if len(msg) < HEADER.size:
-            continue
-        _version, kind, _value = HEADER.unpack_from(msg)
-        if kind == DRAIN:
-            return  # nothing in flight: one connection at a time
-        if kind != CONN or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            continue
+        if msg[1:2] != bytes([LISTENER]) or len(fds) != 1:
+            raise SystemExit("hello.py: LB_OWN_LISTENER=1 but lb sent no LISTENER first")
+        listener = socket.socket(fileno=fds[0])
+        listener.setblocking(False)
+        report = os.environ.get("LB_REPORT_CLOSED") == "1"
+    chan.send(HEADER.pack(VERSION, READY, 1 if listener else 0))
+    while True:
+        if listener and chan not in select.select([chan, listener], [], [])[0]:
+            try:
+                fds = [listener.accept()[0].detach()]
+            except BlockingIOError:
+                continue
+            if report:  # before its CLOSED, which lb would not expect otherwise
+                chan.send(HEADER.pack(VERSION, ACCEPTED, 1))
+        else:
+            msg, fds, _flags, _addr = socket.recv_fds(chan, 4096, 4)
+            if not msg:
+                return  # the master is gone
+            if len(msg) < HEADER.size:
+                continue
+            _version, kind, _value = HEADER.unpack_from(msg)
+            if kind == DRAIN:
+                if listener:  # stopped, not just closed (lb may hold a copy):
+                    listener.shutdown(socket.SHUT_RD)  # its queue moves to others
+                return  # nothing in flight: one connection at a time
+            if kind != CONN or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
         with socket.socket(fileno=fds[0]) as conn:
             conn.setblocking(True)
             try:
                 serve(conn, body)
             except OSError:
                 pass
-        chan.send(HEADER.pack(VERSION, CLOSED, 1))
-
+        if report:
+            chan.send(HEADER.pack(VERSION, CLOSED, 1))
 
 if __name__ == "__main__":
     main()

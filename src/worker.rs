@@ -15,6 +15,15 @@
 //! and close one that stays idle for [`Listener::idle_grace`] (a blocking
 //! server waits between requests with [`Conn::wait_for_request`]).
 //!
+//! Under kernel dispatch (`LB_OWN_LISTENER=1`, `docs/kernel-dispatch.md`)
+//! the same API accepts from the listener of its own that the master sends
+//! first: [`Listener::from_env`] takes it, READY says so, both levels
+//! accept from it (the mio `Source` watches it and the channel, under one
+//! token), accepts are reported in batches (ACCEPTED, always before the
+//! CLOSED that follows them) when the master reads reports, and DRAIN
+//! stops the listener at once so that what is queued in it moves to the
+//! other workers. An app needs no change.
+//!
 //! Depends on [`crate::proto`] only.
 //!
 //! By concern: `listener` (the channel: READY, DRAIN, taking connections),
@@ -45,12 +54,15 @@ pub enum WorkerError {
     Protocol(String),
     #[error("inherited channel fd {fd} is unusable: {source}")]
     Channel { fd: RawFd, source: io::Error },
+    #[error("LB_OWN_LISTENER=1 but lb sent no listener: {0}")]
+    NoListener(String),
 }
 
 /// What the master sent.
 #[derive(Debug)]
 pub enum Incoming {
-    /// A connection, non-blocking (the master accepted it so).
+    /// A connection, non-blocking (the master accepted it so; under kernel
+    /// dispatch the adapter accepts it so from the own listener).
     Conn(TcpStream),
     /// Stop accepting; finish what you have and exit.
     Drain,

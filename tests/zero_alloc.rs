@@ -19,6 +19,9 @@ mod support;
 use support::inproc::{Kind, Rig};
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// The counter is global: one test at a time, or one's dispatch thread
+/// counts in the other's window.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 thread_local! {
     /// Set on the dispatch thread only: allocations elsewhere (clients,
@@ -112,6 +115,7 @@ fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, 
 
 #[test]
 fn dispatch_allocates_nothing_per_connection() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // First, that the counter sees an allocation on a counted thread at all
     // (in this test, not a parallel one: the counter is global).
     let seen = std::thread::spawn(|| {
@@ -153,6 +157,7 @@ fn dispatch_allocates_nothing_per_connection() {
 /// of that may allocate either. Skipped (said) where BPF cannot be loaded.
 #[test]
 fn kernel_dispatch_allocates_nothing_per_connection() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     for policy in [PolicyKind::LeastConn, PolicyKind::RoundRobin] {
         let Some(mut rig) = Rig::kernel(policy, WORKERS) else {
             return;

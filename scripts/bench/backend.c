@@ -7,7 +7,9 @@
  *
  * Where it gets connections from:
  *   LB_FD=3        lb's protocol v1 (READY; CLOSED reports batched per loop,
- *                  unless LB_REPORT_CLOSED=0 says nothing reads them)
+ *                  unless LB_REPORT_CLOSED=0 says nothing reads them); with
+ *                  LB_OWN_LISTENER=1 (kernel dispatch) it accepts from the
+ *                  listener lb sends first, ACCEPTED batched like CLOSED
  *   FD_SOCK_FD=3   bare fds over a unix socket (the reference fdpass-master)
  *   PORT=N         its own listener on 127.0.0.1:N (REUSEPORT=1 to share it);
  *                  checked first, so lb's shim and proxy modes run it as any
@@ -40,7 +42,7 @@
 #include <unistd.h>
 
 #define BUF 8192
-enum { CONN = 1, DRAIN = 2, READY = 16, CLOSED = 17, HDR = 16 };
+enum { CONN = 1, DRAIN = 2, LISTENER = 3, READY = 16, CLOSED = 17, ACCEPTED = 20, HDR = 16 };
 
 static const char OK_KA[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 static const char OK_CLOSE[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
@@ -48,10 +50,11 @@ static const char OK_CLOSE[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnecti
 struct conn { int fd; size_t len; char buf[BUF]; };
 
 static volatile sig_atomic_t want_report, want_exit;
-static int ep, chan = -1, lb_protocol, report_closed, draining;
-static unsigned long long requests, conns, unreported;
+static int ep, chan = -1, lfd = -1, lb_protocol, report_closed, draining;
+static unsigned long long requests, conns, unreported, unaccepted;
 static long slow_ms = 5;
 static char tag;   /* epoll data.ptr for the channel / listener */
+static char own_tag;   /* for the own listener, beside lb's channel */
 
 static void on_sig(int s) { if (s == SIGUSR1 || s == SIGUSR2) want_report = 1; else want_exit = 1; }
 
@@ -113,6 +116,22 @@ static void on_readable(struct conn *c) {
     }
 }
 
+/* Kernel dispatch: the LISTENER lb sends first, non-blocking; -1 if not. */
+static int own_listener(void) {
+    unsigned char h[64];
+    union { struct cmsghdr a; char b[CMSG_SPACE(4 * sizeof(int))]; } cm;
+    struct iovec iov = {h, sizeof h};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b, .msg_controllen = sizeof cm.b};
+    ssize_t n = recvmsg(chan, &mh, MSG_CMSG_CLOEXEC);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    if (n < HDR || h[1] != LISTENER || !c || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int)))
+        return -1;
+    int fd;
+    memcpy(&fd, CMSG_DATA(c), sizeof fd);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    return fd;
+}
+
 static void add(int fd) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -134,7 +153,12 @@ static int on_channel(void) {
         ssize_t n = recvmsg(chan, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
         if (n == 0) return -1;
         if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
-        if (lb_protocol && n >= HDR && h[1] == DRAIN) { draining = 1; return -1; }
+        if (lb_protocol && n >= HDR && h[1] == DRAIN) {
+            /* Kernel dispatch: its queue moves to the other workers now. */
+            if (lfd >= 0) shutdown(lfd, SHUT_RD);
+            draining = 1;
+            return -1;
+        }
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
                 for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
@@ -171,6 +195,11 @@ int main(void) {
         const char *rc = getenv("LB_REPORT_CLOSED");
         report_closed = lb_protocol && !(rc && strcmp(rc, "0") == 0);
         chan = atoi(lb_protocol ? getenv("LB_FD") : getenv("FD_SOCK_FD"));
+        const char *own = getenv("LB_OWN_LISTENER");
+        if (lb_protocol && own && strcmp(own, "1") == 0 && (lfd = own_listener()) < 0) {
+            fprintf(stderr, "backend: LB_OWN_LISTENER=1 but lb sent no LISTENER first\n");
+            return 2;
+        }
     } else {
         const char *p = getenv("PORT");
         if (!p) { fprintf(stderr, "backend: set LB_FD, FD_SOCK_FD, LISTEN_FDS or PORT\n"); return 2; }
@@ -184,19 +213,28 @@ int main(void) {
     }
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = &tag};
     epoll_ctl(ep, EPOLL_CTL_ADD, chan >= 0 ? chan : lfd, &ev);
+    if (chan >= 0 && lfd >= 0) {
+        struct epoll_event own = {.events = EPOLLIN | EPOLLET, .data.ptr = &own_tag};
+        epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &own);
+    }
     report();
-    if (lb_protocol) send_msg(READY, 0);
+    if (lb_protocol) send_msg(READY, lfd >= 0 ? 1 : 0);   /* 1: OWN_LISTENER */
     struct epoll_event evs[256];
     while (!want_exit) {
+        /* Accepts before the closes they cover (lb counts open = accepted - closed). */
+        if (report_closed && unaccepted) { send_msg(ACCEPTED, unaccepted); unaccepted = 0; }
         if (report_closed && unreported) { send_msg(CLOSED, unreported); unreported = 0; }
         int n = epoll_pwait(ep, evs, 256, -1, &during_wait);
         if (want_report) { want_report = 0; report(); }
         for (int i = 0; i < n; i++) {
-            if (evs[i].data.ptr != &tag) { on_readable(evs[i].data.ptr); continue; }
-            if (chan >= 0) { if (on_channel() < 0) want_exit = 1; continue; }
+            int own = evs[i].data.ptr == &own_tag;
+            if (evs[i].data.ptr != &tag && !own) { on_readable(evs[i].data.ptr); continue; }
+            if (chan >= 0 && !own) { if (on_channel() < 0) want_exit = 1; continue; }
             for (;;) {
                 int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (fd < 0 && own && (errno == EINTR || errno == ECONNABORTED)) continue;
                 if (fd < 0) break;
+                unaccepted += own;
                 add(fd);
             }
         }

@@ -1,12 +1,13 @@
 //! A connection handed to a blocking server ([`Conn`]), and the close
-//! reports every connection owes the master ([`Reporter`]).
+//! (and, under kernel dispatch, accept) reports every connection owes the
+//! master ([`Reporter`]).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, Wait, kind};
@@ -18,7 +19,17 @@ use crate::proto::{self, Wait, kind};
 pub struct Reporter {
     pub(super) chan: Arc<OwnedFd>,
     pub(super) enabled: bool,
+    /// Under kernel dispatch: connections accepted from the own listener
+    /// and not yet reported. The lock is held across the sends so that
+    /// every CLOSED goes out after the ACCEPTED that covers it, whichever
+    /// thread closes: the master counts a close beyond what it knows of
+    /// as a protocol error.
+    pub(super) accepted: Option<Arc<Mutex<u64>>>,
 }
+
+/// Accepts reported in one ACCEPTED at most: a worker that never runs out
+/// of connections to accept still tells least-connections about them.
+pub(super) const ACCEPTED_BATCH: u64 = 32;
 
 impl Reporter {
     /// Tells the master `n` connections have finished (feeds least-connections).
@@ -26,6 +37,14 @@ impl Reporter {
         if n == 0 || !self.enabled {
             return Ok(());
         }
+        let _held = match &self.accepted {
+            Some(pending) => {
+                let mut pending = lock(pending);
+                self.send_accepted(&mut pending)?;
+                Some(pending)
+            }
+            None => None,
+        };
         ignore_gone(proto::send_plain(
             self.chan.as_fd(),
             kind::CLOSED,
@@ -34,6 +53,47 @@ impl Reporter {
             Wait::Block,
         ))
     }
+
+    /// Counts one connection accepted from the own listener; reports the
+    /// batch once it is [`ACCEPTED_BATCH`] long.
+    pub(super) fn accepted_one(&self) -> io::Result<()> {
+        let Some(pending) = self.accepted.as_ref().filter(|_| self.enabled) else {
+            return Ok(());
+        };
+        let mut pending = lock(pending);
+        *pending += 1;
+        if *pending >= ACCEPTED_BATCH {
+            self.send_accepted(&mut pending)?;
+        }
+        Ok(())
+    }
+
+    /// Reports the accepts not reported yet (before the worker waits).
+    pub(super) fn flush_accepted(&self) -> io::Result<()> {
+        match self.accepted.as_ref().filter(|_| self.enabled) {
+            Some(pending) => self.send_accepted(&mut lock(pending)),
+            None => Ok(()),
+        }
+    }
+
+    fn send_accepted(&self, pending: &mut u64) -> io::Result<()> {
+        if *pending == 0 {
+            return Ok(());
+        }
+        let n = std::mem::take(pending);
+        ignore_gone(proto::send_plain(
+            self.chan.as_fd(),
+            kind::ACCEPTED,
+            n,
+            &[],
+            Wait::Block,
+        ))
+    }
+}
+
+/// A counter has no invariant a panicking holder could have broken.
+fn lock(m: &Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A master that has exited is not an error worth failing a close over.
@@ -44,7 +104,8 @@ pub(super) fn ignore_gone(r: io::Result<()>) -> io::Result<()> {
     }
 }
 
-/// A connection from the master that reports its own close when dropped.
+/// A connection from the master (or, under kernel dispatch, from the
+/// worker's own listener) that reports its own close when dropped.
 #[derive(Debug)]
 pub struct Conn {
     pub(super) stream: Option<TcpStream>,

@@ -3,6 +3,11 @@
 //! its connections from lb over the native protocol. Every response body is
 //! the one line `hello from worker <slot> (pid <pid>)`.
 //!
+//! Under kernel dispatch (`LB_OWN_LISTENER=1`) it accepts them from its own
+//! listener instead; `lb::worker` does that behind the same calls (the
+//! channel's token covers the listener, `Listener::next` accepts,
+//! `next_is_conn` sees what waits in its queue), so nothing here differs.
+//!
 //! Keep-alive aware; honours `Connection: close` and HTTP/1.0; answers
 //! pipelined requests in order. `GET /sleep/<ms>` answers after blocking
 //! that long (at most 60 s), like a slow handler in a single-threaded app.

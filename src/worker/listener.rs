@@ -1,22 +1,35 @@
 //! The worker's end of the channel: READY, DRAIN, user messages, and the
-//! connections the master hands over.
+//! connections the master hands over, or, under kernel dispatch
+//! (`LB_OWN_LISTENER=1`), those the worker accepts from the listener of its
+//! own that the master sent first (`docs/protocol.md` §2).
 
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use nix::poll::PollTimeout;
+use nix::sys::socket::{getsockopt, sockopt};
 
 use super::conn::ignore_gone;
 use super::{Conn, FD_RESERVE, Incoming, Reporter, WorkerError, open_files, open_files_limit};
 use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
 
-/// The worker's end of the channel.
+/// The worker's end of the channel (and, under kernel dispatch, its own
+/// listener).
 #[derive(Debug)]
 pub struct Listener {
     chan: Arc<OwnedFd>,
-    report_closed: bool,
+    /// Close (and accept) reports; whether they are sent at all.
+    reporter: Reporter,
+    /// Kernel dispatch: the listener the master sent, non-blocking, until
+    /// DRAIN closes it.
+    own: Option<mio::net::TcpListener>,
+    /// The poller both fds are registered with (a `mio::event::Source`
+    /// user's), so that DRAIN can take the listener out before closing it.
+    registry: Option<mio::Registry>,
     slot: usize,
     generation: u64,
     /// The master's `drain_timeout` (`LB_DRAIN_TIMEOUT_MS`), if it said.
@@ -61,15 +74,65 @@ impl Listener {
         let mut listener = Listener::from_fd(chan, slot, generation);
         listener.drain_timeout = drain_timeout;
         // Nothing reads them: not sending them saves the master's CPU.
-        listener.report_closed = std::env::var(env::REPORT_CLOSED).as_deref() != Ok("0");
+        listener.reporter.enabled = std::env::var(env::REPORT_CLOSED).as_deref() != Ok("0");
+        if std::env::var(env::OWN_LISTENER).as_deref() == Ok("1") {
+            listener.take_own_listener()?;
+        }
         Ok(listener)
+    }
+
+    /// Kernel dispatch: takes the LISTENER the master sends first (what
+    /// [`Listener::from_env`] does when `LB_OWN_LISTENER=1`); from now on
+    /// connections are accepted from it, READY says so, and accepts are
+    /// reported (batched) with closes.
+    pub fn take_own_listener(&mut self) -> Result<(), WorkerError> {
+        let fd = self.chan.as_raw_fd();
+        let mut got = scm::recv(self.chan.as_fd(), &mut self.buf, Wait::Block)
+            .map_err(|source| WorkerError::Channel { fd, source })?;
+        let why = match wire::parse(&self.buf[..got.len], got.truncated) {
+            _ if got.len == 0 => "the master closed the channel first".to_string(),
+            Ok(Message::Listener) if got.fds.len() == 1 => String::new(),
+            Ok(m) => format!("the first message was {m:?} with {} fds", got.fds.len()),
+            Err(e) => format!("the first message was malformed: {e}"),
+        };
+        if !why.is_empty() {
+            return Err(WorkerError::NoListener(why));
+        }
+        let listener = got.fds.take_first().expect("one fd");
+        if getsockopt(&listener, sockopt::AcceptConn) != Ok(true) {
+            return Err(WorkerError::NoListener(
+                "its fd is not a listening socket".into(),
+            ));
+        }
+        let listener = std::net::TcpListener::from(listener);
+        // Shared with the master's copy, which never accepts from it.
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| WorkerError::Channel { fd, source })?;
+        self.own = Some(mio::net::TcpListener::from_std(listener));
+        self.reporter.accepted = Some(Arc::new(Mutex::new(0)));
+        self.base_fds += 1;
+        Ok(())
+    }
+
+    /// Whether connections come from a listener of this worker's own
+    /// (kernel dispatch), not from the master; false again after DRAIN.
+    pub fn owns_listener(&self) -> bool {
+        self.own.is_some()
     }
 
     /// Wraps an already-open channel end (tests, embedding).
     pub fn from_fd(chan: OwnedFd, slot: usize, generation: u64) -> Listener {
+        let chan = Arc::new(chan);
         Listener {
-            chan: Arc::new(chan),
-            report_closed: true,
+            reporter: Reporter {
+                chan: Arc::clone(&chan),
+                enabled: true,
+                accepted: None,
+            },
+            chan,
+            own: None,
+            registry: None,
             slot,
             generation,
             drain_timeout: None,
@@ -99,6 +162,9 @@ impl Listener {
     /// connection, `Some(false)` for anything else (DRAIN, a message, the
     /// master's EOF), `None` when nothing is queued. A worker that may not
     /// take connections (at its open-files limit) still takes the rest.
+    /// Under kernel dispatch a connection waiting in the own listener is
+    /// `Some(true)` once the channel is empty ([`Listener::next`] takes
+    /// the channel's messages first).
     pub fn next_is_conn(&self) -> io::Result<Option<bool>> {
         use nix::sys::socket::{MsgFlags, recv};
         let mut head = [0u8; proto::HEADER_LEN];
@@ -108,7 +174,10 @@ impl Listener {
             MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
         ) {
             Ok(n) => Ok(Some(n >= 2 && head[0] == VERSION && head[1] == kind::CONN)),
-            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(nix::errno::Errno::EAGAIN) => match &self.own {
+                Some(own) => Ok(readable(own.as_fd(), None, PollTimeout::ZERO)?.then_some(true)),
+                None => Ok(None),
+            },
             Err(e) => Err(e.into()),
         }
     }
@@ -129,8 +198,15 @@ impl Listener {
     }
 
     /// Tells the master this worker takes connections. None arrive before.
+    /// Under kernel dispatch it says that they come from the own listener
+    /// (`wire::ready::OWN_LISTENER`): the kernel steers none to it before.
     pub fn ready(&self) -> io::Result<()> {
-        proto::send_plain(self.chan.as_fd(), kind::READY, 0, &[], Wait::Block)
+        let flags = if self.own.is_some() {
+            wire::ready::OWN_LISTENER
+        } else {
+            0
+        };
+        proto::send_plain(self.chan.as_fd(), kind::READY, flags, &[], Wait::Block)
     }
 
     /// Tells the master this worker is about to exit on its own: it sends
@@ -157,18 +233,73 @@ impl Listener {
 
     /// A handle for reporting closes from elsewhere (another thread).
     pub fn reporter(&self) -> Reporter {
-        Reporter {
-            chan: Arc::clone(&self.chan),
-            enabled: self.report_closed,
-        }
+        self.reporter.clone()
     }
 
-    /// The next thing the master sent. With `Wait::DontWait`, `WouldBlock`
-    /// means nothing is queued. Malformed or unknown messages are skipped.
+    /// The next thing the master sent, or under kernel dispatch the next
+    /// connection from the own listener (the channel's messages first, so
+    /// DRAIN is never stuck behind a busy listener). With `Wait::DontWait`,
+    /// `WouldBlock` means nothing is queued. Malformed or unknown messages
+    /// are skipped. A connection is non-blocking and CLOEXEC either way.
+    ///
+    /// At the open-files limit (`EMFILE`) a connection is left in the own
+    /// listener's queue and this says `WouldBlock` (or, blocking, retries
+    /// every 10 ms): keep [`FD_RESERVE`] free, as with the channel.
     pub fn next(&mut self, wait: Wait) -> io::Result<Incoming> {
         if self.done {
             return Ok(Incoming::Closed);
         }
+        loop {
+            if self.own.is_none() {
+                return self.next_message(wait);
+            }
+            match self.next_message(Wait::DontWait) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            let Some(own) = &self.own else {
+                continue; // DRAIN closed it
+            };
+            match own.accept() {
+                Ok((stream, _)) => {
+                    // A report that cannot go out does not cost the client
+                    // its connection (a broken channel shows on the next read).
+                    let _ = self.reporter.accepted_one();
+                    return Ok(Incoming::Conn(TcpStream::from(stream)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if accept_retries(&e) => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    if self
+                        .lost_warned
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                    {
+                        self.lost_warned = Some(Instant::now());
+                        eprintln!(
+                            "lb::worker: no free fd to accept a connection (the open-files \
+                             limit): it waits in the listener's queue; raise RLIMIT_NOFILE"
+                        );
+                    }
+                    if wait == Wait::Block {
+                        self.reporter.flush_accepted()?;
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            // Nothing queued: what was accepted is reported before waiting.
+            self.reporter.flush_accepted()?;
+            if wait == Wait::DontWait {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            readable(self.chan.as_fd(), Some(own.as_fd()), PollTimeout::NONE)?;
+        }
+    }
+
+    /// The next message on the channel (all of [`Listener::next`] under
+    /// master dispatch).
+    fn next_message(&mut self, wait: Wait) -> io::Result<Incoming> {
         loop {
             let mut got = scm::recv(self.chan.as_fd(), &mut self.buf, wait)?;
             if got.len == 0 {
@@ -182,6 +313,7 @@ impl Listener {
                 }
                 Ok(Message::Drain) => {
                     self.draining.store(true, Ordering::Relaxed);
+                    self.close_own_listener();
                     return Ok(Incoming::Drain);
                 }
                 Ok(Message::User(p)) => return Ok(Incoming::Message(p.to_vec())),
@@ -258,14 +390,81 @@ impl Listener {
     pub fn incoming(&mut self) -> impl Iterator<Item = io::Result<Conn>> + '_ {
         std::iter::from_fn(move || self.accept().transpose())
     }
+
+    /// DRAIN under kernel dispatch: the master keeps a copy of the own
+    /// listener until it has seen this process go, so closing this fd
+    /// alone would leave what is queued there waiting; shutting the socket
+    /// down stops it listening now, and the kernel moves its queue to the
+    /// other workers' listeners.
+    fn close_own_listener(&mut self) {
+        let Some(mut own) = self.own.take() else {
+            return;
+        };
+        if let Some(registry) = self.registry.take() {
+            // Before it closes (as `own` drops): epoll registers the
+            // socket, which the master's copy may keep open.
+            let _ = mio::event::Source::deregister(&mut own, &registry);
+        }
+        let _ = nix::sys::socket::shutdown(own.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+    }
 }
 
+/// Waits until `fd` (or `also`) is readable, or `timeout`; whether one is.
+fn readable(
+    fd: BorrowedFd<'_>,
+    also: Option<BorrowedFd<'_>>,
+    timeout: PollTimeout,
+) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, poll};
+    let mut both = [
+        PollFd::new(fd, PollFlags::POLLIN),
+        PollFd::new(fd, PollFlags::empty()),
+    ];
+    if let Some(also) = also {
+        both[1] = PollFd::new(also, PollFlags::POLLIN);
+    }
+    let polled = &mut both[..1 + usize::from(also.is_some())];
+    loop {
+        match poll(polled, timeout) {
+            Ok(n) => return Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Errors `accept` passes on from a connection that failed before it was
+/// taken (`accept(2)`: to be retried like `EAGAIN`).
+fn accept_retries(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted
+        || matches!(
+            e.raw_os_error(),
+            Some(
+                libc::ECONNABORTED
+                    | libc::EPROTO
+                    | libc::ENETDOWN
+                    | libc::ENOPROTOOPT
+                    | libc::EHOSTDOWN
+                    | libc::ENONET
+                    | libc::EHOSTUNREACH
+                    | libc::EOPNOTSUPP
+                    | libc::ENETUNREACH
+            )
+        )
+}
+
+/// The channel's fd. Under kernel dispatch connections arrive on the own
+/// listener, not here: a poller should take the `mio::event::Source`,
+/// which registers both.
 impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         self.chan.as_raw_fd()
     }
 }
 
+/// Under kernel dispatch both the channel (DRAIN, user messages) and the
+/// own listener are registered, with the one token: an event on it means
+/// "call [`Listener::next`] until `WouldBlock`".
 impl mio::event::Source for Listener {
     fn register(
         &mut self,
@@ -273,7 +472,12 @@ impl mio::event::Source for Listener {
         token: mio::Token,
         interests: mio::Interest,
     ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.chan.as_raw_fd()).register(registry, token, interests)
+        mio::unix::SourceFd(&self.chan.as_raw_fd()).register(registry, token, interests)?;
+        if let Some(own) = &mut self.own {
+            own.register(registry, token, interests)?;
+            self.registry = Some(registry.try_clone()?);
+        }
+        Ok(())
     }
 
     fn reregister(
@@ -282,11 +486,20 @@ impl mio::event::Source for Listener {
         token: mio::Token,
         interests: mio::Interest,
     ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.chan.as_raw_fd()).reregister(registry, token, interests)
+        mio::unix::SourceFd(&self.chan.as_raw_fd()).reregister(registry, token, interests)?;
+        match &mut self.own {
+            Some(own) => own.reregister(registry, token, interests),
+            None => Ok(()),
+        }
     }
 
     fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
-        mio::unix::SourceFd(&self.chan.as_raw_fd()).deregister(registry)
+        mio::unix::SourceFd(&self.chan.as_raw_fd()).deregister(registry)?;
+        self.registry = None;
+        match &mut self.own {
+            Some(own) => own.deregister(registry),
+            None => Ok(()),
+        }
     }
 }
 
@@ -408,5 +621,270 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// Kernel dispatch against a fake master on a real socketpair: what
+    /// it sends first, and everything the worker said, in order.
+    struct FakeMaster {
+        chan: OwnedFd,
+        /// The master's copy of the worker's listener.
+        tcp: TcpListener,
+    }
+
+    impl FakeMaster {
+        fn start() -> (FakeMaster, Listener) {
+            let (chan, worker) = proto::pair().unwrap();
+            let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+            scm::send(
+                chan.as_fd(),
+                &wire::header(kind::LISTENER, 0),
+                &[],
+                Some(tcp.as_fd()),
+                Wait::Block,
+            )
+            .unwrap();
+            let mut l = Listener::from_fd(worker, 0, 1);
+            l.take_own_listener().unwrap();
+            assert!(l.owns_listener());
+            (FakeMaster { chan, tcp }, l)
+        }
+
+        fn connect(&self) -> TcpStream {
+            TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap()
+        }
+
+        fn send(&self, k: u8) {
+            proto::send_plain(self.chan.as_fd(), k, 0, &[], Wait::Block).unwrap();
+        }
+
+        /// (kind, value) of every message the worker sent so far.
+        fn heard(&self) -> Vec<(u8, u64)> {
+            let mut buf = [0u8; MAX_MESSAGE];
+            let mut seen = Vec::new();
+            while let Ok(got) = scm::recv(self.chan.as_fd(), &mut buf, Wait::DontWait) {
+                assert_eq!(got.len, proto::HEADER_LEN);
+                let mut value = [0u8; 8];
+                value.copy_from_slice(&buf[8..16]);
+                seen.push((buf[1], u64::from_le_bytes(value)));
+            }
+            seen
+        }
+    }
+
+    #[test]
+    fn kernel_dispatch_accepts_from_the_own_listener_and_reports_in_batches() {
+        let (master, mut l) = FakeMaster::start();
+        l.ready().unwrap();
+        let mut clients: Vec<TcpStream> = (0..3).map(|_| master.connect()).collect();
+        let mut conns: Vec<Conn> = (0..3).map(|_| l.accept().unwrap().unwrap()).collect();
+        for (i, c) in conns.iter_mut().enumerate() {
+            // Blocking, as the CONN ones are made for `std::io`; CLOEXEC.
+            assert!(!c.nonblocking_is_set());
+            let fd = nix::fcntl::fcntl(&**c, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(fd & libc::FD_CLOEXEC, 0);
+            write!(c, "conn {i}").unwrap();
+        }
+        // Nothing is reported while accepts keep coming.
+        assert_eq!(master.heard(), [(kind::READY, wire::ready::OWN_LISTENER)]);
+        drop(conns);
+        for (i, client) in clients.iter_mut().enumerate() {
+            let mut text = String::new();
+            client.read_to_string(&mut text).unwrap();
+            assert_eq!(text, format!("conn {i}"));
+        }
+        // One ACCEPTED for the three, before any CLOSED.
+        assert_eq!(
+            master.heard(),
+            [
+                (kind::ACCEPTED, 3),
+                (kind::CLOSED, 1),
+                (kind::CLOSED, 1),
+                (kind::CLOSED, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_event_loop_sees_both_the_channel_and_the_own_listener() {
+        let (master, mut l) = FakeMaster::start();
+        let mut poll = mio::Poll::new().unwrap();
+        let mut events = mio::Events::with_capacity(8);
+        poll.registry()
+            .register(&mut l, mio::Token(7), mio::Interest::READABLE)
+            .unwrap();
+        let _client = master.connect();
+        poll.poll(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(events.iter().any(|e| e.token() == mio::Token(7)));
+        let Incoming::Conn(stream) = l.next(Wait::DontWait).unwrap() else {
+            panic!("not a connection");
+        };
+        // Non-blocking, as a CONN's is.
+        let fl = nix::fcntl::fcntl(&stream, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_ne!(fl & libc::O_NONBLOCK, 0);
+        let e = l.next(Wait::DontWait).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        // Nothing more to accept: the accept is reported now.
+        assert_eq!(master.heard(), [(kind::ACCEPTED, 1)]);
+        l.report_closed(1).unwrap();
+        drop(stream);
+        // DRAIN comes on the channel, under the same token.
+        master.send(kind::DRAIN);
+        poll.poll(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(events.iter().any(|e| e.token() == mio::Token(7)));
+        assert!(matches!(l.next(Wait::DontWait).unwrap(), Incoming::Drain));
+        assert!(!l.owns_listener() && l.draining());
+        // The listener is out of the poller: a connection attempt now
+        // wakes nothing.
+        let _ = TcpStream::connect(master.tcp.local_addr().unwrap());
+        poll.poll(&mut events, Some(Duration::from_millis(100)))
+            .unwrap();
+        assert!(events.is_empty(), "a stale registration woke the poller");
+        assert_eq!(master.heard(), [(kind::CLOSED, 1)]);
+    }
+
+    /// DRAIN stops the own listener at once, though the master still holds
+    /// a copy of it: what is queued there is the kernel's to move to the
+    /// other workers (here, with no other, to refuse).
+    #[test]
+    fn drain_stops_the_own_listener_though_the_master_holds_a_copy() {
+        let (master, mut l) = FakeMaster::start();
+        let queued = master.connect();
+        // The channel comes first: DRAIN is not stuck behind the queue.
+        master.send(kind::DRAIN);
+        assert!(matches!(l.next(Wait::Block).unwrap(), Incoming::Drain));
+        assert!(!l.owns_listener());
+        assert_eq!(getsockopt(&master.tcp, sockopt::AcceptConn), Ok(false));
+        let refused = TcpStream::connect(master.tcp.local_addr().unwrap());
+        assert!(refused.is_err(), "still listening after DRAIN");
+        // The queued connection was not accepted and kept: it is reset.
+        let mut queued = queued;
+        queued
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(
+            queued
+                .read(&mut [0u8; 1])
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    #[test]
+    fn a_blocking_accept_wakes_for_either() {
+        let (master, mut l) = FakeMaster::start();
+        let addr = master.tcp.local_addr().unwrap();
+        let connector = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            TcpStream::connect(addr).unwrap()
+        });
+        let c = l.accept().unwrap().expect("a connection");
+        let client = connector.join().unwrap();
+        assert_eq!(c.peer_addr().unwrap(), client.local_addr().unwrap());
+        let chan = master.chan.try_clone().unwrap();
+        let drainer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            proto::send_plain(chan.as_fd(), kind::DRAIN, 0, &[], Wait::Block).unwrap();
+        });
+        assert!(l.accept().unwrap().is_none(), "DRAIN ends a blocked accept");
+        drainer.join().unwrap();
+        drop(c);
+        // Reported before waiting, then the close.
+        assert_eq!(master.heard(), [(kind::ACCEPTED, 1), (kind::CLOSED, 1)]);
+    }
+
+    #[test]
+    fn master_dispatch_says_ready_without_the_flag() {
+        let (master, worker) = proto::pair().unwrap();
+        let l = Listener::from_fd(worker, 0, 1);
+        assert!(!l.owns_listener());
+        l.ready().unwrap();
+        let mut buf = [0u8; MAX_MESSAGE];
+        let got = scm::recv(master.as_fd(), &mut buf, Wait::DontWait).unwrap();
+        assert_eq!(&buf[..got.len], &wire::header(kind::READY, 0));
+    }
+
+    #[test]
+    fn a_first_message_other_than_listener_is_refused() {
+        let (master, worker) = proto::pair().unwrap();
+        proto::send_plain(master.as_fd(), kind::DRAIN, 0, &[], Wait::Block).unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        let e = l.take_own_listener().unwrap_err().to_string();
+        assert!(
+            e.contains("LB_OWN_LISTENER=1") && e.contains("Drain"),
+            "{e}"
+        );
+        // A LISTENER whose fd is not listening.
+        let (master, worker) = proto::pair().unwrap();
+        scm::send(
+            master.as_fd(),
+            &wire::header(kind::LISTENER, 0),
+            &[],
+            Some(master.as_fd()),
+            Wait::Block,
+        )
+        .unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        let e = l.take_own_listener().unwrap_err().to_string();
+        assert!(e.contains("not a listening socket"), "{e}");
+        drop(master);
+        let (master, worker) = proto::pair().unwrap();
+        drop(master);
+        let mut l = Listener::from_fd(worker, 0, 1);
+        let e = l.take_own_listener().unwrap_err().to_string();
+        assert!(e.contains("closed the channel"), "{e}");
+    }
+
+    /// Connections closed on other threads while more are accepted: at no
+    /// point has the master heard of more closes than accepts (it counts
+    /// that as a protocol error), and in the end of every one of each.
+    #[test]
+    fn no_close_overtakes_its_accept_across_threads() {
+        const N: u64 = 300;
+        let (master, mut l) = FakeMaster::start();
+        let addr = master.tcp.local_addr().unwrap();
+        let chan = master.chan.try_clone().unwrap();
+        let hearer = std::thread::spawn(move || {
+            let (mut accepted, mut closed) = (0u64, 0u64);
+            let mut buf = [0u8; MAX_MESSAGE];
+            while closed < N {
+                let got = scm::recv(chan.as_fd(), &mut buf, Wait::Block).unwrap();
+                match wire::parse(&buf[..got.len], false).unwrap() {
+                    Message::Accepted { n } => accepted += n,
+                    Message::Closed { n } => closed += n,
+                    _ => {}
+                }
+                assert!(closed <= accepted, "{closed} closed of {accepted} accepted");
+            }
+            accepted
+        });
+        let connector = std::thread::spawn(move || {
+            for _ in 0..N {
+                drop(TcpStream::connect(addr).unwrap());
+            }
+        });
+        let (to_closers, from_acceptor) = std::sync::mpsc::channel::<Conn>();
+        let from_acceptor = Arc::new(Mutex::new(from_acceptor));
+        let closers: Vec<_> = (0..4)
+            .map(|_| {
+                let from = Arc::clone(&from_acceptor);
+                std::thread::spawn(move || {
+                    loop {
+                        let next = from.lock().unwrap().recv();
+                        let Ok(conn) = next else { return };
+                        drop(conn);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..N {
+            to_closers.send(l.accept().unwrap().unwrap()).unwrap();
+        }
+        drop(to_closers);
+        for c in closers {
+            c.join().unwrap();
+        }
+        connector.join().unwrap();
+        assert_eq!(hearer.join().unwrap(), N);
     }
 }

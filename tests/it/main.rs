@@ -9,6 +9,7 @@ mod drain;
 mod faults;
 mod health;
 mod kernel;
+mod kernel_native;
 mod kernel_shim;
 mod limits;
 mod logs;
