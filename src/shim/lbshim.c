@@ -7,8 +7,11 @@
  * skipped: lb owns the port) and says READY; the server's own accept() and
  * accept4() then return the connections lb hands over, and its close() of
  * one is reported as CLOSED, so least-connections works. Everything else
- * passes straight through. Protocol: docs/protocol.md; design and limits:
- * docs/modes.md.
+ * passes straight through. Under kernel dispatch (LB_OWN_LISTENER=1) the
+ * listen() instead puts the listening socket lb sends (LISTENER) in that
+ * socket's place and says READY with OWN_LISTENER: the server accepts
+ * from it with the kernel's own calls, and a thread of the shim answers
+ * DRAIN. Protocol: docs/protocol.md; design and limits: docs/modes.md.
  *
  * Rules kept throughout (see docs/modes.md, `shim`):
  *  - inert unless LB_FD names an AF_UNIX SOCK_SEQPACKET socket;
@@ -36,6 +39,7 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -53,10 +57,22 @@
 #define LB_VERSION 1
 #define KIND_CONN 1
 #define KIND_DRAIN 2
+#define KIND_LISTENER 3
 #define KIND_READY 16
 #define KIND_CLOSED 17
 #define KIND_LEAVING 18
 #define KIND_STOP 19
+#define KIND_ACCEPTED 20
+#define READY_OWN_LISTENER 1
+#ifndef SO_ATTACH_REUSEPORT_CBPF
+#define SO_ATTACH_REUSEPORT_CBPF 51
+#endif
+#ifndef SO_ATTACH_REUSEPORT_EBPF
+#define SO_ATTACH_REUSEPORT_EBPF 52
+#endif
+#ifndef SO_DETACH_REUSEPORT_BPF
+#define SO_DETACH_REUSEPORT_BPF 68
+#endif
 #define HEADER_LEN 16
 #define MAX_MESSAGE 4096
 
@@ -74,7 +90,10 @@
 /* Addresses of bound/listening sockets on the port. */
 #define MAX_LISTENERS 64
 
-enum kind { K_NONE = 0, K_BOUND = 1, K_LISTENER = 2, K_CONN = 3 };
+/* K_OWN and K_ACCEPTED only under kernel dispatch (LB_OWN_LISTENER=1):
+   the worker's own kernel listener in the server's socket's place, and a
+   connection the server accepted from it (tracked to count its close). */
+enum kind { K_NONE = 0, K_BOUND = 1, K_LISTENER = 2, K_CONN = 3, K_OWN = 4, K_ACCEPTED = 5 };
 
 static _Atomic unsigned char kinds[MAX_FDS];
 
@@ -91,6 +110,7 @@ struct reg {
     pid_t pid;
 };
 static struct reg regs[MAX_REGS];
+static int reg_add(int epfd, int fd, pid_t pid);
 /* Per handed-over connection: 1 + the epoll set this process added it to
    first (0: none). Until the master has closed its copy, the server's close
    does not end the socket, so a registration left behind would report
@@ -120,6 +140,35 @@ static int reports = 1;     /* LB_REPORT_CLOSED=0: the policy reads no close rep
 #define FD_RESERVE 16
 static _Atomic long open_conns;    /* handed-over connections open here */
 static int stop_signal = SIGTERM; /* LB_STOP_SIGNAL: what DRAIN becomes */
+
+/* Kernel dispatch (LB_OWN_LISTENER=1): lb sends this worker a listening
+   socket of its own, which listen() puts in the server's socket's place;
+   the server accepts from it with the kernel's own calls. */
+static int own_listener;
+static _Atomic int own_received; /* the LISTENER came (in this process or its parent) */
+/* Reports waiting: accepts in the high 32 bits, closes in the low ones, so
+   one exchange takes both and an ACCEPTED always goes out before the
+   CLOSED of the same connection (lb ignores and counts a CLOSED beyond
+   what it was told was accepted). */
+static _Atomic uint64_t own_pending;
+#define OWN_ACCEPT (1ULL << 32)
+/* How long listen() waits for the LISTENER, which lb sends as soon as the
+   worker starts: a second process of the server listening on its own
+   (fork before listen) would otherwise wait forever for a message sent
+   once. */
+#define LISTENER_WAIT_MS 10000
+/* Epoll registrations of a socket bound to the port that does not listen
+   yet: the listener that takes its place at listen() is another socket,
+   and a registration of the old one goes with it, so listen() makes them
+   again for the new one (a server that registers before it listens would
+   otherwise never hear of a connection). */
+#define MAX_EARLY_REGS 16
+struct early_reg {
+    _Atomic int epfd; /* -1: free, -2: being filled */
+    int fd;
+    struct epoll_event ev;
+};
+static struct early_reg early_regs[MAX_EARLY_REGS];
 
 /* Asks the server to stop as it would be asked without lb: the pool's stop
    signal (SIGTERM unless configured) to the process that claimed the
@@ -256,6 +305,7 @@ static void child_after_fork(void) {
        reports only the ones it accepts itself. */
     atomic_store(&self_pid, getpid());
     atomic_store(&closes_pending, 0);
+    atomic_store(&own_pending, 0);
     atomic_store(&open_conns, 0);
     /* Every registration remembered so far is the parent's: this process
        never removes those (it shares the sets), so it forgets them. */
@@ -263,7 +313,8 @@ static void child_after_fork(void) {
         atomic_store(&regs[i].epfd, -1);
     atomic_store(&conn_extra_regs, 0);
     for (int i = 0; i < MAX_FDS; i++)
-        if (atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_CONN) {
+        if (atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_CONN ||
+            atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_ACCEPTED) {
             atomic_store_explicit(&kinds[i], K_NONE, memory_order_relaxed);
             atomic_store_explicit(&conn_ep[i], 0, memory_order_relaxed);
         }
@@ -275,11 +326,14 @@ __attribute__((constructor)) static void shim_init(void) {
         atomic_store(&listeners[i].fd, -1);
     for (int i = 0; i < MAX_REGS; i++)
         atomic_store(&regs[i].epfd, -1);
+    for (int i = 0; i < MAX_EARLY_REGS; i++)
+        atomic_store(&early_regs[i].epfd, -1);
     atomic_store(&self_pid, getpid());
     int fd = env_int("LB_FD", -1);
     shim_port = env_int("LB_SHIM_PORT", -1);
     preload_fd = env_int("LB_SHIM_FD", -1);
     reports = env_int("LB_REPORT_CLOSED", 1) != 0;
+    own_listener = env_int("LB_OWN_LISTENER", 0) == 1;
     stop_signal = env_int("LB_STOP_SIGNAL", SIGTERM);
     if (stop_signal <= 0 || stop_signal >= 64)
         stop_signal = SIGTERM;
@@ -324,11 +378,34 @@ static long now_ms(void) {
     return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* Accepts before closes; what does not fit in the channel waits. */
+static void flush_own(void) {
+    uint64_t x = atomic_exchange(&own_pending, 0);
+    uint64_t accepted = x >> 32, closed = x & 0xffffffffULL;
+    if (accepted && send_kind(KIND_ACCEPTED, accepted) != 0) {
+        atomic_fetch_add(&own_pending, x);
+        return;
+    }
+    if (closed && send_kind(KIND_CLOSED, closed) != 0)
+        atomic_fetch_add(&own_pending, closed);
+}
+
 static void flush_closes(void) {
     atomic_store_explicit(&last_flush_ms, now_ms(), memory_order_relaxed);
     unsigned long n = atomic_exchange(&closes_pending, 0);
     if (n && send_kind(KIND_CLOSED, n) != 0)
         atomic_fetch_add(&closes_pending, n); /* channel full: next time */
+    if (own_listener)
+        flush_own();
+}
+
+/* An accept (OWN_ACCEPT) or a close (1) from the own listener, reported
+   when the batch is full or old, as closes are in master dispatch. */
+static void note_own(uint64_t what) {
+    uint64_t x = atomic_fetch_add(&own_pending, what) + what;
+    if ((x >> 32) + (x & 0xffffffffULL) >= CLOSE_BATCH ||
+        now_ms() - atomic_load_explicit(&last_flush_ms, memory_order_relaxed) >= CLOSE_MAX_AGE_MS)
+        flush_closes();
 }
 
 static inline int kind_of(int fd) {
@@ -393,6 +470,8 @@ static void claim(void) {
     unsetenv("LB_STOP_SIGNAL");
     unsetenv("LB_PROTOCOL");
     unsetenv("LB_REPORT_CLOSED");
+    if (own_listener)
+        unsetenv("LB_OWN_LISTENER");
     unsetenv("LD_PRELOAD");
 }
 
@@ -420,18 +499,277 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len) {
     return real_bind(fd, addr, len);
 }
 
+/* ------------------------------------------------------------ kernel dispatch */
+
+/* One line on the server's stderr, which lb logs as the worker's. */
+static void complain(const char *what, long a, long b) {
+    int saved = errno;
+    char line[512], why[400];
+    snprintf(why, sizeof why, what, a, b);
+    int n = snprintf(line, sizeof line, "lb accept shim: listen() on port %d fails: %s\n",
+                     shim_port, why);
+    if (n > 0)
+        (void)!write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+    errno = saved;
+}
+
+/* The LISTENER lb sends first under kernel dispatch: its fd, or -1 (the
+   server's listen() then fails) when anything else comes, or nothing. */
+static int receive_listener(int c) {
+    long deadline = now_ms() + LISTENER_WAIT_MS;
+    for (;;) {
+        long left = deadline - now_ms();
+        struct pollfd p = {c, POLLIN, 0};
+        int r = left > 0 ? real_poll(&p, 1, (int)left) : 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            complain("no LISTENER from lb in %ld ms (does another process of this server "
+                     "listen on the port too?)",
+                     LISTENER_WAIT_MS, 0);
+            errno = EADDRNOTAVAIL;
+            return -1;
+        }
+        unsigned char buf[MAX_MESSAGE];
+        union {
+            struct cmsghdr h;
+            char space[CMSG_SPACE(4 * sizeof(int))];
+        } cm;
+        struct iovec iov = {buf, sizeof buf};
+        struct msghdr msg = {0};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cm.space;
+        msg.msg_controllen = sizeof cm.space;
+        /* Not blocking: another process may have read what poll saw. */
+        ssize_t n = recvmsg(c, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        int got[4], ngot = 0;
+        for (struct cmsghdr *h = n > 0 ? CMSG_FIRSTHDR(&msg) : NULL; h; h = CMSG_NXTHDR(&msg, h))
+            if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+                int cnt = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                for (int i = 0; i < cnt; i++) {
+                    int f;
+                    memcpy(&f, CMSG_DATA(h) + i * sizeof(int), sizeof f);
+                    if (ngot < 4)
+                        got[ngot++] = f;
+                    else
+                        real_close(f);
+                }
+            }
+        if (n <= 0) {
+            complain(n == 0 ? "lb closed the channel before it sent the listener"
+                            : "reading lb's channel failed (errno %ld)",
+                     (long)errno, 0);
+            errno = EADDRNOTAVAIL;
+            return -1;
+        }
+        int kind = n >= HEADER_LEN && buf[0] == LB_VERSION ? buf[1] : -1;
+        int type = 0, acc = 0;
+        socklen_t tl = sizeof type, al = sizeof acc;
+        if (kind == KIND_LISTENER && ngot == 1 && !(msg.msg_flags & MSG_CTRUNC) &&
+            real_getsockopt(got[0], SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && type == SOCK_STREAM &&
+            real_getsockopt(got[0], SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) == 0 && acc)
+            return got[0];
+        for (int i = 0; i < ngot; i++)
+            real_close(got[i]);
+        complain("lb's first message was kind %ld with %ld fds, not a LISTENER with one listening "
+                 "TCP socket",
+                 kind, ngot);
+        errno = EPROTO;
+        return -1;
+    }
+}
+
+/* Under kernel dispatch no message carries connections, so a thread of
+   the claiming process waits for DRAIN (answered with STOP, as the accept
+   path does in master dispatch) and for the master's end (the server is
+   stopped, once). It blocks every signal, so the server's handlers run on
+   its own threads. */
+static void *watch_channel(void *unused) {
+    (void)unused;
+    for (;;) {
+        /* Read each time: a dup2 onto its number moves the channel. */
+        int c = atomic_load(&chan);
+        struct pollfd p = {c, POLLIN, 0};
+        if (real_poll(&p, 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        unsigned char buf[MAX_MESSAGE];
+        union {
+            struct cmsghdr h;
+            char space[CMSG_SPACE(4 * sizeof(int))];
+        } cm;
+        struct iovec iov = {buf, sizeof buf};
+        struct msghdr msg = {0};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cm.space;
+        msg.msg_controllen = sizeof cm.space;
+        ssize_t n = recvmsg(c, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            return NULL;
+        }
+        for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h))
+            if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+                int cnt = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                for (int i = 0; i < cnt; i++) {
+                    int f;
+                    memcpy(&f, CMSG_DATA(h) + i * sizeof(int), sizeof f);
+                    real_close(f); /* none is expected after the LISTENER */
+                }
+            }
+        if (n == 0) {
+            if (!atomic_exchange(&eof_seen, 1))
+                stop_server();
+            return NULL;
+        }
+        if (n >= HEADER_LEN && buf[0] == LB_VERSION && buf[1] == KIND_DRAIN &&
+            !atomic_exchange(&drain_seen, 1)) {
+            flush_closes();
+            if (send_kind(KIND_STOP, 0) != 0)
+                stop_server();
+        }
+    }
+}
+
+static void start_watching(void) {
+    static _Atomic int started;
+    if (atomic_exchange(&started, 1))
+        return;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_t t;
+    int ok = pthread_attr_init(&attr) == 0;
+    if (ok) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        ok = pthread_create(&t, &attr, watch_channel, NULL) == 0;
+        pthread_attr_destroy(&attr);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!ok) {
+        static const char line[] = "lb accept shim: no thread to read lb's channel: DRAIN will "
+                                   "not reach the server (lb stops it at its drain timeout)\n";
+        (void)!write(2, line, sizeof line - 1);
+    }
+}
+
+/* An own listener this process already holds (a second listen() on the
+   port: IPv4 and IPv6, or nginx's `reuseport` per worker), or -1. */
+static int own_listener_fd(void) {
+    for (int i = 0; i < MAX_FDS; i++)
+        if (atomic_load_explicit(&kinds[i], memory_order_relaxed) == K_OWN)
+            return i;
+    return -1;
+}
+
+/* Follows epoll_ctl on a bound, not yet listening socket (start-up only). */
+static void note_early(int epfd, int op, int fd, const struct epoll_event *ev) {
+    for (int i = 0; i < MAX_EARLY_REGS; i++) {
+        int ep = atomic_load(&early_regs[i].epfd);
+        if (ep == epfd && early_regs[i].fd == fd) {
+            if (op == EPOLL_CTL_MOD && ev)
+                early_regs[i].ev = *ev;
+            else if (op == EPOLL_CTL_DEL || op == EPOLL_CTL_ADD)
+                atomic_store(&early_regs[i].epfd, -1);
+            if (op != EPOLL_CTL_ADD)
+                return;
+        }
+    }
+    if (op != EPOLL_CTL_ADD || !ev)
+        return;
+    for (int i = 0; i < MAX_EARLY_REGS; i++) {
+        int free_slot = -1;
+        if (atomic_compare_exchange_strong(&early_regs[i].epfd, &free_slot, -2)) {
+            early_regs[i].fd = fd;
+            early_regs[i].ev = *ev;
+            atomic_store(&early_regs[i].epfd, epfd);
+            return;
+        }
+    }
+}
+
+/* Registers the new listener at `fd` where the socket it replaced was
+   (`again`), or only forgets those registrations (the socket closed). */
+static void redo_early(int fd, int again) {
+    for (int i = 0; i < MAX_EARLY_REGS; i++) {
+        int ep = atomic_load(&early_regs[i].epfd);
+        if (ep < 0 || early_regs[i].fd != fd ||
+            !atomic_compare_exchange_strong(&early_regs[i].epfd, &ep, -1))
+            continue;
+        struct epoll_event ev = early_regs[i].ev;
+        if (again && real_epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0)
+            reg_add(ep, fd, atomic_load(&self_pid));
+    }
+}
+
+/* listen() under kernel dispatch: the worker's own listener takes the
+   server's socket's fd number, with the server's O_NONBLOCK and CLOEXEC,
+   and from then on the kernel serves accept and readiness on it. */
+static int listen_own(int fd, int fl, int fdfl) {
+    int first = !atomic_exchange(&own_received, 1);
+    int own = first ? receive_listener(atomic_load(&chan)) : own_listener_fd();
+    if (own < 0) {
+        if (first)
+            atomic_store(&own_received, 0);
+        else {
+            complain("this process closed the listener lb gave it", 0, 0);
+            errno = EADDRNOTAVAIL;
+        }
+        return -1;
+    }
+    /* Its file status flags are shared with lb's copy, which never accepts. */
+    int ofl = real_fcntl(own, F_GETFL);
+    if (fl >= 0 && ofl >= 0)
+        real_fcntl(own, F_SETFL, (ofl & ~O_NONBLOCK) | (fl & O_NONBLOCK));
+    if (real_dup3(own, fd, (fdfl >= 0 && (fdfl & FD_CLOEXEC)) ? O_CLOEXEC : 0) < 0) {
+        int e = errno;
+        if (first) {
+            real_close(own);
+            atomic_store(&own_received, 0);
+        }
+        errno = e;
+        return -1;
+    }
+    /* No copy stays behind: when the server closes its listener (its
+       graceful stop), what is queued there moves to the other workers. */
+    if (first)
+        real_close(own);
+    set_kind(fd, K_OWN);
+    redo_early(fd, 1);
+    if (atomic_fetch_add(&open_listeners, 1) == 0) {
+        send_kind(KIND_READY, READY_OWN_LISTENER);
+        start_watching();
+    }
+    return 0;
+}
+
 int listen(int fd, int backlog) {
     if (!real_listen)
         resolve_all();
     int k = kind_of(fd);
-    if (k == K_LISTENER)
-        return 0; /* nginx listens twice to change the backlog */
+    if (k == K_LISTENER || k == K_OWN)
+        return 0; /* nginx listens twice to change the backlog (lb's, with --backlog) */
     if (k != K_BOUND)
         return real_listen(fd, backlog);
     int saved = errno;
     int fl = real_fcntl(fd, F_GETFL);
     int fdfl = real_fcntl(fd, F_GETFD);
     claim();
+    if (own_listener) {
+        if (listen_own(fd, fl, fdfl) != 0)
+            return -1;
+        errno = saved;
+        return 0;
+    }
     int c = atomic_load(&chan);
     /* The server's blocking mode goes to the channel's description. */
     int cfl = real_fcntl(c, F_GETFL);
@@ -535,19 +873,36 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
     }
 }
 
+/* A connection the kernel's accept returned from the own listener: counted
+   for ACCEPTED and its close for CLOSED, when least-connections reads them
+   (an fd beyond the tracked ones is not counted at all). Keeps errno. */
+static int accepted_own(int fd) {
+    if (fd >= 0 && fd < MAX_FDS && reports) {
+        set_kind(fd, K_ACCEPTED);
+        note_own(OWN_ACCEPT);
+    }
+    return fd;
+}
+
 int accept4(int fd, struct sockaddr *addr, socklen_t *alen, int flags) {
     if (!real_accept4)
         resolve_all();
-    if (kind_of(fd) == K_LISTENER)
+    int k = kind_of(fd);
+    if (k == K_LISTENER)
         return take_conn(fd, addr, alen, flags);
+    if (k == K_OWN)
+        return accepted_own(real_accept4(fd, addr, alen, flags));
     return real_accept4(fd, addr, alen, flags);
 }
 
 int accept(int fd, struct sockaddr *addr, socklen_t *alen) {
     if (!real_accept)
         resolve_all();
-    if (kind_of(fd) == K_LISTENER)
+    int k = kind_of(fd);
+    if (k == K_LISTENER)
         return take_conn(fd, addr, alen, 0);
+    if (k == K_OWN)
+        return accepted_own(real_accept(fd, addr, alen));
     return real_accept(fd, addr, alen);
 }
 
@@ -619,19 +974,27 @@ static void drop_tracked(int fd, int k) {
              now_ms() - atomic_load_explicit(&last_flush_ms, memory_order_relaxed) >=
                  CLOSE_MAX_AGE_MS))
             flush_closes();
+    } else if (k == K_ACCEPTED) {
+        /* The kernel's own socket, held by nobody else: its close ends
+           its epoll registrations by itself. */
+        set_kind(fd, K_NONE);
+        note_own(1);
     } else {
         set_kind(fd, K_NONE);
         pid_t me = atomic_load(&self_pid);
-        if (k == K_LISTENER) {
-            /* The channel outlives this fd: a registration left in an epoll
-               set would keep reporting it (stale events). Only the process
-               that registered removes it: a fork child shares the set. */
+        if (k == K_LISTENER || k == K_OWN) {
+            /* The channel (or lb's copy of an own listener) outlives this
+               fd: a registration left in an epoll set would keep reporting
+               it (stale events). Only the process that registered removes
+               it: a fork child shares the set. */
             reg_drop(-1, fd, me, 1);
             if (me == atomic_load(&claimer) && atomic_fetch_sub(&open_listeners, 1) == 1) {
                 flush_closes();
                 send_kind(KIND_LEAVING, 0);
             }
         }
+        if (k == K_BOUND && own_listener)
+            redo_early(fd, 0);
         listener_forget(fd);
     }
     errno = saved;
@@ -660,12 +1023,12 @@ static int track_dup(int oldfd, int newfd) {
     if (newfd < 0)
         return newfd;
     int k = kind_of(oldfd);
-    if (k == K_LISTENER || k == K_BOUND) {
+    if (k == K_LISTENER || k == K_BOUND || k == K_OWN) {
         struct listener *l = listener_of(oldfd);
         if (l)
             listener_add(newfd, (struct sockaddr *)&l->addr, l->len);
         set_kind(newfd, k);
-        if (k == K_LISTENER && atomic_load(&self_pid) == atomic_load(&claimer))
+        if ((k == K_LISTENER || k == K_OWN) && atomic_load(&self_pid) == atomic_load(&claimer))
             atomic_fetch_add(&open_listeners, 1);
     }
     return newfd;
@@ -840,6 +1203,12 @@ int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
             return real_setsockopt(fd, level, name, val, len);
         return 0;
     }
+    /* The reuseport group and its program are lb's: a server's own
+       SO_REUSEPORT (nginx's `reuseport`) or BPF must not change them. */
+    if (kind_of(fd) == K_OWN && level == SOL_SOCKET &&
+        (name == SO_REUSEPORT || name == SO_REUSEADDR || name == SO_ATTACH_REUSEPORT_CBPF ||
+         name == SO_ATTACH_REUSEPORT_EBPF || name == SO_DETACH_REUSEPORT_BPF))
+        return 0;
     return real_setsockopt(fd, level, name, val, len);
 }
 
@@ -882,11 +1251,13 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     if (!real_epoll_ctl)
         resolve_all();
     int r = real_epoll_ctl(epfd, op, fd, ev);
+    if (r == 0 && own_listener && active && kind_of(fd) == K_BOUND)
+        note_early(epfd, op, fd, ev);
     if (r != 0 || !active || (op != EPOLL_CTL_ADD && op != EPOLL_CTL_DEL))
         return r;
     int k = kind_of(fd);
     pid_t me = atomic_load(&self_pid);
-    if (k == K_LISTENER) {
+    if (k == K_LISTENER || k == K_OWN) {
         if (op == EPOLL_CTL_ADD)
             reg_add(epfd, fd, me);
         else
@@ -912,7 +1283,8 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
    the next connection. */
 #define BEFORE_BLOCKING() \
     do {                                              \
-        if (atomic_load_explicit(&closes_pending, memory_order_relaxed)) \
+        if (atomic_load_explicit(&closes_pending, memory_order_relaxed) || \
+            atomic_load_explicit(&own_pending, memory_order_relaxed))       \
             flush_closes();                           \
     } while (0)
 

@@ -10,6 +10,7 @@ mod faults;
 mod health;
 mod kernel;
 mod kernel_native;
+mod kernel_shim;
 mod limits;
 mod logs;
 mod node;
