@@ -173,6 +173,7 @@ impl Dispatcher {
             w.state = State::Draining;
         }
         self.read_worker(index);
+        self.forget_deferred(index);
         let was_current = self.is_current(index);
         let mut w = self.workers.remove(index).expect("found above");
         if let Some(channel) = w.link.channel() {

@@ -114,6 +114,14 @@ impl Link {
         }
     }
 
+    /// Bytes the master still has to write to the worker (Node's stream).
+    pub fn has_unwritten(&self) -> bool {
+        match self {
+            Link::Node(n) => n.has_unwritten(),
+            Link::Native(_) | Link::Shared { .. } | Link::Proxy(_) => false,
+        }
+    }
+
     /// The master's end of the channel, if the link has one.
     pub fn channel(&self) -> Option<&OwnedFd> {
         match self {

@@ -99,6 +99,10 @@ pub struct Dispatcher {
     accept_failures: u64,
     /// Kernel dispatch: the program that picks shared workers' listeners.
     steering: Option<kernel::Steering>,
+    /// Kernel least-connections: workers whose messages wait for the tick
+    /// (`kernel::reports`), and when that is.
+    deferred: Vec<usize>,
+    reads_at: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -178,6 +182,8 @@ impl Dispatcher {
             stall: None,
             accept_failures: 0,
             steering: None,
+            deferred: Vec::with_capacity(slots * 2),
+            reads_at: None,
         };
         Ok((
             dispatcher,
@@ -263,7 +269,9 @@ impl Dispatcher {
                 ),
                 Source::Probe(index) => self.probe_event(index),
                 Source::Worker(index) => {
-                    if ev.is_readable() || ev.is_read_closed() {
+                    if (ev.is_readable() || ev.is_read_closed()) && self.reads_in_ticks() {
+                        self.read_at_tick(index);
+                    } else if ev.is_readable() || ev.is_read_closed() {
                         self.read_worker(index);
                     }
                     if ev.is_writable() {

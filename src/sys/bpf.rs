@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::proto::scm::cvt;
 
@@ -86,6 +87,98 @@ pub fn map_create(kind: u32, value_size: u32, entries: u32) -> io::Result<OwnedF
         .u32(8, value_size)
         .u32(12, entries);
     owned(bpf(MAP_CREATE, &mut attr)?)
+}
+
+/// `BPF_F_MMAPABLE`: an array map whose values lb may map into its memory.
+const F_MMAPABLE: u32 = 1 << 10;
+
+/// An array map of `entries` values of `value_size` bytes (at most 8),
+/// mapped into lb's memory: lb writes its values with plain stores, no
+/// system call (Linux 5.5 or later).
+pub fn mapped_array(value_size: u32, entries: u32) -> io::Result<(OwnedFd, Mapped)> {
+    let mut attr = Attr::new()
+        .u32(0, MAP_ARRAY)
+        .u32(4, 4)
+        .u32(8, value_size)
+        .u32(12, entries)
+        .u32(16, F_MMAPABLE);
+    let fd = owned(bpf(MAP_CREATE, &mut attr)?)?;
+    // The kernel keeps each value on an 8-byte boundary.
+    let elem = (value_size as usize).div_ceil(8) * 8;
+    let len = (elem * entries as usize).max(1);
+    // SAFETY: a shared read-write mapping of the map's values, which the
+    // kernel sized for `entries` values of `elem` bytes; nothing else in lb
+    // maps them, and `Mapped` unmaps exactly this range once.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        fd,
+        Mapped {
+            ptr: ptr.cast(),
+            len,
+            elem,
+        },
+    ))
+}
+
+/// The values of a [`mapped_array`], written while a program reads them.
+#[derive(Debug)]
+pub struct Mapped {
+    ptr: *mut u8,
+    len: usize,
+    elem: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, written only through atomic
+// stores; the dispatch thread that owns it may be another than its maker's.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    /// Values the mapping holds.
+    pub fn len(&self) -> usize {
+        self.len / self.elem
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `map[index] = value` for a 4-byte value (release: a program that
+    /// sees this store sees the ones before it).
+    pub fn store_u32(&self, index: usize, value: u32) {
+        assert!(index < self.len(), "index {index} beyond the map");
+        // SAFETY: in bounds (checked), 8-byte aligned (a page-aligned
+        // mapping, `elem` a multiple of 8), and only ever accessed
+        // atomically by lb; the kernel's readers are BPF loads.
+        let cell = unsafe { &*self.ptr.add(index * self.elem).cast::<AtomicU32>() };
+        cell.store(value, Ordering::Release);
+    }
+
+    /// `map[index] = value` for an 8-byte value.
+    pub fn store_u64(&self, index: usize, value: u64) {
+        assert!(index < self.len(), "index {index} beyond the map");
+        // SAFETY: as in `store_u32`, for an 8-byte value at an 8-byte boundary.
+        let cell = unsafe { &*self.ptr.add(index * self.elem).cast::<AtomicU64>() };
+        cell.store(value, Ordering::Release);
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range `mapped_array` mapped, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 /// Sets `map[key] = value`.

@@ -17,6 +17,7 @@
 //! and those refreshes update the maps; per connection, lb does nothing.
 
 pub mod program;
+mod reports;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -49,7 +50,11 @@ pub struct Target<'a> {
 /// The program, its maps, and what the schedule was last set to.
 #[derive(Debug)]
 pub struct Steering {
-    schedule: OwnedFd,
+    schedule: Array,
+    /// The pick counter, which a new schedule sets back to 0 so that its
+    /// first entry is the next pick (least-connections puts the least
+    /// loaded worker there).
+    counter: Array,
     sockets: OwnedFd,
     program: OwnedFd,
     policy: PolicyKind,
@@ -82,20 +87,18 @@ impl Steering {
     /// on a kernel without `SK_REUSEPORT` programs.
     pub fn new(policy: PolicyKind) -> io::Result<Steering> {
         let slots = crate::config::defaults::MAX_WORKERS;
-        let counter = bpf::map_create(bpf::MAP_ARRAY, 8, 1)?;
-        let schedule = bpf::map_create(bpf::MAP_ARRAY, 4, 1 + SCHEDULE_MAX as u32)?;
+        let counter = Array::new(8, 1)?;
+        let schedule = Array::new(4, 1 + SCHEDULE_MAX as u32)?;
         let sockets = bpf::map_create(bpf::MAP_REUSEPORT_SOCKARRAY, 8, slots.max(1) as u32)?;
         let insns = program::build(program::Maps {
-            counter: counter.as_raw_fd(),
-            schedule: schedule.as_raw_fd(),
+            counter: counter.fd.as_raw_fd(),
+            schedule: schedule.fd.as_raw_fd(),
             sockets: sockets.as_raw_fd(),
         });
-        // (The program holds its own reference to the counter: lb never
-        // reads or resets it.)
         let program = bpf::load_reuseport_program(&insns)?;
-        drop(counter);
         Ok(Steering {
             schedule,
+            counter,
             sockets,
             program,
             policy,
@@ -124,13 +127,30 @@ impl Steering {
         &mut self,
         targets: impl Iterator<Item = Target<'a>> + Clone,
     ) -> io::Result<()> {
+        self.schedule_for(targets.clone(), true)
+    }
+
+    /// Least-connections' refresh: the same workers as the last `steer`,
+    /// with new loads: only the schedule is written.
+    pub fn refresh<'a>(
+        &mut self,
+        targets: impl Iterator<Item = Target<'a>> + Clone,
+    ) -> io::Result<()> {
+        self.schedule_for(targets, false)
+    }
+
+    fn schedule_for<'a>(
+        &mut self,
+        targets: impl Iterator<Item = Target<'a>> + Clone,
+        place: bool,
+    ) -> io::Result<()> {
         self.dirty = false;
         self.steered_at = Instant::now();
         let max = targets.clone().map(|t| t.slot + 1).max().unwrap_or(0);
         if max > self.placed.len() {
             return Err(io::Error::other("a slot beyond the sockarray"));
         }
-        for t in targets.clone() {
+        for t in targets.clone().filter(|_| place) {
             let inode = nix::sys::stat::fstat(t.listener)?.st_ino;
             if self.placed[t.slot] != Some(inode) {
                 let raw = t.listener.as_raw_fd() as u64;
@@ -157,14 +177,17 @@ impl Steering {
         if self.next != self.written {
             // The entries first, then the length that makes them visible.
             for (k, slot) in self.next.iter().enumerate() {
-                bpf::map_set(self.schedule.as_fd(), 1 + k as u32, &slot.to_ne_bytes())?;
+                self.schedule.set(1 + k, u64::from(*slot))?;
             }
-            bpf::map_set(
-                self.schedule.as_fd(),
-                0,
-                &(self.next.len() as u32).to_ne_bytes(),
-            )?;
+            self.schedule.set(0, self.next.len() as u64)?;
             std::mem::swap(&mut self.next, &mut self.written);
+        }
+        // Least-connections' schedule starts with its first pick.
+        if self.policy == PolicyKind::LeastConn {
+            self.counter.set(0, 0)?;
+        }
+        if !place {
+            return Ok(());
         }
         for slot in 0..self.placed.len() {
             if self.placed[slot].is_some() && !targets.clone().any(|t| t.slot == slot) {
@@ -176,10 +199,49 @@ impl Steering {
     }
 }
 
+/// An array map, written through memory where the kernel allows it (no
+/// system call per entry), by `bpf(2)` otherwise.
+#[derive(Debug)]
+struct Array {
+    fd: OwnedFd,
+    mapped: Option<bpf::Mapped>,
+    value_size: u32,
+}
+
+impl Array {
+    fn new(value_size: u32, entries: u32) -> io::Result<Array> {
+        let (fd, mapped) = match bpf::mapped_array(value_size, entries) {
+            Ok((fd, m)) => (fd, Some(m)),
+            Err(_) => (bpf::map_create(bpf::MAP_ARRAY, value_size, entries)?, None),
+        };
+        Ok(Array {
+            fd,
+            mapped,
+            value_size,
+        })
+    }
+
+    fn set(&self, index: usize, value: u64) -> io::Result<()> {
+        match (&self.mapped, self.value_size) {
+            (Some(m), 4) => m.store_u32(index, value as u32),
+            (Some(m), _) => m.store_u64(index, value),
+            (None, 4) => {
+                bpf::map_set(self.fd.as_fd(), index as u32, &(value as u32).to_ne_bytes())?
+            }
+            (None, _) => bpf::map_set(self.fd.as_fd(), index as u32, &value.to_ne_bytes())?,
+        }
+        Ok(())
+    }
+}
+
 impl super::Dispatcher {
     /// Points the program at each slot's ready worker's own listener (a
-    /// draining or gone one is out). Lifecycle events only.
+    /// draining or gone one is out). Lifecycle events.
     pub(super) fn steer(&mut self) {
+        self.steer_with(true);
+    }
+
+    pub(super) fn steer_with(&mut self, lifecycle: bool) {
         let Some(steering) = self.steering.as_mut() else {
             return;
         };
@@ -206,7 +268,12 @@ impl super::Dispatcher {
                 active,
             })
         });
-        match steering.steer(ready) {
+        let result = if lifecycle {
+            steering.steer(ready)
+        } else {
+            steering.refresh(ready)
+        };
+        match result {
             Ok(()) => steering.failing = false,
             Err(e) if !std::mem::replace(&mut steering.failing, true) => {
                 self.emit(super::Event::SteeringFailed {
@@ -244,7 +311,12 @@ pub fn schedule(policy: PolicyKind, views: &[WorkerView]) -> Vec<u32> {
 pub fn least_conn(lc: &mut LeastConn, views: &mut [WorkerView], picks: u64, out: &mut Vec<u32>) {
     let eligible = views.iter().filter(|v| v.eligible).count().max(1);
     let most = (SCHEDULE_MAX / 4).min(65_536 / eligible).max(1);
-    let picks = usize::try_from(picks).unwrap_or(usize::MAX).clamp(1, most);
+    // Twice what came last time, and a few rounds at least: a burst
+    // (keep-alive clients connecting at once) goes round, not to one.
+    let picks = usize::try_from(picks.saturating_mul(2))
+        .unwrap_or(usize::MAX)
+        .max(4 * eligible)
+        .clamp(1, most);
     out.clear();
     while out.len() < picks
         && let Some(slot) = lc.pick(views)
@@ -286,30 +358,6 @@ fn smooth(weighted: &[(u32, u64)]) -> Vec<u32> {
 
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
-}
-
-impl super::Dispatcher {
-    /// Least-connections under kernel dispatch: counts changed, with
-    /// `accepted` new connections among them.
-    pub(super) fn counts_changed(&mut self, accepted: u64) {
-        if let Some(s) = self.steering.as_mut() {
-            s.dirty |= s.policy == PolicyKind::LeastConn;
-            s.arrivals += accepted;
-        }
-    }
-
-    /// When least-connections' schedule is to be recomputed next.
-    pub(super) fn steer_wake(&self) -> Option<Instant> {
-        let s = self.steering.as_ref()?;
-        (s.policy == PolicyKind::LeastConn)
-            .then(|| s.steered_at + if s.dirty { LC_REFRESH } else { LC_PERIOD })
-    }
-
-    pub(super) fn steer_timers(&mut self) {
-        if self.steer_wake().is_some_and(|t| Instant::now() >= t) {
-            self.steer();
-        }
-    }
 }
 
 /// A listener for one slot on `addr`, in lb's reuseport group: CLOEXEC,
@@ -377,16 +425,18 @@ mod tests {
         };
         let mut v = views(&[Some(1), Some(1), None]);
         v[0].active = 3;
-        assert_eq!(run(&mut v.clone(), 1), [1]);
-        assert_eq!(run(&mut v.clone(), 0), [1], "at least one");
-        assert_eq!(run(&mut v, 5), [1, 1, 1, 0, 1]);
+        // Twice what came, and four rounds at least: the least loaded
+        // worker is filled up first, then they go round.
+        assert_eq!(run(&mut v.clone(), 1), [1, 1, 1, 0, 1, 0, 1, 0]);
+        assert_eq!(run(&mut v.clone(), 0).len(), 8, "a few rounds at least");
+        assert_eq!(run(&mut v, 5)[..4], [1, 1, 1, 0]);
         // Nobody ready: nothing to pick.
         assert!(run(&mut views(&[None, None]), 4).is_empty());
         // Weights: twice the weight, twice the share once loads are equal.
         let mut v = views(&[Some(2), Some(1)]);
         let mut out = Vec::new();
-        least_conn(&mut LeastConn::default(), &mut v, 6, &mut out);
-        assert_eq!(out, [0, 1, 0, 1, 0, 0]);
+        least_conn(&mut LeastConn::default(), &mut v, 3, &mut out);
+        assert_eq!(out, [0, 1, 0, 1, 0, 0, 1, 0]);
     }
 
     /// The program in the kernel: 300 connections over three listeners are

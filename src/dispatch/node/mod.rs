@@ -111,6 +111,11 @@ impl NodeLink {
         }
     }
 
+    /// Bytes not yet written to the worker.
+    pub fn has_unwritten(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Has a server, nothing in flight, nothing unwritten, not backing off.
     #[inline]
     pub fn can_take(&self) -> bool {
