@@ -409,3 +409,60 @@ fn node_workers_accept_by_themselves_under_kernel_dispatch() {
         }
     }
 }
+
+/// Least-connections under kernel dispatch for unmodified Node apps: the
+/// close-report preload also counts the worker's own accepts, so lb knows
+/// what each holds though it handed out nothing.
+#[test]
+fn node_least_conn_under_kernel_dispatch_counts_each_workers_connections() {
+    if lb::dispatch::kernel::Steering::new(lb::policy::PolicyKind::LeastConn).is_err() {
+        eprintln!("skipped: BPF programs cannot be loaded here");
+        return;
+    }
+    for (node, version) in node_binaries() {
+        eprintln!("== Node {version} ({node})");
+        let app = node_app();
+        let lb = Lb::start(
+            &[
+                "--workers",
+                "2",
+                "--dispatch",
+                "kernel",
+                "--policy",
+                "lc",
+                "--",
+                &node,
+                &app,
+            ],
+            &[],
+            2,
+        );
+        lb.wait_log("dispatch kernel:", 1);
+        let per = split(lb.addr, 2, 100);
+        assert_eq!(per.iter().sum::<usize>(), 100);
+        // Every accept and close reported: 100 in all, none open.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let json = lb.ctl(&["status", "--json"]);
+            let totals: u64 = json
+                .match_indices("\"total\": ")
+                .map(|(i, m)| {
+                    json[i + m.len()..]
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap()
+                })
+                .sum();
+            if totals == 100 && json.matches("\"active\": 0").count() == 2 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reports never added up to 100 accepted, 0 open: {json}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
