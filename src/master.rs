@@ -271,6 +271,10 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         );
         dispatcher.steer_in_kernel(steering);
         kernel = true;
+        // Shared-mode workers too: their own listeners' queues are watched.
+        if let Some(timeout) = config.stall_timeout {
+            dispatcher.watch_stalls(timeout, supervisor::message_cost());
+        }
     }
     let thread = std::thread::Builder::new()
         .name("lb-dispatch".into())

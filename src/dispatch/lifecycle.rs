@@ -137,6 +137,7 @@ impl Dispatcher {
             closed: 0,
             reported: false,
             progress: native::stall::Progress::default(),
+            queue: super::kernel::pressure::Queue::default(),
             stop_seen: false,
         });
         // Readable only: a unix socket wakes its writer's EPOLLOUT waiters
@@ -194,7 +195,7 @@ impl Dispatcher {
             .link
             .own_listener()
             .and_then(|l| sys::accept_queue(l.as_fd()).ok())
-            .unwrap_or(0);
+            .map_or(0, |(queued, _)| queued);
         let count = self.rescue(&mut w) + u64::from(migrated);
         self.stats.rescued += count;
         if count > 0 {

@@ -39,6 +39,8 @@ pub struct Worker {
     pub reported: bool,
     /// Whether it takes the connections waiting for it (`stall`).
     pub progress: super::native::stall::Progress,
+    /// Kernel dispatch: its own listener's accept queue, as last seen.
+    pub queue: super::kernel::pressure::Queue,
     /// It has sent STOP (acted on once).
     pub stop_seen: bool,
 }

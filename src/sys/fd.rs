@@ -36,9 +36,10 @@ pub fn unread_bytes(sock: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
-/// Connections waiting in listening TCP socket `listener`'s accept queue
-/// (`TCP_INFO`'s `tcpi_unacked`, which a listener uses for that).
-pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<u32> {
+/// Connections waiting in listening TCP socket `listener`'s accept queue,
+/// and how many it holds at most (`TCP_INFO`'s `tcpi_unacked` and
+/// `tcpi_sacked`, which a listener uses for that).
+pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     // SAFETY: tcp_info is plain integers, for which all zeroes is valid.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -53,7 +54,15 @@ pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<u32> {
             &mut len,
         )
     })?;
-    Ok(info.tcpi_unacked)
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// Stops `listener` listening, for every process that holds it: what is
+/// queued there goes to the other listeners of its reuseport group (the
+/// group's program migrates it), and `accept` on it fails from now on.
+pub fn stop_listening(listener: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown takes a valid fd and a flag; nothing is borrowed.
+    cvt(unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) }).map(drop)
 }
 
 /// Marks every fd from `first` up close-on-exec: what lb inherited without

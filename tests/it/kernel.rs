@@ -263,6 +263,56 @@ fn kernel_least_conn_steers_around_a_worker_that_stopped_accepting() {
     assert!(per_slot[1] <= 4, "the stopped worker got {per_slot:?}");
 }
 
+/// A worker that stops accepting under kernel round-robin (which has no
+/// reports to go by): its queue only grows, so after `stall_timeout` it is
+/// stalled, what was queued for it moves to the other worker, and it is
+/// replaced. Nothing is lost and nothing waits for it.
+#[test]
+fn kernel_dispatch_stalls_a_worker_that_stopped_accepting() {
+    let dir = scratch("kernel-stall");
+    let script = dir.join("native.py");
+    std::fs::write(&script, NATIVE).unwrap();
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "stall_timeout = \"1s\"\n[[pool]]\nname = \"web\"\ncommand = \"python3\"\nargs = [\"{}\"]\ncount = 2\n",
+            script.display()
+        ),
+    );
+    let Some(lb) = kernel_lb(&config, &[], &[], 2) else {
+        return;
+    };
+    let stuck = lb.pid_of_slot(1);
+    send_signal(stuck, libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            let addr = lb.addr;
+            std::thread::spawn(move || try_get(addr, "/").map(|b| slot_of(&b)))
+        })
+        .collect();
+    let mut per_slot = [0; 2];
+    for c in clients {
+        per_slot[c.join().unwrap().expect("every request is answered")] += 1;
+    }
+    let waited = started.elapsed();
+    eprintln!("split with slot 1 stopped: {per_slot:?}, all answered in {waited:?}");
+    assert_eq!(per_slot[1], 0, "the stopped worker answered {per_slot:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "queued connections waited {waited:?}"
+    );
+    let log = lb
+        .wait_log("accepted none of the connections queued", 1)
+        .join("\n");
+    assert!(log.contains(&format!("pid {stuck}")), "{log}");
+    send_signal(stuck, libc::SIGCONT);
+    // Replaced: a new process serves slot 1.
+    lb.wait_log("] serving", 3);
+}
+
 /// After a rolling reload every new connection goes to the new workers
 /// (the old ones' listeners are out of the schedule), and none fails.
 #[test]

@@ -10,12 +10,13 @@
 //! make for the next connections, from each worker's open connections
 //! (its ACCEPTED and CLOSED reports, plus what waits in its accept queue),
 //! refreshed [`LC_REFRESH`] after reports change them and every
-//! [`LC_PERIOD`] otherwise.
+//! [`QUEUE_PERIOD`] otherwise.
 //! A listener that closes (its worker exited and the master let go of its
 //! copy) has its queued connections moved to the others by the same
 //! program (`SELECT_OR_MIGRATE`): none is reset. Only lifecycle events
 //! and those refreshes update the maps; per connection, lb does nothing.
 
+pub mod pressure;
 pub mod program;
 mod reports;
 
@@ -33,9 +34,10 @@ pub const SCHEDULE_MAX: usize = 4096;
 /// Least-connections: how soon after a report changed the counts the
 /// schedule follows (at most this stale, plus the worker's own batching).
 pub const LC_REFRESH: Duration = Duration::from_millis(1);
-/// Least-connections: how often the schedule is recomputed when no report
-/// comes (a worker that stopped accepting says nothing, but its queue grows).
-pub const LC_PERIOD: Duration = Duration::from_millis(20);
+/// How often the schedule is recomputed when nothing else changes it: the
+/// workers' queues (`pressure`) and, for least-connections, their loads (a
+/// worker that stopped accepting says nothing, but its queue grows).
+pub const QUEUE_PERIOD: Duration = Duration::from_millis(20);
 
 /// One ready worker, as the program is to see it.
 #[derive(Debug, Clone, Copy)]
@@ -242,32 +244,49 @@ impl super::Dispatcher {
     }
 
     pub(super) fn steer_with(&mut self, lifecycle: bool) {
+        if self.steering.is_none() {
+            return;
+        }
+        self.sample_queues();
+        // A stalled worker leaves the sockarray too, before it is stopped.
+        let lifecycle = lifecycle || self.stalls_pending();
+        // (Queues were sampled just now.)
+        let any_room = self.queues_with_room();
         let Some(steering) = self.steering.as_mut() else {
             return;
         };
         let lc = steering.policy == PolicyKind::LeastConn;
         let workers = &self.workers;
-        let ready = self.current.iter().enumerate().filter_map(|(slot, index)| {
-            let w = workers.get((*index)?)?;
-            let listener = w.link.own_listener()?;
-            if w.state != super::worker::State::Ready {
-                return None;
-            }
-            // What it holds, and what waits for it: a worker that stopped
-            // accepting looks ever busier.
-            let active = if lc {
-                let queued = crate::sys::accept_queue(listener.as_fd()).unwrap_or(0);
-                super::link::Link::active(w, true).unwrap_or(0) + u64::from(queued)
-            } else {
-                0
-            };
-            Some(Target {
-                slot,
-                listener: listener.as_fd(),
-                weight: w.weight,
-                active,
-            })
-        });
+        let ready = self
+            .current
+            .iter()
+            .enumerate()
+            .filter_map(move |(slot, index)| {
+                let w = workers.get((*index)?)?;
+                let listener = w.link.own_listener()?;
+                // A worker whose queue is full gets nothing new while another
+                // has room: the kernel's back-pressure, as a full channel is
+                // under master dispatch.
+                if w.state != super::worker::State::Ready
+                    || w.progress.stalled
+                    || (w.queue.full && any_room)
+                {
+                    return None;
+                }
+                // What it holds, and what waits for it: a worker that stopped
+                // accepting looks ever busier.
+                let active = if lc {
+                    super::link::Link::active(w, true).unwrap_or(0) + u64::from(w.queue.queued)
+                } else {
+                    0
+                };
+                Some(Target {
+                    slot,
+                    listener: listener.as_fd(),
+                    weight: w.weight,
+                    active,
+                })
+            });
         let result = if lifecycle {
             steering.steer(ready)
         } else {
@@ -282,6 +301,7 @@ impl super::Dispatcher {
             }
             Err(_) => {}
         }
+        self.stop_stalled();
     }
 }
 

@@ -6,7 +6,7 @@
 //! and read at the next tick, [`LC_REFRESH`] later, with every other that
 //! turned readable meanwhile; then the schedule is refreshed. The master
 //! wakes at most once a tick however many connections come, and not at
-//! all when none do (every [`LC_PERIOD`] for the queues then).
+//! all when none do (every [`QUEUE_PERIOD`] for the queues then).
 
 use std::os::fd::AsRawFd;
 use std::time::Instant;
@@ -14,7 +14,7 @@ use std::time::Instant;
 use mio::Interest;
 use mio::unix::SourceFd;
 
-use super::{LC_PERIOD, LC_REFRESH};
+use super::{LC_REFRESH, QUEUE_PERIOD};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::tokens::Source;
 use crate::policy::PolicyKind;
@@ -62,9 +62,10 @@ impl Dispatcher {
     /// When the next tick is: deferred reads, or the schedule's refresh.
     pub(in crate::dispatch) fn steer_wake(&self) -> Option<Instant> {
         let s = self.steering.as_ref()?;
-        let refresh = (s.policy == PolicyKind::LeastConn)
-            .then(|| s.steered_at + if s.dirty { LC_REFRESH } else { LC_PERIOD });
-        [refresh, self.reads_at].into_iter().flatten().min()
+        // Every policy looks at the queues; least-connections also follows
+        // the reports.
+        let refresh = s.steered_at + if s.dirty { LC_REFRESH } else { QUEUE_PERIOD };
+        Some(self.reads_at.map_or(refresh, |r| r.min(refresh)))
     }
 
     pub(in crate::dispatch) fn steer_timers(&mut self) {
