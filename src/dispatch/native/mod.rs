@@ -118,20 +118,19 @@ impl Dispatcher {
             return 0;
         };
         // Payloads only for a worker that takes them, and only when some
-        // connection has an address (else the batch is what it always was).
-        let mut peers = [PeerText::EMPTY; scm::SEND_BATCH];
-        let with_peers = n.peer_address && fds.iter().any(|c| c.peer.is_some());
-        if with_peers {
+        // connection has an address (else the batch is what it always was,
+        // and no room for the texts is even made).
+        let chan = n.channel.as_fd();
+        let result = if n.peer_address && fds.iter().any(|c| c.peer.is_some()) {
+            let mut peers = [PeerText::EMPTY; scm::SEND_BATCH];
             for (t, c) in peers.iter_mut().zip(fds) {
                 *t = PeerText::of(c.peer.as_ref());
             }
-        }
-        let payloads = if with_peers {
-            &peers[..fds.len().min(scm::SEND_BATCH)]
+            let k = fds.len().min(scm::SEND_BATCH);
+            proto::send_conns(chan, fds, &peers[..k], self.seq + 1)
         } else {
-            &peers[..0]
+            proto::send_conns(chan, fds, &[] as &[PeerText], self.seq + 1)
         };
-        let result = proto::send_conns(n.channel.as_fd(), fds, payloads, self.seq + 1);
         let sent = *result.as_ref().unwrap_or(&0);
         self.seq += sent as u64;
         w.sent += sent as u64;
