@@ -261,6 +261,33 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
                 })?;
             d.set_proxy_timeouts(config.proxy_connect_timeout, config.proxy_idle_timeout);
         }
+        if config.proxy_protocol.is_on() {
+            d.read_proxy_headers(dispatch::header::Rules {
+                accept: config.proxy_protocol,
+                trusted: config.proxy_trusted.clone(),
+                untrusted: config.proxy_untrusted,
+                timeout: config.proxy_header_timeout,
+            });
+            info!(
+                "proxy_protocol {}: each connection from {} starts with a PROXY header, which lb \
+                 reads and hands on as the client's address; others are {}",
+                config.proxy_protocol,
+                if config.proxy_trusted.is_empty() {
+                    "nowhere".to_string()
+                } else {
+                    config
+                        .proxy_trusted
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                match config.proxy_untrusted {
+                    crate::config::Untrusted::Refuse => "refused",
+                    crate::config::Untrusted::Serve => "served as direct clients",
+                }
+            );
+        }
         (d, h, None)
     };
     if let Some(steering) = steering {

@@ -65,11 +65,20 @@ const WORKERS: usize = 2;
 /// Connects, waits for the worker's one byte (so the connection really went
 /// through), and resets (linger 0: no TIME_WAIT across 100k connections).
 fn connections(addr: SocketAddr, n: usize) {
+    connections_sending(addr, n, [b"", b""]);
+}
+
+/// [`connections`] whose clients first send `first[i]` (client thread i).
+fn connections_sending(addr: SocketAddr, n: usize, first: [&'static [u8]; 2]) {
     let threads: Vec<_> = (0..2)
-        .map(|_| {
+        .map(|i| {
+            let first = first[i];
             std::thread::spawn(move || {
                 for _ in 0..n / 2 {
                     let mut s = TcpStream::connect(addr).unwrap();
+                    if !first.is_empty() {
+                        s.write_all(first).unwrap();
+                    }
                     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
                     let mut b = [0u8; 1];
                     s.read_exact(&mut b).unwrap();
@@ -149,6 +158,66 @@ fn dispatch_allocates_nothing_per_connection() {
             "{policy} ({mode}): the hot path allocated {allocations} times over {measured} connections"
         );
     }
+}
+
+/// v1 from one client thread, v2 (over IPv6, with a TLV) from the other,
+/// each followed by the application's first byte `x`.
+const V1: &[u8] = b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 80\r\nx";
+const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x28\
+    \x20\x01\x0d\xb8\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x07\
+    \x20\x01\x0d\xb8\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01\
+    \x10\x92\x00\x50\x04\x00\x01\x00x";
+
+/// PROXY headers on: each connection waits in the header stage (or not:
+/// its header came with the handshake), is read to the byte, and goes to a
+/// worker that takes the client's address in its CONN's payload.
+#[test]
+fn proxy_headers_allocate_nothing_per_connection() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rig = Rig::new(PolicyKind::LeastConn, WORKERS);
+    rig.dispatcher
+        .watch_stalls(std::time::Duration::from_secs(30), 768);
+    rig.read_proxy_headers();
+    let received = Arc::new(AtomicU64::new(0));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let (counter, miss) = (Arc::clone(&received), Arc::clone(&wrong));
+    let serve = move |mut s: TcpStream| {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // The header is gone: the application's first byte is first.
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).is_err() || b != *b"x" {
+            miss.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = s.write_all(b"!");
+        counter.fetch_add(1, Ordering::Relaxed);
+    };
+    let workers = rig.serve_peers(WORKERS, serve);
+    let running = rig.spawn(|| COUNTED.with(|c| c.set(true)));
+    let addr = running.addr;
+    let (warmup, measured) = (2_000, 20_000);
+    connections_sending(addr, warmup, [V1, V2]);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    connections_sending(addr, measured, [V1, V2]);
+    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let stats = running.shutdown(workers);
+    assert_eq!(stats.dispatched as usize, warmup + measured);
+    assert_eq!(received.load(Ordering::Relaxed) as usize, warmup + measured);
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "a worker got header bytes"
+    );
+    assert_eq!(
+        (stats.proxy.v1 + stats.proxy.v2) as usize,
+        warmup + measured
+    );
+    eprintln!(
+        "PROXY headers (native): {} allocations on the dispatch thread over {measured} \
+         connections",
+        after - before
+    );
+    assert_eq!(after - before, 0, "the PROXY path allocated");
 }
 
 /// Kernel dispatch: the master hands out nothing, but under

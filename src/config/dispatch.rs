@@ -37,6 +37,14 @@ impl Dispatch {
     /// of its own, which lb relays to. Least-connections needs the workers'
     /// counts, which shared-mode workers do not report.
     pub fn kernel_refusal(config: &Config) -> Option<String> {
+        if config.proxy_protocol.is_on() {
+            return Some(format!(
+                "proxy_protocol is {}, and under kernel dispatch the workers accept connections \
+                 themselves, PROXY header and all, which only lb can read and remove: use \
+                 --dispatch master, or proxy_protocol off",
+                config.proxy_protocol
+            ));
+        }
         if let Some(p) = config.pools.iter().find(|p| p.mode == Mode::Proxy) {
             return Some(format!(
                 "pool `{}` is mode proxy, and the kernel can only hand connections to workers \

@@ -36,6 +36,13 @@ pub struct File {
     pub proxy_connect_timeout: Option<String>,
     #[serde(default, deserialize_with = "number_or_text")]
     pub proxy_idle_timeout: Option<String>,
+    pub proxy_protocol: Option<String>,
+    /// One network, or a list of them.
+    pub proxy_trusted: Option<Paths>,
+    pub proxy_untrusted: Option<String>,
+    #[serde(default, deserialize_with = "number_or_text")]
+    pub proxy_header_timeout: Option<String>,
+    pub send_proxy: Option<String>,
     pub mode: Option<String>,
     pub dispatch: Option<String>,
     pub min_ready: Option<usize>,
@@ -52,7 +59,7 @@ pub struct File {
     pub watch: Option<Paths>,
 }
 
-/// One path, or a list of them.
+/// One path (or network), or a list of them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Paths {
@@ -83,6 +90,7 @@ pub struct FilePool {
     pub weight: Option<u32>,
     pub mode: Option<String>,
     pub port: Option<u16>,
+    pub send_proxy: Option<String>,
     pub stop_signal: Option<String>,
     pub user: Option<String>,
     pub group: Option<String>,

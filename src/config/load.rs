@@ -16,6 +16,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let backlog = src.value(&s::BACKLOG)?;
     let (policy, policy_origin) = src.value_and_origin(&s::POLICY)?;
     let mode = src.given(&s::MODE)?;
+    let send_proxy = src.given(&s::SEND_PROXY)?;
     let drain_timeout = src.value(&s::DRAIN_TIMEOUT)?;
     let ready_timeout = src.value(&s::READY_TIMEOUT)?;
     let min_uptime = src.value(&s::MIN_UPTIME)?;
@@ -28,6 +29,10 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let (max_conns, max_conns_origin) = src.value_and_origin(&s::MAX_CONNS)?;
     let proxy_connect_timeout = src.value(&s::PROXY_CONNECT_TIMEOUT)?;
     let proxy_idle_timeout = src.value(&s::PROXY_IDLE_TIMEOUT)?;
+    let proxy_protocol = src.value(&s::PROXY_PROTOCOL)?;
+    let proxy_trusted = src.optional(&s::PROXY_TRUSTED)?.0.unwrap_or_default();
+    let proxy_untrusted = src.value(&s::PROXY_UNTRUSTED)?;
+    let proxy_header_timeout = src.value(&s::PROXY_HEADER_TIMEOUT)?;
     let metrics = src.given(&s::METRICS)?.map(|v| v.0);
     let (control, control_origin) = src.optional(&s::CONTROL)?;
     let workers = src.given(&s::WORKERS)?;
@@ -78,8 +83,12 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_conns,
         proxy_connect_timeout,
         proxy_idle_timeout,
+        proxy_protocol,
+        proxy_trusted,
+        proxy_untrusted,
+        proxy_header_timeout,
         min_ready,
-        pools: pools(&src, workers, mode, &run_as)?,
+        pools: pools(&src, workers, mode, send_proxy, &run_as)?,
         dispatch,
         log_format,
         log_timestamps,
@@ -95,6 +104,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         },
     };
     super::Dispatch::check(&config)?;
+    super::proxy::check(&config)?;
     if config.slots() > defaults::MAX_WORKERS {
         return Err(ConfigError::Conflict(format!(
             "{} workers in all is more than the {} one master runs; lower the pools' `count`",

@@ -18,6 +18,7 @@ mod mode;
 mod parse;
 mod pools;
 mod preflight;
+pub mod proxy;
 pub mod run_as;
 pub(crate) mod settings;
 pub mod size;
@@ -30,6 +31,7 @@ pub use error::{ConfigError, Origin};
 pub use load::load;
 pub use mode::{ChannelKind, DrainBy, Mode};
 pub use preflight::preflight;
+pub use proxy::{Cidr, ProxyProtocol, SendProxy, Untrusted};
 
 use error::invalid;
 
@@ -61,6 +63,8 @@ pub mod defaults {
     /// Proxy mode: a relay that moved no byte either way for this long is
     /// reset.
     pub const PROXY_IDLE_TIMEOUT: &str = "60s";
+    /// A PROXY header not all there by then is a slow one: closed.
+    pub const PROXY_HEADER_TIMEOUT: &str = "3s";
 }
 
 /// The range each setting must fall in (documented in `lb.toml.example` and
@@ -125,6 +129,14 @@ pub struct Config {
     /// Proxy mode: a relay that moved no byte either way for this long is
     /// reset; `None`: never.
     pub proxy_idle_timeout: Option<Duration>,
+    /// Which PROXY protocol header each connection starts with.
+    pub proxy_protocol: ProxyProtocol,
+    /// The balancers allowed to send one.
+    pub proxy_trusted: Vec<Cidr>,
+    /// What becomes of a connection from anyone else.
+    pub proxy_untrusted: Untrusted,
+    /// A header not all there after this is closed.
+    pub proxy_header_timeout: Duration,
     /// Workers that must be ready for `/readyz` to answer 200.
     pub min_ready: usize,
     pub pools: Vec<Pool>,
@@ -168,6 +180,8 @@ pub struct Pool {
     pub mode: Mode,
     /// Shim mode: the port the server binds (taken over); `None` = lb's own.
     pub port: Option<u16>,
+    /// Proxy mode: the PROXY header written to the worker's port first.
+    pub send_proxy: SendProxy,
     /// How a server that does not know lb is asked to stop gracefully
     /// (shim, proxy, shared): SIGTERM unless the pool says otherwise
     /// (nginx: SIGQUIT).

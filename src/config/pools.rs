@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use super::file::FilePool;
 use super::run_as::{self, RunAs, Wanted};
 use super::sources::Sources;
-use super::{ConfigError, Mode, Origin, Pool, available_cpus, bounds, defaults, invalid, parse};
+use super::{
+    ConfigError, Mode, Origin, Pool, SendProxy, available_cpus, bounds, defaults, invalid, parse,
+};
 
 /// The pools, sized by `workers` (CLI > env > file `workers`) where they
 /// set no `count`, and of `mode` (see [`super::settings::MODE`]).
@@ -16,8 +18,10 @@ pub fn pools(
     src: &Sources<'_>,
     workers: Option<(usize, Origin)>,
     mode: Option<(Mode, Origin)>,
+    send_proxy: Option<(SendProxy, Origin)>,
     run_as: &Wanted,
 ) -> Result<Vec<Pool>, ConfigError> {
+    let global_send_proxy = send_proxy.as_ref().map_or(SendProxy::Off, |s| s.0);
     let path_var = (src.env)("PATH");
     let file = &src.file;
     let path_text = &src.path;
@@ -49,6 +53,7 @@ pub fn pools(
             weight: defaults::WEIGHT,
             mode,
             port: None,
+            send_proxy: global_send_proxy,
             stop_signal: libc::SIGTERM,
             run_as: run_as::resolve("main", inherit(run_as))?,
         }]
@@ -71,6 +76,7 @@ pub fn pools(
             weight: defaults::WEIGHT,
             mode: Mode::Native,
             port: None,
+            send_proxy: global_send_proxy,
             stop_signal: libc::SIGTERM,
             run_as: run_as::resolve("hello", inherit(run_as))?,
         }]
@@ -88,7 +94,10 @@ pub fn pools(
         file.pool
             .iter()
             .enumerate()
-            .map(|(i, p)| file_pool(src, i, p, &workers, &mode, run_as, path_var.as_deref()))
+            .map(|(i, p)| {
+                let pool = file_pool(src, i, p, &workers, &mode, run_as, path_var.as_deref())?;
+                file_send_proxy(src, p, &send_proxy, pool)
+            })
             .collect::<Result<_, _>>()?
     };
     check_names(&pools, path_text)?;
@@ -221,6 +230,7 @@ fn file_pool(
         weight,
         mode,
         port: p.port,
+        send_proxy: SendProxy::Off,
         stop_signal: match &p.stop_signal {
             None => libc::SIGTERM,
             Some(name) => parse::signal(name).ok_or_else(|| {
@@ -233,6 +243,24 @@ fn file_pool(
         },
         run_as,
     })
+}
+
+/// A `[[pool]]`'s `send_proxy`: from the command line or the environment
+/// for every pool, else the pool's own key, else the file's (as `mode` is).
+fn file_send_proxy(
+    src: &Sources<'_>,
+    p: &FilePool,
+    global: &Option<(SendProxy, Origin)>,
+    mut pool: Pool,
+) -> Result<Pool, ConfigError> {
+    pool.send_proxy = match (global, &p.send_proxy) {
+        (Some((v, Origin::Flag(_) | Origin::Env(_))), _) => *v,
+        (_, Some(text)) => SendProxy::parse(text)
+            .ok_or_else(|| invalid(src.in_file("send_proxy"), text, SendProxy::CHOICES))?,
+        (Some((v, _)), None) => *v,
+        (None, None) => SendProxy::Off,
+    };
+    Ok(pool)
 }
 
 /// The settings outside the pools, as the single pool takes them.
@@ -306,6 +334,14 @@ fn pool_count(c: usize, origin: Origin) -> Result<usize, ConfigError> {
 /// Modes that cannot work with a pool's command, or with each other.
 fn check_modes(pools: &[Pool]) -> Result<(), ConfigError> {
     for p in pools {
+        if p.send_proxy != SendProxy::Off && p.mode != Mode::Proxy {
+            return Err(ConfigError::Conflict(format!(
+                "pool `{}` is mode {} but sets send_proxy {}: only proxy mode writes a PROXY \
+                 header to the worker (the others get the client's address from lb itself, \
+                 docs/proxy-protocol.md); drop send_proxy there, or use mode proxy",
+                p.name, p.mode, p.send_proxy
+            )));
+        }
         if p.mode == Mode::Shim
             && let Some(reason) = crate::shim::unsupported(&p.command)
         {

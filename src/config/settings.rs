@@ -88,6 +88,11 @@ pub const ALL: &[&Spec] = &[
     &MAX_CONNS.spec,
     &PROXY_CONNECT_TIMEOUT.spec,
     &PROXY_IDLE_TIMEOUT.spec,
+    &PROXY_PROTOCOL.spec,
+    &PROXY_TRUSTED.spec,
+    &PROXY_UNTRUSTED.spec,
+    &PROXY_HEADER_TIMEOUT.spec,
+    &SEND_PROXY.spec,
     &METRICS.spec,
     &CONTROL.spec,
     &DISPATCH.spec,
@@ -372,6 +377,77 @@ pub const PROXY_IDLE_TIMEOUT: Setting<Option<Duration>> = Setting {
     parse: |v| parse::duration_or_off(&text(v)),
 };
 
+pub const PROXY_PROTOCOL: Setting<super::ProxyProtocol> = Setting {
+    spec: Spec {
+        value_name: "VERSION",
+        help: "Read a PROXY protocol header (HAProxy's; AWS NLB, ELB) at the start of each \
+               connection from a --proxy-trusted balancer and give the workers the client's \
+               address: off, v1 (text), v2 (binary) or any (docs/proxy-protocol.md)",
+        default: Some("off"),
+        file: Some(|f| f.proxy_protocol.clone()),
+        ..spec("proxy_protocol", "--proxy-protocol", "LB_PROXY_PROTOCOL")
+    },
+    parse: |v| {
+        super::ProxyProtocol::parse(&text(v)).ok_or_else(|| super::ProxyProtocol::CHOICES.into())
+    },
+};
+
+pub const PROXY_TRUSTED: Setting<Vec<super::Cidr>> = Setting {
+    spec: Spec {
+        value_name: "CIDRS",
+        help: "With --proxy-protocol: the networks the balancers connect from, \
+               comma-separated, IPv4 or IPv6, e.g. 10.0.0.0/8,192.168.0.0/16; only they may \
+               send a header",
+        unset: Some("none"),
+        file: Some(|f| f.proxy_trusted.as_ref().map(super::file::Paths::joined)),
+        ..spec("proxy_trusted", "--proxy-trusted", "LB_PROXY_TRUSTED")
+    },
+    parse: |v| super::proxy::cidrs(&text(v)),
+};
+
+pub const PROXY_UNTRUSTED: Setting<super::Untrusted> = Setting {
+    spec: Spec {
+        value_name: "WHAT",
+        help: "With --proxy-protocol: a connection from outside --proxy-trusted is refused \
+               (closed and counted) or served (as a direct client, no header expected)",
+        default: Some("refuse"),
+        file: Some(|f| f.proxy_untrusted.clone()),
+        ..spec("proxy_untrusted", "--proxy-untrusted", "LB_PROXY_UNTRUSTED")
+    },
+    parse: |v| super::Untrusted::parse(&text(v)).ok_or_else(|| super::Untrusted::CHOICES.into()),
+};
+
+pub const PROXY_HEADER_TIMEOUT: Setting<Duration> = Setting {
+    spec: Spec {
+        value_name: "DURATION",
+        help: "With --proxy-protocol: a connection whose header has not all arrived in this \
+               long is closed and counted; from 1ms to 24h",
+        default: Some(defaults::PROXY_HEADER_TIMEOUT),
+        file: Some(|f| f.proxy_header_timeout.clone()),
+        ..spec(
+            "proxy_header_timeout",
+            "--proxy-header-timeout",
+            "LB_PROXY_HEADER_TIMEOUT",
+        )
+    },
+    parse: |v| parse::duration(&text(v), bounds::TIMEOUT_MIN),
+};
+
+/// From the command line or the environment it applies to every pool; in
+/// the file, it is the default of pools without a `send_proxy` (as `mode`
+/// is).
+pub const SEND_PROXY: Setting<super::SendProxy> = Setting {
+    spec: Spec {
+        value_name: "VERSION",
+        help: "Proxy mode: write a PROXY protocol header with the client's address to each \
+               worker's port before relaying: off, v1 or v2 (HAProxy's send-proxy)",
+        default: Some("off"),
+        file: Some(|f| f.send_proxy.clone()),
+        ..spec("send_proxy", "--send-proxy", "LB_SEND_PROXY")
+    },
+    parse: |v| super::SendProxy::parse(&text(v)).ok_or_else(|| super::SendProxy::CHOICES.into()),
+};
+
 pub const METRICS: Setting<SocketAddr> = Setting {
     spec: Spec {
         value_name: "HOST:PORT",
@@ -581,6 +657,10 @@ mod tests {
         parsed(&STALL_TIMEOUT);
         parsed(&PROXY_CONNECT_TIMEOUT);
         parsed(&PROXY_IDLE_TIMEOUT);
+        parsed(&PROXY_HEADER_TIMEOUT);
+        assert_eq!(parsed(&PROXY_PROTOCOL), super::super::ProxyProtocol::Off);
+        assert_eq!(parsed(&PROXY_UNTRUSTED), super::super::Untrusted::Refuse);
+        assert_eq!(parsed(&SEND_PROXY), super::super::SendProxy::Off);
         assert_eq!(parsed(&MIN_READY), 1);
     }
 

@@ -317,3 +317,125 @@ fn bare_numbers_in_the_file_are_seconds_and_bytes() {
         "{e}"
     );
 }
+
+#[test]
+fn proxy_protocol_settings_and_their_refusals() {
+    let c = with_env(&args(&[]), &[]).unwrap();
+    assert_eq!(c.proxy_protocol, ProxyProtocol::Off);
+    assert!(c.proxy_trusted.is_empty());
+    assert_eq!(c.proxy_untrusted, Untrusted::Refuse);
+    assert_eq!(c.proxy_header_timeout, Duration::from_secs(3));
+    assert_eq!(c.pools[0].send_proxy, SendProxy::Off);
+
+    let c = with_env(
+        &args(&[
+            "--proxy-protocol",
+            "v2",
+            "--proxy-trusted",
+            "10.0.0.0/8,::1",
+        ]),
+        &[("LB_PROXY_HEADER_TIMEOUT", "500ms")],
+    )
+    .unwrap();
+    assert_eq!(c.proxy_protocol, ProxyProtocol::V2);
+    assert_eq!(c.proxy_trusted.len(), 2);
+    assert_eq!(c.proxy_header_timeout, Duration::from_millis(500));
+
+    // On, with nobody trusted and untrusted refused: every connection would be.
+    let e = with_env(&args(&["--proxy-protocol", "any"]), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--proxy-trusted") && e.contains("--proxy-untrusted serve"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'));
+    with_env(
+        &args(&["--proxy-protocol", "any", "--proxy-untrusted", "serve"]),
+        &[],
+    )
+    .unwrap();
+
+    let e = with_env(&args(&["--proxy-protocol", "v3"]), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("off, v1, v2 or any"), "{e}");
+    let e = with_env(&args(&[]), &[("LB_PROXY_TRUSTED", "10.0.0.1/8")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("LB_PROXY_TRUSTED") && e.contains("10.0.0.0/8"),
+        "{e}"
+    );
+
+    // Kernel dispatch: the workers would read the header themselves.
+    let e = with_env(
+        &args(&[
+            "--proxy-protocol",
+            "v1",
+            "--proxy-trusted",
+            "127.0.0.1",
+            "--dispatch",
+            "kernel",
+        ]),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--dispatch master"), "{e}");
+
+    // So would shared-mode workers.
+    let e = with_env(
+        &args(&[
+            "--proxy-protocol",
+            "v1",
+            "--proxy-trusted",
+            "127.0.0.1",
+            "--mode",
+            "shared",
+            "--",
+            "true",
+        ]),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("mode shared") && e.contains("proxy_protocol off"),
+        "{e}"
+    );
+
+    // send_proxy is proxy mode's only.
+    let e = with_env(&args(&["--send-proxy", "v1"]), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use mode proxy"), "{e}");
+    let c = with_env(
+        &args(&[
+            "--send-proxy",
+            "v2",
+            "--mode",
+            "proxy",
+            "--",
+            "true",
+            "{port}",
+        ]),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.pools[0].send_proxy, SendProxy::V2);
+
+    let f = temp_file(
+        "proxy.toml",
+        "proxy_protocol = \"v1\"\nproxy_trusted = [\"10.0.0.0/8\", \"fd00::/8\"]\n\
+         send_proxy = \"v1\"\n\
+         [[pool]]\ncommand = \"true\"\nargs = [\"{port}\"]\nmode = \"proxy\"\n\
+         [[pool]]\ncommand = \"true\"\nargs = [\"{port}\"]\nmode = \"proxy\"\nsend_proxy = \"off\"\n",
+    );
+    let c = with_env(&args(&["-c", f.to_str().unwrap()]), &[]).unwrap();
+    assert_eq!(c.proxy_trusted.len(), 2);
+    assert_eq!(
+        (c.pools[0].send_proxy, c.pools[1].send_proxy),
+        (SendProxy::V1, SendProxy::Off)
+    );
+}

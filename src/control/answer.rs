@@ -3,7 +3,9 @@
 //! `Response`.
 
 use super::prometheus::BUCKETS;
-use super::wire::{Health, PoolStatus, ProcessStatus, Response, Status, WorkerStatus};
+use super::wire::{
+    Health, PoolStatus, ProcessStatus, ProxyHeaders, Response, Status, WorkerStatus,
+};
 use crate::supervisor::{self, Answer};
 
 impl From<Answer> for Response {
@@ -64,6 +66,7 @@ impl From<&supervisor::Status> for Status {
             paused: s.stats.paused,
             proxy_connect_timeouts: s.stats.proxy_connect_timeouts,
             proxy_idle_timeouts: s.stats.proxy_idle_timeouts,
+            proxy_headers: proxy_headers(&s.stats.proxy),
             latency_buckets: BUCKETS
                 .iter()
                 .map(|&le| (le, s.latency.count_between(0, (le * 1e9) as u64)))
@@ -72,6 +75,20 @@ impl From<&supervisor::Status> for Status {
             latency_sum_s: s.latency.mean() * s.latency.len() as f64 / 1e9,
             workers: s.workers.iter().map(WorkerStatus::from).collect(),
         }
+    }
+}
+
+fn proxy_headers(p: &crate::dispatch::ProxyStats) -> ProxyHeaders {
+    use crate::dispatch::header::Failure;
+    ProxyHeaders {
+        v1: p.v1,
+        v2: p.v2,
+        local: p.local,
+        untrusted_served: p.untrusted_served,
+        failures: Failure::ALL
+            .iter()
+            .map(|&f| (f.name().to_string(), p.failed(f)))
+            .collect(),
     }
 }
 
@@ -165,6 +182,12 @@ mod tests {
                 paused: 2,
                 proxy_connect_timeouts: 6,
                 proxy_idle_timeouts: 8,
+                proxy: crate::dispatch::ProxyStats {
+                    v1: 3,
+                    v2: 4,
+                    failures: [1, 0, 2, 0, 0, 0],
+                    ..Default::default()
+                },
                 ..Stats::default()
             },
             latency,
@@ -204,6 +227,10 @@ mod tests {
             (5, 4, 1, 2)
         );
         assert_eq!((w.proxy_connect_timeouts, w.proxy_idle_timeouts), (6, 8));
+        assert_eq!((w.proxy_headers.v1, w.proxy_headers.v2), (3, 4));
+        assert_eq!(w.proxy_headers.failures["malformed"], 1);
+        assert_eq!(w.proxy_headers.failures["timeout"], 2);
+        assert_eq!(w.proxy_headers.failures["full"], 0);
         assert_eq!(w.latency_count, 2);
         assert_eq!(w.latency_buckets.len(), BUCKETS.len());
         let at = |le: f64| w.latency_buckets.iter().find(|b| b.0 == le).unwrap().1;

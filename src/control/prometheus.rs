@@ -73,11 +73,44 @@ pub fn render(s: &Status) -> String {
         o.family(name, "counter", help);
         o.sample(name, &[], v);
     }
+    proxy_headers(&mut o, s);
     health(&mut o, s);
     pools(&mut o, &s.pools);
     workers(&mut o, &s.workers);
     latency(&mut o, s);
     o.0
+}
+
+/// The PROXY protocol: headers read by version, connections closed by reason.
+fn proxy_headers(o: &mut Exposition, s: &Status) {
+    let p = &s.proxy_headers;
+    o.family(
+        "lb_proxy_headers_total",
+        "counter",
+        "PROXY protocol headers read, by version.",
+    );
+    o.sample("lb_proxy_headers_total", &[("version", "v1")], p.v1);
+    o.sample("lb_proxy_headers_total", &[("version", "v2")], p.v2);
+    o.family(
+        "lb_proxy_headers_local_total",
+        "counter",
+        "PROXY protocol headers without a client address (LOCAL, UNKNOWN: health checks).",
+    );
+    o.sample("lb_proxy_headers_local_total", &[], p.local);
+    o.family(
+        "lb_proxy_untrusted_served_total",
+        "counter",
+        "Connections from outside proxy_trusted served as direct clients.",
+    );
+    o.sample("lb_proxy_untrusted_served_total", &[], p.untrusted_served);
+    o.family(
+        "lb_proxy_header_failures_total",
+        "counter",
+        "Connections closed over their PROXY header (or their source), by reason.",
+    );
+    for (reason, n) in &p.failures {
+        o.sample("lb_proxy_header_failures_total", &[("reason", reason)], n);
+    }
 }
 
 /// The master process, by the names every Prometheus client library uses.

@@ -127,11 +127,31 @@ pub struct Status {
     /// Proxy mode: relays reset after the idle timeout without a byte moved.
     #[serde(default)]
     pub proxy_idle_timeouts: u64,
+    /// The PROXY protocol (`proxy_protocol`): headers read, and connections
+    /// closed over theirs.
+    #[serde(default)]
+    pub proxy_headers: ProxyHeaders,
     /// Hand-off latency: (upper bound in seconds, connections at or under it).
     pub latency_buckets: Vec<(f64, u64)>,
     pub latency_count: u64,
     pub latency_sum_s: f64,
     pub workers: Vec<WorkerStatus>,
+}
+
+/// PROXY protocol headers read and refused (`docs/proxy-protocol.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProxyHeaders {
+    /// Headers read, by version.
+    pub v1: u64,
+    pub v2: u64,
+    /// Of those, `LOCAL` (v2) or `UNKNOWN` (v1) ones: served, with no
+    /// client address.
+    pub local: u64,
+    /// Connections from outside `proxy_trusted` served as direct clients.
+    pub untrusted_served: u64,
+    /// Connections closed, by reason: malformed, oversized, timeout,
+    /// untrusted, closed (the client, before its header was complete), full.
+    pub failures: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -37,6 +37,8 @@ pub enum Command {
         mode: Mode,
         /// Proxy mode: the loopback port the worker listens on.
         port: u16,
+        /// Proxy mode: the PROXY header written to that port first.
+        send_proxy: crate::config::SendProxy,
         /// Kernel dispatch: the master's copy of the worker's own listener,
         /// which the kernel's program steers connections to once it is ready.
         listener: Option<OwnedFd>,
@@ -155,6 +157,30 @@ pub struct Stats {
     pub proxy_connect_timeouts: u64,
     /// Proxy mode: relays reset after the idle timeout without a byte moved.
     pub proxy_idle_timeouts: u64,
+    /// PROXY protocol headers read, and connections closed over theirs.
+    pub proxy: ProxyStats,
+}
+
+/// The PROXY protocol's counters (`docs/proxy-protocol.md`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Headers read, by version.
+    pub v1: u64,
+    pub v2: u64,
+    /// Of those, the ones without a client address (v2 `LOCAL`, v1
+    /// `UNKNOWN`: a balancer's health checks).
+    pub local: u64,
+    /// Connections from outside `proxy_trusted` served as direct clients.
+    pub untrusted_served: u64,
+    /// Connections closed, by `header::Failure` (in its `ALL` order).
+    pub failures: [u64; super::header::Failure::ALL.len()],
+}
+
+impl ProxyStats {
+    /// Closed for `why`.
+    pub fn failed(&self, why: super::header::Failure) -> u64 {
+        self.failures[why as usize]
+    }
 }
 
 /// One worker process as the dispatcher sees it.

@@ -4,9 +4,10 @@
 //! taking one), one `close`; no allocation, lock or log.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use super::conn::Conn;
 use super::link::Delivery;
 use super::worker::State;
 use super::{Dispatcher, Event};
@@ -22,9 +23,9 @@ impl Dispatcher {
     /// Hands out held connections, then accepts until `EAGAIN` or until no
     /// worker can take more (the kernel backlog then holds the rest).
     pub(super) fn pump(&mut self) {
-        while let Some(fd) = self.pending.pop_front() {
-            if let Err(fd) = self.hand_off(fd) {
-                self.pending.push_front(fd);
+        while let Some(conn) = self.pending.pop_front() {
+            if let Err(conn) = self.hand_off(conn) {
+                self.pending.push_front(conn);
                 return;
             }
         }
@@ -49,10 +50,18 @@ impl Dispatcher {
         loop {
             let mut more = true;
             while self.accepted.len() < scm::SEND_BATCH {
+                // Every place for a PROXY header is taken: the backlog
+                // holds the rest until one frees.
+                if self.headers_full() {
+                    more = false;
+                    break;
+                }
                 match sys::accept4(listener.as_fd()) {
                     Ok(fd) => {
                         self.stats.accepted += 1;
-                        self.accepted.push(fd);
+                        if let Some(conn) = self.admit(fd) {
+                            self.accepted.push(conn);
+                        }
                         if self.accept_failures > 0 {
                             let failures = std::mem::take(&mut self.accept_failures);
                             self.emit(Event::AcceptRecovered { failures });
@@ -137,9 +146,9 @@ impl Dispatcher {
             let end = (start..n).find(|&k| slots[k] != slot).unwrap_or(n);
             let len = end - start;
             if slot != usize::MAX && self.slot_delivery(slot) != Delivery::Batch {
-                for fd in batch.drain(..len) {
-                    if let Err(fd) = self.deliver_picked(slot, fd) {
-                        refused.push(fd);
+                for conn in batch.drain(..len) {
+                    if let Err(conn) = self.deliver_picked(slot, conn) {
+                        refused.push(conn);
                     }
                 }
                 start = end;
@@ -151,18 +160,18 @@ impl Dispatcher {
                 self.send_group(slot, &batch[..len])
             };
             // Close what went out (the first `sent`), keep what did not.
-            for (k, fd) in batch.drain(..len).enumerate() {
+            for (k, conn) in batch.drain(..len).enumerate() {
                 if k >= sent {
-                    refused.push(fd);
+                    refused.push(conn);
                 }
             }
             start = end;
         }
         self.accepted = batch;
-        for fd in refused.drain(..) {
-            if let Err(fd) = self.hand_off(fd) {
+        for conn in refused.drain(..) {
+            if let Err(conn) = self.hand_off(conn) {
                 self.stats.paused += u64::from(self.pending.is_empty());
-                self.pending.push_back(fd);
+                self.pending.push_back(conn);
             }
         }
         self.refused = refused;
@@ -171,10 +180,10 @@ impl Dispatcher {
     /// Delivers `fd` to `slot`'s worker one connection at a time (Node,
     /// proxy), already counted active by its pick; undoes that when it
     /// cannot take it.
-    fn deliver_picked(&mut self, slot: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+    fn deliver_picked(&mut self, slot: usize, conn: Conn) -> Result<(), Conn> {
         let sent = match self.current[slot] {
-            Some(index) => self.deliver(index, Slot(slot), fd),
-            None => Err(fd),
+            Some(index) => self.deliver(index, Slot(slot), conn),
+            None => Err(conn),
         };
         if sent.is_err() {
             let v = &mut self.views[slot];
@@ -202,26 +211,26 @@ impl Dispatcher {
         self.want_writable(index, true);
     }
 
-    /// Sends `fd` to the worker the policy picks, trying others while
-    /// channels are full. Gives the fd back when no worker can take it.
+    /// Sends `conn` to the worker the policy picks, trying others while
+    /// channels are full. Gives it back when no worker can take it.
     #[inline]
-    pub(super) fn hand_off(&mut self, mut fd: OwnedFd) -> Result<(), OwnedFd> {
+    pub(super) fn hand_off(&mut self, mut conn: Conn) -> Result<(), Conn> {
         loop {
             let Some(slot) = self.policy.pick(&self.views) else {
-                return Err(fd);
+                return Err(conn);
             };
             let Some(index) = self.current[slot.0] else {
                 // Eligible implies a current process; repair rather than spin.
                 self.views[slot.0].eligible = false;
                 continue;
             };
-            match self.deliver(index, slot, fd) {
+            match self.deliver(index, slot, conn) {
                 Ok(()) => {
                     self.views[slot.0].active += 1;
                     return Ok(());
                 }
                 // `deliver` made the slot ineligible: pick again.
-                Err(back) => fd = back,
+                Err(back) => conn = back,
             }
         }
     }

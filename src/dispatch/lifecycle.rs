@@ -43,11 +43,12 @@ impl Dispatcher {
                     weight,
                     mode,
                     port,
+                    send_proxy,
                     listener,
                 } => self.attach(
                     slot,
                     pid,
-                    Link::new(mode, channel, peer, port, listener),
+                    Link::new(mode, channel, peer, port, send_proxy, listener),
                     weight,
                 ),
                 Command::Detach { slot, pid } => self.detach(slot, pid),
@@ -338,7 +339,9 @@ impl Dispatcher {
             match sys::accept4(listener.as_fd()) {
                 Ok(fd) => {
                     self.stats.accepted += 1;
-                    self.pending.push_back(fd);
+                    if let Some(conn) = self.admit(fd) {
+                        self.pending.push_back(conn);
+                    }
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(_) => break,
@@ -348,7 +351,7 @@ impl Dispatcher {
 
     /// During shutdown, once every held connection has gone out: DRAIN all.
     pub(super) fn send_drains(&mut self) {
-        if self.drained || !self.pending.is_empty() {
+        if self.drained || !self.pending.is_empty() || self.headers_waiting() > 0 {
             return;
         }
         let all: Vec<usize> = self.workers.indices().collect();

@@ -13,12 +13,13 @@ use mio::Interest;
 use mio::unix::SourceFd;
 
 use super::Dispatcher;
+use super::conn::Conn;
 use super::native::Native;
 use super::node::NodeLink;
 use super::proxy::Probe;
 use super::tokens::Source;
 use super::worker::Worker;
-use crate::config::{ChannelKind, Mode};
+use crate::config::{ChannelKind, Mode, SendProxy};
 use crate::policy::Slot;
 
 #[derive(Debug)]
@@ -50,13 +51,14 @@ pub enum Delivery {
 impl Link {
     /// The link of a `mode` worker, over the channel the supervisor made
     /// for it (`Mode::channel`) and the master's copy of the worker's end
-    /// (`Mode::keeps_peer`); `port` is a proxy worker's, `listener` a shared
-    /// one's own under kernel dispatch.
+    /// (`Mode::keeps_peer`); `port` and `send_proxy` are a proxy worker's,
+    /// `listener` a shared one's own under kernel dispatch.
     pub fn new(
         mode: Mode,
         channel: Option<OwnedFd>,
         peer: Option<OwnedFd>,
         port: u16,
+        send_proxy: SendProxy,
         listener: Option<OwnedFd>,
     ) -> Link {
         match (mode.channel(), channel, peer) {
@@ -66,11 +68,14 @@ impl Link {
                 kernel: listener.is_some(),
                 listener,
                 takes_listener: false,
+                peer_address: false,
             }),
             (ChannelKind::Stream, Some(channel), _) => {
                 Link::Node(Box::new(NodeLink::new(channel, listener)))
             }
-            (ChannelKind::None, _, _) if mode.relays() => Link::Proxy(Box::new(Probe::new(port))),
+            (ChannelKind::None, _, _) if mode.relays() => {
+                Link::Proxy(Box::new(Probe::new(port, send_proxy)))
+            }
             (ChannelKind::None, _, _) => Link::Shared { listener },
             // A native worker without its peer could not be rescued: the
             // caller's bug, loudly.
@@ -175,19 +180,23 @@ impl Dispatcher {
     }
 
     /// Gives one connection to worker `index` (in `slot`) the way its link
-    /// takes them. On failure the fd comes back and the slot is no longer
+    /// takes them. On failure it comes back and the slot is no longer
     /// eligible (full, busy, or gone), so a caller that picks again moves on.
     #[inline]
-    pub(super) fn deliver(&mut self, index: usize, slot: Slot, fd: OwnedFd) -> Result<(), OwnedFd> {
+    pub(super) fn deliver(&mut self, index: usize, slot: Slot, conn: Conn) -> Result<(), Conn> {
         match self.delivery_of(index) {
-            Some(Delivery::Batch) => self.native_send(index, slot, fd),
-            Some(Delivery::Stepwise) => self.node_send(index, fd),
-            Some(Delivery::Relay) => self.proxy_start(index, fd).inspect_err(|_| {
+            Some(Delivery::Batch) => self.native_send(index, slot, conn),
+            Some(Delivery::Stepwise) => {
+                let peer = conn.peer;
+                self.node_send(index, conn.fd, peer)
+                    .map_err(|fd| Conn { fd, peer })
+            }
+            Some(Delivery::Relay) => self.proxy_start(index, conn).inspect_err(|_| {
                 self.views[slot.0].eligible = false;
             }),
             Some(Delivery::Never) | None => {
                 self.views[slot.0].eligible = false;
-                Err(fd)
+                Err(conn)
             }
         }
     }
@@ -252,7 +261,14 @@ impl Dispatcher {
     pub(super) fn rescue(&mut self, w: &mut Worker) -> u64 {
         match &mut w.link {
             Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
-            Link::Node(n) => n.rescue(&mut self.pending),
+            Link::Node(n) => {
+                let count = n.rescue(&mut self.node_rescued);
+                // At the front, as the Node link puts it.
+                while let Some(fd) = self.node_rescued.pop_back() {
+                    self.pending.push_front(fd);
+                }
+                count
+            }
             Link::Shared { .. } | Link::Proxy(_) => 0,
         }
     }

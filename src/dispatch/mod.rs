@@ -17,7 +17,9 @@
 //! mio tokens).
 
 mod api;
+mod conn;
 mod handoff;
+pub mod header;
 pub mod kernel;
 mod lifecycle;
 mod link;
@@ -42,8 +44,10 @@ use crate::policy::{Policy, PolicyKind, WorkerView};
 use crate::proto::MAX_MESSAGE;
 use crate::proto::scm::{self, RecvBatch};
 pub use api::{
-    CHATTER_QUEUE, Command, Event, EventQueues, Handle, Notifier, Snapshot, Stats, WorkerStats,
+    CHATTER_QUEUE, Command, Event, EventQueues, Handle, Notifier, ProxyStats, Snapshot, Stats,
+    WorkerStats,
 };
+use conn::{Conn, Pending};
 use link::Link;
 use tokens::Source;
 use worker::Table;
@@ -66,11 +70,15 @@ pub struct Dispatcher {
     /// Per slot: what the policy sees.
     views: Vec<WorkerView>,
     policy: Box<dyn Policy>,
-    pending: VecDeque<OwnedFd>,
+    pending: Pending,
     /// The batch being accepted and sent, and what its sends refused
     /// (both preallocated, reused for every batch).
-    accepted: Vec<OwnedFd>,
-    refused: Vec<OwnedFd>,
+    accepted: Vec<Conn>,
+    refused: Vec<Conn>,
+    /// A Node worker's unanswered connection on its way to `pending`.
+    node_rescued: VecDeque<OwnedFd>,
+    /// Connections waiting for their PROXY header (with proxy_protocol on).
+    headers: Option<Box<header::Stage>>,
     commands: Receiver<Command>,
     notify: Notifier,
     seq: u64,
@@ -160,9 +168,11 @@ impl Dispatcher {
             current: vec![None; slots],
             views: vec![WorkerView::default(); slots],
             policy: policy.build(slots),
-            pending: VecDeque::with_capacity(PENDING_CAPACITY),
+            pending: Pending::with_capacity(PENDING_CAPACITY),
             accepted: Vec::with_capacity(scm::SEND_BATCH),
             refused: Vec::with_capacity(scm::SEND_BATCH),
+            node_rescued: VecDeque::with_capacity(1),
+            headers: None,
             commands: rx,
             notify,
             seq: 0,
@@ -235,6 +245,7 @@ impl Dispatcher {
             self.stall_wake(),
             self.relay_wake(),
             self.steer_wake(),
+            self.header_wake(),
         ]
         .into_iter()
         .flatten()
@@ -268,6 +279,7 @@ impl Dispatcher {
                     ev.is_writable(),
                 ),
                 Source::Probe(index) => self.probe_event(index),
+                Source::Header(place) => self.header_event(place),
                 Source::Worker(index) => {
                     if (ev.is_readable() || ev.is_read_closed()) && self.reads_in_ticks() {
                         self.read_at_tick(index);
@@ -302,6 +314,7 @@ impl Dispatcher {
         self.proxy_timers();
         self.stall_timers();
         self.steer_timers();
+        self.header_timers();
         self.pump();
         // Stopping: leave once the relays are done, or at the deadline.
         if let Some(by) = self.stop_by

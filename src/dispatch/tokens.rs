@@ -10,6 +10,7 @@
 //! | 2 + index                     | worker `index`'s channel             |
 //! | 2^23 + index                  | worker `index`'s readiness probe     |
 //! | 2^24 + 2 × relay + side       | a relay's client (0) or upstream (1) |
+//! | 2^25 + place                  | a connection waiting for its PROXY header |
 
 use mio::Token;
 
@@ -18,6 +19,8 @@ const WAKER: usize = 1;
 const WORKERS: usize = 2;
 const PROBES: usize = 1 << 23;
 const RELAYS: usize = 1 << 24;
+/// Above every relay's (below 2^24 + 2^23).
+const HEADERS: usize = 1 << 25;
 
 /// What a token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,8 @@ pub enum Source {
         relay: usize,
         side: usize,
     },
+    /// A connection waiting for its PROXY header, by its place.
+    Header(usize),
 }
 
 impl Source {
@@ -41,6 +46,7 @@ impl Source {
         match token.0 {
             LISTENER => Source::Listener,
             WAKER => Source::Waker,
+            t if t >= HEADERS => Source::Header(t - HEADERS),
             t if t >= RELAYS => Source::Relay {
                 relay: (t - RELAYS) / 2,
                 side: (t - RELAYS) % 2,
@@ -58,6 +64,7 @@ impl Source {
             Source::Worker(index) => WORKERS + index,
             Source::Probe(index) => PROBES + index,
             Source::Relay { relay, side } => RELAYS + 2 * relay + side,
+            Source::Header(place) => HEADERS + place,
         })
     }
 }
@@ -77,6 +84,12 @@ mod tests {
             Source::Probe(RELAYS - PROBES - 1),
             Source::Relay { relay: 0, side: 0 },
             Source::Relay { relay: 7, side: 1 },
+            Source::Relay {
+                relay: (1 << 22) - 1,
+                side: 1,
+            },
+            Source::Header(0),
+            Source::Header(4095),
         ] {
             assert_eq!(Source::of(s.token()), s);
         }

@@ -83,8 +83,20 @@ pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// `conn` right after this returns (`docs/architecture.md`, "The hot path").
 #[inline]
 pub fn send_conn(chan: BorrowedFd<'_>, conn: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+    send_conn_with(chan, conn, id, &[])
+}
+
+/// [`send_conn`] with the client's address (`IP:port` text) as the CONN's
+/// payload, for a worker whose READY said `PEER_ADDRESS`; empty for none.
+#[inline]
+pub fn send_conn_with(
+    chan: BorrowedFd<'_>,
+    conn: BorrowedFd<'_>,
+    id: u64,
+    peer: &[u8],
+) -> io::Result<()> {
     let header = wire::header(kind::CONN, id);
-    scm::send(chan, &header, &[], Some(conn), Wait::DontWait).map(drop)
+    scm::send(chan, &header, peer, Some(conn), Wait::DontWait).map(drop)
 }
 
 /// master → worker, under kernel dispatch: the worker's own listener.
@@ -94,12 +106,15 @@ pub fn send_listener(chan: BorrowedFd<'_>, listener: BorrowedFd<'_>) -> io::Resu
 }
 
 /// master → worker: hands over several connections to one worker with one
-/// `sendmmsg`, one CONN datagram each, ids `first_id`, `first_id + 1`, ….
-/// Returns how many went out (in order); the caller closes those at once.
+/// `sendmmsg`, one CONN datagram each, ids `first_id`, `first_id + 1`, …;
+/// `peers[i]`, when given (empty: none), is the i-th one's payload, the
+/// client's address. Returns how many went out (in order); the caller
+/// closes those at once.
 #[inline]
-pub fn send_conns<F: std::os::fd::AsFd>(
+pub fn send_conns<F: std::os::fd::AsFd, P: AsRef<[u8]>>(
     chan: BorrowedFd<'_>,
     conns: &[F],
+    peers: &[P],
     first_id: u64,
 ) -> io::Result<usize> {
     let mut headers = [[0u8; HEADER_LEN]; scm::SEND_BATCH];
@@ -107,7 +122,7 @@ pub fn send_conns<F: std::os::fd::AsFd>(
     for (i, h) in headers.iter_mut().take(n).enumerate() {
         *h = wire::header(kind::CONN, first_id + i as u64);
     }
-    scm::send_each(chan, &headers[..n], &conns[..n])
+    scm::send_each(chan, &headers[..n], peers, &conns[..n])
 }
 
 /// Sends a message without an fd: DRAIN, READY, CLOSED, LEAVING or USER.
@@ -262,7 +277,10 @@ mod batch_tests {
             .map(|_| TcpStream::connect(l.local_addr().unwrap()).unwrap())
             .collect();
         let accepted: Vec<_> = (0..3).map(|_| l.accept().unwrap().0).collect();
-        assert_eq!(send_conns(master.as_fd(), &accepted, 10).unwrap(), 3);
+        assert_eq!(
+            send_conns(master.as_fd(), &accepted, &[] as &[&[u8]], 10).unwrap(),
+            3
+        );
         drop(accepted);
         let mut buf = [0u8; MAX_MESSAGE];
         for (i, client) in clients.iter().enumerate() {
@@ -277,6 +295,32 @@ mod batch_tests {
             let stream = TcpStream::from(got.fds.take_first().unwrap());
             // The i-th fd is the i-th client's connection.
             assert_eq!(stream.peer_addr().unwrap(), client.local_addr().unwrap());
+        }
+    }
+
+    /// Each CONN of a batch carries its own payload (or none), and its own fd.
+    #[test]
+    fn send_conns_carries_each_payload_with_its_fd() {
+        use std::net::{TcpListener, TcpStream};
+        let (master, worker) = pair().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(l.local_addr().unwrap()).unwrap())
+            .collect();
+        let accepted: Vec<_> = (0..3).map(|_| l.accept().unwrap().0).collect();
+        let peers: [&[u8]; 3] = [b"203.0.113.7:4242", b"", b"[2001:db8::7]:1"];
+        assert_eq!(send_conns(master.as_fd(), &accepted, &peers, 5).unwrap(), 3);
+        let mut buf = [0u8; MAX_MESSAGE];
+        for (i, want) in peers.iter().enumerate() {
+            let got = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait).unwrap();
+            assert_eq!(got.fds.len(), 1);
+            assert_eq!(
+                wire::parse(&buf[..got.len], false),
+                Ok(Message::Conn {
+                    id: 5 + i as u64,
+                    peer: want
+                })
+            );
         }
     }
 

@@ -435,34 +435,52 @@ impl RecvBatch {
 pub const SEND_BATCH: usize = 16;
 
 /// Sends `headers[i]` with `fds[i]` attached, one datagram each, with one
-/// `sendmmsg` (at most [`SEND_BATCH`]). Returns how many went out, in
-/// order; `EAGAIN` before the first is `ErrorKind::WouldBlock`.
-pub fn send_each<F: AsFd>(
+/// `sendmmsg` (at most [`SEND_BATCH`]); `payloads[i]`, when given (the
+/// slice may be shorter, or empty), follows its header in the same
+/// datagram. Returns how many went out, in order; `EAGAIN` before the
+/// first is `ErrorKind::WouldBlock`.
+pub fn send_each<F: AsFd, P: AsRef<[u8]>>(
     sock: BorrowedFd<'_>,
     headers: &[[u8; crate::proto::HEADER_LEN]],
+    payloads: &[P],
     fds: &[F],
 ) -> io::Result<usize> {
     let n = headers.len().min(fds.len()).min(SEND_BATCH);
     if n == 0 {
         return Ok(0);
     }
-    let mut iov: [MaybeUninit<libc::iovec>; SEND_BATCH] =
-        [const { MaybeUninit::uninit() }; SEND_BATCH];
+    // Two per datagram, side by side: its header, then its payload (if any).
+    // SAFETY: iovec is a plain C struct for which all-zeroes is valid.
+    let mut iov: [libc::iovec; 2 * SEND_BATCH] = unsafe { mem::zeroed() };
+    let mut lens = [1usize; SEND_BATCH];
+    for i in 0..n {
+        iov[2 * i] = libc::iovec {
+            iov_base: headers[i].as_ptr() as *mut libc::c_void,
+            iov_len: headers[i].len(),
+        };
+        let payload = payloads.get(i).map_or(&[][..], AsRef::as_ref);
+        if !payload.is_empty() {
+            iov[2 * i + 1] = libc::iovec {
+                iov_base: payload.as_ptr() as *mut libc::c_void,
+                iov_len: payload.len(),
+            };
+            lens[i] = 2;
+        }
+    }
     let mut cmsg: [CmsgBuf; SEND_BATCH] = [const { CmsgBuf([0; 64]) }; SEND_BATCH];
     // SAFETY: mmsghdr is a plain C struct for which all-zeroes is valid.
     let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { mem::zeroed() };
+    let base = iov.as_mut_ptr();
     for i in 0..n {
-        let v = iov[i].write(libc::iovec {
-            iov_base: headers[i].as_ptr() as *mut libc::c_void,
-            iov_len: headers[i].len(),
-        });
         let m = &mut hdrs[i].msg_hdr;
-        m.msg_iov = v;
-        m.msg_iovlen = 1;
+        // (`wrapping_add`: pointer arithmetic that stays inside `iov`.)
+        m.msg_iov = base.wrapping_add(2 * i);
+        m.msg_iovlen = lens[i] as _;
         attach_fd(m, &mut cmsg[i], fds[i].as_fd().as_raw_fd());
     }
-    // SAFETY: the first `n` headers point at live iovecs (over `headers`) and
-    // control buffers that outlive the call; the kernel only reads them.
+    // SAFETY: the first `n` headers point at live iovecs (over `headers`
+    // and `payloads`) and control buffers that outlive the call; the kernel
+    // only reads them.
     cvt_r(|| unsafe {
         libc::sendmmsg(
             sock.as_raw_fd(),

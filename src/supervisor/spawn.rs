@@ -233,6 +233,7 @@ mod tests {
             weight: 1,
             mode,
             port: None,
+            send_proxy: Default::default(),
             stop_signal: 3,
             run_as: Default::default(),
         }

@@ -133,6 +133,7 @@ impl Supervisor {
             weight: pool.weight,
             mode: pool.mode,
             port: proxy_port.unwrap_or(0),
+            send_proxy: pool.send_proxy,
             listener: own_listener,
         });
         self.workers.push(Worker {

@@ -128,6 +128,33 @@ impl Rig {
         Workers { kind, threads }
     }
 
+    /// Has the dispatcher read a PROXY header (v1 or v2) on every
+    /// connection from 127.0.0.1 (as `--proxy-protocol any
+    /// --proxy-trusted 127.0.0.1` does).
+    pub fn read_proxy_headers(&mut self) {
+        use lb::config::{Cidr, ProxyProtocol, Untrusted};
+        self.dispatcher
+            .read_proxy_headers(lb::dispatch::header::Rules {
+                accept: ProxyProtocol::Any,
+                trusted: vec![Cidr::parse("127.0.0.1").unwrap()],
+                untrusted: Untrusted::Refuse,
+                timeout: Duration::from_secs(3),
+            });
+    }
+
+    /// Attaches `n` lb-protocol workers that say READY with `PEER_ADDRESS`
+    /// (each CONN may carry the client's address) and call `serve` on each
+    /// connection.
+    pub fn serve_peers<F>(&mut self, n: usize, serve: F) -> Workers
+    where
+        F: Fn(TcpStream) + Clone + Send + 'static,
+    {
+        Workers {
+            kind: Kind::Native,
+            threads: native_workers(&self.handle, n, proto::wire::ready::PEER_ADDRESS, serve),
+        }
+    }
+
     /// Turns the loop (bounded) until a lifecycle event satisfies `want`;
     /// the events up to and including it.
     pub fn turn_until(&mut self, what: &str, mut want: impl FnMut(&Event) -> bool) -> Vec<Event> {
@@ -342,6 +369,7 @@ fn attach(
         weight,
         mode,
         port,
+        send_proxy: Default::default(),
         listener: None,
     });
 }
@@ -487,6 +515,14 @@ pub fn workers<F>(handle: &Handle, n: usize, serve: F) -> Vec<JoinHandle<()>>
 where
     F: Fn(TcpStream) + Clone + Send + 'static,
 {
+    native_workers(handle, n, 0, serve)
+}
+
+/// [`workers`] whose READY carries `flags`.
+fn native_workers<F>(handle: &Handle, n: usize, flags: u64, serve: F) -> Vec<JoinHandle<()>>
+where
+    F: Fn(TcpStream) + Clone + Send + 'static,
+{
     (0..n)
         .map(|slot| {
             let (master, worker) = proto::pair().unwrap();
@@ -502,8 +538,15 @@ where
             );
             let serve = serve.clone();
             std::thread::spawn(move || {
+                if flags != 0 {
+                    use std::os::fd::AsFd;
+                    proto::send_plain(worker.as_fd(), proto::kind::READY, flags, &[], Wait::Block)
+                        .unwrap();
+                }
                 let mut l = Listener::from_fd(worker, slot, 1);
-                l.ready().unwrap();
+                if flags == 0 {
+                    l.ready().unwrap();
+                }
                 loop {
                     match l.next(Wait::Block) {
                         Ok(Incoming::Conn(s)) => {
@@ -552,6 +595,7 @@ where
                 weight: slot as u32 + 1,
                 mode: Mode::Native,
                 port: 0,
+                send_proxy: Default::default(),
                 listener: Some(own),
             });
             let serve = serve.clone();

@@ -6,12 +6,13 @@
 //! read back and handed to others (`stall` watches for workers that take
 //! none of them).
 
-use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
 pub mod stall;
 
+use super::conn::{Conn, PeerText, Pending};
 use super::link::Link;
 use super::{Dispatcher, Event};
 use crate::policy::Slot;
@@ -34,22 +35,29 @@ pub struct Native {
     /// Its READY said it accepts from that listener (`ready::OWN_LISTENER`):
     /// until then the kernel is not pointed at it.
     pub takes_listener: bool,
+    /// Its READY said a CONN may carry the client's address
+    /// (`ready::PEER_ADDRESS`): the ones lb knows go in their payloads.
+    pub peer_address: bool,
 }
 
 impl Native {
     /// Reads every message still queued for the worker from the master's
-    /// copy of its end; the connections go to `pending`. How many.
-    pub fn read_back(&self, buf: &mut [u8], pending: &mut VecDeque<OwnedFd>) -> u64 {
+    /// copy of its end; the connections go to `pending`, each with the
+    /// client's address its CONN carried. How many.
+    pub fn read_back(&self, buf: &mut [u8], pending: &mut Pending) -> u64 {
         let peer = self.peer.as_fd();
         let mut count = 0;
         while let Ok(mut got) = scm::recv(peer, buf, Wait::DontWait) {
             if got.len == 0 {
                 break;
             }
-            if let Ok(Message::Conn { .. }) = wire::parse(&buf[..got.len], got.truncated)
+            if let Ok(Message::Conn { peer, .. }) = wire::parse(&buf[..got.len], got.truncated)
                 && let Some(fd) = got.fds.take_first()
             {
-                pending.push_back(fd);
+                let peer = std::str::from_utf8(peer)
+                    .ok()
+                    .and_then(|t| t.parse::<SocketAddr>().ok());
+                pending.push_back(Conn { fd, peer });
                 count += 1;
             }
         }
@@ -60,41 +68,42 @@ impl Native {
 impl Dispatcher {
     /// Sends one connection to native worker `index` (in `slot`).
     #[inline]
-    pub(super) fn native_send(
-        &mut self,
-        index: usize,
-        slot: Slot,
-        fd: OwnedFd,
-    ) -> Result<(), OwnedFd> {
+    pub(super) fn native_send(&mut self, index: usize, slot: Slot, conn: Conn) -> Result<(), Conn> {
         let Some(w) = self.workers.get_mut(index) else {
             self.views[slot.0].eligible = false;
-            return Err(fd);
+            return Err(conn);
         };
         let Link::Native(n) = &w.link else {
             self.views[slot.0].eligible = false;
-            return Err(fd);
+            return Err(conn);
         };
         self.seq += 1;
-        match proto::send_conn(n.channel.as_fd(), fd.as_fd(), self.seq) {
+        let peer = PeerText::of(conn.peer.as_ref().filter(|_| n.peer_address));
+        match proto::send_conn_with(
+            n.channel.as_fd(),
+            conn.fd.as_fd(),
+            self.seq,
+            peer.as_bytes(),
+        ) {
             Ok(()) => {
                 // Close our copy at once: until we do, the worker's close
                 // does not release the socket (docs/architecture.md, "The
                 // hot path").
-                drop(fd);
+                drop(conn);
                 w.sent += 1;
                 self.stats.dispatched += 1;
                 Ok(())
             }
             Err(e) => {
                 self.channel_refused(index, slot.0, Some(e));
-                Err(fd)
+                Err(conn)
             }
         }
     }
 
     /// Sends `fds` to `slot`'s worker; returns how many went out. Undoes the
     /// picks of the rest and marks the worker full (or unusable).
-    pub(super) fn send_group(&mut self, slot: usize, fds: &[OwnedFd]) -> usize {
+    pub(super) fn send_group(&mut self, slot: usize, fds: &[Conn]) -> usize {
         let Some(index) = self.current[slot] else {
             self.views[slot].active -= fds.len() as u32;
             self.views[slot].eligible = false;
@@ -108,7 +117,20 @@ impl Dispatcher {
             debug_assert!(false, "a batch for a link that takes them one by one");
             return 0;
         };
-        let result = proto::send_conns(n.channel.as_fd(), fds, self.seq + 1);
+        // Payloads only for a worker that takes them, and only when some
+        // connection has an address (else the batch is what it always was,
+        // and no room for the texts is even made).
+        let chan = n.channel.as_fd();
+        let result = if n.peer_address && fds.iter().any(|c| c.peer.is_some()) {
+            let mut peers = [PeerText::EMPTY; scm::SEND_BATCH];
+            for (t, c) in peers.iter_mut().zip(fds) {
+                *t = PeerText::of(c.peer.as_ref());
+            }
+            let k = fds.len().min(scm::SEND_BATCH);
+            proto::send_conns(chan, fds, &peers[..k], self.seq + 1)
+        } else {
+            proto::send_conns(chan, fds, &[] as &[PeerText], self.seq + 1)
+        };
         let sent = *result.as_ref().unwrap_or(&0);
         self.seq += sent as u64;
         w.sent += sent as u64;
@@ -224,6 +246,11 @@ impl Dispatcher {
                 });
             }
             n.takes_listener = true;
+        }
+        if let Some(w) = self.workers.get_mut(index)
+            && let Link::Native(n) = &mut w.link
+        {
+            n.peer_address = flags & wire::ready::PEER_ADDRESS != 0;
         }
         self.ready(index, slot, pid);
     }

@@ -156,7 +156,13 @@ impl Dispatcher {
     /// Sends `fd` to Node worker `index` with a `newconn`; keeps our copy
     /// until the reply. Gives `fd` back when the worker cannot take it now.
     #[inline]
-    pub(super) fn node_send(&mut self, index: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+    pub(super) fn node_send(
+        &mut self,
+        index: usize,
+        fd: OwnedFd,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), OwnedFd> {
+        let _ = peer;
         let Some(w) = self.workers.get_mut(index) else {
             return Err(fd);
         };

@@ -17,6 +17,8 @@ pub(super) const PROBE_EVERY: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 pub struct Probe {
     pub port: u16,
+    /// The PROXY header its port is sent before the client's bytes.
+    pub send_proxy: crate::config::SendProxy,
     pub(super) conn: Option<mio::net::TcpStream>,
     /// When the probe in flight (`conn`) counts as refused.
     pub(super) conn_by: Option<Instant>,
@@ -29,9 +31,10 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn new(port: u16) -> Probe {
+    pub fn new(port: u16, send_proxy: crate::config::SendProxy) -> Probe {
         Probe {
             port,
+            send_proxy,
             conn: None,
             conn_by: None,
             retry_at: None,

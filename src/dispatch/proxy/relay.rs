@@ -1,6 +1,7 @@
 //! Relaying one connection: the connect to the worker, `splice` both
 //! ways, half-closes, resets, and the timeouts.
 
+use std::io::Write as _;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -10,35 +11,39 @@ use nix::fcntl::{SpliceFFlags, splice};
 
 use super::probe::{PROBE_EVERY, upstream_addr};
 use super::slab::{CHUNK, CLIENT, Expired, Relays, Timeouts, UPSTREAM};
+use crate::config::SendProxy;
+use crate::dispatch::conn::Conn;
+use crate::dispatch::header::write;
 use crate::dispatch::tokens::Source;
 use crate::dispatch::worker::{State, Worker};
 use crate::dispatch::{Dispatcher, Link};
 use crate::policy::Slot;
 
 impl Dispatcher {
-    /// Starts relaying `fd` to proxy worker `index` (connect in progress).
-    /// Gives `fd` back when no relay slot is free or the connect fails at once.
-    pub(crate) fn proxy_start(&mut self, index: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+    /// Starts relaying `conn` to proxy worker `index` (connect in progress).
+    /// Gives it back when no relay slot is free or the connect fails at once.
+    pub(crate) fn proxy_start(&mut self, index: usize, conn: Conn) -> Result<(), Conn> {
         let Some(w) = self.workers.get(index) else {
-            return Err(fd);
+            return Err(conn);
         };
-        let (slot, pid, port) = match &w.link {
-            Link::Proxy(p) => (w.slot, w.pid, p.port),
-            _ => return Err(fd),
+        let (slot, pid, port, send_proxy) = match &w.link {
+            Link::Proxy(p) => (w.slot, w.pid, p.port, p.send_proxy),
+            _ => return Err(conn),
         };
         let Some(relays) = self.proxy.relays.as_mut() else {
-            return Err(fd);
+            return Err(conn);
         };
         let Some(r) = relays.free.pop() else {
-            return Err(fd);
+            return Err(conn);
         };
         let upstream = match mio::net::TcpStream::connect(upstream_addr(port)) {
             Ok(s) => s,
             Err(_) => {
                 relays.free.push(r);
-                return Err(fd);
+                return Err(conn);
             }
         };
+        let Conn { fd, peer } = conn;
         let client = mio::net::TcpStream::from_std(std::net::TcpStream::from(fd));
         let relay = &mut relays.slots[r as usize];
         relay.socks = [Some(client), Some(upstream)];
@@ -56,6 +61,8 @@ impl Dispatcher {
         relay.slot = slot;
         relay.connecting = true;
         relay.client_out = false;
+        relay.peer = peer;
+        relay.send_proxy = send_proxy;
         let registry = self.poll.registry();
         // The upstream's writability says when the connect is done.
         let interests = [Interest::READABLE, Interest::READABLE | Interest::WRITABLE];
@@ -104,6 +111,10 @@ impl Dispatcher {
             if !connected {
                 return self.relay_refused(r);
             }
+            // Before any byte of the client's (none is read while connecting).
+            if relay.send_proxy != SendProxy::Off && !send_header(relay) {
+                return self.relay_end(r, true);
+            }
             let (index, pid) = (relay.worker, relay.pid);
             relays.opened(r);
             self.stats.dispatched += 1;
@@ -123,6 +134,7 @@ impl Dispatcher {
         let relay = &mut relays.slots[r];
         let (index, pid, slot) = (relay.worker, relay.pid, relay.slot);
         let client = relay.socks[CLIENT].take();
+        let peer = relay.peer;
         if let Some(mut up) = relay.socks[UPSTREAM].take() {
             let _ = self.poll.registry().deregister(&mut up);
         }
@@ -146,8 +158,8 @@ impl Dispatcher {
         }
         // The refusing worker is out of the running until its port answers
         // again, so this ends: at worst the connection waits in `pending`.
-        if let Err(fd) = self.hand_off(fd) {
-            self.pending.push_front(fd);
+        if let Err(conn) = self.hand_off(Conn { fd, peer }) {
+            self.pending.push_front(conn);
         }
         self.sync_proxy_views();
     }
@@ -413,6 +425,27 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// Writes the relay's PROXY header to the worker (just connected: its
+/// send buffer is empty, so the few bytes go in one write or not at all).
+/// The client's address is its header's, else the socket's own peer; the
+/// destination is the address the client came in to.
+fn send_header(relay: &super::slab::Relay) -> bool {
+    let (Some(client), Some(up)) = (&relay.socks[CLIENT], &relay.socks[UPSTREAM]) else {
+        return false;
+    };
+    let Some(src) = relay.peer.or_else(|| client.peer_addr().ok()) else {
+        return false;
+    };
+    let Ok(dst) = client.local_addr() else {
+        return false;
+    };
+    let Some(header) = write::build(relay.send_proxy, src, dst) else {
+        return false;
+    };
+    let mut up: &mio::net::TcpStream = up;
+    matches!(up.write(header.as_bytes()), Ok(n) if n == header.as_bytes().len())
 }
 
 /// Empties a pipe whose bytes nobody will read (a relay that ended with

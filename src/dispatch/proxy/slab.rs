@@ -98,6 +98,10 @@ pub(super) struct Relay {
     /// The client socket is registered for writability too (only after a
     /// write to it fell short: otherwise every ACK would wake the loop).
     pub(super) client_out: bool,
+    /// The client's address from its PROXY header, if it had one.
+    pub(super) peer: Option<std::net::SocketAddr>,
+    /// The PROXY header to write to the worker once connected.
+    pub(super) send_proxy: crate::config::SendProxy,
     /// Connecting: when the connect began. Open: when bytes last moved
     /// (refreshed at most once per `Timeouts::grain`).
     pub(super) since: Instant,
@@ -147,6 +151,8 @@ impl Relays {
                 slot: Slot(0),
                 connecting: false,
                 client_out: false,
+                peer: None,
+                send_proxy: crate::config::SendProxy::Off,
                 since: now,
                 prev: NIL,
                 next: NIL,

@@ -37,6 +37,7 @@ fn attach(handle: &Handle, events: &crate::dispatch::EventQueues, slot: usize, p
         weight: 1,
         mode: Mode::Proxy,
         port,
+        send_proxy: Default::default(),
         listener: None,
     });
     loop {

@@ -1,0 +1,131 @@
+//! One accepted connection on its way to a worker: its fd, and the
+//! client's address when a PROXY header said it (`docs/proxy-protocol.md`).
+//! A plain value (no allocation), held in the preallocated batch and
+//! `pending`.
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+#[derive(Debug)]
+pub struct Conn {
+    pub fd: OwnedFd,
+    /// From the connection's PROXY header; `None` without one (lb reads
+    /// none, the source was served untrusted, or it was `LOCAL`).
+    pub peer: Option<SocketAddr>,
+}
+
+impl From<OwnedFd> for Conn {
+    #[inline]
+    fn from(fd: OwnedFd) -> Conn {
+        Conn { fd, peer: None }
+    }
+}
+
+impl From<(OwnedFd, Option<SocketAddr>)> for Conn {
+    #[inline]
+    fn from((fd, peer): (OwnedFd, Option<SocketAddr>)) -> Conn {
+        Conn { fd, peer }
+    }
+}
+
+impl AsFd for Conn {
+    #[inline]
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Connections held while no worker can take one, oldest first. Takes a
+/// bare fd (no client address) or a [`Conn`].
+#[derive(Debug)]
+pub struct Pending(VecDeque<Conn>);
+
+impl Pending {
+    pub fn with_capacity(n: usize) -> Pending {
+        Pending(VecDeque::with_capacity(n))
+    }
+
+    #[inline]
+    pub fn push_back(&mut self, c: impl Into<Conn>) {
+        self.0.push_back(c.into());
+    }
+
+    #[inline]
+    pub fn push_front(&mut self, c: impl Into<Conn>) {
+        self.0.push_front(c.into());
+    }
+
+    #[inline]
+    pub fn pop_front(&mut self) -> Option<Conn> {
+        self.0.pop_front()
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The longest `SocketAddr` text: `[v6%scope]:port`.
+const PEER_TEXT_MAX: usize = 64;
+
+/// A client's address as a CONN's payload (`IP:port`, `[v6]:port`: what
+/// `SocketAddr` prints and parses), on the stack.
+#[derive(Clone, Copy)]
+pub struct PeerText {
+    buf: [u8; PEER_TEXT_MAX],
+    len: u8,
+}
+
+impl PeerText {
+    pub const EMPTY: PeerText = PeerText {
+        buf: [0; PEER_TEXT_MAX],
+        len: 0,
+    };
+
+    /// Formatting a `SocketAddr` writes its parts straight into the
+    /// slice: no allocation.
+    #[inline]
+    pub fn of(peer: Option<&SocketAddr>) -> PeerText {
+        let mut t = PeerText::EMPTY;
+        if let Some(p) = peer {
+            let mut out = &mut t.buf[..];
+            if write!(out, "{p}").is_ok() {
+                t.len = (PEER_TEXT_MAX - out.len()) as u8;
+            }
+        }
+        t
+    }
+
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+impl AsRef<[u8]> for PeerText {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_text_is_what_socketaddr_parses() {
+        for text in [
+            "203.0.113.7:4242",
+            "[2001:db8::7]:4242",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let t = PeerText::of(Some(&addr));
+            assert_eq!(std::str::from_utf8(t.as_bytes()).unwrap(), text);
+        }
+        assert!(PeerText::of(None).as_bytes().is_empty());
+    }
+}
