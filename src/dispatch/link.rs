@@ -173,7 +173,7 @@ impl Dispatcher {
     pub(super) fn deliver(&mut self, index: usize, slot: Slot, fd: OwnedFd) -> Result<(), OwnedFd> {
         match self.delivery_of(index) {
             Some(Delivery::Batch) => self.native_send(index, slot, fd),
-            Some(Delivery::Stepwise) => self.node_send(index, fd),
+            Some(Delivery::Stepwise) => self.node_send(index, fd, None),
             Some(Delivery::Relay) => self.proxy_start(index, fd).inspect_err(|_| {
                 self.views[slot.0].eligible = false;
             }),

@@ -1,8 +1,9 @@
 //! The dispatcher's side of Node.js's cluster IPC: lb is the primary of
 //! unmodified Node workers (`docs/node.md`).
 //!
-//! Per connection: one preformatted `newconn` line + the fd in one
-//! `sendmsg`, then the worker's handle ACK and `{ack, accepted}` reply,
+//! Per connection: one preformatted `newconn` line (with the client's
+//! address behind a balancer, for the preload to give the socket) + the fd
+//! in one `sendmsg`, then the worker's handle ACK and `{ack, accepted}` reply,
 //! parsed without allocating. Like Node's own primary, a worker has at most
 //! one connection in flight, and the master keeps its copy of the fd until
 //! the reply: a refused connection goes to another worker, one whose
@@ -35,6 +36,9 @@ const REFUSED_MAX: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 struct Flight {
     fd: OwnedFd,
+    /// The client's address from a PROXY header, sent with it (and with
+    /// it again if the handle must be resent).
+    peer: Option<SocketAddr>,
     seq: u64,
     acked: bool,
     nacks: u8,
@@ -148,10 +152,17 @@ impl Dispatcher {
         }
     }
 
-    /// Sends `fd` to Node worker `index` with a `newconn`; keeps our copy
-    /// until the reply. Gives `fd` back when the worker cannot take it now.
+    /// Sends `fd` to Node worker `index` with a `newconn` (naming `peer`,
+    /// the client's address from a PROXY header, if there was one); keeps
+    /// our copy until the reply. Gives `fd` back when the worker cannot
+    /// take it now.
     #[inline]
-    pub(super) fn node_send(&mut self, index: usize, fd: OwnedFd) -> Result<(), OwnedFd> {
+    pub(super) fn node_send(
+        &mut self,
+        index: usize,
+        fd: OwnedFd,
+        peer: Option<SocketAddr>,
+    ) -> Result<(), OwnedFd> {
         let Some(w) = self.workers.get_mut(index) else {
             return Err(fd);
         };
@@ -164,7 +175,7 @@ impl Dispatcher {
             (Some(server), true) => {
                 n.seq += 1;
                 let seq = n.seq;
-                let line = server.newconn.line(seq);
+                let line = server.newconn.line_with_peer(seq, peer);
                 match scm::send(
                     n.channel.as_fd(),
                     line,
@@ -180,6 +191,7 @@ impl Dispatcher {
                         }
                         n.flight = Some(Flight {
                             fd,
+                            peer,
                             seq,
                             acked: false,
                             nacks: 0,
@@ -310,7 +322,7 @@ impl Dispatcher {
         }
         f.nacks += 1;
         let resent = f.nacks <= node::MAX_RETRANSMISSIONS && n.out.is_empty() && {
-            let line = server.newconn.line(f.seq);
+            let line = server.newconn.line_with_peer(f.seq, f.peer);
             scm::send(
                 n.channel.as_fd(),
                 line,
