@@ -17,6 +17,7 @@ mod node;
 mod pools;
 mod process_manager;
 mod proxy;
+mod proxy_workers;
 mod shared;
 mod shim;
 mod supervision;
