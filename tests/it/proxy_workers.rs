@@ -443,12 +443,15 @@ impl Primary {
 #[test]
 fn proxy_workers_a_node_app_sees_the_client() {
     for (node, version) in node_binaries() {
-        node_app_sees_the_client(&node, &version);
+        // Closes are reported only when lb asks for them too.
+        for wants in ["addresses", "addresses,closes"] {
+            node_app_sees_the_client(&node, &version, wants);
+        }
     }
 }
 
-fn node_app_sees_the_client(node: &str, version: &str) {
-    let dir = scratch(&format!("pw-node-{version}"));
+fn node_app_sees_the_client(node: &str, version: &str, wants: &str) {
+    let dir = scratch(&format!("pw-node-{version}-{wants}"));
     std::fs::write(dir.join("app.js"), NODE_APP).unwrap();
     let preload = dir.join("preload.js");
     std::fs::write(&preload, proto::node::PRELOAD).unwrap();
@@ -465,7 +468,7 @@ fn node_app_sees_the_client(node: &str, version: &str) {
             "NODE_OPTIONS",
             format!("--require \"{}\"", preload.display()),
         )
-        .env("LB_NODE_PRELOAD", "addresses")
+        .env("LB_NODE_PRELOAD", wants)
         .env("LB_WORKER_ID", "0")
         .stdin(Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
@@ -550,4 +553,25 @@ fn node_app_sees_the_client(node: &str, version: &str) {
         p.child.try_wait().unwrap().is_none(),
         "{version}: the app died"
     );
+    // What the worker said meanwhile: close reports only if asked for.
+    let served = seq - 1;
+    let mut closed = 0;
+    let until = Instant::now() + WAIT;
+    p.chan
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    loop {
+        let mut line = String::new();
+        match p.chan.read_line(&mut line) {
+            Ok(n) if n > 0 => {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                closed += v["lb_closed"].as_u64().unwrap_or(0);
+            }
+            _ if wants.contains("closes") && closed < served && Instant::now() < until => {}
+            _ => break,
+        }
+    }
+    let want = if wants.contains("closes") { served } else { 0 };
+    assert_eq!(closed, want, "{version}, {wants}: closes reported");
 }
