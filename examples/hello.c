@@ -8,6 +8,8 @@
  * Under kernel dispatch (LB_OWN_LISTENER=1) lb's first message is a
  * listener of this worker's own: it accepts from it instead, reports its
  * accepts (ACCEPTED) before their closes, and stops it on DRAIN.
+ * Behind a balancer that sends PROXY headers, lb sends the client's address
+ * with a connection (READY says PEER_ADDRESS): the reply names it.
  *
  *   gcc -O2 -Wall -o hello-c examples/hello.c && lb --workers 2 -- ./hello-c
  */
@@ -23,17 +25,19 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <arpa/inet.h>
 #include <time.h>
 #include <unistd.h>
 
 enum { CONN = 1, DRAIN = 2, LISTENER = 3, READY = 16, CLOSED = 17, ACCEPTED = 20,
-       OWN_LISTENER = 1, HDR = 16, BUF = 8192 };
+       OWN_LISTENER = 1, PEER_ADDRESS = 2, HDR = 16, BUF = 8192 };
 
 struct conn {
     int fd, lingering;   /* lingering: our side is shut, waiting for the client's FIN */
     size_t len;
     long active_ms;      /* arrived, or last read or answered */
     struct conn *prev, *next;
+    char body[128];      /* its own, naming the client, if lb sent its address */
     char buf[BUF];
 };
 
@@ -50,6 +54,7 @@ static long fd_limit, base_fds;
 static long drain_ms, grace_ms = 2000;
 static struct conn *conns;   /* all open connections, for the drain's timers */
 static char body[128];
+static const char *slot;
 
 static long now_ms(void) {
     struct timespec t;
@@ -100,12 +105,13 @@ static int on_readable(struct conn *c) {
         while ((end = memmem(c->buf, c->len, "\r\n\r\n", 4))) {
             size_t head = (size_t)(end - c->buf) + 4;
             c->buf[head - 1] = 0;
+            const char *b = c->body[0] ? c->body : body;
             int asked = strcasestr(c->buf, "\nconnection: close") ||
                         (strstr(c->buf, "HTTP/1.0") && !strcasestr(c->buf, "keep-alive"));
             char out[512];
             int m = snprintf(out, sizeof out,
                              "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s\r\n%s",
-                             strlen(body), asked || draining ? "Connection: close\r\n" : "", body);
+                             strlen(b), asked || draining ? "Connection: close\r\n" : "", b);
             if (write(c->fd, out, (size_t)m) != m || asked) { conn_close(c); return -1; }
             c->active_ms = now_ms();
             if (draining) {
@@ -125,9 +131,33 @@ static int on_readable(struct conn *c) {
     return 0;
 }
 
-static void conn_add(int fd) {
+/* The client's address a CONN carries ("IP:port", "[v6]:port", from a PROXY
+ * header: docs/protocol.md §2), into out[64] if it is one; 0 if it is not. */
+static int client_of(const unsigned char *p, size_t n, char *out) {
+    char text[64], *end;
+    if (n == 0 || n >= sizeof text) return 0;
+    memcpy(text, p, n);
+    text[n] = 0;
+    char *colon = strrchr(text, ':');
+    if (strlen(text) != n || !colon || colon[1] < '0' || colon[1] > '9') return 0;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port > 65535) return 0;
+    *colon = 0;
+    int v6 = colon - text >= 3 && text[0] == '[' && colon[-1] == ']';
+    if (v6) colon[-1] = 0;
+    unsigned char addr[16];
+    if (inet_pton(v6 ? AF_INET6 : AF_INET, text + v6, addr) != 1) return 0;
+    memcpy(out, p, n);
+    out[n] = 0;
+    return 1;
+}
+
+static void conn_add(int fd, const char *client) {
     struct conn *c = calloc(1, sizeof *c);
     c->fd = fd;
+    if (client)
+        snprintf(c->body, sizeof c->body, "hello from worker %s to a client from %s (pid %d)\n",
+                 slot, client, (int)getpid());
     c->active_ms = now_ms();
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = c};
     epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
@@ -171,7 +201,9 @@ static int on_channel(void) {
                 for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && nfd < 4; i++)
                     memcpy(&fds[nfd++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
         if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd == 1) {
-            conn_add(fds[0]);   /* already non-blocking: lb accepted it so */
+            char client[64];
+            int known = !(mh.msg_flags & MSG_TRUNC) && client_of(h + HDR, (size_t)n - HDR, client);
+            conn_add(fds[0], known ? client : NULL);   /* already non-blocking: lb accepted it so */
         } else {
             for (int i = 0; i < nfd; i++) close(fds[i]);
             /* Nothing is closed yet: an idle connection's next request may
@@ -210,13 +242,14 @@ static void on_listener(void) {
             break;
         }
         accepted++;
-        conn_add(fd);
+        conn_add(fd, NULL);
     }
     flush_accepted();
 }
 
 int main(void) {
-    const char *fd = getenv("LB_FD"), *slot = getenv("LB_WORKER_ID");
+    const char *fd = getenv("LB_FD");
+    slot = getenv("LB_WORKER_ID");
     if (!fd || !slot) { fprintf(stderr, "hello-c: start me with lb: lb -- ./hello-c\n"); return 2; }
     chan = atoi(fd);
     struct rlimit rl;
@@ -253,7 +286,7 @@ int main(void) {
         report = rc && strcmp(rc, "1") == 0;
         base_fds++;
     }
-    send_msg(READY, lfd >= 0 ? OWN_LISTENER : 0);
+    send_msg(READY, lfd >= 0 ? OWN_LISTENER : PEER_ADDRESS);
     struct epoll_event evs[64];
     while (!(draining && live == 0)) {
         long next = -1;

@@ -10,11 +10,15 @@ Under kernel dispatch (LB_OWN_LISTENER=1) the first message is LISTENER,
 carrying a listening socket of this worker's own: it accepts from that
 instead, says so in READY, and stops it on DRAIN.
 
+Behind a balancer that sends PROXY headers, a CONN's payload is the client's
+address ("IP:port", "[v6]:port"; READY says PEER_ADDRESS): the reply names it.
+
 Deliberately simple: it serves one connection at a time and closes it after
 one response (Connection: close). Run it with:
 
     lb --workers 2 -- python3 examples/hello.py
 """
+import ipaddress
 import os
 import select
 import socket
@@ -23,6 +27,23 @@ import struct
 HEADER = struct.Struct("<BBxxxxxxQ")
 VERSION = 1
 CONN, DRAIN, LISTENER, READY, CLOSED, ACCEPTED = 1, 2, 3, 16, 17, 20
+OWN_LISTENER, PEER_ADDRESS = 1, 2
+
+
+def client_of(payload: bytes) -> bytes:
+    """The client's address a CONN carries, or b"" (none, or not an address)."""
+    try:
+        host, port = payload.decode("ascii").rsplit(":", 1)
+        v6 = host.startswith("[") and host.endswith("]")
+        ip = ipaddress.ip_address(host[1:-1] if v6 else host)
+        return payload if (ip.version == 6) == v6 and port.isdigit() and int(port) < 65536 else b""
+    except ValueError:
+        return b""
+
+
+def body(client: bytes) -> bytes:
+    to = b" to a client from " + client if client else b""
+    return b"hello from worker %s%s (pid %d)\n" % (os.environ["LB_WORKER_ID"].encode(), to, os.getpid())
 
 
 def serve(conn: socket.socket, body: bytes) -> None:
@@ -43,7 +64,6 @@ def main() -> None:
     if os.environ.get("LB_PROTOCOL") != str(VERSION):
         raise SystemExit("hello.py: start me with lb: lb -- python3 examples/hello.py")
     chan = socket.socket(fileno=int(os.environ["LB_FD"]))
-    body = b"hello from worker %s (pid %d)\n" % (os.environ["LB_WORKER_ID"].encode(), os.getpid())
     listener, report = None, True
     if os.environ.get("LB_OWN_LISTENER") == "1":  # kernel dispatch
         msg, fds, _flags, _addr = socket.recv_fds(chan, 4096, 4)
@@ -52,8 +72,9 @@ def main() -> None:
         listener = socket.socket(fileno=fds[0])
         listener.setblocking(False)
         report = os.environ.get("LB_REPORT_CLOSED") == "1"
-    chan.send(HEADER.pack(VERSION, READY, 1 if listener else 0))
+    chan.send(HEADER.pack(VERSION, READY, OWN_LISTENER if listener else PEER_ADDRESS))
     while True:
+        client = b""
         if listener and chan not in select.select([chan, listener], [], [])[0]:
             try:
                 fds = [listener.accept()[0].detach()]
@@ -76,10 +97,11 @@ def main() -> None:
                 for fd in fds:
                     os.close(fd)
                 continue
+            client = client_of(msg[HEADER.size:])
         with socket.socket(fileno=fds[0]) as conn:
             conn.setblocking(True)
             try:
-                serve(conn, body)
+                serve(conn, body(client))
             except OSError:
                 pass
         if report:

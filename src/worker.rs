@@ -24,15 +24,23 @@
 //! stops the listener at once so that what is queued in it moves to the
 //! other workers. An app needs no change.
 //!
+//! Behind a balancer that sends PROXY protocol headers, the master reads
+//! the client's address from the header and sends it with the connection
+//! (`docs/protocol.md` §2); READY says the adapter takes it. A blocking
+//! server asks [`Conn::client_addr`] (the header's address, else the
+//! socket's peer), an event loop [`Listener::last_client_addr`] right
+//! after [`Listener::next`] gave it a connection.
+//!
 //! Depends on [`crate::proto`] only.
 //!
 //! By concern: `listener` (the channel: READY, DRAIN, taking connections),
-//! `conn` (a connection that reports its own close), [`hello`] (the bundled
-//! worker built on both).
+//! `conn` (a connection that reports its own close), `peer` (the client's
+//! address a CONN carries), [`hello`] (the bundled worker built on both).
 
 mod conn;
 pub mod hello;
 mod listener;
+mod peer;
 
 use std::io;
 use std::net::TcpStream;

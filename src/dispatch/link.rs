@@ -261,14 +261,7 @@ impl Dispatcher {
     pub(super) fn rescue(&mut self, w: &mut Worker) -> u64 {
         match &mut w.link {
             Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
-            Link::Node(n) => {
-                let count = n.rescue(&mut self.node_rescued);
-                // At the front, as the Node link puts it.
-                while let Some(fd) = self.node_rescued.pop_back() {
-                    self.pending.push_front(fd);
-                }
-                count
-            }
+            Link::Node(n) => n.rescue(&mut self.pending),
             Link::Shared { .. } | Link::Proxy(_) => 0,
         }
     }

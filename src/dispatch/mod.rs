@@ -30,10 +30,8 @@ mod shared;
 mod tokens;
 mod worker;
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,8 +73,6 @@ pub struct Dispatcher {
     /// (both preallocated, reused for every batch).
     accepted: Vec<Conn>,
     refused: Vec<Conn>,
-    /// A Node worker's unanswered connection on its way to `pending`.
-    node_rescued: VecDeque<OwnedFd>,
     /// Connections waiting for their PROXY header (with proxy_protocol on).
     headers: Option<Box<header::Stage>>,
     commands: Receiver<Command>,
@@ -171,7 +167,6 @@ impl Dispatcher {
             pending: Pending::with_capacity(PENDING_CAPACITY),
             accepted: Vec::with_capacity(scm::SEND_BATCH),
             refused: Vec::with_capacity(scm::SEND_BATCH),
-            node_rescued: VecDeque::with_capacity(1),
             headers: None,
             commands: rx,
             notify,

@@ -41,7 +41,12 @@ pub mod env {
     pub const SERIALIZATION: &str = "NODE_CHANNEL_SERIALIZATION_MODE";
     /// Where the close-report preload is required from.
     pub const OPTIONS: &str = "NODE_OPTIONS";
+    /// What the preload is to do, comma-separated: `closes` (report them,
+    /// for least-connections), `addresses` (give sockets the client's
+    /// address from a PROXY header). Unset: `closes`, as before it existed.
+    pub const PRELOAD_WANTS: &str = "LB_NODE_PRELOAD";
 }
 
-/// The close-report preload (`NODE_OPTIONS=--require`), for least-connections.
+/// The preload (`NODE_OPTIONS=--require`): close reports for
+/// least-connections, clients' addresses behind a balancer.
 pub const PRELOAD: &str = include_str!("node-preload.js");

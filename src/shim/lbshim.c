@@ -12,6 +12,9 @@
  * socket's place and says READY with OWN_LISTENER: the server accepts
  * from it with the kernel's own calls, and a thread of the shim answers
  * DRAIN. Protocol: docs/protocol.md; design and limits: docs/modes.md.
+ * Behind a balancer that sends PROXY protocol headers, a CONN carries the
+ * client's address (READY says PEER_ADDRESS): accept()'s address and
+ * getpeername() on that connection answer it instead of the balancer's.
  *
  * Rules kept throughout (see docs/modes.md, `shim`):
  *  - inert unless LB_FD names an AF_UNIX SOCK_SEQPACKET socket;
@@ -28,6 +31,7 @@
  *    fd with epoll removes it (a child shares its parent's epoll).
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -64,6 +68,10 @@
 #define KIND_STOP 19
 #define KIND_ACCEPTED 20
 #define READY_OWN_LISTENER 1
+#define READY_PEER_ADDRESS 2
+#ifndef SO_COOKIE
+#define SO_COOKIE 57
+#endif
 #ifndef SO_ATTACH_REUSEPORT_CBPF
 #define SO_ATTACH_REUSEPORT_CBPF 51
 #endif
@@ -118,6 +126,25 @@ static int reg_add(int epfd, int fd, pid_t pid);
 static _Atomic int conn_ep[MAX_FDS];
 /* Connections registered in more than one set have the rest in `regs`. */
 static _Atomic int conn_extra_regs;
+
+/* Per handed-over connection whose CONN carried the client's address (a
+   PROXY header's, docs/protocol.md §2): that address as accept() and
+   getpeername() give it (`len` 0: none), and the socket's cookie, which
+   no other socket ever has: a number reused behind the shim's back (a
+   close by raw syscall, a fork child's) never answers for another socket. */
+union peer_addr {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+};
+struct peer {
+    _Atomic socklen_t len;
+    uint64_t cookie;
+    union peer_addr addr;
+};
+static struct peer peers[MAX_FDS];
+/* Set once a CONN has carried one: until then closes never look. */
+static _Atomic int peers_used;
 
 static int active;                 /* LB_FD is a channel: the shim works */
 static _Atomic int chan = -1;      /* the channel's fd (3 until claimed) */
@@ -779,12 +806,114 @@ int listen(int fd, int backlog) {
         return -1;
     set_kind(fd, K_LISTENER);
     if (atomic_fetch_add(&open_listeners, 1) == 0)
-        send_kind(KIND_READY, 0);
+        send_kind(KIND_READY, READY_PEER_ADDRESS);
     errno = saved;
     return 0;
 }
 
 /* ------------------------------------------------------------ accepting */
+
+/* Keeps errno (the accept and getpeername paths do). */
+static uint64_t cookie_of(int fd) {
+    int saved = errno;
+    uint64_t c = 0;
+    socklen_t l = sizeof c;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_COOKIE, &c, &l) != 0)
+        c = 0;
+    errno = saved;
+    return c;
+}
+
+/* The client's address in a CONN's payload ("a.b.c.d:port", "[v6]:port"),
+   in the family of the server's socket, as the kernel would give it: an
+   IPv4 client of an IPv6 socket v4-mapped, a v4-mapped client of an IPv4
+   socket unmapped; an IPv6 client of an IPv4 socket has no such form
+   (servers size the buffer by their socket's family), so it is none.
+   Its length, or 0 for none (also: empty, or not an address; the
+   connection is served all the same, with the socket's own peer).
+   inet_pton is pure computation (no allocation, no locks) in glibc and
+   musl. */
+static socklen_t peer_of_payload(const unsigned char *p, size_t n, int family,
+                                 union peer_addr *out) {
+    char text[64];
+    if (n == 0 || n >= sizeof text)
+        return 0;
+    memcpy(text, p, n);
+    text[n] = 0;
+    char *colon = strrchr(text, ':');
+    if (strlen(text) != n || !colon || !colon[1])
+        return 0;
+    long port = 0;
+    for (const char *d = colon + 1; *d; d++) {
+        if (*d < '0' || *d > '9' || (port = port * 10 + (*d - '0')) > 65535)
+            return 0;
+    }
+    *colon = 0;
+    memset(out, 0, sizeof *out);
+    if (text[0] == '[') {
+        size_t hl = strlen(text);
+        if (hl < 3 || text[hl - 1] != ']')
+            return 0;
+        text[hl - 1] = 0;
+        struct in6_addr v6;
+        if (inet_pton(AF_INET6, text + 1, &v6) != 1)
+            return 0;
+        if (family == AF_INET) {
+            if (!IN6_IS_ADDR_V4MAPPED(&v6))
+                return 0;
+            out->in.sin_family = AF_INET;
+            out->in.sin_port = htons((uint16_t)port);
+            memcpy(&out->in.sin_addr, &v6.s6_addr[12], 4);
+            return sizeof out->in;
+        }
+        out->in6.sin6_addr = v6;
+        out->in6.sin6_family = AF_INET6;
+        out->in6.sin6_port = htons((uint16_t)port);
+        return sizeof out->in6;
+    }
+    struct in_addr v4;
+    if (inet_pton(AF_INET, text, &v4) != 1)
+        return 0;
+    if (family == AF_INET6) {
+        out->in6.sin6_family = AF_INET6;
+        out->in6.sin6_port = htons((uint16_t)port);
+        out->in6.sin6_addr.s6_addr[10] = 0xff;
+        out->in6.sin6_addr.s6_addr[11] = 0xff;
+        memcpy(&out->in6.sin6_addr.s6_addr[12], &v4, sizeof v4);
+        return sizeof out->in6;
+    }
+    out->in.sin_family = AF_INET;
+    out->in.sin_port = htons((uint16_t)port);
+    out->in.sin_addr = v4;
+    return sizeof out->in;
+}
+
+/* As the kernel fills an address out-parameter: truncated to the room
+   given, the full length told. */
+static void give_addr(const union peer_addr *a, socklen_t len, struct sockaddr *addr,
+                      socklen_t *alen) {
+    memcpy(addr, a, *alen < len ? *alen : len);
+    *alen = len;
+}
+
+static void forget_peer(int fd) {
+    /* Loaded first: closes of fds that never had one write nothing. */
+    if (fd >= 0 && fd < MAX_FDS && atomic_load_explicit(&peers_used, memory_order_relaxed) &&
+        atomic_load_explicit(&peers[fd].len, memory_order_relaxed))
+        atomic_store_explicit(&peers[fd].len, 0, memory_order_relaxed);
+}
+
+/* getpeername() of a connection whose CONN carried the client's address. */
+static int answer_peer(int fd, struct sockaddr *addr, socklen_t *alen) {
+    if (fd < 0 || fd >= MAX_FDS || !addr || !alen ||
+        !atomic_load_explicit(&peers_used, memory_order_relaxed))
+        return 0;
+    socklen_t len = atomic_load_explicit(&peers[fd].len, memory_order_acquire);
+    if (!len || peers[fd].cookie != cookie_of(fd))
+        return 0;
+    give_addr(&peers[fd].addr, len, addr, alen);
+    return 1;
+}
 
 /* One connection from the channel, with the caller's accept4 flags. */
 static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags) {
@@ -863,10 +992,28 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
             int off = 0;
             ioctl(fd, FIONBIO, &off);
         }
-        if (addr && alen)
-            real_getpeername(fd, addr, alen);
-        if (fd < MAX_FDS) /* a number last closed behind the shim's back */
+        struct listener *l = listener_of(lfd);
+        union peer_addr client;
+        socklen_t clen = peer_of_payload(buf + HEADER_LEN, (size_t)n - HEADER_LEN,
+                                         l ? l->addr.ss_family : AF_UNSPEC, &client);
+        if (addr && alen) {
+            if (clen)
+                give_addr(&client, clen, addr, alen);
+            else
+                real_getpeername(fd, addr, alen);
+        }
+        if (fd < MAX_FDS) { /* a number last closed behind the shim's back */
             atomic_store(&conn_ep[fd], 0);
+            if (clen) {
+                atomic_store_explicit(&peers_used, 1, memory_order_relaxed);
+                atomic_store_explicit(&peers[fd].len, 0, memory_order_relaxed);
+                peers[fd].addr = client;
+                peers[fd].cookie = cookie_of(fd);
+                atomic_store_explicit(&peers[fd].len, clen, memory_order_release);
+            } else {
+                forget_peer(fd);
+            }
+        }
         set_kind(fd, K_CONN);
         atomic_fetch_add(&open_conns, 1);
         return fd;
@@ -967,6 +1114,7 @@ static void drop_tracked(int fd, int k) {
     int saved = errno;
     if (k == K_CONN) {
         unregister_conn(fd);
+        forget_peer(fd);
         set_kind(fd, K_NONE);
         atomic_fetch_sub(&open_conns, 1);
         if (reports &&
@@ -1013,8 +1161,10 @@ int close(int fd) {
         errno = EBADF; /* the shim's own channel is not the server's to close */
         return -1;
     }
-    if (active)
+    if (active) {
         forget(fd);
+        forget_peer(fd); /* also a fork child's, whose kinds were reset */
+    }
     return real_close(fd);
 }
 
@@ -1116,6 +1266,7 @@ static int sweep(unsigned first, unsigned last, int flags) {
             int k = kind_of((int)f);
             if (k != K_NONE)
                 drop_tracked((int)f, k);
+            forget_peer((int)f);
         }
     int c = atomic_load(&chan);
     if (!active || c < 0 || (unsigned)c < first || (unsigned)c > last)
@@ -1190,6 +1341,8 @@ int getpeername(int fd, struct sockaddr *addr, socklen_t *len) {
         errno = ENOTCONN;
         return -1;
     }
+    if (active && answer_peer(fd, addr, len))
+        return 0;
     return real_getpeername(fd, addr, len);
 }
 

@@ -88,8 +88,9 @@ fn shim(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> io::Result<ModeL
     })
 }
 
-/// A Node.js cluster worker's variables, and the close-report preload
-/// after any options the worker has.
+/// A Node.js cluster worker's variables, and the preload after any options
+/// the worker has (told what to do when addresses are among it: closes
+/// alone is what it does untold).
 fn node(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> ModeLaunch {
     node_app_instance(cmd, launch);
     cmd.env(
@@ -106,6 +107,14 @@ fn node(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> ModeLaunch {
             options = format!("{theirs} {options}");
         }
         cmd.env(node::env::OPTIONS, options);
+        if launch.proxy_protocol {
+            let wants = if launch.report_closed {
+                "addresses,closes"
+            } else {
+                "addresses"
+            };
+            cmd.env(node::env::PRELOAD_WANTS, wants);
+        }
     }
     ModeLaunch {
         port: launch.port,

@@ -22,6 +22,9 @@ pub struct Launch<'a> {
     /// The policy reads close reports (native: `LB_REPORT_CLOSED=1`; node:
     /// the preload at `node_preload` is required).
     pub report_closed: bool,
+    /// lb reads PROXY protocol headers: a Node worker requires the preload
+    /// at `node_preload` to give its sockets the clients' addresses.
+    pub proxy_protocol: bool,
     /// Node's `cluster.worker.id`: unique per process, from 1.
     pub node_id: u64,
     pub node_preload: Option<&'a Path>,
@@ -245,6 +248,7 @@ mod tests {
             instance: 1,
             generation: 4,
             report_closed: true,
+            proxy_protocol: false,
             node_id: 5,
             node_preload: None,
             port: 8000,
@@ -341,6 +345,27 @@ mod tests {
         let (envs, _, _) = made(&node, &launch());
         want.insert("NODE_OPTIONS".into(), Some("--inspect".into()));
         assert_eq!(envs, want);
+    }
+
+    /// Behind a balancer (PROXY protocol) a Node worker's preload is told
+    /// to give sockets the clients' addresses, and to report closes only
+    /// when the policy reads them; without it the preload is told nothing.
+    #[test]
+    fn node_workers_behind_a_balancer_are_told_what_the_preload_does() {
+        let node = pool(Mode::Node);
+        let mut l = launch();
+        l.node_preload = Some(Path::new("/run/lb/close-report.js"));
+        assert!(!made(&node, &l).0.contains_key("LB_NODE_PRELOAD"));
+        l.proxy_protocol = true;
+        let (envs, _, _) = made(&node, &l);
+        assert_eq!(envs["LB_NODE_PRELOAD"].as_deref(), Some("addresses,closes"));
+        l.report_closed = false;
+        let (envs, _, _) = made(&node, &l);
+        assert_eq!(envs["LB_NODE_PRELOAD"].as_deref(), Some("addresses"));
+        assert_eq!(
+            envs["NODE_OPTIONS"].as_deref(),
+            Some("--require \"/run/lb/close-report.js\"")
+        );
     }
 
     /// PM2's NODE_APP_INSTANCE: the place in the pool, for a Node app in

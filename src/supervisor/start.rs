@@ -30,7 +30,10 @@ impl Supervisor {
             spawn::describe_command(&self.config.pools[p])
         );
         let report_closed = self.config.policy.uses_close_reports();
-        self.make_once(p, report_closed)?;
+        let proxy_protocol = self.config.proxy_protocol != crate::config::ProxyProtocol::Off;
+        // Node workers need the preload for either.
+        let node_preload = report_closed || proxy_protocol;
+        self.make_once(p, node_preload)?;
         self.node_ids += 1;
         let instance = self.instance(slot, p);
         let pool = &self.config.pools[p];
@@ -64,11 +67,12 @@ impl Supervisor {
             instance,
             generation,
             report_closed,
+            proxy_protocol,
             node_id: self.node_ids,
             node_preload: self
                 .node_preload
                 .as_ref()
-                .filter(|_| report_closed)
+                .filter(|_| node_preload)
                 .map(|p| p.file.as_path()),
             port: self.port,
             proxy_port,
@@ -162,9 +166,9 @@ impl Supervisor {
     }
 
     /// What pool `p`'s mode needs made once for all its workers, the first
-    /// time one starts: the Node close-report preload (when the policy
-    /// reads close reports), the accept shim.
-    fn make_once(&mut self, p: usize, report_closed: bool) -> Result<(), SupervisorError> {
+    /// time one starts: the Node preload (when the policy reads close
+    /// reports, or lb reads PROXY headers), the accept shim.
+    fn make_once(&mut self, p: usize, node_preload: bool) -> Result<(), SupervisorError> {
         let pool = &self.config.pools[p];
         let fail = |command: &str, hint| {
             let pool = pool.name.clone();
@@ -180,7 +184,7 @@ impl Supervisor {
             // Workers of another user need one they can read (written
             // anew: those started already have loaded theirs).
             Mode::Node
-                if report_closed
+                if node_preload
                     && self
                         .node_preload
                         .as_ref()

@@ -3,7 +3,7 @@
 //! master ([`Reporter`]).
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -113,9 +113,22 @@ pub struct Conn {
     pub(super) draining: Arc<AtomicBool>,
     /// Connections accepted and not yet dropped (shared with the listener).
     pub(super) live: Arc<AtomicU64>,
+    /// The client's address from a PROXY header, as the master sent it.
+    pub(super) client: Option<SocketAddr>,
 }
 
 impl Conn {
+    /// The client's address: the one the master read from a PROXY
+    /// protocol header in front of this connection, else the socket's
+    /// peer (a direct client, or lb sent none: `docs/protocol.md` §2).
+    /// Behind a balancer the socket's peer is the balancer.
+    pub fn client_addr(&self) -> io::Result<SocketAddr> {
+        match self.client {
+            Some(a) => Ok(a),
+            None => self.peer_addr(),
+        }
+    }
+
     /// Whether the worker has been told to DRAIN: answer with
     /// `Connection: close` from now on.
     pub fn draining(&self) -> bool {

@@ -1,7 +1,9 @@
 //! The bundled example worker (`lb hello-worker`, what `lb` runs when given
 //! no command): a single-threaded, event-driven HTTP/1.1 server that gets
 //! its connections from lb over the native protocol. Every response body is
-//! the one line `hello from worker <slot> (pid <pid>)`.
+//! the one line `hello from worker <slot> (pid <pid>)`, or, when lb sent the
+//! client's address from a PROXY protocol header with the connection,
+//! `hello from worker <slot> to a client from <address> (pid <pid>)`.
 //!
 //! Under kernel dispatch (`LB_OWN_LISTENER=1`) it accepts them from its own
 //! listener instead; `lb::worker` does that behind the same calls (the
@@ -25,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -62,6 +64,9 @@ struct Client {
     /// Our side is shut after the last response; waiting for the client's
     /// FIN (discarding what it sends) before closing.
     lingering: bool,
+    /// Its own body, naming the client, when lb sent the client's address
+    /// (else every connection shares the worker's).
+    body: Option<String>,
 }
 
 /// Why a connection closes after its response.
@@ -95,6 +100,7 @@ fn run() -> anyhow::Result<()> {
         base_fds: crate::worker::open_files(),
         limit: crate::worker::open_files_limit(),
         paused: false,
+        slot: listener.slot(),
     };
     let mut events = Events::with_capacity(256);
     let mut take = true;
@@ -162,6 +168,7 @@ struct Worker {
     limit: u64,
     /// Not taking connections: too close to the open-files limit.
     paused: bool,
+    slot: usize,
 }
 
 impl Worker {
@@ -195,6 +202,7 @@ impl Worker {
             }
             match listener.next(Wait::DontWait) {
                 Ok(Incoming::Conn(stream)) => {
+                    let client = listener.last_client_addr();
                     let token = Token(self.next_token);
                     self.next_token += 1;
                     let _ = stream.set_nodelay(true);
@@ -211,6 +219,7 @@ impl Worker {
                         close_after: None,
                         active_at: Instant::now(),
                         lingering: false,
+                        body: client.map(|a| body_for(self.slot, a)),
                     };
                     self.clients.insert(token, client);
                     // Data may have arrived before registration.
@@ -305,7 +314,10 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
                 } else {
                     None
                 };
-                respond(c, "200 OK", body, closing);
+                // Put back after: no copy per response.
+                let own = c.body.take();
+                respond(c, "200 OK", own.as_deref().unwrap_or(body), closing);
+                c.body = own;
             }
         }
     }
@@ -329,6 +341,14 @@ fn serve(c: &mut Client, body: &str, draining: bool) -> bool {
         Some(_) => true,
         None => eof,
     }
+}
+
+/// The body for a client whose address lb sent (a PROXY header's).
+fn body_for(slot: usize, client: SocketAddr) -> String {
+    format!(
+        "hello from worker {slot} to a client from {client} (pid {})\n",
+        std::process::id()
+    )
 }
 
 impl Client {
@@ -432,6 +452,26 @@ fn next_request(buf: &[u8]) -> Parsed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_names_the_client_and_keeps_the_slot_and_pid_where_they_were() {
+        let b = body_for(3, "[2001:db8::7]:4242".parse().unwrap());
+        let pid = std::process::id();
+        assert_eq!(
+            b,
+            format!("hello from worker 3 to a client from [2001:db8::7]:4242 (pid {pid})\n")
+        );
+        // What the integration tests read out of a body.
+        let slot = b
+            .strip_prefix("hello from worker ")
+            .and_then(|r| r.split_whitespace().next());
+        assert_eq!(slot, Some("3"));
+        let p = b
+            .split("(pid ")
+            .nth(1)
+            .and_then(|r| r.trim_end().strip_suffix(')'));
+        assert_eq!(p, Some(pid.to_string().as_str()));
+    }
 
     #[test]
     fn keep_alive_close_and_http10() {

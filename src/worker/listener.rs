@@ -4,7 +4,7 @@
 //! own that the master sent first (`docs/protocol.md` §2).
 
 use std::io;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,8 @@ pub struct Listener {
     /// the listener was made), and those connections.
     base_fds: u64,
     live: Arc<AtomicU64>,
+    /// The client's address the last CONN carried (a PROXY header's).
+    last_client: Option<SocketAddr>,
     done: bool,
     buf: Box<[u8]>,
 }
@@ -140,6 +142,7 @@ impl Listener {
             lost_warned: None,
             base_fds: open_files(),
             live: Arc::new(AtomicU64::new(0)),
+            last_client: None,
             done: false,
             buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
         }
@@ -200,11 +203,13 @@ impl Listener {
     /// Tells the master this worker takes connections. None arrive before.
     /// Under kernel dispatch it says that they come from the own listener
     /// (`wire::ready::OWN_LISTENER`): the kernel steers none to it before.
+    /// Otherwise it says that a CONN may carry the client's address
+    /// (`wire::ready::PEER_ADDRESS`), which this adapter reads.
     pub fn ready(&self) -> io::Result<()> {
         let flags = if self.own.is_some() {
             wire::ready::OWN_LISTENER
         } else {
-            0
+            wire::ready::PEER_ADDRESS
         };
         proto::send_plain(self.chan.as_fd(), kind::READY, flags, &[], Wait::Block)
     }
@@ -236,6 +241,14 @@ impl Listener {
         self.reporter.clone()
     }
 
+    /// The client's address the master sent with the connection
+    /// [`Listener::next`] returned last (from a PROXY protocol header),
+    /// if it sent one; `None` means the socket's peer is the client
+    /// (`peer_addr`). Ask before the next call.
+    pub fn last_client_addr(&self) -> Option<SocketAddr> {
+        self.last_client
+    }
+
     /// The next thing the master sent, or under kernel dispatch the next
     /// connection from the own listener (the channel's messages first, so
     /// DRAIN is never stuck behind a busy listener). With `Wait::DontWait`,
@@ -262,6 +275,7 @@ impl Listener {
             };
             match own.accept() {
                 Ok((stream, _)) => {
+                    self.last_client = None;
                     // A report that cannot go out does not cost the client
                     // its connection (a broken channel shows on the next read).
                     let _ = self.reporter.accepted_one();
@@ -307,7 +321,8 @@ impl Listener {
                 return Ok(Incoming::Closed);
             }
             match wire::parse(&self.buf[..got.len], got.truncated) {
-                Ok(Message::Conn { .. }) if got.fds.len() == 1 => {
+                Ok(Message::Conn { peer, .. }) if got.fds.len() == 1 => {
+                    self.last_client = super::peer::of_payload(peer);
                     let fd = got.fds.take_first().expect("one fd");
                     return Ok(Incoming::Conn(TcpStream::from(fd)));
                 }
@@ -375,6 +390,7 @@ impl Listener {
                         reporter: self.reporter(),
                         draining: Arc::clone(&self.draining),
                         live: Arc::clone(&self.live),
+                        client: self.last_client,
                     }));
                 }
                 Incoming::Drain | Incoming::Closed => {
@@ -801,7 +817,68 @@ mod tests {
         l.ready().unwrap();
         let mut buf = [0u8; MAX_MESSAGE];
         let got = scm::recv(master.as_fd(), &mut buf, Wait::DontWait).unwrap();
-        assert_eq!(&buf[..got.len], &wire::header(kind::READY, 0));
+        // Without OWN_LISTENER; with PEER_ADDRESS, which the adapter reads.
+        assert_eq!(
+            &buf[..got.len],
+            &wire::header(kind::READY, wire::ready::PEER_ADDRESS)
+        );
+    }
+
+    /// A fake master's CONN with `payload`; the client's end.
+    fn conn_with(master: &OwnedFd, payload: &[u8]) -> TcpStream {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (accepted, _) = tcp.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        scm::send(
+            master.as_fd(),
+            &wire::header(kind::CONN, 1),
+            payload,
+            Some(accepted.as_fd()),
+            Wait::Block,
+        )
+        .unwrap();
+        client
+    }
+
+    /// The client's address a CONN carries is the connection's; without
+    /// one (or with one that is no address) it is the socket's peer.
+    #[test]
+    fn a_conn_knows_its_client_behind_a_balancer() {
+        let (master, worker) = proto::pair().unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        let _client = conn_with(&master, b"203.0.113.7:4242");
+        let c = l.accept().unwrap().unwrap();
+        assert_eq!(
+            c.client_addr().unwrap(),
+            "203.0.113.7:4242".parse().unwrap()
+        );
+        let _client = conn_with(&master, b"[2001:db8::7]:4242");
+        let c = l.accept().unwrap().unwrap();
+        assert_eq!(
+            c.client_addr().unwrap(),
+            "[2001:db8::7]:4242".parse().unwrap()
+        );
+        for payload in [
+            &b""[..],
+            b"garbage",
+            b"203.0.113.7:99999",
+            &[0xff; 4000][..],
+        ] {
+            let client = conn_with(&master, payload);
+            let c = l.accept().unwrap().unwrap();
+            assert_eq!(c.client_addr().unwrap(), client.local_addr().unwrap());
+        }
+        // An event loop asks the listener, right after `next`.
+        let _client = conn_with(&master, b"198.51.100.1:1");
+        assert!(matches!(l.next(Wait::Block).unwrap(), Incoming::Conn(_)));
+        assert_eq!(
+            l.last_client_addr(),
+            Some("198.51.100.1:1".parse().unwrap())
+        );
+        let _client = conn_with(&master, b"");
+        assert!(matches!(l.next(Wait::Block).unwrap(), Incoming::Conn(_)));
+        assert_eq!(l.last_client_addr(), None);
     }
 
     #[test]

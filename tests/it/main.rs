@@ -18,6 +18,7 @@ mod pools;
 mod process_manager;
 mod proxy;
 mod proxy_protocol;
+mod proxy_workers;
 mod shared;
 mod shim;
 mod supervision;

@@ -719,3 +719,120 @@ fn bad_proxy_settings_are_refused_at_start_in_one_line() {
         assert!(!line.is_empty());
     }
 }
+
+/// The header that says the client is 203.0.113.7:4242, and a request
+/// after it that asks the server to close once it has answered.
+const FROM_203: &[u8] = b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 80\r\n";
+const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// Every kind of worker behind the real master sees the client the header
+/// names: lb's bundled worker, an unmodified Python server and nginx under
+/// the shim (their `accept()` and `getpeername()`), and an unmodified Node
+/// app (`req.socket.remoteAddress`).
+#[test]
+fn every_kind_of_worker_sees_the_client_the_header_names() {
+    let trust = ["--proxy-protocol", "v1", "--proxy-trusted", "127.0.0.0/8"];
+    // The bundled worker.
+    let mut args = vec!["--workers", "2"];
+    args.extend_from_slice(&trust);
+    let lb = Lb::start(&args, &[], 2);
+    for _ in 0..4 {
+        let body = exchange(lb.addr, &[FROM_203, GET_CLOSE].concat());
+        assert!(body.contains("from 203.0.113.7:4242"), "{body}");
+    }
+    drop(lb);
+
+    // Python's http.server under the shim: it reads the address accept() gave.
+    let dir = scratch("pp-every-kind");
+    let server = dir.join("server.py");
+    std::fs::write(
+        &server,
+        "import http.server, sys\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       body = ('client %s:%d\\n' % self.client_address[:2]).encode()\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.send_header('Content-Length', str(len(body)))\n\
+         \x20       self.send_header('Connection', 'close')\n\
+         \x20       self.end_headers()\n\
+         \x20       self.wfile.write(body)\n\
+         \x20   def log_message(self, *a):\n\
+         \x20       pass\n\
+         http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n",
+    )
+    .unwrap();
+    let mut args = vec!["--workers", "2", "--mode", "shim"];
+    args.extend_from_slice(&trust);
+    args.extend(["--", "python3", server.to_str().unwrap(), "{port}"]);
+    let lb = Lb::start(&args, &[], 2);
+    for _ in 0..4 {
+        let body = exchange(lb.addr, &[FROM_203, GET_CLOSE].concat());
+        assert_eq!(body, "client 203.0.113.7:4242\n");
+    }
+    drop(lb);
+
+    // nginx under the shim: $remote_addr is the header's.
+    if have("nginx") {
+        let d = dir.to_str().unwrap();
+        let conf = write_config(
+            &dir,
+            "nginx.conf",
+            &format!(
+                "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
+                 error_log stderr;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n\
+                 \x20 server {{\n    listen 127.0.0.1:{{port}};\n\
+                 \x20   location / {{ return 200 \"$remote_addr:$remote_port\\n\"; }}\n  }}\n}}\n"
+            ),
+        );
+        // ({port} in the file is lb's: nginx reads the file, so lb's own
+        // substitution does not reach it; write the port in.)
+        let port = free_port();
+        let text = std::fs::read_to_string(&conf)
+            .unwrap()
+            .replace("{port}", &port.to_string());
+        std::fs::write(&conf, text).unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let sock = dir.join("lb.sock");
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--control",
+            sock.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--mode",
+            "shim",
+        ];
+        args.extend_from_slice(&trust);
+        args.extend(["--", "nginx", "-p", d, "-e", "stderr", "-c", conf.as_str()]);
+        let lb = Lb::start_command(lb_command(&args, &[]), 1);
+        for _ in 0..4 {
+            let body = exchange(lb.addr, &[FROM_203, GET_CLOSE].concat());
+            assert_eq!(body, "203.0.113.7:4242\n");
+        }
+        drop(lb);
+    }
+
+    // An unmodified Node app.
+    let app = dir.join("app.js");
+    std::fs::write(
+        &app,
+        "require('http').createServer((req, res) => {\n\
+         \x20 const s = req.socket;\n\
+         \x20 res.setHeader('Connection', 'close');\n\
+         \x20 res.end(`client ${s.remoteAddress}:${s.remotePort} ${s.remoteFamily}\\n`);\n\
+         }).listen(+process.env.PORT || 8000);\n",
+    )
+    .unwrap();
+    for (node, version) in node_binaries() {
+        eprintln!("== Node {version}");
+        let mut args = vec!["--workers", "2", "--mode", "node"];
+        args.extend_from_slice(&trust);
+        args.extend(["--", node.as_str(), app.to_str().unwrap()]);
+        let lb = Lb::start(&args, &[], 2);
+        for _ in 0..4 {
+            let body = exchange(lb.addr, &[FROM_203, GET_CLOSE].concat());
+            assert_eq!(body, "client 203.0.113.7:4242 IPv4\n", "Node {version}");
+        }
+    }
+}

@@ -40,7 +40,7 @@ impl Dispatcher {
                 match n.flight.take_if(|f| f.seq == ack) {
                     // Only an explicit `false` is a refusal; the worker
                     // took the fd otherwise.
-                    Some(f) => self.node_answered(index, slot, f.fd, accepted != Some(false)),
+                    Some(f) => self.node_answered(index, slot, f, accepted != Some(false)),
                     None => complain(self, Bad::UnknownAck(ack)),
                 }
             }

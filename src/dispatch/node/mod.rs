@@ -1,8 +1,9 @@
 //! The dispatcher's side of Node.js's cluster IPC: lb is the primary of
 //! unmodified Node workers (`docs/node.md`).
 //!
-//! Per connection: one preformatted `newconn` line + the fd in one
-//! `sendmsg`, then the worker's handle ACK and `{ack, accepted}` reply,
+//! Per connection: one preformatted `newconn` line (with the client's
+//! address behind a balancer, for the preload to give the socket) + the fd
+//! in one `sendmsg`, then the worker's handle ACK and `{ack, accepted}` reply,
 //! parsed without allocating. Like Node's own primary, a worker has at most
 //! one connection in flight, and the master keeps its copy of the fd until
 //! the reply: a refused connection goes to another worker, one whose
@@ -10,7 +11,6 @@
 //! (`queryServer`, user messages, replies lb writes) is rare and may
 //! allocate.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -35,6 +35,9 @@ const REFUSED_MAX: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 struct Flight {
     fd: OwnedFd,
+    /// The client's address from a PROXY header, sent with it (and with
+    /// it again if the handle must be resent).
+    peer: Option<SocketAddr>,
     seq: u64,
     acked: bool,
     nacks: u8,
@@ -129,10 +132,10 @@ impl NodeLink {
 
     /// After the worker exited: the connection it never answered for goes
     /// first in `pending`; how many (0 or 1).
-    pub fn rescue(&mut self, pending: &mut VecDeque<OwnedFd>) -> u64 {
+    pub fn rescue(&mut self, pending: &mut crate::dispatch::conn::Pending) -> u64 {
         match self.flight.take() {
             Some(f) => {
-                pending.push_front(f.fd);
+                pending.push_front((f.fd, f.peer));
                 1
             }
             None => 0,
@@ -153,16 +156,17 @@ impl Dispatcher {
         }
     }
 
-    /// Sends `fd` to Node worker `index` with a `newconn`; keeps our copy
-    /// until the reply. Gives `fd` back when the worker cannot take it now.
+    /// Sends `fd` to Node worker `index` with a `newconn` (naming `peer`,
+    /// the client's address from a PROXY header, if there was one); keeps
+    /// our copy until the reply. Gives `fd` back when the worker cannot
+    /// take it now.
     #[inline]
     pub(super) fn node_send(
         &mut self,
         index: usize,
         fd: OwnedFd,
-        peer: Option<std::net::SocketAddr>,
+        peer: Option<SocketAddr>,
     ) -> Result<(), OwnedFd> {
-        let _ = peer;
         let Some(w) = self.workers.get_mut(index) else {
             return Err(fd);
         };
@@ -175,7 +179,7 @@ impl Dispatcher {
             (Some(server), true) => {
                 n.seq += 1;
                 let seq = n.seq;
-                let line = server.newconn.line(seq);
+                let line = server.newconn.line_with_peer(seq, peer);
                 match scm::send(
                     n.channel.as_fd(),
                     line,
@@ -191,6 +195,7 @@ impl Dispatcher {
                         }
                         n.flight = Some(Flight {
                             fd,
+                            peer,
                             seq,
                             acked: false,
                             nacks: 0,
@@ -273,7 +278,8 @@ impl Dispatcher {
     }
 
     /// The worker answered the `newconn` in flight.
-    fn node_answered(&mut self, index: usize, slot: Slot, fd: OwnedFd, accepted: bool) {
+    fn node_answered(&mut self, index: usize, slot: Slot, f: Flight, accepted: bool) {
+        let Flight { fd, peer, .. } = f;
         let current = self.current[slot.0] == Some(index);
         let Some(w) = self.workers.get_mut(index) else {
             return;
@@ -296,7 +302,7 @@ impl Dispatcher {
                 let v = &mut self.views[slot.0];
                 v.active = v.active.saturating_sub(1);
             }
-            self.pending.push_front(fd);
+            self.pending.push_front((fd, peer));
         }
         let disconnect = std::mem::take(&mut n.disconnect_due);
         if disconnect {
@@ -321,7 +327,7 @@ impl Dispatcher {
         }
         f.nacks += 1;
         let resent = f.nacks <= node::MAX_RETRANSMISSIONS && n.out.is_empty() && {
-            let line = server.newconn.line(f.seq);
+            let line = server.newconn.line_with_peer(f.seq, f.peer);
             scm::send(
                 n.channel.as_fd(),
                 line,
@@ -335,7 +341,7 @@ impl Dispatcher {
             let nacks = f.nacks;
             let (slot, pid) = (w.slot, w.pid);
             if let Some(f) = n.flight.take() {
-                self.node_answered(index, slot, f.fd, false);
+                self.node_answered(index, slot, f, false);
             }
             self.emit(Event::Malformed {
                 slot,
@@ -458,7 +464,7 @@ impl Dispatcher {
                 let v = &mut self.views[slot.0];
                 v.active = v.active.saturating_sub(1);
             }
-            self.pending.push_front(f.fd);
+            self.pending.push_front((f.fd, f.peer));
             self.stats.rescued += 1;
             self.emit(Event::Rescued {
                 slot,

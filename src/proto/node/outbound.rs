@@ -1,5 +1,9 @@
 //! The lines lb writes to a Node worker. The per-connection one
-//! ([`NewConn`]) is formatted once and only has its seq rewritten.
+//! ([`NewConn`]) is formatted once and only has its seq (and the client's
+//! address, behind a balancer) rewritten.
+
+use std::io::Write;
+use std::net::SocketAddr;
 
 /// The `newconn` line for one worker, formatted once per server key; each
 /// hand-off writes only its seq in (no allocation: capacity is reserved).
@@ -17,10 +21,13 @@ impl std::fmt::Debug for NewConn {
 
 impl NewConn {
     const SUFFIX: &'static [u8] = b"}}\n";
+    /// Room for the client's address: `,"lb_peer":{…}` is at most 110
+    /// bytes (an IPv6 address is at most 45 characters).
+    const PEER_ROOM: usize = 128;
 
     /// For the server `key` (a JSON string without escapes, as lb makes them).
     pub fn new(key: &str) -> NewConn {
-        let mut line = Vec::with_capacity(128 + key.len());
+        let mut line = Vec::with_capacity(128 + Self::PEER_ROOM + key.len());
         line.extend_from_slice(
             br#"{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":""#,
         );
@@ -33,10 +40,30 @@ impl NewConn {
     /// The line for message `seq`.
     #[inline]
     pub fn line(&mut self, seq: u64) -> &[u8] {
+        self.line_with_peer(seq, None)
+    }
+
+    /// The line for message `seq`, with the client's address (from a PROXY
+    /// header) as `"lb_peer":{"address":…,"port":…,"family":…}`, which
+    /// Node's cluster code ignores and lb's preload gives the socket
+    /// (`socket.remoteAddress`); `None` writes the line [`NewConn::line`] does.
+    #[inline]
+    pub fn line_with_peer(&mut self, seq: u64, peer: Option<SocketAddr>) -> &[u8] {
         self.line.truncate(self.prefix);
         let mut digits = [0u8; 20];
         let text = decimal(seq, &mut digits);
         self.line.extend_from_slice(text);
+        if let Some(peer) = peer {
+            let family = if peer.is_ipv4() { "IPv4" } else { "IPv6" };
+            // Into reserved capacity: no allocation. An address's text
+            // needs no JSON escaping.
+            let _ = write!(
+                self.line,
+                r#","lb_peer":{{"address":"{}","port":{},"family":"{family}"}}"#,
+                peer.ip(),
+                peer.port()
+            );
+        }
         self.line.extend_from_slice(Self::SUFFIX);
         &self.line
     }
@@ -159,6 +186,33 @@ mod tests {
             cap,
             "formatting a seq must not grow the buffer"
         );
+    }
+
+    #[test]
+    fn newconn_carries_the_client_without_growing() {
+        let mut n = NewConn::new("lb:8000");
+        let cap = n.line.capacity();
+        let v4: SocketAddr = "203.0.113.7:4242".parse().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(n.line_with_peer(7, Some(v4))).unwrap();
+        assert_eq!(
+            v["msg"]["lb_peer"],
+            serde_json::json!({"address": "203.0.113.7", "port": 4242, "family": "IPv4"})
+        );
+        assert_eq!(
+            (v["msg"]["seq"].as_u64(), v["msg"]["act"].as_str()),
+            (Some(7), Some("newconn"))
+        );
+        let widest: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535"
+            .parse()
+            .unwrap();
+        let l = n.line_with_peer(u64::MAX, Some(widest)).to_vec();
+        let v: serde_json::Value = serde_json::from_slice(&l).unwrap();
+        assert_eq!(v["msg"]["lb_peer"]["family"], "IPv6");
+        assert_eq!(v["msg"]["lb_peer"]["port"], 65535);
+        assert_eq!(n.line.capacity(), cap, "a peer must not grow the buffer");
+        // Without one, the line is Node's own.
+        let plain = n.line(1).to_vec();
+        assert_eq!(n.line_with_peer(1, None), &plain[..]);
     }
 
     #[test]
