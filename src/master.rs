@@ -11,9 +11,9 @@ use socket2::{Domain, Socket, Type};
 use crate::config::{Config, ConfigError, Dispatch};
 use crate::control;
 use crate::dispatch::{self, Dispatcher, Notifier};
-use crate::info;
 use crate::supervisor::{self, Reconfigure, Supervisor, SupervisorError};
 use crate::sys;
+use crate::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
@@ -63,10 +63,17 @@ pub enum Outcome {
 
 /// Binds `addr` the way a server should: CLOEXEC and non-blocking from
 /// birth, `SO_REUSEADDR` so a restart does not wait out TIME_WAIT. With
-/// `reuse_port` (kernel dispatch) it is the anchor of a reuseport group the
-/// workers' own listeners join; the port is first bound without it, so a
-/// port someone else holds is still "in use" rather than shared.
-pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> Result<TcpListener, MasterError> {
+/// `steering` (kernel dispatch) it is the anchor of a reuseport group the
+/// workers' own listeners join, and the program is attached before it
+/// listens, so that no connection ever queues on it; the port is first
+/// bound without `SO_REUSEPORT`, so a port someone else holds is still "in
+/// use" rather than shared.
+pub fn bind(
+    addr: SocketAddr,
+    backlog: u32,
+    steering: Option<&dispatch::kernel::Steering>,
+) -> Result<TcpListener, MasterError> {
+    let reuse_port = steering.is_some();
     let fail = |e: io::Error| {
         let reason = match e.raw_os_error() {
             Some(libc::EADDRINUSE) => {
@@ -106,6 +113,13 @@ pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> Result<TcpListe
     } else {
         socket.bind(&addr.into()).map_err(fail)?;
     }
+    if let Some(steering) = steering {
+        steering.attach(socket.as_fd()).map_err(|e| {
+            MasterError::KernelDispatch(format!(
+                "cannot attach the BPF program to the listener ({e})"
+            ))
+        })?;
+    }
     socket
         .listen(backlog.min(i32::MAX as u32) as i32)
         .map_err(fail)?;
@@ -124,18 +138,19 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     // Socket activation's fds are taken below (and kept CLOEXEC there).
     sys::cloexec_from(3).map_err(MasterError::InheritedFds)?;
 
+    // Kernel dispatch's program, made before the listener it steers from.
+    let mut steering = kernel_program(&config)?;
     let listener = match crate::systemd::activated_listener() {
         Ok(Some(l)) => {
             // A master killed while stopping may have left its stop filter
             // on the socket systemd keeps (dispatch: SYN_DROP).
             let _ = socket2::SockRef::from(&l).detach_filter();
+            if steering.is_some() {
+                steering = attach_to_activated(&config, steering, &l)?;
+            }
             l
         }
-        Ok(None) => bind(
-            config.listen,
-            config.backlog,
-            config.dispatch != Dispatch::Master && Dispatch::kernel_refusal(&config).is_none(),
-        )?,
+        Ok(None) => bind(config.listen, config.backlog, steering.as_ref())?,
         Err(e) => return Err(MasterError::SocketActivation(e)),
     };
     // (Reloads may bring Node pools too; the stop line then counts from 0.)
@@ -227,8 +242,6 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     // (so its backlog outlives restarts) and never accepts itself.
     let shared = config.shared();
     let mut kernel = false;
-    // (None outside shared mode: said in one line under auto.)
-    let steering = kernel_steering(&config, &listener)?;
     let (mut dispatcher, handle, shared_listener) = if shared {
         if steering.is_none() && config.policy_explicit {
             info!(
@@ -351,61 +364,97 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     })
 }
 
-/// The kernel's steering for `config`, attached to `anchor`, if kernel
-/// dispatch is asked for and possible; `--dispatch auto` falls back to the
-/// master (in one line) where `kernel` fails.
-fn kernel_steering(
+/// `--dispatch auto` falls back to the master in one line where `kernel`
+/// fails with it.
+fn refuse_kernel(
     config: &Config,
-    anchor: &TcpListener,
+    why: String,
 ) -> Result<Option<dispatch::kernel::Steering>, MasterError> {
-    let refuse = |why: String| match config.dispatch {
+    match config.dispatch {
         Dispatch::Kernel => Err(MasterError::KernelDispatch(why)),
         _ => {
             info!("dispatch auto: the master picks ({why})");
             Ok(None)
         }
-    };
+    }
+}
+
+/// Kernel dispatch's program and maps, if it is asked for and possible.
+fn kernel_program(config: &Config) -> Result<Option<dispatch::kernel::Steering>, MasterError> {
     if config.dispatch == Dispatch::Master {
         return Ok(None);
     }
     if let Some(why) = Dispatch::kernel_refusal(config) {
-        return refuse(why);
+        return refuse_kernel(config, why);
     }
+    match dispatch::kernel::Steering::new(config.policy) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && sys::seccomp_filtered() => {
+            refuse_kernel(
+                config,
+                format!(
+                    "loading the BPF program was refused ({e}) by a seccomp filter; under systemd, \
+                 add bpf to SystemCallFilter= (docs/kernel-dispatch.md)"
+                ),
+            )
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => refuse_kernel(
+            config,
+            format!(
+                "loading the BPF program was refused ({e}); run lb as root, or give it \
+                 CAP_BPF and CAP_NET_ADMIN"
+            ),
+        ),
+        Err(e) => refuse_kernel(
+            config,
+            format!(
+                "this kernel cannot run lb's SK_REUSEPORT program ({e}); Linux 5.14 or later \
+                 is needed"
+            ),
+        ),
+    }
+}
+
+/// A listener systemd passed is listening already: the program is
+/// attached to its group now, and what queued on it before (the anchor
+/// takes nothing after) is closed, said in one line: no worker accepts
+/// from the anchor, and those clients would wait for nothing.
+fn attach_to_activated(
+    config: &Config,
+    steering: Option<dispatch::kernel::Steering>,
+    anchor: &TcpListener,
+) -> Result<Option<dispatch::kernel::Steering>, MasterError> {
+    let Some(steering) = steering else {
+        return Ok(None);
+    };
     // A socket systemd passed joins a group only if it was made for one.
     if !socket2::SockRef::from(anchor).reuse_port().unwrap_or(false) {
-        return refuse(
+        return refuse_kernel(
+            config,
             "the listener systemd passed has no SO_REUSEPORT; add ReusePort=yes to the .socket \
              unit"
                 .into(),
         );
     }
-    let steering = match dispatch::kernel::Steering::new(config.policy) {
-        Ok(s) => s,
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) && sys::seccomp_filtered() => {
-            return refuse(format!(
-                "loading the BPF program was refused ({e}) by a seccomp filter; under systemd, \
-                 add bpf to SystemCallFilter= (docs/kernel-dispatch.md)"
-            ));
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            return refuse(format!(
-                "loading the BPF program was refused ({e}); run lb as root, or give it \
-                 CAP_BPF and CAP_NET_ADMIN"
-            ));
-        }
-        Err(e) => {
-            return refuse(format!(
-                "this kernel cannot run lb's SK_REUSEPORT program ({e}); Linux 5.14 or later \
-                 is needed"
-            ));
-        }
-    };
-    match steering.attach(anchor.as_fd()) {
-        Ok(()) => Ok(Some(steering)),
-        Err(e) => refuse(format!(
-            "cannot attach the BPF program to the listener ({e})"
-        )),
+    if let Err(e) = steering.attach(anchor.as_fd()) {
+        return refuse_kernel(
+            config,
+            format!("cannot attach the BPF program to the listener ({e})"),
+        );
     }
+    let _ = anchor.set_nonblocking(true);
+    let mut closed = 0;
+    while let Ok(conn) = sys::accept4(anchor.as_fd()) {
+        drop(conn);
+        closed += 1;
+    }
+    if closed > 0 {
+        warn!(
+            "dispatch kernel: {closed} connections that queued on the listener systemd passed \
+             before lb attached its program were closed (their clients may retry)"
+        );
+    }
+    Ok(Some(steering))
 }
 
 #[cfg(test)]

@@ -192,12 +192,8 @@ impl Dispatcher {
         // with `w`: what is queued there migrates to the others, and is
         // counted as rescued (the master's copy is the last one now).
         self.steer();
-        let migrated = w
-            .link
-            .own_listener()
-            .and_then(|l| sys::accept_queue(l.as_fd()).ok())
-            .map_or(0, |(queued, _)| queued);
-        let count = self.rescue(&mut w) + u64::from(migrated);
+        let migrated = self.let_go_of_listener(&mut w);
+        let count = self.rescue(&mut w) + migrated;
         self.stats.rescued += count;
         if count > 0 {
             self.emit(Event::Rescued { slot, pid, count });
@@ -233,7 +229,8 @@ impl Dispatcher {
         if w.link.delivery() != super::link::Delivery::Never {
             return;
         }
-        w.sent += n;
+        // (A worker's word: never trusted to stay in range.)
+        w.sent = w.sent.saturating_add(n);
         w.reported = true;
         if self.current[slot.0] == Some(index) {
             let v = &mut self.views[slot.0];
@@ -303,6 +300,9 @@ impl Dispatcher {
         }
         self.sync_view(slot);
         self.steer();
+        if let Some(w) = self.workers.get_mut(index) {
+            w.link.drop_own_listener();
+        }
         self.emit(Event::Leaving { slot, pid });
     }
 
@@ -311,6 +311,7 @@ impl Dispatcher {
             return;
         }
         self.shutting_down = true;
+        self.kernel_stop();
         // Nothing already in the backlog is lost: take it all, then close.
         // A handshake that completes between the last accept and the close
         // would be reset by the close, so new SYNs are dropped first (the
@@ -351,7 +352,11 @@ impl Dispatcher {
 
     /// During shutdown, once every held connection has gone out: DRAIN all.
     pub(super) fn send_drains(&mut self) {
-        if self.drained || !self.pending.is_empty() || self.headers_waiting() > 0 {
+        if self.drained
+            || !self.pending.is_empty()
+            || self.headers_waiting() > 0
+            || self.queues_waiting()
+        {
             return;
         }
         let all: Vec<usize> = self.workers.indices().collect();

@@ -108,6 +108,17 @@ impl Link {
         }
     }
 
+    /// The master's copy of the worker's own listener, whatever the link
+    /// (the worker is gone).
+    pub fn take_own_listener(&mut self) -> Option<OwnedFd> {
+        match self {
+            Link::Shared { listener } => listener.take(),
+            Link::Native(n) => n.listener.take(),
+            Link::Node(n) => n.listener.take(),
+            Link::Proxy(_) => None,
+        }
+    }
+
     /// Under kernel dispatch: the worker accepts by itself.
     #[inline]
     fn accepts_itself(&self) -> bool {

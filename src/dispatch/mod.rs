@@ -107,6 +107,11 @@ pub struct Dispatcher {
     /// (`kernel::reports`), and when that is.
     deferred: Vec<usize>,
     reads_at: Option<Instant>,
+    /// Kernel dispatch: gone workers' listeners, kept listening while no
+    /// worker is in the schedule to take what they hold (`kernel::pressure`).
+    orphans: Vec<(crate::policy::Slot, u32, std::os::fd::OwnedFd)>,
+    /// Stopping under kernel dispatch: DRAIN waits for the queues until then.
+    stop_queues_by: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -189,6 +194,8 @@ impl Dispatcher {
             steering: None,
             deferred: Vec::with_capacity(slots * 2),
             reads_at: None,
+            orphans: Vec::new(),
+            stop_queues_by: None,
         };
         Ok((
             dispatcher,
@@ -276,7 +283,9 @@ impl Dispatcher {
                 Source::Probe(index) => self.probe_event(index),
                 Source::Header(place) => self.header_event(place),
                 Source::Worker(index) => {
-                    if (ev.is_readable() || ev.is_read_closed()) && self.reads_in_ticks() {
+                    // (An end of the channel is read at once: it stays
+                    // readable, and deferring it would wake every tick.)
+                    if ev.is_readable() && !ev.is_read_closed() && self.reads_in_ticks() {
                         self.read_at_tick(index);
                     } else if ev.is_readable() || ev.is_read_closed() {
                         self.read_worker(index);

@@ -156,21 +156,27 @@ impl Mapped {
 
     /// `map[index] = value` for a 4-byte value (release: a program that
     /// sees this store sees the ones before it).
-    pub fn store_u32(&self, index: usize, value: u32) {
-        assert!(index < self.len(), "index {index} beyond the map");
+    pub fn store_u32(&self, index: usize, value: u32) -> io::Result<()> {
+        if index >= self.len() {
+            return Err(io::Error::other(format!("index {index} beyond the map")));
+        }
         // SAFETY: in bounds (checked), 8-byte aligned (a page-aligned
         // mapping, `elem` a multiple of 8), and only ever accessed
         // atomically by lb; the kernel's readers are BPF loads.
         let cell = unsafe { &*self.ptr.add(index * self.elem).cast::<AtomicU32>() };
         cell.store(value, Ordering::Release);
+        Ok(())
     }
 
     /// `map[index] = value` for an 8-byte value.
-    pub fn store_u64(&self, index: usize, value: u64) {
-        assert!(index < self.len(), "index {index} beyond the map");
+    pub fn store_u64(&self, index: usize, value: u64) -> io::Result<()> {
+        if index >= self.len() {
+            return Err(io::Error::other(format!("index {index} beyond the map")));
+        }
         // SAFETY: as in `store_u32`, for an 8-byte value at an 8-byte boundary.
         let cell = unsafe { &*self.ptr.add(index * self.elem).cast::<AtomicU64>() };
         cell.store(value, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -202,20 +208,28 @@ pub fn map_delete(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
 }
 
 /// Loads an `SK_REUSEPORT` program that may also migrate. On a refusal the
-/// error carries the verifier's last line.
+/// error carries the verifier's last line: the load is tried without a
+/// log first (a log that does not fit fails a good program with `ENOSPC`
+/// on kernels before 6.4), and again with one only to say why.
 pub fn load_reuseport_program(insns: &[Insn]) -> io::Result<OwnedFd> {
-    let mut log = vec![0u8; 16 * 1024];
     let license = b"GPL\0";
-    let mut attr = Attr::new()
-        .u32(0, PROG_SK_REUSEPORT)
-        .u32(4, insns.len() as u32)
-        .u64(8, insns.as_ptr() as u64)
-        .u64(16, license.as_ptr() as u64)
+    let attr = || {
+        Attr::new()
+            .u32(0, PROG_SK_REUSEPORT)
+            .u32(4, insns.len() as u32)
+            .u64(8, insns.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(68, SELECT_OR_MIGRATE)
+    };
+    if let Ok(fd) = bpf(PROG_LOAD, &mut attr()) {
+        return owned(fd);
+    }
+    let mut log = vec![0u8; 64 * 1024];
+    let mut with_log = attr()
         .u32(24, 1)
         .u32(28, log.len() as u32)
-        .u64(32, log.as_mut_ptr() as u64)
-        .u32(68, SELECT_OR_MIGRATE);
-    match bpf(PROG_LOAD, &mut attr) {
+        .u64(32, log.as_mut_ptr() as u64);
+    match bpf(PROG_LOAD, &mut with_log) {
         Ok(fd) => owned(fd),
         Err(e) => {
             let end = log.iter().position(|&b| b == 0).unwrap_or(0);

@@ -152,17 +152,21 @@ impl Steering {
         if max > self.placed.len() {
             return Err(io::Error::other("a slot beyond the sockarray"));
         }
-        for t in targets.clone().filter(|_| place) {
-            let inode = nix::sys::stat::fstat(t.listener)?.st_ino;
-            if self.placed[t.slot] != Some(inode) {
-                let raw = t.listener.as_raw_fd() as u64;
-                bpf::map_set(self.sockets.as_fd(), t.slot as u32, &raw.to_ne_bytes())?;
-                self.placed[t.slot] = Some(inode);
-            }
-        }
+        // A worker whose socket cannot be placed is left out of this
+        // schedule (said by the error), not the others with it; a refresh
+        // names only what is placed.
+        let mut failed = None;
         self.views.clear();
         self.views.resize(max, WorkerView::default());
         for t in targets.clone() {
+            if place {
+                if let Err(e) = self.place(&t) {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            } else if self.placed[t.slot].is_none() {
+                continue;
+            }
             self.views[t.slot] = WorkerView {
                 eligible: true,
                 weight: t.weight,
@@ -176,6 +180,8 @@ impl Steering {
             }
             policy => self.next = schedule(policy, &self.views),
         }
+        // (Never beyond the map, whatever the policy made.)
+        self.next.truncate(SCHEDULE_MAX);
         if self.next != self.written {
             // The entries first, then the length that makes them visible.
             for (k, slot) in self.next.iter().enumerate() {
@@ -188,14 +194,29 @@ impl Steering {
         if self.policy == PolicyKind::LeastConn {
             self.counter.set(0, 0)?;
         }
-        if !place {
-            return Ok(());
-        }
-        for slot in 0..self.placed.len() {
-            if self.placed[slot].is_some() && !targets.clone().any(|t| t.slot == slot) {
-                bpf::map_delete(self.sockets.as_fd(), slot as u32)?;
-                self.placed[slot] = None;
+        if place {
+            for slot in 0..self.placed.len() {
+                if self.placed[slot].is_some() && !targets.clone().any(|t| t.slot == slot) {
+                    match bpf::map_delete(self.sockets.as_fd(), slot as u32) {
+                        Ok(()) => self.placed[slot] = None,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
             }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Puts `t`'s socket in its slot of the sockarray (once: placing the
+    /// same socket again is `EBUSY`).
+    fn place(&mut self, t: &Target<'_>) -> io::Result<()> {
+        let inode = nix::sys::stat::fstat(t.listener)?.st_ino;
+        if self.placed[t.slot] != Some(inode) {
+            let raw = t.listener.as_raw_fd() as u64;
+            bpf::map_set(self.sockets.as_fd(), t.slot as u32, &raw.to_ne_bytes())?;
+            self.placed[t.slot] = Some(inode);
         }
         Ok(())
     }
@@ -225,8 +246,8 @@ impl Array {
 
     fn set(&self, index: usize, value: u64) -> io::Result<()> {
         match (&self.mapped, self.value_size) {
-            (Some(m), 4) => m.store_u32(index, value as u32),
-            (Some(m), _) => m.store_u64(index, value),
+            (Some(m), 4) => m.store_u32(index, value as u32)?,
+            (Some(m), _) => m.store_u64(index, value)?,
             (None, 4) => {
                 bpf::map_set(self.fd.as_fd(), index as u32, &(value as u32).to_ne_bytes())?
             }
@@ -250,8 +271,9 @@ impl super::Dispatcher {
         self.sample_queues();
         // A stalled worker leaves the sockarray too, before it is stopped.
         let lifecycle = lifecycle || self.stalls_pending();
-        // (Queues were sampled just now.)
+        // (Queues were sampled just now.) Stopping: nobody.
         let any_room = self.queues_with_room();
+        let stopping = self.stop_queues_by.is_some();
         let Some(steering) = self.steering.as_mut() else {
             return;
         };
@@ -262,6 +284,9 @@ impl super::Dispatcher {
             .iter()
             .enumerate()
             .filter_map(move |(slot, index)| {
+                if stopping {
+                    return None;
+                }
                 let w = workers.get((*index)?)?;
                 let listener = w.link.own_listener()?;
                 // A worker whose queue is full gets nothing new while another
@@ -302,6 +327,7 @@ impl super::Dispatcher {
             Err(_) => {}
         }
         self.stop_stalled();
+        self.release_orphans();
     }
 }
 
@@ -355,8 +381,11 @@ fn smooth(weighted: &[(u32, u64)]) -> Vec<u32> {
     let mut weights: Vec<u64> = eligible.iter().map(|&(_, w)| w / divisor).collect();
     let sum: u64 = weights.iter().sum();
     if sum > SCHEDULE_MAX as u64 {
+        // Every slot keeps one entry, the rest shared in proportion: at
+        // most `SCHEDULE_MAX` in all (rounding each up could exceed it).
+        let budget = (SCHEDULE_MAX - weights.len().min(SCHEDULE_MAX)) as u64;
         for w in &mut weights {
-            *w = (*w * SCHEDULE_MAX as u64 / sum).max(1);
+            *w = 1 + *w * budget / sum;
         }
     }
     let total: i64 = weights.iter().map(|&w| w as i64).sum();
@@ -427,11 +456,18 @@ mod tests {
         let v = views(&[Some(200), Some(600)]);
         assert_eq!(schedule(PolicyKind::Weighted, &v), [1, 0, 1, 1]);
         // Weights beyond the map are scaled, every slot kept.
-        let v = views(&[Some(10_000), Some(1), Some(9_999)]);
-        let s = schedule(PolicyKind::Weighted, &v);
-        assert!(s.len() <= SCHEDULE_MAX);
-        for slot in [0, 1, 2] {
-            assert!(s.contains(&slot), "slot {slot} dropped");
+        for weights in [
+            &[Some(10_000), Some(1), Some(9_999)][..],
+            // A canary: rounding each small share up once overflowed.
+            &[Some(10_000), Some(1), Some(1)],
+            &[Some(9_000), Some(1), Some(1)],
+            &[Some(u32::MAX), Some(u32::MAX - 1), Some(1)],
+        ] {
+            let s = schedule(PolicyKind::Weighted, &views(weights));
+            assert!(s.len() <= SCHEDULE_MAX, "{weights:?}: {}", s.len());
+            for slot in 0..weights.len() as u32 {
+                assert!(s.contains(&slot), "{weights:?}: slot {slot} dropped");
+            }
         }
     }
 

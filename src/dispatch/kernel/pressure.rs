@@ -11,12 +11,16 @@
 //!   program migrates it; the worker's `accept` fails from then on), and
 //!   the supervisor replaces it, as under master dispatch.
 
-use std::os::fd::AsFd;
-use std::time::Instant;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use crate::dispatch::worker::State;
 use crate::dispatch::{Dispatcher, Event};
 use crate::sys;
+
+/// How long a stopping lb waits for the workers to take what their queues
+/// hold before it sends DRAIN (nobody else would take it).
+const STOP_QUEUES: Duration = Duration::from_secs(2);
 
 /// A worker's own accept queue, as last seen.
 #[derive(Debug, Default)]
@@ -113,6 +117,78 @@ impl Dispatcher {
                 ),
                 rescued,
             });
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Stopping under kernel dispatch: no new connection is steered (the
+    /// empty schedule drops SYNs; clients retry), and DRAIN waits until the
+    /// workers took what their queues held (`queues_waiting`).
+    pub(in crate::dispatch) fn kernel_stop(&mut self) {
+        if self.steering.is_some() {
+            self.stop_queues_by = Some(Instant::now() + STOP_QUEUES);
+            self.steer();
+        }
+    }
+
+    /// Stopping: some ready worker still has connections queued, and there
+    /// is time left to wait for them.
+    pub(in crate::dispatch) fn queues_waiting(&self) -> bool {
+        let Some(by) = self.stop_queues_by else {
+            return false;
+        };
+        Instant::now() < by
+            && self.workers.indices().any(|i| {
+                self.workers.get(i).is_some_and(|w| {
+                    w.state == State::Ready
+                        && w.link
+                            .own_listener()
+                            .is_some_and(|l| sys::accept_queue(l.as_fd()).is_ok_and(|(q, _)| q > 0))
+                })
+            })
+    }
+
+    /// A gone worker's listener (lb's copy, the last one). Closed when
+    /// another worker is in the schedule, so that the kernel moves what
+    /// is queued there to it; kept listening (out of the schedule) while
+    /// none is, and closed once one is ready. How many were queued.
+    pub(in crate::dispatch) fn let_go_of_listener(
+        &mut self,
+        w: &mut crate::dispatch::worker::Worker,
+    ) -> u64 {
+        let Some(listener) = w.link.take_own_listener() else {
+            return 0;
+        };
+        let queued = sys::accept_queue(listener.as_fd()).map_or(0, |(q, _)| u64::from(q));
+        if self.steering_names_someone() {
+            drop(listener);
+            queued
+        } else {
+            self.orphans.push((w.slot, w.pid, listener));
+            0
+        }
+    }
+
+    fn steering_names_someone(&self) -> bool {
+        self.steering
+            .as_ref()
+            .is_some_and(|s| !s.written.is_empty())
+    }
+
+    /// Someone is in the schedule again: the kept listeners close, and
+    /// what they held moves to it; how many.
+    pub(in crate::dispatch) fn release_orphans(&mut self) {
+        if self.orphans.is_empty() || !self.steering_names_someone() {
+            return;
+        }
+        for (slot, pid, listener) in std::mem::take(&mut self.orphans) {
+            let count = sys::accept_queue(listener.as_fd()).map_or(0, |(q, _)| u64::from(q));
+            drop::<OwnedFd>(listener);
+            self.stats.rescued += count;
+            if count > 0 {
+                self.emit(Event::Rescued { slot, pid, count });
+            }
         }
     }
 }

@@ -55,7 +55,7 @@ impl Dispatcher {
     pub(in crate::dispatch) fn counts_changed(&mut self, accepted: u64) {
         if let Some(s) = self.steering.as_mut() {
             s.dirty |= s.policy == PolicyKind::LeastConn;
-            s.arrivals += accepted;
+            s.arrivals = s.arrivals.saturating_add(accepted);
         }
     }
 
@@ -65,6 +65,11 @@ impl Dispatcher {
         // Every policy looks at the queues; least-connections also follows
         // the reports.
         let refresh = s.steered_at + if s.dirty { LC_REFRESH } else { QUEUE_PERIOD };
+        // Stopping: DRAIN waits for the queues, looked at every 10 ms.
+        let refresh = match self.stop_queues_by {
+            Some(_) if !self.drained => refresh.min(Instant::now() + LC_REFRESH * 10),
+            _ => refresh,
+        };
         Some(self.reads_at.map_or(refresh, |r| r.min(refresh)))
     }
 

@@ -480,6 +480,8 @@ impl Dispatcher {
             w.state = State::Draining;
         }
         self.sync_view(slot);
+        // (Kernel dispatch: out of the schedule, or it keeps its share.)
+        self.steer();
     }
 
     /// Ends the back-off of workers whose refusal period is over.
