@@ -143,10 +143,13 @@ class Reports:
 
 class Front:
     """A way to serve PORT with N backends; `start` returns the front pids
-    whose CPU counts (empty when there is no front)."""
+    whose CPU counts (empty when there is no front). `close_only` with a
+    wrk script: the front is run with `Connection: close` only, each
+    request made by that script (a PROXY header per connection)."""
 
-    def __init__(self, name, group, start):
+    def __init__(self, name, group, start, close_only=None):
         self.name, self.group, self._start = name, group, start
+        self.close_only = close_only
 
     def start(self, ctx, port):
         return self._start(ctx, port)
@@ -304,6 +307,9 @@ FRONTS = [
     Front("fdpass-c", "C floor", start_fdpass(1)),
     Front("fdpass-c batch", "C floor", start_fdpass(8)),
     Front("lb rr", "lb", start_lb("rr")),
+    Front("lb rr proxy-protocol", "lb",
+          start_lb("rr", extra=("--proxy-protocol", "v1", "--proxy-trusted", "127.0.0.0/8")),
+          close_only="proxy-v1.lua"),
     Front("lb wrr", "lb", start_lb("wrr")),
     Front("lb lc", "lb", start_lb("lc")),
     Front("lb shim", "lb", start_lb_mode("shim")),
@@ -660,7 +666,9 @@ def main():
     for round_no in range(1, ctx.rounds + 1):
         for front in fronts:
             log(f"round {round_no}/{ctx.rounds}, {front.name}:")
-            got = run_front(ctx, front, [("close", True, None), ("keep-alive", False, None)])
+            workloads = ([("close", True, os.path.join(BENCH, front.close_only))] if front.close_only
+                         else [("close", True, None), ("keep-alive", False, None)])
+            got = run_front(ctx, front, workloads)
             for workload, r in got.items():
                 runs.setdefault(front.name, {}).setdefault(workload, []).append(r)
         for front in fronts:
