@@ -237,6 +237,10 @@ int main(void) {
                 unaccepted += own;
                 add(fd);
             }
+            /* Said before serving them: a long request next would hide them
+             * from least-connections (neither queued nor reported) for as
+             * long as it runs. */
+            if (own && report_closed && unaccepted) { send_msg(ACCEPTED, unaccepted); unaccepted = 0; }
         }
     }
     report();

@@ -143,13 +143,10 @@ class Reports:
 
 class Front:
     """A way to serve PORT with N backends; `start` returns the front pids
-    whose CPU counts (empty when there is no front). `close_only` with a
-    wrk script: the front is run with `Connection: close` only, each
-    request made by that script (a PROXY header per connection)."""
+    whose CPU counts (empty when there is no front)."""
 
-    def __init__(self, name, group, start, close_only=None):
+    def __init__(self, name, group, start):
         self.name, self.group, self._start = name, group, start
-        self.close_only = close_only
 
     def start(self, ctx, port):
         return self._start(ctx, port)
@@ -274,6 +271,39 @@ listen front
     return start
 
 
+def start_behind_haproxy(send_proxy):
+    """lb rr behind one HAProxy (`mode tcp`, as an L4 balancer in front of
+    lb would be), with or without `send-proxy-v2` and lb's
+    `--proxy-protocol v2`. The CPU counted is lb's alone, so the two rows
+    compare what reading the header costs lb per connection (wrk cannot
+    send a PROXY header itself)."""
+    def start(ctx, port):
+        lb_port = free_port()
+        extra = ("--proxy-protocol", "v2", "--proxy-trusted", "127.0.0.0/8") if send_proxy else ()
+        lb = ctx.procs.start("lb-pp" if send_proxy else "lb-nopp",
+                             [ctx.lb, "--listen", f"127.0.0.1:{lb_port}", "--workers", str(ctx.workers),
+                              "--policy", "rr", *extra, "--", ctx.backend], backend_env(ctx))
+        wait_until("lb workers ready", lambda: open(lb.log_path).read().count(": ready") >= ctx.workers)
+        cfg = os.path.join(ctx.workdir, f"haproxy-front-{int(send_proxy)}.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"""global
+    maxconn 8000
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+listen front
+    bind 127.0.0.1:{port}
+    server lb 127.0.0.1:{lb_port}{" send-proxy-v2" if send_proxy else ""}
+""")
+        ctx.procs.start(f"haproxy-front-{int(send_proxy)}", ["haproxy", "-db", "-f", cfg])
+        wait_until("haproxy in front of lb", lambda: http_ok(port))
+        return [lb.pid]
+    return start
+
+
 def start_nginx(ctx, port):
     ports = own_port_backends(ctx)
     d = tempfile.mkdtemp(prefix="nginx-", dir=ctx.workdir)
@@ -307,9 +337,8 @@ FRONTS = [
     Front("fdpass-c", "C floor", start_fdpass(1)),
     Front("fdpass-c batch", "C floor", start_fdpass(8)),
     Front("lb rr", "lb", start_lb("rr")),
-    Front("lb rr proxy-protocol", "lb",
-          start_lb("rr", extra=("--proxy-protocol", "v1", "--proxy-trusted", "127.0.0.0/8")),
-          close_only="proxy-v1.lua"),
+    Front("lb rr behind haproxy", "PROXY protocol", start_behind_haproxy(False)),
+    Front("lb rr behind haproxy, send-proxy-v2", "PROXY protocol", start_behind_haproxy(True)),
     Front("lb wrr", "lb", start_lb("wrr")),
     Front("lb lc", "lb", start_lb("lc")),
     Front("lb shim", "lb", start_lb_mode("shim")),
@@ -666,9 +695,7 @@ def main():
     for round_no in range(1, ctx.rounds + 1):
         for front in fronts:
             log(f"round {round_no}/{ctx.rounds}, {front.name}:")
-            workloads = ([("close", True, os.path.join(BENCH, front.close_only))] if front.close_only
-                         else [("close", True, None), ("keep-alive", False, None)])
-            got = run_front(ctx, front, workloads)
+            got = run_front(ctx, front, [("close", True, None), ("keep-alive", False, None)])
             for workload, r in got.items():
                 runs.setdefault(front.name, {}).setdefault(workload, []).append(r)
         for front in fronts:
