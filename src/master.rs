@@ -153,6 +153,18 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         Ok(None) => bind(config.listen, config.backlog, steering.as_ref())?,
         Err(e) => return Err(MasterError::SocketActivation(e)),
     };
+    // Every client must send a PROXY header first: accept hands out a
+    // connection once its first bytes are there, so the header stage
+    // rarely has to wait for one in the poll.
+    if config.proxy_protocol != crate::config::ProxyProtocol::Off
+        && config.proxy_untrusted == crate::config::Untrusted::Refuse
+    {
+        let secs = config
+            .proxy_header_timeout
+            .as_secs()
+            .clamp(1, u64::from(u32::MAX)) as u32;
+        let _ = sys::defer_accept(listener.as_fd(), secs);
+    }
     // (Reloads may bring Node pools too; the stop line then counts from 0.)
     let any_node = config.any_node();
     let local = listener

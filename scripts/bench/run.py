@@ -338,7 +338,7 @@ FRONTS = [
     Front("fdpass-c batch", "C floor", start_fdpass(8)),
     Front("lb rr", "lb", start_lb("rr")),
     Front("lb rr behind haproxy", "PROXY protocol", start_behind_haproxy(False)),
-    Front("lb rr behind haproxy, send-proxy-v2", "PROXY protocol", start_behind_haproxy(True)),
+    Front("lb rr behind haproxy send-proxy-v2", "PROXY protocol", start_behind_haproxy(True)),
     Front("lb wrr", "lb", start_lb("wrr")),
     Front("lb lc", "lb", start_lb("lc")),
     Front("lb shim", "lb", start_lb_mode("shim")),

@@ -57,6 +57,25 @@ pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// `TCP_DEFER_ACCEPT`: `listener` hands out a connection only once its
+/// first bytes arrived (or after `seconds`), so a reader of a header that
+/// clients send first never waits for it.
+pub fn defer_accept(listener: BorrowedFd<'_>, seconds: u32) -> io::Result<()> {
+    let v = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the option value is one live c_int, its size given; the fd is
+    // valid for the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 /// Stops `listener` listening, for every process that holds it: what is
 /// queued there goes to the other listeners of its reuseport group (the
 /// group's program migrates it), and `accept` on it fails from now on.
