@@ -61,6 +61,16 @@ fn kernel_lb(config: &str, extra: &[&str], env: &[(&str, &str)], workers: usize)
     Some(lb)
 }
 
+/// `n` requests at once, each on a thread of its own.
+fn in_flight(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Vec<std::thread::JoinHandle<std::io::Result<String>>> {
+    (0..n)
+        .map(|_| std::thread::spawn(move || try_get(addr, "/")))
+        .collect()
+}
+
 /// How many of `n` new connections each slot answered.
 fn counts(lb: &Lb, slots: usize, n: usize) -> Vec<usize> {
     let mut counts = vec![0; slots];
@@ -108,12 +118,7 @@ fn a_killed_workers_queued_connections_move_to_the_others() {
     };
     let victim = lb.pid_of_slot(0);
     // 20 at once: 10 queue up behind slot 0's 300 ms answers.
-    let clients: Vec<_> = (0..20)
-        .map(|_| {
-            let addr = lb.addr;
-            std::thread::spawn(move || try_get(addr, "/"))
-        })
-        .collect();
+    let clients = in_flight(lb.addr, 20);
     std::thread::sleep(Duration::from_millis(450));
     send_signal(victim, libc::SIGKILL);
     let mut failed = 0;
@@ -325,12 +330,7 @@ fn a_lone_workers_queue_waits_for_its_replacement() {
         return;
     };
     let victim = lb.pid_of_slot(0);
-    let clients: Vec<_> = (0..6)
-        .map(|_| {
-            let addr = lb.addr;
-            std::thread::spawn(move || try_get(addr, "/"))
-        })
-        .collect();
+    let clients = in_flight(lb.addr, 6);
     std::thread::sleep(Duration::from_millis(450));
     send_signal(victim, libc::SIGKILL);
     let answered = clients
@@ -352,12 +352,7 @@ fn a_stop_under_kernel_dispatch_serves_what_is_queued() {
     let Some(mut lb) = native_lb("kernel-stop", "rr", &[("SLOW", "0,1")]) else {
         return;
     };
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let addr = lb.addr;
-            std::thread::spawn(move || try_get(addr, "/"))
-        })
-        .collect();
+    let clients = in_flight(lb.addr, 8);
     std::thread::sleep(Duration::from_millis(200));
     lb.signal(libc::SIGTERM);
     let answered = clients
