@@ -72,6 +72,8 @@ pub struct Steering {
     written: Vec<u32>,
     next: Vec<u32>,
     views: Vec<WorkerView>,
+    /// Round-robin and weighted: the workers the written schedule is for.
+    scheduled_for: Vec<WorkerView>,
     /// Least-connections: connections the workers reported accepting since
     /// the last schedule, the guess at how many the next one must cover.
     pub arrivals: u64,
@@ -111,6 +113,7 @@ impl Steering {
             written: Vec::with_capacity(SCHEDULE_MAX),
             next: Vec::with_capacity(SCHEDULE_MAX),
             views: Vec::with_capacity(slots),
+            scheduled_for: Vec::with_capacity(slots),
             arrivals: 0,
             lc: LeastConn::default(),
         })
@@ -178,7 +181,16 @@ impl Steering {
                 let picks = std::mem::take(&mut self.arrivals);
                 least_conn(&mut self.lc, &mut self.views, picks, &mut self.next);
             }
-            policy => self.next = schedule(policy, &self.views),
+            // Round-robin and weighted depend on who is eligible and their
+            // weights only: the periodic look at the queues (which
+            // allocates nothing) changes the schedule only when those do.
+            _ if same_workers(&self.views, &self.scheduled_for) => {
+                self.next.clone_from(&self.written);
+            }
+            policy => {
+                self.next = schedule(policy, &self.views);
+                self.scheduled_for.clone_from(&self.views);
+            }
         }
         // (Never beyond the map, whatever the policy made.)
         self.next.truncate(SCHEDULE_MAX);
@@ -329,6 +341,13 @@ impl super::Dispatcher {
         self.stop_stalled();
         self.release_orphans();
     }
+}
+
+/// Whether `a` and `b` name the same eligible slots with the same weights.
+fn same_workers(a: &[WorkerView], b: &[WorkerView]) -> bool {
+    let eligible =
+        |v: &[WorkerView], i: usize| v.get(i).filter(|w| w.eligible).map(|w| w.weight.max(1));
+    (0..a.len().max(b.len())).all(|i| eligible(a, i) == eligible(b, i))
 }
 
 /// The order the program walks the eligible slots in: round-robin, each
