@@ -399,6 +399,39 @@ static int send_kind(unsigned char kind, uint64_t value) {
     return n == HEADER_LEN ? 0 : -1;
 }
 
+/* One message from the channel, without blocking: up to `max` of the fds
+   it carried in `got` (`*ngot` of them), every other one closed;
+   `*ctrunc` says the kernel dropped some for want of room. */
+static ssize_t recv_with_fds(int c, unsigned char *buf, size_t len, int *got, int max, int *ngot,
+                             int *ctrunc) {
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(4 * sizeof(int))];
+    } cm;
+    struct iovec iov = {buf, len};
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cm.space;
+    msg.msg_controllen = sizeof cm.space;
+    ssize_t n = recvmsg(c, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    *ngot = 0;
+    *ctrunc = n >= 0 && (msg.msg_flags & MSG_CTRUNC);
+    for (struct cmsghdr *h = n > 0 ? CMSG_FIRSTHDR(&msg) : NULL; h; h = CMSG_NXTHDR(&msg, h))
+        if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+            int cnt = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < cnt; i++) {
+                int f;
+                memcpy(&f, CMSG_DATA(h) + i * sizeof(int), sizeof f);
+                if (*ngot < max)
+                    got[(*ngot)++] = f;
+                else
+                    real_close(f);
+            }
+        }
+    return n;
+}
+
 static long now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts); /* async-signal-safe, no syscall (vDSO) */
@@ -558,33 +591,11 @@ static int receive_listener(int c) {
             return -1;
         }
         unsigned char buf[MAX_MESSAGE];
-        union {
-            struct cmsghdr h;
-            char space[CMSG_SPACE(4 * sizeof(int))];
-        } cm;
-        struct iovec iov = {buf, sizeof buf};
-        struct msghdr msg = {0};
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cm.space;
-        msg.msg_controllen = sizeof cm.space;
+        int got[4], ngot = 0, ctrunc = 0;
         /* Not blocking: another process may have read what poll saw. */
-        ssize_t n = recvmsg(c, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        ssize_t n = recv_with_fds(c, buf, sizeof buf, got, 4, &ngot, &ctrunc);
         if (n < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
-        int got[4], ngot = 0;
-        for (struct cmsghdr *h = n > 0 ? CMSG_FIRSTHDR(&msg) : NULL; h; h = CMSG_NXTHDR(&msg, h))
-            if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
-                int cnt = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                for (int i = 0; i < cnt; i++) {
-                    int f;
-                    memcpy(&f, CMSG_DATA(h) + i * sizeof(int), sizeof f);
-                    if (ngot < 4)
-                        got[ngot++] = f;
-                    else
-                        real_close(f);
-                }
-            }
         if (n <= 0) {
             complain(n == 0 ? "lb closed the channel before it sent the listener"
                             : "reading lb's channel failed (errno %ld)",
@@ -595,7 +606,7 @@ static int receive_listener(int c) {
         int kind = n >= HEADER_LEN && buf[0] == LB_VERSION ? buf[1] : -1;
         int type = 0, acc = 0;
         socklen_t tl = sizeof type, al = sizeof acc;
-        if (kind == KIND_LISTENER && ngot == 1 && !(msg.msg_flags & MSG_CTRUNC) &&
+        if (kind == KIND_LISTENER && ngot == 1 && !ctrunc &&
             real_getsockopt(got[0], SOL_SOCKET, SO_TYPE, &type, &tl) == 0 && type == SOCK_STREAM &&
             real_getsockopt(got[0], SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) == 0 && acc)
             return got[0];
@@ -626,31 +637,14 @@ static void *watch_channel(void *unused) {
             return NULL;
         }
         unsigned char buf[MAX_MESSAGE];
-        union {
-            struct cmsghdr h;
-            char space[CMSG_SPACE(4 * sizeof(int))];
-        } cm;
-        struct iovec iov = {buf, sizeof buf};
-        struct msghdr msg = {0};
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cm.space;
-        msg.msg_controllen = sizeof cm.space;
-        ssize_t n = recvmsg(c, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        int none, ctrunc = 0;
+        /* (None is expected after the LISTENER: any fd is closed.) */
+        ssize_t n = recv_with_fds(c, buf, sizeof buf, &none, 0, &none, &ctrunc);
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN)
                 continue;
             return NULL;
         }
-        for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h))
-            if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
-                int cnt = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-                for (int i = 0; i < cnt; i++) {
-                    int f;
-                    memcpy(&f, CMSG_DATA(h) + i * sizeof(int), sizeof f);
-                    real_close(f); /* none is expected after the LISTENER */
-                }
-            }
         if (n == 0) {
             if (!atomic_exchange(&eof_seen, 1))
                 stop_server();

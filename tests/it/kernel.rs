@@ -465,25 +465,49 @@ fn kernel_dispatch_follows_a_scale_up_and_a_restart() {
     }
 }
 
+/// Where BPF programs cannot be loaded (said): the Node tests skip.
+fn no_bpf() -> bool {
+    let missing = lb::dispatch::kernel::Steering::new(lb::policy::PolicyKind::RoundRobin).is_err();
+    if missing {
+        eprintln!("skipped: BPF programs cannot be loaded here");
+    }
+    missing
+}
+
+/// Two workers of the Node test app under kernel dispatch with `policy`.
+fn node_kernel_lb(node: &str, policy: &str) -> Lb {
+    let app = node_app();
+    let lb = Lb::start(
+        &[
+            "--workers",
+            "2",
+            "--dispatch",
+            "kernel",
+            "--policy",
+            policy,
+            "--",
+            node,
+            &app,
+        ],
+        &[],
+        2,
+    );
+    lb.wait_log("dispatch kernel:", 1);
+    lb
+}
+
 /// Unmodified Node.js cluster workers under kernel dispatch: lb answers
 /// each worker's `listen()` with a listener of its own (Node's
 /// `SCHED_NONE`), the app accepts by itself, and the program splits new
 /// connections exactly; lb sends no `newconn`.
 #[test]
 fn node_workers_accept_by_themselves_under_kernel_dispatch() {
-    if lb::dispatch::kernel::Steering::new(lb::policy::PolicyKind::RoundRobin).is_err() {
-        eprintln!("skipped: BPF programs cannot be loaded here");
+    if no_bpf() {
         return;
     }
     for (node, version) in node_binaries() {
         eprintln!("== Node {version} ({node})");
-        let app = node_app();
-        let lb = Lb::start(
-            &["--workers", "2", "--dispatch", "kernel", "--", &node, &app],
-            &[],
-            2,
-        );
-        lb.wait_log("dispatch kernel:", 1);
+        let lb = node_kernel_lb(&node, "rr");
         assert_eq!(split(lb.addr, 2, 200), [100, 100]);
         let json = lb.ctl(&["status", "--json"]);
         // No connection went through lb.
@@ -516,29 +540,12 @@ fn node_workers_accept_by_themselves_under_kernel_dispatch() {
 /// what each holds though it handed out nothing.
 #[test]
 fn node_least_conn_under_kernel_dispatch_counts_each_workers_connections() {
-    if lb::dispatch::kernel::Steering::new(lb::policy::PolicyKind::LeastConn).is_err() {
-        eprintln!("skipped: BPF programs cannot be loaded here");
+    if no_bpf() {
         return;
     }
     for (node, version) in node_binaries() {
         eprintln!("== Node {version} ({node})");
-        let app = node_app();
-        let lb = Lb::start(
-            &[
-                "--workers",
-                "2",
-                "--dispatch",
-                "kernel",
-                "--policy",
-                "lc",
-                "--",
-                &node,
-                &app,
-            ],
-            &[],
-            2,
-        );
-        lb.wait_log("dispatch kernel:", 1);
+        let lb = node_kernel_lb(&node, "lc");
         let per = split(lb.addr, 2, 100);
         assert_eq!(per.iter().sum::<usize>(), 100);
         // Every accept and close reported: 100 in all, none open.
