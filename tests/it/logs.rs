@@ -35,8 +35,16 @@ fn json_lines_are_objects_with_the_workers_slot_pid_and_pool() {
     let dir = scratch("logs-json");
     let config = two_pools(&dir, &talker(&dir), "");
     let lb = Lb::start(&["--config", &config, "--log-format", "json"], &[], 2);
-    let pid = lb.pid_of_slot(1);
-    lb.wait_log(&format!("[worker 1 pid {pid} stderr] oops on stderr"), 1);
+    // Each worker's two lines reach the log on their own pipes, in either
+    // order: wait for both streams of both workers before counting.
+    for slot in 0..2 {
+        let pid = lb.pid_of_slot(slot);
+        lb.wait_log(&format!("[worker {slot} pid {pid}] hello on stdout"), 1);
+        lb.wait_log(
+            &format!("[worker {slot} pid {pid} stderr] oops on stderr"),
+            1,
+        );
+    }
     let raw = lb.log.raw_lines();
     let (mut about, mut output) = (0, 0);
     for line in &raw {
@@ -76,7 +84,7 @@ fn json_lines_are_objects_with_the_workers_slot_pid_and_pool() {
         }
     }
     assert!(about >= 4, "online and ready for each: {raw:#?}");
-    assert!(output >= 3, "{raw:#?}");
+    assert_eq!(output, 4, "{raw:#?}");
 }
 
 #[test]
