@@ -52,7 +52,11 @@ fn arg(s: &Spec) -> Arg {
     let arg = Arg::new(s.key)
         .long(s.long())
         .value_name(s.value_name)
-        .action(ArgAction::Set)
+        .action(if s.many {
+            ArgAction::Append
+        } else {
+            ArgAction::Set
+        })
         .help(s.help_text());
     let arg = match s.short {
         Some(c) => arg.short(c),
@@ -96,8 +100,11 @@ impl FromArgMatches for StartArgs {
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
         for s in settings::ALL {
-            if let Some(v) = matches.get_raw(s.key).and_then(|mut v| v.next()) {
-                self.values.insert(s.key, v.to_owned());
+            if let Some(values) = matches.get_raw(s.key) {
+                let values: Vec<&OsStr> = values.collect();
+                if !values.is_empty() {
+                    self.values.insert(s.key, values.join(OsStr::new(",")));
+                }
             }
         }
         if let Some(command) = matches.get_raw("command") {

@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dispatch;
+pub mod listeners;
 pub mod log;
 pub mod manual;
 pub mod master;

@@ -2,15 +2,14 @@
 //! runs the supervisor on this thread, and stops both in order.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-
-use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, ConfigError, Dispatch};
 use crate::control;
 use crate::dispatch::{self, Dispatcher, Notifier};
+use crate::listeners;
 use crate::supervisor::{self, Reconfigure, Supervisor, SupervisorError};
 use crate::sys;
 use crate::{info, warn};
@@ -18,7 +17,7 @@ use crate::{info, warn};
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     #[error("cannot listen on {addr}: {reason}")]
-    Listen { addr: SocketAddr, reason: String },
+    Listen { addr: String, reason: String },
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
     #[error(transparent)]
@@ -61,71 +60,6 @@ pub enum Outcome {
     Forced,
 }
 
-/// Binds `addr` the way a server should: CLOEXEC and non-blocking from
-/// birth, `SO_REUSEADDR` so a restart does not wait out TIME_WAIT. With
-/// `steering` (kernel dispatch) it is the anchor of a reuseport group the
-/// workers' own listeners join, and the program is attached before it
-/// listens, so that no connection ever queues on it; the port is first
-/// bound without `SO_REUSEPORT`, so a port someone else holds is still "in
-/// use" rather than shared.
-pub fn bind(
-    addr: SocketAddr,
-    backlog: u32,
-    steering: Option<&dispatch::kernel::Steering>,
-) -> Result<TcpListener, MasterError> {
-    let reuse_port = steering.is_some();
-    let fail = |e: io::Error| {
-        let reason = match e.raw_os_error() {
-            Some(libc::EADDRINUSE) => {
-                "address already in use; stop the other process or choose another --listen".into()
-            }
-            Some(libc::EACCES) => {
-                "permission denied; ports below 1024 need privileges, choose another --listen"
-                    .into()
-            }
-            Some(libc::EADDRNOTAVAIL) => {
-                "address not available on this machine; choose another --listen".into()
-            }
-            _ => e.to_string(),
-        };
-        MasterError::Listen { addr, reason }
-    };
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )
-    .map_err(fail)?;
-    socket.set_reuse_address(true).map_err(fail)?;
-    if reuse_port {
-        // Free ports only: a probe without SO_REUSEPORT fails on a port that
-        // another group (another lb) holds, and frees it at once.
-        let probe =
-            Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None).map_err(fail)?;
-        probe.set_reuse_address(true).map_err(fail)?;
-        probe.bind(&addr.into()).map_err(fail)?;
-        let bound = probe.local_addr().ok().and_then(|a| a.as_socket());
-        drop(probe);
-        socket.set_reuse_port(true).map_err(fail)?;
-        // Port 0: the kernel's choice, which the probe learned.
-        let addr = bound.unwrap_or(addr);
-        socket.bind(&addr.into()).map_err(fail)?;
-    } else {
-        socket.bind(&addr.into()).map_err(fail)?;
-    }
-    if let Some(steering) = steering {
-        steering.attach(socket.as_fd()).map_err(|e| {
-            MasterError::KernelDispatch(format!(
-                "cannot attach the BPF program to the listener ({e})"
-            ))
-        })?;
-    }
-    socket
-        .listen(backlog.min(i32::MAX as u32) as i32)
-        .map_err(fail)?;
-    Ok(socket.into())
-}
-
 /// Runs a master until it is told to stop. `reconfigure` loads the
 /// configuration again for a reload (SIGHUP, `lb reload`).
 pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterError> {
@@ -140,36 +74,45 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
 
     // Kernel dispatch's program, made before the listener it steers from.
     let mut steering = kernel_program(&config)?;
-    let listener = match crate::systemd::activated_listener() {
-        Ok(Some(l)) => {
+    let inherited = crate::systemd::activated_listeners().map_err(MasterError::SocketActivation)?;
+    let open = if inherited.is_empty() {
+        listeners::bind_all(&config.listeners, steering.as_ref())?
+    } else {
+        let open = listeners::activated(inherited, &config.listeners)?;
+        for l in &open {
             // A master killed while stopping may have left its stop filter
-            // on the socket systemd keeps (dispatch: SYN_DROP).
-            let _ = socket2::SockRef::from(&l).detach_filter();
-            if steering.is_some() {
-                steering = attach_to_activated(&config, steering, &l)?;
-            }
-            l
+            // on a socket systemd keeps (dispatch: SYN_DROP).
+            let _ = socket2::SockRef::from(&l.fd).detach_filter();
         }
-        Ok(None) => bind(config.listen, config.backlog, steering.as_ref())?,
-        Err(e) => return Err(MasterError::SocketActivation(e)),
+        if steering.is_some() {
+            steering = attach_to_activated(&config, steering, &open)?;
+        }
+        open
     };
-    // Every client must send a PROXY header first: accept hands out a
-    // connection once its first bytes are there, so the header stage
-    // rarely has to wait for one in the poll.
-    if config.proxy_protocol != crate::config::ProxyProtocol::Off
-        && config.proxy_untrusted == crate::config::Untrusted::Refuse
-    {
-        let secs = config
-            .proxy_header_timeout
-            .as_secs()
-            .clamp(1, u64::from(u32::MAX)) as u32;
-        let _ = sys::defer_accept(listener.as_fd(), secs);
+    let _made = listeners::Made::of(&open);
+    for l in &open {
+        // Every client must send a PROXY header first: accept hands out a
+        // connection once its first bytes are there, so the header stage
+        // rarely has to wait for one in the poll.
+        let rules = &l.settings.proxy;
+        if rules.protocol.is_on()
+            && rules.untrusted == crate::config::Untrusted::Refuse
+            && l.address().tcp().is_some()
+        {
+            let secs = config
+                .proxy_header_timeout
+                .as_secs()
+                .clamp(1, u64::from(u32::MAX)) as u32;
+            let _ = sys::defer_accept(l.fd.as_fd(), secs);
+        }
     }
     // (Reloads may bring Node pools too; the stop line then counts from 0.)
     let any_node = config.any_node();
-    let local = listener
-        .local_addr()
-        .map_err(MasterError::ListenerAddress)?;
+    let local = open
+        .iter()
+        .find_map(|l| l.address().tcp())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let listening: Vec<String> = open.iter().map(|l| l.address().to_string()).collect();
 
     // Everything the configuration names is checked, and the control and
     // metrics servers started, before the line that says lb is up.
@@ -192,7 +135,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         Some(addr) => Some(
             control::metrics::serve(addr, control_tx.clone(), Arc::clone(&waker)).map_err(|e| {
                 MasterError::Listen {
-                    addr,
+                    addr: addr.to_string(),
                     reason: format!("{e} (for --metrics)"),
                 }
             })?,
@@ -227,7 +170,8 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         Arc::clone(&waker),
     )?;
     info!(
-        "listening on {local} (policy {}, {} workers: {})",
+        "listening on {} (policy {}, {} workers: {})",
+        listening.join(", "),
         config.policy,
         config.slots(),
         config
@@ -254,7 +198,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     // (so its backlog outlives restarts) and never accepts itself.
     let shared = config.shared();
     let mut kernel = false;
-    let (mut dispatcher, handle, shared_listener) = if shared {
+    let (mut dispatcher, handle, shared_listeners) = if shared {
         if steering.is_none() && config.policy_explicit {
             info!(
                 "policy {} has no effect in shared mode: the kernel balances accept() calls",
@@ -266,15 +210,29 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         // The workers' own accept() calls are blocking or not as each
         // server likes: the flag belongs to the socket they all share, and
         // a textbook blocking server would get EAGAIN from lb's choice.
-        listener
-            .set_nonblocking(false)
-            .map_err(MasterError::ListenerAddress)?;
-        (d.0, d.1, Some(std::os::fd::OwnedFd::from(listener)))
+        let mut shared = Vec::with_capacity(open.len());
+        for l in open {
+            socket2::SockRef::from(&l.fd)
+                .set_nonblocking(false)
+                .map_err(MasterError::ListenerAddress)?;
+            shared.push((l.fd, l.settings.name));
+        }
+        (d.0, d.1, shared)
     } else {
         // Under kernel dispatch lb's listener is the group's anchor, and
         // takes no connection (the program never picks it).
-        let (mut d, h) = Dispatcher::new(listener, config.policy, config.slots(), notifier)
-            .map_err(MasterError::Dispatcher)?;
+        let rules: Vec<_> = open
+            .iter()
+            .map(|l| (l.address().to_string(), l.settings.proxy.clone()))
+            .collect();
+        let (mut d, h) = Dispatcher::with_listeners(
+            open.into_iter().map(|l| l.fd).collect(),
+            local,
+            config.policy,
+            config.slots(),
+            notifier,
+        )
+        .map_err(MasterError::Dispatcher)?;
         if let Some(timeout) = config.stall_timeout {
             d.watch_stalls(timeout, supervisor::message_cost());
         }
@@ -286,34 +244,46 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
                 })?;
             d.set_proxy_timeouts(config.proxy_connect_timeout, config.proxy_idle_timeout);
         }
-        if config.proxy_protocol.is_on() {
-            d.read_proxy_headers(dispatch::header::Rules {
-                accept: config.proxy_protocol,
-                trusted: config.proxy_trusted.clone(),
-                untrusted: config.proxy_untrusted,
-                timeout: config.proxy_header_timeout,
-            });
+        for (i, (address, rules)) in rules.into_iter().enumerate() {
+            if !rules.protocol.is_on() {
+                continue;
+            }
+            let unix = address.starts_with("unix:");
             info!(
-                "proxy_protocol {}: each connection from {} starts with a PROXY header, which lb \
-                 reads and hands on as the client's address; others are {}",
-                config.proxy_protocol,
-                if config.proxy_trusted.is_empty() {
+                "proxy_protocol {} on {address}: each connection from {} starts with a PROXY \
+                 header, which lb reads and hands on as the client's address{}",
+                rules.protocol,
+                if unix {
+                    "anyone who may open the socket".to_string()
+                } else if rules.trusted.is_empty() {
                     "nowhere".to_string()
                 } else {
-                    config
-                        .proxy_trusted
+                    rules
+                        .trusted
                         .iter()
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join(", ")
                 },
-                match config.proxy_untrusted {
-                    crate::config::Untrusted::Refuse => "refused",
-                    crate::config::Untrusted::Serve => "served as direct clients",
+                match (unix, rules.untrusted) {
+                    (true, _) => "",
+                    (false, crate::config::Untrusted::Refuse) => "; others are refused",
+                    (false, crate::config::Untrusted::Serve) => {
+                        "; others are served as direct clients"
+                    }
                 }
             );
+            d.read_proxy_headers_on(
+                i,
+                dispatch::header::Rules {
+                    accept: rules.protocol,
+                    trusted: rules.trusted,
+                    untrusted: rules.untrusted,
+                    timeout: config.proxy_header_timeout,
+                },
+            );
         }
-        (d, h, None)
+        (d, h, Vec::new())
     };
     if let Some(steering) = steering {
         info!(
@@ -339,7 +309,8 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         reconfigure,
         supervisor::Front {
             addr: local,
-            shared: shared_listener,
+            listening,
+            shared: shared_listeners,
             kernel,
         },
         handle.clone(),
@@ -434,10 +405,23 @@ fn kernel_program(config: &Config) -> Result<Option<dispatch::kernel::Steering>,
 fn attach_to_activated(
     config: &Config,
     steering: Option<dispatch::kernel::Steering>,
-    anchor: &TcpListener,
+    open: &[listeners::Open],
 ) -> Result<Option<dispatch::kernel::Steering>, MasterError> {
     let Some(steering) = steering else {
         return Ok(None);
+    };
+    let anchor = match open {
+        [one] if one.address().tcp().is_some() => &one.fd,
+        _ => {
+            return refuse_kernel(
+                config,
+                format!(
+                    "systemd passed {} listeners, and kernel dispatch steers one TCP listener's \
+                     connections",
+                    open.len()
+                ),
+            );
+        }
     };
     // A socket systemd passed joins a group only if it was made for one.
     if !socket2::SockRef::from(anchor).reuse_port().unwrap_or(false) {
@@ -454,7 +438,7 @@ fn attach_to_activated(
             format!("cannot attach the BPF program to the listener ({e})"),
         );
     }
-    let _ = anchor.set_nonblocking(true);
+    let _ = socket2::SockRef::from(anchor).set_nonblocking(true);
     let mut closed = 0;
     while let Ok(conn) = sys::accept4(anchor.as_fd()) {
         drop(conn);

@@ -10,7 +10,7 @@ mod child;
 mod fd;
 mod process;
 
-pub use child::{Become, become_in_child, exec_with_own_pid, keep_fd, prepare_child};
+pub use child::{Become, become_in_child, exec_with_own_pid, keep_fd, place_fds, prepare_child};
 pub use fd::{
     accept_queue, accept4, cloexec_from, defer_accept, inherited_listener, raise_nofile_limit,
     stop_listening, unread_bytes,

@@ -3,7 +3,7 @@
 //! protocols over the environment; no library needed.
 
 use std::io;
-use std::net::TcpListener;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
 /// Environment variables of these protocols, which workers must not inherit
@@ -65,20 +65,31 @@ pub fn reloading() -> String {
     format!("RELOADING=1\nMONOTONIC_USEC={now}")
 }
 
-/// The listening socket systemd passed (fd 3), if `LISTEN_PID` is this
-/// process and `LISTEN_FDS` is at least 1; checked before it is trusted.
-pub fn activated_listener() -> io::Result<Option<TcpListener>> {
+/// The listening sockets systemd passed (fds 3 on), each with its name
+/// from `LISTEN_FDNAMES` (`FileDescriptorName=`; systemd's default is the
+/// socket unit's name), if `LISTEN_PID` is this process; each is checked
+/// before it is trusted. Empty without socket activation.
+pub fn activated_listeners() -> io::Result<Vec<(OwnedFd, Option<String>)>> {
     let pid = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok());
     let fds = std::env::var("LISTEN_FDS")
         .ok()
-        .and_then(|n| n.parse::<u32>().ok());
+        .and_then(|n| n.parse::<i32>().ok());
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let mut names = names
+        .split(':')
+        .map(|n| Some(n.to_string()).filter(|n| !n.is_empty()));
     match (pid, fds) {
-        (Some(pid), Some(n)) if pid == std::process::id() && n >= 1 => {
-            crate::sys::inherited_listener(3).map(Some)
-        }
-        _ => Ok(None),
+        (Some(pid), Some(n)) if pid == std::process::id() && n >= 1 => (0..n.min(1024))
+            .map(|i| {
+                Ok((
+                    crate::sys::inherited_listener(3 + i)?,
+                    names.next().flatten(),
+                ))
+            })
+            .collect(),
+        _ => Ok(Vec::new()),
     }
 }
 

@@ -37,12 +37,26 @@ impl Dispatch {
     /// of its own, which lb relays to. Least-connections needs the workers'
     /// counts, which shared-mode workers do not report.
     pub fn kernel_refusal(config: &Config) -> Option<String> {
-        if config.proxy_protocol.is_on() {
+        if let Some(l) = config.listeners.iter().find(|l| l.reads_proxy_headers()) {
             return Some(format!(
-                "proxy_protocol is {}, and under kernel dispatch the workers accept connections \
-                 themselves, PROXY header and all, which only lb can read and remove: use \
-                 --dispatch master, or proxy_protocol off",
-                config.proxy_protocol
+                "proxy_protocol is {} on {}, and under kernel dispatch the workers accept \
+                 connections themselves, PROXY header and all, which only lb can read and \
+                 remove: use --dispatch master, or proxy_protocol off",
+                l.proxy.protocol, l.address
+            ));
+        }
+        if config.listeners.len() > 1 {
+            return Some(format!(
+                "lb listens on {} addresses, and kernel dispatch steers one TCP listener's \
+                 connections: use --dispatch master, or one --listen",
+                config.listeners.len()
+            ));
+        }
+        if let Some(l) = config.listeners.iter().find(|l| l.address.tcp().is_none()) {
+            return Some(format!(
+                "{} is a Unix socket, and the kernel's SO_REUSEPORT steering is for TCP: use \
+                 --dispatch master, or a TCP --listen",
+                l.address
             ));
         }
         if let Some(p) = config.pools.iter().find(|p| p.mode == Mode::Proxy) {

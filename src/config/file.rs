@@ -11,7 +11,7 @@ use super::ConfigError;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
-    pub listen: Option<String>,
+    pub listen: Option<super::listen::FileListen>,
     pub backlog: Option<u32>,
     pub policy: Option<String>,
     pub workers: Option<usize>,

@@ -12,7 +12,13 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let mut src = Sources::new(args, env);
     src.read_file()?;
 
-    let listen = src.value(&s::LISTEN)?;
+    // The file's [[listen]] tables first: a mistake in one is named by its
+    // key, before its address list is read.
+    let file_tables = match src.file.listen.as_ref() {
+        Some(file) => super::listen::tables(file, &src.in_file("listen"))?,
+        None => Vec::new(),
+    };
+    let (addresses, listen_origin) = src.value_and_origin(&s::LISTEN)?;
     let backlog = src.value(&s::BACKLOG)?;
     let (policy, policy_origin) = src.value_and_origin(&s::POLICY)?;
     let mode = src.given(&s::MODE)?;
@@ -33,6 +39,25 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     let proxy_trusted = src.optional(&s::PROXY_TRUSTED)?.0.unwrap_or_default();
     let proxy_untrusted = src.value(&s::PROXY_UNTRUSTED)?;
     let proxy_header_timeout = src.value(&s::PROXY_HEADER_TIMEOUT)?;
+    // A [[listen]] table's settings go with the file's own list only: a
+    // list from the command line or the environment replaces it whole.
+    let tables = match listen_origin {
+        super::Origin::File(..) => file_tables,
+        _ => Vec::new(),
+    };
+    let listeners = super::listen::listeners(
+        addresses,
+        tables,
+        &super::listen::Defaults {
+            backlog,
+            proxy: super::ProxyRules {
+                protocol: proxy_protocol,
+                trusted: proxy_trusted,
+                untrusted: proxy_untrusted,
+            },
+        },
+        &listen_origin,
+    )?;
     let metrics = src.given(&s::METRICS)?.map(|v| v.0);
     let (control, control_origin) = src.optional(&s::CONTROL)?;
     let workers = src.given(&s::WORKERS)?;
@@ -66,8 +91,7 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
     }
 
     let config = Config {
-        listen,
-        backlog,
+        listeners,
         policy,
         drain_timeout,
         ready_timeout,
@@ -83,9 +107,6 @@ pub fn load(args: &StartArgs, env: EnvFn<'_>) -> Result<Config, ConfigError> {
         max_conns,
         proxy_connect_timeout,
         proxy_idle_timeout,
-        proxy_protocol,
-        proxy_trusted,
-        proxy_untrusted,
         proxy_header_timeout,
         min_ready,
         pools: pools(&src, workers, mode, send_proxy, &run_as)?,

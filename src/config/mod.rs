@@ -13,6 +13,7 @@ mod error;
 pub(crate) mod file;
 #[cfg(test)]
 mod fuzz;
+pub mod listen;
 mod load;
 mod mode;
 mod parse;
@@ -28,6 +29,7 @@ mod tests;
 
 pub use dispatch::Dispatch;
 pub use error::{ConfigError, Origin};
+pub use listen::{Address, Listener, ProxyRules};
 pub use load::load;
 pub use mode::{ChannelKind, DrainBy, Mode};
 pub use preflight::preflight;
@@ -98,8 +100,8 @@ pub mod bounds {
 /// Everything the master needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub backlog: u32,
+    /// What lb serves, in order (at least one).
+    pub listeners: Vec<Listener>,
     pub policy: PolicyKind,
     pub drain_timeout: Duration,
     pub ready_timeout: Duration,
@@ -129,12 +131,6 @@ pub struct Config {
     /// Proxy mode: a relay that moved no byte either way for this long is
     /// reset; `None`: never.
     pub proxy_idle_timeout: Option<Duration>,
-    /// Which PROXY protocol header each connection starts with.
-    pub proxy_protocol: ProxyProtocol,
-    /// The balancers allowed to send one.
-    pub proxy_trusted: Vec<Cidr>,
-    /// What becomes of a connection from anyone else.
-    pub proxy_untrusted: Untrusted,
     /// A header not all there after this is closed.
     pub proxy_header_timeout: Duration,
     /// Workers that must be ready for `/readyz` to answer 200.
@@ -206,6 +202,17 @@ impl Config {
     /// Whether some pool runs Node.js cluster workers.
     pub fn any_node(&self) -> bool {
         self.pools.iter().any(|p| p.mode == Mode::Node)
+    }
+
+    /// Whether some listener reads PROXY headers.
+    pub fn any_proxy_protocol(&self) -> bool {
+        self.listeners.iter().any(Listener::reads_proxy_headers)
+    }
+
+    /// The first TCP listener's address (kernel dispatch's group, Node's
+    /// and the shim's port), if there is one.
+    pub fn tcp_listen(&self) -> Option<SocketAddr> {
+        self.listeners.iter().find_map(|l| l.address.tcp())
     }
 
     /// Total number of worker slots.

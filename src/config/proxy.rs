@@ -209,25 +209,28 @@ pub fn trusted(nets: &[Cidr], ip: IpAddr) -> bool {
 /// Refuses what cannot work with a PROXY header on the listener. (Kernel
 /// dispatch is refused by `Dispatch::kernel_refusal`, so `auto` falls back.)
 pub fn check(config: &Config) -> Result<(), ConfigError> {
-    if !config.proxy_protocol.is_on() {
-        return Ok(());
-    }
-    if config.proxy_trusted.is_empty() && config.proxy_untrusted == Untrusted::Refuse {
-        return Err(ConfigError::Conflict(format!(
-            "proxy_protocol is {} but proxy_trusted names no balancer, so every connection \
-             would be refused: set --proxy-trusted to the networks your balancers connect from \
-             (e.g. 10.0.0.0/8), or --proxy-untrusted serve",
-            config.proxy_protocol
-        )));
-    }
-    if let Some(p) = config.pools.iter().find(|p| p.mode == Mode::Shared) {
-        return Err(ConfigError::Conflict(format!(
-            "proxy_protocol is {} but pool `{}` is mode shared, whose workers accept from lb's \
-             listener themselves and would read the PROXY header as the client's first bytes: \
-             use mode native, shim, node or proxy (lb reads the header and hands on the rest), \
-             or proxy_protocol off",
-            config.proxy_protocol, p.name
-        )));
+    for l in config.listeners.iter().filter(|l| l.reads_proxy_headers()) {
+        let rules = &l.proxy;
+        // (A Unix listener's clients have no address to trust: its header
+        // is read from whoever connects, which the file's mode controls.)
+        let unix = matches!(l.address, super::Address::Unix(_));
+        if !unix && rules.trusted.is_empty() && rules.untrusted == Untrusted::Refuse {
+            return Err(ConfigError::Conflict(format!(
+                "proxy_protocol is {} on {} but proxy_trusted names no balancer, so every \
+                 connection would be refused: set --proxy-trusted to the networks your \
+                 balancers connect from (e.g. 10.0.0.0/8), or --proxy-untrusted serve",
+                rules.protocol, l.address
+            )));
+        }
+        if let Some(p) = config.pools.iter().find(|p| p.mode == Mode::Shared) {
+            return Err(ConfigError::Conflict(format!(
+                "proxy_protocol is {} on {} but pool `{}` is mode shared, whose workers accept \
+                 from lb's listener themselves and would read the PROXY header as the client's \
+                 first bytes: use mode native, shim, node or proxy (lb reads the header and \
+                 hands on the rest), or proxy_protocol off",
+                rules.protocol, l.address, p.name
+            )));
+        }
     }
     Ok(())
 }

@@ -36,6 +36,8 @@ pub struct Spec {
     pub file: Option<fn(&File) -> Option<String>>,
     /// Any bytes (a path) rather than UTF-8 text.
     pub path: bool,
+    /// The flag may be repeated; its values are joined by commas.
+    pub many: bool,
 }
 
 impl Spec {
@@ -126,19 +128,23 @@ const fn spec(key: &'static str, flag: &'static str, env: &'static str) -> Spec 
         unset: None,
         file: None,
         path: false,
+        many: false,
     }
 }
 
-pub const LISTEN: Setting<SocketAddr> = Setting {
+pub const LISTEN: Setting<Vec<super::Address>> = Setting {
     spec: Spec {
         short: Some('l'),
-        value_name: "HOST:PORT",
-        help: "Address to accept connections on",
+        value_name: "ADDRESS",
+        help: "Address to accept connections on: HOST:PORT, [IPv6]:PORT or unix:/PATH; \
+               repeat the flag (or separate by commas) for several, served by the same \
+               workers ([[listen]] in lb.toml sets each one's backlog and PROXY settings)",
         default: Some(defaults::LISTEN),
-        file: Some(|f| f.listen.clone()),
+        file: Some(|f| f.listen.as_ref().map(super::listen::FileListen::addresses)),
+        many: true,
         ..spec("listen", "--listen", "LB_LISTEN")
     },
-    parse: |v| parse::address(&text(v), "127.0.0.1:8000 or 0.0.0.0:80"),
+    parse: |v| super::Address::parse_list(&text(v)),
 };
 
 /// Outside the pools: the size of the single pool (from the command line
@@ -650,7 +656,7 @@ mod tests {
         assert_eq!(parsed(&MAX_CONNS), defaults::MAX_CONNS);
         assert_eq!(parsed(&RELOAD_PARALLEL), 1);
         assert_eq!(parsed(&POLICY), PolicyKind::RoundRobin);
-        assert_eq!(parsed(&LISTEN).to_string(), defaults::LISTEN);
+        assert_eq!(parsed(&LISTEN)[0].to_string(), defaults::LISTEN);
         parsed(&DRAIN_TIMEOUT);
         parsed(&READY_TIMEOUT);
         parsed(&MIN_UPTIME);

@@ -34,9 +34,10 @@ fn temp_file(name: &str, text: &str) -> PathBuf {
 #[test]
 fn defaults_run_the_bundled_worker_on_every_cpu() {
     let c = with_env(&args(&[]), &[]).unwrap();
-    assert_eq!(c.listen.to_string(), "127.0.0.1:8000");
+    assert_eq!(c.listeners.len(), 1);
+    assert_eq!(c.listeners[0].address.to_string(), "127.0.0.1:8000");
     assert_eq!(c.policy, PolicyKind::RoundRobin);
-    assert_eq!(c.backlog, defaults::BACKLOG);
+    assert_eq!(c.listeners[0].backlog, defaults::BACKLOG);
     assert_eq!(c.drain_timeout, Duration::from_secs(10));
     assert_eq!(c.ready_timeout, Duration::from_secs(30));
     assert_eq!(c.min_uptime, Duration::from_secs(1));
@@ -57,7 +58,7 @@ fn cli_beats_env_beats_file() {
     let f = f.to_str().unwrap();
     let c = with_env(&args(&["-c", f]), &[]).unwrap();
     assert_eq!(
-        (c.policy, c.listen.port(), c.slots()),
+        (c.policy, c.tcp_listen().unwrap().port(), c.slots()),
         (PolicyKind::LeastConn, 7000, 3)
     );
     let c = with_env(
@@ -321,9 +322,10 @@ fn bare_numbers_in_the_file_are_seconds_and_bytes() {
 #[test]
 fn proxy_protocol_settings_and_their_refusals() {
     let c = with_env(&args(&[]), &[]).unwrap();
-    assert_eq!(c.proxy_protocol, ProxyProtocol::Off);
-    assert!(c.proxy_trusted.is_empty());
-    assert_eq!(c.proxy_untrusted, Untrusted::Refuse);
+    let rules = &c.listeners[0].proxy;
+    assert_eq!(rules.protocol, ProxyProtocol::Off);
+    assert!(rules.trusted.is_empty());
+    assert_eq!(rules.untrusted, Untrusted::Refuse);
     assert_eq!(c.proxy_header_timeout, Duration::from_secs(3));
     assert_eq!(c.pools[0].send_proxy, SendProxy::Off);
 
@@ -337,8 +339,8 @@ fn proxy_protocol_settings_and_their_refusals() {
         &[("LB_PROXY_HEADER_TIMEOUT", "500ms")],
     )
     .unwrap();
-    assert_eq!(c.proxy_protocol, ProxyProtocol::V2);
-    assert_eq!(c.proxy_trusted.len(), 2);
+    assert_eq!(c.listeners[0].proxy.protocol, ProxyProtocol::V2);
+    assert_eq!(c.listeners[0].proxy.trusted.len(), 2);
     assert_eq!(c.proxy_header_timeout, Duration::from_millis(500));
 
     // On, with nobody trusted and untrusted refused: every connection would be.
@@ -433,7 +435,7 @@ fn proxy_protocol_settings_and_their_refusals() {
          [[pool]]\ncommand = \"true\"\nargs = [\"{port}\"]\nmode = \"proxy\"\nsend_proxy = \"off\"\n",
     );
     let c = with_env(&args(&["-c", f.to_str().unwrap()]), &[]).unwrap();
-    assert_eq!(c.proxy_trusted.len(), 2);
+    assert_eq!(c.listeners[0].proxy.trusted.len(), 2);
     assert_eq!(
         (c.pools[0].send_proxy, c.pools[1].send_proxy),
         (SendProxy::V1, SendProxy::Off)

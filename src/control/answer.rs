@@ -4,7 +4,7 @@
 
 use super::prometheus::BUCKETS;
 use super::wire::{
-    Health, PoolStatus, ProcessStatus, ProxyHeaders, Response, Status, WorkerStatus,
+    Health, ListenerStatus, PoolStatus, ProcessStatus, ProxyHeaders, Response, Status, WorkerStatus,
 };
 use crate::supervisor::{self, Answer};
 
@@ -37,6 +37,14 @@ impl From<&supervisor::Status> for Status {
         Status {
             pid: s.pid,
             listen: s.listen.clone(),
+            listeners: s
+                .listeners
+                .iter()
+                .map(|l| ListenerStatus {
+                    address: l.address.clone(),
+                    accepted: l.accepted,
+                })
+                .collect(),
             policy: s.policy.into(),
             dispatch: s.dispatch.into(),
             uptime_s: s.uptime.as_secs_f64(),
@@ -156,6 +164,10 @@ mod tests {
         let s = supervisor::Status {
             pid: 10,
             listen: "127.0.0.1:8000".into(),
+            listeners: vec![supervisor::ListenerStatus {
+                address: "127.0.0.1:8000".into(),
+                accepted: Some(3),
+            }],
             policy: "least-conn",
             dispatch: "master",
             uptime: Duration::from_millis(2500),

@@ -248,6 +248,15 @@ pub fn render(s: &Status) -> String {
         s.min_ready,
         pools_line(s)
     );
+    if s.listeners.len() > 1 {
+        for l in &s.listeners {
+            out += &match l.accepted {
+                Some(n) => format!("listener {}: {n} accepted\n", l.address),
+                None => format!("listener {}\n", l.address),
+            };
+        }
+        out.push('\n');
+    }
     // As wide as the longest pool name (names are the user's).
     let pool_width = s
         .workers

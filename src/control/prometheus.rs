@@ -73,12 +73,32 @@ pub fn render(s: &Status) -> String {
         o.family(name, "counter", help);
         o.sample(name, &[], v);
     }
+    listeners(&mut o, s);
     proxy_headers(&mut o, s);
     health(&mut o, s);
     pools(&mut o, &s.pools);
     workers(&mut o, &s.workers);
     latency(&mut o, s);
     o.0
+}
+
+/// Connections accepted from each listener (none in shared mode, where the
+/// workers accept).
+fn listeners(o: &mut Exposition, s: &Status) {
+    o.family(
+        "lb_listener_connections_accepted_total",
+        "counter",
+        "Connections accepted by the master, by listener.",
+    );
+    for l in &s.listeners {
+        if let Some(n) = l.accepted {
+            o.sample(
+                "lb_listener_connections_accepted_total",
+                &[("listener", &l.address)],
+                n,
+            );
+        }
+    }
 }
 
 /// The PROXY protocol: headers read by version, connections closed by reason.

@@ -94,7 +94,11 @@ pub struct Health {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub pid: u32,
+    /// Every listener, comma-separated.
     pub listen: String,
+    /// Each listener, in configured order.
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
     pub policy: String,
     /// `master` (lb hands connections on) or `kernel` (a BPF program picks).
     #[serde(default)]
@@ -152,6 +156,15 @@ pub struct ProxyHeaders {
     /// Connections closed, by reason: malformed, oversized, timeout,
     /// untrusted, closed (the client, before its header was complete), full.
     pub failures: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// `HOST:PORT`, `[IPv6]:PORT` or `unix:/PATH`.
+    pub address: String,
+    /// Connections lb accepted from it; `null` in shared mode, where the
+    /// workers accept.
+    pub accepted: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -201,6 +201,8 @@ pub struct WorkerStats {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub stats: Stats,
+    /// Connections accepted from each listener, in configured order.
+    pub by_listener: Vec<u64>,
     pub workers: Vec<WorkerStats>,
     /// Hand-off latency per connection, ns.
     pub latency: hdrhistogram::Histogram<u64>,

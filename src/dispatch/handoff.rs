@@ -8,6 +8,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use super::conn::Conn;
+use super::front::Front;
 use super::link::Delivery;
 use super::worker::State;
 use super::{Dispatcher, Event};
@@ -33,21 +34,31 @@ impl Dispatcher {
             self.send_drains();
             return;
         }
-        if !self.backlog_waiting || self.retry_at.is_some() {
+        if self.retry_at.is_some() {
             return;
         }
-        // Out of `self` for the batch so `hand_off` can borrow `self` mutably.
-        let Some(listener) = self.listener.take() else {
-            return;
-        };
-        self.accept_batch(&listener);
-        self.listener = Some(listener);
+        // Out of `self` for the batch so `hand_off` can borrow `self`
+        // mutably (taking a `Vec` moves three words, never allocates).
+        // A batch from each listener in turn, so that a flood on one does
+        // not keep the others waiting.
+        let mut listeners = std::mem::take(&mut self.listeners);
+        let mut again = true;
+        while again {
+            again = false;
+            for (i, listener) in listeners.iter_mut().enumerate() {
+                if listener.waiting && self.retry_at.is_none() {
+                    again |= self.accept_batch(i, listener);
+                }
+            }
+        }
+        self.listeners = listeners;
     }
 
-    /// Accepts up to `SEND_BATCH` connections at a time and sends them, until
-    /// the backlog is empty or no worker has room.
-    fn accept_batch(&mut self, listener: &mio::net::TcpListener) {
-        loop {
+    /// Accepts up to `SEND_BATCH` connections from listener `index` and
+    /// sends them. Whether another batch may follow: the batch was full
+    /// and every worker took its share.
+    fn accept_batch(&mut self, index: usize, listener: &mut Front) -> bool {
+        {
             let mut more = true;
             while self.accepted.len() < scm::SEND_BATCH {
                 // Every place for a PROXY header is taken: the backlog
@@ -56,10 +67,11 @@ impl Dispatcher {
                     more = false;
                     break;
                 }
-                match sys::accept4(listener.as_fd()) {
+                match sys::accept4(listener.fd.as_fd()) {
                     Ok(fd) => {
                         self.stats.accepted += 1;
-                        if let Some(conn) = self.admit(fd) {
+                        self.by_listener[index] += 1;
+                        if let Some(conn) = self.admit(fd, index) {
                             self.accepted.push(conn);
                         }
                         if self.accept_failures > 0 {
@@ -69,7 +81,7 @@ impl Dispatcher {
                     }
                     Err(e) => {
                         match e.raw_os_error() {
-                            Some(libc::EAGAIN) => self.backlog_waiting = false,
+                            Some(libc::EAGAIN) => listener.waiting = false,
                             // The client gave up before we accepted: next one.
                             Some(libc::ECONNABORTED | libc::EPROTO) => continue,
                             // Out of fds or memory (or anything unexpected):
@@ -91,7 +103,7 @@ impl Dispatcher {
                 }
             }
             if self.accepted.is_empty() {
-                return;
+                return false;
             }
             // Time from the end of the accepts to the last send, recorded
             // once per batch (two clock reads per batch, never a lock or an
@@ -101,9 +113,7 @@ impl Dispatcher {
             self.send_accepted();
             let nanos = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
             self.latency.saturating_record_n(nanos.max(1), batch);
-            if !more || !self.pending.is_empty() {
-                return;
-            }
+            more && self.pending.is_empty()
         }
     }
 

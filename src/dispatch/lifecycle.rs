@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use mio::unix::SourceFd;
 
+use super::front::Front;
 use super::link::Link;
 use super::tokens::Source;
 use super::worker::{State, Worker};
@@ -95,6 +96,7 @@ impl Dispatcher {
             .collect();
         Snapshot {
             stats: self.stats,
+            by_listener: self.by_listener.clone(),
             workers,
             latency: self.latency.clone(),
         }
@@ -320,27 +322,41 @@ impl Dispatcher {
         // filter is taken off again just before the close (an inherited
         // socket lives on in systemd). (Off the hot path: `pending` may grow
         // past its capacity here when the backlog is configured larger.)
-        if let Some(listener) = self.listener.take() {
-            let sock = socket2::SockRef::from(&listener);
-            let filtered = sock.attach_filter(&SYN_DROP).is_ok();
-            self.take_backlog(&listener);
-            if filtered {
-                std::thread::sleep(HANDSHAKE_GRACE);
-                self.take_backlog(&listener);
-                let _ = sock.detach_filter();
-            }
-            drop(listener);
+        // (A Unix socket's connect completes at once, with no handshake,
+        // and takes no socket filter: its backlog is simply taken.)
+        let mut listeners = std::mem::take(&mut self.listeners);
+        let filtered: Vec<bool> = listeners
+            .iter()
+            .map(|l| {
+                socket2::SockRef::from(&l.fd)
+                    .attach_filter(&SYN_DROP)
+                    .is_ok()
+            })
+            .collect();
+        for (i, l) in listeners.iter_mut().enumerate() {
+            self.take_backlog(i, l);
         }
+        if filtered.contains(&true) {
+            std::thread::sleep(HANDSHAKE_GRACE);
+            for (i, l) in listeners.iter_mut().enumerate() {
+                if filtered[i] {
+                    self.take_backlog(i, l);
+                    let _ = socket2::SockRef::from(&l.fd).detach_filter();
+                }
+            }
+        }
+        drop(listeners);
         self.pump();
     }
 
-    /// Accepts every connection the listener holds now.
-    fn take_backlog(&mut self, listener: &mio::net::TcpListener) {
+    /// Accepts every connection listener `index` holds now.
+    fn take_backlog(&mut self, index: usize, listener: &mut Front) {
         loop {
-            match sys::accept4(listener.as_fd()) {
+            match sys::accept4(listener.fd.as_fd()) {
                 Ok(fd) => {
                     self.stats.accepted += 1;
-                    if let Some(conn) = self.admit(fd) {
+                    self.by_listener[index] += 1;
+                    if let Some(conn) = self.admit(fd, index) {
                         self.pending.push_back(conn);
                     }
                 }

@@ -18,6 +18,7 @@
 
 mod api;
 mod conn;
+mod front;
 mod handoff;
 pub mod header;
 pub mod kernel;
@@ -46,6 +47,7 @@ pub use api::{
     WorkerStats,
 };
 use conn::{Conn, Pending};
+use front::Front;
 use link::Link;
 use tokens::Source;
 use worker::Table;
@@ -58,9 +60,10 @@ const PENDING_CAPACITY: usize = 4096;
 pub struct Dispatcher {
     poll: Poll,
     events: Events,
-    listener: Option<mio::net::TcpListener>,
-    /// The listener may hold connections: set by its readiness, cleared by `EAGAIN`.
-    backlog_waiting: bool,
+    /// lb's listeners (none in shared mode, and once stopping).
+    listeners: Vec<Front>,
+    /// Connections accepted from each listener, by its index.
+    by_listener: Vec<u64>,
     /// Every attached worker process.
     workers: Table,
     /// Per slot: the table index of the process that takes its connections.
@@ -125,13 +128,20 @@ impl Dispatcher {
     ) -> io::Result<(Dispatcher, Handle)> {
         listener.set_nonblocking(true)?;
         let front = listener.local_addr()?;
-        Dispatcher::build(
-            Some(mio::net::TcpListener::from_std(listener)),
-            front,
-            policy,
-            slots,
-            notify,
-        )
+        Dispatcher::build(vec![listener.into()], front, policy, slots, notify)
+    }
+
+    /// A dispatcher that accepts from every one of `listeners` (bound,
+    /// listening, non-blocking), in turn. `front` is the address Node
+    /// workers are told they listen on.
+    pub fn with_listeners(
+        listeners: Vec<std::os::fd::OwnedFd>,
+        front: SocketAddr,
+        policy: PolicyKind,
+        slots: usize,
+        notify: Notifier,
+    ) -> io::Result<(Dispatcher, Handle)> {
+        Dispatcher::build(listeners, front, policy, slots, notify)
     }
 
     /// A dispatcher that accepts nothing: shared-mode workers accept from
@@ -143,28 +153,31 @@ impl Dispatcher {
         slots: usize,
         notify: Notifier,
     ) -> io::Result<(Dispatcher, Handle)> {
-        Dispatcher::build(None, front, policy, slots, notify)
+        Dispatcher::build(Vec::new(), front, policy, slots, notify)
     }
 
     fn build(
-        mut listener: Option<mio::net::TcpListener>,
+        listeners: Vec<std::os::fd::OwnedFd>,
         front: SocketAddr,
         policy: PolicyKind,
         slots: usize,
         notify: Notifier,
     ) -> io::Result<(Dispatcher, Handle)> {
         let poll = Poll::new()?;
-        if let Some(l) = listener.as_mut() {
-            poll.registry()
-                .register(l, Source::Listener.token(), Interest::READABLE)?;
+        for (i, l) in listeners.iter().enumerate() {
+            poll.registry().register(
+                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(l)),
+                Source::Listener(i).token(),
+                Interest::READABLE,
+            )?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), Source::Waker.token())?);
         let (tx, rx) = crossbeam_channel::unbounded();
         let dispatcher = Dispatcher {
             poll,
             events: Events::with_capacity(1024),
-            backlog_waiting: listener.is_some(),
-            listener,
+            by_listener: vec![0; listeners.len()],
+            listeners: listeners.into_iter().map(Front::new).collect(),
             workers: Table::with_capacity(slots * 2),
             current: vec![None; slots],
             views: vec![WorkerView::default(); slots],
@@ -272,7 +285,11 @@ impl Dispatcher {
         let mut commands = false;
         for ev in events.iter() {
             match Source::of(ev.token()) {
-                Source::Listener => self.backlog_waiting = true,
+                Source::Listener(i) => {
+                    if let Some(l) = self.listeners.get_mut(i) {
+                        l.waiting = true;
+                    }
+                }
                 Source::Waker => commands = true,
                 Source::Relay { relay, side } => self.relay_event(
                     relay,
@@ -304,7 +321,9 @@ impl Dispatcher {
             && Instant::now() >= t
         {
             self.retry_at = None;
-            self.backlog_waiting = true;
+            for l in &mut self.listeners {
+                l.waiting = true;
+            }
             let full: Vec<usize> = self
                 .workers
                 .indices()

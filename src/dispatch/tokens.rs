@@ -5,27 +5,29 @@
 //!
 //! | token                         | source                               |
 //! |-------------------------------|--------------------------------------|
-//! | 0                             | the listener                         |
 //! | 1                             | the supervisor's commands (waker)    |
 //! | 2 + index                     | worker `index`'s channel             |
 //! | 2^23 + index                  | worker `index`'s readiness probe     |
 //! | 2^24 + 2 × relay + side       | a relay's client (0) or upstream (1) |
 //! | 2^25 + place                  | a connection waiting for its PROXY header |
+//! | 2^26 + listener               | one of lb's listeners, in configured order |
 
 use mio::Token;
 
-const LISTENER: usize = 0;
 const WAKER: usize = 1;
 const WORKERS: usize = 2;
 const PROBES: usize = 1 << 23;
 const RELAYS: usize = 1 << 24;
 /// Above every relay's (below 2^24 + 2^23).
 const HEADERS: usize = 1 << 25;
+/// Above every header place's (`header::WAITING_MAX` is far below 2^25).
+const LISTENERS: usize = 1 << 26;
 
 /// What a token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    Listener,
+    /// One of lb's listeners, by its place in the configuration.
+    Listener(usize),
     Waker,
     /// A worker's channel, by table index.
     Worker(usize),
@@ -44,8 +46,8 @@ impl Source {
     #[inline]
     pub fn of(token: Token) -> Source {
         match token.0 {
-            LISTENER => Source::Listener,
             WAKER => Source::Waker,
+            t if t >= LISTENERS => Source::Listener(t - LISTENERS),
             t if t >= HEADERS => Source::Header(t - HEADERS),
             t if t >= RELAYS => Source::Relay {
                 relay: (t - RELAYS) / 2,
@@ -59,7 +61,7 @@ impl Source {
     #[inline]
     pub fn token(self) -> Token {
         Token(match self {
-            Source::Listener => LISTENER,
+            Source::Listener(i) => LISTENERS + i,
             Source::Waker => WAKER,
             Source::Worker(index) => WORKERS + index,
             Source::Probe(index) => PROBES + index,
@@ -76,7 +78,8 @@ mod tests {
     #[test]
     fn every_source_is_its_token_and_back() {
         for s in [
-            Source::Listener,
+            Source::Listener(0),
+            Source::Listener(63),
             Source::Waker,
             Source::Worker(0),
             Source::Worker(PROBES - WORKERS - 1),

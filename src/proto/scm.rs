@@ -230,8 +230,9 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], wait: Wait) -> io::Result<Rece
 pub enum Inherited {
     /// A worker's channel: an `AF_UNIX` `SOCK_SEQPACKET` socket.
     Channel,
-    /// A socket-activation listener (`LISTEN_FDS`): a listening TCP socket.
-    TcpListener,
+    /// A socket-activation listener (`LISTEN_FDS`): a listening stream
+    /// socket, TCP or Unix.
+    Listener,
 }
 
 impl Inherited {
@@ -242,8 +243,8 @@ impl Inherited {
                 sock.domain().ok() == Some(Domain::UNIX)
                     && sock.r#type().ok() == Some(Type::SEQPACKET)
             }
-            Inherited::TcpListener => {
-                matches!(sock.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6)
+            Inherited::Listener => {
+                matches!(sock.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 || d == Domain::UNIX)
                     && sock.r#type().ok() == Some(Type::STREAM)
                     && sock.is_listener().unwrap_or(false)
             }
@@ -253,8 +254,8 @@ impl Inherited {
     fn refusal(self, raw: RawFd) -> String {
         match self {
             Inherited::Channel => format!("fd {raw} is not an AF_UNIX SOCK_SEQPACKET socket"),
-            Inherited::TcpListener => {
-                format!("fd {raw} from LISTEN_FDS is not a listening TCP socket")
+            Inherited::Listener => {
+                format!("fd {raw} from LISTEN_FDS is not a listening TCP or Unix stream socket")
             }
         }
     }

@@ -19,13 +19,13 @@ pub(super) struct ModeLaunch {
 }
 
 /// What a worker gets as fd 3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Fd3 {
     /// Its end of the channel, if its mode has one.
     Channel,
-    /// The shared listener; the child sets `LISTEN_PID` to its own pid
-    /// before exec.
-    Listener(RawFd),
+    /// The shared listeners, as fds 3 on; the child sets `LISTEN_PID` to
+    /// its own pid before exec.
+    Listeners(Vec<RawFd>),
 }
 
 /// Adds what `pool`'s mode needs to `cmd`.
@@ -137,16 +137,27 @@ fn proxy(cmd: &mut Command, launch: &Launch<'_>) -> io::Result<ModeLaunch> {
 /// lb's listener as fd 3, with systemd's socket-activation variables and
 /// einhorn's.
 fn shared(cmd: &mut Command, pool: &Pool, launch: &Launch<'_>) -> io::Result<ModeLaunch> {
-    let listener = launch
-        .listener
-        .ok_or_else(|| io::Error::other("shared mode without the listener"))?;
-    cmd.env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", &pool.name)
-        .env("EINHORN_FD_COUNT", "1")
-        .env("EINHORN_FD_0", WORKER_FD.to_string());
+    if launch.listeners.is_empty() {
+        return Err(io::Error::other("shared mode without the listener"));
+    }
+    let n = launch.listeners.len();
+    let names: Vec<&str> = launch
+        .listeners
+        .iter()
+        .map(|(_, name)| name.unwrap_or(&pool.name))
+        .collect();
+    cmd.env("LISTEN_FDS", n.to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env("EINHORN_FD_COUNT", n.to_string());
+    for i in 0..n {
+        cmd.env(
+            format!("EINHORN_FD_{i}"),
+            (WORKER_FD + i as RawFd).to_string(),
+        );
+    }
     Ok(ModeLaunch {
         port: launch.port,
-        fd3: Fd3::Listener(listener),
+        fd3: Fd3::Listeners(launch.listeners.iter().map(|(fd, _)| *fd).collect()),
     })
 }
 

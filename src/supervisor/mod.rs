@@ -33,7 +33,7 @@ pub mod watch;
 pub use requests::Answer;
 pub use signals::handled_signals;
 pub use spawn::message_cost;
-pub use status::{Health, PoolStatus, Status, WorkerState, WorkerStatus};
+pub use status::{Health, ListenerStatus, PoolStatus, Status, WorkerState, WorkerStatus};
 pub use usage::Usage;
 
 use std::io;
@@ -244,8 +244,7 @@ pub struct Supervisor {
     dispatch: dispatch::Handle,
     events: dispatch::EventQueues,
     control: Receiver<control::Incoming>,
-    /// For status: where the master listens, and since when.
-    listen: String,
+    /// For status: since when the master runs.
     started: Instant,
     phase: Phase,
     generation: u64,
@@ -270,13 +269,16 @@ pub struct Supervisor {
     node_preload: Option<preload::Preload>,
     /// The accept shim's in-memory file, made when a shim worker first needs it.
     shim: Option<crate::shim::Memfd>,
-    /// Shared mode: the listener every worker gets as fd 3 (under kernel
-    /// dispatch, the anchor of the reuseport group: workers get their own).
-    shared_listener: Option<OwnedFd>,
+    /// Shared mode: the listeners every worker gets as fds 3 on, with their
+    /// names (under kernel dispatch, the anchor of the reuseport group:
+    /// workers get their own).
+    shared_listeners: Vec<(OwnedFd, Option<String>)>,
     /// Kernel dispatch: each shared worker gets a listener of its own on
     /// `front`, in lb's reuseport group.
     kernel_dispatch: bool,
     front: std::net::SocketAddr,
+    /// For status: what lb listens on, in configured order.
+    listening: Vec<String>,
     /// lb's port.
     port: u16,
     /// The watchdog's schedule and the status systemd was last told.
@@ -286,8 +288,13 @@ pub struct Supervisor {
 /// Where the master listens; in shared mode, the listener itself (passed
 /// to every worker).
 pub struct Front {
+    /// The first TCP listener's address (Node's and the shim's port,
+    /// kernel dispatch's group), or the unspecified address, port 0.
     pub addr: std::net::SocketAddr,
-    pub shared: Option<OwnedFd>,
+    /// Every listener, as shown (status, metrics).
+    pub listening: Vec<String>,
+    /// Shared mode: the listeners, with their names.
+    pub shared: Vec<(OwnedFd, Option<String>)>,
     /// Kernel dispatch is in effect.
     pub kernel: bool,
 }
@@ -308,7 +315,8 @@ impl Supervisor {
     ) -> Result<Supervisor, SupervisorError> {
         let Front {
             addr: listen,
-            shared: shared_listener,
+            listening,
+            shared: shared_listeners,
             kernel: kernel_dispatch,
         } = front;
         let EventLoop { poll, waker } = event_loop;
@@ -353,7 +361,6 @@ impl Supervisor {
             dispatch,
             events,
             control,
-            listen: listen.to_string(),
             port: listen.port(),
             started: Instant::now(),
             phase: Phase::Running,
@@ -369,7 +376,8 @@ impl Supervisor {
             node_ids: 0,
             node_preload: None,
             shim: None,
-            shared_listener,
+            shared_listeners,
+            listening,
             kernel_dispatch,
             front: listen,
             notify: notify::Notify::new(),

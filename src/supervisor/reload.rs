@@ -62,10 +62,10 @@ fn keep_fixed(mut new: Config, running: &Config) -> (Config, Vec<&'static str>) 
     // (The control socket too, silently: a reload's own answer goes there.)
     new.control = running.control.clone();
     keep!(
-        listen,
+        listeners,
         policy,
-        backlog,
         dispatch,
+        proxy_header_timeout,
         metrics,
         stall_timeout,
         max_conns,
@@ -299,10 +299,14 @@ mod tests {
             "/tmp/b.sock",
         ]);
         let (kept, asked) = keep_fixed(moved, &running);
-        assert_eq!(asked, ["listen", "policy"]);
+        assert_eq!(asked, ["listeners", "policy"]);
         assert_eq!(
-            (kept.listen, kept.policy, kept.control),
-            (running.listen, running.policy, running.control.clone())
+            (kept.listeners, kept.policy, kept.control),
+            (
+                running.listeners.clone(),
+                running.policy,
+                running.control.clone()
+            )
         );
         let policy_only = config(&["-l", "127.0.0.1:8100", "-p", "lc"]);
         assert_eq!(keep_fixed(policy_only, &running).1, ["policy"]);

@@ -33,8 +33,10 @@ pub struct Launch<'a> {
     pub port: u16,
     /// Shim mode: the in-memory shim.
     pub shim: Option<&'a crate::shim::Memfd>,
-    /// Shared mode: the listener, passed as fd 3.
-    pub listener: Option<std::os::fd::RawFd>,
+    /// Shared mode: lb's listeners, passed as fds 3 on, each with its name
+    /// for `LISTEN_FDNAMES` (the pool's when it has none); under kernel
+    /// dispatch, the worker's own listener.
+    pub listeners: Vec<(std::os::fd::RawFd, Option<&'a str>)>,
     /// Kernel dispatch: an lb-protocol worker is sent a listener of its
     /// own (`LB_OWN_LISTENER=1`).
     pub own_listener: bool,
@@ -161,8 +163,9 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     let (mut cmd, fd3) = command(pool, launch)?;
     sys::become_in_child(&mut cmd, become_of(pool)?);
     match fd3 {
-        Fd3::Listener(listener) => {
-            sys::prepare_child(&mut cmd, Some(listener), WORKER_FD);
+        Fd3::Listeners(listeners) => {
+            sys::prepare_child(&mut cmd, None, WORKER_FD);
+            sys::place_fds(&mut cmd, listeners, WORKER_FD);
             sys::exec_with_own_pid(&mut cmd, "LISTEN_PID")?;
         }
         Fd3::Channel => {
@@ -253,7 +256,7 @@ mod tests {
             node_preload: None,
             port: 8000,
             shim: None,
-            listener: None,
+            listeners: Vec::new(),
             own_listener: false,
             proxy_port: None,
             drain_timeout: std::time::Duration::from_millis(1500),
@@ -393,13 +396,21 @@ mod tests {
         assert!(command(&pool(Mode::Proxy), &launch()).is_err());
 
         let mut l = launch();
-        l.listener = Some(7);
+        l.listeners = vec![(7, None)];
         let (envs, a, fd3) = made(&pool(Mode::Shared), &l);
         let mut want = expect(&[("EINHORN_FD_COUNT", Some("1")), ("EINHORN_FD_0", Some("3"))]);
         want.insert("LISTEN_FDS".into(), Some("1".into()));
         want.insert("LISTEN_FDNAMES".into(), Some("web".into()));
         assert_eq!(envs, want);
-        assert_eq!((a, fd3), (args("8000"), Fd3::Listener(7)));
+        assert_eq!((a, fd3), (args("8000"), Fd3::Listeners(vec![7])));
+        // Several: fds 3 on, named as configured (the pool's name otherwise).
+        l.listeners = vec![(7, None), (9, Some("api"))];
+        let (envs, _, fd3) = made(&pool(Mode::Shared), &l);
+        assert_eq!(envs["LISTEN_FDS"].as_deref(), Some("2"));
+        assert_eq!(envs["LISTEN_FDNAMES"].as_deref(), Some("web:api"));
+        assert_eq!(envs["EINHORN_FD_COUNT"].as_deref(), Some("2"));
+        assert_eq!(envs["EINHORN_FD_1"].as_deref(), Some("4"));
+        assert_eq!(fd3, Fd3::Listeners(vec![7, 9]));
         assert!(command(&pool(Mode::Shared), &launch()).is_err());
     }
 

@@ -30,7 +30,7 @@ impl Supervisor {
             spawn::describe_command(&self.config.pools[p])
         );
         let report_closed = self.config.policy.uses_close_reports();
-        let proxy_protocol = self.config.proxy_protocol != crate::config::ProxyProtocol::Off;
+        let proxy_protocol = self.config.any_proxy_protocol();
         // Node workers need the preload for either.
         let node_preload = report_closed || proxy_protocol;
         self.make_once(p, node_preload)?;
@@ -50,14 +50,16 @@ impl Supervisor {
         // Kernel dispatch: the worker's own listener, in lb's group.
         let own_listener = if self.kernel_dispatch {
             Some(
-                crate::dispatch::kernel::slot_listener(self.front, self.config.backlog).map_err(
-                    |source| SupervisorError::Spawn {
-                        pool: pool.name.clone(),
-                        command: "the worker's own listener (kernel dispatch)".into(),
-                        source,
-                        hint: "check the fd limit",
-                    },
-                )?,
+                crate::dispatch::kernel::slot_listener(
+                    self.front,
+                    self.config.listeners[0].backlog,
+                )
+                .map_err(|source| SupervisorError::Spawn {
+                    pool: pool.name.clone(),
+                    command: "the worker's own listener (kernel dispatch)".into(),
+                    source,
+                    hint: "check the fd limit",
+                })?,
             )
         } else {
             None
@@ -77,10 +79,14 @@ impl Supervisor {
             port: self.port,
             proxy_port,
             shim: self.shim.as_ref(),
-            listener: own_listener
-                .as_ref()
-                .or(self.shared_listener.as_ref())
-                .map(|l| l.as_raw_fd()),
+            listeners: match &own_listener {
+                Some(own) => vec![(own.as_raw_fd(), None)],
+                None => self
+                    .shared_listeners
+                    .iter()
+                    .map(|(fd, name)| (fd.as_raw_fd(), name.as_deref()))
+                    .collect(),
+            },
             own_listener: own_listener.is_some(),
             drain_timeout: self.config.drain_timeout,
             queue: self.config.worker_queue,

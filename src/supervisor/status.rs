@@ -15,7 +15,10 @@ use crate::sys;
 #[derive(Debug, Clone)]
 pub struct Status {
     pub pid: u32,
+    /// Every listener, comma-separated.
     pub listen: String,
+    /// Each listener, in configured order.
+    pub listeners: Vec<ListenerStatus>,
     pub policy: &'static str,
     /// Who picks each connection's worker: `master` or `kernel`.
     pub dispatch: &'static str,
@@ -34,6 +37,15 @@ pub struct Status {
     pub latency: hdrhistogram::Histogram<u64>,
     /// By slot, then pid (a slot waiting to restart has none).
     pub workers: Vec<WorkerStatus>,
+}
+
+/// One of lb's listeners.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerStatus {
+    pub address: String,
+    /// Connections lb accepted from it; `None` in shared mode, where the
+    /// workers accept.
+    pub accepted: Option<u64>,
 }
 
 /// A pool as configured now.
@@ -178,7 +190,16 @@ impl Supervisor {
         workers.sort_by_key(|w| (w.slot.0, w.pid));
         Some(Status {
             pid: std::process::id(),
-            listen: self.listen.clone(),
+            listen: self.listening.join(", "),
+            listeners: self
+                .listening
+                .iter()
+                .enumerate()
+                .map(|(i, address)| ListenerStatus {
+                    address: address.clone(),
+                    accepted: snap.by_listener.get(i).copied(),
+                })
+                .collect(),
             policy: self.config.policy.name(),
             dispatch: if self.kernel_dispatch {
                 "kernel"

@@ -112,6 +112,31 @@ pub fn become_in_child(cmd: &mut Command, who: Become) {
     }
 }
 
+/// Gives the child `fds` as `first`, `first + 1`, … across exec (socket
+/// activation's fds 3 on), whatever numbers they have in the master.
+pub fn place_fds(cmd: &mut Command, mut fds: Vec<RawFd>, first: RawFd) {
+    let end = first.saturating_add(fds.len() as RawFd);
+    // SAFETY: runs in the forked child before exec; fcntl and dup2 are
+    // async-signal-safe and touch only the child's own fd table; `fds` was
+    // allocated before fork and is only indexed here.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A source inside the target range would be overwritten by an
+            // earlier dup2: moved above it first.
+            for fd in fds.iter_mut() {
+                if (first..end).contains(fd) {
+                    *fd = cvt(libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, end))?;
+                }
+            }
+            for (i, fd) in fds.iter().enumerate() {
+                // (dup2 clears CLOEXEC on the copy.)
+                cvt(libc::dup2(*fd, first + i as RawFd))?;
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Lets the child inherit `fd` (at the same number) across exec.
 pub fn keep_fd(cmd: &mut Command, fd: RawFd) {
     // SAFETY: runs in the forked child before exec; fcntl is

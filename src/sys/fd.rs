@@ -134,11 +134,11 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 }
 
 /// Takes an inherited listening socket (socket activation) after checking
-/// that `raw` is open, a TCP stream socket and listening; marks it CLOEXEC
+/// that `raw` is open, a TCP or Unix stream socket and listening; marks it CLOEXEC
 /// and non-blocking. Call once per fd number.
-pub fn inherited_listener(raw: RawFd) -> io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::from(scm::adopt_inherited(raw, Inherited::TcpListener)?);
-    listener.set_nonblocking(true)?;
+pub fn inherited_listener(raw: RawFd) -> io::Result<OwnedFd> {
+    let listener = scm::adopt_inherited(raw, Inherited::Listener)?;
+    socket2::SockRef::from(&listener).set_nonblocking(true)?;
     Ok(listener)
 }
 

@@ -114,5 +114,8 @@ fn an_activated_fd_that_is_not_a_listener_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a listening TCP socket"), "{err}");
+    assert!(
+        err.contains("not a listening TCP or Unix stream socket"),
+        "{err}"
+    );
 }

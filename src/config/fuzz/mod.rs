@@ -125,7 +125,9 @@ fn check_accepted(c: &Config, case: &Case) {
         now + c.proxy_connect_timeout,
         now + c.proxy_idle_timeout.unwrap_or_default() * 2,
     );
-    assert!((1..=bounds::BACKLOG_MAX).contains(&c.backlog), "{case:?}");
+    for l in &c.listeners {
+        assert!((1..=bounds::BACKLOG_MAX).contains(&l.backlog), "{case:?}");
+    }
     assert!(
         (1..=bounds::MAX_CONNS_MAX).contains(&c.max_conns),
         "{case:?}"

@@ -54,7 +54,11 @@ pub struct Rules {
 
 #[derive(Debug)]
 struct Waiting {
+    /// Any stream socket (a Unix listener's too): only read, peeked at and
+    /// polled here.
     sock: Option<std::net::TcpStream>,
+    /// The listener it came from, whose rules it is read by.
+    listener: u16,
     /// In the poll (only once a first read found the header incomplete).
     registered: bool,
     expires: Instant,
@@ -65,7 +69,14 @@ struct Waiting {
 /// The slab of connections waiting for their header.
 #[derive(Debug)]
 pub struct Stage {
-    rules: Rules,
+    /// By listener: `None` where no header is read. Every listener's
+    /// timeout is the same (`proxy_header_timeout`), which keeps the timer
+    /// list in expiry order.
+    rules: Vec<Option<Rules>>,
+    /// By listener: a Unix socket, whose peers have no address. Whoever
+    /// may connect (the file's mode says who) may send a header.
+    unix: Vec<bool>,
+    timeout: Duration,
     slots: Vec<Waiting>,
     free: Vec<u32>,
     /// Oldest first: the head expires first.
@@ -79,13 +90,16 @@ pub struct Stage {
 }
 
 impl Stage {
-    pub fn new(rules: Rules) -> Stage {
+    pub fn new(timeout: Duration) -> Stage {
         let now = Instant::now();
         Stage {
-            rules,
+            rules: Vec::new(),
+            unix: Vec::new(),
+            timeout,
             slots: (0..WAITING_MAX)
                 .map(|_| Waiting {
                     sock: None,
+                    listener: 0,
                     registered: false,
                     expires: now,
                     prev: NIL,
@@ -110,14 +124,20 @@ impl Stage {
     }
 
     /// Takes a place for `sock`, at the tail of the timer list.
-    fn take(&mut self, sock: std::net::TcpStream, now: Instant) -> Result<usize, OwnedFd> {
+    fn take(
+        &mut self,
+        sock: std::net::TcpStream,
+        listener: usize,
+        now: Instant,
+    ) -> Result<usize, OwnedFd> {
         let Some(i) = self.free.pop() else {
             return Err(OwnedFd::from(sock));
         };
         let w = &mut self.slots[i as usize];
         w.sock = Some(sock);
+        w.listener = listener as u16;
         w.registered = false;
-        w.expires = now + self.rules.timeout;
+        w.expires = now + self.timeout;
         w.prev = self.tail;
         w.next = NIL;
         match self.tail {
@@ -147,9 +167,27 @@ impl Stage {
 }
 
 impl Dispatcher {
-    /// Reads PROXY headers by `rules` from now on.
+    /// Reads PROXY headers by `rules` on every listener from now on.
     pub fn read_proxy_headers(&mut self, rules: Rules) {
-        self.headers = Some(Box::new(Stage::new(rules)));
+        for i in 0..self.listeners.len().max(1) {
+            self.read_proxy_headers_on(i, rules.clone());
+        }
+    }
+
+    /// Reads PROXY headers by `rules` on listener `index` from now on.
+    pub fn read_proxy_headers_on(&mut self, index: usize, rules: Rules) {
+        let unix = self.listeners.get(index).is_some_and(|l| {
+            socket2::SockRef::from(&l.fd).domain().ok() == Some(socket2::Domain::UNIX)
+        });
+        let stage = self
+            .headers
+            .get_or_insert_with(|| Box::new(Stage::new(rules.timeout)));
+        if stage.rules.len() <= index {
+            stage.rules.resize(index + 1, None);
+            stage.unix.resize(index + 1, false);
+        }
+        stage.rules[index] = Some(rules);
+        stage.unix[index] = unix;
     }
 
     /// Whether accepting must wait: every place for a waiting header is taken.
@@ -167,14 +205,18 @@ impl Dispatcher {
     /// a trusted one waits for its header. Returns it when it can go on
     /// at once (its header came with the handshake, or it is served
     /// untrusted); `None` when it waits, or was closed.
-    pub(super) fn admit(&mut self, fd: OwnedFd) -> Option<Conn> {
+    pub(super) fn admit(&mut self, fd: OwnedFd, listener: usize) -> Option<Conn> {
         let Some(stage) = self.headers.as_mut() else {
             return Some(Conn::from(fd));
         };
+        let Some(Some(rules)) = stage.rules.get(listener) else {
+            return Some(Conn::from(fd));
+        };
+        let unix = stage.unix[listener];
         let sock = std::net::TcpStream::from(fd);
-        let source = sock.peer_addr().ok();
-        if !source.is_some_and(|s| proxy::trusted(&stage.rules.trusted, s.ip())) {
-            if stage.rules.untrusted == Untrusted::Serve {
+        let source = if unix { None } else { sock.peer_addr().ok() };
+        if !unix && !source.is_some_and(|s| proxy::trusted(&rules.trusted, s.ip())) {
+            if rules.untrusted == Untrusted::Serve {
                 self.stats.proxy.untrusted_served += 1;
                 return Some(Conn::from(OwnedFd::from(sock)));
             }
@@ -182,7 +224,7 @@ impl Dispatcher {
             self.proxy_failed(Failure::Untrusted, source);
             return None;
         }
-        match stage.take(sock, Instant::now()) {
+        match stage.take(sock, listener, Instant::now()) {
             Ok(i) => self.header_read(i),
             Err(fd) => {
                 drop(fd);
@@ -205,7 +247,9 @@ impl Dispatcher {
     /// waits, in the poll.
     fn header_read(&mut self, i: usize) -> Option<Conn> {
         let stage: &mut Stage = self.headers.as_deref_mut()?;
-        let sock = stage.slots.get(i)?.sock.as_ref()?;
+        let w = stage.slots.get(i)?;
+        let sock = w.sock.as_ref()?;
+        let accept = stage.rules.get(usize::from(w.listener))?.as_ref()?.accept;
         let peeked = loop {
             match sock.peek(&mut stage.buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -214,7 +258,7 @@ impl Dispatcher {
         };
         let framed = match peeked {
             Ok(0) => Framed::Bad(Failure::Closed),
-            Ok(n) => parse::frame(&stage.buf[..n], stage.rules.accept),
+            Ok(n) => parse::frame(&stage.buf[..n], accept),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Framed::Need,
             // Reset.
             Err(_) => Framed::Bad(Failure::Closed),
@@ -324,18 +368,16 @@ impl Dispatcher {
         let n = std::mem::take(&mut stage.unsaid[k]);
         let from = source.map_or_else(String::new, |s| format!(" from {s}"));
         let what = match why {
-            Failure::Malformed => format!(
-                "did not start with a valid PROXY header of a version --proxy-protocol {} takes; \
-                 check what the balancer sends",
-                stage.rules.accept
-            ),
+            Failure::Malformed => "did not start with a valid PROXY header of a version its \
+                                   listener's proxy_protocol takes; check what the balancer sends"
+                .to_string(),
             Failure::Oversized => format!(
                 "sent a PROXY header longer than lb reads ({MAX_HEADER} bytes for v2, {} for v1)",
                 parse::V1_MAX
             ),
             Failure::Timeout => format!(
                 "sent no whole PROXY header within --proxy-header-timeout {}",
-                crate::config::duration::show(stage.rules.timeout)
+                crate::config::duration::show(stage.timeout)
             ),
             Failure::Untrusted => "is outside --proxy-trusted (add the balancer's network \
                                    there, or set --proxy-untrusted serve)"
@@ -385,12 +427,7 @@ mod tests {
     use super::*;
 
     fn stage() -> Stage {
-        Stage::new(Rules {
-            accept: ProxyProtocol::Any,
-            trusted: vec![],
-            untrusted: Untrusted::Serve,
-            timeout: Duration::from_secs(1),
-        })
+        Stage::new(Duration::from_secs(1))
     }
 
     fn sock(l: &std::net::TcpListener) -> std::net::TcpStream {
@@ -404,9 +441,9 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut s = stage();
         let t0 = Instant::now();
-        let a = s.take(sock(&l), t0).unwrap();
-        let b = s.take(sock(&l), t0 + Duration::from_millis(1)).unwrap();
-        let c = s.take(sock(&l), t0 + Duration::from_millis(2)).unwrap();
+        let a = s.take(sock(&l), 0, t0).unwrap();
+        let b = s.take(sock(&l), 0, t0 + Duration::from_millis(1)).unwrap();
+        let c = s.take(sock(&l), 0, t0 + Duration::from_millis(2)).unwrap();
         assert_eq!(s.waiting(), 3);
         assert_eq!(s.head as usize, a);
         assert!(s.release(b).is_some());

@@ -1,0 +1,20 @@
+//! lb's listeners as the loop holds them: TCP or Unix, each accepted from
+//! in turn (their counts are `Dispatcher::by_listener`, which outlive
+//! them). The PROXY rules of each are the
+//! header stage's (`header::Stage`), by the same index.
+
+use std::os::fd::OwnedFd;
+
+#[derive(Debug)]
+pub struct Front {
+    /// Listening, non-blocking, in the poll as `Source::Listener(index)`.
+    pub fd: OwnedFd,
+    /// It may hold connections: set by its readiness, cleared by `EAGAIN`.
+    pub waiting: bool,
+}
+
+impl Front {
+    pub fn new(fd: OwnedFd) -> Front {
+        Front { fd, waiting: true }
+    }
+}

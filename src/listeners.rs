@@ -1,0 +1,269 @@
+//! lb's listening sockets, in configured order: taken from systemd (socket
+//! activation; matched to the configured listeners by `LISTEN_FDNAMES`,
+//! else by position) or bound from the configuration: TCP on IPv4 or IPv6
+//! (`IPV6_V6ONLY` as configured) and Unix stream sockets (a stale file
+//! replaced, its mode and owner set, removed again when lb stops).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::{Address, Listener};
+use crate::dispatch::kernel::Steering;
+use crate::master::MasterError;
+
+/// One listener, listening, non-blocking and CLOEXEC.
+#[derive(Debug)]
+pub struct Open {
+    pub fd: OwnedFd,
+    /// Its settings, with the address it has (the port the kernel chose
+    /// for port 0; what systemd passed).
+    pub settings: Listener,
+    /// A Unix socket's file that lb made, and removes when it stops.
+    pub made: Option<PathBuf>,
+}
+
+impl Open {
+    pub fn address(&self) -> &Address {
+        &self.settings.address
+    }
+}
+
+/// Removes the Unix socket files lb made, when dropped (lb stops).
+#[derive(Debug, Default)]
+pub struct Made(Vec<PathBuf>);
+
+impl Made {
+    pub fn of(open: &[Open]) -> Made {
+        Made(open.iter().filter_map(|o| o.made.clone()).collect())
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The sockets systemd passed, each given the settings of the configured
+/// listener of its name (`FileDescriptorName=` = a `[[listen]]` `name`),
+/// else of the one in its position, else the first's.
+pub fn activated(
+    inherited: Vec<(OwnedFd, Option<String>)>,
+    configured: &[Listener],
+) -> Result<Vec<Open>, MasterError> {
+    inherited
+        .into_iter()
+        .enumerate()
+        .map(|(i, (fd, name))| {
+            let by_name = name
+                .as_deref()
+                .and_then(|n| configured.iter().find(|l| l.name.as_deref() == Some(n)));
+            let by_place = configured.get(i).filter(|l| l.name.is_none());
+            let mut settings = by_name
+                .or(by_place)
+                .or(configured.first())
+                .cloned()
+                .expect("a configuration has a listener");
+            settings.address = address_of(&fd).map_err(MasterError::ListenerAddress)?;
+            settings.name = name.or(settings.name);
+            Ok(Open {
+                fd,
+                settings,
+                made: None,
+            })
+        })
+        .collect()
+}
+
+/// Where a listening socket is.
+fn address_of(fd: &OwnedFd) -> io::Result<Address> {
+    let addr = socket2::SockRef::from(fd).local_addr()?;
+    if let Some(a) = addr.as_socket() {
+        return Ok(Address::Tcp(a));
+    }
+    Ok(Address::Unix(
+        addr.as_pathname()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    ))
+}
+
+/// Binds every configured listener; `steering` (kernel dispatch, one TCP
+/// listener) is attached to the first before it listens.
+pub fn bind_all(
+    configured: &[Listener],
+    steering: Option<&Steering>,
+) -> Result<Vec<Open>, MasterError> {
+    let mut open = Vec::with_capacity(configured.len());
+    for (i, l) in configured.iter().enumerate() {
+        let steering = if i == 0 { steering } else { None };
+        let bound = match &l.address {
+            Address::Tcp(addr) => bind_tcp(*addr, l, steering).map(|fd| (fd, None)),
+            Address::Unix(path) => bind_unix(path, l).map(|fd| (fd, Some(path.clone()))),
+        }
+        .and_then(|(fd, made)| {
+            let address = address_of(&fd).map_err(MasterError::ListenerAddress)?;
+            Ok((fd, made, address))
+        });
+        let (fd, made_path, address) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                // The files of those bound so far go with them.
+                drop(Made::of(&open));
+                return Err(e);
+            }
+        };
+        let mut settings = l.clone();
+        settings.address = address;
+        open.push(Open {
+            fd,
+            settings,
+            made: made_path,
+        });
+    }
+    Ok(open)
+}
+
+fn refusal(address: &Address, e: &io::Error) -> MasterError {
+    let reason = match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => {
+            "address already in use; stop the other process or choose another --listen".into()
+        }
+        Some(libc::EACCES) => match address {
+            Address::Tcp(_) => {
+                "permission denied; ports below 1024 need privileges, choose another --listen"
+                    .into()
+            }
+            Address::Unix(_) => {
+                "permission denied; lb cannot make a file in that directory, choose another \
+                 path"
+                    .into()
+            }
+        },
+        Some(libc::EADDRNOTAVAIL) => {
+            "address not available on this machine; choose another --listen".into()
+        }
+        Some(libc::ENOENT) => "its directory does not exist; make it or choose another path".into(),
+        _ => e.to_string(),
+    };
+    MasterError::Listen {
+        addr: address.to_string(),
+        reason,
+    }
+}
+
+/// Binds `addr` the way a server should: CLOEXEC and non-blocking from
+/// birth, `SO_REUSEADDR` so a restart does not wait out TIME_WAIT. With
+/// `steering` (kernel dispatch) it is the anchor of a reuseport group the
+/// workers' own listeners join, and the program is attached before it
+/// listens, so that no connection ever queues on it; the port is first
+/// bound without `SO_REUSEPORT`, so a port someone else holds is still "in
+/// use" rather than shared.
+pub fn bind_tcp(
+    addr: SocketAddr,
+    l: &Listener,
+    steering: Option<&Steering>,
+) -> Result<OwnedFd, MasterError> {
+    let fail = |e: io::Error| refusal(&Address::Tcp(addr), &e);
+    let socket = tcp_socket(addr, l.v6only).map_err(fail)?;
+    if steering.is_some() {
+        // Free ports only: a probe without SO_REUSEPORT fails on a port that
+        // another group (another lb) holds, and frees it at once.
+        let probe = tcp_socket(addr, l.v6only).map_err(fail)?;
+        probe.bind(&addr.into()).map_err(fail)?;
+        let bound = probe.local_addr().ok().and_then(|a| a.as_socket());
+        drop(probe);
+        socket.set_reuse_port(true).map_err(fail)?;
+        // Port 0: the kernel's choice, which the probe learned.
+        socket.bind(&bound.unwrap_or(addr).into()).map_err(fail)?;
+    } else {
+        socket.bind(&addr.into()).map_err(fail)?;
+    }
+    if let Some(steering) = steering {
+        steering.attach(socket.as_fd()).map_err(|e| {
+            MasterError::KernelDispatch(format!(
+                "cannot attach the BPF program to the listener ({e})"
+            ))
+        })?;
+    }
+    socket.listen(backlog(l)).map_err(fail)?;
+    Ok(socket.into())
+}
+
+fn tcp_socket(addr: SocketAddr, v6only: Option<bool>) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if let Some(only) = v6only {
+        socket.set_only_v6(only)?;
+    }
+    Ok(socket)
+}
+
+fn backlog(l: &Listener) -> i32 {
+    l.backlog.min(i32::MAX as u32) as i32
+}
+
+/// Binds a Unix stream socket at `path`. A socket file nobody listens on
+/// (left by a process that died) is replaced; a live one, or a file that
+/// is not a socket, is refused.
+fn bind_unix(path: &Path, l: &Listener) -> Result<OwnedFd, MasterError> {
+    let address = Address::Unix(path.to_path_buf());
+    let fail = |e: io::Error| refusal(&address, &e);
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(MasterError::Listen {
+                    addr: address.to_string(),
+                    reason: "another process listens on this socket; stop it or choose another \
+                             path"
+                        .into(),
+                });
+            }
+            std::fs::remove_file(path).map_err(fail)?;
+        }
+        Ok(_) => {
+            return Err(MasterError::Listen {
+                addr: address.to_string(),
+                reason: "a file that is not a socket is in the way; remove it or choose another \
+                         path"
+                    .into(),
+            });
+        }
+        Err(_) => {}
+    }
+    let socket =
+        Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None).map_err(fail)?;
+    socket
+        .bind(&SockAddr::unix(path).map_err(fail)?)
+        .map_err(fail)?;
+    let set_up = || -> io::Result<()> {
+        let p = &l.permissions;
+        if p.owner.is_some() || p.group.is_some() {
+            std::os::unix::fs::chown(
+                path,
+                p.owner.map(|u| u.as_raw()),
+                p.group.map(|g| g.as_raw()),
+            )?;
+        }
+        if let Some(mode) = p.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        }
+        socket.listen(backlog(l))
+    };
+    if let Err(e) = set_up() {
+        let _ = std::fs::remove_file(path);
+        return Err(fail(e));
+    }
+    Ok(socket.into())
+}
