@@ -12,6 +12,7 @@ mod kernel;
 mod kernel_native;
 mod kernel_shim;
 mod limits;
+mod listeners;
 mod logs;
 mod node;
 mod pools;

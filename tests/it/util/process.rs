@@ -194,12 +194,16 @@ impl Lb {
             l.iter().any(|l| l.contains("listening on"))
         });
         let line = lines.iter().find(|l| l.contains("listening on")).unwrap();
+        // The first TCP listener's (a Unix-only lb has none: port 0).
         let addr = line
             .split("listening on ")
             .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
+            .and_then(|s| s.split(" (policy").next())
+            .and_then(|s| s.split(", ").find_map(|a| a.parse().ok()))
+            .unwrap_or_else(|| {
+                assert!(line.contains("unix:"), "no address in {line:?}");
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            });
         let lb = Lb {
             child: Some(child),
             addr,
@@ -208,6 +212,18 @@ impl Lb {
         };
         lb.wait_ready(workers);
         lb
+    }
+
+    /// Every address of the listening line (`HOST:PORT`, `unix:/PATH`), in
+    /// order.
+    pub fn listening(&self) -> Vec<String> {
+        let lines = self.log.wait_for("the listening line", |l| {
+            l.iter().any(|l| l.contains("listening on"))
+        });
+        let line = lines.iter().find(|l| l.contains("listening on")).unwrap();
+        let list = line.split("listening on ").nth(1).unwrap();
+        let list = &list[..list.find(" (policy").unwrap_or(list.len())];
+        list.split(", ").map(str::to_string).collect()
     }
 
     pub fn pid(&self) -> u32 {
