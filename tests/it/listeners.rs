@@ -416,3 +416,41 @@ fn kernel_dispatch_with_several_listeners_falls_back_or_is_refused() {
         "{log}"
     );
 }
+
+/// Proxy mode with `send_proxy`: a client of the Unix listener has no
+/// address, and the worker is told so (v1 `UNKNOWN`, v2 `AF_UNSPEC`)
+/// rather than the connection being dropped.
+#[test]
+fn proxy_mode_tells_the_worker_a_unix_client_has_no_address() {
+    let dir = scratch("listeners-send-proxy");
+    let server = dir.join("server.py");
+    std::fs::write(&server, crate::proxy_protocol::HEADER_SERVER).unwrap();
+    let path = dir.join("p.sock");
+    let unix = format!("unix:{}", path.display());
+    for (version, said) in [("v1", "v1 PROXY UNKNOWN"), ("v2", "v2 21 unspec 0")] {
+        let _ = std::fs::remove_file(&path);
+        let lb = Lb::start(
+            &[
+                "--listen",
+                &unix,
+                "--workers",
+                "1",
+                "--mode",
+                "proxy",
+                "--send-proxy",
+                version,
+                "--",
+                "python3",
+                server.to_str().unwrap(),
+            ],
+            &[],
+            1,
+        );
+        let reply = unix_get(&path, b"").unwrap();
+        assert!(
+            reply.ends_with(&format!("{said} | GET / HTTP/1.1\n")),
+            "{reply}"
+        );
+        drop(lb);
+    }
+}

@@ -487,7 +487,7 @@ fn a_worker_without_peer_address_gets_conns_without_payload() {
 
 /// A server on $PORT that reads the PROXY header lb sends (v1 line or v2
 /// binary), then the request, and answers with what the header said.
-const HEADER_SERVER: &str = r#"
+pub(crate) const HEADER_SERVER: &str = r#"
 import os, socket, struct, threading, ipaddress
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -507,13 +507,16 @@ def serve(c):
         if first == b"\r\n\r\n\x00\r\nQUIT\n":
             ver, fam, ln = struct.unpack("!BBH", recv_exact(c, 4))
             body = recv_exact(c, ln)
-            if fam == 0x11:
-                src, dst = ipaddress.ip_address(body[0:4]), ipaddress.ip_address(body[4:8])
-                sp, dp = struct.unpack("!HH", body[8:12])
+            if fam == 0x00:
+                said = "v2 %02x unspec %d" % (ver, ln)
             else:
-                src, dst = ipaddress.ip_address(body[0:16]), ipaddress.ip_address(body[16:32])
-                sp, dp = struct.unpack("!HH", body[32:36])
-            said = "v2 %02x %s %s %d %d" % (ver, src, dst, sp, dp)
+                if fam == 0x11:
+                    src, dst = ipaddress.ip_address(body[0:4]), ipaddress.ip_address(body[4:8])
+                    sp, dp = struct.unpack("!HH", body[8:12])
+                else:
+                    src, dst = ipaddress.ip_address(body[0:16]), ipaddress.ip_address(body[16:32])
+                    sp, dp = struct.unpack("!HH", body[32:36])
+                said = "v2 %02x %s %s %d %d" % (ver, src, dst, sp, dp)
         else:
             line = first
             while not line.endswith(b"\r\n"):

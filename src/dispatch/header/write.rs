@@ -91,11 +91,53 @@ pub fn build(version: SendProxy, src: SocketAddr, dst: SocketAddr) -> Option<Bui
     Some(b)
 }
 
+/// The header for a client without an address (it came in on a Unix
+/// listener): v1 `UNKNOWN`, v2 `PROXY` over `AF_UNSPEC`; the worker then
+/// takes the connection's own ends, as the specification says.
+pub fn unknown(version: SendProxy) -> Option<Built> {
+    let mut b = Built {
+        buf: [0; ROOM],
+        len: 0,
+    };
+    let bytes: &[u8] = match version {
+        SendProxy::Off => return None,
+        SendProxy::V1 => b"PROXY UNKNOWN\r\n",
+        SendProxy::V2 => &[0x21, 0x00, 0, 0],
+    };
+    let signature = if version == SendProxy::V2 {
+        V2_SIGNATURE
+    } else {
+        &[]
+    };
+    b.buf[..signature.len()].copy_from_slice(signature);
+    b.buf[signature.len()..signature.len() + bytes.len()].copy_from_slice(bytes);
+    b.len = signature.len() + bytes.len();
+    Some(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::parse::{Framed, frame};
     use super::*;
     use crate::config::ProxyProtocol;
+
+    /// A client without an address: headers that say so, which a reader
+    /// takes as "no address" rather than as malformed.
+    #[test]
+    fn unknown_headers_parse_back_without_an_address() {
+        for v in [SendProxy::V1, SendProxy::V2] {
+            let h = unknown(v).unwrap();
+            match frame(h.as_bytes(), ProxyProtocol::Any) {
+                Framed::Header { len, peer, v2 } => {
+                    assert_eq!(len, h.as_bytes().len());
+                    assert_eq!(v2, v == SendProxy::V2);
+                    assert_eq!(peer, None);
+                }
+                other => panic!("{v}: {other:?}"),
+            }
+        }
+        assert!(unknown(SendProxy::Off).is_none());
+    }
 
     /// What lb writes, lb reads back (and `ppp` checks).
     #[test]

@@ -435,13 +435,15 @@ fn send_header(relay: &super::slab::Relay) -> bool {
     let (Some(client), Some(up)) = (&relay.socks[CLIENT], &relay.socks[UPSTREAM]) else {
         return false;
     };
-    let Some(src) = relay.peer.or_else(|| client.peer_addr().ok()) else {
-        return false;
+    // (A Unix listener's client has no address: the header says so.)
+    let header = match (
+        relay.peer.or_else(|| client.peer_addr().ok()),
+        client.local_addr(),
+    ) {
+        (Some(src), Ok(dst)) => write::build(relay.send_proxy, src, dst),
+        _ => write::unknown(relay.send_proxy),
     };
-    let Ok(dst) = client.local_addr() else {
-        return false;
-    };
-    let Some(header) = write::build(relay.send_proxy, src, dst) else {
+    let Some(header) = header else {
         return false;
     };
     let mut up: &mio::net::TcpStream = up;
