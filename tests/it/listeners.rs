@@ -78,7 +78,14 @@ fn ipv4_ipv6_and_unix_listeners_serve_one_pool() {
     let control = dir.join("lb.sock");
     let mut lb = Lb::start_command(
         lb_command(
-            &["--config", &config, "--control", control.to_str().unwrap()],
+            &[
+                "--config",
+                &config,
+                "--control",
+                control.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:0",
+            ],
             &[],
         ),
         2,
@@ -132,6 +139,11 @@ fn ipv4_ipv6_and_unix_listeners_serve_one_pool() {
         text.contains(&format!("listener unix:{}: 11 accepted", path.display())),
         "{text}"
     );
+    let scrape = get(tcp(&lb.metrics_addr()), "/metrics");
+    for (address, n) in listening.iter().zip([10, 10, 11]) {
+        let line = format!("lb_listener_connections_accepted_total{{listener=\"{address}\"}} {n}");
+        assert!(scrape.contains(&line), "{line} in {scrape}");
+    }
 
     lb.signal(libc::SIGTERM);
     assert!(lb.wait_exit().success());
