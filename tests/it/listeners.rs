@@ -234,11 +234,7 @@ fn proxy_protocol_is_set_per_listener() {
 /// bind, and each family reaches its own.
 #[test]
 fn the_ipv4_and_ipv6_wildcards_share_a_port() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let v4 = format!("0.0.0.0:{port}");
     let v6 = format!("[::]:{port}");
     let control = scratch("listeners-dual").join("lb.sock");
@@ -277,11 +273,7 @@ fn socket_activation_with_two_named_fds() {
     let dir = scratch("listeners-activate");
     let path = dir.join("edge.sock");
     let _ = std::fs::remove_file(&path);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     // Listed in the other order: the names, not the places, match.
     let config = write_config(
@@ -294,18 +286,7 @@ fn socket_activation_with_two_named_fds() {
         ),
     );
     let control = dir.join("lb.sock");
-    // It starts lb at the first connection (as systemd does for a socket
-    // unit whose service is not running): one, which lb then serves.
-    let first = std::thread::spawn(move || {
-        let end = std::time::Instant::now() + WAIT;
-        loop {
-            match std::net::TcpStream::connect(("127.0.0.1", port)) {
-                Ok(c) => return c,
-                Err(e) if std::time::Instant::now() > end => panic!("{e}"),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        }
-    });
+    let first = first_connection(port);
     let lb = Lb::start_command(
         lb_command_through(
             &[

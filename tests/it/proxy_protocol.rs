@@ -98,14 +98,6 @@ fn v2_from_203_with_tlvs() -> Vec<u8> {
     v2(1, 0x11, &body)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn have(program: &str) -> bool {
     Command::new(program)
         .arg("-v")

@@ -198,25 +198,12 @@ fn lb_serves_what_systemd_socket_activate_binds() {
         eprintln!("skipped: systemd-socket-activate not installed (Debian: systemd)");
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let control = scratch("socket-activate").join("lb.sock");
     // It starts lb at the first connection (as systemd does for a socket
     // unit whose service is not running): one, which lb then serves.
-    let first = std::thread::spawn(move || {
-        let end = Instant::now() + WAIT;
-        loop {
-            match std::net::TcpStream::connect(("127.0.0.1", port)) {
-                Ok(c) => return c,
-                Err(e) if Instant::now() > end => panic!("{e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    });
+    let first = first_connection(port);
     let lb = Lb::start_command(
         lb_command_through(
             &["systemd-socket-activate", "-l", &listen],

@@ -34,6 +34,33 @@ pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A loopback port free now (for what must be told its port before it
+/// binds).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to `127.0.0.1:port` as soon as something listens there (within
+/// `WAIT`): `systemd-socket-activate` starts its program only at a first
+/// connection, as systemd does for a socket unit whose service is not
+/// running.
+pub fn first_connection(port: u16) -> std::thread::JoinHandle<std::net::TcpStream> {
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + WAIT;
+        loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => return c,
+                Err(e) if std::time::Instant::now() > end => panic!("{e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    })
+}
+
 /// A scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lb-it-{}-{name}", std::process::id()));
