@@ -132,7 +132,7 @@ pub struct Target {
 /// Why a subcommand cannot tell which control socket to try.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
-    #[error("invalid --listen `{0}`: give HOST:PORT, or pass --control PATH")]
+    #[error("invalid --listen `{0}`: give HOST:PORT (or unix:/PATH), or pass --control PATH")]
     Listen(String),
 }
 
@@ -157,11 +157,19 @@ impl Target {
             .or_else(|| env("LB_LISTEN").and_then(|v| v.into_string().ok()));
         let named = given.is_some();
         let listen = given.unwrap_or_else(|| crate::config::defaults::LISTEN.to_string());
-        let port = listen
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok())
-            .ok_or(TargetError::Listen(listen))?;
+        // The master names its socket for its first TCP listener's port (0
+        // when it has only Unix ones), as LB_LISTEN's list gives them.
+        // (Only the port is read: the host need not resolve here.)
+        let items: Vec<&str> = listen.split(',').map(str::trim).collect();
+        let port = match items.iter().find(|a| !a.starts_with("unix:")) {
+            Some(tcp) => tcp
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .ok_or_else(|| TargetError::Listen(listen.clone()))?,
+            None if items.iter().all(|a| a.len() > "unix:".len()) => 0,
+            None => return Err(TargetError::Listen(listen)),
+        };
         Ok(if named {
             crate::control::path::search(port)
         } else {
@@ -338,8 +346,17 @@ mod tests {
         let e = target(None, Some("nonsense")).sockets(&no_env).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "invalid --listen `nonsense`: give HOST:PORT, or pass --control PATH"
+            "invalid --listen `nonsense`: give HOST:PORT (or unix:/PATH), or pass --control PATH"
         );
+        // A list (LB_LISTEN's): the first TCP listener's port names the
+        // socket; only Unix ones: port 0.
+        for (listen, port) in [
+            ("unix:/run/a.sock,127.0.0.1:8100", 8100),
+            ("unix:/run/a.sock", 0),
+        ] {
+            let want = crate::control::path::search(port);
+            assert_eq!(target(None, Some(listen)).sockets(&no_env), Ok(want));
+        }
     }
 
     #[test]
