@@ -58,28 +58,52 @@ pub fn activated(
     inherited: Vec<(OwnedFd, Option<String>)>,
     configured: &[Listener],
 ) -> Result<Vec<Open>, MasterError> {
-    inherited
-        .into_iter()
-        .enumerate()
-        .map(|(i, (fd, name))| {
-            let by_name = name
-                .as_deref()
-                .and_then(|n| configured.iter().find(|l| l.name.as_deref() == Some(n)));
-            let by_place = configured.get(i).filter(|l| l.name.is_none());
-            let mut settings = by_name
-                .or(by_place)
-                .or(configured.first())
-                .cloned()
-                .expect("a configuration has a listener");
-            settings.address = address_of(&fd).map_err(MasterError::ListenerAddress)?;
-            settings.name = name.or(settings.name);
-            Ok(Open {
-                fd,
-                settings,
-                made: None,
-            })
-        })
-        .collect()
+    let mut used = vec![false; configured.len()];
+    let mut open = Vec::with_capacity(inherited.len());
+    for (i, (fd, name)) in inherited.into_iter().enumerate() {
+        let address = address_of(&fd).map_err(MasterError::ListenerAddress)?;
+        // Its name's table; else the first unnamed one not taken (in
+        // order: the place); else, with every table taken, the first
+        // unnamed one's settings again (systemd passed more than listed).
+        let named = name
+            .as_deref()
+            .and_then(|n| configured.iter().position(|l| l.name.as_deref() == Some(n)));
+        let unnamed = || (0..configured.len()).find(|&j| configured[j].name.is_none() && !used[j]);
+        let j = match named.or_else(unnamed) {
+            Some(j) => j,
+            None => match configured.iter().position(|l| l.name.is_none()) {
+                Some(j) => j,
+                None => {
+                    return Err(MasterError::Listen {
+                        addr: address.to_string(),
+                        reason: format!(
+                            "systemd passed it (fd {fd_number}, named `{n}`), but no [[listen]] \
+                             table has that name; set name = \"{n}\" on the table meant for it",
+                            fd_number = 3 + i,
+                            n = name.as_deref().unwrap_or("")
+                        ),
+                    });
+                }
+            },
+        };
+        used[j] = true;
+        let mut settings = configured[j].clone();
+        settings.address = address;
+        settings.name = name.or(settings.name);
+        open.push(Open {
+            fd,
+            settings,
+            made: None,
+        });
+    }
+    for (l, _) in configured.iter().zip(&used).filter(|(_, u)| !**u) {
+        crate::warn!(
+            "{} is in the configuration but systemd passed no socket for it: not served (add \
+             it to the socket unit, or remove it)",
+            l.address
+        );
+    }
+    Ok(open)
 }
 
 /// Where a listening socket is.
@@ -108,9 +132,12 @@ pub fn bind_all(
             Address::Tcp(addr) => bind_tcp(*addr, l, steering).map(|fd| (fd, None)),
             Address::Unix(path) => bind_unix(path, l).map(|fd| (fd, Some(path.clone()))),
         }
-        .and_then(|(fd, made)| {
-            let address = address_of(&fd).map_err(MasterError::ListenerAddress)?;
-            Ok((fd, made, address))
+        .and_then(|(fd, made)| match address_of(&fd) {
+            Ok(address) => Ok((fd, made, address)),
+            Err(e) => {
+                drop(Made(made.into_iter().collect()));
+                Err(MasterError::ListenerAddress(e))
+            }
         });
         let (fd, made_path, address) = match bound {
             Ok(b) => b,
@@ -222,15 +249,37 @@ fn bind_unix(path: &Path, l: &Listener) -> Result<OwnedFd, MasterError> {
     let fail = |e: io::Error| refusal(&address, &e);
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(MasterError::Listen {
-                    addr: address.to_string(),
-                    reason: "another process listens on this socket; stop it or choose another \
-                             path"
-                        .into(),
-                });
+            // Only a refused connect says nobody listens; it is tried
+            // without blocking (a live server's full backlog would
+            // otherwise hold lb's start), and a socket lb may not even
+            // open is someone else's.
+            let probe = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
+                .map_err(fail)?;
+            let live = |reason: &str| MasterError::Listen {
+                addr: address.to_string(),
+                reason: reason.into(),
+            };
+            match probe.connect(&SockAddr::unix(path).map_err(fail)?) {
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    std::fs::remove_file(path).map_err(fail)?
+                }
+                Ok(()) => {
+                    return Err(live(
+                        "another process listens on this socket; stop it or choose another path",
+                    ));
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINPROGRESS)) => {
+                    return Err(live(
+                        "another process listens on this socket; stop it or choose another path",
+                    ));
+                }
+                Err(e) => {
+                    return Err(live(&format!(
+                        "a socket file lb cannot tell is stale is in the way ({e}); remove it or \
+                         choose another path"
+                    )));
+                }
             }
-            std::fs::remove_file(path).map_err(fail)?;
         }
         Ok(_) => {
             return Err(MasterError::Listen {
@@ -247,22 +296,36 @@ fn bind_unix(path: &Path, l: &Listener) -> Result<OwnedFd, MasterError> {
     socket
         .bind(&SockAddr::unix(path).map_err(fail)?)
         .map_err(fail)?;
+    // By path, but only while the path is still the socket just made (a
+    // symlink swapped in would send a chmod elsewhere; lchown never
+    // follows one).
     let set_up = || -> io::Result<()> {
         let p = &l.permissions;
         if p.owner.is_some() || p.group.is_some() {
-            std::os::unix::fs::chown(
+            std::os::unix::fs::lchown(
                 path,
                 p.owner.map(|u| u.as_raw()),
                 p.group.map(|g| g.as_raw()),
             )?;
         }
         if let Some(mode) = p.mode {
+            if !std::fs::symlink_metadata(path)?.file_type().is_socket() {
+                return Err(io::Error::other("the socket file was replaced"));
+            }
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         }
         socket.listen(backlog(l))
     };
     if let Err(e) = set_up() {
         let _ = std::fs::remove_file(path);
+        if e.raw_os_error() == Some(libc::EPERM) {
+            return Err(MasterError::Listen {
+                addr: address.to_string(),
+                reason: "lb may not give the socket file that owner or group (it takes root, \
+                         or a group lb's user is in); change owner/group or run lb as root"
+                    .into(),
+            });
+        }
         return Err(fail(e));
     }
     Ok(socket.into())

@@ -226,7 +226,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             .map(|l| (l.address().to_string(), l.settings.proxy.clone()))
             .collect();
         let (mut d, h) = Dispatcher::with_listeners(
-            open.into_iter().map(|l| l.fd).collect(),
+            open.into_iter().map(|l| (l.fd, l.made)).collect(),
             local,
             config.policy,
             config.slots(),

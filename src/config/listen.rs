@@ -168,6 +168,21 @@ pub fn tables(listen: &FileListen, origin: &Origin) -> Result<Vec<FileListener>,
     let FileListen::Many(list) = listen else {
         return Ok(vec![FileListener::default()]);
     };
+    // One address per entry: the list is read back comma-separated, and a
+    // comma inside an entry would move every table after it onto the
+    // wrong listener.
+    if let Some(bad) = list.iter().find_map(|v| {
+        v.as_str()
+            .or_else(|| v.get("address").and_then(|a| a.as_str()))
+            .filter(|a| a.contains(','))
+    }) {
+        return Err(invalid(
+            origin.clone(),
+            bad,
+            "holds a comma; give one address per entry of the list (and no comma in a Unix \
+             socket's path)",
+        ));
+    }
     list.iter()
         .map(|v| match v {
             toml::Value::String(_) => Ok(FileListener::default()),
@@ -351,14 +366,14 @@ fn permissions(
     Ok(Permissions { mode, owner, group })
 }
 
-/// `0.0.0.0:P` beside `[::]:P`: the IPv6 one must be IPv6-only, or it
-/// would take the IPv4 port too and the other bind would fail; unless the
-/// configuration says otherwise (then that bind fails, and says so).
+/// An IPv4 listener beside `[::]:P` on the same port: the IPv6 one must be
+/// IPv6-only, or it would take the IPv4 port too and the other bind would
+/// fail; unless the configuration says otherwise (then that bind fails).
 fn dual_stack(listeners: &mut [Listener]) {
     let v4_any: Vec<u16> = listeners
         .iter()
         .filter_map(|l| l.address.tcp())
-        .filter(|a| a.is_ipv4() && a.ip().is_unspecified())
+        .filter(|a| a.is_ipv4() && a.port() != 0)
         .map(|a| a.port())
         .collect();
     for l in listeners.iter_mut() {
@@ -475,6 +490,10 @@ mod tests {
                 "v1",
             ),
             ("listen = [3]", "an address or a [[listen]] table"),
+            (
+                "listen = [\"127.0.0.1:1,127.0.0.1:2\", { address = \"127.0.0.1:3\" }]",
+                "one address per entry",
+            ),
         ];
         for (text, want) in cases {
             let e = run(text).unwrap_err();
@@ -498,5 +517,6 @@ mod tests {
         assert_eq!(both[1].v6only, Some(true));
         assert_eq!(l("[::]:80")[0].v6only, None, "alone: the host's default");
         assert_eq!(l("0.0.0.0:80,[::]:81")[1].v6only, None);
+        assert_eq!(l("127.0.0.1:80,[::]:80")[1].v6only, Some(true));
     }
 }

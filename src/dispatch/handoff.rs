@@ -46,6 +46,12 @@ impl Dispatcher {
         while again {
             again = false;
             for (i, listener) in listeners.iter_mut().enumerate() {
+                // No worker took all of the last batch: the backlogs hold
+                // the rest.
+                if !self.pending.is_empty() {
+                    again = false;
+                    break;
+                }
                 if listener.waiting && self.retry_at.is_none() {
                     again |= self.accept_batch(i, listener);
                 }
@@ -63,7 +69,7 @@ impl Dispatcher {
             while self.accepted.len() < scm::SEND_BATCH {
                 // Every place for a PROXY header is taken: the backlog
                 // holds the rest until one frees.
-                if self.headers_full() {
+                if self.headers_full_for(index) {
                     more = false;
                     break;
                 }

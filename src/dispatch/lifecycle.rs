@@ -322,9 +322,14 @@ impl Dispatcher {
         // filter is taken off again just before the close (an inherited
         // socket lives on in systemd). (Off the hot path: `pending` may grow
         // past its capacity here when the backlog is configured larger.)
-        // (A Unix socket's connect completes at once, with no handshake,
-        // and takes no socket filter: its backlog is simply taken.)
+        // (A Unix socket's connect completes at once, with no handshake:
+        // the file lb made goes first, and what queued before is taken.)
         let mut listeners = std::mem::take(&mut self.listeners);
+        for l in &listeners {
+            if let Some(path) = &l.path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         let filtered: Vec<bool> = listeners
             .iter()
             .map(|l| {

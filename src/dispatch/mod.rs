@@ -128,14 +128,15 @@ impl Dispatcher {
     ) -> io::Result<(Dispatcher, Handle)> {
         listener.set_nonblocking(true)?;
         let front = listener.local_addr()?;
-        Dispatcher::build(vec![listener.into()], front, policy, slots, notify)
+        Dispatcher::build(vec![(listener.into(), None)], front, policy, slots, notify)
     }
 
     /// A dispatcher that accepts from every one of `listeners` (bound,
-    /// listening, non-blocking), in turn. `front` is the address Node
-    /// workers are told they listen on.
+    /// listening, non-blocking; with the Unix socket file lb made, if
+    /// any), in turn. `front` is the address Node workers are told they
+    /// listen on.
     pub fn with_listeners(
-        listeners: Vec<std::os::fd::OwnedFd>,
+        listeners: Vec<(std::os::fd::OwnedFd, Option<std::path::PathBuf>)>,
         front: SocketAddr,
         policy: PolicyKind,
         slots: usize,
@@ -157,14 +158,14 @@ impl Dispatcher {
     }
 
     fn build(
-        listeners: Vec<std::os::fd::OwnedFd>,
+        listeners: Vec<(std::os::fd::OwnedFd, Option<std::path::PathBuf>)>,
         front: SocketAddr,
         policy: PolicyKind,
         slots: usize,
         notify: Notifier,
     ) -> io::Result<(Dispatcher, Handle)> {
         let poll = Poll::new()?;
-        for (i, l) in listeners.iter().enumerate() {
+        for (i, (l, _)) in listeners.iter().enumerate() {
             poll.registry().register(
                 &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(l)),
                 Source::Listener(i).token(),
@@ -177,7 +178,10 @@ impl Dispatcher {
             poll,
             events: Events::with_capacity(1024),
             by_listener: vec![0; listeners.len()],
-            listeners: listeners.into_iter().map(Front::new).collect(),
+            listeners: listeners
+                .into_iter()
+                .map(|(fd, path)| Front::new(fd, path))
+                .collect(),
             workers: Table::with_capacity(slots * 2),
             current: vec![None; slots],
             views: vec![WorkerView::default(); slots],

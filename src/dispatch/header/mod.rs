@@ -190,10 +190,14 @@ impl Dispatcher {
         stage.unix[index] = unix;
     }
 
-    /// Whether accepting must wait: every place for a waiting header is taken.
+    /// Whether accepting from listener `index` must wait: it reads PROXY
+    /// headers, and every place for a waiting one is taken (a listener
+    /// without them goes on).
     #[inline]
-    pub(super) fn headers_full(&self) -> bool {
-        self.headers.as_ref().is_some_and(|s| s.full())
+    pub(super) fn headers_full_for(&self, index: usize) -> bool {
+        self.headers
+            .as_ref()
+            .is_some_and(|s| s.full() && matches!(s.rules.get(index), Some(Some(_))))
     }
 
     /// Connections still waiting for their header.

@@ -435,13 +435,22 @@ fn send_header(relay: &super::slab::Relay) -> bool {
     let (Some(client), Some(up)) = (&relay.socks[CLIENT], &relay.socks[UPSTREAM]) else {
         return false;
     };
-    // (A Unix listener's client has no address: the header says so.)
+    // A Unix listener's client has no address (the header says so), nor
+    // a destination: a PROXY header's client that came in there goes on
+    // with its family's unspecified one.
     let header = match (
         relay.peer.or_else(|| client.peer_addr().ok()),
         client.local_addr(),
     ) {
         (Some(src), Ok(dst)) => write::build(relay.send_proxy, src, dst),
-        _ => write::unknown(relay.send_proxy),
+        (Some(src), Err(_)) => {
+            let any = match src {
+                std::net::SocketAddr::V4(_) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                std::net::SocketAddr::V6(_) => std::net::SocketAddr::from(([0u16; 8], 0)),
+            };
+            write::build(relay.send_proxy, src, any)
+        }
+        (None, _) => write::unknown(relay.send_proxy),
     };
     let Some(header) = header else {
         return false;
