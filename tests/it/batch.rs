@@ -191,3 +191,36 @@ fn multi_fd_conns_queued_for_a_killed_batching_worker_are_rescued() {
         "every fd of every queued CONN was read back"
     );
 }
+
+/// A batching worker that takes a few CONNs and then stops reading: its
+/// channel fills with CONNs of several fds, the stall watch (which counts
+/// a channel's unread bytes in messages) sees it take none, and what
+/// waits for it goes to the other worker: no request fails.
+#[test]
+fn a_batching_worker_that_stops_reading_costs_no_request() {
+    use crate::util::load::{Load, Style};
+    let dir = scratch("batch-stuck");
+    let stuck = python_worker(
+        &dir,
+        "stuck.py",
+        "send(16, 4)\nfor _ in range(3):\n    msg, fds, _, _ = socket.recv_fds(chan, 4096, 8)\n    \
+         for fd in fds:\n        serve_one(fd)\nwhile True:\n    time.sleep(1)",
+    );
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "worker_queue = 8\nstall_timeout = \"2s\"\n{}{}",
+            python_pool("stuck", &stuck, 1),
+            hello_pool("hello", 1)
+        ),
+    );
+    let lb = Lb::start(&["--config", &config], &[], 2);
+    let load = Load::start(lb.addr, 10, Style::Close, None);
+    lb.wait_log("took none of its", 1);
+    lb.wait_log("replacing it, its successor ready first", 1);
+    load.wait_more(500);
+    let tally = load.stop();
+    eprintln!("a stuck batching worker: {tally:?}");
+    assert_eq!(tally.failed, 0, "{:?}", tally.first);
+}
