@@ -387,6 +387,42 @@ mod batch_tests {
         assert!(empty.is_err());
     }
 
+    /// A channel with room for one more message: of 16 connections at 8
+    /// a CONN the first 8 go, whole, and the count says so; the other 8
+    /// stay the caller's (a CONN never goes in part).
+    #[test]
+    fn send_conns_to_a_full_channel_sends_whole_conns_only() {
+        let (master, worker) = pair().unwrap();
+        socket2::SockRef::from(&master)
+            .set_send_buffer_size(0)
+            .unwrap();
+        let (x, _y) = pair().unwrap();
+        let mut queued = 0;
+        while send_conn(master.as_fd(), x.as_fd(), 0).is_ok() {
+            queued += 1;
+            assert!(queued < 10_000, "the channel never filled");
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        // Room for exactly one message again.
+        drop(scm::recv(worker.as_fd(), &mut buf, Wait::DontWait).unwrap());
+        let fds: Vec<_> = (0..16).map(|_| x.try_clone().unwrap()).collect();
+        let per = wire::MAX_CONN_FDS;
+        assert_eq!(
+            send_conns(master.as_fd(), &fds, &[] as &[&[u8]], 100, per).unwrap(),
+            8
+        );
+        let full = send_conns(master.as_fd(), &fds[8..], &[] as &[&[u8]], 108, per);
+        assert_eq!(full.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let mut last = None;
+        while let Ok(got) = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait) {
+            if let Ok(Message::Conn { id, count, .. }) = wire::parse(&buf[..got.len], false) {
+                last = Some((id, count, got.fds.len()));
+            }
+        }
+        // The queued single ones, then the one CONN of 8, and nothing after.
+        assert_eq!(last, Some((100, 8, 8)));
+    }
+
     #[test]
     fn recv_batch_closes_unexpected_fds_and_marks_them() {
         let (a, b) = pair().unwrap();
