@@ -119,6 +119,12 @@ fn a_burst_reaches_batching_workers_several_to_a_conn_and_old_ones_one() {
         batched.iter().any(|&(n, _)| n > 1),
         "never batched: {batched:?}"
     );
+    // Status (and /metrics) count the messages: fewer than connections.
+    let status = lb.status();
+    let dispatched = status["dispatched"].as_u64().unwrap();
+    let messages = status["conn_messages"].as_u64().unwrap();
+    assert_eq!(dispatched, n as u64, "{status}");
+    assert!(messages < dispatched, "{status}");
 }
 
 /// Sum of the counts in "rescued N queued connections" lines.
