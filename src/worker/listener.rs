@@ -278,6 +278,11 @@ impl Listener {
     /// DRAIN is never stuck behind a busy listener). With `Wait::DontWait`,
     /// `WouldBlock` means nothing is queued. Malformed or unknown messages
     /// are skipped. A connection is non-blocking and CLOEXEC either way.
+    /// A CONN that brought several connections (`wire::ready::BATCH`)
+    /// gives them one per call, the rest without reading the channel: an
+    /// event loop calls this until `WouldBlock` after each readable edge
+    /// (as edge-triggered polling wants anyway), or they wait for the next
+    /// message.
     ///
     /// At the open-files limit (`EMFILE`) a connection is left in the own
     /// listener's queue and this says `WouldBlock` (or, blocking, retries
