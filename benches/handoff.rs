@@ -49,6 +49,7 @@ fn handoff(c: &mut Criterion) {
         } = rig;
         let name = match kind {
             Kind::Native => policy.name().to_string(),
+            Kind::NativeSingle => format!("single/{}", policy.name()),
             Kind::Node => format!("node/{}", policy.name()),
             Kind::Proxy => format!("proxy/{}", policy.name()),
             Kind::Kernel => {

@@ -10,6 +10,8 @@
  * accepts (ACCEPTED) before their closes, and stops it on DRAIN.
  * Behind a balancer that sends PROXY headers, lb sends the client's address
  * with a connection (READY says PEER_ADDRESS): the reply names it.
+ * READY also says BATCH: a CONN may carry up to 8 connections (their count
+ * in header byte 2, one address line each in the payload).
  *
  *   gcc -O2 -Wall -o hello-c examples/hello.c && lb --workers 2 -- ./hello-c
  */
@@ -30,7 +32,8 @@
 #include <unistd.h>
 
 enum { CONN = 1, DRAIN = 2, LISTENER = 3, READY = 16, CLOSED = 17, ACCEPTED = 20,
-       OWN_LISTENER = 1, PEER_ADDRESS = 2, HDR = 16, BUF = 8192 };
+       OWN_LISTENER = 1, PEER_ADDRESS = 2, BATCH = 4, MAX_CONN_FDS = 8,
+       HDR = 16, BUF = 8192 };
 
 struct conn {
     int fd, lingering;   /* lingering: our side is shut, waiting for the client's FIN */
@@ -47,8 +50,9 @@ static int chan, ep, live, draining, paused;
 static int lfd = -1, lpaused, report = 1;
 static uint64_t accepted;
 static char listener_tag;   /* its epoll data.ptr */
-/* Open files kept free: near the limit the channel is not read, so lb
- * sends to other workers (a CONN whose fd cannot be received is lost). */
+/* Open files kept free (more than a CONN's MAX_CONN_FDS): near the limit
+ * the channel is not read, so lb sends to other workers (a CONN whose fds
+ * cannot be received is lost). */
 enum { FD_RESERVE = 16 };
 static long fd_limit, base_fds;
 static long drain_ms, grace_ms = 2000;
@@ -185,8 +189,9 @@ static int on_channel(void) {
             paused = 1;
             return 0;
         }
-        unsigned char h[HDR + 64];
-        union { struct cmsghdr align; char b[CMSG_SPACE(4 * sizeof(int))]; } cm;
+        /* Room for a CONN's address lines (64 bytes and '\n' each). */
+        unsigned char h[HDR + MAX_CONN_FDS * 65];
+        union { struct cmsghdr align; char b[CMSG_SPACE(MAX_CONN_FDS * sizeof(int))]; } cm;
         struct iovec iov = {h, sizeof h};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.b, .msg_controllen = sizeof cm.b};
         ssize_t n = recvmsg(chan, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
@@ -195,15 +200,32 @@ static int on_channel(void) {
             paused = 0;
             return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
         }
-        int fds[4], nfd = 0;
+        int fds[MAX_CONN_FDS], nfd = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
-                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && nfd < 4; i++)
-                    memcpy(&fds[nfd++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-        if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd == 1) {
-            char client[64];
-            int known = !(mh.msg_flags & MSG_TRUNC) && client_of(h + HDR, (size_t)n - HDR, client);
-            conn_add(fds[0], known ? client : NULL);   /* already non-blocking: lb accepted it so */
+                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
+                    int fd;
+                    memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                    if (nfd < MAX_CONN_FDS) fds[nfd++] = fd;
+                    else close(fd);
+                }
+        int count = n >= HDR && h[2] > 1 ? h[2] : 1;   /* byte 2: the CONN's fds (0: one) */
+        if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd >= 1 && nfd <= count) {
+            /* Fewer than it says: the kernel had no fd for the rest. */
+            if (nfd < count && report) send_msg(CLOSED, (uint64_t)(count - nfd));
+            /* One address line per fd, in fd order ('\n' between; none at all
+             * when the payload is empty). */
+            const unsigned char *line = h + HDR, *end = h + (n > (ssize_t)sizeof h ? sizeof h : (size_t)n);
+            int lines = n > HDR && !(mh.msg_flags & MSG_TRUNC);
+            for (int i = 0; i < nfd; i++) {
+                char client[64];
+                const unsigned char *nl = lines ? memchr(line, '\n', (size_t)(end - line)) : NULL;
+                size_t len = lines ? (size_t)((nl ? nl : end) - line) : 0;
+                int known = lines && client_of(line, len, client);
+                conn_add(fds[i], known ? client : NULL);   /* already non-blocking: lb accepted it so */
+                if (nl) line = nl + 1;
+                else lines = 0;
+            }
         } else {
             for (int i = 0; i < nfd; i++) close(fds[i]);
             /* Nothing is closed yet: an idle connection's next request may
@@ -286,7 +308,7 @@ int main(void) {
         report = rc && strcmp(rc, "1") == 0;
         base_fds++;
     }
-    send_msg(READY, lfd >= 0 ? OWN_LISTENER : PEER_ADDRESS);
+    send_msg(READY, lfd >= 0 ? OWN_LISTENER : PEER_ADDRESS | BATCH);
     struct epoll_event evs[64];
     while (!(draining && live == 0)) {
         long next = -1;

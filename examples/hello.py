@@ -4,14 +4,16 @@
 lb starts this with its end of the channel at fd 3 (LB_FD). Each message is
 one SOCK_SEQPACKET datagram with a 16-byte header (see docs/protocol.md):
 version u8, kind u8, 6 reserved bytes, value u64 little-endian. A CONN
-carries the client's socket as one fd (SCM_RIGHTS).
+carries clients' sockets as fds (SCM_RIGHTS): one, or, since READY says
+BATCH, up to 8 (their count in byte 2), served here one after the other.
 
 Under kernel dispatch (LB_OWN_LISTENER=1) the first message is LISTENER,
 carrying a listening socket of this worker's own: it accepts from that
 instead, says so in READY, and stops it on DRAIN.
 
 Behind a balancer that sends PROXY headers, a CONN's payload is the client's
-address ("IP:port", "[v6]:port"; READY says PEER_ADDRESS): the reply names it.
+address ("IP:port", "[v6]:port"; READY says PEER_ADDRESS), one line per fd:
+the reply names it.
 
 Deliberately simple: it serves one connection at a time and closes it after
 one response (Connection: close). Run it with:
@@ -27,7 +29,8 @@ import struct
 HEADER = struct.Struct("<BBxxxxxxQ")
 VERSION = 1
 CONN, DRAIN, LISTENER, READY, CLOSED, ACCEPTED = 1, 2, 3, 16, 17, 20
-OWN_LISTENER, PEER_ADDRESS = 1, 2
+OWN_LISTENER, PEER_ADDRESS, BATCH = 1, 2, 4
+MAX_CONN_FDS = 8
 
 
 def client_of(payload: bytes) -> bytes:
@@ -72,9 +75,9 @@ def main() -> None:
         listener = socket.socket(fileno=fds[0])
         listener.setblocking(False)
         report = os.environ.get("LB_REPORT_CLOSED") == "1"
-    chan.send(HEADER.pack(VERSION, READY, OWN_LISTENER if listener else PEER_ADDRESS))
+    chan.send(HEADER.pack(VERSION, READY, OWN_LISTENER if listener else PEER_ADDRESS | BATCH))
     while True:
-        client = b""
+        clients = []
         if listener and chan not in select.select([chan, listener], [], [])[0]:
             try:
                 fds = [listener.accept()[0].detach()]
@@ -83,7 +86,7 @@ def main() -> None:
             if report:  # before its CLOSED, which lb would not expect otherwise
                 chan.send(HEADER.pack(VERSION, ACCEPTED, 1))
         else:
-            msg, fds, _flags, _addr = socket.recv_fds(chan, 4096, 4)
+            msg, fds, _flags, _addr = socket.recv_fds(chan, 4096, MAX_CONN_FDS)
             if not msg:
                 return  # the master is gone
             if len(msg) < HEADER.size:
@@ -93,19 +96,24 @@ def main() -> None:
                 if listener:  # stopped, not just closed (lb may hold a copy):
                     listener.shutdown(socket.SHUT_RD)  # its queue moves to others
                 return  # nothing in flight: one connection at a time
-            if kind != CONN or len(fds) != 1:
+            count = max(msg[2], 1)  # 0 (or 1): one fd
+            if kind != CONN or not fds or len(fds) > count:
                 for fd in fds:
                     os.close(fd)
                 continue
-            client = client_of(msg[HEADER.size:])
-        with socket.socket(fileno=fds[0]) as conn:
-            conn.setblocking(True)
-            try:
-                serve(conn, body(client))
-            except OSError:
-                pass
-        if report:
-            chan.send(HEADER.pack(VERSION, CLOSED, 1))
+            if len(fds) < count and report:  # the kernel had no fd for the rest
+                chan.send(HEADER.pack(VERSION, CLOSED, count - len(fds)))
+            payload = msg[HEADER.size:]
+            clients = [client_of(line) for line in payload.split(b"\n")] if payload else []
+        for i, fd in enumerate(fds):
+            with socket.socket(fileno=fd) as conn:
+                conn.setblocking(True)
+                try:
+                    serve(conn, body(clients[i] if i < len(clients) else b""))
+                except OSError:
+                    pass
+            if report:
+                chan.send(HEADER.pack(VERSION, CLOSED, 1))
 
 if __name__ == "__main__":
     main()

@@ -70,21 +70,38 @@ fn connections(addr: SocketAddr, n: usize) {
 
 /// [`connections`] whose clients first send `first[i]` (client thread i).
 fn connections_sending(addr: SocketAddr, n: usize, first: [&'static [u8]; 2]) {
+    bursts_sending(addr, n, 1, first);
+}
+
+/// [`connections_sending`], each client thread opening `burst` connections
+/// at once before it waits for their answers: the dispatcher then accepts
+/// several per wake-up, and a batching worker gets several per CONN.
+fn bursts_sending(addr: SocketAddr, n: usize, burst: usize, first: [&'static [u8]; 2]) {
     let threads: Vec<_> = (0..2)
         .map(|i| {
             let first = first[i];
             std::thread::spawn(move || {
-                for _ in 0..n / 2 {
-                    let mut s = TcpStream::connect(addr).unwrap();
-                    if !first.is_empty() {
-                        s.write_all(first).unwrap();
+                let mut left = n / 2;
+                while left > 0 {
+                    let now = burst.min(left);
+                    left -= now;
+                    let streams: Vec<TcpStream> = (0..now)
+                        .map(|_| {
+                            let mut s = TcpStream::connect(addr).unwrap();
+                            if !first.is_empty() {
+                                s.write_all(first).unwrap();
+                            }
+                            s
+                        })
+                        .collect();
+                    for mut s in streams {
+                        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b).unwrap();
+                        socket2::SockRef::from(&s)
+                            .set_linger(Some(Duration::ZERO))
+                            .unwrap();
                     }
-                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b).unwrap();
-                    socket2::SockRef::from(&s)
-                        .set_linger(Some(Duration::ZERO))
-                        .unwrap();
                 }
             })
         })
@@ -94,7 +111,15 @@ fn connections_sending(addr: SocketAddr, n: usize, first: [&'static [u8]; 2]) {
     }
 }
 
-fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, u64) {
+/// Connections in bursts of `burst` (1: one at a time per client thread):
+/// the allocations counted over the measured ones, and the stats.
+fn run(
+    policy: PolicyKind,
+    kind: Kind,
+    burst: usize,
+    warmup: usize,
+    measured: usize,
+) -> (u64, lb::dispatch::Stats) {
     let mut rig = Rig::new(policy, WORKERS);
     // As the master runs it (stall_timeout's default), the once-a-second
     // stall watch included.
@@ -111,15 +136,15 @@ fn run(policy: PolicyKind, kind: Kind, warmup: usize, measured: usize) -> (u64, 
     let running = rig.spawn(|| COUNTED.with(|c| c.set(true)));
     let addr = running.addr;
 
-    connections(addr, warmup);
+    bursts_sending(addr, warmup, burst, [b"", b""]);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    connections(addr, measured);
+    bursts_sending(addr, measured, burst, [b"", b""]);
     let after = ALLOCATIONS.load(Ordering::Relaxed);
 
     let stats = running.shutdown(workers);
     assert_eq!(stats.dispatched as usize, warmup + measured);
     assert_eq!(received.load(Ordering::Relaxed) as usize, warmup + measured);
-    (after - before, stats.dispatched)
+    (after - before, stats)
 }
 
 #[test]
@@ -137,22 +162,35 @@ fn dispatch_allocates_nothing_per_connection() {
     .unwrap();
     assert!(seen >= 1, "the counting allocator is not counting");
 
-    for (policy, kind, measured) in [
-        (PolicyKind::LeastConn, Kind::Native, 100_000),
-        (PolicyKind::RoundRobin, Kind::Native, 20_000),
-        (PolicyKind::Weighted, Kind::Native, 20_000),
+    for (policy, kind, burst, measured) in [
+        (PolicyKind::LeastConn, Kind::Native, 1, 100_000),
+        (PolicyKind::RoundRobin, Kind::Native, 1, 20_000),
+        (PolicyKind::Weighted, Kind::Native, 1, 20_000),
+        // Workers older than BATCH: one connection to a CONN.
+        (PolicyKind::LeastConn, Kind::NativeSingle, 1, 20_000),
+        (PolicyKind::RoundRobin, Kind::NativeSingle, 16, 20_000),
+        // Batching workers in bursts: several connections to a CONN.
+        (PolicyKind::LeastConn, Kind::Native, 16, 20_000),
+        (PolicyKind::RoundRobin, Kind::Native, 16, 20_000),
         // Node.js cluster workers: newconn out, ACK + reply + close report in.
-        (PolicyKind::LeastConn, Kind::Node, 20_000),
-        (PolicyKind::RoundRobin, Kind::Node, 20_000),
+        (PolicyKind::LeastConn, Kind::Node, 1, 20_000),
+        (PolicyKind::RoundRobin, Kind::Node, 1, 20_000),
         // Proxy mode: connect, relay with splice, close, from the slab.
-        (PolicyKind::LeastConn, Kind::Proxy, 20_000),
+        (PolicyKind::LeastConn, Kind::Proxy, 1, 20_000),
     ] {
-        let mode = format!("{kind:?}");
-        let (allocations, dispatched) = run(policy, kind, 2_000, measured);
+        let mode = format!("{kind:?}, bursts of {burst}");
+        let (allocations, stats) = run(policy, kind, burst, 2_000, measured);
+        let (dispatched, messages) = (stats.dispatched, stats.conn_messages);
         eprintln!(
             "{policy} ({mode}): {allocations} allocations on the dispatch thread over {measured} \
-             connections ({dispatched} dispatched in all)"
+             connections ({dispatched} dispatched in all, in {messages} CONNs)"
         );
+        match kind {
+            Kind::NativeSingle => assert_eq!(messages, dispatched, "one fd to a CONN"),
+            // Bursts reached a batching worker as CONNs of several fds.
+            Kind::Native if burst > 1 => assert!(messages < dispatched, "{mode}: no batching"),
+            _ => {}
+        }
         assert_eq!(
             allocations, 0,
             "{policy} ({mode}): the hot path allocated {allocations} times over {measured} connections"
@@ -174,6 +212,12 @@ const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x28\
 #[test]
 fn proxy_headers_allocate_nothing_per_connection() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    proxy_headers(0, 1);
+    // Batching workers in bursts: a CONN carries one address line per fd.
+    proxy_headers(lb::proto::wire::ready::BATCH, 16);
+}
+
+fn proxy_headers(flags: u64, burst: usize) {
     let mut rig = Rig::new(PolicyKind::LeastConn, WORKERS);
     rig.dispatcher
         .watch_stalls(std::time::Duration::from_secs(30), 768);
@@ -192,13 +236,13 @@ fn proxy_headers_allocate_nothing_per_connection() {
         let _ = s.write_all(b"!");
         counter.fetch_add(1, Ordering::Relaxed);
     };
-    let workers = rig.serve_peers(WORKERS, serve);
+    let workers = rig.serve_peers(WORKERS, flags, serve);
     let running = rig.spawn(|| COUNTED.with(|c| c.set(true)));
     let addr = running.addr;
     let (warmup, measured) = (2_000, 20_000);
-    connections_sending(addr, warmup, [V1, V2]);
+    bursts_sending(addr, warmup, burst, [V1, V2]);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    connections_sending(addr, measured, [V1, V2]);
+    bursts_sending(addr, measured, burst, [V1, V2]);
     let after = ALLOCATIONS.load(Ordering::Relaxed);
     let stats = running.shutdown(workers);
     assert_eq!(stats.dispatched as usize, warmup + measured);
@@ -213,9 +257,10 @@ fn proxy_headers_allocate_nothing_per_connection() {
         warmup + measured
     );
     eprintln!(
-        "PROXY headers (native): {} allocations on the dispatch thread over {measured} \
-         connections",
-        after - before
+        "PROXY headers (native, READY flags {flags}, bursts of {burst}): {} allocations on \
+         the dispatch thread over {measured} connections, in {} CONNs",
+        after - before,
+        stats.conn_messages
     );
     assert_eq!(after - before, 0, "the PROXY path allocated");
 }

@@ -6,7 +6,8 @@
  * burns SLOW_MS (default 5) ms of CPU first: the skewed-load scenario.
  *
  * Where it gets connections from:
- *   LB_FD=3        lb's protocol v1 (READY; CLOSED reports batched per loop,
+ *   LB_FD=3        lb's protocol v1 (READY with BATCH: a CONN may carry up to
+ *                  8 fds, all taken; CLOSED reports batched per loop,
  *                  unless LB_REPORT_CLOSED=0 says nothing reads them); with
  *                  LB_OWN_LISTENER=1 (kernel dispatch) it accepts from the
  *                  listener lb sends first, ACCEPTED batched like CLOSED
@@ -218,7 +219,9 @@ int main(void) {
         epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &own);
     }
     report();
-    if (lb_protocol) send_msg(READY, lfd >= 0 ? 1 : 0);   /* 1: OWN_LISTENER */
+    /* 1: OWN_LISTENER; 4: BATCH, a CONN may carry several fds (on_channel
+     * takes every fd of every message). */
+    if (lb_protocol) send_msg(READY, lfd >= 0 ? 1 : 4);
     struct epoll_event evs[256];
     while (!want_exit) {
         /* Accepts before the closes they cover (lb counts open = accepted - closed). */

@@ -308,7 +308,7 @@ pub const RELOAD_PARALLEL: Setting<usize> = Setting {
 pub const WORKER_QUEUE: Setting<usize> = Setting {
     spec: Spec {
         help: "How many connections may wait in one worker's channel before lb skips that \
-               worker, 1 to 4096",
+               worker, 1 to 4096 (CONN messages of up to 8 for a worker that said BATCH)",
         default: Some("64"),
         file: Some(|f| f.worker_queue.map(|n| n.to_string())),
         ..spec("worker_queue", "--worker-queue", "LB_WORKER_QUEUE")

@@ -70,6 +70,7 @@ impl From<&supervisor::Status> for Status {
             },
             accepted: s.stats.accepted,
             dispatched: s.stats.dispatched,
+            conn_messages: s.stats.conn_messages,
             rescued: s.stats.rescued,
             paused: s.stats.paused,
             proxy_connect_timeouts: s.stats.proxy_connect_timeouts,

@@ -49,6 +49,12 @@ pub fn render(s: &Status) -> String {
             s.dispatched,
         ),
         (
+            "lb_conn_messages_total",
+            "CONN messages that carried connections to lb-protocol workers (fewer than \
+             connections when workers take several per CONN).",
+            s.conn_messages,
+        ),
+        (
             "lb_connections_rescued_total",
             "Connections read back from a dead worker's channel and handed to another.",
             s.rescued,

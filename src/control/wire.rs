@@ -121,6 +121,10 @@ pub struct Status {
     pub process: ProcessStatus,
     pub accepted: u64,
     pub dispatched: u64,
+    /// The CONN messages that carried them to lb-protocol workers: fewer
+    /// than connections when workers take several per CONN (`BATCH`).
+    #[serde(default)]
+    pub conn_messages: u64,
     pub rescued: u64,
     /// Times accepting paused because no worker had room.
     pub paused: u64,

@@ -144,6 +144,9 @@ pub enum Event {
 pub struct Stats {
     pub accepted: u64,
     pub dispatched: u64,
+    /// The CONN messages lb-protocol workers were sent: one per connection,
+    /// fewer for workers that take several per CONN (`ready::BATCH`).
+    pub conn_messages: u64,
     pub rescued: u64,
     /// Times accepting paused because every worker was full (or none ready).
     pub paused: u64,

@@ -8,6 +8,8 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use crate::proto::wire::MAX_CONN_FDS;
+
 #[derive(Debug)]
 pub struct Conn {
     pub fd: OwnedFd,
@@ -111,6 +113,53 @@ impl AsRef<[u8]> for PeerText {
     }
 }
 
+/// The clients' addresses of the connections one CONN carries to a
+/// batching worker, one line each in fd order (`wire::peers`), on the stack.
+#[derive(Clone, Copy)]
+pub struct PeerLines {
+    buf: [u8; MAX_CONN_FDS * (PEER_TEXT_MAX + 1)],
+    len: usize,
+}
+
+impl PeerLines {
+    pub const EMPTY: PeerLines = PeerLines {
+        buf: [0; MAX_CONN_FDS * (PEER_TEXT_MAX + 1)],
+        len: 0,
+    };
+
+    /// The first `MAX_CONN_FDS` of `conns`: an empty line for one without
+    /// an address, no text at all when none has one.
+    #[inline]
+    pub fn of(conns: &[Conn]) -> PeerLines {
+        let mut l = PeerLines::EMPTY;
+        if conns.iter().all(|c| c.peer.is_none()) {
+            return l;
+        }
+        for (i, c) in conns.iter().take(MAX_CONN_FDS).enumerate() {
+            if i > 0 {
+                l.buf[l.len] = b'\n';
+                l.len += 1;
+            }
+            let t = PeerText::of(c.peer.as_ref());
+            let t = t.as_bytes();
+            l.buf[l.len..l.len + t.len()].copy_from_slice(t);
+            l.len += t.len();
+        }
+        l
+    }
+
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl AsRef<[u8]> for PeerLines {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +176,28 @@ mod tests {
             assert_eq!(std::str::from_utf8(t.as_bytes()).unwrap(), text);
         }
         assert!(PeerText::of(None).as_bytes().is_empty());
+    }
+
+    #[test]
+    fn peer_lines_are_one_line_per_connection_in_order() {
+        let (a, _b) = crate::proto::pair().unwrap();
+        let conn = |peer: Option<&str>| Conn {
+            fd: a.try_clone().unwrap(),
+            peer: peer.map(|p| p.parse().unwrap()),
+        };
+        let conns = [
+            conn(Some("203.0.113.7:1")),
+            conn(None),
+            conn(Some("[2001:db8::7]:3")),
+        ];
+        let l = PeerLines::of(&conns);
+        assert_eq!(l.as_bytes(), b"203.0.113.7:1\n\n[2001:db8::7]:3");
+        let lines: Vec<&[u8]> = crate::proto::wire::peers(l.as_bytes()).collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            PeerLines::of(&[conn(None), conn(None)])
+                .as_bytes()
+                .is_empty()
+        );
     }
 }

@@ -142,6 +142,7 @@ impl Dispatcher {
             progress: native::stall::Progress::default(),
             queue: super::kernel::pressure::Queue::default(),
             stop_seen: false,
+            messages: 0,
         });
         // Readable only: a unix socket wakes its writer's EPOLLOUT waiters
         // each time the reader takes a message, which would wake this loop

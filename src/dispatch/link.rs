@@ -69,6 +69,7 @@ impl Link {
                 listener,
                 takes_listener: false,
                 peer_address: false,
+                batch: false,
             }),
             (ChannelKind::Stream, Some(channel), _) => {
                 Link::Node(Box::new(NodeLink::new(channel, listener)))

@@ -43,6 +43,9 @@ pub struct Worker {
     pub queue: super::kernel::pressure::Queue,
     /// It has sent STOP (acted on once).
     pub stop_seen: bool,
+    /// CONN messages sent (each one or, to a batching worker, several
+    /// connections): what its channel's unread bytes are counted in.
+    pub messages: u64,
 }
 
 /// Worker processes by index; an index is stable for a process's life and

@@ -106,23 +106,30 @@ pub fn send_listener(chan: BorrowedFd<'_>, listener: BorrowedFd<'_>) -> io::Resu
 }
 
 /// master → worker: hands over several connections to one worker with one
-/// `sendmmsg`, one CONN datagram each, ids `first_id`, `first_id + 1`, …;
-/// `peers[i]`, when given (empty: none), is the i-th one's payload, the
-/// client's address. Returns how many went out (in order); the caller
-/// closes those at once.
+/// `sendmmsg`, `per` fds to a CONN (1 for a worker that did not say
+/// `ready::BATCH`; at most [`wire::MAX_CONN_FDS`]), ids `first_id`,
+/// `first_id + 1`, … in fd order; `payloads[i]`, when given (empty: none),
+/// is the i-th CONN's payload, its clients' addresses ([`wire::peers`]).
+/// Returns how many connections went out (the first ones: a CONN goes
+/// whole or not at all); the caller closes those at once.
 #[inline]
 pub fn send_conns<F: std::os::fd::AsFd, P: AsRef<[u8]>>(
     chan: BorrowedFd<'_>,
     conns: &[F],
-    peers: &[P],
+    payloads: &[P],
     first_id: u64,
+    per: usize,
 ) -> io::Result<usize> {
+    let per = per.clamp(1, wire::MAX_CONN_FDS);
     let mut headers = [[0u8; HEADER_LEN]; scm::SEND_BATCH];
-    let n = conns.len().min(scm::SEND_BATCH);
-    for (i, h) in headers.iter_mut().take(n).enumerate() {
-        *h = wire::header(kind::CONN, first_id + i as u64);
+    let n = conns.len().min(scm::SEND_BATCH * per);
+    let messages = n.div_ceil(per);
+    for (i, h) in headers.iter_mut().take(messages).enumerate() {
+        let count = per.min(n - i * per);
+        *h = wire::conn_header(first_id + (i * per) as u64, count);
     }
-    scm::send_each(chan, &headers[..n], peers, &conns[..n])
+    let sent = scm::send_grouped(chan, &headers[..messages], payloads, &conns[..n], per)?;
+    Ok((sent * per).min(n))
 }
 
 /// Sends a message without an fd: DRAIN, READY, CLOSED, LEAVING or USER.
@@ -168,7 +175,11 @@ mod tests {
         let mut got = scm::recv(worker.as_fd(), &mut buf, Wait::Block).unwrap();
         assert_eq!(
             wire::parse(&buf[..got.len], got.truncated),
-            Ok(Message::Conn { id: 42, peer: b"" })
+            Ok(Message::Conn {
+                id: 42,
+                count: 1,
+                peer: b""
+            })
         );
         assert_eq!(got.fds.len(), 1);
         let mut stream = TcpStream::from(got.fds.take_first().unwrap());
@@ -278,7 +289,7 @@ mod batch_tests {
             .collect();
         let accepted: Vec<_> = (0..3).map(|_| l.accept().unwrap().0).collect();
         assert_eq!(
-            send_conns(master.as_fd(), &accepted, &[] as &[&[u8]], 10).unwrap(),
+            send_conns(master.as_fd(), &accepted, &[] as &[&[u8]], 10, 1).unwrap(),
             3
         );
         drop(accepted);
@@ -289,6 +300,7 @@ mod batch_tests {
                 wire::parse(&buf[..got.len], false),
                 Ok(Message::Conn {
                     id: 10 + i as u64,
+                    count: 1,
                     peer: b""
                 })
             );
@@ -309,7 +321,10 @@ mod batch_tests {
             .collect();
         let accepted: Vec<_> = (0..3).map(|_| l.accept().unwrap().0).collect();
         let peers: [&[u8]; 3] = [b"203.0.113.7:4242", b"", b"[2001:db8::7]:1"];
-        assert_eq!(send_conns(master.as_fd(), &accepted, &peers, 5).unwrap(), 3);
+        assert_eq!(
+            send_conns(master.as_fd(), &accepted, &peers, 5, 1).unwrap(),
+            3
+        );
         let mut buf = [0u8; MAX_MESSAGE];
         for (i, want) in peers.iter().enumerate() {
             let got = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait).unwrap();
@@ -318,10 +333,94 @@ mod batch_tests {
                 wire::parse(&buf[..got.len], false),
                 Ok(Message::Conn {
                     id: 5 + i as u64,
+                    count: 1,
                     peer: want
                 })
             );
         }
+    }
+
+    /// A batching worker's CONNs: `per` fds each, the count in the header,
+    /// ids consecutive, each fd the right client's, the addresses in fd
+    /// order; 11 connections at 8 a CONN are two CONNs (8 and 3).
+    #[test]
+    fn send_conns_groups_fds_into_conns_for_a_batching_worker() {
+        use std::net::{TcpListener, TcpStream};
+        let (master, worker) = pair().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let clients: Vec<TcpStream> = (0..11)
+            .map(|_| TcpStream::connect(l.local_addr().unwrap()).unwrap())
+            .collect();
+        let accepted: Vec<_> = (0..11).map(|_| l.accept().unwrap().0).collect();
+        let payloads: [&[u8]; 2] = [b"", b"203.0.113.7:1\n\n[2001:db8::7]:3"];
+        let per = wire::MAX_CONN_FDS;
+        assert_eq!(
+            send_conns(master.as_fd(), &accepted, &payloads, 100, per).unwrap(),
+            11
+        );
+        drop(accepted);
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut next = 0;
+        for (want, payload) in [(8, payloads[0]), (3, payloads[1])] {
+            let mut got = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait).unwrap();
+            assert!(!got.fds_truncated);
+            assert_eq!(
+                wire::parse(&buf[..got.len], false),
+                Ok(Message::Conn {
+                    id: 100 + next as u64,
+                    count: want,
+                    peer: payload
+                })
+            );
+            assert_eq!(got.fds.len(), want);
+            for fd in got.fds.take_all() {
+                let stream = TcpStream::from(fd);
+                assert_eq!(
+                    stream.peer_addr().unwrap(),
+                    clients[next].local_addr().unwrap()
+                );
+                next += 1;
+            }
+        }
+        assert_eq!(next, 11);
+        let empty = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait);
+        assert!(empty.is_err());
+    }
+
+    /// A channel with room for one more message: of 16 connections at 8
+    /// a CONN the first 8 go, whole, and the count says so; the other 8
+    /// stay the caller's (a CONN never goes in part).
+    #[test]
+    fn send_conns_to_a_full_channel_sends_whole_conns_only() {
+        let (master, worker) = pair().unwrap();
+        socket2::SockRef::from(&master)
+            .set_send_buffer_size(0)
+            .unwrap();
+        let (x, _y) = pair().unwrap();
+        let mut queued = 0;
+        while send_conn(master.as_fd(), x.as_fd(), 0).is_ok() {
+            queued += 1;
+            assert!(queued < 10_000, "the channel never filled");
+        }
+        let mut buf = [0u8; MAX_MESSAGE];
+        // Room for exactly one message again.
+        drop(scm::recv(worker.as_fd(), &mut buf, Wait::DontWait).unwrap());
+        let fds: Vec<_> = (0..16).map(|_| x.try_clone().unwrap()).collect();
+        let per = wire::MAX_CONN_FDS;
+        assert_eq!(
+            send_conns(master.as_fd(), &fds, &[] as &[&[u8]], 100, per).unwrap(),
+            8
+        );
+        let full = send_conns(master.as_fd(), &fds[8..], &[] as &[&[u8]], 108, per);
+        assert_eq!(full.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        let mut last = None;
+        while let Ok(got) = scm::recv(worker.as_fd(), &mut buf, Wait::DontWait) {
+            if let Ok(Message::Conn { id, count, .. }) = wire::parse(&buf[..got.len], false) {
+                last = Some((id, count, got.fds.len()));
+            }
+        }
+        // The queued single ones, then the one CONN of 8, and nothing after.
+        assert_eq!(last, Some((100, 8, 8)));
     }
 
     #[test]

@@ -8,10 +8,13 @@ use std::io;
 use std::mem::{self, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-/// Most fds one received message may carry. A protocol message carries at
-/// most one; the room for more exists so that a buggy peer's extra fds are
-/// received and closed here rather than leaking into `MSG_CTRUNC` limbo.
-pub const MAX_FDS: usize = 4;
+use super::wire::MAX_CONN_FDS;
+
+/// Most fds one received message may carry: a CONN to a batching worker
+/// carries up to [`MAX_CONN_FDS`], every other message at most one. A
+/// buggy peer's extra fds are received and closed here rather than leaking
+/// into `MSG_CTRUNC` limbo.
+pub const MAX_FDS: usize = MAX_CONN_FDS;
 
 /// Room for one `SCM_RIGHTS` header with `MAX_FDS` ints, aligned for `cmsghdr`.
 #[repr(C, align(8))]
@@ -20,20 +23,27 @@ struct CmsgBuf([u8; 64]);
 const _: () = assert!(mem::size_of::<libc::cmsghdr>() + MAX_FDS * mem::size_of::<RawFd>() <= 64);
 
 /// Points `msg`'s control data at `buf` and writes one `SCM_RIGHTS` header
-/// carrying `fd` there. `buf` must outlive every use of `msg`.
-fn attach_fd(msg: &mut libc::msghdr, buf: &mut CmsgBuf, fd: RawFd) {
+/// carrying `fds` (1..=[`MAX_FDS`] of them) there. `buf` must outlive every
+/// use of `msg`.
+fn attach_fds(msg: &mut libc::msghdr, buf: &mut CmsgBuf, fds: &[RawFd]) {
+    let fds = &fds[..fds.len().min(MAX_FDS)];
+    let bytes = mem::size_of_val(fds) as u32;
     msg.msg_control = buf.0.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic. CMSG_FIRSTHDR reads
     // only msg_control/msg_controllen, which now describe `buf`, a live,
-    // aligned 64-byte buffer (at least CMSG_SPACE(4), checked above), so the
-    // header and the one int written through CMSG_DATA stay inside it.
+    // aligned 64-byte buffer (at least CMSG_SPACE(4 * MAX_FDS), checked
+    // above), so the header and the ints written through CMSG_DATA (at most
+    // MAX_FDS) stay inside it.
     unsafe {
-        msg.msg_controllen = libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) as usize;
+        msg.msg_controllen = libc::CMSG_SPACE(bytes) as usize;
         let c = libc::CMSG_FIRSTHDR(msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+        (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+        let data = libc::CMSG_DATA(c).cast::<RawFd>();
+        for (i, &fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(data.add(i), fd);
+        }
     }
 }
 
@@ -119,7 +129,7 @@ pub fn send(
     msg.msg_iov = iov.as_mut_ptr();
     msg.msg_iovlen = if payload.is_empty() { 1 } else { 2 };
     if let Some(fd) = fd {
-        attach_fd(&mut msg, &mut cmsg, fd.as_raw_fd());
+        attach_fds(&mut msg, &mut cmsg, &[fd.as_raw_fd()]);
     }
     // SAFETY: `msg` points at `iov` and `cmsg`, both alive for the call; the
     // kernel only reads them. `sock` is a valid open fd for the call.
@@ -137,7 +147,7 @@ pub struct Fds {
 impl Fds {
     const fn new() -> Self {
         Fds {
-            fds: [None, None, None, None],
+            fds: [const { None }; MAX_FDS],
             len: 0,
         }
     }
@@ -154,6 +164,11 @@ impl Fds {
     /// Takes the first fd, if one arrived.
     pub fn take_first(&mut self) -> Option<OwnedFd> {
         self.fds[0].take()
+    }
+
+    /// Takes every fd not taken yet, in the order they arrived.
+    pub fn take_all(&mut self) -> impl Iterator<Item = OwnedFd> + '_ {
+        self.fds[..self.len].iter_mut().filter_map(Option::take)
     }
 }
 
@@ -432,7 +447,7 @@ impl RecvBatch {
     }
 }
 
-/// Most datagrams one [`send_each`] sends.
+/// Most datagrams one [`send_each`] or [`send_grouped`] sends.
 pub const SEND_BATCH: usize = 16;
 
 /// Sends `headers[i]` with `fds[i]` attached, one datagram each, with one
@@ -446,7 +461,25 @@ pub fn send_each<F: AsFd, P: AsRef<[u8]>>(
     payloads: &[P],
     fds: &[F],
 ) -> io::Result<usize> {
-    let n = headers.len().min(fds.len()).min(SEND_BATCH);
+    send_grouped(sock, headers, payloads, fds, 1)
+}
+
+/// Sends `fds` in datagrams of `per` fds each (the last may have fewer;
+/// `per` at most [`MAX_FDS`]), all with one `sendmmsg` (at most
+/// [`SEND_BATCH`] datagrams): datagram `i` is `headers[i]`, then
+/// `payloads[i]` when given, with fds `i * per ..` attached in one
+/// `SCM_RIGHTS` message. Returns how many datagrams went out, in order (a
+/// datagram goes whole or not at all); `EAGAIN` before the first is
+/// `ErrorKind::WouldBlock`.
+pub fn send_grouped<F: AsFd, P: AsRef<[u8]>>(
+    sock: BorrowedFd<'_>,
+    headers: &[[u8; crate::proto::HEADER_LEN]],
+    payloads: &[P],
+    fds: &[F],
+    per: usize,
+) -> io::Result<usize> {
+    let per = per.clamp(1, MAX_CONN_FDS);
+    let n = headers.len().min(fds.len().div_ceil(per)).min(SEND_BATCH);
     if n == 0 {
         return Ok(0);
     }
@@ -477,7 +510,12 @@ pub fn send_each<F: AsFd, P: AsRef<[u8]>>(
         // (`wrapping_add`: pointer arithmetic that stays inside `iov`.)
         m.msg_iov = base.wrapping_add(2 * i);
         m.msg_iovlen = lens[i] as _;
-        attach_fd(m, &mut cmsg[i], fds[i].as_fd().as_raw_fd());
+        let group = &fds[i * per..fds.len().min((i + 1) * per)];
+        let mut raw = [-1 as RawFd; MAX_CONN_FDS];
+        for (r, f) in raw.iter_mut().zip(group) {
+            *r = f.as_fd().as_raw_fd();
+        }
+        attach_fds(m, &mut cmsg[i], &raw[..group.len()]);
     }
     // SAFETY: the first `n` headers point at live iovecs (over `headers`
     // and `payloads`) and control buffers that outlive the call; the kernel

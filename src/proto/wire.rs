@@ -20,10 +20,13 @@ pub const MAX_PAYLOAD: usize = MAX_MESSAGE - HEADER_LEN;
 /// Message kinds. Master → worker kinds are below 16, worker → master kinds
 /// from 16 up; user messages travel both ways.
 pub mod kind {
-    /// master → worker: one accepted TCP connection (exactly one fd
-    /// attached); its payload, if any, is the client's address from a
-    /// PROXY protocol header (`IP:port` text), sent only to a worker whose
-    /// READY said [`super::ready::PEER_ADDRESS`].
+    /// master → worker: accepted TCP connections, one fd each: exactly one,
+    /// or up to [`super::MAX_CONN_FDS`] for a worker whose READY said
+    /// [`super::ready::BATCH`] (the count in the header's byte 2, see
+    /// [`super::conn_header`]). Its payload, if any, is the clients'
+    /// addresses from PROXY protocol headers (`IP:port` text, one line per
+    /// fd: [`super::peers`]), sent only to a worker whose READY said
+    /// [`super::ready::PEER_ADDRESS`].
     pub const CONN: u8 = 1;
     /// master → worker: stop taking connections, finish the ones you have, exit.
     pub const DRAIN: u8 = 2;
@@ -60,6 +63,42 @@ pub mod ready {
     /// protocol header). Without it a worker is sent CONNs without payload
     /// even behind a balancer that sends PROXY headers, as before.
     pub const PEER_ADDRESS: u64 = 2;
+    /// "A CONN may carry several fds" (up to [`super::MAX_CONN_FDS`]): the
+    /// master then sends the connections one accept burst picked for this
+    /// worker in one message, saving the kernel's per-message work. Without
+    /// it a worker gets exactly one fd per CONN, as before.
+    pub const BATCH: u64 = 4;
+}
+
+/// Most fds one CONN carries (to a [`ready::BATCH`] worker). Eight, as the
+/// C reference master batches: the kernel's per-message cost is then an
+/// eighth per connection, and an accept batch (16) still takes only two
+/// messages; the fds fit the 64-byte control buffers the crate already
+/// uses, and a worker needs room for only eight in each receive (the
+/// kernel's own bound, `SCM_MAX_FD`, is 253).
+pub const MAX_CONN_FDS: usize = 8;
+
+/// A CONN's header: `value` is the id of its first connection (the others
+/// follow, consecutive), byte 2 how many fds it carries when more than
+/// one. A single-fd CONN leaves the byte zero, as it always was, so a
+/// worker without [`ready::BATCH`] sees no change.
+#[inline]
+pub const fn conn_header(first_id: u64, count: usize) -> [u8; HEADER_LEN] {
+    let mut h = header(kind::CONN, first_id);
+    if count > 1 {
+        h[2] = count as u8;
+    }
+    h
+}
+
+/// The clients' addresses a CONN's payload carries, one per fd in fd
+/// order: lines separated by `\n`, an empty line for a connection lb knows
+/// no address of. An empty payload is no address for any of them (a
+/// single-fd CONN's payload is one address without `\n`, as it was).
+#[inline]
+pub fn peers(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let none = payload.is_empty();
+    payload.split(|&b| b == b'\n').filter(move |_| !none)
 }
 
 /// Encodes a header: version, kind, six reserved zero bytes, `value` (u64 LE).
@@ -74,11 +113,14 @@ pub const fn header(kind: u8, value: u64) -> [u8; HEADER_LEN] {
 /// One decoded message. `payload` borrows the receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Message<'a> {
-    /// A connection; `id` is the master's sequence number for it, `peer`
-    /// the client's address from a PROXY header (`IP:port`; empty when
-    /// lb has none: no header, or a LOCAL one).
+    /// `count` connections (as many fds beside it, 1 unless the worker
+    /// said [`ready::BATCH`]); `id` is the master's sequence number for
+    /// the first, the others' follow; `peer` the clients' addresses from
+    /// PROXY headers (`IP:port`, one line per fd: [`peers`]; empty when lb
+    /// has none: no header, or a LOCAL one).
     Conn {
         id: u64,
+        count: usize,
         peer: &'a [u8],
     },
     Drain,
@@ -144,6 +186,8 @@ pub fn parse(buf: &[u8], truncated: bool) -> Result<Message<'_>, Malformed> {
         kind::CONN => {
             return Ok(Message::Conn {
                 id: value,
+                // Zero from a master that predates batching, or for one fd.
+                count: usize::from(buf[2].max(1)),
                 peer: payload,
             });
         }
@@ -178,7 +222,11 @@ mod tests {
         );
         assert_eq!(
             parse(&header(kind::CONN, 7), false),
-            Ok(Message::Conn { id: 7, peer: b"" })
+            Ok(Message::Conn {
+                id: 7,
+                count: 1,
+                peer: b""
+            })
         );
         let mut with_peer = header(kind::CONN, 8).to_vec();
         with_peer.extend_from_slice(b"203.0.113.7:4242");
@@ -186,9 +234,38 @@ mod tests {
             parse(&with_peer, false),
             Ok(Message::Conn {
                 id: 8,
+                count: 1,
                 peer: b"203.0.113.7:4242"
             })
         );
+    }
+
+    #[test]
+    fn a_conn_with_several_fds_says_how_many_and_keeps_one_address_each() {
+        let h = conn_header(40, 3);
+        assert_eq!(h[..2], header(kind::CONN, 40)[..2]);
+        assert_eq!(h[8..], header(kind::CONN, 40)[8..]);
+        let mut msg = h.to_vec();
+        msg.extend_from_slice(b"203.0.113.7:1\n\n[2001:db8::7]:3");
+        let Ok(Message::Conn { id, count, peer }) = parse(&msg, false) else {
+            panic!("not a CONN");
+        };
+        assert_eq!((id, count), (40, 3));
+        let lines: Vec<&[u8]> = peers(peer).collect();
+        assert_eq!(lines, [&b"203.0.113.7:1"[..], b"", b"[2001:db8::7]:3"]);
+        // One fd: the header is what it always was; no payload, no address.
+        assert_eq!(conn_header(9, 1), header(kind::CONN, 9));
+        assert_eq!(
+            parse(&conn_header(9, 1), false),
+            Ok(Message::Conn {
+                id: 9,
+                count: 1,
+                peer: b""
+            })
+        );
+        assert_eq!(peers(b"").count(), 0);
+        assert_eq!(peers(b"203.0.113.7:1").count(), 1);
+        assert_eq!(conn_header(1, MAX_CONN_FDS)[2] as usize, MAX_CONN_FDS);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! (`LB_OWN_LISTENER=1`), those the worker accepts from the listener of its
 //! own that the master sent first (`docs/protocol.md` §2).
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -16,6 +17,20 @@ use nix::sys::socket::{getsockopt, sockopt};
 use super::conn::ignore_gone;
 use super::{Conn, FD_RESERVE, Incoming, Reporter, WorkerError, open_files, open_files_limit};
 use crate::proto::{self, MAX_MESSAGE, Message, VERSION, Wait, env, kind, scm, wire};
+
+/// `n` connections the kernel closed for want of a free fd to receive
+/// them: the clients are gone; least-conn must hear of it, and the
+/// operator (in lb's log), at most once a second.
+fn lost(reporter: &Reporter, warned: &mut Option<Instant>, n: u64) {
+    let _ = reporter.closed(n);
+    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        *warned = Some(Instant::now());
+        eprintln!(
+            "lb::worker: {n} connection(s) lost: no free fd to receive them \
+             (the open-files limit); raise RLIMIT_NOFILE"
+        );
+    }
+}
 
 /// The worker's end of the channel (and, under kernel dispatch, its own
 /// listener).
@@ -44,6 +59,10 @@ pub struct Listener {
     live: Arc<AtomicU64>,
     /// The client's address the last CONN carried (a PROXY header's).
     last_client: Option<SocketAddr>,
+    /// The rest of a CONN that carried several connections
+    /// (`wire::ready::BATCH`), with their clients' addresses: handed out
+    /// before the channel is read again (DRAIN comes after them).
+    queued: VecDeque<(OwnedFd, Option<SocketAddr>)>,
     done: bool,
     buf: Box<[u8]>,
 }
@@ -143,6 +162,7 @@ impl Listener {
             base_fds: open_files(),
             live: Arc::new(AtomicU64::new(0)),
             last_client: None,
+            queued: VecDeque::with_capacity(wire::MAX_CONN_FDS),
             done: false,
             buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
         }
@@ -170,6 +190,9 @@ impl Listener {
     /// the channel's messages first).
     pub fn next_is_conn(&self) -> io::Result<Option<bool>> {
         use nix::sys::socket::{MsgFlags, recv};
+        if !self.queued.is_empty() {
+            return Ok(Some(true));
+        }
         let mut head = [0u8; proto::HEADER_LEN];
         match recv(
             self.chan.as_raw_fd(),
@@ -204,12 +227,13 @@ impl Listener {
     /// Under kernel dispatch it says that they come from the own listener
     /// (`wire::ready::OWN_LISTENER`): the kernel steers none to it before.
     /// Otherwise it says that a CONN may carry the client's address
-    /// (`wire::ready::PEER_ADDRESS`), which this adapter reads.
+    /// (`wire::ready::PEER_ADDRESS`) and several connections
+    /// (`wire::ready::BATCH`), which this adapter reads.
     pub fn ready(&self) -> io::Result<()> {
         let flags = if self.own.is_some() {
             wire::ready::OWN_LISTENER
         } else {
-            wire::ready::PEER_ADDRESS
+            wire::ready::PEER_ADDRESS | wire::ready::BATCH
         };
         proto::send_plain(self.chan.as_fd(), kind::READY, flags, &[], Wait::Block)
     }
@@ -254,6 +278,11 @@ impl Listener {
     /// DRAIN is never stuck behind a busy listener). With `Wait::DontWait`,
     /// `WouldBlock` means nothing is queued. Malformed or unknown messages
     /// are skipped. A connection is non-blocking and CLOEXEC either way.
+    /// A CONN that brought several connections (`wire::ready::BATCH`)
+    /// gives them one per call, the rest without reading the channel: an
+    /// event loop calls this until `WouldBlock` after each readable edge
+    /// (as edge-triggered polling wants anyway), or they wait for the next
+    /// message.
     ///
     /// At the open-files limit (`EMFILE`) a connection is left in the own
     /// listener's queue and this says `WouldBlock` (or, blocking, retries
@@ -314,6 +343,10 @@ impl Listener {
     /// The next message on the channel (all of [`Listener::next`] under
     /// master dispatch).
     fn next_message(&mut self, wait: Wait) -> io::Result<Incoming> {
+        if let Some((fd, client)) = self.queued.pop_front() {
+            self.last_client = client;
+            return Ok(Incoming::Conn(TcpStream::from(fd)));
+        }
         loop {
             let mut got = scm::recv(self.chan.as_fd(), &mut self.buf, wait)?;
             if got.len == 0 {
@@ -321,9 +354,22 @@ impl Listener {
                 return Ok(Incoming::Closed);
             }
             match wire::parse(&self.buf[..got.len], got.truncated) {
-                Ok(Message::Conn { peer, .. }) if got.fds.len() == 1 => {
-                    self.last_client = super::peer::of_payload(peer);
-                    let fd = got.fds.take_first().expect("one fd");
+                Ok(Message::Conn { peer, count, .. })
+                    if !got.fds.is_empty() && got.fds.len() <= count =>
+                {
+                    let short = count - got.fds.len();
+                    let mut peers = wire::peers(peer);
+                    for fd in got.fds.take_all() {
+                        let client = peers.next().and_then(super::peer::of_payload);
+                        self.queued.push_back((fd, client));
+                    }
+                    // Fewer fds than the CONN says: the kernel closed the
+                    // rest for want of room (at the fd limit).
+                    if short > 0 {
+                        lost(&self.reporter, &mut self.lost_warned, short as u64);
+                    }
+                    let (fd, client) = self.queued.pop_front().expect("one fd at least");
+                    self.last_client = client;
                     return Ok(Incoming::Conn(TcpStream::from(fd)));
                 }
                 Ok(Message::Drain) => {
@@ -335,20 +381,10 @@ impl Listener {
                 // The kernel closed the fd for want of room (at the fd
                 // limit): the client is gone; least-conn must hear of it,
                 // and the operator (in lb's log), at most once a second.
-                Ok(Message::Conn { .. }) if got.fds.is_empty() && got.fds_truncated => {
-                    let _ = self.report_closed(1);
-                    if self
-                        .lost_warned
-                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-                    {
-                        self.lost_warned = Some(Instant::now());
-                        eprintln!(
-                            "lb::worker: a connection was lost: no free fd to receive it \
-                             (the open-files limit); raise RLIMIT_NOFILE"
-                        );
-                    }
+                Ok(Message::Conn { count, .. }) if got.fds.is_empty() && got.fds_truncated => {
+                    lost(&self.reporter, &mut self.lost_warned, count as u64);
                 }
-                // Anything else (a CONN without exactly one fd included):
+                // Anything else (a CONN without its fds included):
                 // skipped; any fds are closed as `got` drops.
                 _ => continue,
             }
@@ -366,7 +402,12 @@ impl Listener {
         let limit = open_files_limit();
         let mut said = false;
         loop {
-            while self.base_fds + self.live.load(Ordering::Relaxed) + FD_RESERVE >= limit {
+            while self.base_fds
+                + self.queued.len() as u64
+                + self.live.load(Ordering::Relaxed)
+                + FD_RESERVE
+                >= limit
+            {
                 // Not a connection (DRAIN, the master gone): take it now.
                 if self.next_is_conn()? == Some(false) {
                     break;
@@ -817,10 +858,11 @@ mod tests {
         l.ready().unwrap();
         let mut buf = [0u8; MAX_MESSAGE];
         let got = scm::recv(master.as_fd(), &mut buf, Wait::DontWait).unwrap();
-        // Without OWN_LISTENER; with PEER_ADDRESS, which the adapter reads.
+        // Without OWN_LISTENER; with PEER_ADDRESS and BATCH, which the
+        // adapter reads.
         assert_eq!(
             &buf[..got.len],
-            &wire::header(kind::READY, wire::ready::PEER_ADDRESS)
+            &wire::header(kind::READY, wire::ready::PEER_ADDRESS | wire::ready::BATCH)
         );
     }
 
@@ -839,6 +881,44 @@ mod tests {
         )
         .unwrap();
         client
+    }
+
+    /// A CONN with three fds (a batching worker's) is three connections,
+    /// in fd order, each with its own line of the payload; DRAIN behind it
+    /// comes after all three.
+    #[test]
+    fn a_conn_with_several_fds_is_as_many_connections_in_order() {
+        let (master, worker) = proto::pair().unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(tcp.local_addr().unwrap()).unwrap())
+            .collect();
+        let accepted: Vec<_> = (0..3).map(|_| tcp.accept().unwrap().0).collect();
+        let payload: [&[u8]; 1] = [b"203.0.113.7:1\n\n[2001:db8::7]:3"];
+        assert_eq!(
+            proto::send_conns(master.as_fd(), &accepted, &payload, 1, wire::MAX_CONN_FDS).unwrap(),
+            3
+        );
+        proto::send_plain(master.as_fd(), kind::DRAIN, 0, &[], Wait::Block).unwrap();
+        let want = [
+            Some("203.0.113.7:1".parse().unwrap()),
+            None,
+            Some("[2001:db8::7]:3".parse().unwrap()),
+        ];
+        for (client, want) in clients.iter().zip(want) {
+            let c = l.accept().unwrap().expect("a connection");
+            assert_eq!(
+                c.peer_addr().unwrap(),
+                client.local_addr().unwrap(),
+                "fd order"
+            );
+            assert_eq!(
+                c.client_addr().unwrap(),
+                want.unwrap_or(client.local_addr().unwrap())
+            );
+        }
+        assert!(l.accept().unwrap().is_none(), "DRAIN after them");
     }
 
     /// The client's address a CONN carries is the connection's; without

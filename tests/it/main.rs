@@ -3,6 +3,7 @@
 
 mod util;
 
+mod batch;
 mod control;
 mod core;
 mod drain;

@@ -142,6 +142,49 @@ impl FakeMaster {
         client
     }
 
+    /// One CONN carrying a connection per line of `lines` (a batching
+    /// worker's: the count in the header, the lines its payload); one
+    /// `GET /` on each, in turn: the bodies, in the same order.
+    fn batch_bodies(&mut self, lines: &[&[u8]]) -> Vec<String> {
+        let clients: Vec<TcpStream> = lines
+            .iter()
+            .map(|_| {
+                let c = TcpStream::connect(self.front.local_addr().unwrap()).unwrap();
+                c.set_read_timeout(Some(WAIT)).unwrap();
+                c
+            })
+            .collect();
+        let conns: Vec<TcpStream> = lines
+            .iter()
+            .map(|_| {
+                let (conn, _) = self.front.accept().unwrap();
+                conn.set_nonblocking(true).unwrap();
+                conn
+            })
+            .collect();
+        let payload = lines.join(&b'\n');
+        let sent = proto::send_conns(
+            self.chan.as_fd(),
+            &conns,
+            &[&payload],
+            self.next_id,
+            lines.len(),
+        )
+        .unwrap();
+        assert_eq!(sent, lines.len());
+        self.next_id += lines.len() as u64;
+        drop(conns);
+        clients
+            .into_iter()
+            .map(|mut client| {
+                client
+                    .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                read_body(client).unwrap_or_else(|e| panic!("{e}: {}", self.stderr()))
+            })
+            .collect()
+    }
+
     /// One `GET /` on a connection sent with `payload`: the whole response.
     fn get(&mut self, payload: &[u8]) -> String {
         let mut client = self.connect(payload);
@@ -188,7 +231,11 @@ fn show(payload: &[u8]) -> String {
 /// address) the body is what it always was.
 fn native_worker_names_its_client(name: &str, argv: &[String]) {
     let mut m = FakeMaster::start(name, front(), argv, &[]);
-    assert_eq!(m.ready(), wire::ready::PEER_ADDRESS, "{name}'s READY");
+    assert_eq!(
+        m.ready(),
+        wire::ready::PEER_ADDRESS | wire::ready::BATCH,
+        "{name}'s READY"
+    );
     let body = m.body(b"203.0.113.7:4242");
     assert!(body.contains(" from 203.0.113.7:4242 "), "{name}: {body:?}");
     assert_eq!(
@@ -206,6 +253,21 @@ fn native_worker_names_its_client(name: &str, argv: &[String]) {
     for bad in NOT_ADDRESSES {
         assert_eq!(m.body(bad), plain, "{name} with {:?}", show(bad));
     }
+    // Several connections to a CONN (it said BATCH): each is served, with
+    // its own line's address (an empty or bad one: none).
+    let bodies = m.batch_bodies(&[b"203.0.113.1:1", b"", b"[2001:db8::3]:3", b"garbage"]);
+    assert!(
+        bodies[0].contains(" from 203.0.113.1:1 "),
+        "{name}: {bodies:?}"
+    );
+    assert_eq!(bodies[1], plain, "{name}: {bodies:?}");
+    assert!(
+        bodies[2].contains(" from [2001:db8::3]:3 "),
+        "{name}: {bodies:?}"
+    );
+    assert_eq!(bodies[3], plain, "{name}: {bodies:?}");
+    let bodies = m.batch_bodies(&[&b""[..]; 8]);
+    assert!(bodies.iter().all(|b| *b == plain), "{name}: {bodies:?}");
     assert!(m.alive(), "{name} died: {}", m.stderr());
 }
 

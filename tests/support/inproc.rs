@@ -36,7 +36,12 @@ const PROXY_LINGER: Duration = Duration::from_secs(5);
 /// How the workers of [`Rig::serve`] take their connections.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
+    /// lb's protocol, as `lb::worker` speaks it (`PEER_ADDRESS | BATCH`:
+    /// several connections to a CONN).
     Native,
+    /// lb's protocol as a worker older than `BATCH` speaks it: READY 0,
+    /// one connection to a CONN.
+    NativeSingle,
     Node,
     Proxy,
     /// lb's protocol under kernel dispatch: each worker accepts from a
@@ -116,6 +121,7 @@ impl Rig {
     {
         let threads = match kind {
             Kind::Native => workers(&self.handle, n, serve),
+            Kind::NativeSingle => native_workers(&self.handle, n, 0, serve),
             Kind::Node => node_workers(&self.handle, n, serve),
             Kind::Kernel => kernel_workers(&self.handle, self.addr, n, serve),
             Kind::Proxy => {
@@ -143,15 +149,20 @@ impl Rig {
     }
 
     /// Attaches `n` lb-protocol workers that say READY with `PEER_ADDRESS`
-    /// (each CONN may carry the client's address) and call `serve` on each
-    /// connection.
-    pub fn serve_peers<F>(&mut self, n: usize, serve: F) -> Workers
+    /// (each CONN may carry the client's address) and `more` flags
+    /// (`BATCH`, or 0), and call `serve` on each connection.
+    pub fn serve_peers<F>(&mut self, n: usize, more: u64, serve: F) -> Workers
     where
         F: Fn(TcpStream) + Clone + Send + 'static,
     {
         Workers {
             kind: Kind::Native,
-            threads: native_workers(&self.handle, n, proto::wire::ready::PEER_ADDRESS, serve),
+            threads: native_workers(
+                &self.handle,
+                n,
+                proto::wire::ready::PEER_ADDRESS | more,
+                serve,
+            ),
         }
     }
 
@@ -509,14 +520,18 @@ pub fn served_by(client: &mut TcpStream) -> usize {
 }
 
 /// Attaches `n` workers (slot i has weight i + 1 and pid i + 1) whose
-/// threads say READY, call `serve` on every connection, report its close,
-/// and end on DRAIN or when the channel closes.
+/// threads say READY (as `lb::worker` does), call `serve` on every
+/// connection, report its close, and end on DRAIN or when the channel
+/// closes.
 pub fn workers<F>(handle: &Handle, n: usize, serve: F) -> Vec<JoinHandle<()>>
 where
     F: Fn(TcpStream) + Clone + Send + 'static,
 {
-    native_workers(handle, n, 0, serve)
+    native_workers(handle, n, ADAPTER_READY, serve)
 }
+
+/// What `lb::worker`'s READY says under master dispatch.
+const ADAPTER_READY: u64 = u64::MAX;
 
 /// [`workers`] whose READY carries `flags`.
 fn native_workers<F>(handle: &Handle, n: usize, flags: u64, serve: F) -> Vec<JoinHandle<()>>
@@ -538,13 +553,13 @@ where
             );
             let serve = serve.clone();
             std::thread::spawn(move || {
-                if flags != 0 {
+                if flags != ADAPTER_READY {
                     use std::os::fd::AsFd;
                     proto::send_plain(worker.as_fd(), proto::kind::READY, flags, &[], Wait::Block)
                         .unwrap();
                 }
                 let mut l = Listener::from_fd(worker, slot, 1);
-                if flags == 0 {
+                if flags == ADAPTER_READY {
                     l.ready().unwrap();
                 }
                 loop {

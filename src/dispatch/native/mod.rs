@@ -12,12 +12,15 @@ use std::os::fd::{AsFd, OwnedFd};
 
 pub mod stall;
 
-use super::conn::{Conn, PeerText, Pending};
+use super::conn::{Conn, PeerLines, PeerText, Pending};
 use super::link::Link;
 use super::{Dispatcher, Event};
 use crate::policy::Slot;
 use crate::proto::scm::Batch;
 use crate::proto::{self, Malformed, Message, Wait, kind, scm, wire};
+
+/// Most CONNs one accept batch makes for a batching worker.
+const GROUP_CONNS: usize = scm::SEND_BATCH.div_ceil(wire::MAX_CONN_FDS);
 
 #[derive(Debug)]
 pub struct Native {
@@ -38,12 +41,17 @@ pub struct Native {
     /// Its READY said a CONN may carry the client's address
     /// (`ready::PEER_ADDRESS`): the ones lb knows go in their payloads.
     pub peer_address: bool,
+    /// Its READY said a CONN may carry several fds (`ready::BATCH`): the
+    /// connections a burst picked for it go out up to
+    /// `wire::MAX_CONN_FDS` to a CONN.
+    pub batch: bool,
 }
 
 impl Native {
     /// Reads every message still queued for the worker from the master's
-    /// copy of its end; the connections go to `pending`, each with the
-    /// client's address its CONN carried. How many.
+    /// copy of its end; the connections (every fd of every CONN) go to
+    /// `pending`, each with the client's address its CONN carried for it.
+    /// How many.
     pub fn read_back(&self, buf: &mut [u8], pending: &mut Pending) -> u64 {
         let peer = self.peer.as_fd();
         let mut count = 0;
@@ -51,14 +59,16 @@ impl Native {
             if got.len == 0 {
                 break;
             }
-            if let Ok(Message::Conn { peer, .. }) = wire::parse(&buf[..got.len], got.truncated)
-                && let Some(fd) = got.fds.take_first()
-            {
-                let peer = std::str::from_utf8(peer)
-                    .ok()
-                    .and_then(|t| t.parse::<SocketAddr>().ok());
-                pending.push_back(Conn { fd, peer });
-                count += 1;
+            if let Ok(Message::Conn { peer, .. }) = wire::parse(&buf[..got.len], got.truncated) {
+                let mut peers = wire::peers(peer);
+                for fd in got.fds.take_all() {
+                    let peer = peers
+                        .next()
+                        .and_then(|t| std::str::from_utf8(t).ok())
+                        .and_then(|t| t.parse::<SocketAddr>().ok());
+                    pending.push_back(Conn { fd, peer });
+                    count += 1;
+                }
             }
         }
         count
@@ -91,7 +101,9 @@ impl Dispatcher {
                 // hot path").
                 drop(conn);
                 w.sent += 1;
+                w.messages += 1;
                 self.stats.dispatched += 1;
+                self.stats.conn_messages += 1;
                 Ok(())
             }
             Err(e) => {
@@ -121,19 +133,38 @@ impl Dispatcher {
         // connection has an address (else the batch is what it always was,
         // and no room for the texts is even made).
         let chan = n.channel.as_fd();
+        let per = if n.batch { wire::MAX_CONN_FDS } else { 1 };
         let result = if n.peer_address && fds.iter().any(|c| c.peer.is_some()) {
-            let mut peers = [PeerText::EMPTY; scm::SEND_BATCH];
-            for (t, c) in peers.iter_mut().zip(fds) {
-                *t = PeerText::of(c.peer.as_ref());
+            if per == 1 {
+                let mut peers = [PeerText::EMPTY; scm::SEND_BATCH];
+                for (t, c) in peers.iter_mut().zip(fds) {
+                    *t = PeerText::of(c.peer.as_ref());
+                }
+                let k = fds.len().min(scm::SEND_BATCH);
+                proto::send_conns(chan, fds, &peers[..k], self.seq + 1, 1)
+            } else {
+                // A group is at most one accept batch: two CONNs.
+                let mut lines = [PeerLines::EMPTY; GROUP_CONNS];
+                for (l, group) in lines.iter_mut().zip(fds.chunks(per)) {
+                    *l = PeerLines::of(group);
+                }
+                let k = fds.len().div_ceil(per).min(GROUP_CONNS);
+                proto::send_conns(
+                    chan,
+                    &fds[..fds.len().min(k * per)],
+                    &lines[..k],
+                    self.seq + 1,
+                    per,
+                )
             }
-            let k = fds.len().min(scm::SEND_BATCH);
-            proto::send_conns(chan, fds, &peers[..k], self.seq + 1)
         } else {
-            proto::send_conns(chan, fds, &[] as &[PeerText], self.seq + 1)
+            proto::send_conns(chan, fds, &[] as &[PeerText], self.seq + 1, per)
         };
         let sent = *result.as_ref().unwrap_or(&0);
         self.seq += sent as u64;
         w.sent += sent as u64;
+        w.messages += sent.div_ceil(per) as u64;
+        self.stats.conn_messages += sent.div_ceil(per) as u64;
         self.stats.dispatched += sent as u64;
         if sent < fds.len() {
             self.views[slot].active -= (fds.len() - sent) as u32;
@@ -251,6 +282,7 @@ impl Dispatcher {
             && let Link::Native(n) = &mut w.link
         {
             n.peer_address = flags & wire::ready::PEER_ADDRESS != 0;
+            n.batch = flags & wire::ready::BATCH != 0;
         }
         self.ready(index, slot, pid);
     }

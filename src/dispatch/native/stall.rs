@@ -49,7 +49,7 @@ impl Watch {
 /// Per worker: progress seen so far.
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// Connections it has taken, as of the last check.
+    /// CONN messages it has taken, as of the last check.
     taken: u64,
     /// Since when it has had connections waiting and taken none.
     since: Option<Instant>,
@@ -86,8 +86,10 @@ impl Dispatcher {
                 continue;
             }
             let unread = sys::unread_bytes(link.channel.as_fd()).unwrap_or(0);
+            // In CONN messages: a batching worker's carry several
+            // connections each, and cost its channel about what one does.
             let waiting = unread.div_ceil(watch.message_cost) as u64;
-            let taken = w.sent.saturating_sub(waiting);
+            let taken = w.messages.saturating_sub(waiting);
             let p = &mut w.progress;
             if waiting == 0 || taken > p.taken {
                 p.taken = taken;
@@ -99,14 +101,14 @@ impl Dispatcher {
             let idle = now.saturating_duration_since(since);
             let why = if idle >= watch.timeout {
                 Some(format!(
-                    "took none of its {waiting} waiting connections for {:.1}s",
+                    "took none of its {waiting} waiting CONNs for {:.1}s",
                     idle.as_secs_f64()
                 ))
             } else if idle >= SUSPECT_AFTER && !p.open_checked {
                 p.open_checked = true;
                 match nix::sys::stat::fstat(&link.peer) {
                     Ok(st) if !sys::tree_holds_socket(w.pid, st.st_ino) => Some(format!(
-                        "closed its channel (fd 3) with {waiting} connections waiting"
+                        "closed its channel (fd 3) with {waiting} CONNs waiting"
                     )),
                     _ => None,
                 }
