@@ -127,22 +127,6 @@ fn a_burst_reaches_batching_workers_several_to_a_conn_and_old_ones_one() {
     assert!(messages < dispatched, "{status}");
 }
 
-/// Sum of the counts in "rescued N queued connections" lines.
-fn rescued(lb: &Lb) -> u64 {
-    lb.log
-        .lines()
-        .iter()
-        .filter_map(|l| {
-            l.split("rescued ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// A batching worker that never reads is sent CONNs of several fds (the
 /// burst is accepted 16 at a time, half of each batch for it), then killed
 /// with -9: every fd of every CONN is read back and served by the other.
@@ -192,7 +176,7 @@ fn multi_fd_conns_queued_for_a_killed_batching_worker_are_rescued() {
     );
     lb.wait_log("rescued", 1);
     assert_eq!(
-        rescued(&lb),
+        lb.rescued(),
         20,
         "every fd of every queued CONN was read back"
     );

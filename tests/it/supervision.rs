@@ -9,22 +9,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// Sum of the counts in "rescued N queued connections" lines.
-fn rescued(lb: &Lb) -> u64 {
-    lb.log
-        .lines()
-        .iter()
-        .filter_map(|l| {
-            l.split("rescued ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// A worker that stops reading its channel and then dies: every connection
 /// queued in its channel is read back by the master and served by another.
 #[test]
@@ -76,7 +60,7 @@ fn connections_queued_for_a_dead_worker_are_rescued() {
         "all served by the live worker"
     );
     lb.wait_log("rescued", 1);
-    assert_eq!(rescued(&lb), 20, "every queued connection was read back");
+    assert_eq!(lb.rescued(), 20, "every queued connection was read back");
     lb.wait_log("worker 0 gen 1: spawn", 2); // and the slot is restarted
 }
 
@@ -121,7 +105,7 @@ fn kill_9_under_load_costs_only_the_connections_the_worker_held() {
     eprintln!(
         "kill -9 under load: {} requests, {failed} failed, {} rescued",
         ok + failed,
-        rescued(&lb)
+        lb.rescued()
     );
     // Four clients, one request each in flight: the worker held at most 4.
     assert!(failed <= 4, "{failed} failures");

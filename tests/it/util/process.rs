@@ -341,6 +341,22 @@ impl Lb {
             .unwrap_or_else(|| panic!("no online line for worker {slot}"))
     }
 
+    /// Sum of the counts in its "rescued N queued connections" lines.
+    pub fn rescued(&self) -> u64 {
+        self.log
+            .lines()
+            .iter()
+            .filter_map(|l| {
+                l.split("rescued ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
     /// Waits (bounded) until `needle` has been logged `n` times.
     pub fn wait_log(&self, needle: &str, n: usize) -> Vec<String> {
         self.log.wait_for(&format!("{n}× {needle:?}"), |l| {
