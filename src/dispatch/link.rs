@@ -198,9 +198,9 @@ impl Dispatcher {
         match self.delivery_of(index) {
             Some(Delivery::Batch) => self.native_send(index, slot, conn),
             Some(Delivery::Stepwise) => {
-                let peer = conn.peer;
-                self.node_send(index, conn.fd, peer)
-                    .map_err(|fd| Conn { fd, peer })
+                let (peer, listener) = (conn.peer, conn.listener);
+                self.node_send(index, conn.fd, peer, listener)
+                    .map_err(|fd| Conn { fd, peer, listener })
             }
             Some(Delivery::Relay) => self.proxy_start(index, conn).inspect_err(|_| {
                 self.views[slot.0].eligible = false;

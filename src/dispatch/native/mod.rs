@@ -57,7 +57,11 @@ impl Native {
                 let peer = std::str::from_utf8(peer)
                     .ok()
                     .and_then(|t| t.parse::<SocketAddr>().ok());
-                pending.push_back(Conn { fd, peer });
+                pending.push_back(Conn {
+                    fd,
+                    peer,
+                    listener: 0,
+                });
                 count += 1;
             }
         }

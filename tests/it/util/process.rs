@@ -198,7 +198,8 @@ impl Lb {
             .split("listening on ")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
+            // (The first of several: `listening on a, b (…`.)
+            .and_then(|s| s.trim_end_matches(',').parse().ok())
             .unwrap_or_else(|| panic!("no address in {line:?}"));
         let lb = Lb {
             child: Some(child),
