@@ -454,6 +454,27 @@ fn node_app_with_a_server_per_listener_answers_each_from_its_port() {
         }
         assert_eq!(failed, 0);
         assert_eq!(lb.log.count("refused"), 0);
+        // Once a worker closes the server of one port, that port's
+        // connections go to its other server (the other worker's still
+        // to its own server of that port).
+        let on_a: std::net::SocketAddr = format!("127.0.0.1:{a}").parse().unwrap();
+        let closed = get(on_a, "/close");
+        assert!(closed.starts_with(&format!("server {a} ")), "{closed:?}");
+        let closer = worker_of(&closed);
+        let mut wrong = Vec::new();
+        for _ in 0..20 {
+            match try_get(on_a, "/") {
+                Ok(body) => {
+                    let want = if worker_of(&body) == closer { b } else { a };
+                    if !body.starts_with(&format!("server {want} ")) {
+                        wrong.push(body);
+                    }
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        assert_eq!(failed, 0);
+        assert!(wrong.is_empty(), "{wrong:?}");
     });
 }
 

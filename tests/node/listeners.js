@@ -2,7 +2,8 @@
 // (comma-separated TCP ports and Unix socket paths): nothing in it knows
 // about lb. Each reply says which server answered and what
 // server.address() told it; once every server listens it sends
-// {"listening":[...]} to its primary (lb logs it).
+// {"listening":[...]} to its primary (lb logs it). GET /close closes the
+// server that answers it, once the reply is out.
 'use strict';
 const http = require('http');
 
@@ -13,7 +14,12 @@ let up = 0;
 for (const what of wanted) {
   const where = /^\d+$/.test(what) ? +what : what;
   const server = http.createServer((req, res) => {
-    res.end(`server ${what} worker ${id} address ${JSON.stringify(server.address())}\n`);
+    const text = `server ${what} worker ${id} address ${JSON.stringify(server.address())}\n`;
+    if (req.url === '/close') {
+      res.setHeader('Connection', 'close');
+      return res.end(text, () => server.close());
+    }
+    res.end(text);
   });
   server.on('error', (err) => process.send && process.send({ error: what, code: err.code }));
   server.listen(where, () => {
