@@ -90,7 +90,7 @@ pub struct NodeLink {
     /// By listener: the index in `servers` of the one that takes its
     /// connections (the one that asked for it, else the one that asked for
     /// none of lb's, else the first).
-    route: Vec<u8>,
+    route: Vec<u16>,
     flight: Option<Flight>,
     /// This side's cluster-message counter.
     seq: u64,
@@ -186,7 +186,7 @@ impl NodeLink {
         self.route.clear();
         for l in 0..listeners {
             let own = self.servers.iter().position(|s| s.claims.contains(&l));
-            self.route.push(own.unwrap_or(rest) as u8);
+            self.route.push(own.unwrap_or(rest) as u16);
         }
     }
 }
