@@ -15,6 +15,9 @@
  * Behind a balancer that sends PROXY protocol headers, a CONN carries the
  * client's address (READY says PEER_ADDRESS): accept()'s address and
  * getpeername() on that connection answer it instead of the balancer's.
+ * A connection from one of lb's Unix listeners is an AF_UNIX socket the
+ * server takes for TCP: its peer is given as loopback, port 0, and TCP
+ * options set on it succeed without effect.
  *
  * Rules kept throughout (see docs/modes.md, `shim`):
  *  - inert unless LB_FD names an AF_UNIX SOCK_SEQPACKET socket;
