@@ -16,9 +16,9 @@ pub struct Conn {
     pub peer: Option<SocketAddr>,
     /// The index of lb's listener that accepted it: a Node worker serves
     /// each listener with the server that asked for it (`docs/node.md`).
-    /// 0 for one read back from a dead lb-protocol worker's channel (its
-    /// CONN does not say), which a Node worker then serves like listener
-    /// 0's.
+    /// One read back from an lb-protocol worker's channel (its CONN does
+    /// not say) is given the listener of its local address
+    /// (`Dispatcher::label_read_back`).
     pub listener: u16,
 }
 
@@ -76,6 +76,11 @@ impl Pending {
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The `n` held last, newest first.
+    pub fn newest_mut(&mut self, n: usize) -> impl Iterator<Item = &mut Conn> {
+        self.0.iter_mut().rev().take(n)
     }
 }
 

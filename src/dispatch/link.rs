@@ -271,7 +271,11 @@ impl Dispatcher {
     /// sent and never took go to `pending`; how many.
     pub(super) fn rescue(&mut self, w: &mut Worker) -> u64 {
         match &mut w.link {
-            Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
+            Link::Native(n) => {
+                let count = n.read_back(&mut self.buf, &mut self.pending);
+                self.label_read_back(count);
+                count
+            }
             Link::Node(n) => n.rescue(&mut self.pending),
             Link::Shared { .. } | Link::Proxy(_) => 0,
         }

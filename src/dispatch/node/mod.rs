@@ -191,6 +191,33 @@ impl NodeLink {
     }
 }
 
+/// Which of `listeners` accepted `fd`, by its local address: the same
+/// address, else a wildcard one on its port (a v4 client of `[::]` is
+/// v4-mapped, still on that port), else the same path; 0 when none.
+fn listener_of(listeners: &[Address], fd: &OwnedFd) -> u16 {
+    let Ok(local) = socket2::SockRef::from(fd).local_addr() else {
+        return 0;
+    };
+    let found = match local.as_socket() {
+        Some(a) => listeners
+            .iter()
+            .position(|l| l.tcp() == Some(a))
+            .or_else(|| {
+                listeners.iter().position(|l| {
+                    l.tcp()
+                        .is_some_and(|t| t.port() == a.port() && t.ip().is_unspecified())
+                })
+            }),
+        None => local.as_pathname().and_then(|p| {
+            let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            listeners
+                .iter()
+                .position(|l| matches!(l, Address::Unix(q) if *q == p))
+        }),
+    };
+    found.unwrap_or(0) as u16
+}
+
 impl Flight {
     /// Back to a connection, to be handed out again.
     fn conn(self) -> crate::dispatch::conn::Conn {
@@ -214,6 +241,21 @@ impl Dispatcher {
                 tcp => tcp,
             })
             .collect();
+    }
+
+    /// The newest `count` connections in `pending`, read back from an
+    /// lb-protocol worker's channel, are given the listener their local
+    /// address says (a CONN does not carry it), so that a Node worker
+    /// serves them with that listener's server. Cold: a worker died or
+    /// stalled; nothing to do with one listener.
+    pub(super) fn label_read_back(&mut self, count: u64) {
+        if self.node.listeners.len() < 2 {
+            return;
+        }
+        let listeners = &self.node.listeners;
+        for conn in self.pending.newest_mut(count as usize) {
+            conn.listener = listener_of(listeners, &conn.fd);
+        }
     }
 
     fn node(&mut self, index: usize) -> Option<&mut NodeLink> {
@@ -590,5 +632,38 @@ impl Dispatcher {
             self.node_write(index, &node::user(payload));
         }
         !eof
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted sockets say their listener by their local address.
+    #[test]
+    fn a_read_back_connection_is_given_its_listener() {
+        let dir = std::env::temp_dir().join(format!("lb-listener-of-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let one = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listeners = vec![
+            Address::Tcp(one.local_addr().unwrap()),
+            Address::Unix(path.clone()),
+            Address::Tcp(any.local_addr().unwrap()),
+        ];
+        let accepted = |l: &std::net::TcpListener| {
+            let port = l.local_addr().unwrap().port();
+            let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            OwnedFd::from(l.accept().unwrap().0)
+        };
+        assert_eq!(listener_of(&listeners, &accepted(&one)), 0);
+        assert_eq!(listener_of(&listeners, &accepted(&any)), 2);
+        let _c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let u = OwnedFd::from(unix.accept().unwrap().0);
+        assert_eq!(listener_of(&listeners, &u), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
