@@ -225,6 +225,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             .iter()
             .map(|l| (l.address().to_string(), l.settings.proxy.clone()))
             .collect();
+        let addresses = open.iter().map(|l| l.address().clone()).collect();
         let (mut d, h) = Dispatcher::with_listeners(
             open.into_iter().map(|l| (l.fd, l.made)).collect(),
             local,
@@ -233,6 +234,7 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             notifier,
         )
         .map_err(MasterError::Dispatcher)?;
+        d.node_listeners(addresses);
         if let Some(timeout) = config.stall_timeout {
             d.watch_stalls(timeout, supervisor::message_cost());
         }

@@ -1,7 +1,7 @@
-//! One accepted connection on its way to a worker: its fd, and the
-//! client's address when a PROXY header said it (`docs/proxy-protocol.md`).
-//! A plain value (no allocation), held in the preallocated batch and
-//! `pending`.
+//! One accepted connection on its way to a worker: its fd, the listener it
+//! came from, and the client's address when a PROXY header said it
+//! (`docs/proxy-protocol.md`). A plain value (no allocation), held in the
+//! preallocated batch and `pending`.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -16,19 +16,30 @@ pub struct Conn {
     /// From the connection's PROXY header; `None` without one (lb reads
     /// none, the source was served untrusted, or it was `LOCAL`).
     pub peer: Option<SocketAddr>,
+    /// The index of lb's listener that accepted it: a Node worker serves
+    /// each listener with the server that asked for it (`docs/node.md`).
+    /// One read back from an lb-protocol worker's channel (its CONN does
+    /// not say) is given the listener of its local address
+    /// (`Dispatcher::label_read_back`).
+    pub listener: u16,
+}
+
+impl Conn {
+    /// A connection from listener `listener`, without a client address.
+    #[inline]
+    pub fn new(fd: OwnedFd, listener: usize) -> Conn {
+        Conn {
+            fd,
+            peer: None,
+            listener: listener as u16,
+        }
+    }
 }
 
 impl From<OwnedFd> for Conn {
     #[inline]
     fn from(fd: OwnedFd) -> Conn {
-        Conn { fd, peer: None }
-    }
-}
-
-impl From<(OwnedFd, Option<SocketAddr>)> for Conn {
-    #[inline]
-    fn from((fd, peer): (OwnedFd, Option<SocketAddr>)) -> Conn {
-        Conn { fd, peer }
+        Conn::new(fd, 0)
     }
 }
 
@@ -67,6 +78,11 @@ impl Pending {
     #[inline]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The `n` held last, newest first.
+    pub fn newest_mut(&mut self, n: usize) -> impl Iterator<Item = &mut Conn> {
+        self.0.iter_mut().rev().take(n)
     }
 }
 
@@ -184,6 +200,7 @@ mod tests {
         let conn = |peer: Option<&str>| Conn {
             fd: a.try_clone().unwrap(),
             peer: peer.map(|p| p.parse().unwrap()),
+            listener: 0,
         };
         let conns = [
             conn(Some("203.0.113.7:1")),

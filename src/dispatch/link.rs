@@ -199,9 +199,9 @@ impl Dispatcher {
         match self.delivery_of(index) {
             Some(Delivery::Batch) => self.native_send(index, slot, conn),
             Some(Delivery::Stepwise) => {
-                let peer = conn.peer;
-                self.node_send(index, conn.fd, peer)
-                    .map_err(|fd| Conn { fd, peer })
+                let (peer, listener) = (conn.peer, conn.listener);
+                self.node_send(index, conn.fd, peer, listener)
+                    .map_err(|fd| Conn { fd, peer, listener })
             }
             Some(Delivery::Relay) => self.proxy_start(index, conn).inspect_err(|_| {
                 self.views[slot.0].eligible = false;
@@ -272,7 +272,11 @@ impl Dispatcher {
     /// sent and never took go to `pending`; how many.
     pub(super) fn rescue(&mut self, w: &mut Worker) -> u64 {
         match &mut w.link {
-            Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
+            Link::Native(n) => {
+                let count = n.read_back(&mut self.buf, &mut self.pending);
+                self.label_read_back(count);
+                count
+            }
             Link::Node(n) => n.rescue(&mut self.pending),
             Link::Shared { .. } | Link::Proxy(_) => 0,
         }

@@ -15,6 +15,9 @@
  * Behind a balancer that sends PROXY protocol headers, a CONN carries the
  * client's address (READY says PEER_ADDRESS): accept()'s address and
  * getpeername() on that connection answer it instead of the balancer's.
+ * A connection from one of lb's Unix listeners is an AF_UNIX socket the
+ * server takes for TCP: its peer is given as loopback, port 0, and TCP
+ * options set on it succeed without effect.
  *
  * Rules kept throughout (see docs/modes.md, `shim`):
  *  - inert unless LB_FD names an AF_UNIX SOCK_SEQPACKET socket;
@@ -128,8 +131,9 @@ static _Atomic int conn_ep[MAX_FDS];
 static _Atomic int conn_extra_regs;
 
 /* Per handed-over connection whose CONN carried the client's address (a
-   PROXY header's, docs/protocol.md §2): that address as accept() and
-   getpeername() give it (`len` 0: none), and the socket's cookie, which
+   PROXY header's, docs/protocol.md §2), or that came from one of lb's Unix
+   listeners to a server on TCP (loopback, port 0): that address as
+   accept() and getpeername() give it (`len` 0: none), and the socket's cookie, which
    no other socket ever has: a number reused behind the shim's back (a
    close by raw syscall, a fork child's) never answers for another socket. */
 union peer_addr {
@@ -882,6 +886,30 @@ static socklen_t peer_of_payload(const unsigned char *p, size_t n, int family,
     return sizeof out->in;
 }
 
+/* The socket's family (SO_DOMAIN); keeps errno. */
+static int domain_of(int fd) {
+    int saved = errno;
+    int d = AF_UNSPEC;
+    socklen_t l = sizeof d;
+    if (real_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &d, &l) != 0)
+        d = AF_UNSPEC;
+    errno = saved;
+    return d;
+}
+
+/* 127.0.0.1 or ::1, port 0; its length. */
+static socklen_t loopback(int family, union peer_addr *out) {
+    memset(out, 0, sizeof *out);
+    if (family == AF_INET6) {
+        out->in6.sin6_family = AF_INET6;
+        out->in6.sin6_addr = in6addr_loopback;
+        return sizeof out->in6;
+    }
+    out->in.sin_family = AF_INET;
+    out->in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return sizeof out->in;
+}
+
 /* As the kernel fills an address out-parameter: truncated to the room
    given, the full length told. */
 static void give_addr(const union peer_addr *a, socklen_t len, struct sockaddr *addr,
@@ -987,14 +1015,31 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
             ioctl(fd, FIONBIO, &off);
         }
         struct listener *l = listener_of(lfd);
+        int family = l ? l->addr.ss_family : AF_UNSPEC;
         union peer_addr client;
-        socklen_t clen = peer_of_payload(buf + HEADER_LEN, (size_t)n - HEADER_LEN,
-                                         l ? l->addr.ss_family : AF_UNSPEC, &client);
+        socklen_t clen = peer_of_payload(buf + HEADER_LEN, (size_t)n - HEADER_LEN, family,
+                                         &client);
+        socklen_t room = alen ? *alen : 0;
         if (addr && alen) {
             if (clen)
                 give_addr(&client, clen, addr, alen);
             else
                 real_getpeername(fd, addr, alen);
+        }
+        /* From one of lb's Unix listeners, for a server that listened on
+           TCP: its peer would be AF_UNIX, which such servers misread
+           (Python's http.server fails the request on the empty path;
+           redis's protected mode refuses the "non-local" client). It is
+           given as what it is, a client on this host: loopback in the
+           server's family, port 0. */
+        if (!clen && (family == AF_INET || family == AF_INET6) &&
+            (addr && alen && room >= sizeof(sa_family_t) ? addr->sa_family == AF_UNIX
+                                                         : domain_of(fd) == AF_UNIX)) {
+            clen = loopback(family, &client);
+            if (addr && alen) {
+                *alen = room; /* (getpeername told the AF_UNIX length) */
+                give_addr(&client, clen, addr, alen);
+            }
         }
         if (fd < MAX_FDS) { /* a number last closed behind the shim's back */
             atomic_store(&conn_ep[fd], 0);
@@ -1356,7 +1401,17 @@ int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
         (name == SO_REUSEPORT || name == SO_REUSEADDR || name == SO_ATTACH_REUSEPORT_CBPF ||
          name == SO_ATTACH_REUSEPORT_EBPF || name == SO_DETACH_REUSEPORT_BPF))
         return 0;
-    return real_setsockopt(fd, level, name, val, len);
+    int saved = errno;
+    int r = real_setsockopt(fd, level, name, val, len);
+    /* A connection from one of lb's Unix listeners, which the server takes
+       for TCP (its peer is given as loopback): TCP options mean nothing on
+       it, and a server that checks them would drop it (nginx closes a
+       keep-alive connection whose TCP_NODELAY fails). */
+    if (r != 0 && errno == EOPNOTSUPP && level == IPPROTO_TCP && kind_of(fd) == K_CONN) {
+        errno = saved;
+        return 0;
+    }
+    return r;
 }
 
 int getsockopt(int fd, int level, int name, void *val, socklen_t *len) {

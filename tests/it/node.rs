@@ -358,3 +358,149 @@ fn node_preload_ignores_what_squats_its_old_name_and_is_private() {
         }
     });
 }
+
+/// `tests/node/listeners.js`, one server per address in `listen`, under lb
+/// with `args` (its own `--listen`s among them).
+fn start_listeners_app(node: &str, workers: usize, args: &[&str], listen: &str) -> Lb {
+    let app = repo().join("tests/node/listeners.js");
+    let n = workers.to_string();
+    let mut full = vec!["--workers", n.as_str()];
+    full.extend_from_slice(args);
+    full.extend(["--", node, app.to_str().unwrap()]);
+    Lb::start(&full, &[("APP_LISTEN", listen)], workers)
+}
+
+/// The worker slot in a `listeners.js` reply.
+fn worker_of(body: &str) -> usize {
+    body.split(" worker ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a listeners.js reply: {body:?}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An app behind lb's Unix listener listens on that path (as it would
+/// behind nginx): it is served through the socket, its `server.address()`
+/// is the path, and lb's TCP listener goes to the same server, its only one.
+#[test]
+fn node_app_listening_on_a_unix_path_is_served_by_lbs_unix_listener() {
+    each_node(|node| {
+        let dir = scratch("node-unix-listener");
+        let sock = dir.join("app.sock");
+        let _ = std::fs::remove_file(&sock);
+        let spec = format!("unix:{}", sock.display());
+        let path = sock.to_str().unwrap();
+        let lb = start_listeners_app(node, 2, &["--listen", &spec], path);
+        lb.wait_log(&format!("message: {{\"listening\":[\"{path}\"]"), 2);
+        let mut failed = 0;
+        let mut workers = [0; 2];
+        for _ in 0..40 {
+            match try_get_unix(&sock, "/") {
+                Ok(body) => {
+                    assert!(
+                        body.starts_with(&format!("server {path} worker "))
+                            && body.contains(&format!("address \"{path}\"")),
+                        "{body:?}"
+                    );
+                    workers[worker_of(&body)] += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        assert_eq!((failed, workers), (0, [20, 20]), "failed, per worker");
+        let tcp = get(lb.addr, "/");
+        assert!(tcp.starts_with(&format!("server {path} worker")), "{tcp:?}");
+        assert_eq!(lb.log.count("refused"), 0);
+    });
+}
+
+/// An app with one server per lb listener (two ports): each request is
+/// answered by the server of the port it came to.
+#[test]
+fn node_app_with_a_server_per_listener_answers_each_from_its_port() {
+    each_node(|node| {
+        let (a, b) = (free_port(), free_port());
+        let (la, lbb) = (format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}"));
+        let lb = start_listeners_app(
+            node,
+            2,
+            &["--listen", &la, "--listen", &lbb],
+            &format!("{a},{b}"),
+        );
+        lb.wait_log("message: {\"listening\":[", 2);
+        let mut failed = 0;
+        for port in [a, b, a] {
+            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            for _ in 0..20 {
+                match try_get(addr, "/") {
+                    Ok(body) => {
+                        assert!(
+                            body.starts_with(&format!("server {port} "))
+                                && body.contains(&format!("\"port\":{port}}}")),
+                            "{body:?}"
+                        );
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+        }
+        assert_eq!(failed, 0);
+        assert_eq!(lb.log.count("refused"), 0);
+        // Once a worker closes the server of one port, that port's
+        // connections go to its other server (the other worker's still
+        // to its own server of that port).
+        let on_a: std::net::SocketAddr = format!("127.0.0.1:{a}").parse().unwrap();
+        let closed = get(on_a, "/close");
+        assert!(closed.starts_with(&format!("server {a} ")), "{closed:?}");
+        let closer = worker_of(&closed);
+        let mut wrong = Vec::new();
+        for _ in 0..20 {
+            match try_get(on_a, "/") {
+                Ok(body) => {
+                    let want = if worker_of(&body) == closer { b } else { a };
+                    if !body.starts_with(&format!("server {want} ")) {
+                        wrong.push(body);
+                    }
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        assert_eq!(failed, 0);
+        assert!(wrong.is_empty(), "{wrong:?}");
+    });
+}
+
+/// The one-server app (`listen(8000)`, none of lb's ports) behind a TCP
+/// and a Unix listener: both go to its server, as with one listener.
+#[test]
+fn node_app_with_one_server_takes_every_listener() {
+    each_node(|node| {
+        let dir = scratch("node-one-server");
+        let sock = dir.join("lb.sock");
+        let _ = std::fs::remove_file(&sock);
+        let spec = format!("unix:{}", sock.display());
+        let lb = start(node, 2, &["--listen", &spec], &[]);
+        let mut failed = 0;
+        let mut workers = [0; 2];
+        for i in 0..60 {
+            let got = if i % 2 == 0 {
+                try_get(lb.addr, "/")
+            } else {
+                try_get_unix(&sock, "/")
+            };
+            match got {
+                Ok(body) => workers[slot_of(&body)] += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        assert_eq!((failed, workers), (0, [30, 30]), "failed, per worker");
+    });
+}

@@ -10,6 +10,11 @@ use crate::util::load::{Load, Style, reloads_under_load};
 use crate::util::*;
 
 fn shim(workers: usize, policy: &str, command: &[&str]) -> Lb {
+    shim_with(&[], workers, policy, command)
+}
+
+/// `shim` with more of lb's arguments (`--listen`s, say).
+fn shim_with(extra: &[&str], workers: usize, policy: &str, command: &[&str]) -> Lb {
     let n = workers.to_string();
     let mut args = vec![
         "--workers",
@@ -18,10 +23,19 @@ fn shim(workers: usize, policy: &str, command: &[&str]) -> Lb {
         "shim",
         "--policy",
         policy,
-        "--",
     ];
+    args.extend_from_slice(extra);
+    args.push("--");
     args.extend_from_slice(command);
     Lb::start(&args, &[], workers)
+}
+
+/// A fresh path for one of lb's Unix listeners, and its `--listen` value.
+fn unix_listener(name: &str) -> (std::path::PathBuf, String) {
+    let sock = scratch(name).join("lb.sock");
+    let _ = std::fs::remove_file(&sock);
+    let spec = format!("unix:{}", sock.display());
+    (sock, spec)
 }
 
 #[test]
@@ -198,6 +212,11 @@ fn shim_refuses_a_static_binary_in_one_line() {
 /// lb on a free port with one shim-mode nginx (`master_process on`, two
 /// workers that, as root, switch to `nobody`), or `None` without nginx.
 fn nginx_behind_shim(name: &str) -> Option<Lb> {
+    nginx_behind_shim_also_on(name, None)
+}
+
+/// `nginx_behind_shim`, with lb listening on the Unix socket `unix` too.
+fn nginx_behind_shim_also_on(name: &str, unix: Option<&str>) -> Option<Lb> {
     if !installed("nginx", "the nginx shim tests") {
         return None;
     }
@@ -217,7 +236,7 @@ fn nginx_behind_shim(name: &str) -> Option<Lb> {
             "daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
              error_log stderr;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n\
              \x20 server {{\n    listen 127.0.0.1:{port} reuseport deferred;\n\
-             \x20   location / {{ return 200 \"hello from worker 0 (pid $pid)\\n\"; }}\n  }}\n}}\n"
+             \x20   location / {{ return 200 \"hello from worker 0 (pid $pid) to $remote_addr\\n\"; }}\n  }}\n}}\n"
         ),
     );
     let config = write_config(
@@ -231,20 +250,18 @@ fn nginx_behind_shim(name: &str) -> Option<Lb> {
     );
     let listen = format!("127.0.0.1:{port}");
     let sock = dir.join("lb.sock");
-    Some(Lb::start_command(
-        lb_command(
-            &[
-                "--listen",
-                &listen,
-                "--config",
-                &config,
-                "--control",
-                sock.to_str().unwrap(),
-            ],
-            &[],
-        ),
-        1,
-    ))
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--config",
+        &config,
+        "--control",
+        sock.to_str().unwrap(),
+    ];
+    if let Some(unix) = unix {
+        args.extend(["--listen", unix]);
+    }
+    Some(Lb::start_command(lb_command(&args, &[]), 1))
 }
 
 #[test]
@@ -439,4 +456,115 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     let log = lb.log.lines().join("\n");
     assert!(!log.contains("leaving"), "{log}");
     assert_eq!(lb.log.count(": spawn"), 2, "no worker was replaced:\n{log}");
+}
+
+/// A shim server listens on TCP and gets lb's Unix listener's connections
+/// too, whose peer is AF_UNIX: the shim gives it as a client on this host
+/// (loopback, port 0), which is what servers expect of a TCP socket. nginx
+/// keeps such a connection alive (its TCP_NODELAY, meaningless there,
+/// succeeds) and logs 127.0.0.1.
+#[test]
+fn shim_nginx_serves_lbs_unix_listener_with_keep_alive() {
+    if !installed("curl", "the nginx unix-listener test") {
+        return;
+    }
+    let (sock, spec) = unix_listener("shim-nginx-unix-sock");
+    let Some(lb) = nginx_behind_shim_also_on("shim-nginx-unix", Some(&spec)) else {
+        return;
+    };
+    let out = std::process::Command::new("curl")
+        .args(["-sv", "--max-time", "10", "--unix-socket"])
+        .arg(&sock)
+        .args(["http://lb/", "http://lb/", "http://lb/"])
+        .output()
+        .expect("run curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        body.matches("hello from worker 0").count(),
+        3,
+        "{body}\n{trace}"
+    );
+    assert_eq!(body.matches("to 127.0.0.1\n").count(), 3, "{body}");
+    assert_eq!(
+        trace.matches("Re-using existing connection").count(),
+        2,
+        "{trace}"
+    );
+    assert!(get(lb.addr, "/").ends_with("to 127.0.0.1\n"));
+    assert_eq!(lb.log.count("failed"), 0);
+}
+
+/// redis (protected mode on, as by default) lets a client of lb's Unix
+/// listener in: it is local, as the shim says.
+#[test]
+fn shim_redis_serves_lbs_unix_listener_as_a_local_client() {
+    if !installed("redis-server", "the redis unix-listener test") || !installed("redis-cli", "it") {
+        return;
+    }
+    let (sock, spec) = unix_listener("shim-redis-unix");
+    let dir = sock.parent().unwrap().to_str().unwrap().to_string();
+    let lb = shim_with(
+        &["--listen", &spec],
+        1,
+        "rr",
+        &[
+            "redis-server",
+            "--port",
+            "{port}",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir,
+        ],
+    );
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("timeout")
+            .args(["10", "redis-cli", "-s", sock.to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let mut failed = 0;
+    for i in 0..10 {
+        failed += usize::from(cli(&["SET", "k", &i.to_string()]) != "OK");
+    }
+    assert_eq!(failed, 0, "every SET through the socket");
+    assert_eq!(cli(&["GET", "k"]), "9");
+    let list = cli(&["CLIENT", "LIST"]);
+    assert!(
+        list.contains("addr=127.0.0.1:0 ") || list.contains("addr=[::1]:0 "),
+        "{list}"
+    );
+    let port = lb.addr.port().to_string();
+    let out = std::process::Command::new("timeout")
+        .args(["10", "redis-cli", "-p", &port, "GET", "k"])
+        .output()
+        .expect("run redis-cli");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "9");
+}
+
+/// Python's http.server, on TCP behind lb's TCP and Unix listeners: both
+/// served (an AF_UNIX peer made it fail the request).
+#[test]
+fn shim_python_http_server_serves_lbs_unix_listener() {
+    let (sock, spec) = unix_listener("shim-py-unix");
+    let server = python_http_server(sock.parent().unwrap());
+    let server: Vec<&str> = server.iter().map(String::as_str).collect();
+    let lb = shim_with(&["--listen", &spec], 1, "rr", &server);
+    let mut failed = 0;
+    for i in 0..20 {
+        let got = if i % 2 == 0 {
+            try_get_unix(&sock, "/")
+        } else {
+            try_get(lb.addr, "/")
+        };
+        failed += usize::from(got.ok().as_deref() != Some("hello\n"));
+    }
+    assert_eq!(failed, 0);
+    assert!(lb.log.count("Traceback") == 0);
+    lb.wait_log("127.0.0.1 - - ", 20);
 }

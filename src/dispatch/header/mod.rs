@@ -211,10 +211,10 @@ impl Dispatcher {
     /// untrusted); `None` when it waits, or was closed.
     pub(super) fn admit(&mut self, fd: OwnedFd, listener: usize) -> Option<Conn> {
         let Some(stage) = self.headers.as_mut() else {
-            return Some(Conn::from(fd));
+            return Some(Conn::new(fd, listener));
         };
         let Some(Some(rules)) = stage.rules.get(listener) else {
-            return Some(Conn::from(fd));
+            return Some(Conn::new(fd, listener));
         };
         let unix = stage.unix[listener];
         let sock = std::net::TcpStream::from(fd);
@@ -222,7 +222,7 @@ impl Dispatcher {
         if !unix && !source.is_some_and(|s| proxy::trusted(&rules.trusted, s.ip())) {
             if rules.untrusted == Untrusted::Serve {
                 self.stats.proxy.untrusted_served += 1;
-                return Some(Conn::from(OwnedFd::from(sock)));
+                return Some(Conn::new(OwnedFd::from(sock), listener));
             }
             drop(sock);
             self.proxy_failed(Failure::Untrusted, source);
@@ -253,7 +253,8 @@ impl Dispatcher {
         let stage: &mut Stage = self.headers.as_deref_mut()?;
         let w = stage.slots.get(i)?;
         let sock = w.sock.as_ref()?;
-        let accept = stage.rules.get(usize::from(w.listener))?.as_ref()?.accept;
+        let listener = w.listener;
+        let accept = stage.rules.get(usize::from(listener))?.as_ref()?.accept;
         let peeked = loop {
             match sock.peek(&mut stage.buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -320,6 +321,7 @@ impl Dispatcher {
                 Some(Conn {
                     fd: OwnedFd::from(sock),
                     peer,
+                    listener,
                 })
             }
         }

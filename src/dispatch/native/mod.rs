@@ -66,7 +66,11 @@ impl Native {
                         .next()
                         .and_then(|t| std::str::from_utf8(t).ok())
                         .and_then(|t| t.parse::<SocketAddr>().ok());
-                    pending.push_back(Conn { fd, peer });
+                    pending.push_back(Conn {
+                        fd,
+                        peer,
+                        listener: 0,
+                    });
                     count += 1;
                 }
             }

@@ -133,6 +133,7 @@ impl Dispatcher {
             Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
             _ => 0,
         };
+        self.label_read_back(rescued);
         self.stats.rescued += rescued;
         // A DRAIN read back with them goes again, behind nothing now.
         if let Some(w) = self.workers.get_mut(index)

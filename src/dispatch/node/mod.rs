@@ -10,6 +10,12 @@
 //! worker died before replying is handed out again. Everything else
 //! (`queryServer`, user messages, replies lb writes) is rare and may
 //! allocate.
+//!
+//! A worker may have one server per lb listener (`listen(8000)` and
+//! `listen(8443)`, `listen('/run/app.sock')`): each connection goes with
+//! the key of the server its listener routes to (`NodeLink::route`,
+//! rebuilt when a server comes or goes), so a worker with any server takes
+//! every listener's connections and the policy need not know listeners.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,6 +27,7 @@ mod inbound;
 use super::link::Link;
 use super::worker::State;
 use super::{Dispatcher, Event};
+use crate::config::Address;
 use crate::policy::Slot;
 use crate::proto::node::{self, Bad, Lines, NewConn};
 use crate::proto::{Malformed, Wait, scm};
@@ -38,6 +45,8 @@ struct Flight {
     /// The client's address from a PROXY header, sent with it (and with
     /// it again if the handle must be resent).
     peer: Option<SocketAddr>,
+    /// The listener it came from, which says the server (again on a resend).
+    listener: u16,
     seq: u64,
     acked: bool,
     nacks: u8,
@@ -46,8 +55,9 @@ struct Flight {
 /// lb as its Node workers' cluster primary: what is common to them all.
 #[derive(Debug)]
 pub struct Primary {
-    /// Where the listener is (every worker's server, whatever it asked for).
-    front: SocketAddr,
+    /// lb's listeners, by index, which a worker's `listen()` is matched
+    /// against (a Unix path absolute, as Node resolves the app's).
+    listeners: Vec<Address>,
     /// The first worker's `queryServer` data, echoed to every worker.
     data: Option<String>,
     /// The earliest end of a worker's refusal back-off.
@@ -57,7 +67,7 @@ pub struct Primary {
 impl Primary {
     pub fn new(front: SocketAddr) -> Primary {
         Primary {
-            front,
+            listeners: vec![Address::Tcp(front)],
             data: None,
             wake: None,
         }
@@ -74,8 +84,13 @@ pub struct NodeLink {
     /// Bytes not yet written (replies, `disconnect`, the rest of a `newconn`
     /// line a full socket cut short). Written before any new `newconn`.
     out: Vec<u8>,
-    /// The worker's server: set by the answered `queryServer`.
-    server: Option<Server>,
+    /// The worker's servers, in the order it listened: added by an
+    /// answered `queryServer`, removed by its `close`.
+    servers: Vec<Server>,
+    /// By listener: the index in `servers` of the one that takes its
+    /// connections (the one that asked for it, else the one that asked for
+    /// none of lb's, else the first).
+    route: Vec<u16>,
     flight: Option<Flight>,
     /// This side's cluster-message counter.
     seq: u64,
@@ -93,7 +108,13 @@ pub struct NodeLink {
 
 #[derive(Debug)]
 struct Server {
-    port: u16,
+    /// Its cluster key, unique among the worker's servers.
+    key: String,
+    /// The TCP port it asked for (0 for any); `None` for a Unix path.
+    port: Option<u16>,
+    /// The listeners it asked for by port or path; empty when it matched
+    /// none: it takes those no other server asked for.
+    claims: Vec<usize>,
     newconn: NewConn,
 }
 
@@ -104,7 +125,8 @@ impl NodeLink {
             listener,
             lines: Lines::new(),
             out: Vec::with_capacity(512),
-            server: None,
+            servers: Vec::new(),
+            route: Vec::new(),
             flight: None,
             seq: 0,
             refused_for: REFUSED_FIRST,
@@ -123,7 +145,7 @@ impl NodeLink {
     #[inline]
     pub fn can_take(&self) -> bool {
         self.listener.is_none()
-            && self.server.is_some()
+            && !self.servers.is_empty()
             && self.flight.is_none()
             && self.out.is_empty()
             && self.refused_until.is_none()
@@ -135,7 +157,7 @@ impl NodeLink {
     pub fn rescue(&mut self, pending: &mut crate::dispatch::conn::Pending) -> u64 {
         match self.flight.take() {
             Some(f) => {
-                pending.push_front((f.fd, f.peer));
+                pending.push_front(f.conn());
                 1
             }
             None => 0,
@@ -146,9 +168,96 @@ impl NodeLink {
         self.seq += 1;
         self.seq
     }
+
+    /// Which of `servers` takes listener `listener`'s connections (a
+    /// worker with a server takes every listener's).
+    #[inline]
+    fn server_of(&self, listener: u16) -> usize {
+        usize::from(self.route.get(usize::from(listener)).copied().unwrap_or(0))
+    }
+
+    /// Rebuilds `route` for `listeners` listeners, after `servers` changed.
+    fn reroute(&mut self, listeners: usize) {
+        let rest = self
+            .servers
+            .iter()
+            .position(|s| s.claims.is_empty())
+            .unwrap_or(0);
+        self.route.clear();
+        for l in 0..listeners {
+            let own = self.servers.iter().position(|s| s.claims.contains(&l));
+            self.route.push(own.unwrap_or(rest) as u16);
+        }
+    }
+}
+
+/// Which of `listeners` accepted `fd`, by its local address: the same
+/// address, else a wildcard one on its port (a v4 client of `[::]` is
+/// v4-mapped, still on that port), else the same path; 0 when none.
+fn listener_of(listeners: &[Address], fd: &OwnedFd) -> u16 {
+    let Ok(local) = socket2::SockRef::from(fd).local_addr() else {
+        return 0;
+    };
+    let found = match local.as_socket() {
+        Some(a) => listeners
+            .iter()
+            .position(|l| l.tcp() == Some(a))
+            .or_else(|| {
+                listeners.iter().position(|l| {
+                    l.tcp()
+                        .is_some_and(|t| t.port() == a.port() && t.ip().is_unspecified())
+                })
+            }),
+        None => local.as_pathname().and_then(|p| {
+            let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            listeners
+                .iter()
+                .position(|l| matches!(l, Address::Unix(q) if *q == p))
+        }),
+    };
+    found.unwrap_or(0) as u16
+}
+
+impl Flight {
+    /// Back to a connection, to be handed out again.
+    fn conn(self) -> crate::dispatch::conn::Conn {
+        crate::dispatch::conn::Conn {
+            fd: self.fd,
+            peer: self.peer,
+            listener: self.listener,
+        }
+    }
 }
 
 impl Dispatcher {
+    /// Tells Node workers' `listen()` what lb's listeners are, in the
+    /// order the loop has them (`Source::Listener`'s index).
+    pub fn node_listeners(&mut self, listeners: Vec<Address>) {
+        self.node.listeners = listeners
+            .into_iter()
+            .map(|a| match a {
+                // Node resolves the app's path against its directory.
+                Address::Unix(p) => Address::Unix(std::path::absolute(&p).unwrap_or(p)),
+                tcp => tcp,
+            })
+            .collect();
+    }
+
+    /// The newest `count` connections in `pending`, read back from an
+    /// lb-protocol worker's channel, are given the listener their local
+    /// address says (a CONN does not carry it), so that a Node worker
+    /// serves them with that listener's server. Cold: a worker died or
+    /// stalled; nothing to do with one listener.
+    pub(super) fn label_read_back(&mut self, count: u64) {
+        if self.node.listeners.len() < 2 {
+            return;
+        }
+        let listeners = &self.node.listeners;
+        for conn in self.pending.newest_mut(count as usize) {
+            conn.listener = listener_of(listeners, &conn.fd);
+        }
+    }
+
     fn node(&mut self, index: usize) -> Option<&mut NodeLink> {
         match &mut self.workers.get_mut(index)?.link {
             Link::Node(n) => Some(n),
@@ -166,6 +275,7 @@ impl Dispatcher {
         index: usize,
         fd: OwnedFd,
         peer: Option<SocketAddr>,
+        listener: u16,
     ) -> Result<(), OwnedFd> {
         let Some(w) = self.workers.get_mut(index) else {
             return Err(fd);
@@ -175,10 +285,10 @@ impl Dispatcher {
             return Err(fd);
         };
         let free = n.can_take();
-        let result = match (&mut n.server, free) {
+        let seq = n.seq + 1;
+        let server = n.server_of(listener);
+        let result = match (n.servers.get_mut(server), free) {
             (Some(server), true) => {
-                n.seq += 1;
-                let seq = n.seq;
                 let line = server.newconn.line_with_peer(seq, peer);
                 match scm::send(
                     n.channel.as_fd(),
@@ -193,9 +303,11 @@ impl Dispatcher {
                         if sent < line.len() {
                             n.out.extend_from_slice(&line[sent..]);
                         }
+                        n.seq = seq;
                         n.flight = Some(Flight {
                             fd,
                             peer,
+                            listener,
                             seq,
                             acked: false,
                             nacks: 0,
@@ -279,7 +391,6 @@ impl Dispatcher {
 
     /// The worker answered the `newconn` in flight.
     fn node_answered(&mut self, index: usize, slot: Slot, f: Flight, accepted: bool) {
-        let Flight { fd, peer, .. } = f;
         let current = self.current[slot.0] == Some(index);
         let Some(w) = self.workers.get_mut(index) else {
             return;
@@ -288,7 +399,7 @@ impl Dispatcher {
         if accepted {
             // Its copy is the connection now (closing ours is what Node's
             // primary does too).
-            drop(fd);
+            drop(f);
             n.refused_for = REFUSED_FIRST;
             w.sent += 1;
             self.stats.dispatched += 1;
@@ -302,7 +413,7 @@ impl Dispatcher {
                 let v = &mut self.views[slot.0];
                 v.active = v.active.saturating_sub(1);
             }
-            self.pending.push_front((fd, peer));
+            self.pending.push_front(f.conn());
         }
         let disconnect = std::mem::take(&mut n.disconnect_due);
         if disconnect {
@@ -319,14 +430,19 @@ impl Dispatcher {
             return;
         };
         let Link::Node(n) = &mut w.link else { return };
-        let (Some(f), Some(server)) = (n.flight.as_mut(), n.server.as_mut()) else {
+        // (Its server by the route now: the one it went to may have closed.)
+        let Some(server) = n.flight.as_ref().map(|f| n.server_of(f.listener)) else {
+            return;
+        };
+        let unwritten = !n.out.is_empty();
+        let (Some(f), Some(server)) = (n.flight.as_mut(), n.servers.get_mut(server)) else {
             return;
         };
         if f.acked {
             return;
         }
         f.nacks += 1;
-        let resent = f.nacks <= node::MAX_RETRANSMISSIONS && n.out.is_empty() && {
+        let resent = f.nacks <= node::MAX_RETRANSMISSIONS && !unwritten && {
             let line = server.newconn.line_with_peer(f.seq, f.peer);
             scm::send(
                 n.channel.as_fd(),
@@ -464,7 +580,7 @@ impl Dispatcher {
                 let v = &mut self.views[slot.0];
                 v.active = v.active.saturating_sub(1);
             }
-            self.pending.push_front((f.fd, f.peer));
+            self.pending.push_front(f.conn());
             self.stats.rescued += 1;
             self.emit(Event::Rescued {
                 slot,
@@ -516,5 +632,38 @@ impl Dispatcher {
             self.node_write(index, &node::user(payload));
         }
         !eof
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted sockets say their listener by their local address.
+    #[test]
+    fn a_read_back_connection_is_given_its_listener() {
+        let dir = std::env::temp_dir().join(format!("lb-listener-of-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let one = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listeners = vec![
+            Address::Tcp(one.local_addr().unwrap()),
+            Address::Unix(path.clone()),
+            Address::Tcp(any.local_addr().unwrap()),
+        ];
+        let accepted = |l: &std::net::TcpListener| {
+            let port = l.local_addr().unwrap().port();
+            let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            OwnedFd::from(l.accept().unwrap().0)
+        };
+        assert_eq!(listener_of(&listeners, &accepted(&one)), 0);
+        assert_eq!(listener_of(&listeners, &accepted(&any)), 2);
+        let _c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let u = OwnedFd::from(unix.accept().unwrap().0);
+        assert_eq!(listener_of(&listeners, &u), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -43,7 +43,7 @@ impl Dispatcher {
                 return Err(conn);
             }
         };
-        let Conn { fd, peer } = conn;
+        let Conn { fd, peer, listener } = conn;
         let client = mio::net::TcpStream::from_std(std::net::TcpStream::from(fd));
         let relay = &mut relays.slots[r as usize];
         relay.socks = [Some(client), Some(upstream)];
@@ -62,6 +62,7 @@ impl Dispatcher {
         relay.connecting = true;
         relay.client_out = false;
         relay.peer = peer;
+        relay.listener = listener;
         relay.send_proxy = send_proxy;
         let registry = self.poll.registry();
         // The upstream's writability says when the connect is done.
@@ -134,7 +135,7 @@ impl Dispatcher {
         let relay = &mut relays.slots[r];
         let (index, pid, slot) = (relay.worker, relay.pid, relay.slot);
         let client = relay.socks[CLIENT].take();
-        let peer = relay.peer;
+        let (peer, listener) = (relay.peer, relay.listener);
         if let Some(mut up) = relay.socks[UPSTREAM].take() {
             let _ = self.poll.registry().deregister(&mut up);
         }
@@ -158,7 +159,7 @@ impl Dispatcher {
         }
         // The refusing worker is out of the running until its port answers
         // again, so this ends: at worst the connection waits in `pending`.
-        if let Err(conn) = self.hand_off(Conn { fd, peer }) {
+        if let Err(conn) = self.hand_off(Conn { fd, peer, listener }) {
             self.pending.push_front(conn);
         }
         self.sync_proxy_views();

@@ -100,6 +100,8 @@ pub(super) struct Relay {
     pub(super) client_out: bool,
     /// The client's address from its PROXY header, if it had one.
     pub(super) peer: Option<std::net::SocketAddr>,
+    /// The listener it came from (kept should it go to another worker).
+    pub(super) listener: u16,
     /// The PROXY header to write to the worker once connected.
     pub(super) send_proxy: crate::config::SendProxy,
     /// Connecting: when the connect began. Open: when bytes last moved
@@ -152,6 +154,7 @@ impl Relays {
                 connecting: false,
                 client_out: false,
                 peer: None,
+                listener: 0,
                 send_proxy: crate::config::SendProxy::Off,
                 since: now,
                 prev: NIL,

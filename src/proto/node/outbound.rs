@@ -121,6 +121,9 @@ pub enum Answer<'a> {
         ipv6: bool,
         port: u16,
     },
+    /// A Unix socket path: served, without a `sockname` (as Node's primary
+    /// answers a path), so that `server.address()` gives the path.
+    ServePath { key: &'a str, data: &'a str },
     /// The app's `listen()` fails with this errno (positive, e.g. `libc::ENOTSUP`).
     Refuse { key: &'a str, errno: i32 },
 }
@@ -154,6 +157,10 @@ pub fn answer(ack: u64, seq: u64, answer: &Answer<'_>) -> Vec<u8> {
                  \"port\":{port}}},\"seq\":{seq}}}\n"
             )
         }
+        Answer::ServePath { key, data } => format!(
+            "{{\"cmd\":\"NODE_CLUSTER\",\"errno\":null,\"key\":\"{key}\",\"ack\":{ack},\
+             \"data\":{data},\"seq\":{seq}}}\n"
+        ),
         Answer::Refuse { key, errno } => format!(
             "{{\"cmd\":\"NODE_CLUSTER\",\"errno\":{},\"key\":\"{key}\",\"ack\":{ack},\
              \"data\":null,\"seq\":{seq}}}\n",
@@ -245,6 +252,19 @@ mod tests {
         assert_eq!(
             (v["errno"].as_i64(), v["ack"].as_u64()),
             (Some(-95), Some(2))
+        );
+        let path = answer(
+            3,
+            2,
+            &Answer::ServePath {
+                key: "lb:unix:1",
+                data: "null",
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&path).unwrap();
+        assert_eq!(
+            (v["errno"].is_null(), v["key"].as_str(), v.get("sockname")),
+            (true, Some("lb:unix:1"), None)
         );
         assert_eq!(user(b"{\"x\":1}"), b"{\"x\":1}\n");
         assert_eq!(user(b"reload now"), b"\"reload now\"\n");

@@ -38,8 +38,19 @@ pub fn send_request_to(addr: SocketAddr, path: &str) -> TcpStream {
     s
 }
 
+/// `try_get` through the Unix socket at `socket` (one of lb's listeners).
+pub fn try_get_unix(socket: &std::path::Path, path: &str) -> std::io::Result<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(WAIT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+    )?;
+    read_body(s)
+}
+
 /// Reads a whole `Connection: close` response; the body of a 200.
-pub fn read_body(mut s: TcpStream) -> std::io::Result<String> {
+pub fn read_body(mut s: impl Read) -> std::io::Result<String> {
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     match resp.split_once("\r\n\r\n") {
