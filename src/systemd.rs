@@ -65,6 +65,9 @@ pub fn reloading() -> String {
     format!("RELOADING=1\nMONOTONIC_USEC={now}")
 }
 
+/// The most sockets lb takes from systemd.
+const MAX_ACTIVATED: i32 = 1024;
+
 /// The listening sockets systemd passed (fds 3 on), each with its name
 /// from `LISTEN_FDNAMES` (`FileDescriptorName=`; systemd's default is the
 /// socket unit's name), if `LISTEN_PID` is this process; each is checked
@@ -81,7 +84,12 @@ pub fn activated_listeners() -> io::Result<Vec<(OwnedFd, Option<String>)>> {
         .split(':')
         .map(|n| Some(n.to_string()).filter(|n| !n.is_empty()));
     match (pid, fds) {
-        (Some(pid), Some(n)) if pid == std::process::id() && n >= 1 => (0..n.min(1024))
+        (Some(pid), Some(n)) if pid == std::process::id() && n > MAX_ACTIVATED => {
+            Err(io::Error::other(format!(
+                "LISTEN_FDS={n} is more than the {MAX_ACTIVATED} sockets lb takes; pass fewer"
+            )))
+        }
+        (Some(pid), Some(n)) if pid == std::process::id() && n >= 1 => (0..n)
             .map(|i| {
                 Ok((
                     crate::sys::inherited_listener(3 + i)?,

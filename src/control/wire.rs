@@ -166,8 +166,8 @@ pub struct ProxyHeaders {
 pub struct ListenerStatus {
     /// `HOST:PORT`, `[IPv6]:PORT` or `unix:/PATH`.
     pub address: String,
-    /// Connections lb accepted from it; `null` in shared mode, where the
-    /// workers accept.
+    /// Connections lb accepted from it; `null` in shared mode and under
+    /// kernel dispatch, where the workers accept.
     pub accepted: Option<u64>,
 }
 

@@ -43,8 +43,8 @@ pub struct Status {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerStatus {
     pub address: String,
-    /// Connections lb accepted from it; `None` in shared mode, where the
-    /// workers accept.
+    /// Connections lb accepted from it; `None` in shared mode and under
+    /// kernel dispatch, where the workers accept.
     pub accepted: Option<u64>,
 }
 
@@ -197,7 +197,12 @@ impl Supervisor {
                 .enumerate()
                 .map(|(i, address)| ListenerStatus {
                     address: address.clone(),
-                    accepted: snap.by_listener.get(i).copied(),
+                    // (Under kernel dispatch the workers accept.)
+                    accepted: snap
+                        .by_listener
+                        .get(i)
+                        .copied()
+                        .filter(|_| !self.kernel_dispatch),
                 })
                 .collect(),
             policy: self.config.policy.name(),
