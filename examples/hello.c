@@ -210,7 +210,7 @@ static int on_channel(void) {
                     else close(fd);
                 }
         int count = n >= HDR && h[2] > 1 ? h[2] : 1;   /* byte 2: the CONN's fds (0: one) */
-        if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd >= 1 && nfd <= count) {
+        if (n >= HDR && h[0] == 1 && h[1] == CONN && nfd <= count) {
             /* Fewer than it says: the kernel had no fd for the rest. */
             if (nfd < count && report) send_msg(CLOSED, (uint64_t)(count - nfd));
             /* One address line per fd, in fd order ('\n' between; none at all

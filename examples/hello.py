@@ -4,8 +4,9 @@
 lb starts this with its end of the channel at fd 3 (LB_FD). Each message is
 one SOCK_SEQPACKET datagram with a 16-byte header (see docs/protocol.md):
 version u8, kind u8, 6 reserved bytes, value u64 little-endian. A CONN
-carries clients' sockets as fds (SCM_RIGHTS): one, or, since READY says
-BATCH, up to 8 (their count in byte 2), served here one after the other.
+carries clients' sockets as fds (SCM_RIGHTS): one here, since READY does
+not say BATCH (a worker that does gets up to 8, their count in byte 2; this
+one would still take them, one after the other).
 
 Under kernel dispatch (LB_OWN_LISTENER=1) the first message is LISTENER,
 carrying a listening socket of this worker's own: it accepts from that
@@ -75,7 +76,10 @@ def main() -> None:
         listener = socket.socket(fileno=fds[0])
         listener.setblocking(False)
         report = os.environ.get("LB_REPORT_CLOSED") == "1"
-    chan.send(HEADER.pack(VERSION, READY, OWN_LISTENER if listener else PEER_ADDRESS | BATCH))
+    # No BATCH: this worker serves one connection at a time, blocking, and
+    # the rest of a several-fd CONN would wait behind a slow request, out
+    # of the master's reach (a CONN still in the channel can be rescued).
+    chan.send(HEADER.pack(VERSION, READY, OWN_LISTENER if listener else PEER_ADDRESS))
     while True:
         clients = []
         if listener and chan not in select.select([chan, listener], [], [])[0]:
@@ -97,7 +101,7 @@ def main() -> None:
                     listener.shutdown(socket.SHUT_RD)  # its queue moves to others
                 return  # nothing in flight: one connection at a time
             count = max(msg[2], 1)  # 0 (or 1): one fd
-            if kind != CONN or not fds or len(fds) > count:
+            if kind != CONN or len(fds) > count:
                 for fd in fds:
                     os.close(fd)
                 continue

@@ -1020,11 +1020,12 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
         socklen_t clen = peer_of_payload(buf + HEADER_LEN, (size_t)n - HEADER_LEN, family,
                                          &client);
         socklen_t room = alen ? *alen : 0;
+        int peer_known = 0; /* getpeername filled addr */
         if (addr && alen) {
             if (clen)
                 give_addr(&client, clen, addr, alen);
             else
-                real_getpeername(fd, addr, alen);
+                peer_known = real_getpeername(fd, addr, alen) == 0;
         }
         /* From one of lb's Unix listeners, for a server that listened on
            TCP: its peer would be AF_UNIX, which such servers misread
@@ -1032,9 +1033,11 @@ static int take_conn(int lfd, struct sockaddr *addr, socklen_t *alen, int flags)
            redis's protected mode refuses the "non-local" client). It is
            given as what it is, a client on this host: loopback in the
            server's family, port 0. */
+        /* (When getpeername failed, a client already gone, the caller's
+           buffer says nothing: the socket's own domain decides.) */
         if (!clen && (family == AF_INET || family == AF_INET6) &&
-            (addr && alen && room >= sizeof(sa_family_t) ? addr->sa_family == AF_UNIX
-                                                         : domain_of(fd) == AF_UNIX)) {
+            (peer_known && room >= sizeof(sa_family_t) ? addr->sa_family == AF_UNIX
+                                                       : domain_of(fd) == AF_UNIX)) {
             clen = loopback(family, &client);
             if (addr && alen) {
                 *alen = room; /* (getpeername told the AF_UNIX length) */
@@ -1407,7 +1410,8 @@ int setsockopt(int fd, int level, int name, const void *val, socklen_t len) {
        for TCP (its peer is given as loopback): TCP options mean nothing on
        it, and a server that checks them would drop it (nginx closes a
        keep-alive connection whose TCP_NODELAY fails). */
-    if (r != 0 && errno == EOPNOTSUPP && level == IPPROTO_TCP && kind_of(fd) == K_CONN) {
+    if (r != 0 && errno == EOPNOTSUPP && level == IPPROTO_TCP && kind_of(fd) == K_CONN &&
+        domain_of(fd) == AF_UNIX) {
         errno = saved;
         return 0;
     }

@@ -188,7 +188,8 @@ impl Worker {
     ) -> anyhow::Result<bool> {
         loop {
             // At the limit, what is not a connection (DRAIN) is still taken.
-            if !self.has_room() && listener.next_is_conn()? != Some(false) {
+            if !self.has_room() && listener.queued() == 0 && listener.next_is_conn()? != Some(false)
+            {
                 if !self.paused {
                     self.paused = true;
                     eprintln!(

@@ -208,6 +208,14 @@ impl Listener {
         }
     }
 
+    /// Connections already received (the rest of a several-fd CONN) that
+    /// [`Listener::next`] hands out before it reads the channel again. They
+    /// hold their fds already: a worker at its open-files limit still takes
+    /// them (and then what follows, DRAIN included).
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
     /// Whether DRAIN has arrived.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -239,7 +247,9 @@ impl Listener {
     }
 
     /// Tells the master this worker is about to exit on its own: it sends
-    /// nothing more and starts a replacement now.
+    /// nothing more and starts a replacement now. Connections already
+    /// received ([`Listener::queued`]) are this worker's to serve: `next`
+    /// and `accept` still hand them out.
     pub fn leaving(&self) -> io::Result<()> {
         ignore_gone(proto::send_plain(
             self.chan.as_fd(),
@@ -402,11 +412,8 @@ impl Listener {
         let limit = open_files_limit();
         let mut said = false;
         loop {
-            while self.base_fds
-                + self.queued.len() as u64
-                + self.live.load(Ordering::Relaxed)
-                + FD_RESERVE
-                >= limit
+            while self.queued.is_empty()
+                && self.base_fds + self.live.load(Ordering::Relaxed) + FD_RESERVE >= limit
             {
                 // Not a connection (DRAIN, the master gone): take it now.
                 if self.next_is_conn()? == Some(false) {
@@ -881,6 +888,43 @@ mod tests {
         )
         .unwrap();
         client
+    }
+
+    /// Near the fd limit, the rest of a batched CONN (already
+    /// open fds) must not wait for an unrelated connection to close.
+    #[test]
+    fn queued_conns_do_not_wait_at_the_fd_limit() {
+        let (master, worker) = proto::pair().unwrap();
+        let mut l = Listener::from_fd(worker, 0, 1);
+        let limit = open_files_limit();
+        // One fd of room below the reserve: the CONN is read.
+        l.base_fds = limit - FD_RESERVE - 1;
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(tcp.local_addr().unwrap()).unwrap())
+            .collect();
+        let accepted: Vec<_> = (0..3).map(|_| tcp.accept().unwrap().0).collect();
+        proto::send_conns(
+            master.as_fd(),
+            &accepted,
+            &[] as &[&[u8]],
+            1,
+            wire::MAX_CONN_FDS,
+        )
+        .unwrap();
+        drop(accepted);
+        let first = l.accept().unwrap().expect("first");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let second = l.accept();
+            let _ = tx.send(second.map(|c| c.is_some()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(2));
+        drop(first);
+        assert!(
+            got.is_ok(),
+            "the second connection, already received, waited for the first to close"
+        );
     }
 
     /// A CONN with three fds (a batching worker's) is three connections,

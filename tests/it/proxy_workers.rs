@@ -225,15 +225,15 @@ fn show(payload: &[u8]) -> String {
     text.chars().take(40).collect()
 }
 
-/// A native worker (lb's protocol): READY says PEER_ADDRESS, the body
-/// names the client the CONN carried, in both families, keeping the slot
-/// and pid where the tests read them; with no payload (or one that is no
-/// address) the body is what it always was.
-fn native_worker_names_its_client(name: &str, argv: &[String]) {
+/// A native worker (lb's protocol): READY says PEER_ADDRESS (and `flags`
+/// besides), the body names the client the CONN carried, in both families,
+/// keeping the slot and pid where the tests read them; with no payload (or
+/// one that is no address) the body is what it always was.
+fn native_worker_names_its_client(name: &str, argv: &[String], flags: u64) {
     let mut m = FakeMaster::start(name, front(), argv, &[]);
     assert_eq!(
         m.ready(),
-        wire::ready::PEER_ADDRESS | wire::ready::BATCH,
+        wire::ready::PEER_ADDRESS | flags,
         "{name}'s READY"
     );
     let body = m.body(b"203.0.113.7:4242");
@@ -253,8 +253,9 @@ fn native_worker_names_its_client(name: &str, argv: &[String]) {
     for bad in NOT_ADDRESSES {
         assert_eq!(m.body(bad), plain, "{name} with {:?}", show(bad));
     }
-    // Several connections to a CONN (it said BATCH): each is served, with
-    // its own line's address (an empty or bad one: none).
+    // Several connections to a CONN (BATCH; one that did not say it takes
+    // them all the same): each is served, with its own line's address (an
+    // empty or bad one: none).
     let bodies = m.batch_bodies(&[b"203.0.113.1:1", b"", b"[2001:db8::3]:3", b"garbage"]);
     assert!(
         bodies[0].contains(" from 203.0.113.1:1 "),
@@ -273,12 +274,16 @@ fn native_worker_names_its_client(name: &str, argv: &[String]) {
 
 #[test]
 fn proxy_workers_the_bundled_worker_names_its_client() {
-    native_worker_names_its_client("bundled", &[lb_bin().into(), "hello-worker".into()]);
+    native_worker_names_its_client(
+        "bundled",
+        &[lb_bin().into(), "hello-worker".into()],
+        wire::ready::BATCH,
+    );
 }
 
 #[test]
 fn proxy_workers_hello_c_names_its_client() {
-    native_worker_names_its_client("hello-c", &[c_worker()]);
+    native_worker_names_its_client("hello-c", &[c_worker()], wire::ready::BATCH);
 }
 
 #[test]
@@ -287,6 +292,8 @@ fn proxy_workers_hello_py_names_its_client() {
     native_worker_names_its_client(
         "hello-py",
         &["python3".into(), script.to_str().unwrap().into()],
+        // It serves one connection at a time: no BATCH.
+        0,
     );
 }
 
