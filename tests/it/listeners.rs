@@ -447,3 +447,69 @@ fn proxy_mode_tells_the_worker_a_unix_client_has_no_address() {
         drop(lb);
     }
 }
+
+/// A local HAProxy writing to lb's Unix listener with `send-proxy-v2`
+/// (the set-up docs/listeners.md describes): the worker sees each real
+/// client, 20 requests, none failed.
+#[test]
+fn haproxy_send_proxy_v2_to_a_unix_listener_names_every_client() {
+    use crate::proxy_protocol::{Haproxy, have};
+    if !have("haproxy") {
+        eprintln!("haproxy is not installed: skipped (apt-get install haproxy)");
+        return;
+    }
+    let dir = scratch("listeners-haproxy");
+    let path = dir.join("edge.sock");
+    let _ = std::fs::remove_file(&path);
+    let config = write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "workers = 2\n[[listen]]\naddress = \"unix:{}\"\nproxy_protocol = \"v2\"\n",
+            path.display()
+        ),
+    );
+    // (Not `Lb::start`: its --listen would replace the file's list.)
+    let control = dir.join("lb.sock");
+    let mut lb = Lb::start_command(
+        lb_command(
+            &["--config", &config, "--control", control.to_str().unwrap()],
+            &[],
+        ),
+        2,
+    );
+    lb.control = Some(control.to_str().unwrap().to_string());
+    let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _h = Haproxy::start(
+        &dir,
+        &front.to_string(),
+        format!("unix@{}", path.display()),
+        "send-proxy-v2",
+    );
+    let mut slots = [0usize; 2];
+    let deadline = std::time::Instant::now() + WAIT;
+    for _ in 0..20 {
+        // (HAProxy may still be starting.)
+        let s = loop {
+            match std::net::TcpStream::connect(front) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        };
+        let me = s.local_addr().unwrap();
+        let mut s = s;
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let body = read_body(s).unwrap();
+        assert!(body.contains(&format!("to a client from {me} ")), "{body}");
+        slots[slot_of(&body)] += 1;
+    }
+    assert_eq!(slots, [10, 10]);
+    let status = lb.status();
+    assert_eq!(status["proxy_headers"]["v2"].as_u64(), Some(20), "{status}");
+    drop(lb);
+}

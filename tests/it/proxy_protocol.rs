@@ -98,7 +98,7 @@ fn v2_from_203_with_tlvs() -> Vec<u8> {
     v2(1, 0x11, &body)
 }
 
-fn have(program: &str) -> bool {
+pub(crate) fn have(program: &str) -> bool {
     Command::new(program)
         .arg("-v")
         .stdout(Stdio::null())
@@ -109,10 +109,17 @@ fn have(program: &str) -> bool {
 
 /// HAProxy in front of `backend` on `port` (bound on `bind`), with
 /// `server_opts` on its one server line; ended by pid when dropped.
-struct Haproxy(Child);
+pub(crate) struct Haproxy(Child);
 
 impl Haproxy {
-    fn start(dir: &std::path::Path, bind: &str, backend: SocketAddr, server_opts: &str) -> Haproxy {
+    /// `backend` as HAProxy's `server` line takes it: `127.0.0.1:8000`,
+    /// `unix@/path`.
+    pub(crate) fn start(
+        dir: &std::path::Path,
+        bind: &str,
+        backend: impl std::fmt::Display,
+        server_opts: &str,
+    ) -> Haproxy {
         let cfg = dir.join(format!(
             "haproxy-{}.cfg",
             bind.replace([':', '@', '.'], "_")
