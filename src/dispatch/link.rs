@@ -273,12 +273,28 @@ impl Dispatcher {
     pub(super) fn rescue(&mut self, w: &mut Worker) -> u64 {
         match &mut w.link {
             Link::Native(n) => {
-                let count = n.read_back(&mut self.buf, &mut self.pending);
+                let (count, lost) = n.read_back(&mut self.buf, &mut self.pending);
                 self.label_read_back(count);
+                self.read_back_lost(w.slot, w.pid, lost);
                 count
             }
             Link::Node(n) => n.rescue(&mut self.pending),
             Link::Shared { .. } | Link::Proxy(_) => 0,
+        }
+    }
+
+    /// Says how many queued connections could not be read back (lb out of
+    /// fds): their clients are lost. Cold: a worker died or stalled.
+    pub(super) fn read_back_lost(&mut self, slot: crate::policy::Slot, pid: u32, lost: u64) {
+        if lost > 0 {
+            self.emit(super::Event::Note {
+                slot,
+                pid,
+                text: format!(
+                    "{lost} connections queued for it could not be read back (lb is at its \
+                     open-files limit): their clients are lost; raise the limit (LimitNOFILE=)"
+                ),
+            });
         }
     }
 

@@ -51,16 +51,20 @@ impl Native {
     /// Reads every message still queued for the worker from the master's
     /// copy of its end; the connections (every fd of every CONN) go to
     /// `pending`, each with the client's address its CONN carried for it.
-    /// How many.
-    pub fn read_back(&self, buf: &mut [u8], pending: &mut Pending) -> u64 {
+    /// How many, and how many more its CONNs said they carried that the
+    /// kernel could not give lb (its own open-files limit: those clients
+    /// are lost, and must be said).
+    pub fn read_back(&self, buf: &mut [u8], pending: &mut Pending) -> (u64, u64) {
         let peer = self.peer.as_fd();
-        let mut count = 0;
+        let (mut count, mut lost) = (0, 0);
         while let Ok(mut got) = scm::recv(peer, buf, Wait::DontWait) {
             if got.len == 0 {
                 break;
             }
             if let Ok(Message::Conn { peer, .. }) = wire::parse(&buf[..got.len], got.truncated) {
+                let said = u64::from(buf[2].max(1));
                 let mut peers = wire::peers(peer);
+                let before = count;
                 for fd in got.fds.take_all() {
                     let peer = peers
                         .next()
@@ -73,9 +77,10 @@ impl Native {
                     });
                     count += 1;
                 }
+                lost += said.saturating_sub(count - before);
             }
         }
-        count
+        (count, lost)
     }
 }
 
@@ -346,5 +351,51 @@ impl Dispatcher {
             return false;
         };
         proto::send_plain(n.channel.as_fd(), kind::USER, 0, payload, Wait::DontWait).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::wire::{self, kind};
+
+    /// A CONN that says it carries more fds than arrived (lb at its
+    /// open-files limit when it reads a dead worker's queue back): what
+    /// came is rescued, the rest counted as lost, not passed over.
+    #[test]
+    fn read_back_counts_the_fds_a_conn_said_it_carried_but_lost() {
+        let (channel, peer) = crate::proto::pair().unwrap();
+        let n = Native {
+            channel,
+            peer,
+            listener: None,
+            kernel: false,
+            takes_listener: false,
+            peer_address: false,
+            batch: true,
+        };
+        let (a, _b) = crate::proto::pair().unwrap();
+        let mut header = wire::header(kind::CONN, 1);
+        header[2] = 3;
+        scm::send(
+            n.channel.as_fd(),
+            &header,
+            &[],
+            Some(a.as_fd()),
+            Wait::DontWait,
+        )
+        .unwrap();
+        let header = wire::header(kind::CONN, 4);
+        scm::send(
+            n.channel.as_fd(),
+            &header,
+            &[],
+            Some(a.as_fd()),
+            Wait::DontWait,
+        )
+        .unwrap();
+        let mut buf = vec![0u8; crate::proto::MAX_MESSAGE];
+        let mut pending = Pending::with_capacity(8);
+        assert_eq!(n.read_back(&mut buf, &mut pending), (2, 2));
     }
 }

@@ -129,11 +129,12 @@ impl Dispatcher {
         };
         w.progress.stalled = true;
         let (slot, pid) = (w.slot, w.pid);
-        let rescued = match &w.link {
+        let (rescued, lost) = match &w.link {
             Link::Native(n) => n.read_back(&mut self.buf, &mut self.pending),
-            _ => 0,
+            _ => (0, 0),
         };
         self.label_read_back(rescued);
+        self.read_back_lost(slot, pid, lost);
         self.stats.rescued += rescued;
         // A DRAIN read back with them goes again, behind nothing now.
         if let Some(w) = self.workers.get_mut(index)
