@@ -513,3 +513,71 @@ fn haproxy_send_proxy_v2_to_a_unix_listener_names_every_client() {
     assert_eq!(status["proxy_headers"]["v2"].as_u64(), Some(20), "{status}");
     drop(lb);
 }
+
+/// Clients of a Unix listener while lb stops: each is served whole, or its
+/// connect is refused (the file is gone first); none is reset or cut off
+/// after it connected.
+#[test]
+fn clients_of_a_unix_listener_are_served_or_refused_at_stop_never_cut() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = scratch("listeners-unix-stop");
+    let path = dir.join("s.sock");
+    let _ = std::fs::remove_file(&path);
+    let unix = format!("unix:{}", path.display());
+    let mut lb = Lb::start(&["--listen", &unix, "--workers", "2"], &[], 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, refused, cut) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (path, stop) = (path.clone(), Arc::clone(&stop));
+            let (served, refused, cut) =
+                (Arc::clone(&served), Arc::clone(&refused), Arc::clone(&cut));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = UnixStream::connect(&path) else {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        continue;
+                    };
+                    s.set_read_timeout(Some(WAIT)).unwrap();
+                    let mut out = String::new();
+                    let ok = s
+                        .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                        .and_then(|_| s.read_to_string(&mut out))
+                        .is_ok()
+                        && out.starts_with("HTTP/1.1 200")
+                        && out.contains("hello from worker");
+                    if ok {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        cut.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    while served.load(Ordering::Relaxed) < 200 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    lb.signal(libc::SIGTERM);
+    assert!(lb.wait_exit().success());
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (s, r, c) = (
+        served.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        cut.load(Ordering::Relaxed),
+    );
+    eprintln!("at stop: {s} served, {r} refused at connect, {c} cut");
+    assert_eq!(c, 0, "{s} served, {r} refused");
+    assert!(r > 0, "the clients kept trying after the stop");
+    assert!(!path.exists());
+}
