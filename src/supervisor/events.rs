@@ -114,7 +114,12 @@ impl Supervisor {
                 );
             }
             Event::Drained => {
-                info!("listener closed; every worker was sent DRAIN");
+                let what = if self.listening.len() == 1 {
+                    "listener closed"
+                } else {
+                    "listeners closed"
+                };
+                info!("{what}; every worker was sent DRAIN");
             }
             Event::Detached { pid, .. } => {
                 // What it said before it died (chatter: messages) first.
