@@ -3,8 +3,6 @@
 //! older than the flag that still gets one fd to a CONN, and what a killed
 //! batching worker left in its channel is read back, every fd of every CONN.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -145,30 +143,9 @@ fn multi_fd_conns_queued_for_a_killed_batching_worker_are_rescued() {
     );
     let lb = Lb::start(&["--config", &config], &[], 2);
     let stuck_pid = lb.pid_of_slot(0);
-    let answered = Arc::new(AtomicUsize::new(0));
-    let readers: Vec<_> = burst(&lb, 40)
+    let bodies: Vec<String> = kill_once_answered(burst(&lb, 40), 20, stuck_pid)
         .into_iter()
-        .map(|s| {
-            let answered = Arc::clone(&answered);
-            std::thread::spawn(move || {
-                let body = read_body(s);
-                answered.fetch_add(1, Ordering::SeqCst);
-                body
-            })
-        })
-        .collect();
-    let deadline = Instant::now() + WAIT;
-    while answered.load(Ordering::SeqCst) < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the live worker did not answer its share"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    send_signal(stuck_pid, libc::SIGKILL);
-    let bodies: Vec<String> = readers
-        .into_iter()
-        .map(|r| r.join().unwrap().expect("no connection lost"))
+        .map(|b| b.expect("no connection lost"))
         .collect();
     assert!(
         bodies.iter().all(|b| slot_of(b) == 1),

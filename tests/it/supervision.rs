@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -27,33 +27,12 @@ fn connections_queued_for_a_dead_worker_are_rescued() {
     let lb = Lb::start(&["--config", &config], &[], 2);
     let stuck_pid = lb.pid_of_slot(0);
 
-    let answered = Arc::new(AtomicUsize::new(0));
-    let readers: Vec<_> = (0..40)
-        .map(|_| {
-            let s = send_request(lb.addr);
-            let answered = Arc::clone(&answered);
-            std::thread::spawn(move || {
-                let body = read_body(s);
-                answered.fetch_add(1, Ordering::SeqCst);
-                body
-            })
-        })
-        .collect();
     // Round-robin alternates: once the live worker answered its 20, the
     // stuck one holds the other 20 unread in its channel.
-    let deadline = Instant::now() + WAIT;
-    while answered.load(Ordering::SeqCst) < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the live worker did not answer its share"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    send_signal(stuck_pid, libc::SIGKILL);
-
-    let bodies: Vec<String> = readers
+    let requests = (0..40).map(|_| send_request(lb.addr)).collect();
+    let bodies: Vec<String> = kill_once_answered(requests, 20, stuck_pid)
         .into_iter()
-        .map(|r| r.join().unwrap().unwrap())
+        .map(|b| b.unwrap())
         .collect();
     assert!(
         bodies.iter().all(|b| slot_of(b) == 1),

@@ -10,6 +10,40 @@ use super::{
     split, try_get,
 };
 
+/// Reads the answer on each of `requests` (sent, not read), each in a
+/// thread; once `first` have come, kills `victim` with SIGKILL (what it
+/// held unread in its channel is then the master's to rescue); every
+/// body, in order.
+pub fn kill_once_answered(
+    requests: Vec<std::net::TcpStream>,
+    first: usize,
+    victim: u32,
+) -> Vec<std::io::Result<String>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let answered = Arc::new(AtomicUsize::new(0));
+    let readers: Vec<_> = requests
+        .into_iter()
+        .map(|s| {
+            let answered = Arc::clone(&answered);
+            std::thread::spawn(move || {
+                let body = read_body(s);
+                answered.fetch_add(1, Ordering::SeqCst);
+                body
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while answered.load(Ordering::SeqCst) < first {
+        assert!(
+            Instant::now() < deadline,
+            "the live worker did not answer its share"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    send_signal(victim, libc::SIGKILL);
+    readers.into_iter().map(|r| r.join().unwrap()).collect()
+}
+
 /// Kills `slot`'s worker with SIGKILL while 4 clients loop on new
 /// connections, waits (bounded) until its replacement has served a
 /// request, stops the clients; (requests served, failed). `workers` is the
