@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Instant;
 
 use mio::unix::SourceFd;
-use nix::sys::wait::WaitPidFlag;
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
 
 use super::output::about;
 use super::{DETACH_WAIT, Exiting, Phase, SAID_PER_SECOND, Supervisor, backoff, kill_group, spawn};
@@ -29,10 +29,14 @@ impl Supervisor {
         if matches!(exited, Ok(s) if s != nix::sys::wait::WaitStatus::StillAlive) {
             kill_group(pid);
         }
-        let status = match self.workers[i].child.try_wait() {
-            Ok(Some(status)) => status,
+        // Reaped by its pidfd (the process is known by nothing else).
+        let status = match nix::sys::wait::waitid(
+            nix::sys::wait::Id::PIDFd(self.workers[i].pidfd.as_fd()),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+        ) {
+            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => s,
             // A pidfd is readable only once the process exited; else spurious.
-            Ok(None) | Err(_) => return,
+            _ => return,
         };
         let p = self.workers.swap_remove(i);
         if let Some(r) = self.reaper.as_mut() {

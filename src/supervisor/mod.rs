@@ -38,7 +38,6 @@ pub use usage::Usage;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::Child;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -141,7 +140,8 @@ struct Worker {
     pool: String,
     pid: u32,
     generation: u64,
-    child: Child,
+    /// How it is known, signalled and reaped (`waitid(P_PIDFD)`): never by
+    /// a bare pid, which could be another process's once it is reaped.
     pidfd: OwnedFd,
     started: Instant,
     ready: bool,

@@ -134,8 +134,11 @@ impl Supervisor {
 
     /// Waits for every child after `kill_all`, outside the loop.
     pub(super) fn reap_all(&mut self) {
-        for mut p in self.workers.drain(..) {
-            let _ = p.child.wait();
+        for p in self.workers.drain(..) {
+            let _ = nix::sys::wait::waitid(
+                nix::sys::wait::Id::PIDFd(std::os::fd::AsFd::as_fd(&p.pidfd)),
+                nix::sys::wait::WaitPidFlag::WEXITED,
+            );
             if let Some(r) = self.reaper.as_mut() {
                 r.remove(p.pid);
             }

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use super::launch::{self, Fd3};
 use crate::config::{ChannelKind, Mode, Pool};
@@ -51,7 +51,7 @@ pub struct Launch<'a> {
 
 /// A started worker and the master's handles on it.
 pub struct Spawned {
-    pub child: Child,
+    pub pid: u32,
     pub pidfd: OwnedFd,
     /// The master's end of the channel (non-blocking), if the mode has one.
     pub channel: Option<OwnedFd>,
@@ -190,8 +190,9 @@ pub fn spawn(pool: &Pool, launch: &Launch<'_>) -> io::Result<Spawned> {
     let peer = peer.filter(|_| pool.mode.keeps_peer());
     let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
     let stderr = OwnedFd::from(child.stderr.take().expect("piped"));
+    // (std's handle goes here: the worker is reaped by its pidfd.)
     Ok(Spawned {
-        child,
+        pid: child.id(),
         pidfd,
         channel,
         peer,
@@ -209,17 +210,12 @@ pub fn free_port() -> io::Result<u16> {
 }
 
 /// "exit code 3", "killed by SIGKILL".
-pub fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    if let Some(code) = status.code() {
-        format!("exit code {code}")
-    } else if let Some(sig) = status.signal() {
-        match nix::sys::signal::Signal::try_from(sig) {
-            Ok(s) => format!("killed by {s}"),
-            Err(_) => format!("killed by signal {sig}"),
-        }
-    } else {
-        format!("{status}")
+pub fn describe(status: nix::sys::wait::WaitStatus) -> String {
+    use nix::sys::wait::WaitStatus;
+    match status {
+        WaitStatus::Exited(_, code) => format!("exit code {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
+        other => format!("{other:?}"),
     }
 }
 

@@ -110,7 +110,7 @@ impl Supervisor {
                 hint,
             }
         })?;
-        let pid = spawned.child.id();
+        let pid = spawned.pid;
         if let Some(r) = self.reaper.as_mut() {
             r.add(pid);
         }
@@ -151,7 +151,6 @@ impl Supervisor {
             pool: pool.name.clone(),
             pid,
             generation,
-            child: spawned.child,
             pidfd: spawned.pidfd,
             started: Instant::now(),
             ready: false,
