@@ -130,19 +130,7 @@ fn a_burst_reaches_batching_workers_several_to_a_conn_and_old_ones_one() {
 /// with -9: every fd of every CONN is read back and served by the other.
 #[test]
 fn multi_fd_conns_queued_for_a_killed_batching_worker_are_rescued() {
-    let dir = scratch("batch-rescue");
-    let stuck = python_worker(&dir, "stuck.py", "send(16, 4)\ntime.sleep(600)");
-    let config = write_config(
-        &dir,
-        "lb.toml",
-        &format!(
-            "policy = \"rr\"\n{}{}",
-            python_pool("stuck", &stuck, 1),
-            hello_pool("hello", 1)
-        ),
-    );
-    let lb = Lb::start(&["--config", &config], &[], 2);
-    let stuck_pid = lb.pid_of_slot(0);
+    let (lb, stuck_pid) = stuck_beside_hello("batch-rescue", 4);
     let bodies: Vec<String> = kill_once_answered(burst(&lb, 40), 20, stuck_pid)
         .into_iter()
         .map(|b| b.expect("no connection lost"))

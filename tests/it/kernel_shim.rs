@@ -313,30 +313,19 @@ fn redis_lb(name: &str, policy: &str) -> Option<Lb> {
     }
     let dir = scratch(name);
     let d = dir.to_str().unwrap();
-    Some(Lb::start(
-        &[
-            "--workers",
-            "2",
-            "--mode",
-            "shim",
-            "--dispatch",
-            "kernel",
-            "--policy",
-            policy,
-            "--",
-            "redis-server",
-            "--port",
-            "{port}",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            d,
-        ],
-        &[],
-        2,
-    ))
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--mode",
+        "shim",
+        "--dispatch",
+        "kernel",
+        "--policy",
+        policy,
+        "--",
+    ];
+    args.extend(redis_argv(d));
+    Some(Lb::start(&args, &[], 2))
 }
 
 #[test]

@@ -129,21 +129,7 @@ fn shim_redis_server_behind_lb() {
     }
     let dir = scratch("shim-redis");
     let d = dir.to_str().unwrap();
-    let lb = shim(
-        2,
-        "lc",
-        &[
-            "redis-server",
-            "--port",
-            "{port}",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            d,
-        ],
-    );
+    let lb = shim(2, "lc", &redis_argv(d));
     let port = lb.addr.port().to_string();
     // A new connection per request (-k 0): 2,000 hand-offs.
     let out = std::process::Command::new("redis-benchmark")
@@ -504,22 +490,7 @@ fn shim_redis_serves_lbs_unix_listener_as_a_local_client() {
     }
     let (sock, spec) = unix_listener("shim-redis-unix");
     let dir = sock.parent().unwrap().to_str().unwrap().to_string();
-    let lb = shim_with(
-        &["--listen", &spec],
-        1,
-        "rr",
-        &[
-            "redis-server",
-            "--port",
-            "{port}",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &dir,
-        ],
-    );
+    let lb = shim_with(&["--listen", &spec], 1, "rr", &redis_argv(&dir));
     let cli = |args: &[&str]| {
         let out = std::process::Command::new("timeout")
             .args(["10", "redis-cli", "-s", sock.to_str().unwrap()])

@@ -13,19 +13,7 @@ use crate::util::*;
 /// queued in its channel is read back by the master and served by another.
 #[test]
 fn connections_queued_for_a_dead_worker_are_rescued() {
-    let dir = scratch("rescue");
-    let stuck = python_worker(&dir, "stuck.py", "send(16)\ntime.sleep(600)");
-    let config = write_config(
-        &dir,
-        "lb.toml",
-        &format!(
-            "policy = \"rr\"\n{}{}",
-            python_pool("stuck", &stuck, 1),
-            hello_pool("hello", 1)
-        ),
-    );
-    let lb = Lb::start(&["--config", &config], &[], 2);
-    let stuck_pid = lb.pid_of_slot(0);
+    let (lb, stuck_pid) = stuck_beside_hello("rescue", 0);
 
     // Round-robin alternates: once the live worker answered its 20, the
     // stuck one holds the other 20 unread in its channel.

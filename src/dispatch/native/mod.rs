@@ -375,25 +375,13 @@ mod tests {
             batch: true,
         };
         let (a, _b) = crate::proto::pair().unwrap();
-        let mut header = wire::header(kind::CONN, 1);
-        header[2] = 3;
-        scm::send(
-            n.channel.as_fd(),
-            &header,
-            &[],
-            Some(a.as_fd()),
-            Wait::DontWait,
-        )
-        .unwrap();
-        let header = wire::header(kind::CONN, 4);
-        scm::send(
-            n.channel.as_fd(),
-            &header,
-            &[],
-            Some(a.as_fd()),
-            Wait::DontWait,
-        )
-        .unwrap();
+        // Each with one fd: the first says 3 (byte 2), the second 1 (0).
+        for (id, said) in [(1, 3), (4, 0)] {
+            let mut header = wire::header(kind::CONN, id);
+            header[2] = said;
+            let fd = Some(a.as_fd());
+            scm::send(n.channel.as_fd(), &header, &[], fd, Wait::DontWait).unwrap();
+        }
         let mut buf = vec![0u8; crate::proto::MAX_MESSAGE];
         let mut pending = Pending::with_capacity(8);
         assert_eq!(n.read_back(&mut buf, &mut pending), (2, 2));

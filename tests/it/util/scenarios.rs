@@ -10,6 +10,30 @@ use super::{
     split, try_get,
 };
 
+/// lb, round-robin, over a worker that says READY (with `flags`) and then
+/// never reads its channel (slot 0), and a bundled worker (slot 1); and the
+/// stuck one's pid.
+pub fn stuck_beside_hello(name: &str, flags: u64) -> (Lb, u32) {
+    let dir = super::scratch(name);
+    let stuck = super::python_worker(
+        &dir,
+        "stuck.py",
+        &format!("send(16, {flags})\ntime.sleep(600)"),
+    );
+    let config = super::write_config(
+        &dir,
+        "lb.toml",
+        &format!(
+            "policy = \"rr\"\n{}{}",
+            super::python_pool("stuck", &stuck, 1),
+            super::hello_pool("hello", 1)
+        ),
+    );
+    let lb = Lb::start(&["--config", &config], &[], 2);
+    let stuck_pid = lb.pid_of_slot(0);
+    (lb, stuck_pid)
+}
+
 /// Reads the answer on each of `requests` (sent, not read), each in a
 /// thread; once `first` have come, kills `victim` with SIGKILL (what it
 /// held unread in its channel is then the master's to rescue); every

@@ -146,6 +146,21 @@ pub fn python_http_server(dir: &Path) -> Vec<String> {
 
 /// Whether `program` is an executable on PATH; says why a test is
 /// skipped if not.
+/// redis-server on lb's `{port}`, persisting nothing, its files in `dir`.
+pub fn redis_argv(dir: &str) -> [&str; 9] {
+    [
+        "redis-server",
+        "--port",
+        "{port}",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        dir,
+    ]
+}
+
 pub fn installed(program: &str, why: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
