@@ -64,63 +64,59 @@ impl Dispatcher {
     /// sends them. Whether another batch may follow: the batch was full
     /// and every worker took its share.
     fn accept_batch(&mut self, index: usize, listener: &mut Front) -> bool {
-        {
-            let mut more = true;
-            while self.accepted.len() < scm::SEND_BATCH {
-                // Every place for a PROXY header is taken: the backlog
-                // holds the rest until one frees.
-                if self.headers_full_for(index) {
+        let mut more = true;
+        while self.accepted.len() < scm::SEND_BATCH {
+            // Every place for a PROXY header is taken: the backlog
+            // holds the rest until one frees.
+            if self.headers_full_for(index) {
+                more = false;
+                break;
+            }
+            match sys::accept4(listener.fd.as_fd()) {
+                Ok(fd) => {
+                    if let Some(conn) = self.admit(fd, index) {
+                        self.accepted.push(conn);
+                    }
+                    if self.accept_failures > 0 {
+                        let failures = std::mem::take(&mut self.accept_failures);
+                        self.emit(Event::AcceptRecovered { failures });
+                    }
+                }
+                Err(e) => {
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) => listener.waiting = false,
+                        // The client gave up before we accepted: next one.
+                        Some(libc::ECONNABORTED | libc::EPROTO) => continue,
+                        // Out of fds or memory (or anything unexpected):
+                        // retry shortly instead of spinning.
+                        // Said once per episode, not at every retry.
+                        errno => {
+                            self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
+                            self.accept_failures += 1;
+                            if self.accept_failures == 1 {
+                                self.emit(Event::AcceptError {
+                                    errno: errno.unwrap_or(0),
+                                });
+                            }
+                        }
+                    }
                     more = false;
                     break;
                 }
-                match sys::accept4(listener.fd.as_fd()) {
-                    Ok(fd) => {
-                        self.stats.accepted += 1;
-                        self.by_listener[index] += 1;
-                        if let Some(conn) = self.admit(fd, index) {
-                            self.accepted.push(conn);
-                        }
-                        if self.accept_failures > 0 {
-                            let failures = std::mem::take(&mut self.accept_failures);
-                            self.emit(Event::AcceptRecovered { failures });
-                        }
-                    }
-                    Err(e) => {
-                        match e.raw_os_error() {
-                            Some(libc::EAGAIN) => listener.waiting = false,
-                            // The client gave up before we accepted: next one.
-                            Some(libc::ECONNABORTED | libc::EPROTO) => continue,
-                            // Out of fds or memory (or anything unexpected):
-                            // retry shortly instead of spinning.
-                            // Said once per episode, not at every retry.
-                            errno => {
-                                self.retry_at = Some(Instant::now() + RESOURCE_RETRY);
-                                self.accept_failures += 1;
-                                if self.accept_failures == 1 {
-                                    self.emit(Event::AcceptError {
-                                        errno: errno.unwrap_or(0),
-                                    });
-                                }
-                            }
-                        }
-                        more = false;
-                        break;
-                    }
-                }
             }
-            if self.accepted.is_empty() {
-                return false;
-            }
-            // Time from the end of the accepts to the last send, recorded
-            // once per batch (two clock reads per batch, never a lock or an
-            // allocation: the histogram is sized up front and saturates).
-            let batch = self.accepted.len() as u64;
-            let started = Instant::now();
-            self.send_accepted();
-            let nanos = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-            self.latency.saturating_record_n(nanos.max(1), batch);
-            more && self.pending.is_empty()
         }
+        if self.accepted.is_empty() {
+            return false;
+        }
+        // Time from the end of the accepts to the last send, recorded
+        // once per batch (two clock reads per batch, never a lock or an
+        // allocation: the histogram is sized up front and saturates).
+        let batch = self.accepted.len() as u64;
+        let started = Instant::now();
+        self.send_accepted();
+        let nanos = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.latency.saturating_record_n(nanos.max(1), batch);
+        more && self.pending.is_empty()
     }
 
     /// Sends the accepted batch: one pick per connection (each counted

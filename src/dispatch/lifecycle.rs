@@ -360,8 +360,6 @@ impl Dispatcher {
         loop {
             match sys::accept4(listener.fd.as_fd()) {
                 Ok(fd) => {
-                    self.stats.accepted += 1;
-                    self.by_listener[index] += 1;
                     if let Some(conn) = self.admit(fd, index) {
                         self.pending.push_back(conn);
                     }

@@ -205,11 +205,15 @@ impl Dispatcher {
         self.headers.as_ref().map_or(0, |s| s.waiting())
     }
 
-    /// A new connection, with PROXY headers on: its source is checked, and
+    /// A connection just accepted from `listener` (counted here). With PROXY
+    /// headers on its listener: its source is checked, and
     /// a trusted one waits for its header. Returns it when it can go on
     /// at once (its header came with the handshake, or it is served
     /// untrusted); `None` when it waits, or was closed.
     pub(super) fn admit(&mut self, fd: OwnedFd, listener: usize) -> Option<Conn> {
+        // Every accepted connection comes through here: counted once.
+        self.stats.accepted += 1;
+        self.by_listener[listener] += 1;
         let Some(stage) = self.headers.as_mut() else {
             return Some(Conn::new(fd, listener));
         };
