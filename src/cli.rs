@@ -230,6 +230,15 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Replace the running master with the binary now at the path it was
+    /// started as, in place (same pid), keeping its listeners, its workers
+    /// and their connections (as SIGUSR2 does). The new binary is checked
+    /// first; one that fails leaves the old master running (exit 1). Workers
+    /// are not restarted: `lb reload` does that
+    Upgrade {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Drain every worker and stop the master (as SIGTERM does)
     Stop {
         #[command(flatten)]
@@ -262,6 +271,18 @@ pub enum Command {
     /// (see `supervisor::reaper`).
     #[command(hide = true)]
     ReapGroups,
+    /// Run by a master on the binary it is to upgrade to: loads the
+    /// configuration the master's arguments give, and reports (see
+    /// `upgrade::check`).
+    #[command(hide = true)]
+    UpgradeCheck {
+        /// The state format the master writes.
+        #[arg(long)]
+        state: u32,
+        /// The master's own arguments.
+        #[arg(last = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 #[cfg(test)]

@@ -43,4 +43,5 @@ pub mod shim;
 pub mod supervisor;
 pub mod sys;
 pub mod systemd;
+pub mod upgrade;
 pub mod worker;

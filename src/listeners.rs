@@ -41,6 +41,11 @@ impl Made {
     pub fn of(open: &[Open]) -> Made {
         Made(open.iter().filter_map(|o| o.made.clone()).collect())
     }
+
+    /// Leaves the files in place (`lb upgrade`: the next image serves them).
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
 }
 
 impl Drop for Made {
@@ -102,6 +107,36 @@ pub fn activated(
              it to the socket unit, or remove it)",
             l.address
         );
+    }
+    Ok(open)
+}
+
+/// The listeners an earlier image of this master handed over (`lb
+/// upgrade`), in configured order: each keeps its settings (the check
+/// made sure the configuration lists the same ones) and the file lb made.
+pub fn handed_over(
+    fds: Vec<(OwnedFd, Option<PathBuf>)>,
+    configured: &[Listener],
+) -> Result<Vec<Open>, MasterError> {
+    if fds.len() != configured.len() {
+        return Err(MasterError::Listen {
+            addr: configured
+                .iter()
+                .map(|l| l.address.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            reason: format!(
+                "the master's last image handed over {} listeners for these {}",
+                fds.len(),
+                configured.len()
+            ),
+        });
+    }
+    let mut open = Vec::with_capacity(fds.len());
+    for ((fd, made), l) in fds.into_iter().zip(configured) {
+        let mut settings = l.clone();
+        settings.address = address_of(&fd).map_err(MasterError::ListenerAddress)?;
+        open.push(Open { fd, settings, made });
     }
     Ok(open)
 }

@@ -98,6 +98,86 @@ fn print_all(text: &[u8]) -> ExitCode {
     }
 }
 
+/// `lb upgrade`: asks for the re-exec, then waits for the new image to
+/// answer on the same socket, and says what runs now.
+fn upgrade(target: &Target) -> ExitCode {
+    let path = match control_path(target) {
+        Ok(p) => p,
+        Err(e) => {
+            err!("lb: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let before = match client::call(&path, &Request::Status) {
+        Ok(r) => r.status.map(|s| (s.pid, s.upgrades)),
+        Err(e) => {
+            err!("lb: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match client::call(&path, &Request::Upgrade) {
+        Ok(r) if r.ok => {}
+        Ok(r) => {
+            err!("lb: error: {}", r.error.unwrap_or_else(|| "refused".into()));
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            err!("lb: error: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    match client::wait_upgraded(&path, before.map_or(0, |b| b.1)) {
+        Ok(s) => {
+            out!(
+                "upgraded: master pid {} now runs {} (lb {}); {} workers kept",
+                s.pid,
+                s.exe,
+                s.version,
+                s.workers.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            err!("lb: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `lb upgrade-check`: this binary's answer to a master about to exec it.
+fn upgrade_check(state: u32, args: Vec<std::ffi::OsString>) -> ExitCode {
+    let reads = lb::upgrade::state::OLDEST..=lb::upgrade::state::VERSION;
+    if !reads.contains(&state) {
+        err!(
+            "lb: error: this lb reads upgrade state formats {} to {}, not {state}",
+            reads.start(),
+            reads.end()
+        );
+        return ExitCode::from(2);
+    }
+    let cli = match Cli::try_parse_from(std::iter::once("lb".into()).chain(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            err!(
+                "lb: error: the master's arguments: {}",
+                e.to_string().lines().next().unwrap_or("")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match lb::config::load(&cli.start, &|k| std::env::var(k).ok()) {
+        Ok(config) => {
+            let report = lb::upgrade::check::report(&config);
+            out!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            err!("lb: error: the configuration: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -120,6 +200,8 @@ fn main() -> ExitCode {
         }
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
+        Some(Command::Upgrade { target }) => upgrade(&target),
+        Some(Command::UpgradeCheck { state, args }) => upgrade_check(state, args),
         Some(Command::Reload { wait, target }) => {
             // What runs now is what the reload replaces.
             let before = if wait {
@@ -189,7 +271,17 @@ fn main() -> ExitCode {
             };
             let args = cli.start.clone();
             let reconfigure = Box::new(move || lb::config::load(&args, &|k| std::env::var(k).ok()));
-            let outcome = lb::master::run(config, reconfigure);
+            // Started by `lb upgrade`: what the last image handed over.
+            let inherited = match lb::upgrade::inherited() {
+                Ok(s) => s,
+                Err(e) => {
+                    err!(
+                        "lb: error: upgrade: cannot read the state the last image handed over: {e}"
+                    );
+                    return ExitCode::from(1);
+                }
+            };
+            let outcome = lb::master::run(config, reconfigure, inherited);
             // The log's last lines first (bounded: a stuck stderr gets 2 s).
             lb::log::flush(std::time::Duration::from_secs(2));
             match outcome {

@@ -12,6 +12,7 @@ use crate::dispatch::{self, Dispatcher, Notifier};
 use crate::listeners;
 use crate::supervisor::{self, Reconfigure, Supervisor, SupervisorError};
 use crate::sys;
+use crate::upgrade;
 use crate::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,8 @@ pub enum MasterError {
     KernelDispatch(String),
     #[error(transparent)]
     Watch(#[from] supervisor::watch::WatchError),
+    #[error("upgrade: cannot re-execute the master ({0}); its workers are lost with it")]
+    Upgrade(#[source] io::Error),
 }
 
 /// How a master ended.
@@ -62,7 +65,11 @@ pub enum Outcome {
 
 /// Runs a master until it is told to stop. `reconfigure` loads the
 /// configuration again for a reload (SIGHUP, `lb reload`).
-pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterError> {
+pub fn run(
+    config: Config,
+    reconfigure: Reconfigure,
+    mut inherited: Option<upgrade::State>,
+) -> Result<Outcome, MasterError> {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the supervisor's signalfd is the only reader.
     supervisor::handled_signals()
@@ -72,13 +79,24 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     // Socket activation's fds are taken below (and kept CLOEXEC there).
     sys::cloexec_from(3).map_err(MasterError::InheritedFds)?;
 
-    // Kernel dispatch's program, made before the listener it steers from.
-    let mut steering = kernel_program(&config)?;
-    let inherited = crate::systemd::activated_listeners().map_err(MasterError::SocketActivation)?;
-    let open = if inherited.is_empty() {
+    // Kernel dispatch's program, made before the listener it steers from
+    // (never after an upgrade: a master under it is not upgraded).
+    let mut steering = match inherited {
+        Some(_) => None,
+        None => kernel_program(&config)?,
+    };
+    let activated = match inherited {
+        Some(_) => Vec::new(),
+        None => crate::systemd::activated_listeners().map_err(MasterError::SocketActivation)?,
+    };
+    let names: Vec<Option<String>> = activated.iter().map(|(_, n)| n.clone()).collect();
+    let was_activated = !activated.is_empty();
+    let open = if let Some(state) = &inherited {
+        upgrade::adopt::listeners(state, &config.listeners)?
+    } else if activated.is_empty() {
         listeners::bind_all(&config.listeners, steering.as_ref())?
     } else {
-        let open = listeners::activated(inherited, &config.listeners)?;
+        let open = listeners::activated(activated, &config.listeners)?;
         for l in &open {
             // A master killed while stopping may have left its stop filter
             // on a socket systemd keeps (dispatch: SYN_DROP).
@@ -89,7 +107,21 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         }
         open
     };
-    let _made = listeners::Made::of(&open);
+    let made = listeners::Made::of(&open);
+    // For an upgrade's next image: what each listener is besides its fd.
+    let carried: Vec<upgrade::state::Listener> = open
+        .iter()
+        .enumerate()
+        .map(|(i, l)| upgrade::state::Listener {
+            fd: -1,
+            made: l.made.clone(),
+            name: match &inherited {
+                Some(s) => s.listeners.get(i).and_then(|l| l.name.clone()),
+                None => names.get(i).cloned().flatten(),
+            },
+        })
+        .collect();
+    let activated = inherited.as_ref().map_or(was_activated, |s| s.activated);
     for l in &open {
         // Every client must send a PROXY header first: accept hands out a
         // connection once its first bytes are there, so the header stage
@@ -130,17 +162,34 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
     let event_loop = supervisor::EventLoop::new()?;
     let waker = event_loop.waker();
     let (control_tx, control_rx) = crossbeam_channel::unbounded();
-    let control = control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?;
-    let metrics = match config.metrics {
-        Some(addr) => Some(
-            control::metrics::serve(addr, control_tx.clone(), Arc::clone(&waker)).map_err(|e| {
-                MasterError::Listen {
-                    addr: addr.to_string(),
-                    reason: format!("{e} (for --metrics)"),
-                }
-            })?,
-        ),
-        None => None,
+    let control = match inherited.as_mut().and_then(|s| s.control.take()) {
+        Some(fd) => control::Server::adopt(
+            &control_path,
+            sys::handed_over(fd).map_err(MasterError::InheritedFds)?,
+            control_tx.clone(),
+            Arc::clone(&waker),
+        )?,
+        None => control::Server::start(&control_path, control_tx.clone(), Arc::clone(&waker))?,
+    };
+    let (metrics, metrics_copy) = match config.metrics {
+        Some(addr) => {
+            let listen_err = |e: io::Error| MasterError::Listen {
+                addr: addr.to_string(),
+                reason: format!("{e} (for --metrics)"),
+            };
+            let listener = match inherited.as_mut().and_then(|s| s.metrics.take()) {
+                Some(fd) => std::net::TcpListener::from(
+                    sys::handed_over(fd).map_err(MasterError::InheritedFds)?,
+                ),
+                None => std::net::TcpListener::bind(addr).map_err(listen_err)?,
+            };
+            let copy = listener.try_clone().map_err(listen_err)?;
+            let bound =
+                control::metrics::serve_on(listener, control_tx.clone(), Arc::clone(&waker))
+                    .map_err(listen_err)?;
+            (Some(bound), Some(std::os::fd::OwnedFd::from(copy)))
+        }
+        None => (None, None),
     };
     // lb's own files change as it runs: never a reason to reload. A worker
     // log pattern names many files: the directory they are made in.
@@ -300,6 +349,15 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
             dispatcher.watch_stalls(timeout, supervisor::message_cost());
         }
     }
+    if let Some(s) = &inherited {
+        dispatcher.carry_on(s.stats, &s.by_listener);
+        info!(
+            "upgraded: this is lb {} (upgrade {}), taking over {} workers",
+            env!("CARGO_PKG_VERSION"),
+            s.upgrades,
+            s.workers.len()
+        );
+    }
     let thread = std::thread::Builder::new()
         .name("lb-dispatch".into())
         .spawn(move || dispatcher.run())
@@ -319,11 +377,25 @@ pub fn run(config: Config, reconfigure: Reconfigure) -> Result<Outcome, MasterEr
         events_rx,
         control_rx,
     )
-    .and_then(|s| s.run());
+    .and_then(|s| s.taking_over(inherited).run());
+    if let Ok(supervisor::Ended::Upgrade(carry)) = result {
+        let _ = thread.join();
+        let keep = upgrade::exec::Kept {
+            listeners: carried,
+            activated,
+            control,
+            metrics: metrics_copy,
+            made,
+        };
+        // Returns only if neither the new binary nor this one could be
+        // exec'd: the workers and listeners are lost with this process.
+        return Err(MasterError::Upgrade(upgrade::exec::carry_out(*carry, keep)));
+    }
     drop(control);
+    drop(made);
     handle.send(dispatch::Command::Stop);
     let stats = thread.join();
-    let drained = result?;
+    let drained = matches!(result?, supervisor::Ended::Stopped(true));
     // (In shared mode the workers accepted: lb has no counts to give.)
     if let Ok(Ok(stats)) = stats
         && !shared

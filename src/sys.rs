@@ -12,8 +12,8 @@ mod process;
 
 pub use child::{Become, become_in_child, exec_with_own_pid, keep_fd, place_fds, prepare_child};
 pub use fd::{
-    accept_queue, accept4, cloexec_from, defer_accept, inherited_listener, raise_nofile_limit,
-    stop_listening, unread_bytes,
+    accept_queue, accept4, cloexec_from, defer_accept, handed_over, inheritable,
+    inherited_listener, keep_private, raise_nofile_limit, stop_listening, unread_bytes,
 };
 pub use process::{
     ignore_signals, pidfd_open, pidfd_signal, proc_usage, seccomp_filtered, tree_holds_socket,

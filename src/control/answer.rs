@@ -49,6 +49,8 @@ impl From<&supervisor::Status> for Status {
             dispatch: s.dispatch.into(),
             uptime_s: s.uptime.as_secs_f64(),
             version: s.version.into(),
+            upgrades: s.upgrades,
+            exe: s.exe.clone(),
             stopping: s.stopping,
             min_ready: s.min_ready,
             pools: s
@@ -173,6 +175,8 @@ mod tests {
             dispatch: "master",
             uptime: Duration::from_millis(2500),
             version: "1.2.3",
+            upgrades: 1,
+            exe: "/usr/bin/lb".into(),
             stopping: true,
             min_ready: 2,
             pools: vec![supervisor::PoolStatus {

@@ -16,6 +16,11 @@ use super::{Request, Response, Status};
 /// Why a control subcommand got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error(
+        "the master re-executed but its new image did not answer within 30 s; see its log \
+         (lb status tells whether it runs)"
+    )]
+    NotUpgraded,
     #[error("cannot tell who serves {}: {source}", .path.display())]
     Identify { path: PathBuf, source: io::Error },
     #[error(
@@ -222,6 +227,27 @@ pub fn wait_gone(paths: &[PathBuf], pids: &[u32]) -> Result<(), ClientError> {
             }
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// After `lb upgrade` was answered: waits until the master answers again
+/// with more than `before` upgrades (its new image runs), up to 30 s.
+pub fn wait_upgraded(paths: &[PathBuf], before: u64) -> Result<Status, ClientError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match call(paths, &Request::Status) {
+            Ok(r) => {
+                if let Some(s) = r.status.filter(|s| s.upgrades > before) {
+                    return Ok(s);
+                }
+            }
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(ClientError::NotUpgraded);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

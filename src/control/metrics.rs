@@ -56,7 +56,16 @@ pub fn serve(
     requests: Sender<Incoming>,
     waker: Arc<Waker>,
 ) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    serve_on(TcpListener::bind(addr)?, requests, waker)
+}
+
+/// Serves `listener` (bound: by `serve`, or by an earlier image of this
+/// master, for `lb upgrade`).
+pub fn serve_on(
+    listener: TcpListener,
+    requests: Sender<Incoming>,
+    waker: Arc<Waker>,
+) -> io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     let poll = Poll::new()?;

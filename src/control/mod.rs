@@ -85,6 +85,8 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Server {
     path: PathBuf,
     answering: Answering,
+    /// A copy of the listening socket, for an upgrade's next image.
+    listener: Option<std::os::fd::OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +186,33 @@ impl Server {
         };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        Server::serve(path, listener, requests, waker)
+    }
+
+    /// Serves the socket an earlier image of this master bound at `path`
+    /// (`lb upgrade`): clients that connected meanwhile are queued on it.
+    pub fn adopt(
+        path: &Path,
+        listener: std::os::fd::OwnedFd,
+        requests: Sender<Incoming>,
+        waker: Arc<Waker>,
+    ) -> Result<Server, ControlError> {
+        Server::serve(path, UnixListener::from(listener), requests, waker)
+    }
+
+    fn serve(
+        path: &Path,
+        listener: UnixListener,
+        requests: Sender<Incoming>,
+        waker: Arc<Waker>,
+    ) -> Result<Server, ControlError> {
+        let own_uid = nix::unistd::getuid().as_raw();
+        let bind_err = |source| ControlError::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
         listener.set_nonblocking(true).map_err(bind_err)?;
+        let copy = std::os::fd::OwnedFd::from(listener.try_clone().map_err(bind_err)?);
         let poll = Poll::new().map_err(bind_err)?;
         poll.registry()
             .register(
@@ -210,21 +238,38 @@ impl Server {
         Ok(Server {
             path: path.to_path_buf(),
             answering,
+            listener: Some(copy),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
 
-impl Drop for Server {
-    fn drop(&mut self) {
+    /// `lb upgrade`: lets answers in flight be written (the upgrade's own
+    /// above all), then gives up the socket, its file left in place for
+    /// the next image.
+    pub fn hand_over(mut self) -> Option<std::os::fd::OwnedFd> {
+        self.finish();
+        let listener = self.listener.take();
+        self.path = PathBuf::new();
+        listener
+    }
+
+    fn finish(&self) {
         let deadline = Instant::now() + FINISH_TIMEOUT;
         while self.answering.running() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.finish();
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -32,6 +32,11 @@ pub enum Request {
         #[serde(default)]
         wait: bool,
     },
+    /// Re-execute the master in place with the binary at the path it was
+    /// started as, keeping listeners and workers (as SIGUSR2 does).
+    /// Answered once the new binary passed its check and the master is
+    /// about to exec it, or refused.
+    Upgrade,
     /// A user message to one slot's worker, or to all when `slot` is absent.
     Send {
         slot: Option<usize>,
@@ -43,7 +48,10 @@ impl Request {
     /// Whether the master answers only once work it starts is done (a
     /// reload, a restart), which may take long.
     pub fn answered_when_done(&self) -> bool {
-        matches!(self, Request::Reload | Request::Restart { .. })
+        matches!(
+            self,
+            Request::Reload | Request::Restart { .. } | Request::Upgrade
+        )
     }
 }
 
@@ -107,6 +115,12 @@ pub struct Status {
     /// lb's version.
     #[serde(default)]
     pub version: String,
+    /// In-place upgrades (`lb upgrade`) since lb started.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// The binary `lb upgrade` runs: the path lb was started as.
+    #[serde(default)]
+    pub exe: String,
     /// Draining (or killing) its workers on the way out.
     #[serde(default)]
     pub stopping: bool,

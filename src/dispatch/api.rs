@@ -59,6 +59,12 @@ pub enum Command {
         payload: Vec<u8>,
         reply: Sender<usize>,
     },
+    /// `lb upgrade`: stop accepting, hand out what is held, then give up
+    /// the listeners and every worker's link and leave the loop (or say
+    /// why not, and go on).
+    Handover(Sender<Result<super::Handover, String>>),
+    /// A worker the master's last image handed over (ready, current).
+    Adopt(super::Handed),
     /// Leave the loop.
     Stop,
 }
@@ -139,8 +145,11 @@ pub enum Event {
     },
 }
 
-/// Counters of the loop. Plain integers: only the dispatch thread writes them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Counters of the loop. Plain integers: only the dispatch thread writes
+/// them. (Serialized for `lb upgrade`'s next image: a counter added later
+/// starts at 0 there.)
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Stats {
     pub accepted: u64,
     pub dispatched: u64,
@@ -165,7 +174,8 @@ pub struct Stats {
 }
 
 /// The PROXY protocol's counters (`docs/proxy-protocol.md`).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ProxyStats {
     /// Headers read, by version.
     pub v1: u64,

@@ -80,6 +80,10 @@ impl Pending {
         self.0.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// The `n` held last, newest first.
     pub fn newest_mut(&mut self, n: usize) -> impl Iterator<Item = &mut Conn> {
         self.0.iter_mut().rev().take(n)

@@ -34,7 +34,7 @@ impl Dispatcher {
             self.send_drains();
             return;
         }
-        if self.retry_at.is_some() {
+        if self.retry_at.is_some() || self.handing_over() {
             return;
         }
         // Out of `self` for the batch so `hand_off` can borrow `self`

@@ -59,6 +59,8 @@ impl Dispatcher {
                     }
                 }
                 Command::Shutdown => self.shutdown(),
+                Command::Handover(reply) => self.begin_handover(reply),
+                Command::Adopt(handed) => self.adopt(handed),
                 Command::Snapshot(reply) => {
                     let _ = reply.send(self.snapshot());
                 }

@@ -20,6 +20,7 @@ mod api;
 mod conn;
 mod front;
 mod handoff;
+mod handover;
 pub mod header;
 pub mod kernel;
 mod lifecycle;
@@ -48,6 +49,7 @@ pub use api::{
 };
 use conn::{Conn, Pending};
 use front::Front;
+pub use handover::{Handed, Handover};
 use link::Link;
 use tokens::Source;
 use worker::Table;
@@ -115,6 +117,8 @@ pub struct Dispatcher {
     orphans: Vec<(crate::policy::Slot, u32, std::os::fd::OwnedFd)>,
     /// Stopping under kernel dispatch: DRAIN waits for the queues until then.
     stop_queues_by: Option<Instant>,
+    /// `lb upgrade`: accepting is off until everything held is handed out.
+    handing: Option<handover::Handing>,
 }
 
 impl Dispatcher {
@@ -213,6 +217,7 @@ impl Dispatcher {
             reads_at: None,
             orphans: Vec::new(),
             stop_queues_by: None,
+            handing: None,
         };
         Ok((
             dispatcher,
@@ -265,6 +270,7 @@ impl Dispatcher {
             self.relay_wake(),
             self.steer_wake(),
             self.header_wake(),
+            self.handover_wake(),
         ]
         .into_iter()
         .flatten()
@@ -343,6 +349,7 @@ impl Dispatcher {
         self.steer_timers();
         self.header_timers();
         self.pump();
+        self.handover_step();
         // Stopping: leave once the relays are done, or at the deadline.
         if let Some(by) = self.stop_by
             && (self.relays_active() == 0 || Instant::now() >= by)

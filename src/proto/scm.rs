@@ -248,6 +248,9 @@ pub enum Inherited {
     /// A socket-activation listener (`LISTEN_FDS`): a listening stream
     /// socket, TCP or Unix.
     Listener,
+    /// What an earlier image of this master held (`lb upgrade`): its state
+    /// names what each fd is.
+    Upgrade,
 }
 
 impl Inherited {
@@ -263,6 +266,7 @@ impl Inherited {
                     && sock.r#type().ok() == Some(Type::STREAM)
                     && sock.is_listener().unwrap_or(false)
             }
+            Inherited::Upgrade => true,
         }
     }
 
@@ -272,6 +276,7 @@ impl Inherited {
             Inherited::Listener => {
                 format!("fd {raw} from LISTEN_FDS is not a listening TCP or Unix stream socket")
             }
+            Inherited::Upgrade => format!("fd {raw} of the upgrade state"),
         }
     }
 }

@@ -47,6 +47,19 @@ impl Layout {
         }
     }
 
+    /// An earlier image's layout (`lb upgrade`), by pool name; a name
+    /// the configuration no longer has leaves its slot free.
+    pub fn from_names(slots: &[Option<String>], pools: &[String]) -> Layout {
+        let mut layout = Layout {
+            slots: slots
+                .iter()
+                .map(|n| n.as_ref().and_then(|n| pools.iter().position(|p| p == n)))
+                .collect(),
+        };
+        layout.trim();
+        layout
+    }
+
     /// Slots, free ones between taken ones included.
     pub fn len(&self) -> usize {
         self.slots.len()

@@ -27,6 +27,7 @@ mod spawn;
 mod start;
 mod status;
 mod timers;
+mod upgrade;
 mod usage;
 pub mod watch;
 
@@ -34,6 +35,7 @@ pub use requests::Answer;
 pub use signals::handled_signals;
 pub use spawn::message_cost;
 pub use status::{Health, ListenerStatus, PoolStatus, Status, WorkerState, WorkerStatus};
+pub use upgrade::{Carry, Ended};
 pub use usage::Usage;
 
 use std::io;
@@ -283,6 +285,12 @@ pub struct Supervisor {
     port: u16,
     /// The watchdog's schedule and the status systemd was last told.
     notify: notify::Notify,
+    /// An upgrade whose new binary is being checked.
+    upgrading: Option<upgrade::Upgrading>,
+    /// In-place upgrades since lb started.
+    upgrades: u64,
+    /// What an earlier image handed over, adopted when `run` starts.
+    inherited: Option<crate::upgrade::State>,
 }
 
 /// Where the master listens; in shared mode, the listener itself (passed
@@ -334,14 +342,6 @@ impl Supervisor {
             .map_err(SupervisorError::Signals)?;
         let output =
             output::Output::start(config.worker_log.as_deref()).map_err(SupervisorError::Output)?;
-        let reaper = reaper::Reaper::start()
-            .inspect_err(|e| {
-                warn!(
-                    "cannot start the group reaper ({e}): if this master is killed with \
-                     SIGKILL, what its workers started may outlive them"
-                )
-            })
-            .ok();
         let layout = layout::Layout::new(&config.pools);
         let slots = (0..layout.len()).map(|_| SlotState::default()).collect();
         let configured = layout::configured(&config.pools);
@@ -350,7 +350,7 @@ impl Supervisor {
             _waker: waker,
             signals,
             output,
-            reaper,
+            reaper: None,
             config,
             layout,
             configured,
@@ -381,17 +381,44 @@ impl Supervisor {
             kernel_dispatch,
             front: listen,
             notify: notify::Notify::new(),
+            upgrading: None,
+            upgrades: 0,
+            inherited: None,
         })
     }
 
-    /// Starts every worker and supervises until shutdown. Returns whether
-    /// every worker drained in time.
-    pub fn run(mut self) -> Result<bool, SupervisorError> {
-        for slot in 0..self.slots.len() {
-            if let Err(e) = self.start(Slot(slot)) {
-                self.kill_all();
-                self.reap_all();
-                return Err(e);
+    /// An image started by `lb upgrade`: `run` adopts what `state` names
+    /// instead of starting workers.
+    pub fn taking_over(mut self, state: Option<crate::upgrade::State>) -> Supervisor {
+        self.inherited = state;
+        self
+    }
+
+    /// Starts every worker (or adopts those an earlier image handed over)
+    /// and supervises until shutdown, or until it is to be re-executed.
+    pub fn run(mut self) -> Result<Ended, SupervisorError> {
+        if let Some(mut inherited) = self.inherited.take() {
+            self.adopt(&mut inherited);
+            for slot in self.layout.taken() {
+                if !self.workers.iter().any(|w| w.slot == slot) {
+                    self.start_or_retry(slot);
+                }
+            }
+        } else {
+            self.reaper = reaper::Reaper::start()
+                .inspect_err(|e| {
+                    warn!(
+                        "cannot start the group reaper ({e}): if this master is killed with \
+                         SIGKILL, what its workers started may outlive them"
+                    )
+                })
+                .ok();
+            for slot in 0..self.slots.len() {
+                if let Err(e) = self.start(Slot(slot)) {
+                    self.kill_all();
+                    self.reap_all();
+                    return Err(e);
+                }
             }
         }
         let mut events = Events::with_capacity(64);
@@ -425,6 +452,8 @@ impl Supervisor {
                     Request::Restart { target, wait } => {
                         self.begin_restart(&target, wait, incoming.reply)
                     }
+                    // Answered once checked and handed over, or refused.
+                    Request::Upgrade => self.begin_upgrade(Some(incoming.reply), "lb upgrade"),
                     request => {
                         let answer = self.on_control(request);
                         let _ = incoming.reply.send(answer);
@@ -438,6 +467,10 @@ impl Supervisor {
                     Token(t) => self.on_exit((t - CHILD_BASE) as u32),
                 }
             }
+            if let Some(carry) = self.upgrade_checked() {
+                // The dispatcher has left its loop; nothing is stopped.
+                return Ok(Ended::Upgrade(carry));
+            }
             self.on_timers();
             self.answer_waits();
             self.notify_systemd();
@@ -448,7 +481,7 @@ impl Supervisor {
             }
         }
         self.dispatch.send(Command::Stop);
-        Ok(!self.forced)
+        Ok(Ended::Stopped(!self.forced))
     }
 
     /// At start-up, before any worker was ever ready: if every slot is crash

@@ -38,6 +38,8 @@ enum Msg {
     Pipe(Pipe),
     /// Open every worker log file again (logrotate moved them).
     Reopen,
+    /// `lb upgrade`: write out what was read, give every pipe back, end.
+    HandBack(Sender<Vec<Pipe>>),
     Stop,
 }
 
@@ -80,6 +82,21 @@ impl Output {
             let _ = self.waker.wake();
         }
         self.files
+    }
+
+    /// Every pipe still open, with what the thread read from it written
+    /// out (the rest waits in the pipe for the next image); the thread ends.
+    pub fn hand_back(&mut self) -> Vec<Pipe> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.tx.send(Msg::HandBack(tx));
+        let _ = self.waker.wake();
+        let pipes = rx
+            .recv_timeout(std::time::Duration::from_secs(2))
+            .unwrap_or_default();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        pipes
     }
 
     /// Hands a worker's pipe to the thread.
@@ -260,6 +277,26 @@ fn run(mut poll: Poll, rx: Receiver<Msg>, mut files: Files) {
                             }
                         }
                         Msg::Reopen => files.reopen(&sources),
+                        Msg::HandBack(reply) => {
+                            let mut pipes = Vec::with_capacity(sources.len());
+                            let tokens: Vec<Token> = sources.keys().copied().collect();
+                            for t in tokens {
+                                read_source(&mut poll, &mut sources, t, &mut files);
+                                if let Some(mut s) = sources.remove(&t) {
+                                    // A line cut here is written as two.
+                                    s.flush_lines(&mut files, true);
+                                    pipes.push(Pipe {
+                                        slot: s.slot,
+                                        pid: s.pid,
+                                        pool: s.pool,
+                                        stderr: s.stream == Stream::Stderr,
+                                        fd: OwnedFd::from(s.file),
+                                    });
+                                }
+                            }
+                            let _ = reply.send(pipes);
+                            return;
+                        }
                         Msg::Stop => {
                             stopping = true;
                             // Workers are gone: read what is left, then end.

@@ -13,14 +13,18 @@
 //! there when the master is not. Never touches a group it was not told of.
 
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::io::{self, BufRead, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt as _;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 
-/// The master's handle on its reaper.
+/// The master's handle on its reaper: known by its pidfd (an upgraded
+/// master adopts its last image's reaper, a child it did not spawn).
 pub struct Reaper {
-    child: Child,
-    to: Option<ChildStdin>,
+    pid: u32,
+    pidfd: OwnedFd,
+    to: Option<File>,
 }
 
 impl Reaper {
@@ -34,7 +38,9 @@ impl Reaper {
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()?;
-        let to = child.stdin.take();
+        let pid = child.id();
+        let pidfd = crate::sys::pidfd_open(pid)?;
+        let to = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
         // A reaper that stopped reading (stopped by hand) must not block
         // the supervisor: a full pipe drops what does not fit.
         if let Some(pipe) = &to {
@@ -43,7 +49,28 @@ impl Reaper {
                 nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
             )?;
         }
-        Ok(Reaper { child, to })
+        Ok(Reaper { pid, pidfd, to })
+    }
+
+    /// The reaper an earlier image of this master started (`lb upgrade`).
+    pub fn adopt(pid: u32, pidfd: OwnedFd, pipe: OwnedFd) -> Reaper {
+        Reaper {
+            pid,
+            pidfd,
+            to: Some(File::from(pipe)),
+        }
+    }
+
+    /// Its pid, pidfd and pipe, for the next image; the reaper goes on,
+    /// its list as it was.
+    pub fn hand_over(mut self) -> Option<(u32, OwnedFd, OwnedFd)> {
+        let to = self.to.take()?;
+        let pidfd = self.pidfd.try_clone().ok()?;
+        let pid = self.pid;
+        // Not dropped, which would wait for the reaper's exit; the pidfd
+        // given is a copy, and this one closes at the exec (CLOEXEC).
+        std::mem::forget(self);
+        Some((pid, pidfd, OwnedFd::from(to)))
     }
 
     /// A worker leading process group `pgid` was started.
@@ -78,7 +105,11 @@ impl Drop for Reaper {
         // It exits at once on EOF; one stopped by hand is not waited for.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         while std::time::Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
+            let exited = nix::sys::wait::waitid(
+                nix::sys::wait::Id::PIDFd(self.pidfd.as_fd()),
+                nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOHANG,
+            );
+            if !matches!(exited, Ok(nix::sys::wait::WaitStatus::StillAlive)) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));

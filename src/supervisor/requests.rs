@@ -26,8 +26,8 @@ impl Supervisor {
                 None => Answer::Refused("the dispatcher did not answer".into()),
             },
             Request::Health => Answer::Health(self.health()),
-            Request::Reload | Request::Restart { .. } => {
-                Answer::Refused("reload and restart are answered elsewhere".into())
+            Request::Reload | Request::Restart { .. } | Request::Upgrade => {
+                Answer::Refused("reload, restart and upgrade are answered elsewhere".into())
             }
             Request::Scale {
                 pool,

@@ -91,6 +91,8 @@ impl Supervisor {
                         None => {}
                     }
                 }
+                // nginx's binary upgrade signal.
+                Signal::SIGUSR2 => self.begin_upgrade(None, "SIGUSR2"),
                 Signal::SIGTSTP => {
                     info!("SIGTSTP ignored: lb does not pause (SIGTERM stops it, SIGSTOP pauses)")
                 }

@@ -117,6 +117,7 @@ pub(super) fn command(pool: &Pool, launch: &Launch<'_>) -> io::Result<(Command, 
         .env_remove(crate::systemd::VARS[3])
         .env_remove(crate::systemd::VARS[4])
         .env_remove(crate::systemd::VARS[5])
+        .env_remove(crate::upgrade::STATE_VAR)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -286,6 +287,7 @@ mod tests {
             ("LISTEN_FDNAMES", None),
             ("WATCHDOG_USEC", None),
             ("WATCHDOG_PID", None),
+            ("LB_UPGRADE_STATE", None),
         ];
         common
             .iter()

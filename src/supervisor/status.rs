@@ -25,6 +25,9 @@ pub struct Status {
     pub uptime: Duration,
     /// lb's version (`lb_build_info`).
     pub version: &'static str,
+    /// In-place upgrades since lb started, and the binary the next runs.
+    pub upgrades: u64,
+    pub exe: String,
     /// Draining or killing its workers on the way out.
     pub stopping: bool,
     pub min_ready: usize,
@@ -213,6 +216,8 @@ impl Supervisor {
             },
             uptime: self.started.elapsed(),
             version: env!("CARGO_PKG_VERSION"),
+            upgrades: self.upgrades,
+            exe: crate::upgrade::exec::started_as().display().to_string(),
             stopping: self.phase != Phase::Running,
             min_ready: self.config.min_ready,
             pools: self

@@ -120,6 +120,38 @@ pub fn cloexec_from(first: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes an fd an earlier image of this master handed over (`lb
+/// upgrade`), marked close-on-exec again. Call once per fd number.
+pub fn handed_over(raw: RawFd) -> io::Result<OwnedFd> {
+    scm::adopt_inherited(raw, Inherited::Upgrade)
+}
+
+/// Clears close-on-exec on `fd`: an image exec'd by `lb upgrade` inherits
+/// it at the same number.
+pub fn inheritable(fd: RawFd) -> io::Result<()> {
+    set_cloexec(fd, false)
+}
+
+/// Sets close-on-exec on `fd` again (an upgrade's exec failed).
+pub fn keep_private(fd: RawFd) -> io::Result<()> {
+    set_cloexec(fd, true)
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on an fd number only read and set its flags
+    // (EBADF if nothing is open there); no memory is touched.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFD))?;
+        let flags = if on {
+            flags | libc::FD_CLOEXEC
+        } else {
+            flags & !libc::FD_CLOEXEC
+        };
+        cvt(libc::fcntl(fd, libc::F_SETFD, flags))?;
+    }
+    Ok(())
+}
+
 /// Raises the soft open-files limit to the hard limit: each connection in
 /// flight costs the master an fd until the worker takes it, and the kernel
 /// caps fds in flight over unix sockets by the same limit. Returns the new

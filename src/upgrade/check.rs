@@ -1,0 +1,218 @@
+//! The new binary, tried before anything is given up: it is run as a child
+//! (`lb upgrade-check`, with the master's own arguments) and must load the
+//! configuration as the next image would and say it reads this image's
+//! state format. A binary that does not run, an older lb that has no
+//! `upgrade-check`, one whose state format is another, or a configuration
+//! that now fails or names other pools or listeners: each refuses the
+//! upgrade in one line, and the running master goes on.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::state;
+
+/// How long the check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the checked binary says of itself and of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Its version (`lb --version`'s).
+    pub version: String,
+    /// The state formats it reads.
+    pub reads: (u32, u32),
+    /// The configuration's pools' names, in order.
+    pub pools: Vec<String>,
+    /// The configuration's listeners, as written.
+    pub listeners: Vec<String>,
+}
+
+/// A checked binary, held open: what is exec'd is what was checked, even
+/// if the path is replaced again meanwhile.
+#[derive(Debug)]
+pub struct Checked {
+    pub binary: OwnedFd,
+    pub version: String,
+}
+
+/// Runs `exe` as `lb upgrade-check` and compares what it reports with
+/// `running` (this image's own configuration, as the same report).
+pub fn check(exe: &Path, running: &Report) -> Result<Checked, String> {
+    let name = exe.display();
+    let binary = nix::fcntl::open(
+        exe,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open the new binary {name}: {e}"))?;
+    // The file held open, run through this process's fd: the binary run
+    // is the one checked, whatever the path names by now.
+    let held = format!("/proc/{}/fd/{}", std::process::id(), binary.as_raw_fd());
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut child = Command::new(&held)
+        .arg("upgrade-check")
+        .arg("--state")
+        .arg(state::VERSION.to_string())
+        .arg("--")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("the new binary {name} cannot be run: {e}"))?;
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the new binary {name} did not finish its check in {} s",
+                    CHECK_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .trim_start_matches("lb: error: ")
+        .to_string();
+    if !status.success() {
+        let why = if last.contains("upgrade-check") {
+            "it has no `lb upgrade-check` (an lb older than upgrades, or not lb)".to_string()
+        } else if last.is_empty() {
+            format!("it exited with {status}")
+        } else {
+            last
+        };
+        return Err(format!("the new binary {name} failed its check: {why}"));
+    }
+    let report: Report = serde_json::from_str(out.trim()).map_err(|_| {
+        format!("the new binary {name} failed its check: it did not answer as lb does")
+    })?;
+    compare(&report, running).map_err(|why| format!("the new binary {name}: {why}"))?;
+    Ok(Checked {
+        binary,
+        version: report.version,
+    })
+}
+
+/// Whether the new image could take over from the running one.
+fn compare(new: &Report, running: &Report) -> Result<(), String> {
+    if !(new.reads.0..=new.reads.1).contains(&state::VERSION) {
+        return Err(format!(
+            "it reads upgrade state formats {} to {}, and this lb writes {}: upgrade through \
+             a version between them, or restart lb",
+            new.reads.0,
+            new.reads.1,
+            state::VERSION
+        ));
+    }
+    if new.pools != running.pools {
+        return Err(format!(
+            "the configuration it would load has pools {} and the running master {}: run `lb \
+             reload` first (pools change by reload, not by upgrade)",
+            new.pools.join(", "),
+            running.pools.join(", ")
+        ));
+    }
+    if new.listeners != running.listeners {
+        return Err(format!(
+            "the configuration it would load listens on {} and the running master on {}: \
+             listeners are kept across an upgrade; restore them, or restart lb to change them",
+            new.listeners.join(", "),
+            running.listeners.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// This binary's report on `config`.
+pub fn report(config: &crate::config::Config) -> Report {
+    Report {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        reads: (state::OLDEST, state::VERSION),
+        pools: config.pools.iter().map(|p| p.name.clone()).collect(),
+        listeners: config
+            .listeners
+            .iter()
+            .map(|l| l.address.to_string())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            version: "1.0.0".into(),
+            reads: (1, state::VERSION),
+            pools: vec!["web".into()],
+            listeners: vec!["127.0.0.1:8000".into()],
+        }
+    }
+
+    #[test]
+    fn the_same_configuration_and_a_readable_format_pass() {
+        assert_eq!(compare(&report(), &report()), Ok(()));
+    }
+
+    #[test]
+    fn another_format_pools_or_listeners_are_refused_by_name() {
+        let mut new = report();
+        new.reads = (state::VERSION + 1, state::VERSION + 2);
+        assert!(
+            compare(&new, &report())
+                .unwrap_err()
+                .contains("state formats")
+        );
+        let mut new = report();
+        new.pools.push("canary".into());
+        let e = compare(&new, &report()).unwrap_err();
+        assert!(e.contains("web, canary") && e.contains("lb reload"), "{e}");
+        let mut new = report();
+        new.listeners = vec!["[::]:8000".into()];
+        let e = compare(&new, &report()).unwrap_err();
+        assert!(e.contains("[::]:8000") && e.contains("restart lb"), "{e}");
+    }
+
+    #[test]
+    fn a_binary_that_is_not_lb_is_refused_and_named() {
+        let dir = std::env::temp_dir().join(format!("lb-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("lb");
+        std::fs::write(&script, "#!/bin/sh\necho broken >&2\nexit 3\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let e = check(&script, &report()).unwrap_err();
+        assert!(
+            e.contains(&script.display().to_string()) && e.contains("broken"),
+            "{e}"
+        );
+        let e = check(&dir.join("missing"), &report()).unwrap_err();
+        assert!(e.contains("cannot open"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
