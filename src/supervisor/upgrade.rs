@@ -4,7 +4,7 @@
 //! master everything the next image needs (`upgrade::State`). And, in that
 //! next image, adopt the workers the state names.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -369,14 +369,35 @@ impl Supervisor {
             }
         }
         for w in std::mem::take(&mut s.workers) {
+            let pid = w.pid;
             if let Err(e) = self.adopt_worker(w) {
-                warn!("upgrade: a worker could not be taken over ({e}); its slot starts anew");
+                warn!(
+                    "upgrade: worker pid {pid} could not be taken over ({e}): it was stopped, \
+                     and its slot starts a new one"
+                );
             }
         }
     }
 
     fn adopt_worker(&mut self, w: state::Worker) -> std::io::Result<()> {
         let pidfd = sys_fd(w.pidfd)?;
+        let pid = w.pid;
+        match self.adopt_with(w, pidfd.try_clone()?) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Not supervised, it would serve nobody: gone, and reaped.
+                let _ = crate::sys::pidfd_signal(pidfd.as_fd(), libc::SIGKILL);
+                super::kill_group(pid);
+                let _ = nix::sys::wait::waitid(
+                    nix::sys::wait::Id::PIDFd(pidfd.as_fd()),
+                    nix::sys::wait::WaitPidFlag::WEXITED,
+                );
+                Err(e)
+            }
+        }
+    }
+
+    fn adopt_with(&mut self, w: state::Worker, pidfd: OwnedFd) -> std::io::Result<()> {
         let opt = |raw: Option<i32>| raw.map(sys_fd).transpose();
         let (stdout, stderr) = (opt(w.stdout)?, opt(w.stderr)?);
         let (channel, peer) = (opt(w.channel)?, opt(w.peer)?);
