@@ -259,11 +259,16 @@ pub fn run(
         // The workers' own accept() calls are blocking or not as each
         // server likes: the flag belongs to the socket they all share, and
         // a textbook blocking server would get EAGAIN from lb's choice.
+        // (After an upgrade the running workers have set it as they like:
+        // clearing it would leave a server that polls before it accepts
+        // blocked in accept, deaf to its stop signal — gunicorn, seen.)
         let mut shared = Vec::with_capacity(open.len());
         for l in open {
-            socket2::SockRef::from(&l.fd)
-                .set_nonblocking(false)
-                .map_err(MasterError::ListenerAddress)?;
+            if inherited.is_none() {
+                socket2::SockRef::from(&l.fd)
+                    .set_nonblocking(false)
+                    .map_err(MasterError::ListenerAddress)?;
+            }
             shared.push((l.fd, l.settings.name));
         }
         (d.0, d.1, shared)
@@ -350,7 +355,7 @@ pub fn run(
         }
     }
     if let Some(s) = &inherited {
-        dispatcher.carry_on(s.stats, &s.by_listener);
+        dispatcher.carry_on(s.stats, &s.by_listener, s.seq);
         info!(
             "upgraded: this is lb {} (upgrade {}), taking over {} workers",
             env!("CARGO_PKG_VERSION"),

@@ -37,6 +37,8 @@ pub struct Handover {
     pub workers: Vec<Handed>,
     pub stats: Stats,
     pub by_listener: Vec<u64>,
+    /// The last connection id sent (ids go on from it: never one twice).
+    pub seq: u64,
 }
 
 /// One worker process's link and counts.
@@ -210,12 +212,15 @@ impl Dispatcher {
             workers,
             stats: self.stats,
             by_listener: self.by_listener.clone(),
+            seq: self.seq,
         }
     }
 
-    /// A new image's start: the counters the last one had.
-    pub fn carry_on(&mut self, stats: Stats, by_listener: &[u64]) {
+    /// A new image's start: the counters and the connection ids the last
+    /// one had.
+    pub fn carry_on(&mut self, stats: Stats, by_listener: &[u64], seq: u64) {
         self.stats = stats;
+        self.seq = seq;
         for (mine, theirs) in self.by_listener.iter_mut().zip(by_listener) {
             *mine = *theirs;
         }

@@ -320,6 +320,7 @@ impl Supervisor {
             node_ids: self.node_ids,
             stats: handover.stats,
             by_listener: handover.by_listener,
+            seq: handover.seq,
             notified_ready: self.notified_ready,
         };
         Carry {

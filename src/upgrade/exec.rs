@@ -23,7 +23,10 @@ pub fn started_as() -> &'static Path {
         let argv0 = std::env::args_os().next().map(PathBuf::from);
         let found = argv0.and_then(|a| {
             if a.components().count() > 1 {
-                std::env::current_dir().ok().map(|d| d.join(&a))
+                // (`components` drops the `.` of `./lb`.)
+                std::env::current_dir()
+                    .ok()
+                    .map(|d| d.join(&a).components().collect())
             } else {
                 std::env::var_os("PATH").and_then(|path| {
                     std::env::split_paths(&path)

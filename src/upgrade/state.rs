@@ -47,6 +47,9 @@ pub struct State {
     pub stats: Stats,
     #[serde(default)]
     pub by_listener: Vec<u64>,
+    /// The last connection id the dispatcher sent.
+    #[serde(default)]
+    pub seq: u64,
     /// systemd was told READY=1.
     #[serde(default)]
     pub notified_ready: bool,
@@ -180,6 +183,7 @@ mod tests {
             node_ids: 4,
             stats: Stats::default(),
             by_listener: vec![7],
+            seq: 9,
             notified_ready: true,
         }
     }
