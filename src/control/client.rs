@@ -265,7 +265,11 @@ pub fn render(s: &Status) -> String {
             ""
         },
         human(s.uptime_s),
-        if s.stopping { "  STOPPING" } else { "" },
+        match s.upgrades {
+            0 => String::new(),
+            1 => "  upgraded once".to_string(),
+            n => format!("  upgraded {n} times"),
+        } + if s.stopping { "  STOPPING" } else { "" },
         s.accepted,
         s.dispatched,
         s.rescued,

@@ -26,3 +26,4 @@ mod shim;
 mod supervision;
 mod systemd;
 mod systemd_ops;
+mod upgrade;

@@ -127,7 +127,7 @@ pub fn lb_command(args: &[&str], env: &[(&str, &str)]) -> Command {
 /// `lb_command` run by `launcher` (a program and its arguments, to which
 /// lb's path and `args` are appended; it is to exec lb).
 pub fn lb_command_through(launcher: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = match launcher.split_first() {
+    let cmd = match launcher.split_first() {
         Some((program, rest)) => {
             let mut c = Command::new(program);
             c.args(rest).arg(lb_bin());
@@ -135,6 +135,15 @@ pub fn lb_command_through(launcher: &[&str], args: &[&str], env: &[(&str, &str)]
         }
         None => Command::new(lb_bin()),
     };
+    lb_clean(cmd, args, env)
+}
+
+/// `lb_command` with lb run from `program` (a copy of the binary).
+pub fn lb_command_at(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    lb_clean(Command::new(program), args, env)
+}
+
+fn lb_clean(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Command {
     for (k, _) in std::env::vars() {
         if k.starts_with("LB_") || k == "SCHED_POLICY" {
             cmd.env_remove(k);
