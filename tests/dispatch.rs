@@ -386,3 +386,62 @@ fn shutdown_hands_out_the_backlog_then_drains_every_worker() {
         assert!(w.join().is_empty());
     }
 }
+
+/// `lb upgrade`'s hand-over: the loop gives up its listener and its
+/// workers' links, a client that connects before the next loop runs is
+/// queued by the kernel, and the next loop serves it and the rest through
+/// the same workers, its counts going on.
+#[test]
+fn a_handover_gives_the_listener_and_the_workers_to_the_next_loop() {
+    let rig = Rig::new(PolicyKind::RoundRobin, 2);
+    let ws: Vec<Worker> = (0..2).map(|slot| worker(&rig.handle, slot)).collect();
+    let d = rig.spawn(|| {});
+    make_ready(&d, &[&ws[0], &ws[1]]);
+    let mut first = served_in_turn(&d, 2);
+    first.sort_unstable();
+    assert_eq!(first, [0, 1]);
+    take(&ws[0], 1);
+    take(&ws[1], 1);
+
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    d.send(Command::Handover(tx));
+    let handover = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(handover.workers.len(), 2);
+    assert_eq!(handover.stats.accepted, 2);
+    let addr = d.addr;
+    d.stop();
+    // Nobody accepts now: the kernel queues it.
+    let mut waiting = client(addr);
+
+    let next = Rig::taking_over(handover, PolicyKind::RoundRobin, 2).spawn(|| {});
+    let slot = served_by(&mut waiting);
+    take(&ws[slot], 1);
+    let mut again = served_in_turn(&next, 2);
+    again.sort_unstable();
+    assert_eq!(again, [0, 1], "both workers serve again, with no READY");
+    take(&ws[0], 1);
+    take(&ws[1], 1);
+    let s = next.snapshot();
+    assert_eq!(s.stats.accepted, 5, "the counts go on");
+    next.stop();
+    for w in ws {
+        w.join();
+    }
+}
+
+/// A hand-over nobody takes (the supervisor gave up waiting) is taken
+/// back: the loop serves on.
+#[test]
+fn a_handover_nobody_takes_is_taken_back() {
+    let rig = Rig::new(PolicyKind::RoundRobin, 1);
+    let w = worker(&rig.handle, 0);
+    let d = rig.spawn(|| {});
+    make_ready(&d, &[&w]);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    drop(rx);
+    d.send(Command::Handover(tx));
+    assert_eq!(served_in_turn(&d, 3), [0, 0, 0]);
+    take(&w, 3);
+    d.stop();
+    assert!(w.join().is_empty());
+}

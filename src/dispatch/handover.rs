@@ -150,8 +150,29 @@ impl Dispatcher {
             return;
         }
         let handover = self.give_up();
-        if h.reply.send(Ok(handover)).is_ok() {
-            self.running = false;
+        match h.reply.send(Ok(handover)) {
+            Ok(()) => self.running = false,
+            // The supervisor gave up waiting: everything is taken back.
+            Err(crossbeam_channel::SendError(back)) => {
+                if let Ok(handover) = back {
+                    self.take_back(handover);
+                }
+            }
+        }
+    }
+
+    /// What `give_up` gave, back in the loop (no one took it).
+    fn take_back(&mut self, h: Handover) {
+        for (i, (fd, path)) in h.listeners.into_iter().enumerate() {
+            let _ = self.poll.registry().register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                Source::Listener(i).token(),
+                Interest::READABLE,
+            );
+            self.listeners.push(super::front::Front::new(fd, path));
+        }
+        for w in h.workers {
+            self.adopt(w);
         }
     }
 

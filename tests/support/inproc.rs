@@ -82,6 +82,30 @@ impl Rig {
         }
     }
 
+    /// The dispatcher that takes over from one that handed everything
+    /// over (`lb upgrade`): its listeners, its workers, its counters.
+    pub fn taking_over(handover: lb::dispatch::Handover, policy: PolicyKind, slots: usize) -> Rig {
+        let (notifier, events) = Notifier::new(None);
+        let addr = socket2::SockRef::from(&handover.listeners[0].0)
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .unwrap();
+        let (mut dispatcher, handle) =
+            Dispatcher::with_listeners(handover.listeners, addr, policy, slots, notifier).unwrap();
+        dispatcher.carry_on(handover.stats, &handover.by_listener, handover.seq);
+        for w in handover.workers {
+            handle.send(Command::Adopt(w));
+        }
+        Rig {
+            dispatcher,
+            handle,
+            addr,
+            events,
+            anchor: None,
+        }
+    }
+
     /// A dispatcher under kernel dispatch: it accepts nothing, and the
     /// program it attached to its anchor listener picks the workers' own
     /// listeners. `None` (said on stderr) where BPF cannot be loaded.
