@@ -279,6 +279,9 @@ pub enum Command {
         /// The state format the master writes.
         #[arg(long)]
         state: u32,
+        /// The master's control socket (its path is checked as at start).
+        #[arg(long)]
+        control_socket: Option<std::path::PathBuf>,
         /// The master's own arguments.
         #[arg(last = true, allow_hyphen_values = true)]
         args: Vec<OsString>,

@@ -145,7 +145,11 @@ fn upgrade(target: &Target) -> ExitCode {
 }
 
 /// `lb upgrade-check`: this binary's answer to a master about to exec it.
-fn upgrade_check(state: u32, args: Vec<std::ffi::OsString>) -> ExitCode {
+fn upgrade_check(
+    state: u32,
+    control: Option<std::path::PathBuf>,
+    args: Vec<std::ffi::OsString>,
+) -> ExitCode {
     let reads = lb::upgrade::state::OLDEST..=lb::upgrade::state::VERSION;
     if !reads.contains(&state) {
         err!(
@@ -167,6 +171,18 @@ fn upgrade_check(state: u32, args: Vec<std::ffi::OsString>) -> ExitCode {
     };
     match lb::config::load(&cli.start, &|k| std::env::var(k).ok()) {
         Ok(config) => {
+            // What the new image checks at its start, checked now: a
+            // failure there would lose the workers it was to take over.
+            if let Some(control) = &control {
+                let limit =
+                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                        .ok()
+                        .map(|(_, hard)| hard);
+                if let Err(e) = lb::config::preflight(&config, control, limit) {
+                    err!("lb: error: the configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            }
             let report = lb::upgrade::check::report(&config);
             out!("{}", serde_json::to_string(&report).unwrap_or_default());
             ExitCode::SUCCESS
@@ -201,7 +217,11 @@ fn main() -> ExitCode {
         Some(Command::Status { json, target }) => control(&target, Request::Status, json),
         Some(Command::Stop { target }) => control(&target, Request::Stop, false),
         Some(Command::Upgrade { target }) => upgrade(&target),
-        Some(Command::UpgradeCheck { state, args }) => upgrade_check(state, args),
+        Some(Command::UpgradeCheck {
+            state,
+            control_socket,
+            args,
+        }) => upgrade_check(state, control_socket, args),
         Some(Command::Reload { wait, target }) => {
             // What runs now is what the reload replaces.
             let before = if wait {

@@ -377,6 +377,7 @@ pub fn run(
             listening,
             shared: shared_listeners,
             kernel,
+            control: control_path.clone(),
         },
         handle.clone(),
         events_rx,

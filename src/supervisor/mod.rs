@@ -289,6 +289,8 @@ pub struct Supervisor {
     upgrading: Option<upgrade::Upgrading>,
     /// In-place upgrades since lb started.
     upgrades: u64,
+    /// The control socket's path.
+    control_path: std::path::PathBuf,
     /// What an earlier image handed over, adopted when `run` starts.
     inherited: Option<crate::upgrade::State>,
 }
@@ -305,6 +307,8 @@ pub struct Front {
     pub shared: Vec<(OwnedFd, Option<String>)>,
     /// Kernel dispatch is in effect.
     pub kernel: bool,
+    /// The control socket's path (an upgrade's new binary checks it).
+    pub control: std::path::PathBuf,
 }
 
 /// Loads the configuration again (the same sources as at start).
@@ -326,6 +330,7 @@ impl Supervisor {
             listening,
             shared: shared_listeners,
             kernel: kernel_dispatch,
+            control: control_path,
         } = front;
         let EventLoop { poll, waker } = event_loop;
         let signals = SignalFd::with_flags(
@@ -383,6 +388,7 @@ impl Supervisor {
             notify: notify::Notify::new(),
             upgrading: None,
             upgrades: 0,
+            control_path,
             inherited: None,
         })
     }

@@ -69,12 +69,13 @@ impl Supervisor {
         let exe = upgrade::exec::started_as().to_path_buf();
         info!("{why}: upgrade: checking the new binary {}", exe.display());
         let running = check::report(&self.config);
+        let control = self.control_path.clone();
         let (tx, rx) = crossbeam_channel::bounded(1);
         let waker = std::sync::Arc::clone(&self._waker);
         let spawned = std::thread::Builder::new()
             .name("lb-upgrade-check".into())
             .spawn(move || {
-                let _ = tx.send(check::check(&exe, &running));
+                let _ = tx.send(check::check(&exe, &control, &running));
                 let _ = waker.wake();
             });
         match spawned {
@@ -100,8 +101,11 @@ impl Supervisor {
         if self.upgrading.is_some() {
             return Some("an upgrade is already in progress".into());
         }
-        if let Some(why) = self.busy(super::rolling::Rolling::Reload) {
-            return Some(why.replace("reload once", "upgrade once"));
+        if let Some(r) = &self.reload {
+            return Some(format!(
+                "{} is in progress; upgrade once it is done",
+                r.what.article()
+            ));
         }
         if self.phase != Phase::Running {
             return Some("the master is stopping".into());

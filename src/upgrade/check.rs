@@ -43,7 +43,7 @@ pub struct Checked {
 
 /// Runs `exe` as `lb upgrade-check` and compares what it reports with
 /// `running` (this image's own configuration, as the same report).
-pub fn check(exe: &Path, running: &Report) -> Result<Checked, String> {
+pub fn check(exe: &Path, control: &Path, running: &Report) -> Result<Checked, String> {
     let name = exe.display();
     let binary = nix::fcntl::open(
         exe,
@@ -54,11 +54,18 @@ pub fn check(exe: &Path, running: &Report) -> Result<Checked, String> {
     // The file held open, run through this process's fd: the binary run
     // is the one checked, whatever the path names by now.
     let held = format!("/proc/{}/fd/{}", std::process::id(), binary.as_raw_fd());
+    if let Some(why) = head_of(&held).and_then(|(head, len)| elf_cut_short(&head, len)) {
+        return Err(format!(
+            "the new binary {name} is cut short: {why} (a copy not finished?)"
+        ));
+    }
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let mut child = Command::new(&held)
         .arg("upgrade-check")
         .arg("--state")
         .arg(state::VERSION.to_string())
+        .arg("--control-socket")
+        .arg(control)
         .arg("--")
         .args(&args)
         .stdin(Stdio::null())
@@ -115,6 +122,59 @@ pub fn check(exe: &Path, running: &Report) -> Result<Checked, String> {
         binary,
         version: report.version,
     })
+}
+
+/// A file's first 64 KiB (its ELF and program headers) and its length.
+fn head_of(path: &str) -> Option<(Vec<u8>, u64)> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut head = Vec::with_capacity(64 * 1024);
+    file.take(64 * 1024).read_to_end(&mut head).ok()?;
+    Some((head, len))
+}
+
+/// Why an ELF file (`file`: its first bytes; `len`: its length) is shorter than its headers say, if it is: a truncated
+/// binary may still run far enough to pass the check (its debug info comes
+/// last), then die at the first page past its end. Files that are not
+/// 64-bit little-endian ELF pass (the check itself judges them).
+fn elf_cut_short(file: &[u8], len: u64) -> Option<String> {
+    if file.len() < 64 || &file[..4] != b"\x7fELF" || file[4] != 2 || file[5] != 1 {
+        return None;
+    }
+    let u16_at = |at: usize| {
+        file.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u64)
+    };
+    let u32_at = |at: usize| {
+        file.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
+    };
+    let u64_at = |at: usize| {
+        file.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let (phoff, shoff) = (u64_at(32)?, u64_at(40)?);
+    let (phentsize, phnum) = (u16_at(54)?, u16_at(56)?);
+    let (shentsize, shnum) = (u16_at(58)?, u16_at(60)?);
+    let sh_end = shoff.saturating_add(shentsize * shnum);
+    if shnum > 0 && sh_end > len {
+        return Some(format!(
+            "{len} bytes, and its section headers end at {sh_end}"
+        ));
+    }
+    for i in 0..phnum {
+        let at = phoff.saturating_add(i * phentsize) as usize;
+        // PT_LOAD: its bytes must all be in the file.
+        if u32_at(at)? == 1 {
+            let end = u64_at(at + 8)?.saturating_add(u64_at(at + 32)?);
+            if end > len {
+                return Some(format!("{len} bytes, and a loaded segment ends at {end}"));
+            }
+        }
+    }
+    None
 }
 
 /// Whether the new image could take over from the running one.
@@ -199,6 +259,15 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_binary_is_found_short() {
+        let (head, len) = head_of("/proc/self/exe").unwrap();
+        assert_eq!(elf_cut_short(&head, len), None);
+        let why = elf_cut_short(&head, len / 2).unwrap();
+        assert!(why.contains("bytes, and"), "{why}");
+        assert_eq!(elf_cut_short(b"#!/bin/sh\nexit 0\n", 18), None);
+    }
+
+    #[test]
     fn a_binary_that_is_not_lb_is_refused_and_named() {
         let dir = std::env::temp_dir().join(format!("lb-check-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -206,12 +275,13 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\necho broken >&2\nexit 3\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let e = check(&script, &report()).unwrap_err();
+        let control = dir.join("lb.sock");
+        let e = check(&script, &control, &report()).unwrap_err();
         assert!(
             e.contains(&script.display().to_string()) && e.contains("broken"),
             "{e}"
         );
-        let e = check(&dir.join("missing"), &report()).unwrap_err();
+        let e = check(&dir.join("missing"), &control, &report()).unwrap_err();
         assert!(e.contains("cannot open"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
