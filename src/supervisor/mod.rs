@@ -178,6 +178,41 @@ struct Worker {
 }
 
 impl Worker {
+    /// A worker process just started (or just taken over: the caller
+    /// sets what differs), not yet ready.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        slot: Slot,
+        pool: String,
+        pid: u32,
+        generation: u64,
+        pidfd: OwnedFd,
+        stop_signal: libc::c_int,
+        drained_by: crate::config::DrainBy,
+    ) -> Worker {
+        Worker {
+            slot,
+            pool,
+            pid,
+            generation,
+            pidfd,
+            started: Instant::now(),
+            ready: false,
+            retiring: false,
+            ready_timed_out: false,
+            kill_at: None,
+            malformed: 0,
+            recycling: false,
+            replace_at: None,
+            said: crate::log::Budget::new(SAID_PER_SECOND),
+            stalled: false,
+            rss_checked: false,
+            jitter_draw: recycle::draw(),
+            stop_signal,
+            signal_on_drain: drained_by == crate::config::DrainBy::Signal,
+        }
+    }
+
     /// SIGKILL to the worker and to the process group it leads (its own
     /// children, which would otherwise outlive it).
     fn kill(&self) {

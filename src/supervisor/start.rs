@@ -8,11 +8,8 @@ use std::time::Instant;
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
-use super::{
-    CHILD_BASE, SAID_PER_SECOND, Supervisor, SupervisorError, Worker, backoff, output, preload,
-    spawn,
-};
-use crate::config::{DrainBy, Mode};
+use super::{CHILD_BASE, Supervisor, SupervisorError, Worker, backoff, output, preload, spawn};
+use crate::config::Mode;
 use crate::dispatch::Command;
 use crate::info;
 use crate::policy::Slot;
@@ -146,27 +143,15 @@ impl Supervisor {
             send_proxy: pool.send_proxy,
             listener: own_listener,
         });
-        self.workers.push(Worker {
+        self.workers.push(Worker::new(
             slot,
-            pool: pool.name.clone(),
+            pool.name.clone(),
             pid,
             generation,
-            pidfd: spawned.pidfd,
-            started: Instant::now(),
-            ready: false,
-            retiring: false,
-            ready_timed_out: false,
-            kill_at: None,
-            malformed: 0,
-            recycling: false,
-            replace_at: None,
-            said: crate::log::Budget::new(SAID_PER_SECOND),
-            stalled: false,
-            rss_checked: false,
-            jitter_draw: super::recycle::draw(),
-            stop_signal: pool.stop_signal,
-            signal_on_drain: pool.mode.drained_by() == DrainBy::Signal,
-        });
+            spawned.pidfd,
+            pool.stop_signal,
+            pool.mode.drained_by(),
+        ));
         Ok(pid)
     }
 

@@ -11,10 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
 
-use super::{
-    CHILD_BASE, Phase, SAID_PER_SECOND, SlotState, Supervisor, Worker, layout, output, requests,
-};
-use crate::config::DrainBy;
+use super::{CHILD_BASE, Phase, SlotState, Supervisor, Worker, layout, output, requests};
 use crate::dispatch::{Command, Handed, Handover};
 use crate::policy::Slot;
 use crate::upgrade::{self, State, check, state};
@@ -446,27 +443,18 @@ impl Supervisor {
         let started = Instant::now()
             .checked_sub(Duration::from_millis(w.uptime_ms))
             .unwrap_or_else(Instant::now);
-        self.workers.push(Worker {
+        let mut adopted = Worker::new(
             slot,
-            pool: w.pool,
-            pid: w.pid,
-            generation: w.generation,
+            w.pool,
+            w.pid,
+            w.generation,
             pidfd,
-            started,
-            ready: true,
-            retiring: false,
-            ready_timed_out: false,
-            kill_at: None,
-            malformed: 0,
-            recycling: false,
-            replace_at: None,
-            said: crate::log::Budget::new(SAID_PER_SECOND),
-            stalled: false,
-            rss_checked: false,
-            jitter_draw: super::recycle::draw(),
             stop_signal,
-            signal_on_drain: drained_by == DrainBy::Signal,
-        });
+            drained_by,
+        );
+        adopted.started = started;
+        adopted.ready = true;
+        self.workers.push(adopted);
         // (A worker that died while the master re-executed is a zombie:
         // its pidfd is readable at once, and its exit judged as any.)
         Ok(())

@@ -111,11 +111,7 @@ fn shared_gunicorn_uses_the_activated_socket() {
         return;
     }
     let dir = scratch("shared-gunicorn");
-    std::fs::write(
-        dir.join("app.py"),
-        "import os\ndef app(environ, start_response):\n    body = ('hello from worker %s (pid %d)\\n' % (os.environ['LB_WORKER_ID'], os.getpid())).encode()\n    start_response('200 OK', [('Content-Length', str(len(body)))])\n    return [body]\n",
-    )
-    .unwrap();
+    gunicorn_app(&dir);
     let mut cmd = lb_command(
         &[
             "--listen",

@@ -298,11 +298,7 @@ fn shared_gunicorn_is_upgraded_and_stops_in_time() {
         return;
     }
     let dir = scratch("upgrade-gunicorn");
-    std::fs::write(
-        dir.join("app.py"),
-        "import os\ndef app(environ, start_response):\n    body = b'hello from gunicorn %d' % os.getpid()\n    start_response('200 OK', [('Content-Length', str(len(body)))])\n    return [body]\n",
-    )
-    .unwrap();
+    gunicorn_app(&dir);
     let sock = dir.join("web.sock");
     let unix = format!("unix:{}", sock.display());
     let (mut lb, _exe) = start_copy(
@@ -336,7 +332,7 @@ fn shared_gunicorn_is_upgraded_and_stops_in_time() {
     assert!(
         try_get_unix(&sock, "/")
             .unwrap()
-            .contains("hello from gunicorn")
+            .starts_with("hello from worker")
     );
     lb.signal(libc::SIGTERM);
     // (A worker killed at the drain timeout makes the exit code 1.)

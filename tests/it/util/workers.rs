@@ -173,3 +173,13 @@ pub fn installed(program: &str, why: &str) -> bool {
     }
     ok
 }
+
+/// A WSGI app for gunicorn in `dir` (`app:app`): its reply names the
+/// worker slot (`LB_WORKER_ID`) and the process that served it.
+pub fn gunicorn_app(dir: &Path) {
+    std::fs::write(
+        dir.join("app.py"),
+        "import os\ndef app(environ, start_response):\n    body = ('hello from worker %s (pid %d)\\n' % (os.environ['LB_WORKER_ID'], os.getpid())).encode()\n    start_response('200 OK', [('Content-Length', str(len(body)))])\n    return [body]\n",
+    )
+    .unwrap();
+}
