@@ -117,7 +117,7 @@ impl Dispatcher {
                             .into(),
                     );
                 }
-                (_, State::Ready) if self.is_current(i) => {}
+                (_, State::Ready) if self.is_current(i) && !w.progress.stalled => {}
                 _ => {
                     return Some(format!(
                         "worker {} pid {} is starting or draining; try again once it is done",
@@ -147,6 +147,12 @@ impl Dispatcher {
                 "{held} connections were still waiting for a worker after {} s",
                 HOLD_LIMIT.as_secs()
             )));
+            return;
+        }
+        // What changed while it held on (a worker that said LEAVING, or
+        // stalled) is not carried: refused, and accepting again.
+        if let Some(why) = self.unmovable() {
+            let _ = h.reply.send(Err(why));
             return;
         }
         let handover = self.give_up();

@@ -90,13 +90,20 @@ impl Output {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let _ = self.tx.send(Msg::HandBack(tx));
         let _ = self.waker.wake();
-        let pipes = rx
-            .recv_timeout(std::time::Duration::from_secs(2))
-            .unwrap_or_default();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match rx.recv_timeout(std::time::Duration::from_secs(2)) {
+            Ok(pipes) => {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+                pipes
+            }
+            // Stuck writing (a worker log on a hung disk): not waited for;
+            // the next image starts without the pipes it holds.
+            Err(_) => {
+                drop(self.thread.take());
+                Vec::new()
+            }
         }
-        pipes
     }
 
     /// Hands a worker's pipe to the thread.

@@ -382,8 +382,18 @@ impl Supervisor {
     }
 
     fn adopt_worker(&mut self, w: state::Worker) -> std::io::Result<()> {
-        let pidfd = sys_fd(w.pidfd)?;
         let pid = w.pid;
+        let pidfd = match sys_fd(w.pidfd).or_else(|_| crate::sys::pidfd_open(pid)) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Still this process's unreaped child: its pid is its own.
+                super::kill_group(pid);
+                let child = nix::unistd::Pid::from_raw(pid as i32);
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(child, None);
+                return Err(e);
+            }
+        };
         match self.adopt_with(w, pidfd.try_clone()?) {
             Ok(()) => Ok(()),
             Err(e) => {

@@ -31,6 +31,11 @@ pub struct Report {
     pub pools: Vec<String>,
     /// The configuration's listeners, as written.
     pub listeners: Vec<String>,
+    /// What else the next image builds its start on (lb sets each up
+    /// once, at start: a reload keeps them): the pools' modes, the
+    /// dispatch, the control socket, the metrics address, the log files.
+    #[serde(default)]
+    pub fixed: Vec<(String, String)>,
 }
 
 /// A checked binary, held open: what is exec'd is what was checked, even
@@ -204,6 +209,18 @@ fn compare(new: &Report, running: &Report) -> Result<(), String> {
             running.listeners.join(", ")
         ));
     }
+    for ((what, new_value), (_, running_value)) in new.fixed.iter().zip(&running.fixed) {
+        if new_value != running_value {
+            return Err(format!(
+                "the configuration it would load has {what} {new_value} and the running master \
+                 {running_value}: lb sets that up at start, so the new image would not match its \
+                 workers; restore it, or restart lb to change it"
+            ));
+        }
+    }
+    if new.fixed.len() != running.fixed.len() {
+        return Err("it reports its start-up settings differently: restart lb".into());
+    }
     Ok(())
 }
 
@@ -218,7 +235,34 @@ pub fn report(config: &crate::config::Config) -> Report {
             .iter()
             .map(|l| l.address.to_string())
             .collect(),
+        fixed: fixed(config),
     }
+}
+
+/// The start-up settings of `config` the next image must share.
+fn fixed(config: &crate::config::Config) -> Vec<(String, String)> {
+    let shown = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map_or_else(|| "(none)".to_string(), |p| p.display().to_string())
+    };
+    let mut fixed: Vec<(String, String)> = config
+        .pools
+        .iter()
+        .map(|p| (format!("pool `{}` mode", p.name), p.mode.to_string()))
+        .collect();
+    fixed.extend([
+        ("dispatch".to_string(), config.dispatch.to_string()),
+        ("control".to_string(), shown(&config.control)),
+        (
+            "metrics".to_string(),
+            config
+                .metrics
+                .map_or_else(|| "(none)".to_string(), |m| m.to_string()),
+        ),
+        ("log_file".to_string(), shown(&config.log_file)),
+        ("worker_log".to_string(), shown(&config.worker_log)),
+    ]);
+    fixed
 }
 
 #[cfg(test)]
@@ -231,6 +275,7 @@ mod tests {
             reads: (1, state::VERSION),
             pools: vec!["web".into()],
             listeners: vec!["127.0.0.1:8000".into()],
+            fixed: vec![("pool `web` mode".into(), "native".into())],
         }
     }
 
@@ -256,6 +301,13 @@ mod tests {
         new.listeners = vec!["[::]:8000".into()];
         let e = compare(&new, &report()).unwrap_err();
         assert!(e.contains("[::]:8000") && e.contains("restart lb"), "{e}");
+        let mut new = report();
+        new.fixed[0].1 = "shared".into();
+        let e = compare(&new, &report()).unwrap_err();
+        assert!(
+            e.contains("pool `web` mode shared") && e.contains("native"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -372,3 +372,44 @@ fn an_upgrade_during_a_reload_is_refused_and_works_after() {
     let out = lb.ctl(&["upgrade"]);
     assert!(out.starts_with("upgraded:"), "{out}");
 }
+
+/// The new image builds its start on the configuration as the file says it
+/// now: a setting lb fixes at start (a pool's mode, the control socket)
+/// changed there since is refused by the check, not found by the new image
+/// with the workers already given up (a reviewer saw both: a pool switched
+/// to shared mode "upgraded" into a loop that accepted nothing, a moved
+/// control socket ended the new image and its workers).
+#[test]
+fn a_start_up_setting_changed_in_the_file_is_refused() {
+    let dir = scratch("upgrade-file-changed");
+    let pool = hello_pool("web", 2);
+    let config = write_config(&dir, "lb.toml", &pool);
+    let (lb, _exe) = start_copy(&dir, &["--config", &config], 2);
+    let worker = lb.pid_of_slot(0);
+    write_config(&dir, "lb.toml", &format!("{pool}mode = \"shared\"\n"));
+    let out = lb.ctl(&["upgrade"]);
+    assert!(
+        out.contains("upgrade refused") && out.contains("pool `web` mode shared"),
+        "{out}"
+    );
+    // (The control socket is the command line's here; a log file stands
+    // for the settings read from the file.)
+    let log = dir.join("elsewhere").join("lb.log");
+    write_config(
+        &dir,
+        "lb.toml",
+        &format!("log_file = \"{}\"\n{pool}", log.display()),
+    );
+    let out = lb.ctl(&["upgrade"]);
+    assert!(
+        out.contains("upgrade refused") && out.contains("log_file"),
+        "{out}"
+    );
+    assert!(get(lb.addr, "/").starts_with("hello from worker"));
+    assert_eq!(lb.pid_of_slot(0), worker);
+    // Restored: it goes ahead.
+    write_config(&dir, "lb.toml", &pool);
+    let out = lb.ctl(&["upgrade"]);
+    assert!(out.starts_with("upgraded:"), "{out}");
+    assert!(get(lb.addr, "/").starts_with("hello from worker"));
+}
