@@ -42,7 +42,7 @@ pub struct Handover {
 }
 
 /// One worker process's link and counts.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Handed {
     pub slot: Slot,
     pub pid: u32,

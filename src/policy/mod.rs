@@ -15,7 +15,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A worker's stable position, 0..N-1; indexes every per-worker array.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Slot(pub usize);
 
 impl fmt::Display for Slot {

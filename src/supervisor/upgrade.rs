@@ -253,21 +253,14 @@ impl Supervisor {
                 .poll
                 .registry()
                 .deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
-            let (weight, channel, peer, peer_address, batch, sent, closed, reported, messages) =
-                match link {
-                    Some(h) => (
-                        h.weight,
-                        h.channel,
-                        h.peer,
-                        h.peer_address,
-                        h.batch,
-                        h.sent,
-                        h.closed,
-                        h.reported,
-                        h.messages,
-                    ),
-                    None => (1, None, None, false, false, 0, 0, false, 0),
-                };
+            // (Every worker the supervisor has is the dispatcher's too; one
+            // it had no link for goes on with none, as a shared one.)
+            let h = link.unwrap_or(Handed {
+                slot: w.slot,
+                pid: w.pid,
+                weight: 1,
+                ..Handed::default()
+            });
             workers.push(state::Worker {
                 slot: w.slot.0,
                 pool: w.pool,
@@ -277,15 +270,15 @@ impl Supervisor {
                 pidfd: keep(w.pidfd),
                 stdout: stdout.map(&mut keep),
                 stderr: stderr.map(&mut keep),
-                weight,
-                channel: channel.map(&mut keep),
-                peer: peer.map(&mut keep),
-                peer_address,
-                batch,
-                sent,
-                closed,
-                reported,
-                messages,
+                weight: h.weight,
+                channel: h.channel.map(&mut keep),
+                peer: h.peer.map(&mut keep),
+                peer_address: h.peer_address,
+                batch: h.batch,
+                sent: h.sent,
+                closed: h.closed,
+                reported: h.reported,
+                messages: h.messages,
             });
         }
         let layout = (0..self.layout.len())

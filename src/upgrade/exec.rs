@@ -57,7 +57,7 @@ pub fn exec(binary: &OwnedFd, state: &State) -> io::Error {
     let mut kept: Vec<RawFd> = state.fds();
     kept.push(std::os::fd::AsRawFd::as_raw_fd(&memfd));
     for &fd in &kept {
-        if let Err(e) = inherit(fd) {
+        if let Err(e) = crate::sys::inheritable(fd) {
             return e;
         }
     }
@@ -88,11 +88,6 @@ pub fn exec(binary: &OwnedFd, state: &State) -> io::Error {
         let _ = crate::sys::keep_private(fd);
     }
     err
-}
-
-/// Clears close-on-exec on an fd the state names.
-fn inherit(fd: RawFd) -> io::Result<()> {
-    crate::sys::inheritable(fd)
 }
 
 /// What the master itself holds for the next image, besides the
